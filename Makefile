@@ -1,0 +1,39 @@
+# bam-pipeline front door. `make full-run` runs the whole pipeline; `make test` runs the tests.
+# Each target does its own set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-full bench full-run clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev extra
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install  ## fast test suite (CPU, minutes)
+	$(PY) -m pytest -q
+
+test-full: install  ## every test, the slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cuda" on a GPU)
+	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
+
+full-run: install  ## the whole pipeline on the embedded tiny experiment
+	$(PY) -m bam_pipeline stage=all experiment=tiny
+
+clean:  ## remove stage outputs (not the venv)
+	rm -rf stages outputs multirun
