@@ -1,0 +1,132 @@
+"""Mixture of Attention (BAM): E attention experts computed in one fused attention call.
+
+E = 1 is plain grouped-query attention with no router. With E > 1 a float32 router on the normed
+input gives ``probs = softmax(router(h))`` and the output is ``sum_e gate_e * Attn_e(h)``:
+- ``soft`` (BAM default): ``gate = probs``, every expert used;
+- ``top1`` / ``top2``: ``gate_e = probs_e`` for the chosen experts and 0 otherwise. The gate is the
+  full softmax probability, *not* renormalised over the chosen experts (as BAM's FFN gate): with
+  renormalisation top-1 gates would be constantly 1 and the router would get no gradient.
+  All E experts are still computed and the unchosen ones are zero-weighted (correct, not cheaper).
+
+Fusion: E experts x H heads is one attention with E*H query heads. Expert KV gives E*KV K/V heads
+(head order expert-major, so GQA groups stay inside their expert); shared KV gives KV heads shared
+by E*H query heads, with query heads ordered (kv head, expert, head in group) so that
+``scaled_dot_product_attention(enable_gqa=True)``'s grouping (query head i -> kv head i // group)
+pairs each query head with its own K/V head. The reordering is done on the weights, not the
+activations. Projections are single matmuls over the stacked weights; the gate is applied before
+the output projection, so ``sum_e gate_e * (o_e @ wo_e)`` is one matmul over the concatenated
+``gate_e * o_e``.
+
+Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
+KV K/V heads per expert set, hd head dim, g = H // KV query heads per K/V head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.layers import RotaryEmbedding
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # (B, T, D)
+    probs: torch.Tensor | None  # (N, E) float32 router softmax; None when E = 1
+
+
+def attention_gates(probs: torch.Tensor, routing: str) -> torch.Tensor:
+    """Per-expert output weights (N, E) from router probs (N, E): all of them (soft) or top-k only."""
+    if routing == "soft":
+        return probs
+    k = {"top1": 1, "top2": 2}[routing]
+    chosen = probs.topk(k, dim=-1).indices  # (N, k)
+    mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (N, E)
+    return probs * mask
+
+
+class MixtureOfAttention(nn.Module):
+    """E attention experts (stacked weights ``wq``, ``wk``, ``wv``, ``wo``) with an optional router."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E, D, H, KV, hd = cfg.attn_experts, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.router = nn.Linear(D, E, bias=False) if E > 1 else None
+        self.wq = nn.Parameter(torch.empty(E, D, H * hd))
+        self.wk = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
+        self.wv = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
+        self.wo = nn.Parameter(torch.empty(E, H * hd, D))
+        self.rope = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
+        for p in self.parameters():
+            nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    @property
+    def _lead(self) -> int:
+        """Outer head-group count of the fused query layout: 1 (expert-major) or KV (shared KV)."""
+        shared = self.cfg.attn_kv == "shared" and self.cfg.attn_experts > 1
+        return self.cfg.n_kv_heads if shared else 1
+
+    def router_probs(self, h: torch.Tensor) -> torch.Tensor | None:
+        """float32 softmax of the router logits, (N, E); None without a router."""
+        if self.router is None:
+            return None
+        x = h.reshape(-1, h.shape[-1]).float()  # (N, D)
+        return F.softmax(F.linear(x, self.router.weight.float()), dim=-1)
+
+    def forward(self, h: torch.Tensor) -> AttentionOutput:
+        """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs."""
+        cfg = self.cfg
+        B, T, D = h.shape
+        E, H, KV, hd, lead = cfg.attn_experts, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self._lead
+        x = h.reshape(B * T, D)  # (N, D)
+
+        # Fused query weight (D, E*H*hd) with columns ordered (lead, E, H/lead, hd).
+        wq = self.wq.view(E, D, lead, H * hd // lead).permute(1, 2, 0, 3).reshape(D, E * H * hd)
+        q = (x @ wq).view(B, T, E * H, hd)  # (B, T, E*H, hd)
+        n_kv = cfg.kv_experts * KV
+        k = (x @ self.wk.transpose(0, 1).reshape(D, n_kv * hd)).view(B, T, n_kv, hd)  # (B, T, E_kv*KV, hd)
+        v = (x @ self.wv.transpose(0, 1).reshape(D, n_kv * hd)).view(B, T, n_kv, hd)
+        q, k = self.rope(q), self.rope(k)
+
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, E*H, T, hd)
+            k.transpose(1, 2),  # (B, E_kv*KV, T, hd)
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=n_kv != E * H,
+        )  # (B, E*H, T, hd)
+        o = o.transpose(1, 2).reshape(B * T, lead, E, H * hd // lead)  # (N, lead, E, H*hd/lead)
+
+        probs = self.router_probs(h)
+        if probs is not None:
+            gates = attention_gates(probs, cfg.attn_routing).to(o.dtype)  # (N, E)
+            o = o * gates[:, None, :, None]
+        # Fused output weight (E*H*hd, D) with rows in the same (lead, E, H/lead, hd) order.
+        wo = self.wo.view(E, lead, H * hd // lead, D).transpose(0, 1).reshape(E * H * hd, D)
+        out = o.reshape(B * T, E * H * hd) @ wo  # (N, D)
+        return AttentionOutput(out.view(B, T, D), probs)
+
+
+def mixture_of_attention_loop(attn: MixtureOfAttention, h: torch.Tensor) -> AttentionOutput:
+    """Reference: the same mixture as ``attn(h)``, one expert at a time (tests and benchmarks)."""
+    cfg = attn.cfg
+    B, T, D = h.shape
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    x = h.reshape(B * T, D)  # (N, D)
+    probs = attn.router_probs(h)
+    gates = None if probs is None else attention_gates(probs, cfg.attn_routing).to(h.dtype)
+    out = torch.zeros_like(x)
+    for e in range(cfg.attn_experts):
+        e_kv = e if cfg.kv_experts > 1 else 0
+        q = attn.rope((x @ attn.wq[e]).view(B, T, H, hd)).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.rope((x @ attn.wk[e_kv]).view(B, T, KV, hd)).transpose(1, 2)  # (B, KV, T, hd)
+        v = (x @ attn.wv[e_kv]).view(B, T, KV, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, T, hd)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        y = o.transpose(1, 2).reshape(B * T, H * hd) @ attn.wo[e]  # (N, D)
+        out = out + (y if gates is None else gates[:, e : e + 1] * y)
+    return AttentionOutput(out.view(B, T, D), probs)

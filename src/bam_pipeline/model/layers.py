@@ -1,0 +1,76 @@
+"""Building blocks shared by attention and FFN: RMSNorm, rotary position embedding, SwiGLU math.
+
+Shape legend: B batch, T sequence, N = B*T tokens, D d_model, hd head dim, F SwiGLU hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam_pipeline.errors import BamError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale and no bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim), float32, in the half-split layout.
+
+    Frequency ``j`` (of ``head_dim / 2``) rotates the pair ``(x[j], x[j + head_dim / 2])``.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (S, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, hd) by position; ``cos``/``sin`` are (T, hd). Math in float32."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)  # (B, T, heads, hd/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, T, heads, hd)
+    cos = cos[:, None, :]  # (T, 1, hd)
+    sin = sin[:, None, :]
+    return (x32 * cos + rotated * sin).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables up to ``max_seq_len``; non-persistent buffers (not in the state dict)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        cos, sin = rotary_tables(head_dim, max_seq_len, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (B, T, heads, hd) for positions ``0 .. T-1``."""
+        seq_len = x.shape[1]
+        if seq_len > self.max_seq_len:
+            raise BamError(
+                f"sequence length {seq_len} exceeds the model's max_seq_len={self.max_seq_len}; "
+                "use shorter sequences or a config with a larger max_seq_len"
+            )
+        return apply_rotary(x, self.cos[:seq_len], self.sin[:seq_len])
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: ``(silu(x @ w1) * (x @ w3)) @ w2`` for x (N, D), w1/w3 (D, F), w2 (F, D)."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2

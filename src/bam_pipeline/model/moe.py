@@ -1,0 +1,131 @@
+"""Mixture-of-experts SwiGLU FFN: float32 router, token-choice top-k, dropless dispatch, aux losses.
+
+E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1:
+- ``probs = softmax(router(h))`` in float32; each token picks its top-k experts;
+- gate = the chosen probs (``softmax``, BAM) or the chosen probs renormalised to sum to 1
+  (``renorm``, BTX);
+- load balancing ``lb = E * sum_i f_i * P_i`` with ``f_i`` the fraction of the N*k token
+  assignments routed to expert i and ``P_i`` the mean router prob of expert i; router z-loss
+  ``z = mean_tokens(logsumexp(logits)^2)``.
+
+Dispatch (dropless): one stable argsort of the flattened (N*k,) expert ids, gather the token rows
+into expert order, run the experts, scale by the gate and ``index_add_`` back. The experts run
+either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
+contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped where
+``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`), else the loop.
+
+Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.layers import swiglu
+
+DISPATCHES = ("auto", "grouped", "loop")
+
+_grouped_mm: Callable[..., torch.Tensor] | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class MoEOutput(NamedTuple):
+    out: torch.Tensor  # (B, T, D)
+    probs: torch.Tensor | None  # (N, E) float32 router softmax; None when E = 1
+    counts: torch.Tensor | None  # (E,) int64 token assignments per expert; None when E = 1
+    lb_loss: torch.Tensor  # scalar, 0 when E = 1
+    z_loss: torch.Tensor  # scalar, 0 when E = 1
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` can run these tensors: present in torch; on CPU float32/bfloat16 with
+    every row stride a multiple of 16 bytes; on CUDA bfloat16 with compute capability >= 8.0."""
+    if _grouped_mm is None:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``E * sum_i f_i * P_i`` for router probs (N, E) and assignment counts (E,); gradient via P."""
+    n_experts = probs.shape[-1]
+    frac = counts.to(probs.dtype) / counts.sum()  # (E,) f_i, no gradient
+    return n_experts * (frac * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """``mean over tokens of logsumexp(logits)^2`` for router logits (N, E)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class MoEFeedForward(nn.Module):
+    """E SwiGLU experts (stacked ``w1``, ``w3`` (E, D, F) and ``w2`` (E, F, D)) with an optional router."""
+
+    def __init__(self, cfg: ModelConfig, dispatch: str = "auto") -> None:
+        super().__init__()
+        if dispatch not in DISPATCHES:
+            raise BamError(f"unknown MoE dispatch {dispatch!r}; use one of {DISPATCHES}")
+        self.cfg = cfg
+        self.dispatch = dispatch
+        E, D, Fh = cfg.ffn_experts, cfg.d_model, cfg.d_ff
+        self.router = nn.Linear(D, E, bias=False) if E > 1 else None
+        self.w1 = nn.Parameter(torch.empty(E, D, Fh))
+        self.w3 = nn.Parameter(torch.empty(E, D, Fh))
+        self.w2 = nn.Parameter(torch.empty(E, Fh, D))
+        for p in self.parameters():
+            nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    def forward(self, h: torch.Tensor) -> MoEOutput:
+        """``h`` (B, T, D) normed input -> gated sum of each token's top-k experts."""
+        B, T, D = h.shape
+        x = h.reshape(B * T, D)  # (N, D)
+        if self.router is None:
+            zero = x.new_zeros((), dtype=torch.float32)
+            out = swiglu(x, self.w1[0], self.w3[0], self.w2[0])
+            return MoEOutput(out.view(B, T, D), None, None, zero, zero)
+
+        cfg = self.cfg
+        E, k = cfg.ffn_experts, cfg.ffn_top_k
+        logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = F.softmax(logits, dim=-1)
+        gates, experts = probs.topk(k, dim=-1)  # (N, k) each
+        if cfg.ffn_gate == "renorm":
+            gates = gates / gates.sum(-1, keepdim=True)
+
+        flat_experts = experts.reshape(-1)  # (A,)
+        order = torch.argsort(flat_experts, stable=True)  # (A,) assignment ids grouped by expert
+        token_of = order // k  # (A,) token row of each sorted assignment
+        counts = torch.bincount(flat_experts, minlength=E)  # (E,)
+        xs = x.index_select(0, token_of)  # (A, D)
+        ys = self._experts(xs, counts)  # (A, D)
+        ys = ys * gates.reshape(-1)[order].to(ys.dtype)[:, None]
+        out = torch.zeros_like(x).index_add_(0, token_of, ys)  # (N, D)
+        return MoEOutput(out.view(B, T, D), probs, counts, load_balancing_loss(probs, counts), router_z_loss(logits))
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run expert e on its contiguous slice of ``xs`` (A, D), slices sized by ``counts`` (E,)."""
+        use_grouped = self.dispatch == "grouped" or (
+            self.dispatch == "auto" and grouped_mm_supported(xs, self.w1, self.w2)
+        )
+        if use_grouped:
+            if _grouped_mm is None:
+                raise BamError("dispatch='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.8); use 'loop'")
+            offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's slice
+            hidden = F.silu(_grouped_mm(xs, self.w1, offs=offs)) * _grouped_mm(xs, self.w3, offs=offs)  # (A, F)
+            return _grouped_mm(hidden, self.w2, offs=offs)  # (A, D)
+        pieces = []
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                pieces.append(swiglu(xs[start : start + n], self.w1[e], self.w3[e], self.w2[e]))
+            start += n
+        return torch.cat(pieces)

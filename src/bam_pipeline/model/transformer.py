@@ -1,0 +1,104 @@
+"""The transformer: Block (parallel or sequential residual), BAMTransformer, its outputs.
+
+Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (B, T) int64 returns
+``ModelOutput(logits (B, T, V), aux_loss (scalar), routing (one LayerRouting per layer))`` where
+``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss)`` (0 for dense FFNs; attention routers
+have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the mean next-token
+cross-entropy (float32, targets == -100 ignored); the training objective is
+``lm_loss + output.aux_loss``.
+
+Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
+from N(0, cfg.init_std), without residual-depth scaling; norm scales start at 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bam_pipeline.model.attention import MixtureOfAttention
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.layers import RMSNorm
+from bam_pipeline.model.moe import MoEFeedForward
+
+
+@dataclass
+class LayerRouting:
+    """One block's routing record."""
+
+    attn_probs: torch.Tensor | None  # (B*T, E_a) float32 attention router softmax
+    ffn_probs: torch.Tensor | None  # (B*T, E_f) float32 FFN router softmax
+    ffn_counts: torch.Tensor | None  # (E_f,) top-k token assignments per FFN expert
+    lb_loss: torch.Tensor  # scalar load-balancing loss (0 for a dense FFN)
+    z_loss: torch.Tensor  # scalar router z-loss (0 for a dense FFN)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor  # scalar
+    routing: list[LayerRouting]
+
+
+class Block(nn.Module):
+    """Parallel: ``y = x + attn(h) + ffn(h)``, ``h = norm(x)`` (BAM). Sequential: pre-norm per branch."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MixtureOfAttention(cfg)
+        self.ffn_norm = None if self.parallel else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+        h = self.norm(x)
+        attn = self.attn(h)
+        if self.ffn_norm is None:
+            ffn = self.ffn(h)
+            y = x + attn.out + ffn.out
+        else:
+            x = x + attn.out
+            ffn = self.ffn(self.ffn_norm(x))
+            y = x + ffn.out
+        return y, LayerRouting(attn.probs, ffn.probs, ffn.counts, ffn.lb_loss, ffn.z_loss)
+
+
+class BAMTransformer(nn.Module):
+    """Token embedding, ``n_layers`` blocks, final norm, LM head (tied to the embedding or not)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        x = self.tok_emb(idx)  # (B, T, D)
+        routing = []
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            x, r = block(x)
+            routing.append(r)
+            aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
+        logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
+        return ModelOutput(logits, aux, routing)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+        """Mean next-token cross-entropy of ``targets`` (B, T) in float32 (-100 ignored), and the output."""
+        out = self(idx)
+        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return lm_loss, out
