@@ -1,0 +1,192 @@
+"""Parameter and FLOP counting: pure functions of a ModelConfig (plus the sequence length).
+
+Parameters follow the state-dict layout of docs/architecture.md exactly (no biases, one norm per
+parallel block, routers only where a layer has more than one expert of that kind).
+
+FLOP convention (forward pass, per token):
+- 2 FLOPs per multiply-add of every matmul the token actually uses: Q/O projections of each
+  *active* attention expert, K/V projections of each active expert (expert KV) or once (shared
+  KV), the attention and FFN routers, ``ffn_top_k`` FFN experts and the LM head;
+- attention scores (q.k) and the weighted sum of values (p.v) over the causal context: a token
+  at position t (1-based) attends to t positions, so the average context of a length-T sequence
+  is ``(T + 1) / 2`` (what a causal kernel that skips masked blocks computes);
+- norms, softmaxes, the SwiGLU nonlinearity, RoPE and the embedding lookup are not counted
+  (they are O(D) per token, not matmuls).
+Training FLOPs are 3x forward (backward = 2x forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import ModelConfig
+
+TRAINING_FLOPS_MULTIPLIER = 3
+
+
+@dataclass(frozen=True)
+class LayerParamCount:
+    """Parameters of one block (every block of a config is identical)."""
+
+    attention: int
+    attention_active: int
+    ffn: int
+    ffn_active: int
+    routers: int
+    norms: int
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.ffn + self.routers + self.norms
+
+    @property
+    def active(self) -> int:
+        return self.attention_active + self.ffn_active + self.routers + self.norms
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Total parameters and parameters active per token.
+
+    ``embedding`` is tok_emb plus lm_head (counted once when tied); it is part of both ``total``
+    and ``active``. ``final_norm`` is the last norm vector.
+    """
+
+    total: int
+    active: int
+    embedding: int
+    final_norm: int
+    per_layer: LayerParamCount
+    n_layers: int
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs per token, split by where they are spent (summed over layers)."""
+
+    attention_proj: int
+    attention_scores: float
+    routers: int
+    ffn: int
+    lm_head: int
+    seq_len: int
+
+    @property
+    def attention(self) -> float:
+        return self.attention_proj + self.attention_scores
+
+    @property
+    def non_embedding(self) -> float:
+        return self.attention + self.routers + self.ffn
+
+    @property
+    def total(self) -> float:
+        return self.non_embedding + self.lm_head
+
+
+def layer_params(cfg: ModelConfig) -> LayerParamCount:
+    """Parameters of one block of ``cfg``: total and used by one token."""
+    d, q_width, kv_width = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    qo = 2 * d * q_width  # wq + wo of one attention expert
+    kv = 2 * d * kv_width  # wk + wv of one K/V set
+    active_kv_sets = cfg.attn_active_experts if cfg.attn_kv == "expert" else 1
+    ffn_expert = 3 * d * cfg.d_ff  # w1, w3: (D, F); w2: (F, D)
+    routers = d * cfg.attn_experts * (cfg.attn_experts > 1) + d * cfg.ffn_experts * (cfg.ffn_experts > 1)
+    return LayerParamCount(
+        attention=cfg.attn_experts * qo + cfg.kv_experts * kv,
+        attention_active=cfg.attn_active_experts * qo + active_kv_sets * kv,
+        ffn=cfg.ffn_experts * ffn_expert,
+        ffn_active=cfg.ffn_top_k * ffn_expert,
+        routers=routers,
+        norms=d * (1 if cfg.parallel_residual else 2),
+    )
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Total and per-token active parameters of ``cfg`` (routers and shared K/V count once)."""
+    layer = layer_params(cfg)
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    final_norm = cfg.d_model
+    return ParamCount(
+        total=embedding + final_norm + cfg.n_layers * layer.total,
+        active=embedding + final_norm + cfg.n_layers * layer.active,
+        embedding=embedding,
+        final_norm=final_norm,
+        per_layer=layer,
+        n_layers=cfg.n_layers,
+    )
+
+
+def average_causal_context(seq_len: int) -> float:
+    """Mean number of positions a token attends to in a causal sequence of ``seq_len``."""
+    return (seq_len + 1) / 2
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopCount:
+    """Forward FLOPs per token of ``cfg`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``)."""
+    t = cfg.max_seq_len if seq_len is None else seq_len
+    if t <= 0:
+        raise BamError(f"seq_len must be a positive number of tokens, got {t}; pass the training context length")
+    layer = layer_params(cfg)
+    q_width = cfg.n_heads * cfg.head_dim
+    # q.k and p.v: per active expert, every query head does head_dim multiply-adds per context position
+    scores = 2 * 2 * cfg.attn_active_experts * q_width * average_causal_context(t)
+    return FlopCount(
+        attention_proj=cfg.n_layers * 2 * layer.attention_active,
+        attention_scores=cfg.n_layers * scores,
+        routers=cfg.n_layers * 2 * layer.routers,
+        ffn=cfg.n_layers * 2 * layer.ffn_active,
+        lm_head=2 * cfg.d_model * cfg.vocab_size,
+        seq_len=t,
+    )
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward + backward FLOPs per token: 3x the forward pass."""
+    return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len).total
+
+
+def architecture_summary(cfg: ModelConfig) -> str:
+    """One line naming the backbone and its mixture layout."""
+    block = "parallel" if cfg.parallel_residual else "sequential"
+    emb = "tied" if cfg.tie_embeddings else "untied"
+    parts = [
+        f"{block} blocks, L={cfg.n_layers}, D={cfg.d_model}, H={cfg.n_heads}/KV={cfg.n_kv_heads}, "
+        f"F={cfg.d_ff}, V={cfg.vocab_size} ({emb})"
+    ]
+    if cfg.attn_experts > 1:
+        parts.append(f"attention {cfg.attn_experts} experts ({cfg.attn_routing}, {cfg.attn_kv} KV)")
+    if cfg.ffn_experts > 1:
+        parts.append(f"FFN {cfg.ffn_experts} experts top-{cfg.ffn_top_k} ({cfg.ffn_gate} gate)")
+    return "; ".join(parts) if len(parts) > 1 else parts[0] + "; dense"
+
+
+def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
+    """Rows for ``stage=info``: architecture, parameter counts and FLOPs per token (raw numbers)."""
+    params = count_params(cfg)
+    flops = flops_per_token(cfg, seq_len)
+    return {
+        "name": cfg.name,
+        "architecture": architecture_summary(cfg),
+        "params_total": params.total,
+        "params_active": params.active,
+        "params_embedding": params.embedding,
+        "params_non_embedding": params.non_embedding,
+        "params_per_layer": asdict(params.per_layer),
+        "seq_len": flops.seq_len,
+        "flops_per_token_forward": flops.total,
+        "flops_per_token_attention": flops.attention,
+        "flops_per_token_ffn": flops.ffn,
+        "flops_per_token_lm_head": flops.lm_head,
+        "flops_per_token_training": training_flops_per_token(cfg, seq_len),
+    }

@@ -1,0 +1,147 @@
+"""Parameter and FLOP counts: hand-computed values, agreement with the built model, paper-scale sanity."""
+
+from __future__ import annotations
+
+import pytest
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import preset
+from bam_pipeline.model.counting import (
+    count_params,
+    describe,
+    flops_per_token,
+    training_flops_per_token,
+)
+from bam_pipeline.model.transformer import BAMTransformer
+
+# smoke: V=256, D=32, L=2, H=4, KV=2 (head_dim 8: q width 32, kv width 16), F=64, untied
+SMOKE = preset("smoke")
+EMB = 2 * 256 * 32  # tok_emb + lm_head = 16384
+ATTN_EXPERT = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32  # wq, wk, wv, wo = 3072
+QO = 32 * 32 + 32 * 32  # 2048
+KV = 32 * 16 + 32 * 16  # 1024
+FFN_EXPERT = 32 * 64 * 3  # w1, w3, w2 = 6144
+NORM = 32
+
+
+def test_dense_params_by_hand():
+    c = count_params(SMOKE)
+    layer = ATTN_EXPERT + FFN_EXPERT + NORM  # 9248
+    assert c.per_layer.total == 9248 == layer
+    assert c.embedding == EMB == 16384
+    assert c.total == EMB + 2 * layer + NORM == 34912
+    assert c.active == c.total
+
+
+def test_bam_expert_kv_params_by_hand():
+    cfg = SMOKE.with_mixture(attn_experts=4, ffn_experts=4, ffn_top_k=1)
+    c = count_params(cfg)
+    routers = 4 * 32 + 4 * 32  # attention + FFN router, (E, D) each
+    layer_total = 4 * ATTN_EXPERT + 4 * FFN_EXPERT + routers + NORM  # 37152
+    layer_active = 4 * ATTN_EXPERT + 1 * FFN_EXPERT + routers + NORM  # soft attention uses all 4
+    assert c.total == EMB + 2 * layer_total + NORM == 90720
+    assert c.active == EMB + 2 * layer_active + NORM == 53856
+    assert c.active < c.total
+
+
+def test_bam_shared_kv_and_top1_attention_params_by_hand():
+    shared = count_params(SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4))
+    layer = 4 * QO + 1 * KV + 4 * FFN_EXPERT + 2 * 4 * 32 + NORM  # 34080
+    assert shared.total == EMB + 2 * layer + NORM == 84576
+
+    top1 = count_params(SMOKE.with_mixture(attn_experts=4, attn_routing="top1", ffn_experts=4))
+    layer_active = ATTN_EXPERT + FFN_EXPERT + 2 * 4 * 32 + NORM  # one attention expert, one FFN expert
+    assert top1.active == EMB + 2 * layer_active + NORM == 35424
+
+    top2_shared = count_params(SMOKE.with_mixture(attn_experts=4, attn_routing="top2", attn_kv="shared", ffn_experts=4))
+    layer_active = 2 * QO + KV + FFN_EXPERT + 2 * 4 * 32 + NORM  # shared K/V counted once
+    assert top2_shared.active == EMB + 2 * layer_active + NORM
+
+
+def test_tied_embeddings_count_once():
+    assert count_params(SMOKE.replace(tie_embeddings=True)).total == 34912 - 256 * 32
+
+
+def test_dense_flops_by_hand():
+    f = flops_per_token(SMOKE, seq_len=64)
+    ctx = (64 + 1) / 2  # average causal context
+    proj = 2 * ATTN_EXPERT  # 6144
+    scores = 2 * (32 * ctx) + 2 * (32 * ctx)  # q.k and p.v over H*hd = 32 dims: 4160
+    ffn = 2 * FFN_EXPERT  # 12288
+    head = 2 * 32 * 256  # 16384
+    assert f.attention_scores == 2 * scores == 8320
+    assert f.total == 2 * (proj + scores + ffn) + head == 61568
+    assert training_flops_per_token(SMOKE, seq_len=64) == 3 * 61568
+    assert flops_per_token(SMOKE).seq_len == SMOKE.max_seq_len == 64
+
+
+def test_bam_flops_by_hand():
+    cfg = SMOKE.with_mixture(attn_experts=4, ffn_experts=4, ffn_top_k=1)
+    f = flops_per_token(cfg, seq_len=64)
+    ctx = (64 + 1) / 2
+    per_layer = 2 * 4 * ATTN_EXPERT + 4 * 4 * 32 * ctx + 2 * (4 * 32 + 4 * 32) + 2 * FFN_EXPERT
+    assert f.routers == 2 * 2 * (4 * 32 + 4 * 32) == 1024
+    assert f.total == 2 * per_layer + 2 * 32 * 256 == 124416
+
+    top2 = SMOKE.with_mixture(ffn_experts=4, ffn_top_k=2)
+    assert flops_per_token(top2, 64).ffn == 2 * 2 * 2 * FFN_EXPERT
+
+
+def test_bad_seq_len_is_refused():
+    with pytest.raises(BamError, match="seq_len"):
+        flops_per_token(SMOKE, seq_len=0)
+
+
+MODEL_CASES = {
+    "dense": SMOKE,
+    "dense_tied": SMOKE.replace(tie_embeddings=True),
+    "bam_expert_kv": SMOKE.with_mixture(attn_experts=4, ffn_experts=4),
+    "bam_shared_kv": SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4),
+    "bam_shared_kv_tied": SMOKE.replace(tie_embeddings=True).with_mixture(attn_experts=3, attn_kv="shared", ffn_experts=3),
+    "btx": SMOKE.with_mixture(ffn_experts=4, ffn_top_k=1),
+    "btx_matched": SMOKE.with_mixture(ffn_experts=6, ffn_top_k=3),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_total_matches_built_model(name):
+    cfg = MODEL_CASES[name]
+    model = BAMTransformer(cfg)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def test_bam_590m_sanity():
+    cfg = preset("bam-590m")
+    d, v, f = 1024, 256000, 2048
+    layer = 4 * d * d + 3 * d * f + d  # 10,486,784
+    assert count_params(cfg).total == 2 * v * d + 6 * layer + d == 587_209_728
+
+    bam = count_params(cfg.with_mixture(attn_experts=4, ffn_experts=4))
+    btx = count_params(cfg.with_mixture(ffn_experts=4))
+    matched = count_params(cfg.with_mixture(ffn_experts=6, ffn_top_k=3))
+    # With F = 2D, 2 extra FFN experts (2 * 3 * D * 2D) = 3 extra attention experts (3 * 4 * D^2):
+    # BTX parameter-matched equals BAM in total and active parameters, routers aside.
+    bam_routers, matched_routers = 6 * (4 + 4) * d, 6 * 6 * d
+    assert bam.total - bam_routers == matched.total - matched_routers
+    assert bam.active - bam_routers == matched.active - matched_routers
+    assert btx.total < bam.total
+
+    bam_flops = flops_per_token(cfg.with_mixture(attn_experts=4, ffn_experts=4), seq_len=2048)
+    btx_flops = flops_per_token(cfg.with_mixture(ffn_experts=4), seq_len=2048)
+    # per layer, BAM adds 3 attention experts (2 * 4 * D^2 projections + 4 * D * (T+1)/2 scores each)
+    # and an attention router (2 * 4 * D)
+    extra = 6 * (3 * (2 * 4 * d * d + 4 * d * (2048 + 1) / 2) + 2 * 4 * d)
+    assert bam_flops.total - btx_flops.total == extra
+
+
+def test_describe_rows():
+    cfg = SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4, ffn_top_k=2)
+    rows = describe(cfg, seq_len=32)
+    assert rows["params_total"] == count_params(cfg).total
+    assert rows["params_active"] == count_params(cfg).active
+    assert rows["seq_len"] == 32
+    assert rows["flops_per_token_forward"] == flops_per_token(cfg, 32).total
+    assert rows["flops_per_token_training"] == 3 * rows["flops_per_token_forward"]
+    assert "4 experts (soft, shared KV)" in rows["architecture"]
+    assert "top-2" in rows["architecture"]
+    assert "dense" in describe(SMOKE)["architecture"]
