@@ -211,9 +211,13 @@ def load_model(art: Artifact, *, verify: bool = True, device: str = "cpu"):
     return model.to(device).eval(), cfg
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (empty when the file does not exist)."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def read_train_log(art: Artifact) -> list[dict[str, Any]]:
     """The rows of an artifact's train_log.jsonl (empty for untrained artifacts)."""
-    f = art.path / TRAIN_LOG
-    if not f.is_file():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return read_jsonl(art.path / TRAIN_LOG)

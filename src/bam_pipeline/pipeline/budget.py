@@ -1,0 +1,64 @@
+"""Stage budgets: tokens (data-matched) or training FLOPs (compute-matched) turned into steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.counting import flops_per_token
+
+MATCHES = ("data", "compute")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a stage trains: planned tokens, steps, and the training FLOPs they cost."""
+
+    match: str
+    tokens: int            # tokens actually trained (steps x tokens per step)
+    steps: int
+    tokens_per_step: int
+    train_flops: float     # 3 x forward FLOPs per token x tokens
+    reference_tokens: int  # the budget's token count before compute matching
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: forward + backward = 3 x forward."""
+    return 3.0 * flops_per_token(cfg, seq_len).total
+
+
+def plan_budget(
+    tokens: int,
+    cfg: ModelConfig,
+    *,
+    seq_len: int,
+    tokens_per_step: int,
+    match: str = "data",
+    reference: ModelConfig | None = None,
+) -> Budget:
+    """Steps for a stage.
+
+    ``data``: train ``tokens`` tokens. ``compute``: spend the training FLOPs ``reference`` would spend
+    on ``tokens`` tokens, so a model with more FLOPs per token sees proportionally fewer tokens.
+    """
+    if match not in MATCHES:
+        raise BamError(f"budget match must be one of {MATCHES}, got {match!r}")
+    if tokens <= 0:
+        raise BamError(f"budget tokens must be positive, got {tokens}")
+    own = train_flops_per_token(cfg, seq_len)
+    target = tokens
+    if match == "compute":
+        if reference is None:
+            raise BamError("a compute-matched budget needs a reference model (budget.moe.reference)")
+        target = tokens * train_flops_per_token(reference, seq_len) / own
+    steps = max(1, math.ceil(target / tokens_per_step))
+    return Budget(
+        match=match,
+        tokens=steps * tokens_per_step,
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        train_flops=own * steps * tokens_per_step,
+        reference_tokens=tokens,
+    )

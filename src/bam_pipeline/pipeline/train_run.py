@@ -1,0 +1,179 @@
+"""One training run of a stage: Lightning Trainer, resumable work directory, published artifact.
+
+The work directory `stages/<run>/.work/<stage>/<name>/` holds Lightning checkpoints and the growing
+train log. It is tied to the stage's config hash: a re-run with the same config resumes from
+`last.ckpt`; a different config starts afresh. On success the model is published atomically to
+`stages/<run>/<stage>/<name>/` and the work directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.pipeline import artifacts as A
+from bam_pipeline.pipeline.budget import Budget
+from bam_pipeline.pipeline.lm_module import LMModule, OptimConfig
+from bam_pipeline.pipeline.loggers import close_logger, make_logger
+
+FINGERPRINT = "fingerprint.json"
+CKPT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one stage's training needs, resolved from the Hydra config."""
+
+    stage: str
+    name: str
+    run: str
+    run_dir: Path
+    model_cfg: ModelConfig
+    init_state: dict | None
+    proportions: dict[str, float]
+    budget: Budget
+    optim: OptimConfig
+    seq_len: int
+    batch_size: int
+    accumulate: int
+    seed: int
+    grad_clip: float
+    val_every: int
+    val_tokens: int
+    log_every: int
+    num_workers: int
+
+
+class TrainLogWriter(Callback):
+    """Appends train and validation rows to the work directory's train_log.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path, log_every: int):
+        self.path = path
+        self.log_every = log_every
+
+    def _append(self, trainer: L.Trainer, row: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        # after a resume, drop rows logged past the restored step (they will be trained again)
+        if trainer.is_global_zero and self.path.exists():
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            kept = [r for r in rows if r["step"] <= trainer.global_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.log_every == 0 or step == trainer.max_steps:
+            self._append(trainer, pl_module.last_train)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            tokens = pl_module.last_train.get("tokens", 0)
+            self._append(trainer, {"step": trainer.global_step, "tokens": tokens, "val_loss": float(val)})
+
+
+class TokensProgressBar(TQDMProgressBar):
+    """Progress bar over optimizer steps that shows tokens seen and tokens/s."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if "tokens" in items:
+            items["tokens"] = f"{float(items['tokens']):,.0f}"
+        if "tok_s" in items:
+            items["tok_s"] = f"{float(items['tok_s']):,.0f}"
+        return items
+
+
+def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
+    """Reset the work dir unless it belongs to this exact config; return a checkpoint to resume from."""
+    fp = work / FINGERPRINT
+    if work.exists():
+        same = fp.is_file() and json.loads(fp.read_text()).get("config_hash") == config_hash
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    fp.write_text(json.dumps({"config_hash": config_hash}) + "\n")
+    last = work / CKPT_DIR / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cfg: dict | None,
+                      stage_config: dict, inputs: dict[str, A.Artifact], out_dir: Path) -> A.Artifact | None:
+    """Train ``spec`` (resuming when possible) and publish the model artifact (rank 0).
+
+    Returns the artifact on rank 0 and None on other ranks.
+    """
+    from bam_pipeline.data.datamodule import MixtureDataModule
+
+    config_hash = A.canonical_hash(stage_config)
+    work = spec.run_dir / ".work" / spec.stage / spec.name
+    resume = _prepare_work_dir(work, config_hash)
+    if resume is not None:
+        print(f"{spec.stage}/{spec.name}: resuming from {resume}")
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    module = LMModule(spec.model_cfg, spec.optim, spec.init_state, log_every=spec.log_every)
+    data = MixtureDataModule(
+        prepared, spec.proportions, seq_len=spec.seq_len, batch_size=spec.batch_size,
+        train_tokens=spec.budget.tokens, val_tokens=spec.val_tokens, seed=spec.seed, num_workers=spec.num_workers,
+    )
+    logger = make_logger(logger_cfg, run=spec.run, stage=spec.stage, name=spec.name, config=stage_config)
+    ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0,
+                           every_n_train_steps=spec.val_every)
+    trainer = L.Trainer(
+        **trainer_cfg,
+        max_steps=spec.budget.steps,
+        accumulate_grad_batches=spec.accumulate,
+        gradient_clip_val=spec.grad_clip,
+        val_check_interval=min(spec.val_every, spec.budget.steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=spec.log_every,
+        logger=logger if logger is not None else False,
+        callbacks=[ckpt, TrainLogWriter(work / A.TRAIN_LOG, spec.log_every), TokensProgressBar()],
+        enable_model_summary=False,
+        default_root_dir=str(work),
+    )
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    finally:
+        close_logger(logger)
+    wall = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return None
+    log_rows = A.read_jsonl(work / A.TRAIN_LOG)
+    train_rows = [r for r in log_rows if "loss" in r]
+    val_rows = [r for r in log_rows if "val_loss" in r]
+    tok_s = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s") == r.get("tokens_per_s")]
+    metrics = {
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+        "tokens_per_s": float(sorted(tok_s)[len(tok_s) // 2]) if tok_s else None,
+    }
+    with A.publish(out_dir) as tmp:
+        state = {k: v.detach().float().cpu() for k, v in module.model.state_dict().items()}
+        A.save_model(tmp, spec.model_cfg, state)
+        if (work / A.TRAIN_LOG).exists():
+            shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
+        A.write_manifest(
+            tmp, stage=spec.stage, name=spec.name, run=spec.run, config=stage_config, inputs=inputs,
+            tokenizer_hash=prepared.tokenizer_hash, metrics=metrics, tokens=spec.budget.tokens,
+            flops=spec.budget.train_flops, budget=asdict(spec.budget), wall_time_s=round(wall, 2),
+            resumed=resume is not None,
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return A.read_artifact(out_dir)
