@@ -1,0 +1,80 @@
+"""Language-model metrics on token sequences: summed next-token NLL, perplexity, bits per byte,
+and the forward-pass throughput measured while computing them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class NllSum:
+    """Summed next-token negative log-likelihood (nats) over ``tokens`` predicted tokens."""
+
+    nll: float
+    tokens: int
+    forward_seconds: float
+
+    @property
+    def mean_loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_loss)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.forward_seconds if self.forward_seconds > 0 else float("nan")
+
+
+def bits_per_byte(nll_nats: float, text_bytes: float) -> float:
+    """Total NLL in bits divided by the UTF-8 bytes of the text it was measured on."""
+    return nll_nats / math.log(2) / text_bytes
+
+
+def evaluated_bytes(split_bytes: int, split_tokens: int, tokens_evaluated: int) -> float:
+    """Bytes of text covered by ``tokens_evaluated`` of a split: its bytes scaled by the token fraction."""
+    return split_bytes * min(1.0, tokens_evaluated / split_tokens)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def sequence_nll(
+    model: torch.nn.Module,
+    seqs: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    on_routing: Callable[[list], None] | None = None,
+) -> NllSum:
+    """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before.
+
+    Loss is computed in float32. ``on_routing`` receives each batch's ``ModelOutput.routing``.
+    Only the forward pass is timed (synchronised on CUDA).
+    """
+    nll, tokens, seconds = 0.0, 0, 0.0
+    for start in range(0, seqs.shape[0], batch_size):
+        batch = seqs[start : start + batch_size].to(device)  # (B, T+1)
+        inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(inp)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        logits = out.logits.float()  # (B, T, V)
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        tokens += tgt.numel()
+        if on_routing is not None:
+            on_routing(out.routing)
+    return NllSum(nll, tokens, seconds)

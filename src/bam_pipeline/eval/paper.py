@@ -1,0 +1,28 @@
+"""The paper's own small-scale Table 1 (perplexity, lower is better), kept as data.
+
+Numbers copied from /work/shared/PAPER.md section 8, which quotes Table 1 of Zhang et al., "BAM! Just
+Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts", arXiv 2408.08274
+(NeurIPS 2024). Rows use this project's artifact labels and columns its source names, so the same
+table and claim code reads the paper's numbers and the run's.
+"""
+
+from __future__ import annotations
+
+CITATION = (
+    'Zhang et al., "BAM! Just Like That: Simple and Efficient Parameter Upcycling for Mixture of '
+    'Experts", arXiv 2408.08274 (NeurIPS 2024), Table 1 (small scale, perplexity)'
+)
+
+# The paper's "Pretrain" column is this project's general source.
+PAPER_COLUMNS: tuple[str, ...] = ("general", "code", "law", "math")
+
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "seed": {"general": 23.98, "code": 8.62, "law": 8.92, "math": 14.12},
+    "branch/code": {"general": 39.50, "code": 3.71, "law": 10.83, "math": 8.77},
+    "branch/law": {"general": 87.82, "code": 23.45, "law": 7.53, "math": 30.79},
+    "branch/math": {"general": 57.61, "code": 6.78, "law": 10.43, "math": 5.67},
+    "moe/btx": {"general": 26.72, "code": 3.78, "law": 6.63, "math": 5.77},
+    "moe/bam": {"general": 24.02, "code": 3.45, "law": 6.04, "math": 5.31},
+    "moe/bam_kv_shared": {"general": 25.67, "code": 3.64, "law": 6.39, "math": 5.57},
+    "moe/bam_cm": {"general": 24.84, "code": 3.53, "law": 6.21, "math": 5.43},
+}

@@ -1,0 +1,96 @@
+"""PNG figures (matplotlib, Agg backend): routing heatmaps, perplexity per domain per model, training
+loss against tokens. Each function draws from plain data and writes one file atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bam_pipeline.eval.names import column_name, display_name, split_label  # noqa: E402
+from bam_pipeline.eval.routing import heatmap_values  # noqa: E402
+from bam_pipeline.eval.table import PplTable  # noqa: E402
+from bam_pipeline.pipeline.artifacts import MODEL_STAGES  # noqa: E402
+
+ROUTER_TITLES = {"attn": "attention router: mean soft weight", "ffn": "FFN router: fraction of assignments"}
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def routing_heatmap(model_routing: dict[str, Any], kind: str, label: str, path: Path) -> Path | None:
+    """Domain x expert heatmap, one panel per layer; None when the model has no ``kind`` router."""
+    domains, layers = heatmap_values(model_routing, kind)
+    if not layers:
+        return None
+    experts = model_routing.get("experts", {}).get(kind) or [f"e{i}" for i in range(len(layers[0][0]))]
+    n = len(layers)
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.6 * len(experts) * n + 0.8 * n, 0.9 + 0.45 * len(domains)),
+                             squeeze=False)
+    for i, (ax, mat) in enumerate(zip(axes[0], layers)):
+        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(f"layer {i}", fontsize=9)
+        ax.set_xticks(range(len(experts)), experts, fontsize=8, rotation=45, ha="right")
+        ax.set_yticks(range(len(domains)), [column_name(d) for d in domains] if i == 0 else [""] * len(domains),
+                      fontsize=8)
+        for r, row in enumerate(mat):
+            for c, v in enumerate(row):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"{display_name(label)}: {ROUTER_TITLES[kind]}", fontsize=10)
+    return _save(fig, path)
+
+
+def perplexity_bars(table: PplTable, path: Path) -> Path:
+    """Grouped bars: one group per source column, one bar per model (log scale)."""
+    labels = [lab for lab in table.labels if lab in table.values]
+    cols = list(table.columns)
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cols) * max(1, len(labels)) * 0.35 + 2), 4))
+    for j, lab in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(cols))]
+        ys = [table.get(lab, c) or 0.0 for c in cols]
+        ax.bar(xs, ys, width, label=display_name(lab))
+    ax.set_xticks(range(len(cols)), [column_name(c) for c in cols])
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Perplexity per domain per model")
+    return _save(fig, path)
+
+
+def loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
+    """Training loss (and validation loss, dashed) against tokens; one panel per stage."""
+    present = {split_label(lab)[0] for lab, rows in logs.items() if rows}
+    stages = [s for s in MODEL_STAGES if s in present]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for lab, rows in logs.items():
+            if split_label(lab)[0] != stage or not rows:
+                continue
+            train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "tokens" in r]
+            val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r and "tokens" in r]
+            line = ax.plot(*zip(*train), label=display_name(lab), lw=1.2)[0] if train else None
+            if val:
+                ax.plot(*zip(*val), ls="--", marker=".", lw=1.0, color=line.get_color() if line else None,
+                        label=f"{display_name(lab)} (val)")
+        ax.set_title(stage)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Training loss against tokens", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,201 @@
+"""stage=eval: every finished model artifact x every source's test split -> metrics.json and routing.json.
+
+Per (model, domain) row: mean token loss, perplexity, bits per byte, tokens evaluated, total and
+active parameters, forward FLOPs per token, measured inference tokens/s. Router statistics per
+domain and layer for every model with routers, drawn as heatmaps. Results are cached per
+(artifact hash, data hash, eval settings) in ``stages/<run>/eval/cache/``; only what changed is
+re-evaluated. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bam_pipeline.data.prepare import open_prepared
+from bam_pipeline.data.storage import load_split_sequences
+from bam_pipeline.errors import BamError
+from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll
+from bam_pipeline.eval.names import display_name
+from bam_pipeline.eval.plots import routing_heatmap
+from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
+from bam_pipeline.model.counting import count_params, flops_per_token
+from bam_pipeline.pipeline.artifacts import Artifact, canonical_hash, find_model_artifacts, load_model
+from bam_pipeline.pipeline.artifacts import try_read_artifact
+
+TEST_SPLIT = "test"
+CACHE_SCHEMA = 1
+METRICS_FILE, ROUTING_FILE = "metrics.json", "routing.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; any other value is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def eval_settings(ecfg: Any) -> dict[str, Any]:
+    """The settings that change eval results (part of the cache key)."""
+    return {
+        "seq_len": None if ecfg.seq_len is None else int(ecfg.seq_len),
+        "max_tokens_per_source": None if ecfg.max_tokens_per_source is None else int(ecfg.max_tokens_per_source),
+        "batch_size": int(ecfg.batch_size),
+    }
+
+
+def data_hash(run_dir: Path, prepared: Any) -> str:
+    """Identity of the prepared data: its manifest hash when present, tokenizer hash and split stats."""
+    art = try_read_artifact(Path(run_dir) / "data")
+    return canonical_hash({"manifest": art.hash if art else None, "tokenizer": prepared.tokenizer_hash,
+                           "stats": prepared.stats})
+
+
+def test_sources(prepared: Any) -> tuple[list[str], list[dict[str, str]]]:
+    """Sources with a non-empty test split, and skip records for the others."""
+    ok, skipped = [], []
+    for s in prepared.sources:
+        st = prepared.stats.get(s, {}).get(TEST_SPLIT)
+        if not st or not st.get("tokens"):
+            skipped.append({"kind": "source", "name": s, "reason": f"source {s!r} has no {TEST_SPLIT} split"})
+        else:
+            ok.append(s)
+    return ok, skipped
+
+
+class _Sequences:
+    """Test sequences per (source, seq_len), loaded once and shared by every model."""
+
+    def __init__(self, prepared: Any, max_tokens: int | None) -> None:
+        self.prepared, self.max_tokens, self.cache = prepared, max_tokens, {}
+
+    def get(self, source: str, seq_len: int) -> torch.Tensor:
+        if (source, seq_len) not in self.cache:
+            self.cache[(source, seq_len)] = load_split_sequences(
+                self.prepared, source, TEST_SPLIT, seq_len, max_tokens=self.max_tokens)
+        return self.cache[(source, seq_len)]
+
+
+def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, settings: dict[str, Any],
+                   device: torch.device) -> dict[str, Any]:
+    """Rows (one per source), routing stats per source and per-source skip records for one model."""
+    model, mcfg = load_model(art, verify=False, device=str(device))
+    seq_len = settings["seq_len"] or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
+                       f"set eval.seq_len to at most {mcfg.max_seq_len} or null")
+    params, flops = count_params(mcfg), flops_per_token(mcfg, seq_len)
+    rows, routing, skipped, warmed = [], {}, [], False
+    for source in sources:
+        try:
+            data = seqs.get(source, seq_len)  # (N, seq_len + 1)
+        except BamError as e:  # split shorter than one sequence
+            print(f"[eval] skip {art.label} on {source}: {e}")
+            skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
+            continue
+        if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
+            sequence_nll(model, data[:1], batch_size=1, device=device)
+            warmed = True
+        stats = RoutingStats()
+        res = sequence_nll(model, data, batch_size=settings["batch_size"], device=device, on_routing=stats.update)
+        st = prepared.stats[source][TEST_SPLIT]
+        nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
+        rows.append({
+            "model": art.label, "stage": art.stage, "name": art.name, "display": display_name(art.label),
+            "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
+            "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
+            "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
+            "tokens_per_s": res.tokens_per_s, "forward_seconds": res.forward_seconds, "seq_len": seq_len,
+            "device": str(device), "tokens_trained": art.manifest.get("tokens"),
+        })
+        if summary := stats.summary():
+            routing[source] = summary
+    return {"rows": rows, "routing": routing, "skipped": skipped}
+
+
+def _experts(art: Artifact, routing: dict[str, Any]) -> dict[str, list[str]]:
+    """Expert names per router kind: the manifest's ``experts`` list when it has one of the right length."""
+    names = art.manifest.get("experts")
+    out = {}
+    for kind in ROUTER_KINDS:
+        stats = next((r[kind] for r in routing.values() if kind in r), None)
+        if stats is not None:
+            n = len((stats.get("mean_prob") or stats.get("fraction"))[0])
+            out[kind] = list(names) if isinstance(names, list) and len(names) == n else [f"e{i}" for i in range(n)]
+    return out
+
+
+def run_eval(cfg: Any, run_dir: Path) -> Path:
+    """Evaluate every finished model artifact of ``run_dir``; returns the path of metrics.json."""
+    run_dir = Path(run_dir)
+    arts = find_model_artifacts(run_dir)
+    if not arts:
+        raise BamError(f"no trained model in {run_dir}; run `python -m bam_pipeline stage=seed` first")
+    prepared = open_prepared(run_dir / "data")
+    sources, skipped = test_sources(prepared)
+    for s in skipped:
+        print(f"[eval] skip {s['name']}: {s['reason']}")
+    if not sources:
+        raise BamError(f"no source of {run_dir / 'data'} has a {TEST_SPLIT} split; re-run `stage=data` with test "
+                       f"splits enabled")
+    settings = eval_settings(cfg.eval)
+    dhash = data_hash(run_dir, prepared)
+    device = resolve_device(str(cfg.eval.device))
+    eval_dir, cache_dir = run_dir / "eval", run_dir / "eval" / "cache"
+    seqs = _Sequences(prepared, settings["max_tokens_per_source"])
+    rows, routing, reused, evaluated, used_cache = [], {}, [], [], set()
+    for art in arts:
+        try:
+            art.verify()
+        except BamError as e:
+            print(f"[eval] skip {art.label}: {e}")
+            skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
+            continue
+        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": settings,
+                              "sources": sources})
+        cache_file = cache_dir / f"{art.stage}-{art.name}-{key[:16]}.json"
+        if cache_file.is_file():
+            result = json.loads(cache_file.read_text())
+            reused.append(art.label)
+        else:
+            result = evaluate_model(art, sources, seqs, prepared, settings, device)
+            write_json(cache_file, result)
+            evaluated.append(art.label)
+        used_cache.add(cache_file.name)
+        rows += result["rows"]
+        skipped += result["skipped"]
+        if result["routing"]:
+            routing[art.label] = {"display": display_name(art.label), "experts": _experts(art, result["routing"]),
+                                  "domains": result["routing"]}
+    if reused:
+        print(f"[eval] reused cached results for: {', '.join(reused)}")
+    if evaluated:
+        print(f"[eval] evaluated: {', '.join(evaluated)}")
+    for stale in cache_dir.glob("*.json"):
+        if stale.name not in used_cache:
+            stale.unlink()
+    write_json(eval_dir / ROUTING_FILE, routing)
+    for label, entry in routing.items():
+        for kind in ROUTER_KINDS:
+            routing_heatmap(entry, kind, label, eval_dir / f"routing_{label.replace('/', '_')}_{kind}.png")
+    metrics_path = eval_dir / METRICS_FILE
+    write_json(metrics_path, {
+        "run": run_dir.name, "settings": {**settings, "device": str(device)}, "data_hash": dhash,
+        "sources": sources, "general_source": cfg.eval.general_source, "rows": rows, "skipped": skipped,
+        "reused": reused, "evaluated": evaluated,
+    })
+    print(f"[eval] {len(rows)} (model, domain) rows -> {metrics_path}")
+    return metrics_path

@@ -1,0 +1,72 @@
+"""The perplexity table (the run's analogue of paper Table 1): rows = models, columns = sources + average.
+
+Pure data: built from metrics.json rows (or the paper's numbers), rendered as rows of strings by
+:mod:`bam_pipeline.eval.render`. "Average" is the arithmetic mean of a row's column perplexities, as
+in the paper's Table 1; a row missing a column has no average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from bam_pipeline.eval.names import column_name, display_name
+
+AVERAGE = "average"
+
+
+@dataclass(frozen=True)
+class PplTable:
+    """Perplexity (or another lower-is-better metric) per (model label, source column)."""
+
+    labels: tuple[str, ...]
+    columns: tuple[str, ...]
+    values: dict[str, dict[str, float]]
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        return (*self.columns, AVERAGE)
+
+    def get(self, label: str, column: str) -> float | None:
+        """One cell; ``column = AVERAGE`` gives the row mean (None when the row is incomplete)."""
+        row = self.values.get(label, {})
+        if column != AVERAGE:
+            return row.get(column)
+        if not self.columns or any(c not in row for c in self.columns):
+            return None
+        return sum(row[c] for c in self.columns) / len(self.columns)
+
+    def best(self, column: str, among: Iterable[str] | None = None) -> str | None:
+        """Label with the lowest perplexity in ``column`` (among ``among``, default all rows)."""
+        cells = [(v, lab) for lab in (self.labels if among is None else among) if (v := self.get(lab, column)) is not None]
+        return min(cells)[1] if cells else None
+
+
+def order_columns(sources: Iterable[str], general: str | None) -> tuple[str, ...]:
+    """Source columns with the general source first (the paper's "Pretrain" column), others in order."""
+    sources = list(sources)
+    return tuple([general] + [s for s in sources if s != general]) if general in sources else tuple(sources)
+
+
+def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: Iterable[str],
+                    key: str = "perplexity") -> PplTable:
+    """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``)."""
+    values: dict[str, dict[str, float]] = {}
+    for r in rows:
+        values.setdefault(r["model"], {})[r["domain"]] = float(r[key])
+    return PplTable(tuple(labels), tuple(columns), values)
+
+
+def table_cells(table: PplTable, *, mark_best: str = "**", among: Iterable[str] | None = None) -> list[list[str]]:
+    """Header + one row of strings per model; the best cell per column (among ``among``) is wrapped
+    in ``mark_best``; missing cells are "-"."""
+    best = {c: table.best(c, among) for c in table.all_columns}
+    out = [["model", *(column_name(c) for c in table.all_columns)]]
+    for lab in table.labels:
+        cells = [display_name(lab)]
+        for c in table.all_columns:
+            v = table.get(lab, c)
+            text = "-" if v is None else f"{v:.2f}"
+            cells.append(f"{mark_best}{text}{mark_best}" if v is not None and best[c] == lab else text)
+        out.append(cells)
+    return out
