@@ -97,7 +97,12 @@ MODEL_CASES = {
     "dense_tied": SMOKE.replace(tie_embeddings=True),
     "bam_expert_kv": SMOKE.with_mixture(attn_experts=4, ffn_experts=4),
     "bam_shared_kv": SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4),
-    "bam_shared_kv_tied": SMOKE.replace(tie_embeddings=True).with_mixture(attn_experts=3, attn_kv="shared", ffn_experts=3),
+    "bam_shared_kv_tied": SMOKE.replace(tie_embeddings=True).with_mixture(
+        attn_experts=3, attn_kv="shared", ffn_experts=3
+    ),
+    "sequential_top2": SMOKE.replace(parallel_residual=False).with_mixture(
+        attn_experts=2, attn_routing="top2", ffn_experts=3, ffn_top_k=2
+    ),
     "btx": SMOKE.with_mixture(ffn_experts=4, ffn_top_k=1),
     "btx_matched": SMOKE.with_mixture(ffn_experts=6, ffn_top_k=3),
 }
