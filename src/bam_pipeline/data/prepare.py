@@ -1,0 +1,267 @@
+"""The data stage: read every source, dedupe, split, train or load the tokenizer, tokenise, store, record.
+
+``prepare_data`` writes ``<out_dir>/`` atomically (a temporary sibling renamed into place) with
+``tokenizer.json``, ``tokens/<source>/<split>/`` (Arrow) and ``manifest.json`` (config hash, source
+fingerprint, tokenizer hash, per-source per-split stats, file checksums). A second call with the
+same config and unchanged sources verifies the checksums and reuses the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from bam_pipeline.data import sources as src
+from bam_pipeline.data import storage
+from bam_pipeline.data import tokenizer as tk
+from bam_pipeline.data.mixtures import stage_mixture
+from bam_pipeline.data.splits import SPLITS, dedupe_and_split
+from bam_pipeline.errors import BamError
+from bam_pipeline.pipeline.artifacts import MANIFEST, canonical_hash, package_versions, publish, sha256_file
+
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+RUN_HINT = "run `python -m bam_pipeline stage=data`"
+
+
+@dataclass
+class PreparedData:
+    """A finished data directory: what later stages need to build loaders and check tokenizers."""
+
+    dir: Path
+    sources: list[str]
+    vocab_size: int
+    eos_id: int
+    tokenizer_hash: str
+    config_hash: str
+    stats: dict[str, dict[str, dict[str, int]]]
+    manifest: dict[str, Any]
+    _streams: dict[tuple[str, str], storage.TokenStream] = field(default_factory=dict, repr=False)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
+
+    def stream(self, source: str, split: str) -> storage.TokenStream:
+        """The memory-mapped token stream of one split (opened once)."""
+        if source not in self.sources:
+            raise BamError(f"source {source!r} is not in the prepared data {self.dir}; it has {', '.join(self.sources)}")
+        key = (source, split)
+        if key not in self._streams:
+            self._streams[key] = storage.TokenStream(self.dir, source, split)
+        return self._streams[key]
+
+
+# ---- config ----------------------------------------------------------------------------------
+def _plain(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:
+        pass
+    return json.loads(json.dumps(dict(cfg)))
+
+
+def source_names(cfg: dict[str, Any]) -> list[str]:
+    names = [str(cfg.get("general", "general")), *[str(d) for d in cfg.get("domains", [])]]
+    return list(dict.fromkeys(names))
+
+
+def _resolve(cfg: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(source specs, the hashed description of everything that determines the output)."""
+    overrides = cfg.get("sources") or {}
+    specs = {n: src.load_source_spec(n, overrides) for n in source_names(cfg)}
+    tok_cfg = dict(cfg.get("tokenizer") or {})
+    if tok_cfg.get("path"):
+        given = Path(tok_cfg["path"]).expanduser()
+        tok_cfg["file_sha256"] = sha256_file(given) if given.is_file() else None
+    hashed = {
+        "format": FORMAT_VERSION,
+        "specs": specs,
+        "max_bytes_per_source": cfg.get("max_bytes_per_source"),
+        "split": cfg.get("split"),
+        "tokenizer": tok_cfg,
+        "seed_mixture": stage_mixture("seed", cfg),
+    }
+    return specs, hashed
+
+
+# ---- public API ------------------------------------------------------------------------------
+def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
+    """The finished data directory at ``out_dir``; BamError if missing, incomplete or corrupt."""
+    out_dir = Path(out_dir)
+    mpath = out_dir / MANIFEST
+    if not mpath.is_file():
+        raise BamError(f"no prepared data in {out_dir}; {RUN_HINT} first")
+    try:
+        m = json.loads(mpath.read_text())
+        if m.get("stage") != "data":
+            raise ValueError(f"stage is {m.get('stage')!r}, not 'data'")
+        prepared = PreparedData(
+            dir=out_dir, sources=list(m["sources"]), vocab_size=int(m["vocab_size"]), eos_id=int(m["eos_id"]),
+            tokenizer_hash=m["tokenizer_hash"], config_hash=m["config_hash"], stats=m["stats"], manifest=m,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); delete {out_dir} and {RUN_HINT}") from None
+    if verify:
+        verify_files(out_dir, m)
+    return prepared
+
+
+def verify_files(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every recorded file present with its checksum; BamError naming the first bad one."""
+    for rel, digest in manifest.get("files", {}).items():
+        f = out_dir / rel
+        if not f.is_file():
+            raise BamError(f"prepared data in {out_dir} is corrupt: {rel} is missing; delete {out_dir} and {RUN_HINT}")
+        if sha256_file(f) != digest:
+            raise BamError(
+                f"prepared data in {out_dir} is corrupt: checksum mismatch for {rel}; delete {out_dir} and {RUN_HINT}"
+            )
+
+
+def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> PreparedData:
+    """Prepare (or reuse) everything the run's training stages read; see the module docstring."""
+    cfg = _plain(data_cfg)
+    out_dir = Path(out_dir)
+    specs, hashed = _resolve(cfg)
+    config_hash = canonical_hash(hashed)
+    sources_hash = canonical_hash({n: src.source_fingerprint(s) for n, s in specs.items()})
+    if (out_dir / MANIFEST).is_file() and not cfg.get("rebuild", False):
+        old = open_prepared(out_dir, verify=False)
+        if old.config_hash == config_hash and old.manifest.get("sources_hash") == sources_hash:
+            verify_files(out_dir, old.manifest)
+            _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")
+            return old
+        _say(progress, f"data config or sources changed since {out_dir} was prepared; rebuilding")
+    t0 = time.time()
+    split_cfg = cfg.get("split") or {}
+    val, test = float(split_cfg.get("val", 0.05)), float(split_cfg.get("test", 0.05))
+    docs: dict[str, dict[str, list[src.Document]]] = {}
+    dups: dict[str, int] = {}
+    for name, spec in specs.items():
+        cap = spec.get("max_bytes", cfg.get("max_bytes_per_source"))
+        read = tqdm(src.iter_documents(spec, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
+        docs[name], dups[name] = dedupe_and_split(read, val, test)
+        _check_nonempty(name, spec, docs[name], cap)
+    tok = _tokenizer(cfg, docs, progress)
+    eos_token = (cfg.get("tokenizer") or {}).get("eos_token", tk.EOS)
+    eos = tk.eos_id(tok, eos_token)
+    vocab = tok.get_vocab_size()
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids + [eos] for e in tok.encode_batch(texts)]
+
+    stats: dict[str, dict[str, dict[str, int]]] = {}
+    with publish(out_dir) as tmp, _datasets_progress(progress):
+        tok.save(str(tmp / TOKENIZER_FILE))
+        for name, by_split in docs.items():
+            stats[name] = {}
+            for split in SPLITS:
+                d = by_split[split]
+                tokens = storage.write_split(
+                    tmp, name, split, [x.id for x in d], [x.text for x in d], encode, vocab, progress
+                )
+                stats[name][split] = {
+                    "documents": len(d), "bytes": sum(len(x.text.encode()) for x in d), "tokens": tokens,
+                }
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "stage": "data",
+            "name": "data",
+            "config": cfg,
+            "config_hash": config_hash,
+            "sources_hash": sources_hash,
+            "sources": list(specs),
+            "source_specs": specs,
+            "duplicates_removed": dups,
+            "tokenizer_hash": tk.tokenizer_hash(tok),
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "eos_token": eos_token,
+            "stats": stats,
+            "files": files,
+            "hash": canonical_hash(files),
+            "versions": package_versions(),
+            "wall_time_s": round(time.time() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return open_prepared(out_dir, verify=False)
+
+
+def print_stats_table(prepared: PreparedData, file: TextIO | None = None) -> None:
+    """One table: source, split, documents, MB, tokens (and totals)."""
+    out = file or sys.stdout
+    rows = [
+        (name, split, s["documents"], s["bytes"] / 1e6, s["tokens"])
+        for name in prepared.sources
+        for split in SPLITS
+        for s in [prepared.stats[name][split]]
+    ]
+    rows.append(("total", "", sum(r[2] for r in rows), sum(r[3] for r in rows), sum(r[4] for r in rows)))
+    print(f"{'source':<12} {'split':<6} {'documents':>10} {'MB':>9} {'tokens':>12}", file=out)
+    for name, split, n, mb, tokens in rows:
+        print(f"{name:<12} {split:<6} {n:>10,} {mb:>9.2f} {tokens:>12,}", file=out)
+    print(f"data in {prepared.dir} (tokenizer {prepared.tokenizer_hash[:12]}, vocab {prepared.vocab_size})", file=out)
+
+
+# ---- steps -----------------------------------------------------------------------------------
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _check_nonempty(name: str, spec: dict[str, Any], by_split: dict[str, list[src.Document]], cap: Any) -> None:
+    total = sum(len(v) for v in by_split.values())
+    if total == 0:
+        raise BamError(f"source {name!r} ({spec['source']['type']}) yielded no documents; check its source settings")
+    for split in SPLITS:
+        if not by_split[split]:
+            raise BamError(
+                f"source {name!r}: the {split} split is empty ({total} documents, max_bytes={cap}); "
+                "give the source more data (raise max_bytes) or raise data.split fractions"
+            )
+
+
+def _tokenizer(cfg: dict[str, Any], docs: dict[str, dict[str, list[src.Document]]], progress: bool) -> Tokenizer:
+    """Load the given tokenizer.json, or train BPE on the seed mixture of the train splits."""
+    tcfg = cfg.get("tokenizer") or {}
+    if tcfg.get("path"):
+        return tk.load_tokenizer(tcfg["path"], tcfg.get("eos_token", tk.EOS))
+    budget = int(tcfg.get("train_bytes", 2_000_000))
+    mix = stage_mixture("seed", cfg)
+
+    def sample() -> Iterator[str]:
+        for name, p in mix.items():
+            left = p * budget
+            for doc in docs[name]["train"]:
+                if left <= 0:
+                    break
+                text = doc.text[: int(left)]
+                left -= len(text.encode())
+                yield text
+
+    _say(progress, f"training byte-level BPE (vocab {tcfg.get('vocab_size', 4096)}) on {budget / 1e6:.1f} MB of the seed mix")
+    return tk.train_bpe(sample(), int(tcfg.get("vocab_size", 4096)))
+
+
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()

@@ -1,0 +1,62 @@
+"""The run's tokenizer: a byte-level BPE trained with Hugging Face ``tokenizers``, or a given file.
+
+Byte-level pre-tokenisation maps every byte to a symbol, so any text round-trips exactly. The
+end-of-document token is ``EOS``; ``tokenizer_hash`` identifies the tokenizer across stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from bam_pipeline.errors import BamError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with ``vocab_size`` entries (256 byte symbols + specials + merges)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise BamError(f"tokenizer.vocab_size={vocab_size} is too small; byte-level BPE needs at least 259")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path, eos_token: str = EOS) -> Tokenizer:
+    """A tokenizer.json given by path; it must contain the end-of-document token ``eos_token``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BamError(f"tokenizer file {path} does not exist; set data.tokenizer.path to a tokenizer.json or null to train one")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise BamError(f"cannot read tokenizer {path}: {e}; give a Hugging Face tokenizer.json") from None
+    if tok.token_to_id(eos_token) is None:
+        raise BamError(
+            f"tokenizer {path} has no end-of-document token {eos_token!r}; set data.tokenizer.eos_token to its own"
+        )
+    return tok
+
+
+def eos_id(tok: Tokenizer, eos_token: str = EOS) -> int:
+    return tok.token_to_id(eos_token)
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    """sha256 of the tokenizer's canonical JSON."""
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()
