@@ -202,6 +202,47 @@ def _check_options(
         raise BamError(f"extra_seed_ffn_experts must be >= 0, got {extra_seed_ffn_experts}")
 
 
+def mixture_layout(
+    method: str,
+    n_experts: int,
+    dense_cfg: ModelConfig,
+    *,
+    include_seed: bool = True,
+    kv: str = "expert",
+    attn_routing: str = "soft",
+    ffn_top_k: int = 1,
+    ffn_gate: str = "softmax",
+    extra_seed_ffn_experts: int = 0,
+) -> ModelConfig:
+    """The mixture config :func:`upcycle` builds from the seed and ``n_experts`` domain experts.
+
+    Needs no weights: ``stage=info`` and compute-matched budgets use it before any model exists.
+    """
+    _check_options(method, kv, attn_routing, ffn_gate, "normal", extra_seed_ffn_experts)
+    n_models = n_experts + (1 if include_seed else 0)
+    if n_models == 0:
+        raise BamError("no dense models to mix: include_seed=false and no domain experts; give at least one model")
+    if method == "dense":
+        return dense_cfg
+    n_attn = n_models if method == "bam" else 1
+    n_ffn = n_models + extra_seed_ffn_experts
+    if n_ffn < 2:
+        raise BamError(
+            f"{method} needs at least 2 FFN experts, got {n_ffn}; "
+            "give more domain experts, set include_seed=true, or use method=dense"
+        )
+    if not 1 <= ffn_top_k <= n_ffn:
+        raise BamError(f"ffn_top_k={ffn_top_k} must be between 1 and the number of FFN experts ({n_ffn})")
+    return dense_cfg.with_mixture(
+        attn_experts=n_attn,
+        attn_routing=attn_routing if n_attn > 1 else "soft",
+        attn_kv=kv if n_attn > 1 else "expert",
+        ffn_experts=n_ffn,
+        ffn_top_k=ffn_top_k,
+        ffn_gate=ffn_gate,
+    )
+
+
 def upcycle(
     method: str,
     seed: Mapping[str, Tensor],
@@ -242,22 +283,9 @@ def upcycle(
         attn_sources, ffn_sources, backbone = [averaged], models + seed_copies, averaged
     else:  # sparse_upcycle
         attn_sources, ffn_sources, backbone = [seed], [seed] * (len(models) + extra_seed_ffn_experts), seed
-
-    n_attn, n_ffn = len(attn_sources), len(ffn_sources)
-    if n_ffn < 2:
-        raise BamError(
-            f"{method} needs at least 2 FFN experts, got {n_ffn}; "
-            "give more domain experts, set include_seed=true, or use method=dense"
-        )
-    if not 1 <= ffn_top_k <= n_ffn:
-        raise BamError(f"ffn_top_k={ffn_top_k} must be between 1 and the number of FFN experts ({n_ffn})")
-    mix_cfg = dense_cfg.with_mixture(
-        attn_experts=n_attn,
-        attn_routing=attn_routing if n_attn > 1 else "soft",
-        attn_kv=kv if n_attn > 1 else "expert",
-        ffn_experts=n_ffn,
-        ffn_top_k=ffn_top_k,
-        ffn_gate=ffn_gate,
+    mix_cfg = mixture_layout(
+        method, len(experts), dense_cfg, include_seed=include_seed, kv=kv, attn_routing=attn_routing,
+        ffn_top_k=ffn_top_k, ffn_gate=ffn_gate, extra_seed_ffn_experts=extra_seed_ffn_experts,
     )
     state = assemble_mixture(
         mix_cfg,

@@ -73,7 +73,7 @@ class LMModule(L.LightningModule):
             self.log("tok_s", tok_s, prog_bar=True)
         self.log("lr", lr)
         self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": nll.item(),
-                           "lr": lr, "tokens_per_s": tok_s, "aux_loss": float(out.aux_loss)}
+                           "lr": lr, "tokens_per_s": tok_s, "aux_loss": float(out.aux_loss.detach())}
         if self.model_cfg.ffn_experts > 1 or self.model_cfg.attn_experts > 1:
             self.log("train/aux_loss", out.aux_loss)
             self.last_train.update(self._routing_metrics(out.routing))
