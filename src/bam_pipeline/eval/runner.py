@@ -25,7 +25,6 @@ from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.pipeline.artifacts import Artifact, canonical_hash, find_model_artifacts, load_model
-from bam_pipeline.pipeline.artifacts import try_read_artifact
 
 TEST_SPLIT = "test"
 CACHE_SCHEMA = 1
@@ -57,14 +56,13 @@ def eval_settings(ecfg: Any) -> dict[str, Any]:
     }
 
 
-def data_hash(run_dir: Path, prepared: Any) -> str:
-    """Identity of the prepared data: its manifest hash when present, tokenizer hash and split stats."""
-    art = try_read_artifact(Path(run_dir) / "data")
-    return canonical_hash({"manifest": art.hash if art else None, "tokenizer": prepared.tokenizer_hash,
-                           "stats": prepared.stats})
+def data_hash(prepared: Any) -> str:
+    """Identity of the prepared data: its files' hash, config hash and tokenizer hash."""
+    return canonical_hash({"files": prepared.manifest.get("hash"), "config": prepared.config_hash,
+                           "tokenizer": prepared.tokenizer_hash})
 
 
-def test_sources(prepared: Any) -> tuple[list[str], list[dict[str, str]]]:
+def sources_with_test_split(prepared: Any) -> tuple[list[str], list[dict[str, str]]]:
     """Sources with a non-empty test split, and skip records for the others."""
     ok, skipped = [], []
     for s in prepared.sources:
@@ -145,14 +143,14 @@ def run_eval(cfg: Any, run_dir: Path) -> Path:
     if not arts:
         raise BamError(f"no trained model in {run_dir}; run `python -m bam_pipeline stage=seed` first")
     prepared = open_prepared(run_dir / "data")
-    sources, skipped = test_sources(prepared)
+    sources, skipped = sources_with_test_split(prepared)
     for s in skipped:
         print(f"[eval] skip {s['name']}: {s['reason']}")
     if not sources:
         raise BamError(f"no source of {run_dir / 'data'} has a {TEST_SPLIT} split; re-run `stage=data` with test "
                        f"splits enabled")
     settings = eval_settings(cfg.eval)
-    dhash = data_hash(run_dir, prepared)
+    dhash = data_hash(prepared)
     device = resolve_device(str(cfg.eval.device))
     eval_dir, cache_dir = run_dir / "eval", run_dir / "eval" / "cache"
     seqs = _Sequences(prepared, settings["max_tokens_per_source"])
@@ -194,7 +192,7 @@ def run_eval(cfg: Any, run_dir: Path) -> Path:
     metrics_path = eval_dir / METRICS_FILE
     write_json(metrics_path, {
         "run": run_dir.name, "settings": {**settings, "device": str(device)}, "data_hash": dhash,
-        "sources": sources, "general_source": cfg.eval.general_source, "rows": rows, "skipped": skipped,
+        "sources": sources, "general_source": cfg.data.get("general"), "rows": rows, "skipped": skipped,
         "reused": reused, "evaluated": evaluated,
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {metrics_path}")

@@ -1,0 +1,112 @@
+"""A tiny fake run for the eval tests: prepared data from three local `files` sources and random-init
+smoke models (seed, two branch experts, a function-preserving mixture of identical seed copies)."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bam_pipeline.data.prepare import prepare_data
+from bam_pipeline.model import BAMTransformer, preset
+from bam_pipeline.pipeline.artifacts import publish, save_model, write_manifest
+
+CONF = Path(__file__).parents[2] / "conf"
+SOURCES = ("general", "code", "law")
+WORDS = {
+    "general": "the a of and to in is was he she it they said time day house long river".split(),
+    "code": "def return class import self for in if else None print lambda yield try except".split(),
+    "law": "court shall party agreement pursuant hereby liability clause plaintiff statute".split(),
+}
+SEQ_LEN = 32
+
+
+def write_corpus(root: Path) -> None:
+    rng = random.Random(0)
+    for name in SOURCES:
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(40):
+            (d / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(WORDS[name]) for _ in range(60)) + "\n")
+
+
+def data_cfg(corpus: Path) -> dict:
+    return {
+        "general": "general", "domains": ["code", "law"],
+        "sources": {n: {"source": {"type": "files", "path": str(corpus / n)}} for n in SOURCES},
+        "max_bytes_per_source": None, "split": {"val": 0.2, "test": 0.2},
+        "tokenizer": {"path": None, "vocab_size": 300, "train_bytes": 100000, "eos_token": "<|endoftext|>"},
+        "mixtures": {"seed_general": 0.7, "branch_general": 0.1}, "rebuild": False,
+    }
+
+
+def save_artifact(run: Path, stage: str, name: str, model_cfg, state, prepared, log_rows=()) -> None:
+    with publish(run / stage / name) as tmp:
+        save_model(tmp, model_cfg, state)
+        if log_rows:
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+        write_manifest(tmp, stage=stage, name=name, run=run.name, config={}, inputs={}, metrics={},
+                       tokens=sum(1000 for _ in log_rows), flops=0, tokenizer_hash=prepared.tokenizer_hash)
+
+
+def identical_mixture(dense_state: dict, n: int) -> dict:
+    """``n`` identical copies of a dense model's experts, with random routers (function-preserving
+    under soft attention routing and a renormalised top-1 FFN gate)."""
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    for k, v in dense_state.items():
+        expert = any(k.endswith(s) for s in (".wq", ".wk", ".wv", ".wo", ".w1", ".w2", ".w3"))
+        out[k] = v.repeat(n, *([1] * (v.dim() - 1))) if expert else v.clone()  # (E, in, out)
+    d = dense_state["tok_emb.weight"].shape[1]
+    layers = {k.split(".")[1] for k in dense_state if k.startswith("layers.")}
+    for i in layers:
+        for kind in ("attn", "ffn"):
+            out[f"layers.{i}.{kind}.router.weight"] = torch.randn(n, d, generator=g)  # (E, D), peaked enough to route
+    return out
+
+
+def log_rows(scale: float) -> list[dict]:
+    rows = [{"step": s, "tokens": 1000 * s, "loss": scale * (5.0 - s / 5), "lr": 1e-3, "tokens_per_s": 1.0,
+             "aux_loss": 0.0} for s in range(1, 6)]
+    return rows + [{"step": 5, "tokens": 5000, "val_loss": scale * 4.2}]
+
+
+@pytest.fixture(scope="session")
+def fake_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evalrun")
+    write_corpus(root / "corpus")
+    run = root / "stages" / "t"
+    prepared = prepare_data(data_cfg(root / "corpus"), run / "data", progress=False)
+    dense = preset("smoke", vocab_size=prepared.vocab_size)
+    states = {}
+    for k, (stage, name) in enumerate([("seed", "main"), ("branch", "code"), ("branch", "law")]):
+        torch.manual_seed(k)
+        states[name] = BAMTransformer(dense).state_dict()
+        save_artifact(run, stage, name, dense, states[name], prepared, log_rows(1.0 + 0.1 * k))
+    mix = dense.with_mixture(attn_experts=3, attn_routing="soft", ffn_experts=3, ffn_top_k=1, ffn_gate="renorm")
+    save_artifact(run, "mix", "bam", mix, identical_mixture(states["main"], 3), prepared)
+    return run
+
+
+@pytest.fixture
+def run_copy(fake_run, tmp_path) -> Path:
+    """A private copy of the fake run without eval results (for tests that change it)."""
+    dst = tmp_path / "stages" / fake_run.name
+    shutil.copytree(fake_run, dst, ignore=shutil.ignore_patterns("eval", "report"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def eval_cfg():
+    """Factory: the shipped conf/eval/default.yaml shrunk for the fake run, with overrides."""
+
+    def make(**eval_overrides):
+        ev = OmegaConf.load(CONF / "eval" / "default.yaml")
+        ev.merge_with({"seq_len": SEQ_LEN, "device": "cpu", "max_tokens_per_source": 1024, "batch_size": 8,
+                       **eval_overrides})
+        return OmegaConf.create({"eval": ev, "data": {"general": "general"}})
+
+    return make

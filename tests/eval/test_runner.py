@@ -1,0 +1,134 @@
+"""run_eval on the tiny fake run: every (model, domain) row, perplexity checked independently,
+function-preserving mixture = seed, routing fractions, skips, cache reuse."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bam_pipeline.data.prepare import open_prepared
+from bam_pipeline.data.storage import load_split_sequences
+from bam_pipeline.errors import BamError
+from bam_pipeline.eval.runner import run_eval, sources_with_test_split
+from bam_pipeline.model import BAMTransformer
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.pipeline.artifacts import load_state, read_artifact
+
+MODELS = ("seed", "branch/code", "branch/law", "mix/bam")
+SOURCES = ("general", "code", "law")  # the fake run's sources (conftest.py)
+SEQ_LEN = 32  # the fake run's eval.seq_len (conftest.py)
+
+
+@pytest.fixture(scope="module")
+def evaluated(fake_run, eval_cfg):
+    path = run_eval(eval_cfg(), fake_run)
+    return json.loads(path.read_text()), json.loads((fake_run / "eval" / "routing.json").read_text())
+
+
+def rows_by(metrics):
+    return {(r["model"], r["domain"]): r for r in metrics["rows"]}
+
+
+def test_every_model_domain_pair(evaluated):
+    metrics, _ = evaluated
+    assert set(rows_by(metrics)) == {(m, d) for m in MODELS for d in SOURCES}
+    for r in metrics["rows"]:
+        assert r["tokens"] > 0 and r["tokens"] % SEQ_LEN == 0
+        assert r["params_active"] <= r["params_total"] and r["flops_per_token"] > 0 and r["tokens_per_s"] > 0
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
+
+
+def test_perplexity_matches_an_independent_loop(evaluated, fake_run):
+    metrics, _ = evaluated
+    cfg, state = load_state(read_artifact(fake_run / "seed" / "main"))
+    model = BAMTransformer(cfg).eval()
+    model.load_state_dict(state)
+    prepared = open_prepared(fake_run / "data")
+    for source in SOURCES:
+        seqs = load_split_sequences(prepared, source, "test", SEQ_LEN, max_tokens=1024)
+        with torch.no_grad():
+            logits = model(seqs[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+        row = rows_by(metrics)[("seed", source)]
+        assert row["tokens"] == seqs[:, 1:].numel()
+        assert row["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+        split = prepared.stats[source]["test"]
+        assert row["bytes"] == pytest.approx(split["bytes"] * min(1, row["tokens"] / split["tokens"]))
+
+
+def test_identical_expert_mixture_scores_the_seed(evaluated):
+    rows = rows_by(evaluated[0])
+    for source in SOURCES:
+        assert rows[("mix/bam", source)]["perplexity"] == pytest.approx(rows[("seed", source)]["perplexity"], rel=1e-4)
+        assert rows[("branch/code", source)]["perplexity"] != pytest.approx(rows[("seed", source)]["perplexity"],
+                                                                           rel=1e-4)
+
+
+def test_routing_fractions_sum_to_one_per_layer(evaluated):
+    _, routing = evaluated
+    assert set(routing) == {"mix/bam"}  # dense models have no routers
+    entry = routing["mix/bam"]
+    assert set(entry["domains"]) == set(SOURCES)
+    assert entry["experts"] == {"attn": ["e0", "e1", "e2"], "ffn": ["e0", "e1", "e2"]}
+    for stats in entry["domains"].values():
+        for kind, key in (("attn", "mean_prob"), ("ffn", "fraction"), ("ffn", "mean_prob")):
+            assert len(stats[kind][key]) == 2  # smoke preset: 2 layers
+            for per_layer in stats[kind][key]:
+                assert sum(per_layer) == pytest.approx(1.0, abs=1e-5)
+        for h in stats["attn"]["entropy"] + stats["ffn"]["entropy"]:
+            assert 0.0 <= h <= math.log(3) + 1e-6
+
+
+def test_heatmaps_written(evaluated, fake_run):
+    assert (fake_run / "eval" / "routing_mix_bam_attn.png").stat().st_size > 0
+    assert (fake_run / "eval" / "routing_mix_bam_ffn.png").stat().st_size > 0
+
+
+def test_rerun_reuses_the_cache_and_reevaluates_what_changed(run_copy, capsys, eval_cfg):
+    first = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    assert first["reused"] == [] and set(first["evaluated"]) == set(MODELS)
+    capsys.readouterr()
+    again = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    assert set(again["reused"]) == set(MODELS) and again["evaluated"] == []
+    assert "reused cached results for" in capsys.readouterr().out
+    assert again["rows"] == first["rows"]
+    changed = json.loads(run_eval(eval_cfg(max_tokens_per_source=512), run_copy).read_text())
+    assert set(changed["evaluated"]) == set(MODELS)
+    assert len(list((run_copy / "eval" / "cache").glob("*.json"))) == len(MODELS)  # stale entries pruned
+
+
+def test_checksum_mismatch_is_skipped(run_copy, capsys, eval_cfg):
+    weights = run_copy / "branch" / "law" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    metrics = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    assert "skip branch/law: checksum mismatch" in capsys.readouterr().out
+    assert not any(r["model"] == "branch/law" for r in metrics["rows"])
+    assert [s["name"] for s in metrics["skipped"] if s["kind"] == "model"] == ["branch/law"]
+
+
+def test_no_model_is_a_bam_error(tmp_path, eval_cfg):
+    with pytest.raises(BamError, match=r"no trained model in .*stage=seed"):
+        run_eval(eval_cfg(), tmp_path)
+
+
+def test_seq_len_longer_than_the_model_is_a_bam_error(run_copy, eval_cfg):
+    with pytest.raises(BamError, match="exceeds seed's max_seq_len=64"):
+        run_eval(eval_cfg(seq_len=128), run_copy)
+
+
+def test_source_without_test_split_is_skipped():
+    class P:
+        sources = ["general", "code"]
+        stats = {"general": {"train": {"tokens": 5}, "test": {"tokens": 9}}, "code": {"train": {"tokens": 5}}}
+
+    ok, skipped = sources_with_test_split(P())
+    assert ok == ["general"]
+    assert skipped == [{"kind": "source", "name": "code", "reason": "source 'code' has no test split"}]
+
+
+def test_model_config_roundtrip_of_the_mixture(fake_run):
+    cfg = ModelConfig.from_dict(json.loads((fake_run / "mix" / "bam" / "model_config.json").read_text()))
+    assert cfg.attn_experts == 3 and cfg.ffn_gate == "renorm"
