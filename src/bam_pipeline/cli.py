@@ -5,6 +5,7 @@ User errors (BamError) print one line and exit non-zero; everything else is a bu
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -51,12 +52,10 @@ def run_eval(cfg: DictConfig) -> None:
 
 
 def run_info(cfg: DictConfig) -> None:
-    from bam_pipeline.model.config import preset
     from bam_pipeline.pipeline.info import print_info
+    from bam_pipeline.pipeline.stages import dense_model_config
 
-    overrides = OmegaConf.to_container(cfg.model.get("overrides") or {}, resolve=True)
-    dense = preset(cfg.model.preset, **overrides)
-    print_info(dense, OmegaConf.to_container(cfg.mix, resolve=True), n_domains=len(cfg.data.domains),
+    print_info(dense_model_config(cfg), OmegaConf.to_container(cfg.mix, resolve=True), n_domains=len(cfg.data.domains),
                seq_len=int(cfg.model.seq_len))
 
 
@@ -76,8 +75,16 @@ def run_all(cfg: DictConfig) -> None:
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s")
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's per-Trainer banners (GPU available, tips) out of the stage output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def dispatch(cfg: DictConfig) -> None:
     from bam_pipeline.pipeline import stages as S
+
+    quiet_lightning()
 
     stage = cfg.stage
     if stage not in STAGES:

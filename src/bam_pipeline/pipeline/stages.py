@@ -106,9 +106,13 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return n * int(trainer_cfg.get("num_nodes", 1))
 
 
-def dense_model_config(cfg: DictConfig, prepared) -> ModelConfig:
-    overrides = OmegaConf.to_container(cfg.model.get("overrides") or {}, resolve=True)
-    return preset(cfg.model.preset, vocab_size=prepared.vocab_size, max_seq_len=int(cfg.model.seq_len), **overrides)
+def dense_model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The seed's architecture: the `model=` preset with its overrides, the run's context length and,
+    once data is prepared, the tokenizer's vocabulary size."""
+    overrides = dict(cfg.model.get("overrides") or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return preset(cfg.model.preset, max_seq_len=int(cfg.model.seq_len), **overrides)
 
 
 def _train_spec(cfg: DictConfig, *, stage: str, name: str, model_cfg: ModelConfig, init_state, proportions,
@@ -166,7 +170,7 @@ def run_seed(cfg: DictConfig) -> A.Artifact | None:
     from bam_pipeline.data.mixtures import stage_mixture
 
     prepared = open_data(cfg)
-    model_cfg = dense_model_config(cfg, prepared)
+    model_cfg = dense_model_config(cfg, prepared.vocab_size)
     budget = plan_budget(int(cfg.budget.seed.tokens), model_cfg, seq_len=int(cfg.train.seq_len),
                          tokens_per_step=_tokens_per_step(cfg))
     spec = _train_spec(cfg, stage="seed", name="main", model_cfg=model_cfg, init_state=None,
