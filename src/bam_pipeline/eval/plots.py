@@ -49,7 +49,7 @@ def routing_heatmap(model_routing: dict[str, Any], kind: str, label: str, path: 
             for c, v in enumerate(row):
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"{display_name(label)}: {ROUTER_TITLES[kind]}", fontsize=10)
+    fig.suptitle(f"{display_name(label)}: {ROUTER_TITLES[kind]}", fontsize=10, y=1.04)
     return _save(fig, path)
 
 

@@ -32,11 +32,11 @@ METRICS_FILE, ROUTING_FILE = "metrics.json", "routing.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary sibling, then rename)."""
+    """Write JSON atomically (temporary sibling, then rename); key order is kept (domains stay in source order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -105,7 +105,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
             continue
         if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
-            sequence_nll(model, data[:1], batch_size=1, device=device)
+            sequence_nll(model, data[: settings["batch_size"]], batch_size=settings["batch_size"], device=device)
             warmed = True
         stats = RoutingStats()
         res = sequence_nll(model, data, batch_size=settings["batch_size"], device=device, on_routing=stats.update)

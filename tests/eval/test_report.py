@@ -1,0 +1,89 @@
+"""build_report on the fake run after eval: files written, tables and claims, skips, summary."""
+
+import base64
+import json
+import re
+import shutil
+
+import pytest
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.eval.report import build_report, print_summary, report_files
+from bam_pipeline.eval.runner import run_eval
+
+
+@pytest.fixture(scope="module")
+def reported(fake_run, eval_cfg, tmp_path_factory):
+    run_copy = tmp_path_factory.mktemp("report") / "stages" / fake_run.name
+    shutil.copytree(fake_run, run_copy, ignore=shutil.ignore_patterns("eval", "report"))
+    weights = run_copy / "branch" / "law" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # checksum mismatch: skipped, reported
+    run_eval(eval_cfg(), run_copy)
+    md = build_report(run_copy, command="python -m bam_pipeline stage=eval run=t", config_hash="abc123")
+    return run_copy, md
+
+
+def test_report_files_written(reported):
+    run, md = reported
+    out = run / "report"
+    assert md == out / "report.md"
+    names = {p.name for p in report_files(run)}
+    assert {"report.md", "report.html", "perplexity.png", "training_loss.png", "routing_mix_bam_attn.png",
+            "routing_mix_bam_ffn.png"} <= names
+    for p in report_files(run):
+        assert p.stat().st_size > 0
+    assert not list(run.glob("report.tmp-*"))
+
+
+def test_report_content(reported):
+    run, md = reported
+    text = md.read_text()
+    assert "python -m bam_pipeline stage=eval run=t" in text and "abc123" in text
+    assert "| model | General | Code | Law | Average |" in text  # general first, then domains
+    for name in ("Seed", "Code expert", "bam (untrained)"):
+        assert f"| {name} |" in text
+    assert "| Law expert |" not in text.split("## The paper's Table 1")[0]  # skipped model has no row
+    assert "| BAM DM expert KV |" not in text and "| BAM (expert KV) | 24.02 |" in text  # paper table, our names
+    assert "2408.08274" in text
+    assert "branch/law: checksum mismatch" in text
+    assert "some of the paper's orderings may not hold here" in text
+    # with no trained mixture, BAM-vs-BTX is not measurable here but holds in the paper
+    assert re.search(r"\| BAM beats BTX on every column \| holds \| \*\*not measurable\*\* \|", text)
+    # untrained mixture of identical seed copies: same perplexity as the seed on every domain
+    table1 = text.split("## Perplexity per domain")[1].split("Bits per byte")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table1.splitlines() if line.startswith("| ")}
+    assert rows["Seed"].replace("**", "").split("|")[2:5] == rows["bam (untrained)"].replace("**", "").split("|")[2:5]
+    # routing table: 1 mixture x 2 router kinds x 3 domains
+    routing = re.findall(r"^\| bam \(untrained\) \| (attn|ffn) \| (\w+) \|", text, re.M)
+    assert routing == [(k, d) for k in ("attn", "ffn") for d in ("General", "Code", "Law")]
+
+
+def test_html_is_self_contained(reported):
+    run, _ = reported
+    html = (run / "report" / "report.html").read_text()
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(imgs) == 4  # perplexity, training loss, two routing heatmaps
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
+    assert "<strong>" in html and "src=\"report" not in html
+
+
+def test_print_summary(reported, capsys):
+    run, _ = reported
+    print_summary(run)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["model", "General", "Code", "Law", "Average"]
+    assert "not measurable: BAM beats BTX on every column" in out
+    assert f"report: {run / 'report' / 'report.md'}" in out
+
+
+def test_report_without_eval_is_a_bam_error(run_copy):
+    with pytest.raises(BamError, match="stage=eval"):
+        build_report(run_copy, command="x", config_hash="y")
+    assert report_files(run_copy) == []
+
+
+def test_metrics_rows_feed_the_table(reported):
+    run, _ = reported
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    seed_code = next(r for r in metrics["rows"] if r["model"] == "seed" and r["domain"] == "code")
+    assert f"{seed_code['perplexity']:.2f}" in (run / "report" / "report.md").read_text()
