@@ -146,6 +146,8 @@ def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> Prep
     t0 = time.time()
     split_cfg = cfg.get("split") or {}
     val, test = float(split_cfg.get("val", 0.05)), float(split_cfg.get("test", 0.05))
+    for spec in specs.values():
+        src.check_available(spec)
     docs: dict[str, dict[str, list[src.Document]]] = {}
     dups: dict[str, int] = {}
     for name, spec in specs.items():

