@@ -132,3 +132,27 @@ def test_source_without_test_split_is_skipped():
 def test_model_config_roundtrip_of_the_mixture(fake_run):
     cfg = ModelConfig.from_dict(json.loads((fake_run / "mix" / "bam" / "model_config.json").read_text()))
     assert cfg.attn_experts == 3 and cfg.ffn_gate == "renorm"
+
+
+def test_expert_names_follow_the_mix_manifest(tmp_path):
+    from bam_pipeline.eval.runner import expert_names
+    from bam_pipeline.pipeline.artifacts import Artifact
+
+    def mix(method, extra=0, include_seed=True):
+        return Artifact(tmp_path / "mix" / method, {
+            "stage": "mix", "name": method, "hash": "h", "files": {},
+            "config": {"domains": ["code", "law"],
+                       "mix": {"method": method, "include_seed": include_seed, "extra_seed_ffn_experts": extra}}})
+
+    assert expert_names(mix("bam"), "attn", 3) == ["seed", "code", "law"]
+    assert expert_names(mix("btx", extra=2), "ffn", 5) == ["seed", "code", "law", "seed+1", "seed+2"]
+    assert expert_names(mix("bam", include_seed=False), "ffn", 2) == ["code", "law"]
+    assert expert_names(mix("sparse_upcycle"), "ffn", 3) == ["e0", "e1", "e2"]
+    assert expert_names(mix("bam"), "ffn", 4) == ["e0", "e1", "e2", "e3"]  # count differs: no guessing
+    src = mix("bam")
+    src.path.mkdir(parents=True)
+    (src.path / "manifest.json").write_text(json.dumps(src.manifest))
+    moe = Artifact(tmp_path / "moe" / "bam", {"stage": "moe", "name": "bam", "hash": "h", "files": {},
+                                              "inputs": {"mix": {"path": str(src.path), "hash": "h"}}})
+    assert expert_names(moe, "attn", 3) == ["seed", "code", "law"]
+    assert expert_names(Artifact(tmp_path, {"stage": "moe", "name": "x", "hash": "h", "files": {}}), "ffn", 2) == ["e0", "e1"]

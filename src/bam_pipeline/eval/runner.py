@@ -25,6 +25,7 @@ from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.pipeline.artifacts import Artifact, canonical_hash, find_model_artifacts, load_model
+from bam_pipeline.pipeline.artifacts import try_read_artifact
 
 TEST_SPLIT = "test"
 CACHE_SCHEMA = 1
@@ -124,15 +125,27 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
     return {"rows": rows, "routing": routing, "skipped": skipped}
 
 
+def expert_names(art: Artifact, kind: str, n: int) -> list[str]:
+    """Names of a mixture's ``n`` experts of a router kind, from the mix stage's manifest (the moe stage
+    reads its ``mix`` input's): ``[seed] + domains`` in upcycling order, extra seed FFN copies as
+    ``seed+k``; ``e0..e{n-1}`` when the manifest does not say or the count differs."""
+    mix_path = art.manifest.get("inputs", {}).get("mix", {}).get("path")
+    mix = art if art.stage == "mix" else (try_read_artifact(Path(mix_path)) if mix_path else None)
+    config = (mix.manifest.get("config") or {}) if mix else {}
+    settings = config.get("mix") or {}
+    names = (["seed"] if settings.get("include_seed", True) else []) + list(config.get("domains") or [])
+    if kind == "ffn":
+        names += [f"seed+{k + 1}" for k in range(int(settings.get("extra_seed_ffn_experts") or 0))]
+    return names if settings.get("method") in ("bam", "btx") and len(names) == n else [f"e{i}" for i in range(n)]
+
+
 def _experts(art: Artifact, routing: dict[str, Any]) -> dict[str, list[str]]:
-    """Expert names per router kind: the manifest's ``experts`` list when it has one of the right length."""
-    names = art.manifest.get("experts")
+    """Expert names per router kind present in ``routing`` (one model's per-domain stats)."""
     out = {}
     for kind in ROUTER_KINDS:
         stats = next((r[kind] for r in routing.values() if kind in r), None)
         if stats is not None:
-            n = len((stats.get("mean_prob") or stats.get("fraction"))[0])
-            out[kind] = list(names) if isinstance(names, list) and len(names) == n else [f"e{i}" for i in range(n)]
+            out[kind] = expert_names(art, kind, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
     return out
 
 
