@@ -1,0 +1,60 @@
+"""Source adapters and the shipped configs: generic files, the paper's hub specs, the embedded corpora."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hydra import compose, initialize_config_dir
+
+from bam_pipeline.data import sources
+from bam_pipeline.data.prepare import source_names
+from bam_pipeline.data.splits import SPLITS
+
+
+def _read(path, **src):
+    return list(sources.iter_documents({"name": "x", "source": {"type": "files", "path": str(path), **src}}, None))
+
+
+def test_files_source_reads_text_jsonl_and_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"body": "one", "key": "k1"}) + "\n" + json.dumps({"body": "two", "key": "k2"}) + "\n")
+    pq.write_table(pa.table({"body": ["three"], "key": ["k3"]}), tmp_path / "c.parquet")
+    docs = _read(tmp_path / "sub", text_field="body")
+    assert [(d.id, d.text) for d in docs] == [("b.jsonl:0", "one"), ("b.jsonl:1", "two")]
+    docs = _read(tmp_path, text_field="body", id_field="key")
+    assert {(d.id, d.text) for d in docs} == {("a.txt", "plain text"), ("k1", "one"), ("k2", "two"), ("k3", "three")}
+
+
+def test_byte_cap_stops_reading(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(50)))
+    spec = {"name": "x", "source": {"type": "files", "path": str(tmp_path)}}
+    assert len(list(sources.iter_documents(spec, 250))) == 3
+
+
+def test_shipped_configs_compose_and_paper_points_at_the_hub():
+    with initialize_config_dir(config_dir=str(sources.CONF_DIR / "data"), version_base="1.3"):
+        default = compose(config_name="default")
+        paper = compose(config_name="paper")
+    assert source_names(default) == ["general", "code", "math", "law"]
+    assert paper.domains == default.domains and paper.split == default.split
+    specs = {n: sources.load_source_spec(n, paper.sources) for n in source_names(paper)}
+    assert {n: s["source"]["type"] for n, s in specs.items()} == dict.fromkeys(specs, "hub")
+    assert specs["code"]["source"]["dataset"] == "bigcode/starcoderdata"
+    assert all(s["source"]["text_field"] for s in specs.values())
+
+
+def test_embedded_sources_are_real_text(real_prepared):
+    assert real_prepared.sources == ["general", "code", "math", "law"]
+    tok = real_prepared.tokenizer()
+    samples = {n: tok.decode(real_prepared.stream(n, "train").take(0, 400).tolist()) for n in real_prepared.sources}
+    assert "def " in samples["code"] or "import " in samples["code"]
+    assert any(w in samples["law"].lower() for w in ("licen", "software", "copyright", "warrant"))
+    for name in real_prepared.sources:
+        for split in SPLITS:
+            assert real_prepared.stats[name][split]["documents"] > 0
+        assert 140_000 < sum(real_prepared.stats[name][s]["bytes"] for s in SPLITS) < 400_000
+    ids = real_prepared.stream("code", "train").dataset["id"]
+    assert not any(part in ("test", "tests", "idle_test") for i in ids for part in i.split("/")[:-1])
