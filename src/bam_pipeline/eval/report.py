@@ -53,7 +53,7 @@ def paper_table() -> PplTable:
     return PplTable(tuple(PAPER_TABLE1), PAPER_COLUMNS, PAPER_TABLE1)
 
 
-def _fmt_int(n: float) -> str:
+def _si(n: float) -> str:
     for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
@@ -72,10 +72,10 @@ def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
             "tokens trained"]]
     for lab, p in per.items():
         tps = p["tok"] / p["sec"] if p["sec"] > 0 else math.nan
-        out.append([display_name(lab), _fmt_int(p["params_total"]), _fmt_int(p["params_active"]),
-                    _fmt_int(p["flops_per_token"]),
+        out.append([display_name(lab), _si(p["params_total"]), _si(p["params_active"]),
+                    _si(p["flops_per_token"]),
                     f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
-                    f"{tps:,.0f}", "-" if p.get("tokens_trained") is None else _fmt_int(p["tokens_trained"])])
+                    f"{tps:,.0f}", "-" if p.get("tokens_trained") is None else _si(p["tokens_trained"])])
     return out
 
 
