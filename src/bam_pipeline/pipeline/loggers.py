@@ -17,7 +17,7 @@ def make_logger(logger_cfg: dict | None, *, run: str, stage: str, name: str, con
         extra.update(group=run, job_type=stage, config=config)
     elif target.endswith("CSVLogger"):
         extra.update(name=f"{stage}/{name}")
-    return instantiate(logger_cfg, **extra)
+    return instantiate({**logger_cfg, **extra}, _convert_="all")
 
 
 def close_logger(logger) -> None:
