@@ -9,7 +9,9 @@ E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1:
   ``z = mean_tokens(logsumexp(logits)^2)``.
 
 Dispatch (dropless): one stable argsort of the flattened (N*k,) expert ids, gather the token rows
-into expert order, run the experts, scale by the gate and ``index_add_`` back. The experts run
+into expert order, run the experts, permute the results back to assignment order and sum each
+token's k outputs weighted by its gates. The sort is a permutation of the N*k assignments, so both
+directions (and their backwards) are plain row gathers; no scatter-add is needed. The experts run
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
 contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped where
 ``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`), else the loop.
@@ -67,6 +69,26 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose backward is the gather ``grad[inverse]`` (index_select's backward would be
+    a scatter-add, several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (A, D) reordered by the permutation ``perm`` (A,); ``inverse`` undoes it."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
 class MoEFeedForward(nn.Module):
     """E SwiGLU experts (stacked ``w1``, ``w3`` (E, D, F) and ``w2`` (E, F, D)) with an optional router."""
 
@@ -90,7 +112,7 @@ class MoEFeedForward(nn.Module):
         x = h.reshape(B * T, D)  # (N, D)
         if self.router is None:
             zero = x.new_zeros((), dtype=torch.float32)
-            out = swiglu(x, self.w1[0], self.w3[0], self.w2[0])
+            out = swiglu(x, self.w1.squeeze(0), self.w3.squeeze(0), self.w2.squeeze(0))  # squeeze: a view in backward too
             return MoEOutput(out.view(B, T, D), None, None, zero, zero)
 
         cfg = self.cfg
@@ -101,14 +123,14 @@ class MoEFeedForward(nn.Module):
         if cfg.ffn_gate == "renorm":
             gates = gates / gates.sum(-1, keepdim=True)
 
-        flat_experts = experts.reshape(-1)  # (A,)
-        order = torch.argsort(flat_experts, stable=True)  # (A,) assignment ids grouped by expert
-        token_of = order // k  # (A,) token row of each sorted assignment
+        flat_experts = experts.reshape(-1)  # (A,) assignment a = token * k + slot
+        order = torch.argsort(flat_experts, stable=True)  # (A,) assignments grouped by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat_experts, minlength=E)  # (E,)
-        xs = x.index_select(0, token_of)  # (A, D)
-        ys = self._experts(xs, counts)  # (A, D)
-        ys = ys * gates.reshape(-1)[order].to(ys.dtype)[:, None]
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)  # (N, D)
+        x_assign = x[:, None, :].expand(B * T, k, D).reshape(B * T * k, D)  # (A, D) token row per assignment
+        xs = permute_rows(x_assign, order, inverse)  # (A, D) in expert order
+        ys = permute_rows(self._experts(xs, counts), inverse, order)  # (A, D) back in assignment order
+        out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
         return MoEOutput(out.view(B, T, D), probs, counts, load_balancing_loss(probs, counts), router_z_loss(logits))
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -122,10 +144,7 @@ class MoEFeedForward(nn.Module):
             offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's slice
             hidden = F.silu(_grouped_mm(xs, self.w1, offs=offs)) * _grouped_mm(xs, self.w3, offs=offs)  # (A, F)
             return _grouped_mm(hidden, self.w2, offs=offs)  # (A, D)
-        pieces = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                pieces.append(swiglu(xs[start : start + n], self.w1[e], self.w3[e], self.w2[e]))
-            start += n
+        # unbind: one backward node per weight (indexing w[e] would build a full (E, ...) grad per expert)
+        experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
+        pieces = [swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(counts.tolist()), experts, counts.tolist()) if n]
         return torch.cat(pieces)
