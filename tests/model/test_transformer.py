@@ -156,3 +156,13 @@ def test_init_std_is_honoured():
     assert model.tok_emb.weight.std().item() == pytest.approx(0.05, rel=0.05)
     assert model.layers[0].ffn.w1.std().item() == pytest.approx(0.05, rel=0.05)
     assert torch.equal(model.layers[0].norm.weight, torch.ones(128))
+
+
+def test_routers_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    model = BAMTransformer(LAYOUTS["bam_shared_kv"].replace(ffn_top_k=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randint(0, 256, (2, 8)))
+    assert out.logits.dtype == torch.bfloat16
+    for r in out.routing:
+        assert r.attn_probs.dtype == r.ffn_probs.dtype == r.lb_loss.dtype == r.z_loss.dtype == torch.float32

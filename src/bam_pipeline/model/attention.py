@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import RotaryEmbedding
+from bam_pipeline.model.layers import RotaryEmbedding, router_logits
 
 
 class AttentionOutput(NamedTuple):
@@ -74,8 +74,7 @@ class MixtureOfAttention(nn.Module):
         """float32 softmax of the router logits, (N, E); None without a router."""
         if self.router is None:
             return None
-        x = h.reshape(-1, h.shape[-1]).float()  # (N, D)
-        return F.softmax(F.linear(x, self.router.weight.float()), dim=-1)
+        return F.softmax(router_logits(h, self.router.weight), dim=-1)  # (N, E)
 
     def forward(self, h: torch.Tensor) -> AttentionOutput:
         """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs."""

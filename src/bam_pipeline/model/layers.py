@@ -1,4 +1,5 @@
-"""Building blocks shared by attention and FFN: RMSNorm, rotary position embedding, SwiGLU math.
+"""Building blocks shared by attention and FFN: RMSNorm, rotary embedding, float32 router logits,
+SwiGLU math.
 
 Shape legend: B batch, T sequence, N = B*T tokens, D d_model, hd head dim, F SwiGLU hidden width.
 """
@@ -69,6 +70,12 @@ class RotaryEmbedding(nn.Module):
                 "use shorter sequences or a config with a larger max_seq_len"
             )
         return apply_rotary(x, self.cos[:seq_len], self.sin[:seq_len])
+
+
+def router_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 router logits (N, E) for input h (..., D) and router weight (E, D), autocast or not."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return F.linear(h.reshape(-1, h.shape[-1]).float(), weight.float())
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

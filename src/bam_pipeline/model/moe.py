@@ -30,7 +30,7 @@ from torch import nn
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import swiglu
+from bam_pipeline.model.layers import router_logits, swiglu
 
 DISPATCHES = ("auto", "grouped", "loop")
 
@@ -117,7 +117,7 @@ class MoEFeedForward(nn.Module):
 
         cfg = self.cfg
         E, k = cfg.ffn_experts, cfg.ffn_top_k
-        logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        logits = router_logits(x, self.router.weight)  # (N, E) float32
         probs = F.softmax(logits, dim=-1)
         gates, experts = probs.topk(k, dim=-1)  # (N, k) each
         if cfg.ffn_gate == "renorm":
