@@ -112,7 +112,8 @@ class MoEFeedForward(nn.Module):
         x = h.reshape(B * T, D)  # (N, D)
         if self.router is None:
             zero = x.new_zeros((), dtype=torch.float32)
-            out = swiglu(x, self.w1.squeeze(0), self.w3.squeeze(0), self.w2.squeeze(0))  # squeeze: a view in backward too
+            # squeeze, not [0]: its backward is a view, not a zero-filled (1, ...) copy
+            out = swiglu(x, self.w1.squeeze(0), self.w3.squeeze(0), self.w2.squeeze(0))
             return MoEOutput(out.view(B, T, D), None, None, zero, zero)
 
         cfg = self.cfg
@@ -146,5 +147,5 @@ class MoEFeedForward(nn.Module):
             return _grouped_mm(hidden, self.w2, offs=offs)  # (A, D)
         # unbind: one backward node per weight (indexing w[e] would build a full (E, ...) grad per expert)
         experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
-        pieces = [swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(counts.tolist()), experts, counts.tolist()) if n]
-        return torch.cat(pieces)
+        sizes = counts.tolist()  # the one host sync of this path
+        return torch.cat([swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(sizes), experts, sizes) if n])
