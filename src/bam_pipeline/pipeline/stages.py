@@ -243,7 +243,8 @@ def run_mix(cfg: DictConfig, variant: str) -> A.Artifact:
         A.save_model(tmp, mix_cfg, state)
         A.write_manifest(tmp, stage="mix", name=variant, run=cfg.run, config=stage_config, inputs=inputs,
                          tokenizer_hash=prepared.tokenizer_hash, metrics={}, tokens=0, flops=0.0)
-    print(f"mix/{variant}: built from seed + {', '.join(domains)} -> {out_dir}")
+    sources = "the seed alone" if settings["method"] == "dense" else f"seed + {', '.join(domains)}"
+    print(f"mix/{variant}: built from {sources} -> {out_dir}")
     return A.read_artifact(out_dir)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,13 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     )
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        with warnings.catch_warnings():
+            # MixtureDataModule restores the data position itself (its state_dict), which Lightning's
+            # check for resumable *dataloaders* does not see; and Lightning 2.6 still calls a torch
+            # pytree API that torch 2.13 deprecates.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     finally:
         close_logger(logger)
     wall = time.perf_counter() - t0
