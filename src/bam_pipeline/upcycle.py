@@ -266,11 +266,13 @@ def upcycle(
     the FFN options apply to ``bam``, ``btx`` and ``sparse_upcycle``; ``dense`` takes none of them.
     """
     _check_options(method, kv, attn_routing, ffn_gate, router_init, extra_seed_ffn_experts)
+    mix_cfg = mixture_layout(
+        method, len(experts), dense_cfg, include_seed=include_seed, kv=kv, attn_routing=attn_routing,
+        ffn_top_k=ffn_top_k, ffn_gate=ffn_gate, extra_seed_ffn_experts=extra_seed_ffn_experts,
+    )
     labels = ["the seed"] + [f"expert {i + 1}" for i in range(len(experts))]
     check_mixable([seed, *experts], labels, dense_cfg)
     models = ([seed] if include_seed else []) + list(experts)
-    if not models:
-        raise BamError("no dense models to mix: include_seed=false and no domain experts; give at least one model")
 
     averaged = average_state_dicts(models)
     if method == "dense":
@@ -283,10 +285,6 @@ def upcycle(
         attn_sources, ffn_sources, backbone = [averaged], models + seed_copies, averaged
     else:  # sparse_upcycle
         attn_sources, ffn_sources, backbone = [seed], [seed] * (len(models) + extra_seed_ffn_experts), seed
-    mix_cfg = mixture_layout(
-        method, len(experts), dense_cfg, include_seed=include_seed, kv=kv, attn_routing=attn_routing,
-        ffn_top_k=ffn_top_k, ffn_gate=ffn_gate, extra_seed_ffn_experts=extra_seed_ffn_experts,
-    )
     state = assemble_mixture(
         mix_cfg,
         backbone,
