@@ -92,16 +92,19 @@ def test_dispatch_matches_naive_reference(dispatch, gate, top_k):
     assert w1_grad[3].abs().max() == 0 and w1_grad[0].abs().max() > 0
 
 
-def test_auto_dispatch_uses_grouped_when_supported_and_loop_otherwise():
-    x32 = torch.zeros(8, 32)
-    assert grouped_mm_supported(x32, torch.zeros(4, 32, 48)) == hasattr(F, "grouped_mm")
+def test_grouped_support_check_and_cpu_fallbacks():
+    assert grouped_mm_supported(torch.zeros(8, 32), torch.zeros(4, 32, 48)) == hasattr(F, "grouped_mm")
     assert not grouped_mm_supported(torch.zeros(8, 30), torch.zeros(4, 30, 48))  # 120-byte rows
     assert not grouped_mm_supported(torch.zeros(8, 32, dtype=torch.float64), torch.zeros(4, 32, 48))
-    # misaligned widths still work under auto (loop path) and match the naive reference
+    # misaligned widths: auto runs (the loop path, the CPU default) and matches the reference;
+    # forcing grouped is a user error naming the widths
+    odd = preset("smoke", d_model=30, n_heads=3, n_kv_heads=3, d_ff=50).with_mixture(ffn_experts=3)
     torch.manual_seed(0)
-    moe = MoEFeedForward(preset("smoke", d_model=30, n_heads=3, n_kv_heads=3, d_ff=50).with_mixture(ffn_experts=3))
+    moe = MoEFeedForward(odd)
     h = torch.randn(2, 5, 30)
     _assert_close(moe(h).out, naive_moe(moe, h))
+    with pytest.raises(BamError, match="d_model=30, d_ff=50"):
+        MoEFeedForward(odd, dispatch="grouped")(h)
 
 
 def test_unknown_dispatch_is_a_user_error():

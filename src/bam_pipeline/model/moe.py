@@ -13,8 +13,10 @@ into expert order, run the experts, permute the results back to assignment order
 token's k outputs weighted by its gates. The sort is a permutation of the N*k assignments, so both
 directions (and their backwards) are plain row gathers; no scatter-add is needed. The experts run
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
-contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped where
-``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`), else the loop.
+contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped on CUDA where
+``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`), else the loop: on CPU,
+torch 2.13 runs float32 ``grouped_mm`` (rows 16-byte aligned) as a per-expert loop of matmuls, and
+it measured about 10% slower than the loop path (benchmarks/bench_model.py, 1 thread).
 
 Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k.
 """
@@ -136,12 +138,14 @@ class MoEFeedForward(nn.Module):
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous slice of ``xs`` (A, D), slices sized by ``counts`` (E,)."""
-        use_grouped = self.dispatch == "grouped" or (
-            self.dispatch == "auto" and grouped_mm_supported(xs, self.w1, self.w2)
-        )
-        if use_grouped:
-            if _grouped_mm is None:
-                raise BamError("dispatch='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.8); use 'loop'")
+        supported = grouped_mm_supported(xs, self.w1, self.w2)
+        if self.dispatch == "grouped" and not supported:
+            raise BamError(
+                f"dispatch='grouped' cannot run {xs.dtype} on {xs.device} with d_model={xs.shape[-1]}, "
+                f"d_ff={self.w1.shape[-1]} (grouped_mm needs torch >= 2.8; float32/bfloat16 rows that are "
+                "multiples of 16 bytes on CPU; bfloat16 on CUDA sm80+); use dispatch='loop' or 'auto'"
+            )
+        if self.dispatch == "grouped" or (self.dispatch == "auto" and supported and xs.is_cuda):
             offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's slice
             hidden = F.silu(_grouped_mm(xs, self.w1, offs=offs)) * _grouped_mm(xs, self.w3, offs=offs)  # (A, F)
             return _grouped_mm(hidden, self.w2, offs=offs)  # (A, D)
