@@ -30,10 +30,20 @@ def _domain(cfg: DictConfig) -> str | None:
 
 
 def run_data(cfg: DictConfig):
-    from bam_pipeline.data.prepare import prepare_data, print_stats_table
+    from bam_pipeline.data.prepare import open_prepared, prepare_data, print_stats_table
+    from bam_pipeline.pipeline.ranks import is_rank_zero, wait_for
     from bam_pipeline.pipeline.stages import run_dir
 
-    prepared = prepare_data(cfg.data, run_dir(cfg) / "data")
+    out = run_dir(cfg) / "data"
+    if not is_rank_zero():  # other ranks of a distributed launch wait for rank 0's data
+        def ready():
+            try:
+                return open_prepared(out)
+            except BamError:
+                return None
+
+        return wait_for(ready, "the data stage")
+    prepared = prepare_data(cfg.data, out)
     print_stats_table(prepared)
     return prepared
 
@@ -42,8 +52,11 @@ def run_eval(cfg: DictConfig) -> None:
     from bam_pipeline.eval.report import build_report, print_summary
     from bam_pipeline.eval.runner import run_eval as evaluate
     from bam_pipeline.pipeline.artifacts import canonical_hash
+    from bam_pipeline.pipeline.ranks import is_rank_zero
     from bam_pipeline.pipeline.stages import run_dir
 
+    if not is_rank_zero():
+        return
     evaluate(cfg, run_dir(cfg))
     command = "python -m bam_pipeline " + " ".join(sys.argv[1:])
     build_report(run_dir(cfg), command=command,

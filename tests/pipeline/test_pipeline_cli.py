@@ -93,7 +93,7 @@ def test_missing_branch_names_the_command(smoke_copy):
     shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
     r = cli(smoke_copy, "stage=mix", "mix=bam_attn_top2")
     assert r.returncode == 2
-    assert "run `python -m bam_pipeline stage=branch domain=law experiment=smoke` first" in r.out
+    assert "run `python -m bam_pipeline stage=branch domain=law experiment=smoke logger=none` first" in r.out
     assert not (smoke_copy / "smoke" / "mix" / "bam_attn_top2").exists()
 
 

@@ -117,7 +117,7 @@ def find_model_artifacts(run_dir: Path) -> list[Artifact]:
         sdir = Path(run_dir) / stage
         if not sdir.is_dir():
             continue
-        for d in sorted(p for p in sdir.iterdir() if p.is_dir() and ".tmp-" not in p.name):
+        for d in sorted(p for p in sdir.iterdir() if p.is_dir() and ".tmp-" not in p.name and ".old-" not in p.name):
             art = try_read_artifact(d)
             if art is not None and (d / WEIGHTS).is_file():
                 found.append(art)
@@ -212,10 +212,23 @@ def load_model(art: Artifact, *, verify: bool = True, device: str = "cpu"):
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (empty when the file does not exist)."""
+    """The rows of a JSON-lines file (empty when it does not exist); a line cut short by a kill is skipped."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small file's content so that a reader sees the old or the new text, never half."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_train_log(art: Artifact) -> list[dict[str, Any]]:

@@ -58,8 +58,9 @@ class LMModule(L.LightningModule):
         loss = nll + out.aux_loss
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
-                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept "
-                "(re-running resumes from it): lower train.lr or train.grad_clip, or check the data"
+                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept in "
+                f"stages/<run>/.work/ (re-running the same config resumes from it). To change course, lower "
+                "train.lr or train.grad_clip (this restarts the stage), or check the data"
             )
         tokens_step = batch[:, :-1].numel() * self.trainer.world_size
         now = time.perf_counter()
@@ -74,13 +75,17 @@ class LMModule(L.LightningModule):
         self.log("lr", lr)
         self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": nll.item(),
                            "lr": lr, "tokens_per_s": tok_s, "aux_loss": float(out.aux_loss.detach())}
-        if self.model_cfg.ffn_experts > 1 or self.model_cfg.attn_experts > 1:
+        if not self.model_cfg.is_dense:
             self.log("train/aux_loss", out.aux_loss)
-            self.last_train.update(self._routing_metrics(out.routing))
+            # per-layer loads cost a host sync per layer: only on the steps that are logged
+            step = self.global_step + 1
+            if step % self.log_every == 0 or step == self.trainer.max_steps:
+                self.last_train.update(self._routing_metrics(out.routing))
         return loss
 
     def _routing_metrics(self, routing) -> dict[str, float]:
-        """Per-layer aux losses and expert load (fraction of FFN assignments, mean attention weight)."""
+        """Per-layer aux losses and expert load: fraction of FFN assignments, mean attention router
+        probability (with top-k attention routing, the router's preference, not the share selected)."""
         metrics: dict[str, float] = {}
         for i, r in enumerate(routing):
             if r.ffn_counts is not None:
@@ -91,8 +96,7 @@ class LMModule(L.LightningModule):
             if r.attn_probs is not None:
                 weights = r.attn_probs.float().mean(0).tolist()
                 metrics.update({f"load/attn/L{i}/e{e}": w for e, w in enumerate(weights)})
-        if self.global_step % self.log_every == 0:
-            self.log_dict(metrics)
+        self.log_dict(metrics)
         return metrics
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:

@@ -20,6 +20,7 @@ from bam_pipeline.model.config import ModelConfig, preset
 from bam_pipeline.pipeline import artifacts as A
 from bam_pipeline.pipeline.budget import Budget, plan_budget
 from bam_pipeline.pipeline.lm_module import OptimConfig
+from bam_pipeline.pipeline.ranks import is_rank_zero, wait_for
 from bam_pipeline.pipeline.schedule import warmup_steps_for
 from bam_pipeline.pipeline.train_run import TrainSpec, train_and_publish
 
@@ -32,9 +33,15 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def cmd(args: str, cfg: DictConfig) -> str:
-    """The command line that produces something, for error messages."""
-    exp = f" experiment={cfg.experiment_name}" if cfg.get("experiment_name") else ""
-    return f"python -m bam_pipeline {args}{exp}"
+    """The command line that produces something, for error messages: ``args`` plus this command's own
+    overrides (experiment, run, paths, ...) other than the stage selection."""
+    from hydra.core.hydra_config import HydraConfig
+
+    own = [f"experiment={cfg.experiment_name}"] if cfg.get("experiment_name") else []
+    if HydraConfig.initialized():
+        own = [o for o in HydraConfig.get().overrides.task
+               if o.split("=", 1)[0].lstrip("+~") not in ("stage", "domain", "mix")]
+    return " ".join(["python -m bam_pipeline", args, *own])
 
 
 def open_data(cfg: DictConfig):
@@ -65,6 +72,10 @@ def check_tokenizer(art: A.Artifact, prepared) -> None:
         )
 
 
+def is_fresh(art: A.Artifact, stage_config: dict) -> bool:
+    return art.manifest.get("config_hash") == A.canonical_hash(stage_config)
+
+
 def fresh_artifact(out_dir: Path, stage_config: dict, inputs: dict[str, A.Artifact], label: str,
                    on_stale: str) -> A.Artifact | None:
     """The existing artifact when its config and inputs are unchanged (a skip), else None.
@@ -74,7 +85,7 @@ def fresh_artifact(out_dir: Path, stage_config: dict, inputs: dict[str, A.Artifa
     art = A.try_read_artifact(out_dir)
     if art is None:
         return None
-    if art.manifest.get("config_hash") == A.canonical_hash(stage_config):
+    if is_fresh(art, stage_config):
         print(f"{label}: up to date in {out_dir}, skipping (delete it to retrain)")
         return art
     old_inputs = art.manifest.get("inputs", {})
@@ -92,13 +103,15 @@ def fresh_artifact(out_dir: Path, stage_config: dict, inputs: dict[str, A.Artifa
 # ---- training settings ---------------------------------------------------------------------
 def world_size(trainer_cfg: DictConfig) -> int:
     devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, int):
+    if isinstance(devices, str) and "," in devices:  # "0,1": these device ids
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
         n = devices
-    elif isinstance(devices, str) and devices.isdigit():
-        n = int(devices)
     elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         n = len(devices)
-    else:  # "auto"
+    else:  # "auto" or -1: every visible accelerator
         import torch
 
         n = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda", "auto") else 1
@@ -143,8 +156,7 @@ def _stage_config(spec: TrainSpec, inputs: dict[str, A.Artifact]) -> dict[str, A
         "proportions": spec.proportions,
         "budget": asdict(spec.budget),
         "optim": asdict(spec.optim),
-        "train": {k: getattr(spec, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip",
-                                                 "val_every", "val_tokens")},
+        "train": {k: getattr(spec, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip")},
         "inputs": {k: a.hash for k, a in inputs.items()},
     }
 
@@ -227,6 +239,12 @@ def run_mix(cfg: DictConfig, variant: str) -> A.Artifact:
     inputs = {"seed": seed, **{f"branch/{d}": a for d, a in branches.items()}}
     stage_config = {"mix": settings, "domains": domains, "inputs": {k: a.hash for k, a in inputs.items()}}
     out_dir = run_dir(cfg) / "mix" / variant
+    if not is_rank_zero():  # rank 0 builds it; the other ranks wait for exactly that artifact
+        def built() -> A.Artifact | None:
+            art = A.try_read_artifact(out_dir)
+            return art if art is not None and is_fresh(art, stage_config) else None
+
+        return wait_for(built, f"mix/{variant}")
     done = fresh_artifact(out_dir, stage_config, inputs, f"mix/{variant}", cfg.pipeline.on_stale)
     if done is not None:
         return done

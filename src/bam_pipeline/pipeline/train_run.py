@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
+from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.pipeline import artifacts as A
 from bam_pipeline.pipeline.budget import Budget
@@ -68,11 +69,12 @@ class TrainLogWriter(Callback):
     def on_train_start(self, trainer, pl_module):
         # after a resume, drop rows logged past the restored step (they will be trained again)
         if trainer.is_global_zero and self.path.exists():
-            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            kept = [r for r in rows if r["step"] <= trainer.global_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in A.read_jsonl(self.path) if r["step"] <= trainer.global_step]
+            A.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside an accumulation window: no optimizer step yet
         step = trainer.global_step
         if step % self.log_every == 0 or step == trainer.max_steps:
             self._append(trainer, pl_module.last_train)
@@ -103,13 +105,27 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
     """Reset the work dir unless it belongs to this exact config; return a checkpoint to resume from."""
     fp = work / FINGERPRINT
     if work.exists():
-        same = fp.is_file() and json.loads(fp.read_text()).get("config_hash") == config_hash
+        try:
+            same = json.loads(fp.read_text()).get("config_hash") == config_hash
+        except (OSError, ValueError):
+            same = False  # no or unreadable fingerprint: not this config's work
         if not same:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    fp.write_text(json.dumps({"config_hash": config_hash}) + "\n")
+    A.write_text_atomic(fp, json.dumps({"config_hash": config_hash}) + "\n")
     last = work / CKPT_DIR / "last.ckpt"
     return last if last.is_file() else None
+
+
+def check_world_size(trainer: L.Trainer, spec: TrainSpec) -> None:
+    """The budget was planned for a world size; refuse to train with another one."""
+    actual = trainer.world_size * spec.batch_size * spec.seq_len * spec.accumulate
+    if actual != spec.budget.tokens_per_step:
+        raise BamError(
+            f"{spec.stage}/{spec.name}: planned {spec.budget.tokens_per_step:,} tokens per step but the trainer runs "
+            f"{trainer.world_size} processes ({actual:,} tokens per step); give trainer.devices and "
+            "trainer.num_nodes as integers matching the processes launched"
+        )
 
 
 def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cfg: dict | None,
@@ -139,7 +155,8 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
         max_steps=spec.budget.steps,
         accumulate_grad_batches=spec.accumulate,
         gradient_clip_val=spec.grad_clip,
-        val_check_interval=min(spec.val_every, spec.budget.steps),
+        # Lightning counts validation intervals in micro-batches, checkpoints in optimizer steps
+        val_check_interval=min(spec.val_every, spec.budget.steps) * spec.accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=spec.log_every,
@@ -148,6 +165,7 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
         enable_model_summary=False,
         default_root_dir=str(work),
     )
+    check_world_size(trainer, spec)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -160,7 +178,10 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     finally:
         close_logger(logger)
     wall = time.perf_counter() - t0
+    # a collective under FSDP (full weights gathered from the shards): every rank calls it
+    full_state = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
+        trainer.strategy.barrier("published")  # wait until rank 0 has published the artifact
         return None
     log_rows = A.read_jsonl(work / A.TRAIN_LOG)
     train_rows = [r for r in log_rows if "loss" in r]
@@ -172,7 +193,7 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
         "tokens_per_s": float(sorted(tok_s)[len(tok_s) // 2]) if tok_s else None,
     }
     with A.publish(out_dir) as tmp:
-        state = {k: v.detach().float().cpu() for k, v in module.model.state_dict().items()}
+        state = {k.removeprefix("model."): v.detach().float().cpu() for k, v in full_state.items()}
         A.save_model(tmp, spec.model_cfg, state)
         if (work / A.TRAIN_LOG).exists():
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
@@ -183,4 +204,5 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
             resumed=resume is not None,
         )
     shutil.rmtree(work, ignore_errors=True)
+    trainer.strategy.barrier("published")
     return A.read_artifact(out_dir)
