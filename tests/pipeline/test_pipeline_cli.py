@@ -27,7 +27,7 @@ def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run)
     run = root / "smoke"
     labels = {a.label for a in find_model_artifacts(run)}
     expected = {"seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
-                *(f"moe/{v}" for v in MOE_RUNS)}
+                *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"}
     assert labels == expected
     for art in find_model_artifacts(run):
         art.verify()
@@ -40,7 +40,19 @@ def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run)
     assert seed.manifest["tokens"] > 0 and seed.manifest["flops"] > 0
     rows = [json.loads(x) for x in (seed.path / "train_log.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows)
-    assert (run / "report" / "report.md").is_file()
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    pairs = {(r["model"], r["domain"]) for r in metrics["rows"]}
+    assert pairs == {(label, d) for label in labels for d in ("general", *DOMAINS)}
+    routing = json.loads((run / "eval" / "routing.json").read_text())
+    assert set(routing) == {label for label in labels if not label.endswith("dense") and label.split("/")[0]
+                            in ("mix", "moe")}
+    for stats in routing.values():
+        for per_kind in stats["domains"].values():
+            for layer_fracs in per_kind.get("ffn", {}).get("fraction", []):
+                assert sum(layer_fracs) == pytest.approx(1.0)
+    report = (run / "report" / "report.md").read_text()
+    assert "| data-matched beats compute-matched" in report and "not measurable" not in report
+    assert {p.name for p in (run / "report").glob("*.png")} >= {"perplexity.png", "training_loss.png"}
     assert not list(run.rglob("*.tmp-*")), "temporary stage directories left behind"
     assert "pipeline finished" in result.out
 
@@ -49,7 +61,7 @@ def test_second_run_skips_every_stage(smoke_copy):
     r = cli(smoke_copy, "stage=all", check=True)
     assert "training" not in r.out
     for label in ["seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
-                  *(f"moe/{v}" for v in MOE_RUNS)]:
+                  *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"]:
         assert f"{label}: up to date" in r.out
     assert "reusing prepared data" in r.out
 
@@ -120,7 +132,8 @@ def test_multirun_sweep_trains_each_variant(smoke_copy):
 
 
 def test_compute_matched_moe_sees_fewer_tokens(smoke_copy):
-    cli(smoke_copy, "stage=moe", "mix=bam", "budget.moe.match=compute", check=True)
+    r = cli(smoke_copy, "stage=moe", "mix=bam", "budget.moe.match=compute", check=True)
+    assert "moe/bam_cm: up to date" in r.out  # the same run as `bam_cm` in pipeline.moe_runs
     run = smoke_copy / "smoke"
     cm, dm = read_artifact(run / "moe" / "bam_cm"), read_artifact(run / "moe" / "bam")
     assert cm.manifest["tokens"] < dm.manifest["tokens"]
