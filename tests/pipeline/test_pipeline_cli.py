@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bam_pipeline.pipeline.artifacts import find_model_artifacts, read_artifact
+from bam_pipeline.pipeline.artifacts import find_model_artifacts, read_artifact, read_train_log
 
 from cli_runner import REPO, cli
 
@@ -171,18 +171,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
     cli(ref_root, *args, check=True)
 
     killed_root = tmp_path / "killed"
-    env = {**os.environ, "BAM_STAGES_DIR": str(killed_root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "bam_pipeline", *args], cwd=REPO, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = killed_root / "smoke" / ".work" / "seed" / "main" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the first checkpoint finish writing, then kill mid-training
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert ckpt.exists(), "no checkpoint was written before the kill"
-    assert not (killed_root / "smoke" / "seed" / "main").exists(), "a killed stage must not look finished"
+    _kill_when_checkpointed(killed_root, args, "seed/main")
 
     r = cli(killed_root, *args, check=True)
     assert "resuming from" in r.out
@@ -191,14 +180,35 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_two_process_cpu_ddp_stage(smoke_run, tmp_path):
+def _kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
+    """Start the CLI, SIGKILL its whole process group once the stage wrote its first checkpoint."""
+    env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "bam_pipeline", *args], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = root / "smoke" / ".work" / stage_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the first checkpoint finish writing, then kill mid-training
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"
+
+
+def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     import shutil
 
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
-    r = cli(tmp_path, "stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=2048", check=True, timeout=600)
+    args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
+            "experiment=smoke", "logger=none"]
+    _kill_when_checkpointed(tmp_path, args, "seed/main")
+    r = cli(tmp_path, *args, check=True, timeout=600)
+    assert "resuming from" in r.out and "Traceback" not in r.out
     art = read_artifact(tmp_path / "smoke" / "seed" / "main")
     art.verify()
     assert art.manifest["budget"]["tokens_per_step"] == 2 * 4 * 64  # two processes x batch 4 x 64 tokens
-    assert "Traceback" not in r.out
+    steps = [row["step"] for row in read_train_log(art) if "loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == art.manifest["budget"]["steps"]
+    assert not list(tmp_path.rglob("*.tmp-*")) and not (tmp_path / "smoke" / ".work" / "seed" / "main").exists()
