@@ -212,3 +212,18 @@ def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     steps = [row["step"] for row in read_train_log(art) if "loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] == art.manifest["budget"]["steps"]
     assert not list(tmp_path.rglob("*.tmp-*")) and not (tmp_path / "smoke" / ".work" / "seed" / "main").exists()
+
+
+@pytest.mark.slow
+def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
+    """`make full-run`'s pipeline (about 7 minutes here): experts specialise, mixing then training helps."""
+    cli(tmp_path, "stage=all", "experiment=tiny", check=True, timeout=1800)
+    rows = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())["rows"]
+    ppl = {(r["model"], r["domain"]): r["perplexity"] for r in rows}
+    for d in DOMAINS:
+        assert ppl[(f"branch/{d}", d)] < ppl[("seed", d)]  # each expert beats the seed in its domain
+    for v in ("bam", "bam_kv_shared", "btx"):
+        trained = sum(ppl[(f"moe/{v}", d)] for d in ("general", *DOMAINS))
+        untrained = sum(ppl[(f"mix/{v}", d)] for d in ("general", *DOMAINS))
+        seed = sum(ppl[("seed", d)] for d in ("general", *DOMAINS))
+        assert trained < untrained and trained < seed
