@@ -5,10 +5,12 @@ User errors (BamError) print one line and exit non-zero; everything else is a bu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -49,7 +51,8 @@ def run_data(cfg: DictConfig):
 
 
 def run_eval(cfg: DictConfig) -> None:
-    from bam_pipeline.eval.report import build_report, print_summary
+    from bam_pipeline.eval.report import build_report, print_summary, report_files
+    from bam_pipeline.pipeline.loggers import log_report
     from bam_pipeline.eval.runner import run_eval as evaluate
     from bam_pipeline.pipeline.artifacts import canonical_hash
     from bam_pipeline.pipeline.ranks import is_rank_zero
@@ -57,10 +60,15 @@ def run_eval(cfg: DictConfig) -> None:
 
     if not is_rank_zero():
         return
-    evaluate(cfg, run_dir(cfg))
+    metrics_path = evaluate(cfg, run_dir(cfg))
     command = "python -m bam_pipeline " + " ".join(sys.argv[1:])
     build_report(run_dir(cfg), command=command,
                  config_hash=canonical_hash(OmegaConf.to_container(cfg, resolve=True)))
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    wandb_dir = log_report(logger_cfg, run=cfg.run, files=report_files(run_dir(cfg)),
+                           metrics_rows=json.loads(Path(metrics_path).read_text())["rows"])
+    if wandb_dir is not None:
+        print(f"report logged to wandb ({wandb_dir})")
     print_summary(run_dir(cfg))
 
 

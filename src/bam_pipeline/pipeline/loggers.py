@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -30,3 +31,41 @@ def close_logger(logger) -> None:
         wandb.finish()
     else:
         logger.finalize("success")
+
+
+def is_wandb(logger_cfg: dict | None) -> bool:
+    return bool(logger_cfg) and str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+
+
+def log_report(logger_cfg: dict | None, *, run: str, files: list[Path], metrics_rows: list[dict]) -> Path | None:
+    """Log the eval report to wandb (its own run in the run's group): the HTML page, the plots, the
+    metrics table, and every file as a `report` artifact. Returns the wandb run directory, or None
+    when the wandb logger is off."""
+    if not is_wandb(logger_cfg):
+        return None
+    import wandb
+
+    save_dir = Path(logger_cfg.get("save_dir") or ".")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    wb = wandb.init(project=logger_cfg.get("project"), entity=logger_cfg.get("entity"), dir=str(save_dir),
+                    group=run, job_type="report", name=f"{run}-report",
+                    mode="offline" if logger_cfg.get("offline", True) else "online")
+    try:
+        payload: dict[str, Any] = {}
+        for f in files:
+            if f.suffix == ".png":
+                payload[f"report/{f.stem}"] = wandb.Image(str(f))
+            elif f.suffix == ".html":
+                payload["report/page"] = wandb.Html(f.read_text())
+        if metrics_rows:
+            columns = sorted({k for r in metrics_rows for k in r if not isinstance(r[k], (dict, list))})
+            payload["report/metrics"] = wandb.Table(columns=columns,
+                                                    data=[[r.get(c) for c in columns] for r in metrics_rows])
+        wb.log(payload)
+        artifact = wandb.Artifact(f"{run}-report", type="report")
+        for f in files:
+            artifact.add_file(str(f))
+        wb.log_artifact(artifact)
+        return Path(wb.dir).parent
+    finally:
+        wb.finish()
