@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.counting import flops_per_token
+from bam_pipeline.model.counting import training_flops_per_token
 
 MATCHES = ("data", "compute")
 
@@ -22,11 +22,6 @@ class Budget:
     tokens_per_step: int
     train_flops: float     # 3 x forward FLOPs per token x tokens
     reference_tokens: int  # the budget's token count before compute matching
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: forward + backward = 3 x forward."""
-    return 3.0 * flops_per_token(cfg, seq_len).total
 
 
 def plan_budget(
@@ -47,12 +42,12 @@ def plan_budget(
         raise BamError(f"budget match must be one of {MATCHES}, got {match!r}")
     if tokens <= 0:
         raise BamError(f"budget tokens must be positive, got {tokens}")
-    own = train_flops_per_token(cfg, seq_len)
+    own = training_flops_per_token(cfg, seq_len)
     target = tokens
     if match == "compute":
         if reference is None:
             raise BamError("a compute-matched budget needs a reference model (budget.moe.reference)")
-        target = tokens * train_flops_per_token(reference, seq_len) / own
+        target = tokens * training_flops_per_token(reference, seq_len) / own
     steps = max(1, math.ceil(target / tokens_per_step))
     return Budget(
         match=match,

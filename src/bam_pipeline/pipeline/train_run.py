@@ -9,6 +9,7 @@ train log. It is tied to the stage's config hash: a re-run with the same config 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -186,7 +187,7 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     log_rows = A.read_jsonl(work / A.TRAIN_LOG)
     train_rows = [r for r in log_rows if "loss" in r]
     val_rows = [r for r in log_rows if "val_loss" in r]
-    tok_s = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s") == r.get("tokens_per_s")]
+    tok_s = [r["tokens_per_s"] for r in train_rows if math.isfinite(r.get("tokens_per_s", math.nan))]
     metrics = {
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
