@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from bam_pipeline.eval.names import column_name, display_name, split_label  # noqa: E402
 from bam_pipeline.eval.routing import heatmap_values  # noqa: E402
@@ -90,6 +91,7 @@ def loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path | Non
                         label=f"{display_name(lab)} (val)")
         ax.set_title(stage)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: no overlapping raw counts
         ax.set_ylabel("loss (nats/token)")
         ax.legend(fontsize=7)
     fig.suptitle("Training loss against tokens", fontsize=10)
