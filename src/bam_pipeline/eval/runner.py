@@ -130,7 +130,9 @@ def expert_names(art: Artifact, kind: str, n: int) -> list[str]:
     reads its ``mix`` input's): ``[seed] + domains`` in upcycling order, extra seed FFN copies as
     ``seed+k``; ``e0..e{n-1}`` when the manifest does not say or the count differs."""
     mix_path = art.manifest.get("inputs", {}).get("mix", {}).get("path")
-    mix = art if art.stage == "mix" else (try_read_artifact(Path(mix_path)) if mix_path else None)
+    # the stored path may be relative to where the moe stage ran: look next to the moe artifact instead
+    mix_dir = art.path.parent.parent / "mix" / Path(mix_path).name if mix_path else None
+    mix = art if art.stage == "mix" else (try_read_artifact(mix_dir) if mix_dir else None)
     config = (mix.manifest.get("config") or {}) if mix else {}
     settings = config.get("mix") or {}
     names = (["seed"] if settings.get("include_seed", True) else []) + list(config.get("domains") or [])
@@ -176,7 +178,7 @@ def run_eval(cfg: Any, run_dir: Path) -> Path:
             skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
             continue
         key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": settings,
-                              "sources": sources})
+                              "sources": sources, "device": str(device)})  # tokens/s belongs to a device
         cache_file = cache_dir / f"{art.stage}-{art.name}-{key[:16]}.json"
         if cache_file.is_file():
             result = json.loads(cache_file.read_text())
