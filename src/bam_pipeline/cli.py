@@ -32,7 +32,7 @@ def _domain(cfg: DictConfig) -> str | None:
 
 
 def run_data(cfg: DictConfig):
-    from bam_pipeline.data.prepare import open_prepared, prepare_data, print_stats_table
+    from bam_pipeline.data.prepare import open_current, prepare_data, print_stats_table
     from bam_pipeline.pipeline.ranks import is_rank_zero, wait_for
     from bam_pipeline.pipeline.stages import run_dir
 
@@ -40,7 +40,7 @@ def run_data(cfg: DictConfig):
     if not is_rank_zero():  # other ranks of a distributed launch wait for rank 0's data
         def ready():
             try:
-                return open_prepared(out)
+                return open_current(cfg.data, out)
             except BamError:
                 return None
 

@@ -227,3 +227,8 @@ def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
         untrained = sum(ppl[(f"mix/{v}", d)] for d in ("general", *DOMAINS))
         seed = sum(ppl[("seed", d)] for d in ("general", *DOMAINS))
         assert trained < untrained and trained < seed
+
+
+def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
+    r = cli(smoke_copy, "stage=seed", "data.split.val=0.2")
+    assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out

@@ -127,10 +127,11 @@ class MixtureDataModule(L.LightningDataModule):
         unknown = sorted(set(proportions) - set(prepared.sources))
         if unknown:
             raise BamError(f"mixture names sources {unknown} not in the prepared data; it has {', '.join(prepared.sources)}")
-        if seq_len < 1 or batch_size < 1 or train_tokens < 1 or val_tokens < 0:
+        if seq_len < 1 or batch_size < 1 or train_tokens < 1 or val_tokens < 0 or 0 < val_tokens < seq_len + 1:
             raise BamError(
                 f"seq_len={seq_len}, batch_size={batch_size}, train_tokens={train_tokens} must be positive "
-                f"and val_tokens={val_tokens} non-negative"
+                f"and val_tokens={val_tokens} 0 (no validation) or at least one sequence (seq_len + 1 = "
+                f"{seq_len + 1}): change train.val_tokens"
             )
         self.prepared, self.proportions = prepared, {k: v for k, v in proportions.items() if v > 0}
         self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers

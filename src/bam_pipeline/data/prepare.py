@@ -129,6 +129,23 @@ def verify_files(out_dir: Path, manifest: dict[str, Any]) -> None:
             )
 
 
+def expected_hashes(data_cfg: Any) -> tuple[str, str]:
+    """(config hash, sources hash) that prepared data for ``data_cfg`` records, computed without reading data."""
+    specs, hashed = _resolve(_plain(data_cfg))
+    return canonical_hash(hashed), canonical_hash({n: src.source_fingerprint(s) for n, s in specs.items()})
+
+
+def open_current(data_cfg: Any, out_dir: Path, *, verify: bool = True) -> PreparedData:
+    """The prepared data at ``out_dir`` if it was made from ``data_cfg`` and today's sources, else BamError."""
+    prepared = open_prepared(out_dir, verify=False)
+    config_hash, sources_hash = expected_hashes(data_cfg)
+    if prepared.config_hash != config_hash or prepared.manifest.get("sources_hash") != sources_hash:
+        raise BamError(f"the data config or sources changed since {out_dir} was prepared; {RUN_HINT} again")
+    if verify:
+        verify_files(Path(out_dir), prepared.manifest)
+    return prepared
+
+
 def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> PreparedData:
     """Prepare (or reuse) everything the run's training stages read; see the module docstring."""
     cfg = _plain(data_cfg)
@@ -159,6 +176,9 @@ def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> Prep
     eos_token = (cfg.get("tokenizer") or {}).get("eos_token", tk.EOS)
     eos = tk.eos_id(tok, eos_token)
     vocab = tok.get_vocab_size()
+
+    # a literal "<|endoftext|>" inside a document is text, not a document boundary
+    tok.encode_special_tokens = True
 
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids + [eos] for e in tok.encode_batch(texts)]

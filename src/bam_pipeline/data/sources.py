@@ -269,8 +269,16 @@ def hub(spec: dict[str, Any]) -> Iterator[Document]:
             if text_field not in row:
                 raise BamError(f"{name} has no field {text_field!r} (fields: {sorted(row)}); set source.text_field")
             yield Document(str(row[id_field]) if id_field else f"{name}:{i}", str(row[text_field]))
+    except KeyError as e:
+        raise BamError(f"{name} rows have no field {e} (source.id_field); set source.id_field or drop it") from None
     except (ConnectionError, TimeoutError, OSError) as e:
-        raise BamError(f"Hugging Face Hub unreachable for source {spec['name']!r} ({name}): {type(e).__name__}; {local}") from None
+        kind = type(e).__name__
+        if kind in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError"):
+            raise BamError(f"Hub dataset {name} for source {spec['name']!r} is not available to you ({kind}: {e}); "
+                           "check the name/revision, or accept its terms on the Hub and `huggingface-cli login`"
+                           ) from None
+        raise BamError(f"Hugging Face Hub unreachable for source {spec['name']!r} ({name}): {kind}: {e}; {local}"
+                       ) from None
 
 
 ADAPTERS: dict[str, Callable[[dict[str, Any]], Iterator[Document]]] = {

@@ -45,15 +45,16 @@ def cmd(args: str, cfg: DictConfig) -> str:
 
 
 def open_data(cfg: DictConfig):
-    from bam_pipeline.data.prepare import open_prepared
+    """The run's prepared data, refused when it was made from another data config or other sources."""
+    from bam_pipeline.data.prepare import open_current
 
-    return open_prepared(run_dir(cfg) / "data")
+    return open_current(cfg.data, run_dir(cfg) / "data")
 
 
 def data_input(prepared) -> A.Artifact:
-    """The prepared data as a stage input (its hash covers the data config and the tokenizer)."""
-    digest = A.canonical_hash([prepared.config_hash, prepared.tokenizer_hash])
-    return A.Artifact(Path(prepared.dir), {"stage": "data", "name": "data", "hash": digest, "files": {}})
+    """The prepared data as a stage input; its hash covers every token and tokenizer file."""
+    return A.Artifact(Path(prepared.dir), {"stage": "data", "name": "data", "hash": prepared.manifest["hash"],
+                                           "files": {}})
 
 
 def require(path: Path, producer: str) -> A.Artifact:

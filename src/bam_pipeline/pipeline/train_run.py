@@ -160,6 +160,7 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
         val_check_interval=min(spec.val_every, spec.budget.steps) * spec.accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
+        limit_val_batches=0 if spec.val_tokens == 0 else None,  # train.val_tokens=0: no validation
         log_every_n_steps=spec.log_every,
         logger=logger if logger is not None else False,
         callbacks=[ckpt, TrainLogWriter(work / A.TRAIN_LOG, spec.log_every), TokensProgressBar()],
