@@ -72,9 +72,9 @@ def real_prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The real embedded sources, 150 kB each, with a 512-entry tokenizer."""
     from omegaconf import OmegaConf
 
-    from bam_pipeline.data.sources import CONF_DIR
+    from bam_pipeline.conf_files import conf_dir
 
-    cfg = OmegaConf.load(CONF_DIR / "data" / "default.yaml")
+    cfg = OmegaConf.load(conf_dir() / "data" / "default.yaml")
     cfg.max_bytes_per_source = 150_000
     cfg.split = {"val": 0.1, "test": 0.1}
     cfg.tokenizer.vocab_size = 512

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra import compose, initialize_config_dir
 
+from bam_pipeline.conf_files import conf_dir
 from bam_pipeline.data import sources
 from bam_pipeline.data.prepare import source_names
 from bam_pipeline.data.splits import SPLITS
@@ -35,7 +36,7 @@ def test_byte_cap_stops_reading(tmp_path):
 
 
 def test_shipped_configs_compose_and_paper_points_at_the_hub():
-    with initialize_config_dir(config_dir=str(sources.CONF_DIR / "data"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir() / "data"), version_base="1.3"):
         default = compose(config_name="default")
         paper = compose(config_name="paper")
     assert source_names(default) == ["general", "code", "math", "law"]

@@ -35,11 +35,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
-from bam_pipeline.conf_files import conf_dir
+from bam_pipeline.conf_files import conf_dir, group_options
 from bam_pipeline.errors import BamError
 
-CONF_DIR = conf_dir()
-DOMAIN_DIR = CONF_DIR / "domain"
 SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "files", "hub")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -61,7 +59,7 @@ class Document:
 # ---- source specs -----------------------------------------------------------------------------
 def known_sources(overrides: dict[str, Any] | None = None) -> list[str]:
     """Names with a conf/domain/<name>.yaml, plus names fully defined in ``data.sources``."""
-    names = {p.stem for p in DOMAIN_DIR.glob("*.yaml")}
+    names = set(group_options("domain"))
     for name, spec in (overrides or {}).items():
         if isinstance(spec, dict) and isinstance(spec.get("source"), dict) and "type" in spec["source"]:
             names.add(name)
@@ -78,7 +76,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_source_spec(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """conf/domain/<name>.yaml merged with ``overrides[name]``; BamError listing known names."""
     overrides = overrides or {}
-    path = DOMAIN_DIR / f"{name}.yaml"
+    path = conf_dir() / "domain" / f"{name}.yaml"
     if path.is_file():
         base = yaml.safe_load(path.read_text()) or {}
     elif name in known_sources(overrides):
