@@ -141,8 +141,11 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged(layout):
     idx2 = idx.clone()
     idx2[:, 8] = (idx[:, 8] + 1) % 256
     a, b = model(idx).logits, model(idx2).logits
-    assert torch.equal(a[:, :8], b[:, :8])
-    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    # Not bitwise: the changed token can change an FFN expert's batch size, and a matmul's rounding
+    # may depend on its row count (seen: 3e-8 on an AMD EPYC). A leak from the future moves logits
+    # by orders of magnitude more.
+    assert (a[:, :8] - b[:, :8]).abs().max() < 1e-6
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
 def test_too_long_input_is_a_user_error():
