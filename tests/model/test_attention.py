@@ -8,7 +8,13 @@ import torch
 from bam_pipeline.errors import BamError
 from bam_pipeline.model import preset
 from bam_pipeline.model.attention import MixtureOfAttention, attention_gates, mixture_of_attention_loop
-from bam_pipeline.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, rotary_tables
+from bam_pipeline.model.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_interleaved,
+    rotary_tables,
+)
 
 # GQA: 4 query heads share 2 K/V heads per expert set; 3 experts.
 CFG = preset("smoke", d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -100,11 +106,36 @@ def test_rotary_scores_depend_only_on_relative_position():
     assert y[0].item() == pytest.approx(math.cos(1.0)) and y[hd // 2].item() == pytest.approx(math.sin(1.0))
 
 
+def test_interleaved_rotary_is_the_half_split_rotation_permuted():
+    """The fused attention's complex-multiply RoPE on interleaved head dims == the reference
+    half-split RoPE followed by the same permutation, values and gradients."""
+    hd = 8
+    cos, sin = rotary_tables(hd, 16, 10000.0)
+    x = torch.randn(2, 16, 3, hd, dtype=torch.float64, requires_grad=True)
+    to_interleaved = torch.arange(hd).view(2, hd // 2).T.reshape(-1)  # [0, 4, 1, 5, 2, 6, 3, 7]
+    assert to_interleaved.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    ref = apply_rotary(x, cos, sin)[..., to_interleaved]
+    got = apply_rotary_interleaved(x[..., to_interleaved], cos, sin)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref, atol=1e-6)  # the float32 tables bound the agreement
+    up = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * up).sum(), x)
+    (g_got,) = torch.autograd.grad((got * up).sum(), x)
+    assert torch.allclose(g_got, g_ref, atol=1e-6)
+    # position 0 is the identity, position 1 rotates pair 0 by exactly 1 radian
+    assert torch.allclose(got[:, 0], x[:, 0, :, to_interleaved])
+    pair = torch.zeros(1, 2, 1, hd)
+    pair[0, 1, 0, 0] = 1.0
+    y = apply_rotary_interleaved(pair, cos[:2], sin[:2])[0, 1, 0]
+    assert y[:2].tolist() == pytest.approx([math.cos(1.0), math.sin(1.0)])
+
+
 def test_rotary_tables_are_not_in_state_dict_and_length_is_checked():
     rope = RotaryEmbedding(8, 16, 10000.0)
     assert dict(rope.state_dict()) == {} and rope.cos.shape == (16, 8)
-    with pytest.raises(BamError, match="max_seq_len=16"):
-        rope(torch.zeros(1, 17, 1, 8))
+    for rotate in (rope, rope.interleaved):
+        with pytest.raises(BamError, match="max_seq_len=16"):
+            rotate(torch.zeros(1, 17, 1, 8))
 
 
 def test_rmsnorm_matches_hand_value():

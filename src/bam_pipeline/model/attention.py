@@ -17,6 +17,14 @@ activations. Projections are single matmuls over the stacked weights; the gate i
 the output projection, so ``sum_e gate_e * (o_e @ wo_e)`` is one matmul over the concatenated
 ``gate_e * o_e``.
 
+RoPE: the fused Q and K weights also reorder each head's columns from the stored half-split layout
+to the interleaved one, so the rotation is one complex multiply per tensor
+(:func:`~bam_pipeline.model.layers.apply_rotary_interleaved`). q and k get the same permutation
+of their head dims, so every score ``q . k``, and hence the output, is unchanged; V and O keep the
+stored order. On the CPU the half-split rotation's six passes over the E-times-larger q and k
+cost about what the fusion saves; with the complex multiply the fused layer is ~0.9x the
+per-expert loop's time (benchmarks/bench_model.py row (2)).
+
 Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
 KV K/V heads per expert set, hd head dim, g = H // KV query heads per K/V head.
 """
@@ -83,13 +91,16 @@ class MixtureOfAttention(nn.Module):
         E, H, KV, hd, lead = cfg.attn_experts, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self._lead
         x = h.reshape(B * T, D)  # (N, D)
 
-        # Fused query weight (D, E*H*hd) with columns ordered (lead, E, H/lead, hd).
-        wq = self.wq.view(E, D, lead, H * hd // lead).permute(1, 2, 0, 3).reshape(D, E * H * hd)
-        q = (x @ wq).view(B, T, E * H, hd)  # (B, T, E*H, hd)
+        # Fused query weight (D, E*H*hd), columns ordered (lead, E, H/lead, hd/2, 2): query heads
+        # (lead, E, H/lead), and within a head the stored half-split (2, hd/2) made interleaved.
+        half = hd // 2
+        wq = self.wq.view(E, D, lead, H // lead, 2, half).permute(1, 2, 0, 3, 5, 4).reshape(D, E * H * hd)
+        q = self.rope.interleaved((x @ wq).view(B, T, E * H, hd))  # (B, T, E*H, hd)
         n_kv = cfg.kv_experts * KV
-        k = (x @ self.wk.transpose(0, 1).reshape(D, n_kv * hd)).view(B, T, n_kv, hd)  # (B, T, E_kv*KV, hd)
+        # Fused key weight (D, E_kv*KV*hd), columns (E_kv, KV, hd/2, 2): interleaved like the queries.
+        wk = self.wk.view(-1, D, KV, 2, half).permute(1, 0, 2, 4, 3).reshape(D, n_kv * hd)
+        k = self.rope.interleaved((x @ wk).view(B, T, n_kv, hd))  # (B, T, E_kv*KV, hd)
         v = (x @ self.wv.transpose(0, 1).reshape(D, n_kv * hd)).view(B, T, n_kv, hd)
-        q, k = self.rope(q), self.rope(k)
 
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, E*H, T, hd)

@@ -1,6 +1,14 @@
 """Building blocks shared by attention and FFN: RMSNorm, rotary embedding, float32 router logits,
 SwiGLU math.
 
+RoPE comes in two layouts of the same rotation. The stored weights (and the reference
+:func:`apply_rotary`) use the half-split layout, where frequency ``j`` rotates the pair
+``(x[j], x[j + hd/2])``. The fused attention permutes its Q and K weight columns to the
+interleaved layout, pair ``j`` at ``(x[2j], x[2j+1])``, and rotates with one complex multiply
+(:func:`apply_rotary_interleaved`): one elementwise pass forward and one backward instead of the
+half-split's chunk, neg, cat, two muls and an add. The same permutation of the head dims of q and
+k leaves every score ``q . k`` unchanged, so the attention output is the same.
+
 Shape legend: B batch, T sequence, N = B*T tokens, D d_model, hd head dim, F SwiGLU hidden width.
 """
 
@@ -48,6 +56,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).type_as(x)
 
 
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, heads, hd) in the interleaved layout, pair ``j`` = ``(x[2j], x[2j+1])``,
+    by ``cos``/``sin`` (T, hd) half-split tables (their two halves are equal); float32 math.
+
+    The pair is one complex number and the rotation one complex multiply by ``cos + i sin``.
+    """
+    B, T, heads, hd = x.shape
+    half = hd // 2
+    turn = torch.complex(cos[:, None, :half].float(), sin[:, None, :half].float())  # (T, 1, hd/2)
+    pairs = torch.view_as_complex(x.float().reshape(B, T, heads, half, 2))  # (B, T, heads, hd/2)
+    return torch.view_as_real(pairs * turn).reshape(B, T, heads, hd).type_as(x)
+
+
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE tables up to ``max_seq_len``; non-persistent buffers (not in the state dict)."""
 
@@ -61,15 +82,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (B, T, heads, hd) for positions ``0 .. T-1``."""
-        seq_len = x.shape[1]
+    def tables(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (seq_len, hd) for positions ``0 .. seq_len-1``; refuses too long a sequence."""
         if seq_len > self.max_seq_len:
             raise BamError(
                 f"sequence length {seq_len} exceeds the model's max_seq_len={self.max_seq_len}; "
                 "use shorter sequences or a config with a larger max_seq_len"
             )
-        return apply_rotary(x, self.cos[:seq_len], self.sin[:seq_len])
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (B, T, heads, hd), half-split layout, for positions ``0 .. T-1``."""
+        return apply_rotary(x, *self.tables(x.shape[1]))
+
+    def interleaved(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (B, T, heads, hd), interleaved layout, for positions ``0 .. T-1``."""
+        return apply_rotary_interleaved(x, *self.tables(x.shape[1]))
 
 
 def router_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
