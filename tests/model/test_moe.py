@@ -107,6 +107,30 @@ def test_grouped_support_check_and_cpu_fallbacks():
         MoEFeedForward(odd, dispatch="grouped")(h)
 
 
+def test_support_check_uses_the_compute_dtype():
+    x, w = torch.zeros(8, 36), torch.zeros(4, 36, 48)  # 144-byte float32 rows, 72-byte bfloat16 rows
+    assert grouped_mm_supported(x, w) == hasattr(F, "grouped_mm")
+    assert not grouped_mm_supported(x, w, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_dispatch_runs_in_the_autocast_dtype(top_k):
+    """bf16-mixed training feeds the MoE a float32 input while matmuls run in bfloat16: the grouped
+    path must compute in bfloat16 too (the condition for grouped_mm on CUDA), like the loop path."""
+    h = _tokens()
+    if not grouped_mm_supported(h, torch.zeros(E, CFG.d_model, CFG.d_ff), dtype=torch.bfloat16):
+        pytest.skip("grouped_mm does not support bfloat16 on this torch/CPU")
+    out = {}
+    for dispatch in ("grouped", "loop"):
+        moe = _uneven_moe(top_k, "softmax", dispatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[dispatch] = moe(h).out
+    assert out["grouped"].dtype == out["loop"].dtype == torch.bfloat16
+    ref = naive_moe(_uneven_moe(top_k, "softmax", "loop"), h)
+    for dispatch, y in out.items():
+        assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max(), dispatch  # bfloat16 rounding
+
+
 def test_unknown_dispatch_is_a_user_error():
     with pytest.raises(BamError, match="'fast'"):
         MoEFeedForward(CFG, dispatch="fast")

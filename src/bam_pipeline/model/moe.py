@@ -14,7 +14,8 @@ token's k outputs weighted by its gates. The sort is a permutation of the N*k as
 directions (and their backwards) are plain row gathers; no scatter-add is needed. The experts run
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
 contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped on CUDA where
-``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`), else the loop: on CPU,
+``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`; under autocast in autocast's
+dtype, :func:`matmul_dtype`), else the loop: on CPU,
 torch 2.13 runs float32 ``grouped_mm`` (rows 16-byte aligned) as a per-expert loop of matmuls, and
 it measured about 10% slower than the loop path (benchmarks/bench_model.py, 1 thread).
 
@@ -47,16 +48,30 @@ class MoEOutput(NamedTuple):
     z_loss: torch.Tensor  # scalar, 0 when E = 1
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``grouped_mm`` can run these tensors: present in torch; on CPU float32/bfloat16 with
-    every row stride a multiple of 16 bytes; on CUDA bfloat16 with compute capability >= 8.0."""
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``grouped_mm`` can run these tensors, cast to ``dtype`` (default: ``x.dtype``):
+    present in torch; on CPU float32/bfloat16 with every row a multiple of 16 bytes; on CUDA
+    bfloat16 with compute capability >= 8.0."""
+    dtype = dtype or x.dtype
     if _grouped_mm is None:
         return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
+    row_bytes = dtype.itemsize
+    return all(t.shape[-1] * row_bytes % 16 == 0 for t in (x, *weights))
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s.
+
+    Under ``bf16-mixed`` training the MoE input is float32 (the residual stream) while every
+    matmul runs in bfloat16; ``grouped_mm`` is not on autocast's cast lists, so the grouped path
+    casts to this dtype itself.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -138,17 +153,19 @@ class MoEFeedForward(nn.Module):
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous slice of ``xs`` (A, D), slices sized by ``counts`` (E,)."""
-        supported = grouped_mm_supported(xs, self.w1, self.w2)
+        dtype = matmul_dtype(xs)
+        supported = grouped_mm_supported(xs, self.w1, self.w2, dtype=dtype)
         if self.dispatch == "grouped" and not supported:
             raise BamError(
-                f"dispatch='grouped' cannot run {xs.dtype} on {xs.device} with d_model={xs.shape[-1]}, "
+                f"dispatch='grouped' cannot run {dtype} on {xs.device} with d_model={xs.shape[-1]}, "
                 f"d_ff={self.w1.shape[-1]} (grouped_mm needs torch >= 2.8; float32/bfloat16 rows that are "
                 "multiples of 16 bytes on CPU; bfloat16 on CUDA sm80+); use dispatch='loop' or 'auto'"
             )
         if self.dispatch == "grouped" or (self.dispatch == "auto" and supported and xs.is_cuda):
             offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's slice
-            hidden = F.silu(_grouped_mm(xs, self.w1, offs=offs)) * _grouped_mm(xs, self.w3, offs=offs)  # (A, F)
-            return _grouped_mm(hidden, self.w2, offs=offs)  # (A, D)
+            xs, w1, w3, w2 = (t.to(dtype) for t in (xs, self.w1, self.w3, self.w2))
+            hidden = F.silu(_grouped_mm(xs, w1, offs=offs)) * _grouped_mm(xs, w3, offs=offs)  # (A, F)
+            return _grouped_mm(hidden, w2, offs=offs)  # (A, D)
         # unbind: one backward node per weight (indexing w[e] would build a full (E, ...) grad per expert)
         experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
         sizes = counts.tolist()  # the one host sync of this path
