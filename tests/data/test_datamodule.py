@@ -15,10 +15,11 @@ from bam_pipeline.errors import BamError
 SEQ, BATCH = 31, 4
 
 
-def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ):
+def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe/bam", stage="moe", domain=None):
     # 16 rows / batch 4 = 4 batches per epoch
     return MixtureDataModule(
-        prepared, stage_mixture("moe", cfg), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens, val_tokens=600, seed=seed
+        prepared, stage_mixture(stage, cfg, domain), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens,
+        val_tokens=600, seed=seed, order_key=order_key,
     )
 
 
@@ -31,6 +32,25 @@ def test_batches_are_long_rows_in_a_seeded_order(synthetic):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert int(torch.cat(a).eq(prepared.eos_id).sum()) > 0  # documents are packed with EOS between them
+
+
+def test_each_stage_reads_its_own_windows_in_its_own_order(synthetic):
+    """Offsets are seeded by (seed, stage/name, source name): the moe stage does not replay the
+    code expert's code windows, and two mixtures of one run do not see the same rows."""
+    cfg, prepared = synthetic
+
+    def offsets(dm):
+        ds = dm.train_dataset()
+        names = [n for n in sorted(dm.train_token_counts) if dm.train_token_counts[n] > 0]
+        return {n: seg[1] for n, seg in zip(names, ds.segments, strict=True)}
+
+    branch = offsets(_dm(prepared, cfg, order_key="branch/code", stage="branch", domain="code"))
+    moe_bam, moe_btx = (offsets(_dm(prepared, cfg, order_key=k)) for k in ("moe/bam", "moe/btx"))
+    assert branch["code"] != moe_bam["code"] and branch["general"] != moe_bam["general"]
+    assert all(moe_bam[n] != moe_btx[n] for n in moe_bam)
+    assert moe_bam == offsets(_dm(prepared, cfg, order_key="moe/bam"))  # reproducible
+    a, b = (list(_dm(prepared, cfg, order_key=k).train_dataloader()) for k in ("moe/bam", "moe/btx"))
+    assert not any(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_ranks_get_disjoint_shards_of_the_same_order():
@@ -99,3 +119,6 @@ def test_resume_refuses_another_data_order(synthetic):
     state = _dm(prepared, cfg, seed=0).state_dict()
     with pytest.raises(BamError, match="differs from this run.s"):
         _dm(prepared, cfg, seed=1).load_state_dict(state)
+    with pytest.raises(BamError, match="order_key='moe/btx'"):
+        _dm(prepared, cfg, order_key="moe/btx").load_state_dict(state)
+    _dm(prepared, cfg).load_state_dict(state)

@@ -5,13 +5,17 @@ The training set is ``n = ceil(train_tokens / seq_len)`` rows of ``seq_len + 1``
 than one token), read as one contiguous run per source from a seeded start offset in that source's
 train stream (wrapping round, i.e. repeating the source, when its share exceeds what it has), laid
 end to end and cut into rows. Rows are visited in a seeded permutation (a new one each epoch);
-under DDP rank r takes every world-th row of it. Documents inside a row are separated by the
+under DDP rank r takes every world-th row of it. The offsets and the permutation derive from the
+run's seed, the ``order_key`` (the pipeline passes ``<stage>/<name>``) and the source's name, so
+each stage reads its own windows: the moe stage does not replay the code expert's code tokens nor
+a branch the seed's general ones. Documents inside a row are separated by the
 end-of-document token stored after every document.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Iterator, Mapping
 
 import lightning as L
@@ -26,8 +30,10 @@ from bam_pipeline.data.storage import TokenStream
 from bam_pipeline.errors import BamError
 
 
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+def _seed_for(*parts: int | str) -> int:
+    """A 32-bit seed from integers and strings (strings by CRC-32: stable across processes)."""
+    ints = [zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
 
 
 class PackedMixture(Dataset):
@@ -36,9 +42,9 @@ class PackedMixture(Dataset):
     def __init__(self, streams: Mapping[str, TokenStream], tokens: Mapping[str, int], seq_len: int, seed: int):
         self.row = seq_len + 1
         self.segments: list[tuple[TokenStream, int, int]] = []  # (stream, start offset, length)
-        for i, name in enumerate(sorted(tokens)):
+        for name in sorted(tokens):
             if tokens[name] > 0:
-                start = int(np.random.default_rng(_seed_for(seed, i)).integers(len(streams[name])))
+                start = int(np.random.default_rng(_seed_for(seed, name)).integers(len(streams[name])))
                 self.segments.append((streams[name], start, tokens[name]))
         self.ends = np.cumsum([s[2] for s in self.segments], dtype=np.int64)
         self.n = int(self.ends[-1]) // self.row
@@ -121,6 +127,7 @@ class MixtureDataModule(L.LightningDataModule):
         train_tokens: int,
         val_tokens: int,
         seed: int = 0,
+        order_key: str = "",
         num_workers: int = 0,
     ):
         super().__init__()
@@ -135,6 +142,8 @@ class MixtureDataModule(L.LightningDataModule):
             )
         self.prepared, self.proportions = prepared, {k: v for k, v in proportions.items() if v > 0}
         self.seq_len, self.batch_size, self.seed, self.num_workers = seq_len, batch_size, seed, num_workers
+        self.order_key = order_key
+        self.order_seed = _seed_for(seed, order_key)  # offsets and row order of this stage
         self.train_rows = math.ceil(train_tokens / seq_len)
         self.train_token_counts = allocate(self.proportions, self.train_rows * (seq_len + 1))
         self.val_tokens = val_tokens
@@ -155,12 +164,12 @@ class MixtureDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> PackedMixture:
         streams = {n: self.prepared.stream(n, "train") for n in self.train_token_counts}
-        return PackedMixture(streams, self.train_token_counts, self.seq_len, self.seed)
+        return PackedMixture(streams, self.train_token_counts, self.seq_len, self.order_seed)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
         rank, world = _rank_world()
-        self._order = ResumableOrder(len(ds), self.batch_size, self.seed, world, rank)
+        self._order = ResumableOrder(len(ds), self.batch_size, self.order_seed, world, rank)
         self._order.resume_at(self._batches_consumed)
         return DataLoader(ds, batch_size=self.batch_size, sampler=self._order, num_workers=self.num_workers)
 
@@ -184,13 +193,16 @@ class MixtureDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else self._batches_consumed
-        return {"batches_consumed": int(consumed), "seed": self.seed, "train_rows": self.train_rows}
+        return {"batches_consumed": int(consumed), "seed": self.seed, "order_key": self.order_key,
+                "train_rows": self.train_rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed") != self.seed or state.get("train_rows") != self.train_rows:
+        mine = {"seed": self.seed, "order_key": self.order_key, "train_rows": self.train_rows}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
             raise BamError(
-                f"checkpoint's data order (seed={state.get('seed')}, rows={state.get('train_rows')}) differs from this run's "
-                f"(seed={self.seed}, rows={self.train_rows}); resume with the same data settings"
+                f"checkpoint's data order ({', '.join(f'{k}={v!r}' for k, v in theirs.items())}) differs from this "
+                f"run's ({', '.join(f'{k}={v!r}' for k, v in mine.items())}); resume with the same data settings"
             )
         self._batches_consumed = int(state["batches_consumed"])
         if self._order is not None:

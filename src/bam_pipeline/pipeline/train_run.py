@@ -146,7 +146,8 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     module = LMModule(spec.model_cfg, spec.optim, spec.init_state, log_every=spec.log_every)
     data = MixtureDataModule(
         prepared, spec.proportions, seq_len=spec.seq_len, batch_size=spec.batch_size,
-        train_tokens=spec.budget.tokens, val_tokens=spec.val_tokens, seed=spec.seed, num_workers=spec.num_workers,
+        train_tokens=spec.budget.tokens, val_tokens=spec.val_tokens, seed=spec.seed,
+        order_key=f"{spec.stage}/{spec.name}", num_workers=spec.num_workers,
     )
     logger = make_logger(logger_cfg, run=spec.run, stage=spec.stage, name=spec.name, config=stage_config)
     ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0,
