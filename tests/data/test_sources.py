@@ -59,3 +59,15 @@ def test_embedded_sources_are_real_text(real_prepared):
         assert 140_000 < sum(real_prepared.stats[name][s]["bytes"] for s in SPLITS) < 400_000
     ids = real_prepared.stream("code", "train").dataset["id"]
     assert not any(part in ("test", "tests", "idle_test") for i in ids for part in i.split("/")[:-1])
+
+
+def test_stdlib_source_leaves_out_generated_data_modules():
+    """The gencodec code-page tables and Sphinx's pydoc topics are data, not code, and near-copies of
+    each other: one in the test split would make code perplexity measure table lookups."""
+    docs = list(sources.iter_documents({"name": "code", "source": {"type": "stdlib_python"}}, None))
+    ids = {d.id for d in docs}
+    assert {"textwrap.py", "encodings/idna.py", "encodings/aliases.py", "encodings/cp932.py"} <= ids  # real code
+    left_out = {"encodings/cp437.py", "encodings/cp1125.py", "encodings/cp720.py", "encodings/mac_arabic.py",
+                "pydoc_data/topics.py"}
+    assert not left_out & ids
+    assert not any("decoding_table = (" in d.text for d in docs)
