@@ -15,7 +15,7 @@ from bam_pipeline.errors import BamError
 SEQ, BATCH = 31, 4
 
 
-def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe/bam", stage="moe", domain=None):
+def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe", stage="moe", domain=None):
     # 16 rows / batch 4 = 4 batches per epoch
     return MixtureDataModule(
         prepared, stage_mixture(stage, cfg, domain), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens,
@@ -34,9 +34,10 @@ def test_batches_are_long_rows_in_a_seeded_order(synthetic):
     assert int(torch.cat(a).eq(prepared.eos_id).sum()) > 0  # documents are packed with EOS between them
 
 
-def test_each_stage_reads_its_own_windows_in_its_own_order(synthetic):
-    """Offsets are seeded by (seed, stage/name, source name): the moe stage does not replay the
-    code expert's code windows, and two mixtures of one run do not see the same rows."""
+def test_each_stage_reads_its_own_windows_and_its_runs_share_them(synthetic):
+    """Offsets are seeded by (seed, stage, source name): the moe stage does not replay the code
+    expert's code windows (under the old (seed, source index) seeding both had code at index 0),
+    and every mixture of the moe stage trains on the same rows."""
     cfg, prepared = synthetic
 
     def offsets(dm):
@@ -44,12 +45,13 @@ def test_each_stage_reads_its_own_windows_in_its_own_order(synthetic):
         names = [n for n in sorted(dm.train_token_counts) if dm.train_token_counts[n] > 0]
         return {n: seg[1] for n, seg in zip(names, ds.segments, strict=True)}
 
-    branch = offsets(_dm(prepared, cfg, order_key="branch/code", stage="branch", domain="code"))
-    moe_bam, moe_btx = (offsets(_dm(prepared, cfg, order_key=k)) for k in ("moe/bam", "moe/btx"))
-    assert branch["code"] != moe_bam["code"] and branch["general"] != moe_bam["general"]
-    assert all(moe_bam[n] != moe_btx[n] for n in moe_bam)
-    assert moe_bam == offsets(_dm(prepared, cfg, order_key="moe/bam"))  # reproducible
-    a, b = (list(_dm(prepared, cfg, order_key=k).train_dataloader()) for k in ("moe/bam", "moe/btx"))
+    branch = offsets(_dm(prepared, cfg, order_key="branch", stage="branch", domain="code"))
+    moe = offsets(_dm(prepared, cfg))
+    assert branch["code"] != moe["code"] and branch["general"] != moe["general"]
+    assert moe == offsets(_dm(prepared, cfg))
+    assert offsets(_dm(prepared, cfg, order_key="seed", stage="moe")) != moe
+    a, b = (list(_dm(prepared, cfg, order_key=k).train_dataloader()) for k in ("moe", "branch"))
+    assert all(torch.equal(x, y) for x, y in zip(a, list(_dm(prepared, cfg).train_dataloader())))
     assert not any(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -119,6 +121,6 @@ def test_resume_refuses_another_data_order(synthetic):
     state = _dm(prepared, cfg, seed=0).state_dict()
     with pytest.raises(BamError, match="differs from this run.s"):
         _dm(prepared, cfg, seed=1).load_state_dict(state)
-    with pytest.raises(BamError, match="order_key='moe/btx'"):
-        _dm(prepared, cfg, order_key="moe/btx").load_state_dict(state)
+    with pytest.raises(BamError, match="order_key='branch'"):
+        _dm(prepared, cfg, order_key="branch").load_state_dict(state)
     _dm(prepared, cfg).load_state_dict(state)

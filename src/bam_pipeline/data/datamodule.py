@@ -6,9 +6,10 @@ than one token), read as one contiguous run per source from a seeded start offse
 train stream (wrapping round, i.e. repeating the source, when its share exceeds what it has), laid
 end to end and cut into rows. Rows are visited in a seeded permutation (a new one each epoch);
 under DDP rank r takes every world-th row of it. The offsets and the permutation derive from the
-run's seed, the ``order_key`` (the pipeline passes ``<stage>/<name>``) and the source's name, so
-each stage reads its own windows: the moe stage does not replay the code expert's code tokens nor
-a branch the seed's general ones. Documents inside a row are separated by the
+run's seed, the ``order_key`` (the pipeline passes the stage: seed, branch or moe) and the source's
+name. So each stage reads its own windows (the moe stage does not replay the code expert's code
+tokens), while the runs of one stage share them: every mixture trains on the same data, and the
+comparison between them is about the method, not the sample. Documents inside a row are separated by the
 end-of-document token stored after every document.
 """
 

@@ -158,8 +158,8 @@ def _stage_config(spec: TrainSpec, inputs: dict[str, A.Artifact]) -> dict[str, A
         "budget": asdict(spec.budget),
         "optim": asdict(spec.optim),
         "train": {k: getattr(spec, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip")},
-        # each stage's windows and row order are seeded by (seed, stage/name, source); stages built
-        # when every stage shared the seed's windows are stale
+        # windows and row order are seeded by (seed, stage, source name); stages built when they
+        # were seeded by (seed, source index) are stale
         "data_order": "per-stage",
         "inputs": {k: a.hash for k, a in inputs.items()},
     }

@@ -147,7 +147,7 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     data = MixtureDataModule(
         prepared, spec.proportions, seq_len=spec.seq_len, batch_size=spec.batch_size,
         train_tokens=spec.budget.tokens, val_tokens=spec.val_tokens, seed=spec.seed,
-        order_key=f"{spec.stage}/{spec.name}", num_workers=spec.num_workers,
+        order_key=spec.stage, num_workers=spec.num_workers,
     )
     logger = make_logger(logger_cfg, run=spec.run, stage=spec.stage, name=spec.name, config=stage_config)
     ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0,
