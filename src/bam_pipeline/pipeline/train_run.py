@@ -24,6 +24,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.pipeline import artifacts as A
 from bam_pipeline.pipeline.budget import Budget
+from bam_pipeline.pipeline.host_memory import keep_freed_memory
 from bam_pipeline.pipeline.lm_module import LMModule, OptimConfig
 from bam_pipeline.pipeline.loggers import close_logger, make_logger
 
@@ -53,6 +54,7 @@ class TrainSpec:
     val_tokens: int
     log_every: int
     num_workers: int
+    keep_host_memory: bool = False
 
 
 class TrainLogWriter(Callback):
@@ -142,6 +144,8 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     resume = _prepare_work_dir(work, config_hash)
     if resume is not None:
         print(f"{spec.stage}/{spec.name}: resuming from {resume}")
+    if spec.keep_host_memory and trainer_cfg.get("accelerator") == "cpu":
+        keep_freed_memory()
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module = LMModule(spec.model_cfg, spec.optim, spec.init_state, log_every=spec.log_every)
     data = MixtureDataModule(
