@@ -9,8 +9,10 @@ freed by one step serves the next. Measured on a 2-core CPU, 40 training steps o
 process each: 42.5 s and 1.23 GB resident with it, 49.6 s and 0.86 GB without; faults after the
 first steps drop to ~0. The resident size settles after a few steps (same-sized aligned blocks
 leave holes that are reused once the heap has grown past them) and no longer shrinks between
-steps. Training stages on the CPU apply it (``train.keep_host_memory``); other C libraries (macOS,
-musl) are left alone.
+steps. Training stages on the CPU apply it (``train.keep_host_memory``) for the rest of their
+process, forked DataLoader workers included; GPU runs and other C libraries (macOS, musl) are
+left alone. Threads other than the main one still get fresh maps for blocks over 64 MB (glibc's
+per-thread arenas), so the gain is the main thread's, where the training step runs.
 """
 
 from __future__ import annotations

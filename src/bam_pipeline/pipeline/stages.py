@@ -160,8 +160,8 @@ def _stage_config(spec: TrainSpec, inputs: dict[str, A.Artifact]) -> dict[str, A
         "optim": asdict(spec.optim),
         "train": {k: getattr(spec, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip")},
         # windows and row order are seeded by (seed, stage, source name); stages built when they
-        # were seeded by (seed, source index) are stale
-        "data_order": "per-stage",
+        # were seeded otherwise are stale
+        "data_order": "seed,stage,source",
         "inputs": {k: a.hash for k, a in inputs.items()},
     }
 

@@ -144,8 +144,9 @@ def train_and_publish(spec: TrainSpec, *, prepared, trainer_cfg: dict, logger_cf
     resume = _prepare_work_dir(work, config_hash)
     if resume is not None:
         print(f"{spec.stage}/{spec.name}: resuming from {resume}")
-    if spec.keep_host_memory and trainer_cfg.get("accelerator") == "cpu":
-        keep_freed_memory()
+    if spec.keep_host_memory and trainer_cfg.get("accelerator") == "cpu" and keep_freed_memory():
+        print(f"{spec.stage}/{spec.name}: host memory kept for reuse for the rest of this process "
+              "(train.keep_host_memory=false to leave libc's defaults)")
     L.seed_everything(spec.seed, workers=True, verbose=False)
     module = LMModule(spec.model_cfg, spec.optim, spec.init_state, log_every=spec.log_every)
     data = MixtureDataModule(
