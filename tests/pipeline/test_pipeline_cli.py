@@ -216,7 +216,7 @@ def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
-    """`make full-run`'s pipeline (about 7 minutes here): experts specialise, mixing then training helps."""
+    """`make full-run`'s pipeline (7-15 minutes here): experts specialise, mixing then training helps."""
     cli(tmp_path, "stage=all", "experiment=tiny", check=True, timeout=1800)
     rows = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())["rows"]
     ppl = {(r["model"], r["domain"]): r["perplexity"] for r in rows}
