@@ -9,6 +9,10 @@ experts). Baseline and candidate run interleaved; times are medians of
 from other processes).
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 9] [--threads N]
+                                     [--libc-malloc]
+
+On the CPU the process keeps freed host memory as CPU training stages do
+(:mod:`bam_pipeline.pipeline.host_memory`); ``--libc-malloc`` measures with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model import BAMTransformer, preset
 from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attention_loop
 from bam_pipeline.model.moe import MoEFeedForward
+from bam_pipeline.pipeline.host_memory import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -139,16 +144,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch CPU threads (default: the core count)")
+    parser.add_argument("--libc-malloc", action="store_true",
+                        help="leave glibc's allocator defaults (CPU training stages keep freed memory)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available; use --device cpu")
+    kept = args.device == "cpu" and not args.libc_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     rows = run(device, DTYPES[args.dtype], args.repeats, args.warmup)
 
     print(f"# bench_model: device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} warmup={args.warmup} (medians, interleaved pairs) torch={torch.__version__}")
+          f"repeats={args.repeats} warmup={args.warmup} (medians, interleaved pairs) torch={torch.__version__} "
+          f"host memory={'kept' if kept else 'libc defaults'}")
     header = ("measurement", "baseline", "candidate", "ratio", "target")
     widths = [max(len(str(r[i])) if i != 3 else 6 for r in [header, *rows]) for i in range(5)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
