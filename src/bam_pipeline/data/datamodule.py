@@ -11,8 +11,8 @@ name. So each stage draws its own start offsets: the windows of two stages overl
 (drawn by source index, the moe stage used to re-read exactly the code expert's code window),
 while the runs of one stage share them: the data-matched mixtures train on the same rows in the
 same order, so the comparison between them is about the method, not the sample (a compute-matched
-run reads shorter windows from the same offsets, in another row order). Documents inside a row are separated by the
-end-of-document token stored after every document.
+run reads shorter windows from the same offsets, in another row order). Documents inside a row are
+separated by the end-of-document token stored after every document.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ to the interleaved one, so the rotation is one complex multiply per tensor
 (:func:`~bam_pipeline.model.layers.apply_rotary_interleaved`). q and k get the same permutation
 of their head dims, so every score ``q . k``, and hence the output, is unchanged; V and O keep the
 stored order. On the CPU the half-split rotation's six passes over the E-times-larger q and k
-cost about what the fusion saves; with the complex multiply the fused layer is ~0.9x the
-per-expert loop's time (benchmarks/bench_model.py row (2)).
+cost about what the fusion saves; with the complex multiply the fused layer takes 0.89-0.96x the
+per-expert loop's time on 2 CPU cores (benchmarks/bench_model.py row (2)).
 
 Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
 KV K/V heads per expert set, hd head dim, g = H // KV query heads per K/V head.

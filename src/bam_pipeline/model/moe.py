@@ -14,10 +14,10 @@ token's k outputs weighted by its gates. The sort is a permutation of the N*k as
 directions (and their backwards) are plain row gathers; no scatter-add is needed. The experts run
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
 contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped on CUDA where
-``grouped_mm`` supports the tensors (see :func:`grouped_mm_supported`; under autocast in autocast's
-dtype, :func:`matmul_dtype`), else the loop: on CPU,
-torch 2.13 runs float32 ``grouped_mm`` (rows 16-byte aligned) as a per-expert loop of matmuls, and
-it measured about 10% slower than the loop path (benchmarks/bench_model.py, 1 thread).
+``grouped_mm`` supports the tensors in the dtype the matmuls run in (:func:`grouped_mm_supported`,
+:func:`matmul_dtype`: autocast's under ``bf16-mixed``), else the loop: on CPU, torch 2.13 runs
+float32 ``grouped_mm`` (rows 16-byte aligned) as a per-expert loop of matmuls, and it measured
+about 10% slower than the loop path (benchmarks/bench_model.py, 1 thread).
 
 Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k.
 """

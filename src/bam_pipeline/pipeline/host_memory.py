@@ -11,8 +11,8 @@ first steps drop to ~0. The resident size settles after a few steps (same-sized 
 leave holes that are reused once the heap has grown past them) and no longer shrinks between
 steps. Training stages on the CPU apply it (``train.keep_host_memory``) for the rest of their
 process, forked DataLoader workers included; GPU runs and other C libraries (macOS, musl) are
-left alone. Threads other than the main one still get fresh maps for blocks over 64 MB (glibc's
-per-thread arenas), so the gain is the main thread's, where the training step runs.
+left alone. Measured for the main thread, where Lightning runs the training step; other threads
+allocate from glibc's per-thread arenas, not measured here.
 """
 
 from __future__ import annotations
