@@ -2,9 +2,9 @@
 
 (1) MoE FFN, 4 experts top-1, vs a dense SwiGLU FFN of the same d_ff (forward + backward time),
     once per dispatch path; (2) fused Mixture of Attention (4 experts, soft) vs the per-expert
-loop, at the ``small`` and the ``tiny`` layer shapes; (3) shared-KV vs expert-KV fused MoA; (4) forward + backward tokens/s of the ``tiny`` and
-``small`` presets, dense vs the BAM mixture (4 soft expert-KV attention experts + 4 top-1 FFN
-experts). Baseline and candidate run interleaved; times are medians of
+loop, at the ``small`` and the ``tiny`` layer shapes; (3) shared-KV vs expert-KV fused MoA;
+(4) forward + backward tokens/s of the ``tiny`` and ``small`` presets, dense vs the BAM mixture
+(4 soft expert-KV attention experts + 4 top-1 FFN experts). Baseline and candidate run interleaved; times are medians of
 ``--repeats`` runs after ``--warmup`` runs, ratios the median of per-repeat ratios (robust to load
 from other processes).
 

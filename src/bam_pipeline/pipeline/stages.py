@@ -142,7 +142,7 @@ def _train_spec(cfg: DictConfig, *, stage: str, name: str, model_cfg: ModelConfi
         proportions=proportions, budget=budget, optim=optim, seq_len=int(t.seq_len), batch_size=int(t.batch_size),
         accumulate=int(t.accumulate), seed=int(t.seed), grad_clip=float(t.grad_clip), val_every=int(t.val_every),
         val_tokens=int(t.val_tokens), log_every=int(t.log_every), num_workers=int(t.num_workers),
-        keep_host_memory=bool(t.get("keep_host_memory", False)),
+        keep_host_memory=bool(t.keep_host_memory),
     )
 
 

@@ -54,7 +54,7 @@ class TrainSpec:
     val_tokens: int
     log_every: int
     num_workers: int
-    keep_host_memory: bool = False
+    keep_host_memory: bool
 
 
 class TrainLogWriter(Callback):
