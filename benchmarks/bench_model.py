@@ -12,7 +12,7 @@ from other processes).
                                      [--libc-malloc]
 
 On the CPU the process keeps freed host memory as CPU training stages do
-(:mod:`bam_pipeline.pipeline.host_memory`); ``--libc-malloc`` measures with glibc's defaults.
+(:mod:`bam_pipeline.training.host_memory`); ``--libc-malloc`` measures with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model import BAMTransformer, preset
 from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attention_loop
 from bam_pipeline.model.moe import MoEFeedForward
-from bam_pipeline.pipeline.host_memory import keep_freed_memory
+from bam_pipeline.training.host_memory import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -97,7 +97,7 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -> 
     dense = MoEFeedForward(ffn_cfg).to(device, dtype)
     dense_step = layer_step(dense, lambda x: dense(x).out, h)
     for dispatch in ("auto", "grouped", "loop"):
-        moe = MoEFeedForward(ffn_cfg.with_mixture(ffn_experts=4, ffn_top_k=1), dispatch=dispatch).to(device, dtype)
+        moe = MoEFeedForward(ffn_cfg.replace(ffn_experts=4), dispatch=dispatch).to(device, dtype)
         name = f"(1) MoE FFN 4e top-1 / dense FFN, dispatch={dispatch}"
         try:
             t_dense, t_moe, ratio = compare(dense_step, layer_step(moe, lambda x, m=moe: m(x).out, h))
@@ -110,7 +110,7 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -> 
     # (2), (3) Mixture of Attention, 4 experts soft: B = 8, T = 256, D = 256, 8 heads (small); also
     # the tiny preset's shape (B = 16, D = 128, 4 heads), the layer the CPU demo trains.
     for name, batch, target in (("tiny", 16, "(info)"), ("small", 8, "<= 1.0x")):
-        attn_cfg = preset(name, max_seq_len=256).with_mixture(attn_experts=4, attn_routing="soft")
+        attn_cfg = preset(name, max_seq_len=256).replace(attn_experts=4)
         h = torch.randn(batch, 256, attn_cfg.d_model, generator=gen).to(device, dtype)
         expert_kv = MixtureOfAttention(attn_cfg).to(device, dtype)
         fused_step = layer_step(expert_kv, lambda x, m=expert_kv: m(x).out, h)
@@ -129,7 +129,7 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -> 
         cfg = preset(name)
         idx = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), generator=gen).to(device)
         steps = [model_step(BAMTransformer(c).to(device, dtype), idx)
-                 for c in (cfg, cfg.with_mixture(attn_experts=4, ffn_experts=4))]
+                 for c in (cfg, cfg.replace(attn_experts=4, ffn_experts=4))]
         t_dense, t_bam, ratio = compare(*steps)
         rows.append((f"(4) {name} fwd+bwd tokens/s, bam / dense ({idx.numel()} tok/step)",
                      f"dense {idx.numel() / t_dense:.0f}", f"bam {idx.numel() / t_bam:.0f}", 1.0 / ratio, "(info)"))

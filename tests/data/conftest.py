@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bam_pipeline.data.prepare import PreparedData, prepare_data
+from bam_pipeline.data.spec import read_data_spec
 
 ALPHABETS = {"general": "abcde", "code": "fghij", "math": "klmno", "law": "pqrst"}
 
@@ -64,7 +65,7 @@ def alphabets() -> dict[str, str]:
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], PreparedData]:
     root = tmp_path_factory.mktemp("synthetic")
     cfg = synthetic_cfg(root)
-    return cfg, prepare_data(cfg, root / "data", progress=False)
+    return cfg, prepare_data(read_data_spec(cfg), root / "data", progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -72,11 +73,11 @@ def real_prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
     """The real embedded sources, 150 kB each, with a 512-entry tokenizer."""
     from omegaconf import OmegaConf
 
-    from bam_pipeline.conf_files import conf_dir
+    from bam_pipeline.config.files import conf_dir  # noqa: F811
 
     cfg = OmegaConf.load(conf_dir() / "data" / "default.yaml")
     cfg.max_bytes_per_source = 150_000
     cfg.split = {"val": 0.1, "test": 0.1}
     cfg.tokenizer.vocab_size = 512
     cfg.tokenizer.train_bytes = 200_000
-    return prepare_data(cfg, tmp_path_factory.mktemp("real") / "data", progress=False)
+    return prepare_data(read_data_spec(cfg), tmp_path_factory.mktemp("real") / "data", progress=False)

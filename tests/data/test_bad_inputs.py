@@ -11,15 +11,20 @@ import time
 import pytest
 
 from bam_pipeline.data import sources
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.prepare import prepare_data
 from bam_pipeline.errors import BamError
+
+
+def files_source(path):
+    return sources.resolve_source("x", {"x": {"source": {"type": "files", "path": str(path)}}})
 
 
 def test_unknown_domain_lists_the_known_ones(tmp_path, make_cfg):
     cfg = make_cfg(tmp_path, n_docs=20)
     cfg["domains"] = ["code", "biology"]
     with pytest.raises(BamError, match=r"unknown domain 'biology'; known domains: code, general, law, math"):
-        prepare_data(cfg, tmp_path / "data", progress=False)
+        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
 
 
@@ -32,7 +37,7 @@ def test_missing_source_package_names_the_install_command(monkeypatch, domain, m
     real = sources.importlib.util.find_spec
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     with pytest.raises(BamError, match=f"which is not installed; run `{install}`"):
-        next(sources.iter_documents(sources.load_source_spec(domain), 1000))
+        next(sources.iter_documents(sources.resolve_source(domain), 1000))
 
 
 def test_empty_source_is_refused(tmp_path, make_cfg):
@@ -41,7 +46,7 @@ def test_empty_source_is_refused(tmp_path, make_cfg):
     empty.write_text(json.dumps({"id": "a", "text": "   "}) + "\n")
     cfg["sources"]["law"] = {"source": {"type": "files", "path": str(empty)}}
     with pytest.raises(BamError, match=r"source 'law' \(files\) yielded no documents"):
-        prepare_data(cfg, tmp_path / "data", progress=False)
+        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
 
 
@@ -51,27 +56,31 @@ def test_empty_split_is_refused(tmp_path, make_cfg):
     few.write_text("".join(json.dumps({"id": f"d{i}", "text": f"pqrs{i}"}) + "\n" for i in range(3)))
     cfg["sources"]["law"] = {"source": {"type": "files", "path": str(few)}}
     with pytest.raises(BamError, match=r"source 'law': the (val|test) split is empty \(3 documents"):
-        prepare_data(cfg, tmp_path / "data", progress=False)
+        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
 
 
 def test_missing_files_path_and_bad_type_are_refused(tmp_path):
-    with pytest.raises(BamError, match="does not exist; point source.path"):
-        next(sources.iter_documents({"name": "x", "source": {"type": "files", "path": str(tmp_path / "nope")}}, None))
-    with pytest.raises(BamError, match="source.type='web'; use one of"):
-        sources.load_source_spec("code", {"code": {"source": {"type": "web"}}})
+    with pytest.raises(BamError, match="does not exist; point data.sources.x.source.path"):
+        next(sources.iter_documents(files_source(tmp_path / "nope"), None))
+    with pytest.raises(BamError, match=r"invalid sources.code.source.type='web': use one of"):
+        sources.resolve_source("code", {"code": {"source": {"type": "web"}}})
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(BamError, match="has no field 'text'"):
-        next(sources.iter_documents({"name": "x", "source": {"type": "files", "path": str(bad)}}, None))
+        next(sources.iter_documents(files_source(bad), None))
 
 
 HUB_SCRIPT = """
 from bam_pipeline.data.prepare import prepare_data
 from bam_pipeline.errors import BamError
-cfg = {"general": "general", "domains": ["code"], "max_bytes_per_source": 1000,
-       "sources": {"code": {"source": {"type": "hub", "dataset": "bigcode/starcoderdata", "text_field": "content"}}}}
+from omegaconf import OmegaConf
+from bam_pipeline.config.files import conf_dir
+from bam_pipeline.data.spec import read_data_spec
+cfg = OmegaConf.merge(OmegaConf.load(conf_dir() / "data" / "default.yaml"), {"domains": ["code"],
+    "max_bytes_per_source": 1000,
+    "sources": {"code": {"source": {"type": "hub", "dataset": "bigcode/starcoderdata", "text_field": "content"}}}})
 try:
-    prepare_data(cfg, __import__("pathlib").Path(__import__("sys").argv[1]), progress=False)
+    prepare_data(read_data_spec(cfg), __import__("pathlib").Path(__import__("sys").argv[1]), progress=False)
 except BamError as e:
     print(e)
     raise SystemExit(e.exit_code)

@@ -8,6 +8,7 @@ import pytest
 
 from bam_pipeline.data import prepare as prep
 from bam_pipeline.data import storage
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.prepare import open_prepared, prepare_data, print_stats_table
 from bam_pipeline.errors import BamError
 
@@ -15,7 +16,7 @@ from bam_pipeline.errors import BamError
 @pytest.fixture
 def fresh(tmp_path, make_cfg):
     cfg = make_cfg(tmp_path, n_docs=80)
-    return cfg, prepare_data(cfg, tmp_path / "data", progress=False)
+    return cfg, prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
 
 
 def _no_work(*args, **kwargs):
@@ -27,7 +28,7 @@ def test_second_prepare_reuses_and_does_no_work(fresh, monkeypatch, capsys):
     monkeypatch.setattr(storage, "write_split", _no_work)
     monkeypatch.setattr(prep.tk, "train_bpe", _no_work)
     monkeypatch.setattr(prep, "dedupe_and_split", _no_work)
-    again = prepare_data(cfg, first.dir, progress=True)
+    again = prepare_data(read_data_spec(cfg), first.dir, progress=True)
     assert "reusing prepared data in" in capsys.readouterr().out
     assert again.config_hash == first.config_hash and again.tokenizer_hash == first.tokenizer_hash
 
@@ -35,13 +36,13 @@ def test_second_prepare_reuses_and_does_no_work(fresh, monkeypatch, capsys):
 def test_changed_config_or_sources_rebuild(fresh, tmp_path, capsys):
     cfg, first = fresh
     changed = dict(cfg, split={"val": 0.2, "test": 0.1})
-    again = prepare_data(changed, first.dir, progress=True)
+    again = prepare_data(read_data_spec(changed), first.dir, progress=True)
     assert "rebuilding" in capsys.readouterr().out
     assert again.config_hash != first.config_hash
     assert again.stats["code"]["val"]["documents"] > first.stats["code"]["val"]["documents"]
     with open(tmp_path / "src" / "law" / "docs.jsonl", "a") as f:
         f.write(json.dumps({"id": "extra", "text": "pqrstpqrst" * 30}) + "\n")
-    third = prepare_data(changed, first.dir, progress=False)
+    third = prepare_data(read_data_spec(changed), first.dir, progress=False)
     assert sum(s["documents"] for s in third.stats["law"].values()) == 81
 
 
@@ -75,11 +76,11 @@ def test_altered_file_is_reported_as_corrupt(fresh):
     data[len(data) // 2] ^= 0xFF
     arrow.write_bytes(bytes(data))
     rel = str(arrow.relative_to(prepared.dir))
-    with pytest.raises(BamError, match=f"corrupt: checksum mismatch for {rel}; delete"):
-        prepare_data(cfg, prepared.dir, progress=False)
+    with pytest.raises(BamError, match=f"checksum mismatch for .*{rel} \\(prepared data: file changed or corrupt\\); delete"):
+        prepare_data(read_data_spec(cfg), prepared.dir, progress=False)
     with pytest.raises(BamError, match="corrupt"):
         open_prepared(prepared.dir)
-    rebuilt = prepare_data(dict(cfg, rebuild=True), prepared.dir, progress=False)
+    rebuilt = prepare_data(read_data_spec(dict(cfg, rebuild=True)), prepared.dir, progress=False)
     assert rebuilt.stats == prepared.stats
     open_prepared(prepared.dir)
 
@@ -89,7 +90,7 @@ def test_truncated_manifest_is_reported_as_corrupt(fresh):
     mpath = prepared.dir / "manifest.json"
     mpath.write_text(mpath.read_text()[:100])
     with pytest.raises(BamError, match="is corrupt .manifest.json"):
-        prepare_data(cfg, prepared.dir, progress=False)
+        prepare_data(read_data_spec(cfg), prepared.dir, progress=False)
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch, make_cfg):
@@ -105,7 +106,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkey
 
     monkeypatch.setattr(storage, "write_split", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg, tmp_path / "data", progress=False)
+        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("data.")]
     with pytest.raises(BamError, match=r"no prepared data in .*; run `python -m bam_pipeline stage=data` first"):

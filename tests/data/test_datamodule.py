@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bam_pipeline.data.datamodule import MixtureDataModule, ResumableOrder
 from bam_pipeline.data.mixtures import stage_mixture
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.storage import load_split_sequences
 from bam_pipeline.errors import BamError
 
@@ -18,7 +19,7 @@ SEQ, BATCH = 31, 4
 def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe", stage="moe", domain=None):
     # 16 rows / batch 4 = 4 batches per epoch
     return MixtureDataModule(
-        prepared, stage_mixture(stage, cfg, domain), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens,
+        prepared, stage_mixture(stage, read_data_spec(cfg), domain), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens,
         val_tokens=600, seed=seed, order_key=order_key,
     )
 

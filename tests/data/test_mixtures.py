@@ -7,11 +7,15 @@ import math
 import numpy as np
 import pytest
 
+from omegaconf import OmegaConf
+
+from bam_pipeline.config.files import conf_dir
 from bam_pipeline.data.datamodule import MixtureDataModule
 from bam_pipeline.data.mixtures import allocate, stage_mixture
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.errors import BamError
 
-CFG = {"general": "general", "domains": ["code", "math", "law"], "mixtures": {"seed_general": 0.7, "branch_general": 0.1}}
+CFG = read_data_spec(OmegaConf.load(conf_dir() / "data" / "default.yaml"))  # general 70% / 10%
 
 
 def test_stage_mixtures_follow_the_paper():
@@ -51,7 +55,7 @@ def _source_of_token(prepared, alphabets: dict[str, str]) -> np.ndarray:
 @pytest.mark.parametrize("stage,domain", [("seed", None), ("branch", "law"), ("moe", None)])
 def test_training_set_token_shares_within_one_percent(synthetic, alphabets, stage, domain):
     cfg, prepared = synthetic
-    props = stage_mixture(stage, cfg, domain)
+    props = stage_mixture(stage, read_data_spec(cfg), domain)
     seq_len, train_tokens = 63, 20_000
     dm = MixtureDataModule(prepared, props, seq_len=seq_len, batch_size=8, train_tokens=train_tokens, val_tokens=2_000, seed=3)
     ds = dm.train_dataset()

@@ -8,14 +8,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra import compose, initialize_config_dir
 
-from bam_pipeline.conf_files import conf_dir
+from bam_pipeline.config.files import conf_dir
 from bam_pipeline.data import sources
-from bam_pipeline.data.prepare import source_names
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.splits import SPLITS
 
 
+def files_source(path, **src):
+    return sources.resolve_source("x", {"x": {"source": {"type": "files", "path": str(path), **src}}})
+
+
 def _read(path, **src):
-    return list(sources.iter_documents({"name": "x", "source": {"type": "files", "path": str(path), **src}}, None))
+    return list(sources.iter_documents(files_source(path, **src), None))
 
 
 def test_files_source_reads_text_jsonl_and_parquet(tmp_path):
@@ -31,20 +35,19 @@ def test_files_source_reads_text_jsonl_and_parquet(tmp_path):
 
 def test_byte_cap_stops_reading(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(50)))
-    spec = {"name": "x", "source": {"type": "files", "path": str(tmp_path)}}
-    assert len(list(sources.iter_documents(spec, 250))) == 3
+    assert len(list(sources.iter_documents(files_source(tmp_path), 250))) == 3
 
 
 def test_shipped_configs_compose_and_paper_points_at_the_hub():
     with initialize_config_dir(config_dir=str(conf_dir() / "data"), version_base="1.3"):
         default = compose(config_name="default")
         paper = compose(config_name="paper")
-    assert source_names(default) == ["general", "code", "math", "law"]
+    assert read_data_spec(default).source_names == ["general", "code", "math", "law"]
     assert paper.domains == default.domains and paper.split == default.split
-    specs = {n: sources.load_source_spec(n, paper.sources) for n in source_names(paper)}
-    assert {n: s["source"]["type"] for n, s in specs.items()} == dict.fromkeys(specs, "hub")
-    assert specs["code"]["source"]["dataset"] == "bigcode/starcoderdata"
-    assert all(s["source"]["text_field"] for s in specs.values())
+    specs = read_data_spec(paper).resolved
+    assert {n: s.type for n, s in specs.items()} == dict.fromkeys(specs, "hub")
+    assert specs["code"].options.dataset == "bigcode/starcoderdata"
+    assert all(s.options.text_field for s in specs.values())
 
 
 def test_embedded_sources_are_real_text(real_prepared):
@@ -64,7 +67,7 @@ def test_embedded_sources_are_real_text(real_prepared):
 def test_stdlib_source_leaves_out_generated_data_modules():
     """The gencodec code-page tables and Sphinx's pydoc topics are data, not code, and near-copies of
     each other: one in the test split would make code perplexity measure table lookups."""
-    docs = list(sources.iter_documents({"name": "code", "source": {"type": "stdlib_python"}}, None))
+    docs = list(sources.iter_documents(sources.resolve_source("code"), None))
     ids = {d.id for d in docs}
     real_code = {"textwrap.py", "encodings/idna.py", "encodings/aliases.py", "encodings/cp932.py",
                  "encodings/charmap.py", "encodings/rot_13.py"}  # the last two say "Character Mapping Codec"
@@ -77,5 +80,5 @@ def test_stdlib_source_leaves_out_generated_data_modules():
 
 def test_stdlib_fingerprint_names_the_adapter_revision():
     """Prepared data from before the generated modules were left out must not be reused."""
-    fp = sources.source_fingerprint({"name": "code", "source": {"type": "stdlib_python"}})
+    fp = sources.source_fingerprint(sources.resolve_source("code"))
     assert fp["adapter"] == sources.STDLIB_ADAPTER_REVISION >= 2

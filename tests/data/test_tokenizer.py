@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bam_pipeline.data import tokenizer as tk
+from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.prepare import prepare_data
 from bam_pipeline.errors import BamError
 
@@ -44,7 +45,7 @@ def test_eos_and_hash_are_recorded(real_prepared):
 def test_given_tokenizer_file_is_used_as_is(synthetic, tmp_path):
     cfg, prepared = synthetic
     given = dict(cfg, tokenizer={**cfg["tokenizer"], "path": str(prepared.dir / "tokenizer.json")})
-    again = prepare_data(given, tmp_path / "data", progress=False)
+    again = prepare_data(read_data_spec(given), tmp_path / "data", progress=False)
     assert again.tokenizer_hash == prepared.tokenizer_hash
     assert again.stats == prepared.stats
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bam_pipeline.config.files import conf_dir
 from bam_pipeline.data.prepare import prepare_data
-from bam_pipeline.model import BAMTransformer, preset
-from bam_pipeline.pipeline.artifacts import publish, save_model, write_manifest
-
-CONF = Path(__file__).parents[2] / "conf"
+from bam_pipeline.data.spec import read_data_spec
+from bam_pipeline.eval.spec import EvalSpec
+from bam_pipeline.model import BAMTransformer, RouterConfig, preset
+from bam_pipeline.store.artifacts import publish, save_model, write_manifest
 SOURCES = ("general", "code", "law")
 WORDS = {
     "general": "the a of and to in is was he she it they said time day house long river".split(),
@@ -43,13 +44,14 @@ def data_cfg(corpus: Path) -> dict:
     }
 
 
-def save_artifact(run: Path, stage: str, name: str, model_cfg, state, prepared, log_rows=()) -> None:
+def save_artifact(run: Path, stage: str, name: str, model_cfg, state, prepared, log_rows=(), about=None) -> None:
     with publish(run / stage / name) as tmp:
         save_model(tmp, model_cfg, state)
         if log_rows:
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+        extra = {"about": about} if about else {}
         write_manifest(tmp, stage=stage, name=name, run=run.name, config={}, inputs={}, metrics={},
-                       tokens=sum(1000 for _ in log_rows), flops=0, tokenizer_hash=prepared.tokenizer_hash)
+                       tokens=sum(1000 for _ in log_rows), flops=0, tokenizer_hash=prepared.tokenizer_hash, **extra)
 
 
 def identical_mixture(dense_state: dict, n: int) -> dict:
@@ -79,15 +81,17 @@ def fake_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evalrun")
     write_corpus(root / "corpus")
     run = root / "stages" / "t"
-    prepared = prepare_data(data_cfg(root / "corpus"), run / "data", progress=False)
+    prepared = prepare_data(read_data_spec(data_cfg(root / "corpus")), run / "data", progress=False)
     dense = preset("smoke", vocab_size=prepared.vocab_size)
     states = {}
     for k, (stage, name) in enumerate([("seed", "main"), ("branch", "code"), ("branch", "law")]):
         torch.manual_seed(k)
         states[name] = BAMTransformer(dense).state_dict()
         save_artifact(run, stage, name, dense, states[name], prepared, log_rows(1.0 + 0.1 * k))
-    mix = dense.with_mixture(attn_experts=3, attn_routing="soft", ffn_experts=3, ffn_top_k=1, ffn_gate="renorm")
-    save_artifact(run, "mix", "bam", mix, identical_mixture(states["main"], 3), prepared)
+    mix = dense.replace(attn_experts=3, ffn_experts=3, ffn_router=RouterConfig("topk", 1, renormalize=True))
+    about = {"display": "Untrained BAM (renormalised)", "role": "untrained",
+             "experts": {"attn": ["seed", "seed+1", "seed+2"], "ffn": ["seed", "seed+1", "seed+2"]}}
+    save_artifact(run, "mix", "bam", mix, identical_mixture(states["main"], 3), prepared, about=about)
     return run
 
 
@@ -101,12 +105,12 @@ def run_copy(fake_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_cfg():
-    """Factory: the shipped conf/eval/default.yaml shrunk for the fake run, with overrides."""
+    """Factory: the shipped conf/eval/default.yaml shrunk for the fake run, with overrides, as an EvalSpec."""
 
     def make(**eval_overrides):
-        ev = OmegaConf.load(CONF / "eval" / "default.yaml")
+        ev = OmegaConf.load(conf_dir() / "eval" / "default.yaml")
         ev.merge_with({"seq_len": SEQ_LEN, "device": "cpu", "max_tokens_per_source": 1024, "batch_size": 8,
                        **eval_overrides})
-        return OmegaConf.create({"eval": ev, "data": {"general": "general"}})
+        return EvalSpec(**OmegaConf.to_container(ev))
 
     return make

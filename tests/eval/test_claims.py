@@ -3,13 +3,8 @@
 import math
 
 from bam_pipeline.eval.claims import FAILS, HOLDS, UNMEASURABLE, check_claims
-from bam_pipeline.eval.names import display_name, is_single_model, is_trained_mixture
-from bam_pipeline.eval.paper import PAPER_COLUMNS, PAPER_TABLE1
+from bam_pipeline.eval.report import paper_table as paper
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
-
-
-def paper():
-    return PplTable(tuple(PAPER_TABLE1), PAPER_COLUMNS, PAPER_TABLE1)
 
 
 def status(t):
@@ -45,29 +40,26 @@ def test_claims_fail_and_unmeasurable_on_a_run():
     assert st["dm_beats_cm"] == UNMEASURABLE
 
 
-def test_mixture_worse_than_a_single_model_fails_and_dense_counts_as_single():
-    values = {"seed": {"g": 5.0}, "moe/dense": {"g": 3.0}, "moe/bam": {"g": 4.0}}
-    st = status(PplTable(tuple(values), ("g",), values))
-    assert st["mixtures_beat_singles"] == FAILS
+def test_mixture_worse_than_a_single_model_fails_and_the_dense_baseline_counts_as_single():
+    values = {"seed": {"g": 5.0}, "moe/continued": {"g": 3.0}, "moe/bam": {"g": 4.0}}
+    roles = {"moe/continued": "dense"}  # a role comes from the manifest, not from the artifact's name
+    assert status(PplTable(tuple(values), ("g",), values, roles=roles))["mixtures_beat_singles"] == FAILS
+    assert status(PplTable(tuple(values), ("g",), values))["mixtures_beat_singles"] == HOLDS  # both mixtures
 
 
-def test_roles_and_display_names():
-    assert display_name("seed") == "Seed"
-    assert display_name("branch/code") == "Code expert"
-    assert display_name("moe/btx") == "BTX"
-    assert display_name("moe/bam") == "BAM (expert KV)"
-    assert display_name("moe/bam_kv_shared") == "BAM (shared KV)"
-    assert display_name("moe/bam_cm") == "BAM CM (expert KV)"
-    assert display_name("moe/btx_cm") == "BTX CM"
-    assert display_name("mix/bam") == "bam (untrained)"
-    assert display_name("moe/newthing") == "newthing"
-    assert is_single_model("moe/dense") and not is_trained_mixture("moe/dense")
-    assert is_trained_mixture("moe/bam_cm") and not is_trained_mixture("mix/bam")
+def test_names_and_roles_come_with_the_table():
+    t = paper()
+    assert [t.name(lab) for lab in ("seed", "branch/code", "moe/bam_cm")] == ["Seed", "Code expert",
+                                                                              "BAM CM (expert KV)"]
+    assert t.role("moe/btx") == "mixture" and t.role("branch/law") == "expert"
+    bare = PplTable(("mix/x", "moe/y"), ("g",), {})
+    assert bare.name("mix/x") == "mix/x" and bare.role("mix/x") == "untrained" and bare.role("moe/y") == "mixture"
 
 
 def test_table_from_rows_orders_general_first_and_marks_best():
-    rows = [{"model": m, "domain": d, "perplexity": p} for m, d, p in
-            [("seed", "code", 4.0), ("seed", "general", 2.0), ("moe/bam", "code", 3.0), ("moe/bam", "general", 2.5)]]
+    rows = [{"model": m, "domain": d, "perplexity": p, "display": name} for m, d, p, name in
+            [("seed", "code", 4.0, "Seed"), ("seed", "general", 2.0, "Seed"), ("moe/bam", "code", 3.0, "BAM (expert KV)"),
+             ("moe/bam", "general", 2.5, "BAM (expert KV)")]]
     cols = order_columns(["code", "general"], "general")
     assert cols == ("general", "code")
     cells = table_cells(table_from_rows(rows, ["seed", "moe/bam"], cols))

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from bam_pipeline.errors import BamError
+from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.eval.report import build_report, print_summary, report_files
 from bam_pipeline.eval.runner import run_eval
 
@@ -18,8 +19,8 @@ def reported(fake_run, eval_cfg, tmp_path_factory):
     shutil.copytree(fake_run, run_copy, ignore=shutil.ignore_patterns("eval", "report"))
     weights = run_copy / "branch" / "law" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # checksum mismatch: skipped, reported
-    run_eval(eval_cfg(), run_copy)
-    md = build_report(run_copy, command="python -m bam_pipeline stage=eval run=t", config_hash="abc123")
+    run_eval(eval_cfg(), RunLayout(run_copy), general="general")
+    md = build_report(RunLayout(run_copy), command="python -m bam_pipeline stage=eval run=t", config_hash="abc123")
     return run_copy, md
 
 
@@ -27,10 +28,10 @@ def test_report_files_written(reported):
     run, md = reported
     out = run / "report"
     assert md == out / "report.md"
-    names = {p.name for p in report_files(run)}
+    names = {p.name for p in report_files(RunLayout(run))}
     assert {"report.md", "report.html", "perplexity.png", "training_loss.png", "routing_mix_bam_attn.png",
             "routing_mix_bam_ffn.png"} <= names
-    for p in report_files(run):
+    for p in report_files(RunLayout(run)):
         assert p.stat().st_size > 0
     assert not list(run.glob("report.tmp-*"))
 
@@ -40,9 +41,9 @@ def test_report_content(reported):
     text = md.read_text()
     assert "python -m bam_pipeline stage=eval run=t" in text and "abc123" in text
     assert "| model | General | Code | Law | Average |" in text  # general first, then domains
-    for name in ("Seed", "Code expert", "bam (untrained)"):
+    for name in ("branch/code", "Untrained BAM (renormalised)"):
         assert f"| {name} |" in text
-    assert "| Law expert |" not in text.split("## The paper's Table 1")[0]  # skipped model has no row
+    assert "| branch/law |" not in text.split("## The paper's Table 1")[0]  # skipped model has no row
     assert "| BAM DM expert KV |" not in text and "| BAM (expert KV) | 24.02 |" in text  # paper table, our names
     assert "2408.08274" in text
     assert "branch/law: checksum mismatch" in text
@@ -52,9 +53,10 @@ def test_report_content(reported):
     # untrained mixture of identical seed copies: same perplexity as the seed on every domain
     table1 = text.split("## Perplexity per domain")[1].split("Bits per byte")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in table1.splitlines() if line.startswith("| ")}
-    assert rows["Seed"].replace("**", "").split("|")[2:5] == rows["bam (untrained)"].replace("**", "").split("|")[2:5]
+    untrained = rows["Untrained BAM (renormalised)"]
+    assert rows["seed"].replace("**", "").split("|")[2:5] == untrained.replace("**", "").split("|")[2:5]
     # routing table: 1 mixture x 2 router kinds x 3 domains
-    routing = re.findall(r"^\| bam \(untrained\) \| (attn|ffn) \| (\w+) \|", text, re.M)
+    routing = re.findall(r"^\| Untrained BAM \(renormalised\) \| (attn|ffn) \| (\w+) \|", text, re.M)
     assert routing == [(k, d) for k in ("attn", "ffn") for d in ("General", "Code", "Law")]
 
 
@@ -69,7 +71,7 @@ def test_html_is_self_contained(reported):
 
 def test_print_summary(reported, capsys):
     run, _ = reported
-    print_summary(run)
+    print_summary(RunLayout(run))
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["model", "General", "Code", "Law", "Average"]
     assert "not measurable: BAM beats BTX on every column" in out
@@ -78,8 +80,8 @@ def test_print_summary(reported, capsys):
 
 def test_report_without_eval_is_a_bam_error(run_copy):
     with pytest.raises(BamError, match="stage=eval"):
-        build_report(run_copy, command="x", config_hash="y")
-    assert report_files(run_copy) == []
+        build_report(RunLayout(run_copy), command="x", config_hash="y")
+    assert report_files(RunLayout(run_copy)) == []
 
 
 def test_metrics_rows_feed_the_table(reported):

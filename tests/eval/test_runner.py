@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import load_split_sequences
 from bam_pipeline.errors import BamError
+from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.eval.runner import run_eval, sources_with_test_split
 from bam_pipeline.model import BAMTransformer
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.pipeline.artifacts import load_state, read_artifact
+from bam_pipeline.store.artifacts import load_state, read_artifact
 
 MODELS = ("seed", "branch/code", "branch/law", "mix/bam")
 SOURCES = ("general", "code", "law")  # the fake run's sources (conftest.py)
@@ -23,7 +24,7 @@ SEQ_LEN = 32  # the fake run's eval.seq_len (conftest.py)
 
 @pytest.fixture(scope="module")
 def evaluated(fake_run, eval_cfg):
-    path = run_eval(eval_cfg(), fake_run)
+    path = run_eval(eval_cfg(), RunLayout(fake_run), general="general")
     return json.loads(path.read_text()), json.loads((fake_run / "eval" / "routing.json").read_text())
 
 
@@ -72,7 +73,8 @@ def test_routing_fractions_sum_to_one_per_layer(evaluated):
     assert set(routing) == {"mix/bam"}  # dense models have no routers
     entry = routing["mix/bam"]
     assert set(entry["domains"]) == set(SOURCES)
-    assert entry["experts"] == {"attn": ["e0", "e1", "e2"], "ffn": ["e0", "e1", "e2"]}
+    assert entry["experts"] == {"attn": ["seed", "seed+1", "seed+2"], "ffn": ["seed", "seed+1", "seed+2"]}
+    assert entry["display"] == "Untrained BAM (renormalised)"  # from the manifest, not the label
     for stats in entry["domains"].values():
         for kind, key in (("attn", "mean_prob"), ("ffn", "fraction"), ("ffn", "mean_prob")):
             assert len(stats[kind][key]) == 2  # smoke preset: 2 layers
@@ -88,14 +90,14 @@ def test_heatmaps_written(evaluated, fake_run):
 
 
 def test_rerun_reuses_the_cache_and_reevaluates_what_changed(run_copy, capsys, eval_cfg):
-    first = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    first = json.loads(run_eval(eval_cfg(), RunLayout(run_copy), general="general").read_text())
     assert first["reused"] == [] and set(first["evaluated"]) == set(MODELS)
     capsys.readouterr()
-    again = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    again = json.loads(run_eval(eval_cfg(), RunLayout(run_copy), general="general").read_text())
     assert set(again["reused"]) == set(MODELS) and again["evaluated"] == []
     assert "reused cached results for" in capsys.readouterr().out
     assert again["rows"] == first["rows"]
-    changed = json.loads(run_eval(eval_cfg(max_tokens_per_source=512), run_copy).read_text())
+    changed = json.loads(run_eval(eval_cfg(max_tokens_per_source=512), RunLayout(run_copy), general="general").read_text())
     assert set(changed["evaluated"]) == set(MODELS)
     assert len(list((run_copy / "eval" / "cache").glob("*.json"))) == len(MODELS)  # stale entries pruned
 
@@ -103,7 +105,7 @@ def test_rerun_reuses_the_cache_and_reevaluates_what_changed(run_copy, capsys, e
 def test_checksum_mismatch_is_skipped(run_copy, capsys, eval_cfg):
     weights = run_copy / "branch" / "law" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    metrics = json.loads(run_eval(eval_cfg(), run_copy).read_text())
+    metrics = json.loads(run_eval(eval_cfg(), RunLayout(run_copy), general="general").read_text())
     assert "skip branch/law: checksum mismatch" in capsys.readouterr().out
     assert not any(r["model"] == "branch/law" for r in metrics["rows"])
     assert [s["name"] for s in metrics["skipped"] if s["kind"] == "model"] == ["branch/law"]
@@ -111,12 +113,12 @@ def test_checksum_mismatch_is_skipped(run_copy, capsys, eval_cfg):
 
 def test_no_model_is_a_bam_error(tmp_path, eval_cfg):
     with pytest.raises(BamError, match=r"no trained model in .*stage=seed"):
-        run_eval(eval_cfg(), tmp_path)
+        run_eval(eval_cfg(), RunLayout(tmp_path), general="general")
 
 
 def test_seq_len_longer_than_the_model_is_a_bam_error(run_copy, eval_cfg):
     with pytest.raises(BamError, match="exceeds seed's max_seq_len=64"):
-        run_eval(eval_cfg(seq_len=128), run_copy)
+        run_eval(eval_cfg(seq_len=128), RunLayout(run_copy), general="general")
 
 
 def test_source_without_test_split_is_skipped():
@@ -131,28 +133,22 @@ def test_source_without_test_split_is_skipped():
 
 def test_model_config_roundtrip_of_the_mixture(fake_run):
     cfg = ModelConfig.from_dict(json.loads((fake_run / "mix" / "bam" / "model_config.json").read_text()))
-    assert cfg.attn_experts == 3 and cfg.ffn_gate == "renorm"
+    assert cfg.attn_experts == 3 and cfg.ffn_router.renormalize
 
 
-def test_expert_names_follow_the_mix_manifest(tmp_path):
-    from bam_pipeline.eval.runner import expert_names
-    from bam_pipeline.pipeline.artifacts import Artifact
+def test_descriptions_come_from_the_manifest(tmp_path):
+    from bam_pipeline.eval.names import about, expert_names
+    from bam_pipeline.store.artifacts import Artifact
 
-    def mix(method, extra=0, include_seed=True):
-        return Artifact(tmp_path / "mix" / method, {
-            "stage": "mix", "name": method, "hash": "h", "files": {},
-            "config": {"domains": ["code", "law"],
-                       "mix": {"method": method, "include_seed": include_seed, "extra_seed_ffn_experts": extra}}})
+    def art(stage, name, **manifest):
+        return Artifact(tmp_path / stage / name, {"stage": stage, "name": name, "hash": "h", "files": {}, **manifest})
 
-    assert expert_names(mix("bam"), "attn", 3) == ["seed", "code", "law"]
-    assert expert_names(mix("btx", extra=2), "ffn", 5) == ["seed", "code", "law", "seed+1", "seed+2"]
-    assert expert_names(mix("bam", include_seed=False), "ffn", 2) == ["code", "law"]
-    assert expert_names(mix("sparse_upcycle"), "ffn", 3) == ["e0", "e1", "e2"]
-    assert expert_names(mix("bam"), "ffn", 4) == ["e0", "e1", "e2", "e3"]  # count differs: no guessing
-    src = mix("bam")
-    src.path.mkdir(parents=True)
-    (src.path / "manifest.json").write_text(json.dumps(src.manifest))
-    moe = Artifact(tmp_path / "moe" / "bam", {"stage": "moe", "name": "bam", "hash": "h", "files": {},
-                                              "inputs": {"mix": {"path": str(src.path), "hash": "h"}}})
-    assert expert_names(moe, "attn", 3) == ["seed", "code", "law"]
-    assert expert_names(Artifact(tmp_path, {"stage": "moe", "name": "x", "hash": "h", "files": {}}), "ffn", 2) == ["e0", "e1"]
+    described = about(art("moe", "bam_cm", about={"display": "BAM CM (expert KV)", "role": "mixture",
+                                                   "experts": {"ffn": ["seed", "code", "seed+1"]}}))
+    assert (described.display, described.role) == ("BAM CM (expert KV)", "mixture")
+    assert expert_names(described, "ffn", 3) == ["seed", "code", "seed+1"]
+    assert expert_names(described, "ffn", 4) == ["e0", "e1", "e2", "e3"]  # count differs: no guessing
+    assert expert_names(described, "attn", 2) == ["e0", "e1"]
+    plain = about(art("branch", "law"))  # no description: named by its label, role by its stage
+    assert (plain.display, plain.role, plain.domain) == ("branch/law", "expert", "law")
+    assert about(art("moe", "dense", about={"display": "Dense", "role": "dense"})).role == "dense"

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.model import preset
-from bam_pipeline.model.attention import MixtureOfAttention, attention_gates, mixture_of_attention_loop
+from bam_pipeline.model import RouterConfig, preset
+from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attention_loop
+from bam_pipeline.model.routing import route
 from bam_pipeline.model.layers import (
     RMSNorm,
     RotaryEmbedding,
@@ -18,11 +19,12 @@ from bam_pipeline.model.layers import (
 
 # GQA: 4 query heads share 2 K/V heads per expert set; 3 experts.
 CFG = preset("smoke", d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32)
+ROUTERS = {"soft": RouterConfig("soft"), "top1": RouterConfig("topk", 1), "top2": RouterConfig("topk", 2)}
 
 
 def _attention(kv: str, routing: str, experts: int = 3) -> MixtureOfAttention:
     torch.manual_seed(0)
-    attn = MixtureOfAttention(CFG.with_mixture(attn_experts=experts, attn_kv=kv, attn_routing=routing))
+    attn = MixtureOfAttention(CFG.replace(attn_experts=experts, attn_kv=kv, attn_router=ROUTERS[routing]))
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0.0, 0.3)  # far from uniform routing, so top-k picks differ between tokens
@@ -53,7 +55,7 @@ def test_fused_matches_loop_outputs_and_gradients(kv, routing):
     torch.manual_seed(2)
     loop, g_loop = _run(attn, mixture_of_attention_loop, h)
     _assert_close(fused.out, loop.out)
-    assert torch.equal(fused.probs, loop.probs)
+    assert torch.equal(fused.routing.probs, loop.routing.probs)
     names = ["input"] + [n for n, _ in attn.named_parameters()]
     assert "router.weight" in names
     for name, a, b in zip(names, g_fused, g_loop):
@@ -66,15 +68,22 @@ def test_single_expert_is_plain_attention_without_router():
     assert attn.router is None and not any("router" in k for k in attn.state_dict())
     h = torch.randn(2, 8, CFG.d_model)
     out = attn(h)
-    assert out.probs is None
+    assert out.routing is None
     _assert_close(out.out, mixture_of_attention_loop(attn, h).out)
 
 
 def test_top_k_gates_are_unrenormalised_softmax_probs():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
-    assert torch.equal(attention_gates(probs, "soft"), probs)
-    assert torch.equal(attention_gates(probs, "top1"), torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.7]]))
-    assert torch.equal(attention_gates(probs, "top2"), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.2, 0.7]]))
+    logits = probs.log()
+
+    def gates(router):
+        return route(router, logits).dense_gates()
+
+    torch.testing.assert_close(gates(ROUTERS["soft"]), probs)
+    torch.testing.assert_close(gates(ROUTERS["top1"]), torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.7]]))
+    torch.testing.assert_close(gates(ROUTERS["top2"]), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.2, 0.7]]))
+    torch.testing.assert_close(gates(RouterConfig("topk", 2, renormalize=True)),
+                               torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 9, 7 / 9]]))
 
 
 def test_attention_is_causal():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import preset
+from bam_pipeline.model.config import RouterConfig, preset
 from bam_pipeline.model.counting import (
     count_params,
     describe,
@@ -34,7 +34,7 @@ def test_dense_params_by_hand():
 
 
 def test_bam_expert_kv_params_by_hand():
-    cfg = SMOKE.with_mixture(attn_experts=4, ffn_experts=4, ffn_top_k=1)
+    cfg = SMOKE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("topk", 1))
     c = count_params(cfg)
     routers = 4 * 32 + 4 * 32  # attention + FFN router, (E, D) each
     layer_total = 4 * ATTN_EXPERT + 4 * FFN_EXPERT + routers + NORM  # 37152
@@ -45,15 +45,15 @@ def test_bam_expert_kv_params_by_hand():
 
 
 def test_bam_shared_kv_and_top1_attention_params_by_hand():
-    shared = count_params(SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4))
+    shared = count_params(SMOKE.replace(attn_experts=4, attn_kv="shared", ffn_experts=4))
     layer = 4 * QO + 1 * KV + 4 * FFN_EXPERT + 2 * 4 * 32 + NORM  # 34080
     assert shared.total == EMB + 2 * layer + NORM == 84576
 
-    top1 = count_params(SMOKE.with_mixture(attn_experts=4, attn_routing="top1", ffn_experts=4))
+    top1 = count_params(SMOKE.replace(attn_experts=4, attn_router=RouterConfig("topk", 1), ffn_experts=4))
     layer_active = ATTN_EXPERT + FFN_EXPERT + 2 * 4 * 32 + NORM  # one attention expert, one FFN expert
     assert top1.active == EMB + 2 * layer_active + NORM == 35424
 
-    top2_shared = count_params(SMOKE.with_mixture(attn_experts=4, attn_routing="top2", attn_kv="shared", ffn_experts=4))
+    top2_shared = count_params(SMOKE.replace(attn_experts=4, attn_router=RouterConfig("topk", 2), attn_kv="shared", ffn_experts=4))
     layer_active = 2 * QO + KV + FFN_EXPERT + 2 * 4 * 32 + NORM  # shared K/V counted once
     assert top2_shared.active == EMB + 2 * layer_active + NORM
 
@@ -76,14 +76,14 @@ def test_dense_flops_by_hand():
 
 
 def test_bam_flops_by_hand():
-    cfg = SMOKE.with_mixture(attn_experts=4, ffn_experts=4, ffn_top_k=1)
+    cfg = SMOKE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("topk", 1))
     f = flops_per_token(cfg, seq_len=64)
     ctx = (64 + 1) / 2
     per_layer = 2 * 4 * ATTN_EXPERT + 4 * 4 * 32 * ctx + 2 * (4 * 32 + 4 * 32) + 2 * FFN_EXPERT
     assert f.routers == 2 * 2 * (4 * 32 + 4 * 32) == 1024
     assert f.total == 2 * per_layer + 2 * 32 * 256 == 124416
 
-    top2 = SMOKE.with_mixture(ffn_experts=4, ffn_top_k=2)
+    top2 = SMOKE.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 2))
     assert flops_per_token(top2, 64).ffn == 2 * 2 * 2 * FFN_EXPERT
 
 
@@ -95,16 +95,16 @@ def test_bad_seq_len_is_refused():
 MODEL_CASES = {
     "dense": SMOKE,
     "dense_tied": SMOKE.replace(tie_embeddings=True),
-    "bam_expert_kv": SMOKE.with_mixture(attn_experts=4, ffn_experts=4),
-    "bam_shared_kv": SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4),
-    "bam_shared_kv_tied": SMOKE.replace(tie_embeddings=True).with_mixture(
+    "bam_expert_kv": SMOKE.replace(attn_experts=4, ffn_experts=4),
+    "bam_shared_kv": SMOKE.replace(attn_experts=4, attn_kv="shared", ffn_experts=4),
+    "bam_shared_kv_tied": SMOKE.replace(tie_embeddings=True).replace(
         attn_experts=3, attn_kv="shared", ffn_experts=3
     ),
-    "sequential_top2": SMOKE.replace(parallel_residual=False).with_mixture(
-        attn_experts=2, attn_routing="top2", ffn_experts=3, ffn_top_k=2
+    "sequential_top2": SMOKE.replace(parallel_residual=False).replace(
+        attn_experts=2, attn_router=RouterConfig("topk", 2), ffn_experts=3, ffn_router=RouterConfig("topk", 2)
     ),
-    "btx": SMOKE.with_mixture(ffn_experts=4, ffn_top_k=1),
-    "btx_matched": SMOKE.with_mixture(ffn_experts=6, ffn_top_k=3),
+    "btx": SMOKE.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 1)),
+    "btx_matched": SMOKE.replace(ffn_experts=6, ffn_router=RouterConfig("topk", 3)),
 }
 
 
@@ -121,9 +121,9 @@ def test_bam_590m_sanity():
     layer = 4 * d * d + 3 * d * f + d  # 10,486,784
     assert count_params(cfg).total == 2 * v * d + 6 * layer + d == 587_209_728
 
-    bam = count_params(cfg.with_mixture(attn_experts=4, ffn_experts=4))
-    btx = count_params(cfg.with_mixture(ffn_experts=4))
-    matched = count_params(cfg.with_mixture(ffn_experts=6, ffn_top_k=3))
+    bam = count_params(cfg.replace(attn_experts=4, ffn_experts=4))
+    btx = count_params(cfg.replace(ffn_experts=4))
+    matched = count_params(cfg.replace(ffn_experts=6, ffn_router=RouterConfig("topk", 3)))
     # With F = 2D, 2 extra FFN experts (2 * 3 * D * 2D) = 3 extra attention experts (3 * 4 * D^2):
     # BTX parameter-matched equals BAM in total and active parameters, routers aside.
     bam_routers, matched_routers = 6 * (4 + 4) * d, 6 * 6 * d
@@ -131,8 +131,8 @@ def test_bam_590m_sanity():
     assert bam.active - bam_routers == matched.active - matched_routers
     assert btx.total < bam.total
 
-    bam_flops = flops_per_token(cfg.with_mixture(attn_experts=4, ffn_experts=4), seq_len=2048)
-    btx_flops = flops_per_token(cfg.with_mixture(ffn_experts=4), seq_len=2048)
+    bam_flops = flops_per_token(cfg.replace(attn_experts=4, ffn_experts=4), seq_len=2048)
+    btx_flops = flops_per_token(cfg.replace(ffn_experts=4), seq_len=2048)
     # per layer, BAM adds 3 attention experts (2 * 4 * D^2 projections + 4 * D * (T+1)/2 scores each)
     # and an attention router (2 * 4 * D)
     extra = 6 * (3 * (2 * 4 * d * d + 4 * d * (2048 + 1) / 2) + 2 * 4 * d)
@@ -140,7 +140,7 @@ def test_bam_590m_sanity():
 
 
 def test_describe_rows():
-    cfg = SMOKE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4, ffn_top_k=2)
+    cfg = SMOKE.replace(attn_experts=4, attn_kv="shared", ffn_experts=4, ffn_router=RouterConfig("topk", 2))
     rows = describe(cfg, seq_len=32)
     assert rows["params_total"] == count_params(cfg).total
     assert rows["params_active"] == count_params(cfg).active

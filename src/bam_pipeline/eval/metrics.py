@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,8 @@ def sequence_nll(
 ) -> NllSum:
     """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before.
 
-    Loss is computed in float32. ``on_routing`` receives each batch's ``ModelOutput.routing``.
-    Only the forward pass is timed (synchronised on CUDA).
+    The loss is the model's own next-token NLL (float32). ``on_routing`` receives each batch's
+    ``ModelOutput.routing``. Only the forward pass and its loss are timed (synchronised on CUDA).
     """
     nll, tokens, seconds = 0.0, 0, 0.0
     for start in range(0, seqs.shape[0], batch_size):
@@ -69,11 +68,10 @@ def sequence_nll(
         inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(inp)
+        batch_nll, out = model.loss(inp, tgt, reduction="sum")
         _sync(device)
         seconds += time.perf_counter() - t0
-        logits = out.logits.float()  # (B, T, V)
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        nll += batch_nll.item()
         tokens += tgt.numel()
         if on_routing is not None:
             on_routing(out.routing)

@@ -1,74 +1,54 @@
-"""Display names and roles of artifact labels (``seed``, ``branch/<domain>``, ``mix/<v>``, ``moe/<v>``).
+"""What a model of the report is: its display name, its role in the ordering claims and, for a
+mixture, the names of its experts, all read from the artifact's manifest (written by its stage).
 
-Data-driven: a label's stage and name decide its display name and its role in the ordering claims;
-nothing is specific to one run. ``<v>_cm`` is the compute-matched run of variant ``<v>``.
+Roles: ``seed``, ``expert`` (a branch expert), ``untrained`` (a mix artifact), ``mixture`` (a trained
+mixture) and ``dense`` (the dense baseline of the mixture phase, a single model).
 """
 
 from __future__ import annotations
 
-CM_SUFFIX = "_cm"
+from dataclasses import dataclass
+from typing import Any
 
-VARIANT_NAMES: dict[str, str] = {
-    "bam": "BAM (expert KV)",
-    "bam_kv_shared": "BAM (shared KV)",
-    "bam_attn_top1": "BAM (top-1 attention)",
-    "bam_attn_top2": "BAM (top-2 attention)",
-    "btx": "BTX",
-    "btx_matched": "BTX (parameter-matched)",
-    "sparse_upcycle": "Sparse upcycling",
-    "dense": "Dense",
-}
+from bam_pipeline.store.artifacts import Artifact
+from bam_pipeline.store.layout import parse_label
+
+ROLES = ("seed", "expert", "untrained", "mixture", "dense")
+SINGLE_MODEL_ROLES = ("seed", "expert", "dense")
+STAGE_ROLES = {"seed": "seed", "branch": "expert", "mix": "untrained", "moe": "mixture"}
 
 
-def split_label(label: str) -> tuple[str, str]:
-    """(stage, name) of a label; the seed's label is just ``seed``."""
-    stage, _, name = label.partition("/")
-    return stage, name or "main"
+@dataclass(frozen=True)
+class About:
+    """A model's description, as its stage wrote it into the manifest (``about``)."""
+
+    display: str
+    role: str
+    domain: str | None = None  # a branch expert's domain
+    experts: dict[str, list[str]] | None = None  # a mixture's expert names per router kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"display": self.display, "role": self.role, "domain": self.domain, "experts": self.experts}
 
 
-def variant_display(variant: str) -> str:
-    """``bam`` -> ``BAM (expert KV)``; ``bam_cm`` -> ``BAM CM (expert KV)``; unknown names unchanged."""
-    if variant.endswith(CM_SUFFIX):
-        base, paren, rest = variant_display(variant[: -len(CM_SUFFIX)]).partition(" (")
-        return f"{base} CM{paren}{rest}"
-    return VARIANT_NAMES.get(variant, variant)
+def about(art: Artifact) -> About:
+    """The artifact's description; an artifact without one is named by its label, its role by its stage."""
+    given = art.manifest.get("about") or {}
+    stage, name = parse_label(art.label)
+    return About(
+        display=given.get("display") or art.label,
+        role=given.get("role") or STAGE_ROLES.get(stage, stage),
+        domain=given.get("domain") or (name if stage == "branch" else None),
+        experts=given.get("experts"),
+    )
 
 
-def display_name(label: str) -> str:
-    """Human name of an artifact label, e.g. ``branch/code`` -> ``Code expert``."""
-    stage, name = split_label(label)
-    if stage == "seed":
-        return "Seed"
-    if stage == "branch":
-        return f"{name.capitalize()} expert"
-    if stage == "mix":
-        return f"{name} (untrained)"
-    if stage == "moe":
-        return variant_display(name)
-    return label
+def expert_names(info: About, kind: str, n: int) -> list[str]:
+    """Names of the ``n`` experts of router kind ``kind``; ``e0..e{n-1}`` when the manifest does not say."""
+    names = (info.experts or {}).get(kind)
+    return list(names) if names and len(names) == n else [f"e{i}" for i in range(n)]
 
 
 def column_name(source: str) -> str:
     """Display name of a source column (``general`` -> ``General``)."""
     return source.capitalize()
-
-
-def is_dense_variant(variant: str) -> bool:
-    return variant == "dense" or variant.startswith("dense" + CM_SUFFIX)
-
-
-def is_single_model(label: str) -> bool:
-    """Seed, a branch expert, or the dense baseline of the mixture phase."""
-    stage, name = split_label(label)
-    return stage in ("seed", "branch") or (stage == "moe" and is_dense_variant(name))
-
-
-def is_trained_mixture(label: str) -> bool:
-    stage, name = split_label(label)
-    return stage == "moe" and not is_dense_variant(name)
-
-
-def expert_domain(label: str) -> str | None:
-    """The domain of a branch expert, else None."""
-    stage, name = split_label(label)
-    return name if stage == "branch" else None

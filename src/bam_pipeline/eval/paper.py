@@ -26,3 +26,14 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "moe/bam_kv_shared": {"general": 25.67, "code": 3.64, "law": 6.39, "math": 5.57},
     "moe/bam_cm": {"general": 24.84, "code": 3.53, "law": 6.21, "math": 5.43},
 }
+
+# Display names and roles of the paper's rows (the run's own come from its manifests).
+PAPER_NAMES: dict[str, str] = {
+    "seed": "Seed", "branch/code": "Code expert", "branch/law": "Law expert", "branch/math": "Math expert",
+    "moe/btx": "BTX", "moe/bam": "BAM (expert KV)", "moe/bam_kv_shared": "BAM (shared KV)",
+    "moe/bam_cm": "BAM CM (expert KV)",
+}
+PAPER_ROLES: dict[str, str] = {
+    "seed": "seed", "branch/code": "expert", "branch/law": "expert", "branch/math": "expert",
+    "moe/btx": "mixture", "moe/bam": "mixture", "moe/bam_kv_shared": "mixture", "moe/bam_cm": "mixture",
+}

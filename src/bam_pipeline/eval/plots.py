@@ -4,7 +4,6 @@ loss against tokens. Each function draws from plain data and writes one file ato
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +13,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from bam_pipeline.eval.names import column_name, display_name, split_label  # noqa: E402
+from bam_pipeline.eval.names import column_name  # noqa: E402
 from bam_pipeline.eval.routing import heatmap_values  # noqa: E402
 from bam_pipeline.eval.table import PplTable  # noqa: E402
-from bam_pipeline.pipeline.artifacts import MODEL_STAGES  # noqa: E402
+from bam_pipeline.store.files import atomic_path  # noqa: E402
+from bam_pipeline.store.layout import MODEL_STAGES, parse_label  # noqa: E402
 
 ROUTER_TITLES = {"attn": "attention router: mean soft weight", "ffn": "FFN router: fraction of assignments"}
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
-def routing_heatmap(model_routing: dict[str, Any], kind: str, label: str, path: Path) -> Path | None:
-    """Domain x expert heatmap, one panel per layer; None when the model has no ``kind`` router."""
+def routing_heatmap(model_routing: dict[str, Any], kind: str, path: Path) -> Path | None:
+    """Domain x expert heatmap of one model's routing.json entry, one panel per layer; None when the
+    model has no ``kind`` router."""
     domains, layers = heatmap_values(model_routing, kind)
     if not layers:
         return None
@@ -50,7 +49,7 @@ def routing_heatmap(model_routing: dict[str, Any], kind: str, label: str, path: 
             for c, v in enumerate(row):
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"{display_name(label)}: {ROUTER_TITLES[kind]}", fontsize=10, y=1.04)
+    fig.suptitle(f"{model_routing['display']}: {ROUTER_TITLES[kind]}", fontsize=10, y=1.04)
     return _save(fig, path)
 
 
@@ -63,7 +62,7 @@ def perplexity_bars(table: PplTable, path: Path) -> Path:
     for j, lab in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(cols))]
         ys = [table.get(lab, c) or 0.0 for c in cols]
-        ax.bar(xs, ys, width, label=display_name(lab))
+        ax.bar(xs, ys, width, label=table.name(lab))
     ax.set_xticks(range(len(cols)), [column_name(c) for c in cols])
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (lower is better)")
@@ -72,23 +71,24 @@ def perplexity_bars(table: PplTable, path: Path) -> Path:
     return _save(fig, path)
 
 
-def loss_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    """Training loss (and validation loss, dashed) against tokens; one panel per stage."""
-    present = {split_label(lab)[0] for lab, rows in logs.items() if rows}
+def loss_curves(logs: dict[str, list[dict[str, Any]]], names: dict[str, str], path: Path) -> Path | None:
+    """Training loss (and validation loss, dashed) against tokens, per model label (display ``names``);
+    one panel per stage."""
+    present = {parse_label(lab)[0] for lab, rows in logs.items() if rows}
     stages = [s for s in MODEL_STAGES if s in present]
     if not stages:
         return None
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for lab, rows in logs.items():
-            if split_label(lab)[0] != stage or not rows:
+            if parse_label(lab)[0] != stage or not rows:
                 continue
             train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "tokens" in r]
             val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r and "tokens" in r]
-            line = ax.plot(*zip(*train), label=display_name(lab), lw=1.2)[0] if train else None
+            line = ax.plot(*zip(*train), label=names.get(lab, lab), lw=1.2)[0] if train else None
             if val:
                 ax.plot(*zip(*val), ls="--", marker=".", lw=1.0, color=line.get_color() if line else None,
-                        label=f"{display_name(lab)} (val)")
+                        label=f"{names.get(lab, lab)} (val)")
         ax.set_title(stage)
         ax.set_xlabel("tokens")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: no overlapping raw counts

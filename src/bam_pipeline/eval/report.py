@@ -15,13 +15,14 @@ from typing import Any
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.claims import check_claims
-from bam_pipeline.eval.names import column_name, display_name
-from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_TABLE1
+from bam_pipeline.eval.names import column_name
+from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
 from bam_pipeline.eval.plots import loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTER_KINDS
 from bam_pipeline.eval.table import PplTable, order_columns, table_cells, table_from_rows
-from bam_pipeline.pipeline.artifacts import find_model_artifacts, publish, read_train_log
+from bam_pipeline.store.artifacts import find_model_artifacts, publish, read_train_log
+from bam_pipeline.store.layout import RunLayout
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 
@@ -32,14 +33,12 @@ SCALE_NOTE = (
 )
 
 
-def load_eval(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics.json, routing.json) of a run; BamError when eval has not run."""
-    eval_dir = Path(run_dir) / "eval"
-    mpath = eval_dir / "metrics.json"
-    if not mpath.is_file():
-        raise BamError(f"no eval results in {eval_dir}; run `python -m bam_pipeline stage=eval` first")
-    rpath = eval_dir / "routing.json"
-    return json.loads(mpath.read_text()), (json.loads(rpath.read_text()) if rpath.is_file() else {})
+    if not layout.metrics.is_file():
+        raise BamError(f"no eval results in {layout.eval}; run `python -m bam_pipeline stage=eval` first")
+    routing = json.loads(layout.routing.read_text()) if layout.routing.is_file() else {}
+    return json.loads(layout.metrics.read_text()), routing
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
@@ -50,7 +49,7 @@ def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
 
 
 def paper_table() -> PplTable:
-    return PplTable(tuple(PAPER_TABLE1), PAPER_COLUMNS, PAPER_TABLE1)
+    return PplTable(tuple(PAPER_TABLE1), PAPER_COLUMNS, PAPER_TABLE1, PAPER_NAMES, PAPER_ROLES)
 
 
 def _si(n: float) -> str:
@@ -72,7 +71,7 @@ def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
             "tokens trained"]]
     for lab, p in per.items():
         tps = p["tok"] / p["sec"] if p["sec"] > 0 else math.nan
-        out.append([display_name(lab), _si(p["params_total"]), _si(p["params_active"]),
+        out.append([p.get("display", lab), _si(p["params_total"]), _si(p["params_active"]),
                     _si(p["flops_per_token"]),
                     f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
                     f"{tps:,.0f}", "-" if p.get("tokens_trained") is None else _si(p["tokens_trained"])])
@@ -94,7 +93,7 @@ def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
                 ent = s["entropy"] or [math.nan]
                 mean_share = [sum(col) / len(share) for col in zip(*share)]  # (E,) averaged over layers
                 top = max(range(len(mean_share)), key=mean_share.__getitem__)
-                out.append([display_name(label), kind, column_name(domain),
+                out.append([entry["display"], kind, column_name(domain),
                             f"{sum(ent) / len(ent) / math.log(len(names)):.3f}", names[top], f"{mean_share[top]:.3f}"])
     return out
 
@@ -107,14 +106,14 @@ def _claim_rows(run: PplTable) -> list[list[str]]:
     return out
 
 
-def _blocks(run_dir: Path, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
+def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
             command: str, config_hash: str) -> list[Block]:
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
     paper_cells = table_cells(paper_table())
     paper_cells[0] = ["model", "General (Pretrain)", *paper_cells[0][2:]]
     s = metrics["settings"]
     b: list[Block] = [
-        ("h", 1, f"BAM pipeline report: run {metrics.get('run', Path(run_dir).name)}"),
+        ("h", 1, f"BAM pipeline report: run {metrics.get('run', layout.run)}"),
         ("h", 2, "Provenance"),
         ("p", "Command:"),
         ("code", command),
@@ -157,42 +156,41 @@ def _blocks(run_dir: Path, metrics: dict[str, Any], routing: dict[str, Any], ima
     return b
 
 
-def build_report(run_dir: Path, *, command: str, config_hash: str) -> Path:
-    """Write ``stages/<run>/report/`` (report.md, report.html, PNGs) atomically; returns report.md's path."""
-    run_dir = Path(run_dir)
-    metrics, routing = load_eval(run_dir)
+def build_report(layout: RunLayout, *, command: str, config_hash: str) -> Path:
+    """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path."""
+    metrics, routing = load_eval(layout)
     skipped_models = {x["name"] for x in metrics.get("skipped", []) if x.get("kind") == "model"}
-    logs = {a.label: read_train_log(a) for a in find_model_artifacts(run_dir) if a.label not in skipped_models}
-    out = run_dir / "report"
-    with publish(out) as tmp:
+    logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped_models}
+    table = run_table(metrics)
+    with publish(layout.report) as tmp:
         images: dict[str, str] = {}
         if metrics["rows"]:
-            perplexity_bars(run_table(metrics), tmp / "perplexity.png")
+            perplexity_bars(table, tmp / "perplexity.png")
             images["perplexity.png"] = "Perplexity per domain per model"
-        if loss_curves(logs, tmp / "training_loss.png"):
+        if loss_curves(logs, table.names, tmp / "training_loss.png"):
             images["training_loss.png"] = "Training loss against tokens, every stage"
         for label, entry in routing.items():
             for kind in ROUTER_KINDS:
-                name = f"routing_{label.replace('/', '_')}_{kind}.png"
-                if routing_heatmap(entry, kind, label, tmp / name):
-                    images[name] = f"{display_name(label)}: {kind} routing per domain and layer"
-        blocks = _blocks(run_dir, metrics, routing, images, command, config_hash)
+                path = layout.heatmap(label, kind, tmp)
+                if routing_heatmap(entry, kind, path):
+                    images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"
+        blocks = _blocks(layout, metrics, routing, images, command, config_hash)
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
-        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {run_dir.name}"))
-    return out / REPORT_MD
+        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {layout.run}"))
+    return layout.report / REPORT_MD
 
 
-def report_files(run_dir: Path) -> list[Path]:
+def report_files(layout: RunLayout) -> list[Path]:
     """The report's files (report.md, report.html, PNGs), e.g. for logging to wandb."""
-    out = Path(run_dir) / "report"
+    out = layout.report
     if not out.is_dir():
         return []
     return [out / REPORT_MD, out / REPORT_HTML, *sorted(out.glob("*.png"))]
 
 
-def print_summary(run_dir: Path) -> None:
+def print_summary(layout: RunLayout) -> None:
     """Print the run's Table 1 analogue (best per column marked *), the ordering claims and the report's path."""
-    metrics, _ = load_eval(run_dir)
+    metrics, _ = load_eval(layout)
     table = run_table(metrics)
     cells = table_cells(table, mark_best="*")
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
@@ -200,4 +198,4 @@ def print_summary(run_dir: Path) -> None:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     for c in check_claims(table):
         print(f"{c.status:>15}: {c.text}")
-    print(f"report: {Path(run_dir) / 'report' / REPORT_MD}")
+    print(f"report: {layout.report / REPORT_MD}")

@@ -1,16 +1,15 @@
 """stage=eval: every finished model artifact x every source's test split -> metrics.json and routing.json.
 
 Per (model, domain) row: mean token loss, perplexity, bits per byte, tokens evaluated, total and
-active parameters, forward FLOPs per token, measured inference tokens/s. Router statistics per
-domain and layer for every model with routers, drawn as heatmaps. Results are cached per
-(artifact hash, data hash, eval settings) in ``stages/<run>/eval/cache/``; only what changed is
-re-evaluated. Every file is written atomically.
+active parameters, forward FLOPs per token, measured inference tokens/s, and the model's display
+name and role from its manifest. Router statistics per domain and layer for every model with
+routers, drawn as heatmaps. Results are cached per (artifact hash, data hash, eval settings) in
+``RunLayout.eval_cache``; only what changed is re-evaluated. Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,17 @@ from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import load_split_sequences
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll
-from bam_pipeline.eval.names import display_name
+from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
+from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
-from bam_pipeline.pipeline.artifacts import Artifact, canonical_hash, find_model_artifacts, load_model
-from bam_pipeline.pipeline.artifacts import try_read_artifact
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model
+from bam_pipeline.store.files import canonical_hash, write_json
+from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 1
-METRICS_FILE, ROUTING_FILE = "metrics.json", "routing.json"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary sibling, then rename); key order is kept (domains stay in source order)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+CACHE_SCHEMA = 2
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,15 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def eval_settings(ecfg: Any) -> dict[str, Any]:
-    """The settings that change eval results (part of the cache key)."""
-    return {
-        "seq_len": None if ecfg.seq_len is None else int(ecfg.seq_len),
-        "max_tokens_per_source": None if ecfg.max_tokens_per_source is None else int(ecfg.max_tokens_per_source),
-        "batch_size": int(ecfg.batch_size),
-    }
 
 
 def data_hash(prepared: Any) -> str:
@@ -88,11 +70,12 @@ class _Sequences:
         return self.cache[(source, seq_len)]
 
 
-def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, settings: dict[str, Any],
+def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
                    device: torch.device) -> dict[str, Any]:
     """Rows (one per source), routing stats per source and per-source skip records for one model."""
     model, mcfg = load_model(art, verify=False, device=str(device))
-    seq_len = settings["seq_len"] or mcfg.max_seq_len
+    info = about(art)
+    seq_len = spec.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
                        f"set eval.seq_len to at most {mcfg.max_seq_len} or null")
@@ -106,14 +89,14 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
             continue
         if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
-            sequence_nll(model, data[: settings["batch_size"]], batch_size=settings["batch_size"], device=device)
+            sequence_nll(model, data[: spec.batch_size], batch_size=spec.batch_size, device=device)
             warmed = True
         stats = RoutingStats()
-        res = sequence_nll(model, data, batch_size=settings["batch_size"], device=device, on_routing=stats.update)
+        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, on_routing=stats.update)
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
         rows.append({
-            "model": art.label, "stage": art.stage, "name": art.name, "display": display_name(art.label),
+            "model": art.label, "stage": art.stage, "name": art.name, "display": info.display, "role": info.role,
             "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
             "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
             "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
@@ -125,50 +108,33 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
     return {"rows": rows, "routing": routing, "skipped": skipped}
 
 
-def expert_names(art: Artifact, kind: str, n: int) -> list[str]:
-    """Names of a mixture's ``n`` experts of a router kind, from the mix stage's manifest (the moe stage
-    reads its ``mix`` input's): ``[seed] + domains`` in upcycling order, extra seed FFN copies as
-    ``seed+k``; ``e0..e{n-1}`` when the manifest does not say or the count differs."""
-    mix_path = art.manifest.get("inputs", {}).get("mix", {}).get("path")
-    # the stored path may be relative to where the moe stage ran: look next to the moe artifact instead
-    mix_dir = art.path.parent.parent / "mix" / Path(mix_path).name if mix_path else None
-    mix = art if art.stage == "mix" else (try_read_artifact(mix_dir) if mix_dir else None)
-    config = (mix.manifest.get("config") or {}) if mix else {}
-    settings = config.get("mix") or {}
-    names = (["seed"] if settings.get("include_seed", True) else []) + list(config.get("domains") or [])
-    if kind == "ffn":
-        names += [f"seed+{k + 1}" for k in range(int(settings.get("extra_seed_ffn_experts") or 0))]
-    return names if settings.get("method") in ("bam", "btx") and len(names) == n else [f"e{i}" for i in range(n)]
-
-
-def _experts(art: Artifact, routing: dict[str, Any]) -> dict[str, list[str]]:
+def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
     """Expert names per router kind present in ``routing`` (one model's per-domain stats)."""
     out = {}
     for kind in ROUTER_KINDS:
         stats = next((r[kind] for r in routing.values() if kind in r), None)
         if stats is not None:
-            out[kind] = expert_names(art, kind, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
+            out[kind] = expert_names(info, kind, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
     return out
 
 
-def run_eval(cfg: Any, run_dir: Path) -> Path:
-    """Evaluate every finished model artifact of ``run_dir``; returns the path of metrics.json."""
-    run_dir = Path(run_dir)
-    arts = find_model_artifacts(run_dir)
+def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
+    """Evaluate every finished model artifact of the run; returns the path of metrics.json.
+
+    ``general`` names the general source (the report's first column)."""
+    arts = find_model_artifacts(layout)
     if not arts:
-        raise BamError(f"no trained model in {run_dir}; run `python -m bam_pipeline stage=seed` first")
-    prepared = open_prepared(run_dir / "data")
+        raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
+    prepared = open_prepared(layout.data)
     sources, skipped = sources_with_test_split(prepared)
     for s in skipped:
         print(f"[eval] skip {s['name']}: {s['reason']}")
     if not sources:
-        raise BamError(f"no source of {run_dir / 'data'} has a {TEST_SPLIT} split; re-run `stage=data` with test "
+        raise BamError(f"no source of {layout.data} has a {TEST_SPLIT} split; re-run `stage=data` with test "
                        f"splits enabled")
-    settings = eval_settings(cfg.eval)
     dhash = data_hash(prepared)
-    device = resolve_device(str(cfg.eval.device))
-    eval_dir, cache_dir = run_dir / "eval", run_dir / "eval" / "cache"
-    seqs = _Sequences(prepared, settings["max_tokens_per_source"])
+    device = resolve_device(spec.device)
+    seqs = _Sequences(prepared, spec.max_tokens_per_source)
     rows, routing, reused, evaluated, used_cache = [], {}, [], [], set()
     for art in arts:
         try:
@@ -177,38 +143,38 @@ def run_eval(cfg: Any, run_dir: Path) -> Path:
             print(f"[eval] skip {art.label}: {e}")
             skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
             continue
-        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": settings,
+        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": spec.cache_key(),
                               "sources": sources, "device": str(device)})  # tokens/s belongs to a device
-        cache_file = cache_dir / f"{art.stage}-{art.name}-{key[:16]}.json"
+        cache_file = layout.eval_cache / f"{art.stage}-{art.name}-{key[:16]}.json"
         if cache_file.is_file():
             result = json.loads(cache_file.read_text())
             reused.append(art.label)
         else:
-            result = evaluate_model(art, sources, seqs, prepared, settings, device)
+            result = evaluate_model(art, sources, seqs, prepared, spec, device)
             write_json(cache_file, result)
             evaluated.append(art.label)
         used_cache.add(cache_file.name)
         rows += result["rows"]
         skipped += result["skipped"]
         if result["routing"]:
-            routing[art.label] = {"display": display_name(art.label), "experts": _experts(art, result["routing"]),
+            info = about(art)
+            routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
                                   "domains": result["routing"]}
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:
         print(f"[eval] evaluated: {', '.join(evaluated)}")
-    for stale in cache_dir.glob("*.json"):
+    for stale in layout.eval_cache.glob("*.json"):
         if stale.name not in used_cache:
             stale.unlink()
-    write_json(eval_dir / ROUTING_FILE, routing)
+    write_json(layout.routing, routing)
     for label, entry in routing.items():
         for kind in ROUTER_KINDS:
-            routing_heatmap(entry, kind, label, eval_dir / f"routing_{label.replace('/', '_')}_{kind}.png")
-    metrics_path = eval_dir / METRICS_FILE
-    write_json(metrics_path, {
-        "run": run_dir.name, "settings": {**settings, "device": str(device)}, "data_hash": dhash,
-        "sources": sources, "general_source": cfg.data.get("general"), "rows": rows, "skipped": skipped,
+            routing_heatmap(entry, kind, layout.heatmap(label, kind))
+    write_json(layout.metrics, {
+        "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": dhash,
+        "sources": sources, "general_source": general, "rows": rows, "skipped": skipped,
         "reused": reused, "evaluated": evaluated,
     })
-    print(f"[eval] {len(rows)} (model, domain) rows -> {metrics_path}")
-    return metrics_path
+    print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
+    return layout.metrics

@@ -7,21 +7,33 @@ in the paper's Table 1; a row missing a column has no average.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from bam_pipeline.eval.names import column_name, display_name
+from bam_pipeline.eval.names import STAGE_ROLES, column_name
+from bam_pipeline.store.layout import parse_label
 
 AVERAGE = "average"
 
 
 @dataclass(frozen=True)
 class PplTable:
-    """Perplexity (or another lower-is-better metric) per (model label, source column)."""
+    """Perplexity (or another lower-is-better metric) per (model label, source column), with each
+    model's display name and role (:mod:`~bam_pipeline.eval.names`)."""
 
     labels: tuple[str, ...]
     columns: tuple[str, ...]
     values: dict[str, dict[str, float]]
+    names: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def name(self, label: str) -> str:
+        """The model's display name (its label when none is given)."""
+        return self.names.get(label, label)
+
+    def role(self, label: str) -> str:
+        """The model's role; without one given, its stage's role."""
+        return self.roles.get(label) or STAGE_ROLES.get(parse_label(label)[0], "")
 
     @property
     def all_columns(self) -> tuple[str, ...]:
@@ -50,11 +62,17 @@ def order_columns(sources: Iterable[str], general: str | None) -> tuple[str, ...
 
 def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: Iterable[str],
                     key: str = "perplexity") -> PplTable:
-    """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``)."""
+    """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``, and the
+    model's ``display`` and ``role`` where given)."""
     values: dict[str, dict[str, float]] = {}
+    names, roles = {}, {}
     for r in rows:
         values.setdefault(r["model"], {})[r["domain"]] = float(r[key])
-    return PplTable(tuple(labels), tuple(columns), values)
+        if r.get("display"):
+            names[r["model"]] = r["display"]
+        if r.get("role"):
+            roles[r["model"]] = r["role"]
+    return PplTable(tuple(labels), tuple(columns), values, names, roles)
 
 
 def table_cells(table: PplTable, *, mark_best: str = "**", among: Iterable[str] | None = None) -> list[list[str]]:
@@ -63,7 +81,7 @@ def table_cells(table: PplTable, *, mark_best: str = "**", among: Iterable[str] 
     best = {c: table.best(c, among) for c in table.all_columns}
     out = [["model", *(column_name(c) for c in table.all_columns)]]
     for lab in table.labels:
-        cells = [display_name(lab)]
+        cells = [table.name(lab)]
         for c in table.all_columns:
             v = table.get(lab, c)
             text = "-" if v is None else f"{v:.2f}"

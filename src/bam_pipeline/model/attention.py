@@ -1,10 +1,11 @@
 """Mixture of Attention (BAM): E attention experts computed in one fused attention call.
 
-E = 1 is plain grouped-query attention with no router. With E > 1 a float32 router on the normed
-input gives ``probs = softmax(router(h))`` and the output is ``sum_e gate_e * Attn_e(h)``:
-- ``soft`` (BAM default): ``gate = probs``, every expert used;
-- ``top1`` / ``top2``: ``gate_e = probs_e`` for the chosen experts and 0 otherwise. The gate is the
-  full softmax probability, *not* renormalised over the chosen experts (as BAM's FFN gate): with
+E = 1 is plain grouped-query attention with no router. With E > 1 a router
+(:mod:`~bam_pipeline.model.routing`) on the normed input gives each expert a gate and the output is
+``sum_e gate_e * Attn_e(h)``:
+- ``soft`` (BAM default): ``gate = softmax(router(h))``, every expert used;
+- ``topk``: ``gate_e = probs_e`` for the k chosen experts and 0 otherwise. The gate is the full
+  softmax probability, *not* renormalised over the chosen experts (as BAM's FFN gate): with
   renormalisation top-1 gates would be constantly 1 and the router would get no gradient.
   All E experts are still computed and the unchosen ones are zero-weighted (correct, not cheaper).
 
@@ -21,9 +22,8 @@ RoPE: the fused Q and K weights also reorder each head's columns from the stored
 to the interleaved one, so the rotation is one complex multiply per tensor
 (:func:`~bam_pipeline.model.layers.apply_rotary_interleaved`). q and k get the same permutation
 of their head dims, so every score ``q . k``, and hence the output, is unchanged; V and O keep the
-stored order. On the CPU the half-split rotation's six passes over the E-times-larger q and k
-cost about what the fusion saves; with the complex multiply the fused layer takes 0.89-0.96x the
-per-expert loop's time on 2 CPU cores (benchmarks/bench_model.py row (2)).
+stored order. The half-split rotation's six passes over the E-times-larger q and k would cost about
+what the fusion saves (docs/measurements.md; ``make bench`` row (2) compares fused and loop).
 
 Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
 KV K/V heads per expert set, hd head dim, g = H // KV query heads per K/V head.
@@ -38,22 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import RotaryEmbedding, router_logits
+from bam_pipeline.model.layers import RotaryEmbedding
+from bam_pipeline.model.routing import Router, Routing
 
 
 class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, T, D)
-    probs: torch.Tensor | None  # (N, E) float32 router softmax; None when E = 1
-
-
-def attention_gates(probs: torch.Tensor, routing: str) -> torch.Tensor:
-    """Per-expert output weights (N, E) from router probs (N, E): all of them (soft) or top-k only."""
-    if routing == "soft":
-        return probs
-    k = {"top1": 1, "top2": 2}[routing]
-    chosen = probs.topk(k, dim=-1).indices  # (N, k)
-    mask = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (N, E)
-    return probs * mask
+    routing: Routing | None  # the router's decision for the B*T tokens; None when E = 1
 
 
 class MixtureOfAttention(nn.Module):
@@ -63,7 +54,7 @@ class MixtureOfAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, D, H, KV, hd = cfg.attn_experts, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.router = nn.Linear(D, E, bias=False) if E > 1 else None
+        self.router = Router(D, E, cfg.attn_router) if E > 1 else None
         self.wq = nn.Parameter(torch.empty(E, D, H * hd))
         self.wk = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
         self.wv = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
@@ -77,12 +68,6 @@ class MixtureOfAttention(nn.Module):
         """Outer head-group count of the fused query layout: 1 (expert-major) or KV (shared KV)."""
         shared = self.cfg.attn_kv == "shared" and self.cfg.attn_experts > 1
         return self.cfg.n_kv_heads if shared else 1
-
-    def router_probs(self, h: torch.Tensor) -> torch.Tensor | None:
-        """float32 softmax of the router logits, (N, E); None without a router."""
-        if self.router is None:
-            return None
-        return F.softmax(router_logits(h, self.router.weight), dim=-1)  # (N, E)
 
     def forward(self, h: torch.Tensor) -> AttentionOutput:
         """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs."""
@@ -111,14 +96,14 @@ class MixtureOfAttention(nn.Module):
         )  # (B, E*H, T, hd)
         o = o.transpose(1, 2).reshape(B * T, lead, E, H * hd // lead)  # (N, lead, E, H*hd/lead)
 
-        probs = self.router_probs(h)
-        if probs is not None:
-            gates = attention_gates(probs, cfg.attn_routing).to(o.dtype)  # (N, E)
+        routing = None if self.router is None else self.router(h)
+        if routing is not None:
+            gates = routing.dense_gates().to(o.dtype)  # (N, E)
             o = o * gates[:, None, :, None]
         # Fused output weight (E*H*hd, D) with rows in the same (lead, E, H/lead, hd) order.
         wo = self.wo.view(E, lead, H * hd // lead, D).transpose(0, 1).reshape(E * H * hd, D)
         out = o.reshape(B * T, E * H * hd) @ wo  # (N, D)
-        return AttentionOutput(out.view(B, T, D), probs)
+        return AttentionOutput(out.view(B, T, D), routing)
 
 
 def mixture_of_attention_loop(attn: MixtureOfAttention, h: torch.Tensor) -> AttentionOutput:
@@ -127,8 +112,8 @@ def mixture_of_attention_loop(attn: MixtureOfAttention, h: torch.Tensor) -> Atte
     B, T, D = h.shape
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     x = h.reshape(B * T, D)  # (N, D)
-    probs = attn.router_probs(h)
-    gates = None if probs is None else attention_gates(probs, cfg.attn_routing).to(h.dtype)
+    routing = None if attn.router is None else attn.router(h)
+    gates = None if routing is None else routing.dense_gates().to(h.dtype)
     out = torch.zeros_like(x)
     for e in range(cfg.attn_experts):
         e_kv = e if cfg.kv_experts > 1 else 0
@@ -139,4 +124,4 @@ def mixture_of_attention_loop(attn: MixtureOfAttention, h: torch.Tensor) -> Atte
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         y = o.transpose(1, 2).reshape(B * T, H * hd) @ attn.wo[e]  # (N, D)
         out = out + (y if gates is None else gates[:, e : e + 1] * y)
-    return AttentionOutput(out.view(B, T, D), probs)
+    return AttentionOutput(out.view(B, T, D), routing)

@@ -1,7 +1,7 @@
-"""Model configuration: one YAML/JSON-serialisable dataclass, the named presets, mixture layouts.
+"""Model configuration: one JSON-serialisable dataclass, its router choices, and the named presets.
 
-A dense model is the special case ``attn_experts == ffn_experts == 1``. Mixture layouts are the
-same dataclass with more experts (see :meth:`ModelConfig.with_mixture`).
+A dense model is the special case ``attn_experts == ffn_experts == 1``. A mixture is the same
+backbone with more experts and a :class:`RouterConfig` for each kind of router.
 """
 
 from __future__ import annotations
@@ -10,9 +10,44 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ATTN_ROUTINGS = ("soft", "top1", "top2")
+from bam_pipeline.errors import ConfigError
+
 KV_MODES = ("expert", "shared")
-FFN_GATES = ("softmax", "renorm")
+ROUTER_KINDS = ("soft", "topk")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a router turns its logits into gates (see :mod:`bam_pipeline.model.routing`).
+
+    - ``soft``: every expert, weighted by the router softmax (BAM's attention routing);
+    - ``topk``: the ``k`` most probable experts, weighted by their softmax probability, or by the
+      probability renormalised over the chosen ``k`` when ``renormalize`` (BTX's gate).
+    """
+
+    kind: str = "topk"
+    k: int = 1
+    renormalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTER_KINDS:
+            raise ConfigError("kind", self.kind, f"use one of {', '.join(ROUTER_KINDS)}")
+        if self.k < 1:
+            raise ConfigError("k", self.k, "must be at least 1")
+
+    def active(self, n_experts: int) -> int:
+        """Experts one token uses out of ``n_experts``."""
+        return n_experts if self.kind == "soft" else min(self.k, n_experts)
+
+    def describe(self) -> str:
+        """``soft``, ``top-1``, ``top-2 renormalised``."""
+        if self.kind == "soft":
+            return "soft"
+        return f"top-{self.k}" + (" renormalised" if self.renormalize else "")
+
+
+SOFT = RouterConfig(kind="soft")
+TOP1 = RouterConfig(kind="topk", k=1)
 
 
 @dataclass(frozen=True)
@@ -36,35 +71,39 @@ class ModelConfig:
     init_std: float = 0.02
     # Mixture of attention (E = 1: plain attention)
     attn_experts: int = 1
-    attn_routing: str = "soft"
     attn_kv: str = "expert"
+    attn_router: RouterConfig = SOFT
     # Mixture-of-experts FFN (E = 1: plain SwiGLU FFN)
     ffn_experts: int = 1
-    ffn_top_k: int = 1
-    ffn_gate: str = "softmax"
+    ffn_router: RouterConfig = TOP1
     # Auxiliary loss weights (PAPER.md section 4: not stated by the paper; OLMoE/BTX choices)
     lb_coef: float = 0.01
     z_coef: float = 0.001
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"invalid model config: {msg}")
-
+        for key in ("attn_router", "ffn_router"):  # from_dict and replace() may pass plain mappings
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                object.__setattr__(self, key, RouterConfig(**value))
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            need(getattr(self, k) > 0, f"{k} must be positive, got {getattr(self, k)}")
-        need(self.d_model % self.n_heads == 0, f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
-        need(self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} not divisible by n_kv_heads={self.n_kv_heads}")
-        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
-        need(self.attn_experts >= 1, f"attn_experts must be >= 1, got {self.attn_experts}")
-        need(self.ffn_experts >= 1, f"ffn_experts must be >= 1, got {self.ffn_experts}")
-        need(self.attn_routing in ATTN_ROUTINGS, f"attn_routing must be one of {ATTN_ROUTINGS}, got {self.attn_routing!r}")
-        need(self.attn_kv in KV_MODES, f"attn_kv must be one of {KV_MODES}, got {self.attn_kv!r}")
-        need(self.ffn_gate in FFN_GATES, f"ffn_gate must be one of {FFN_GATES}, got {self.ffn_gate!r}")
-        need(1 <= self.ffn_top_k <= self.ffn_experts, f"ffn_top_k={self.ffn_top_k} must be in [1, ffn_experts={self.ffn_experts}]")
-        if self.attn_routing == "top2":
-            need(self.attn_experts >= 2, "attn_routing=top2 needs attn_experts >= 2")
+            if getattr(self, k) <= 0:
+                raise ConfigError(k, getattr(self, k), "must be positive")
+        if self.d_model % self.n_heads:
+            raise ConfigError("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError("d_model", self.d_model, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+        for k in ("attn_experts", "ffn_experts"):
+            if getattr(self, k) < 1:
+                raise ConfigError(k, getattr(self, k), "must be at least 1")
+        if self.attn_kv not in KV_MODES:
+            raise ConfigError("attn_kv", self.attn_kv, f"use one of {', '.join(KV_MODES)}")
+        for key, n in (("attn_router", self.attn_experts), ("ffn_router", self.ffn_experts)):
+            router = getattr(self, key)
+            if n > 1 and router.kind == "topk" and router.k > n:
+                raise ConfigError(f"{key}.k", router.k, f"must be at most the number of experts ({n})")
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -79,7 +118,12 @@ class ModelConfig:
     @property
     def attn_active_experts(self) -> int:
         """Attention experts one token uses (soft routing uses all of them)."""
-        return {"soft": self.attn_experts, "top1": 1, "top2": min(2, self.attn_experts)}[self.attn_routing]
+        return self.attn_router.active(self.attn_experts)
+
+    @property
+    def ffn_active_experts(self) -> int:
+        """FFN experts one token uses."""
+        return self.ffn_router.active(self.ffn_experts)
 
     @property
     def is_dense(self) -> bool:
@@ -94,35 +138,15 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(unknown[0], d[unknown[0]], f"is not a model config key; known keys: {', '.join(sorted(known))}")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def with_mixture(
-        self,
-        *,
-        attn_experts: int = 1,
-        attn_routing: str = "soft",
-        attn_kv: str = "expert",
-        ffn_experts: int = 1,
-        ffn_top_k: int = 1,
-        ffn_gate: str = "softmax",
-    ) -> "ModelConfig":
-        """The same backbone with a mixture layout (E experts in attention and/or FFN)."""
-        return self.replace(
-            attn_experts=attn_experts,
-            attn_routing=attn_routing,
-            attn_kv=attn_kv,
-            ffn_experts=ffn_experts,
-            ffn_top_k=ffn_top_k,
-            ffn_gate=ffn_gate,
-        )
-
     def dense(self) -> "ModelConfig":
-        """The dense backbone of this config (one attention expert, one FFN expert)."""
-        return self.with_mixture()
+        """The dense backbone of this config (one attention expert, one FFN expert, default routers)."""
+        return self.replace(attn_experts=1, attn_kv="expert", attn_router=SOFT, ffn_experts=1, ffn_router=TOP1)
 
 
 # Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as PAPER.md section 5 reads it:
@@ -154,5 +178,8 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """A named preset, optionally with fields overridden (e.g. ``vocab_size`` from the tokenizer)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ConfigError("preset", name, f"is not a model preset; known presets: {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConfigError(unknown[0], overrides[unknown[0]], "is not a model config key")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

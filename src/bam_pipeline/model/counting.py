@@ -6,7 +6,7 @@ parallel block, routers only where a layer has more than one expert of that kind
 FLOP convention (forward pass, per token):
 - 2 FLOPs per multiply-add of every matmul the token actually uses: Q/O projections of each
   *active* attention expert, K/V projections of each active expert (expert KV) or once (shared
-  KV), the attention and FFN routers, ``ffn_top_k`` FFN experts and the LM head;
+  KV), the attention and FFN routers, the active FFN experts and the LM head;
 - attention scores (q.k) and the weighted sum of values (p.v) over the causal context: a token
   at position t (1-based) attends to t positions, so the average context of a length-T sequence
   is ``(T + 1) / 2`` (what a causal kernel that skips masked blocks computes);
@@ -106,7 +106,7 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
         attention=cfg.attn_experts * qo + cfg.kv_experts * kv,
         attention_active=cfg.attn_active_experts * qo + active_kv_sets * kv,
         ffn=cfg.ffn_experts * ffn_expert,
-        ffn_active=cfg.ffn_top_k * ffn_expert,
+        ffn_active=cfg.ffn_active_experts * ffn_expert,
         routers=routers,
         norms=d * (1 if cfg.parallel_residual else 2),
     )
@@ -165,9 +165,9 @@ def architecture_summary(cfg: ModelConfig) -> str:
         f"F={cfg.d_ff}, V={cfg.vocab_size} ({emb})"
     ]
     if cfg.attn_experts > 1:
-        parts.append(f"attention {cfg.attn_experts} experts ({cfg.attn_routing}, {cfg.attn_kv} KV)")
+        parts.append(f"attention {cfg.attn_experts} experts ({cfg.attn_router.describe()}, {cfg.attn_kv} KV)")
     if cfg.ffn_experts > 1:
-        parts.append(f"FFN {cfg.ffn_experts} experts top-{cfg.ffn_top_k} ({cfg.ffn_gate} gate)")
+        parts.append(f"FFN {cfg.ffn_experts} experts ({cfg.ffn_router.describe()})")
     return "; ".join(parts) if len(parts) > 1 else parts[0] + "; dense"
 
 

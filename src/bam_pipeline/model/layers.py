@@ -1,5 +1,4 @@
-"""Building blocks shared by attention and FFN: RMSNorm, rotary embedding, float32 router logits,
-SwiGLU math.
+"""Building blocks shared by attention and FFN: RMSNorm, rotary embedding, SwiGLU math.
 
 RoPE comes in two layouts of the same rotation. The stored weights (and the reference
 :func:`apply_rotary`) use the half-split layout, where frequency ``j`` rotates the pair
@@ -98,12 +97,6 @@ class RotaryEmbedding(nn.Module):
     def interleaved(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (B, T, heads, hd), interleaved layout, for positions ``0 .. T-1``."""
         return apply_rotary_interleaved(x, *self.tables(x.shape[1]))
-
-
-def router_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """float32 router logits (N, E) for input h (..., D) and router weight (E, D), autocast or not."""
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        return F.linear(h.reshape(-1, h.shape[-1]).float(), weight.float())
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

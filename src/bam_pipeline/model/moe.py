@@ -1,12 +1,9 @@
-"""Mixture-of-experts SwiGLU FFN: float32 router, token-choice top-k, dropless dispatch, aux losses.
+"""Mixture-of-experts SwiGLU FFN: a router (:mod:`~bam_pipeline.model.routing`), dropless dispatch,
+combine, and the auxiliary losses of the routing.
 
-E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1:
-- ``probs = softmax(router(h))`` in float32; each token picks its top-k experts;
-- gate = the chosen probs (``softmax``, BAM) or the chosen probs renormalised to sum to 1
-  (``renorm``, BTX);
-- load balancing ``lb = E * sum_i f_i * P_i`` with ``f_i`` the fraction of the N*k token
-  assignments routed to expert i and ``P_i`` the mean router prob of expert i; router z-loss
-  ``z = mean_tokens(logsumexp(logits)^2)``.
+E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1 the router picks each token's
+experts and their gates (BAM: top-1 with the full-softmax probability as gate; BTX: top-k
+renormalised), and this layer adds load balancing and z-loss (:mod:`~bam_pipeline.model.routing`).
 
 Dispatch (dropless): one stable argsort of the flattened (N*k,) expert ids, gather the token rows
 into expert order, run the experts, permute the results back to assignment order and sum each
@@ -15,9 +12,9 @@ directions (and their backwards) are plain row gathers; no scatter-add is needed
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
 contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped on CUDA where
 ``grouped_mm`` supports the tensors in the dtype the matmuls run in (:func:`grouped_mm_supported`,
-:func:`matmul_dtype`: autocast's under ``bf16-mixed``), else the loop: on CPU, torch 2.13 runs
-float32 ``grouped_mm`` (rows 16-byte aligned) as a per-expert loop of matmuls, and it measured
-about 10% slower than the loop path (benchmarks/bench_model.py, 1 thread).
+:func:`matmul_dtype`: autocast's under ``bf16-mixed``), else the loop: on CPU, torch runs float32
+``grouped_mm`` as a per-expert loop of matmuls, which measured slower than the loop path
+(docs/measurements.md).
 
 Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k.
 """
@@ -33,7 +30,8 @@ from torch import nn
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import router_logits, swiglu
+from bam_pipeline.model.layers import swiglu
+from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
 
@@ -42,7 +40,7 @@ _grouped_mm: Callable[..., torch.Tensor] | None = getattr(F, "grouped_mm", None)
 
 class MoEOutput(NamedTuple):
     out: torch.Tensor  # (B, T, D)
-    probs: torch.Tensor | None  # (N, E) float32 router softmax; None when E = 1
+    routing: Routing | None  # the router's decision for the N tokens; None when E = 1
     counts: torch.Tensor | None  # (E,) int64 token assignments per expert; None when E = 1
     lb_loss: torch.Tensor  # scalar, 0 when E = 1
     z_loss: torch.Tensor  # scalar, 0 when E = 1
@@ -72,18 +70,6 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """``E * sum_i f_i * P_i`` for router probs (N, E) and assignment counts (E,); gradient via P."""
-    n_experts = probs.shape[-1]
-    frac = counts.to(probs.dtype) / counts.sum()  # (E,) f_i, no gradient
-    return n_experts * (frac * probs.mean(0)).sum()
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """``mean over tokens of logsumexp(logits)^2`` for router logits (N, E)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -116,7 +102,7 @@ class MoEFeedForward(nn.Module):
         self.cfg = cfg
         self.dispatch = dispatch
         E, D, Fh = cfg.ffn_experts, cfg.d_model, cfg.d_ff
-        self.router = nn.Linear(D, E, bias=False) if E > 1 else None
+        self.router = Router(D, E, cfg.ffn_router) if E > 1 else None
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
@@ -133,23 +119,20 @@ class MoEFeedForward(nn.Module):
             out = swiglu(x, self.w1.squeeze(0), self.w3.squeeze(0), self.w2.squeeze(0))
             return MoEOutput(out.view(B, T, D), None, None, zero, zero)
 
-        cfg = self.cfg
-        E, k = cfg.ffn_experts, cfg.ffn_top_k
-        logits = router_logits(x, self.router.weight)  # (N, E) float32
-        probs = F.softmax(logits, dim=-1)
-        gates, experts = probs.topk(k, dim=-1)  # (N, k) each
-        if cfg.ffn_gate == "renorm":
-            gates = gates / gates.sum(-1, keepdim=True)
+        routing = self.router(x)
+        gates, experts = routing.gates, routing.assignments()  # (N, k) each
+        k = gates.shape[-1]
 
         flat_experts = experts.reshape(-1)  # (A,) assignment a = token * k + slot
         order = torch.argsort(flat_experts, stable=True)  # (A,) assignments grouped by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        counts = torch.bincount(flat_experts, minlength=E)  # (E,)
+        counts = routing.counts()  # (E,)
         x_assign = x[:, None, :].expand(B * T, k, D).reshape(B * T * k, D)  # (A, D) token row per assignment
         xs = permute_rows(x_assign, order, inverse)  # (A, D) in expert order
         ys = permute_rows(self._experts(xs, counts), inverse, order)  # (A, D) back in assignment order
         out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
-        return MoEOutput(out.view(B, T, D), probs, counts, load_balancing_loss(probs, counts), router_z_loss(logits))
+        return MoEOutput(out.view(B, T, D), routing, counts, load_balancing_loss(routing.probs, counts),
+                         router_z_loss(routing.logits))
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous slice of ``xs`` (A, D), slices sized by ``counts`` (E,)."""

@@ -3,8 +3,8 @@
 Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (B, T) int64 returns
 ``ModelOutput(logits (B, T, V), aux_loss (scalar), routing (one LayerRouting per layer))`` where
 ``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss)`` (0 for dense FFNs; attention routers
-have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the mean next-token
-cross-entropy (float32, targets == -100 ignored); the training objective is
+have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
+(:func:`~bam_pipeline.model.loss.next_token_nll`); the training objective is
 ``lm_loss + output.aux_loss``.
 
 Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
@@ -22,18 +22,30 @@ from torch import nn
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.layers import RMSNorm
+from bam_pipeline.model.loss import next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
+from bam_pipeline.model.routing import Routing
 
 
 @dataclass
 class LayerRouting:
     """One block's routing record."""
 
-    attn_probs: torch.Tensor | None  # (B*T, E_a) float32 attention router softmax
-    ffn_probs: torch.Tensor | None  # (B*T, E_f) float32 FFN router softmax
-    ffn_counts: torch.Tensor | None  # (E_f,) top-k token assignments per FFN expert
+    attn: Routing | None  # the attention router's decision for the B*T tokens (None: one expert)
+    ffn: Routing | None  # the FFN router's decision (None: one expert)
+    ffn_counts: torch.Tensor | None  # (E_f,) token assignments per FFN expert
     lb_loss: torch.Tensor  # scalar load-balancing loss (0 for a dense FFN)
     z_loss: torch.Tensor  # scalar router z-loss (0 for a dense FFN)
+
+    @property
+    def attn_probs(self) -> torch.Tensor | None:
+        """(B*T, E_a) float32 attention router softmax, or None."""
+        return None if self.attn is None else self.attn.probs
+
+    @property
+    def ffn_probs(self) -> torch.Tensor | None:
+        """(B*T, E_f) float32 FFN router softmax, or None."""
+        return None if self.ffn is None else self.ffn.probs
 
 
 @dataclass
@@ -64,7 +76,7 @@ class Block(nn.Module):
             x = x + attn.out
             ffn = self.ffn(self.ffn_norm(x))
             y = x + ffn.out
-        return y, LayerRouting(attn.probs, ffn.probs, ffn.counts, ffn.lb_loss, ffn.z_loss)
+        return y, LayerRouting(attn.routing, ffn.routing, ffn.counts, ffn.lb_loss, ffn.z_loss)
 
 
 class BAMTransformer(nn.Module):
@@ -97,8 +109,8 @@ class BAMTransformer(nn.Module):
         logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
         return ModelOutput(logits, aux, routing)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
-        """Mean next-token cross-entropy of ``targets`` (B, T) in float32 (-100 ignored), and the output."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"
+             ) -> tuple[torch.Tensor, ModelOutput]:
+        """Next-token NLL of ``targets`` (B, T) given ``idx`` (B, T), and the model output."""
         out = self(idx)
-        lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return lm_loss, out
+        return next_token_nll(out.logits, targets, reduction=reduction), out

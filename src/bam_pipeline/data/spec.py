@@ -1,0 +1,124 @@
+"""The data settings (the ``data:`` config section) as one typed, validated spec.
+
+Defaults live in ``conf/data/default.yaml``; :func:`read_data_spec` reads the section once and
+resolves every source the run uses (``general`` + ``domains``) into a
+:class:`~bam_pipeline.data.sources.SourceSpec`, so a bad value fails before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
+
+from bam_pipeline.config.reading import read_section
+from bam_pipeline.data.sources import SourceSpec, known_sources, resolve_source
+from bam_pipeline.errors import ConfigError
+
+BPE_MIN_VOCAB = 259  # 256 byte symbols + the 2 special tokens + at least one merge
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Document-level split fractions (by sha1 of the document id)."""
+
+    val: float
+    test: float
+
+    def __post_init__(self) -> None:
+        for key in ("val", "test"):
+            if not 0 < getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be a fraction in (0, 1)")
+        if self.val + self.test >= 1:
+            raise ConfigError("test", self.test, f"val + test must stay below 1 (val={self.val})")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A given ``tokenizer.json`` (``path``), or a byte-level BPE trained on the seed mixture."""
+
+    path: Optional[str]
+    vocab_size: int
+    train_bytes: int
+    eos_token: str
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not Path(self.path).expanduser().is_file():
+            raise ConfigError("path", self.path, "no such file; give a tokenizer.json or null to train one")
+        if self.path is None and self.vocab_size < BPE_MIN_VOCAB:
+            raise ConfigError("vocab_size", self.vocab_size, f"byte-level BPE needs at least {BPE_MIN_VOCAB}")
+        if self.train_bytes <= 0:
+            raise ConfigError("train_bytes", self.train_bytes, "must be positive")
+        if not self.eos_token:
+            raise ConfigError("eos_token", self.eos_token, "must name the end-of-document token")
+
+
+@dataclass(frozen=True)
+class MixtureShares:
+    """Shares of general text: the seed mixture's, and the branch mixture's (PAPER.md: 10%)."""
+
+    seed_general: float
+    branch_general: float
+
+    def __post_init__(self) -> None:
+        for key in ("seed_general", "branch_general"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(key, getattr(self, key), "must be a fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The ``data:`` section as written; :attr:`resolved` gives the source specs of ``general`` + ``domains``."""
+
+    general: str
+    domains: tuple[str, ...]
+    sources: dict[str, Any]  # per-source overrides of conf/domain/<name>.yaml, as written
+    max_bytes_per_source: Optional[int]
+    split: SplitSpec
+    tokenizer: TokenizerSpec
+    mixtures: MixtureShares
+    rebuild: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domains", tuple(self.domains))
+        if not self.domains:
+            raise ConfigError("domains", list(self.domains), "list the branch domains, e.g. [code, math, law]")
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError("domains", list(self.domains), "names a domain twice")
+        if self.general in self.domains:
+            raise ConfigError("general", self.general, "is also a branch domain; the general source must be apart")
+        if self.max_bytes_per_source is not None and self.max_bytes_per_source <= 0:
+            raise ConfigError("max_bytes_per_source", self.max_bytes_per_source, "must be positive or null")
+        typos = sorted(set(self.sources) - set(self.source_names) - set(known_sources(self.sources)))
+        if typos:  # an override of no known domain that does not define a source either
+            raise ConfigError(f"sources.{typos[0]}", self.sources[typos[0]],
+                              f"names no domain (known: {', '.join(known_sources(self.sources))}) and defines "
+                              "no source.type")
+        assert self.resolved  # every source resolves now, not when it is first read
+
+    @cached_property
+    def resolved(self) -> dict[str, SourceSpec]:
+        """The source spec of every source of the run: its domain config merged with ``sources``."""
+        return {n: resolve_source(n, self.sources) for n in self.source_names}
+
+    @property
+    def source_names(self) -> list[str]:
+        """The general source, then the domains."""
+        return [self.general, *self.domains]
+
+    def cap(self, source: str) -> int | None:
+        """Bytes of text read from ``source``: its own ``max_bytes``, else ``max_bytes_per_source``."""
+        own = self.resolved[source].max_bytes
+        return own if own is not None else self.max_bytes_per_source
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["resolved"] = {n: s.to_dict() for n, s in self.resolved.items()}
+        return out
+
+
+def read_data_spec(node: Any) -> DataSpec:
+    """The ``data:`` section (a DictConfig or mapping) as a DataSpec, or one ConfigError line."""
+    return read_section(DataSpec, node, "data")

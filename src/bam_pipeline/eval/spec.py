@@ -1,0 +1,36 @@
+"""The ``eval:`` config section as one typed, validated spec (defaults in ``conf/eval/default.yaml``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from bam_pipeline.errors import ConfigError
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Which test tokens every model is scored on, in what batches, on which device."""
+
+    max_tokens_per_source: Optional[int]  # test tokens per source and model (null: the whole split)
+    batch_size: int  # sequences per forward pass
+    seq_len: Optional[int]  # null: each model's max_seq_len
+    device: str  # auto = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_source is not None and self.max_tokens_per_source <= 0:
+            raise ConfigError("max_tokens_per_source", self.max_tokens_per_source, "must be positive or null")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError("seq_len", self.seq_len, "must be positive or null (the model's max_seq_len)")
+        if not DEVICE.match(self.device):
+            raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")
+
+    def cache_key(self) -> dict[str, Any]:
+        """The settings that change results (part of the eval cache key; the device is added apart)."""
+        return {"seq_len": self.seq_len, "max_tokens_per_source": self.max_tokens_per_source,
+                "batch_size": self.batch_size}

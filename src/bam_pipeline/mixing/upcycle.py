@@ -1,0 +1,198 @@
+"""Upcycling: dense state dicts in, one mixture state dict (and its ModelConfig) out.
+
+Pure functions over the state-dict layout of docs/architecture.md. Dense models have E = 1, so an
+expert tensor ``(1, ...)`` of each source model is concatenated along the expert dim; tensors that
+are not experts are uniformly averaged; routers are freshly initialised from a seeded generator.
+Which model each expert comes from, and which models are averaged, is the variant's declaration
+(:class:`~bam_pipeline.mixing.variant.MixVariant`).
+
+Routers are returned in the dtype of the dense models, so a mixture state dict has one dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.mixing.variant import SEED, MixVariant
+from bam_pipeline.model.config import ModelConfig
+
+StateDict = dict[str, Tensor]
+
+_ATTN_EXPERT_KEYS = ("wq", "wo")
+_KV_KEYS = ("wk", "wv")
+_FFN_KEYS = ("w1", "w2", "w3")
+_VOCAB_KEYS = ("tok_emb.weight", "lm_head.weight")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict layout of docs/architecture.md for ``cfg``: key -> shape, in the model's order."""
+    d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    ea, ekv, ef = cfg.attn_experts, cfg.kv_experts, cfg.ffn_experts
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "norm.weight"] = (d,)
+        shapes[p + "attn.wq"] = (ea, d, q)
+        shapes[p + "attn.wk"] = (ekv, d, kv)
+        shapes[p + "attn.wv"] = (ekv, d, kv)
+        shapes[p + "attn.wo"] = (ea, q, d)
+        if ea > 1:
+            shapes[p + "attn.router.weight"] = (ea, d)
+        if not cfg.parallel_residual:
+            shapes[p + "ffn_norm.weight"] = (d,)
+        shapes[p + "ffn.w1"] = (ef, d, f)
+        shapes[p + "ffn.w3"] = (ef, d, f)
+        shapes[p + "ffn.w2"] = (ef, f, d)
+        if ef > 1:
+            shapes[p + "ffn.router.weight"] = (ef, d)
+    shapes["norm.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def check_mixable(models: Sequence[Mapping[str, Tensor]], labels: Sequence[str], dense_cfg: ModelConfig) -> None:
+    """Refuse dense models that cannot be mixed: raise BamError naming the first mismatching tensor."""
+    if not models:
+        raise BamError("no dense models to mix; give the seed and/or at least one domain expert")
+    if not dense_cfg.is_dense:
+        raise BamError(
+            f"upcycling starts from a dense config, got attn_experts={dense_cfg.attn_experts}, "
+            f"ffn_experts={dense_cfg.ffn_experts}; pass the dense backbone (ModelConfig.dense())"
+        )
+    want = expected_shapes(dense_cfg)
+    for model, label in zip(models, labels, strict=True):
+        routers = sorted(k for k in model if k.endswith("router.weight"))
+        if routers:
+            raise BamError(
+                f"{label} is not a dense model: it has router tensor {routers[0]!r}; "
+                "upcycle from dense (E = 1) checkpoints"
+            )
+        missing, unexpected = sorted(set(want) - set(model)), sorted(set(model) - set(want))
+        if missing or unexpected:
+            raise BamError(
+                f"{label} does not have the dense layout of the config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}; mix checkpoints of one architecture "
+                "(n_layers, tie_embeddings, parallel_residual)"
+            )
+        for key, shape in want.items():
+            got = tuple(model[key].shape)
+            if got != shape:
+                vocab_differs = key in _VOCAB_KEYS and got[:1] != shape[:1]
+                why = "different vocabularies" if vocab_differs else "different architectures"
+                raise BamError(
+                    f"cannot mix: tensor {key!r} has shape {got} in {label} but {shape} in the dense config "
+                    f"({why}); mix checkpoints branched from one seed with one tokenizer"
+                )
+    first, first_label = models[0], labels[0]
+    for model, label in zip(models[1:], labels[1:]):
+        for key in want:
+            if model[key].dtype != first[key].dtype:
+                raise BamError(
+                    f"cannot mix: tensor {key!r} is {first[key].dtype} in {first_label} but {model[key].dtype} "
+                    f"in {label}; convert all models to one dtype first"
+                )
+
+
+def average(tensors: Sequence[Tensor]) -> Tensor:
+    """Uniform mean of same-shape tensors, computed in float32, returned in their dtype."""
+    return torch.stack([t.float() for t in tensors]).mean(dim=0).to(tensors[0].dtype)
+
+
+def average_state_dicts(models: Sequence[Mapping[str, Tensor]]) -> StateDict:
+    """Key-wise uniform average of state dicts with one layout."""
+    return {key: average([m[key] for m in models]) for key in models[0]}
+
+
+def stack_experts(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate ``(1, ...)`` expert tensors along the expert dim: ``(len(tensors), ...)``."""
+    return torch.cat(list(tensors), dim=0)
+
+
+def init_router(
+    n_experts: int, d_model: int, *, init: str, std: float, generator: torch.Generator, dtype: torch.dtype
+) -> Tensor:
+    """A fresh router weight ``(E, D)``: N(0, std), zeros, or U(-std, std); drawn in float32."""
+    if init == "zeros":
+        return torch.zeros(n_experts, d_model, dtype=dtype)
+    if init == "normal":
+        w = torch.randn(n_experts, d_model, generator=generator) * std
+    else:
+        w = (torch.rand(n_experts, d_model, generator=generator) * 2 - 1) * std
+    return w.to(dtype)
+
+
+def assemble_mixture(
+    mix_cfg: ModelConfig,
+    backbone: Mapping[str, Tensor],
+    attn_sources: Sequence[Mapping[str, Tensor]],
+    ffn_sources: Sequence[Mapping[str, Tensor]],
+    *,
+    router_init: str,
+    router_std: float,
+    generator_seed: int,
+) -> StateDict:
+    """Build the mixture state dict of ``mix_cfg``.
+
+    Attention expert j comes from ``attn_sources[j]`` (K/V averaged over them when shared), FFN
+    expert i from ``ffn_sources[i]``, every other tensor from ``backbone``. Routers are drawn in
+    layout order (per layer: attention, then FFN) from one generator seeded with ``generator_seed``.
+    """
+    generator = torch.Generator().manual_seed(generator_seed)
+    dtype = backbone["tok_emb.weight"].dtype
+    out: StateDict = {}
+    for key, shape in expected_shapes(mix_cfg).items():
+        module, _, name = key.rpartition(".")
+        if key.endswith("router.weight"):
+            out[key] = init_router(*shape, init=router_init, std=router_std, generator=generator, dtype=dtype)
+        elif module.endswith("attn") and name in _ATTN_EXPERT_KEYS:
+            out[key] = stack_experts([s[key] for s in attn_sources])
+        elif module.endswith("attn") and name in _KV_KEYS:
+            kvs = [s[key] for s in attn_sources]
+            out[key] = stack_experts(kvs) if mix_cfg.attn_kv == "expert" else average(kvs)
+        elif module.endswith("ffn") and name in _FFN_KEYS:
+            out[key] = stack_experts([s[key] for s in ffn_sources])
+        else:
+            out[key] = backbone[key].clone()
+    return out
+
+
+def upcycle(
+    variant: MixVariant,
+    models: Mapping[str, Mapping[str, Tensor]],
+    dense_cfg: ModelConfig,
+    domains: Sequence[str],
+    *,
+    generator_seed: int = 0,
+) -> tuple[ModelConfig, StateDict]:
+    """Mix dense models into one mixture: returns ``(mixture_cfg, mixture_state_dict)``.
+
+    ``models`` maps a dense model's name (``seed`` or a domain) to its state dict; it must hold
+    ``variant.models(domains)``. The mixture's layout is ``variant.layout(dense_cfg, len(domains))``.
+    """
+    mix_cfg = variant.layout(dense_cfg, len(domains))
+    names = variant.models(domains)
+    missing = [n for n in names if n not in models]
+    if missing:
+        raise BamError(f"mix variant {variant.name!r} needs the dense models {names}; missing {missing}")
+    check_mixable([models[n] for n in names], names, dense_cfg)
+    backbone_models = [models[n] for n in variant.backbone_models(domains)]
+    if variant.method == "dense":
+        return mix_cfg, {k: v.clone() for k, v in models[SEED].items()}
+    backbone = average_state_dicts(backbone_models) if variant.uses_branches else dict(models[SEED])
+    origins = variant.expert_origins(domains)
+    attn_sources = [models[o] for o in origins["attn"]] if "attn" in origins else [backbone]
+    state = assemble_mixture(
+        mix_cfg,
+        backbone,
+        attn_sources,
+        [models[o] for o in origins["ffn"]],
+        router_init=variant.router_init,
+        router_std=variant.router_std,
+        generator_seed=generator_seed,
+    )
+    return mix_cfg, state

@@ -1,0 +1,243 @@
+"""One training stage's job: Lightning Trainer, resumable work directory, published artifact.
+
+The work directory (``RunLayout.work(stage, name)``) holds Lightning checkpoints and the growing
+train log. It is tied to the stage's config hash: a re-run with the same config resumes from
+``last.ckpt``; a different config starts afresh. On success the model is published atomically to
+``RunLayout.artifact(stage, name)`` and the work directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.store import artifacts as A
+from bam_pipeline.store.files import canonical_hash, read_jsonl, write_json, write_text
+from bam_pipeline.store.layout import RunLayout, label
+from bam_pipeline.training.budget import Budget
+from bam_pipeline.training.host_memory import keep_freed_memory
+from bam_pipeline.training.module import LMModule, OptimConfig
+from bam_pipeline.training.loggers import close_logger, make_logger
+from bam_pipeline.training.schedule import warmup_steps_for
+from bam_pipeline.training.settings import TrainSettings
+
+FINGERPRINT = "fingerprint.json"
+CKPT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One stage's training, resolved from its inputs and the typed settings."""
+
+    stage: str
+    name: str
+    layout: RunLayout
+    model_cfg: ModelConfig
+    init: A.Artifact | None  # the model the stage starts from (None: random initialisation)
+    proportions: dict[str, float]
+    budget: Budget
+    lr: float  # the stage's peak learning rate
+    train: TrainSettings
+
+    @property
+    def label(self) -> str:
+        return label(self.stage, self.name)
+
+    @property
+    def optim(self) -> OptimConfig:
+        t = self.train
+        return OptimConfig(
+            lr=self.lr, total_steps=self.budget.steps,
+            warmup_steps=warmup_steps_for(self.budget.steps, t.warmup_frac, t.warmup_steps_max),
+            min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=tuple(t.betas),
+        )
+
+    def identity(self, inputs: dict[str, A.Artifact]) -> dict[str, Any]:
+        """What the stage's result depends on (not the logger or device layout): its config hash."""
+        return {
+            "model": self.model_cfg.to_dict(),
+            "proportions": self.proportions,
+            "budget": asdict(self.budget),
+            "optim": asdict(self.optim),
+            "train": {k: getattr(self.train, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip")},
+            # windows and row order are seeded by (seed, stage, source name); stages built when they
+            # were seeded otherwise are stale
+            "data_order": "seed,stage,source",
+            "inputs": {k: a.hash for k, a in inputs.items()},
+        }
+
+
+class TrainLogWriter(Callback):
+    """Appends train and validation rows to the work directory's train_log.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path, log_every: int):
+        self.path = path
+        self.log_every = log_every
+
+    def _append(self, trainer: L.Trainer, row: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        # after a resume, drop rows logged past the restored step (they will be trained again)
+        if trainer.is_global_zero and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r["step"] <= trainer.global_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside an accumulation window: no optimizer step yet
+        step = trainer.global_step
+        if step % self.log_every == 0 or step == trainer.max_steps:
+            self._append(trainer, pl_module.last_train)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            tokens = pl_module.last_train.get("tokens", 0)
+            self._append(trainer, {"step": trainer.global_step, "tokens": tokens, "val_loss": float(val)})
+
+
+class TokensProgressBar(TQDMProgressBar):
+    """Progress bar over optimizer steps that shows tokens seen and tokens/s."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if "tokens" in items:
+            items["tokens"] = f"{float(items['tokens']):,.0f}"
+        if "tok_s" in items:
+            items["tok_s"] = f"{float(items['tok_s']):,.0f}"
+        return items
+
+
+def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
+    """Reset the work dir unless it belongs to this exact config; return a checkpoint to resume from."""
+    fp = work / FINGERPRINT
+    if work.exists():
+        try:
+            same = json.loads(fp.read_text()).get("config_hash") == config_hash
+        except (OSError, ValueError):
+            same = False  # no or unreadable fingerprint: not this config's work
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(fp, {"config_hash": config_hash})
+    last = work / CKPT_DIR / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
+    """The budget was planned for a world size; refuse to train with another one."""
+    actual = trainer.world_size * job.train.sequences_per_step * job.train.seq_len
+    if actual != job.budget.tokens_per_step:
+        raise BamError(
+            f"{job.label}: planned {job.budget.tokens_per_step:,} tokens per step but the trainer runs "
+            f"{trainer.world_size} processes ({actual:,} tokens per step); give trainer.devices and "
+            "trainer.num_nodes as integers matching the processes launched"
+        )
+
+
+def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg: dict | None,
+                      inputs: dict[str, A.Artifact], describe: dict[str, Any]) -> A.Artifact | None:
+    """Train ``job`` (resuming when possible) and publish the model artifact (rank 0).
+
+    ``describe`` adds the model's description (display name, role) to the manifest. Returns the
+    artifact on rank 0 and None on other ranks.
+    """
+    from bam_pipeline.data.datamodule import MixtureDataModule
+
+    t = job.train
+    stage_config = job.identity(inputs)
+    init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
+    work = job.layout.work(job.stage, job.name)
+    resume = _prepare_work_dir(work, canonical_hash(stage_config))
+    if resume is not None:
+        print(f"{job.label}: resuming from {resume}")
+    if t.keep_host_memory and trainer_cfg.get("accelerator") == "cpu" and keep_freed_memory():
+        print(f"{job.label}: host memory kept for reuse for the rest of this process "
+              "(train.keep_host_memory=false to leave libc's defaults)")
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every)
+    data = MixtureDataModule(
+        prepared, job.proportions, seq_len=t.seq_len, batch_size=t.batch_size,
+        train_tokens=job.budget.tokens, val_tokens=t.val_tokens, seed=t.seed,
+        order_key=job.stage, num_workers=t.num_workers,
+    )
+    logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
+    ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0, every_n_train_steps=t.val_every)
+    trainer = L.Trainer(
+        **trainer_cfg,
+        max_steps=job.budget.steps,
+        accumulate_grad_batches=t.accumulate,
+        gradient_clip_val=t.grad_clip,
+        # Lightning counts validation intervals in micro-batches, checkpoints in optimizer steps
+        val_check_interval=min(t.val_every, job.budget.steps) * t.accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        limit_val_batches=0 if t.val_tokens == 0 else None,  # train.val_tokens=0: no validation
+        log_every_n_steps=t.log_every,
+        logger=logger if logger is not None else False,
+        callbacks=[ckpt, TrainLogWriter(work / A.TRAIN_LOG, t.log_every), TokensProgressBar()],
+        enable_model_summary=False,
+        default_root_dir=str(work),
+    )
+    check_world_size(trainer, job)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # MixtureDataModule restores the data position itself (its state_dict), which Lightning's
+            # check for resumable *dataloaders* does not see; and Lightning 2.6 still calls a torch
+            # pytree API that torch 2.13 deprecates.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    finally:
+        close_logger(logger)
+    wall = time.perf_counter() - t0
+    # a collective under FSDP (full weights gathered from the shards): every rank calls it
+    full_state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        trainer.strategy.barrier("published")  # wait until rank 0 has published the artifact
+        return None
+    out_dir = job.layout.artifact(job.stage, job.name)
+    with A.publish(out_dir) as tmp:
+        state = {k.removeprefix("model."): v.detach().float().cpu() for k, v in full_state.items()}
+        A.save_model(tmp, job.model_cfg, state)
+        if (work / A.TRAIN_LOG).exists():
+            shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
+        A.write_manifest(
+            tmp, stage=job.stage, name=job.name, run=job.layout.run, config=stage_config, inputs=inputs,
+            tokenizer_hash=prepared.tokenizer_hash, metrics=_train_metrics(read_jsonl(work / A.TRAIN_LOG)),
+            tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
+            wall_time_s=round(wall, 2), resumed=resume is not None, **describe,
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    trainer.strategy.barrier("published")
+    return A.read_artifact(out_dir)
+
+
+def _train_metrics(log_rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Final train and validation loss, median training tokens/s, from a train log."""
+    train_rows = [r for r in log_rows if "loss" in r]
+    val_rows = [r for r in log_rows if "val_loss" in r]
+    tok_s = [r["tokens_per_s"] for r in train_rows if math.isfinite(r.get("tokens_per_s", math.nan))]
+    return {
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+        "tokens_per_s": float(sorted(tok_s)[len(tok_s) // 2]) if tok_s else None,
+    }

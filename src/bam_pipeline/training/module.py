@@ -1,0 +1,123 @@
+"""The one LightningModule that trains every stage (seed, branch, moe): LM loss + MoE aux losses."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.transformer import BAMTransformer
+from bam_pipeline.training.schedule import lr_at
+
+
+class NonFiniteLoss(BamError):
+    """Training loss became NaN/inf."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+class LMModule(L.LightningModule):
+    """Next-token prediction on (B, T+1) token batches; loss = LM NLL + sum of per-layer aux losses."""
+
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, init_state: dict | None = None,
+                 log_every: int = 10):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.optim = optim
+        self.log_every = log_every
+        self.model = BAMTransformer(model_cfg)
+        if init_state is not None:
+            self.model.load_state_dict(init_state, strict=True)
+        self._t_last: float | None = None
+        self.last_train: dict[str, float] = {}
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _lm_loss(self, batch: torch.Tensor):
+        """Mean next-token NLL of a (B, T+1) batch, and the model output."""
+        return self.model.loss(batch[:, :-1], batch[:, 1:])
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        nll, out = self._lm_loss(batch)
+        loss = nll + out.aux_loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept in "
+                f"stages/<run>/.work/ (re-running the same config resumes from it). To change course, lower "
+                "train.lr or train.grad_clip (this restarts the stage), or check the data"
+            )
+        tokens_step = batch[:, :-1].numel() * self.trainer.world_size
+        now = time.perf_counter()
+        tok_s = tokens_step / (now - self._t_last) if self._t_last is not None else float("nan")
+        self._t_last = now
+        tokens_seen = (self.global_step + 1) * tokens_step * self.trainer.accumulate_grad_batches
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/loss", nll, prog_bar=True)
+        self.log("tokens", float(tokens_seen), prog_bar=True, reduce_fx="max")
+        if math.isfinite(tok_s):
+            self.log("tok_s", tok_s, prog_bar=True)
+        self.log("lr", lr)
+        self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": nll.item(),
+                           "lr": lr, "tokens_per_s": tok_s, "aux_loss": float(out.aux_loss.detach())}
+        if not self.model_cfg.is_dense:
+            self.log("train/aux_loss", out.aux_loss)
+            # per-layer loads cost a host sync per layer: only on the steps that are logged
+            step = self.global_step + 1
+            if step % self.log_every == 0 or step == self.trainer.max_steps:
+                self.last_train.update(self._routing_metrics(out.routing))
+        return loss
+
+    def _routing_metrics(self, routing) -> dict[str, float]:
+        """Per-layer aux losses and expert load: fraction of FFN assignments, mean attention router
+        probability (with top-k attention routing, the router's preference, not the share selected)."""
+        metrics: dict[str, float] = {}
+        for i, r in enumerate(routing):
+            if r.ffn_counts is not None:
+                frac = (r.ffn_counts.float() / r.ffn_counts.sum().clamp_min(1)).tolist()
+                metrics.update({f"load/ffn/L{i}/e{e}": f for e, f in enumerate(frac)})
+                metrics[f"aux/lb/L{i}"] = float(r.lb_loss.detach())
+                metrics[f"aux/z/L{i}"] = float(r.z_loss.detach())
+            if r.attn_probs is not None:
+                weights = r.attn_probs.float().mean(0).tolist()
+                metrics.update({f"load/attn/L{i}/e{e}": w for e, w in enumerate(weights)})
+        self.log_dict(metrics)
+        return metrics
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        nll, _ = self._lm_loss(batch)
+        self.log("val/loss", nll, prog_bar=True, sync_dist=True, batch_size=batch.size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        val = self.trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            self.log("val/ppl", torch.exp(val.float()), sync_dist=True)
+
+    # ---- optimiser -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+        )
+        o = self.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda step: lr_at(step, peak=1.0, total_steps=o.total_steps, warmup_steps=o.warmup_steps,
+                               min_ratio=o.min_lr_ratio),
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

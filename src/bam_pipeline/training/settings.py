@@ -1,0 +1,62 @@
+"""The ``train:`` config section as one typed, validated spec (defaults live in ``conf/config.yaml``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bam_pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser, batch layout and bookkeeping shared by every training stage."""
+
+    seed: int  # RNG seed for init, data order and routers
+    seq_len: int
+    batch_size: int  # sequences per device per step
+    accumulate: int
+    lr: float  # the seed's (pretraining) peak learning rate
+    branch_lr_scale: float
+    moe_lr_scale: float
+    warmup_frac: float
+    warmup_steps_max: int
+    min_lr_ratio: float
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    val_every: int
+    val_tokens: int
+    log_every: int
+    num_workers: int
+    keep_host_memory: bool
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "batch_size", "accumulate", "val_every", "log_every", "warmup_steps_max")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be a positive integer")
+        for key in ("lr", "branch_lr_scale", "moe_lr_scale"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(key, value, "must be a positive number")
+        for key in ("warmup_frac", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(key, getattr(self, key), "must be a fraction in [0, 1]")
+        for key in ("weight_decay", "grad_clip"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(key, getattr(self, key), "must be >= 0 (0: none)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", list(self.betas), "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.val_tokens < 0:
+            raise ConfigError("val_tokens", self.val_tokens, "must be >= 0 (0: no validation)")
+        if 0 < self.val_tokens < self.seq_len + 1:
+            raise ConfigError("val_tokens", self.val_tokens,
+                              f"must be 0 (no validation) or at least one sequence (seq_len + 1 = {self.seq_len + 1})")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step on one device."""
+        return self.batch_size * self.accumulate

@@ -1,0 +1,132 @@
+"""Every shipped config composes into typed specs and builds what it names: experiments into a run
+context, trainers into a Lightning Trainer (or a valid Trainer signature), loggers into loggers that
+are offline by default and online when asked, the SLURM launcher into a real sbatch script."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from bam_pipeline.config.files import conf_dir, group_options
+from bam_pipeline.config.reading import plain
+from bam_pipeline.model.config import PRESETS
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.training.ranks import world_size
+
+
+def _compose(*overrides: str, hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def context(*overrides: str) -> RunContext:
+    cfg = _compose(*overrides, hydra_cfg=True)
+    choices = cfg.hydra.runtime.choices
+    with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return RunContext.from_config(with_hydra_removed, choices=choices, overrides=overrides)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_reads_into_typed_specs(experiment):
+    ctx = context(f"experiment={experiment}")
+    assert ctx.run == experiment
+    model = ctx.model.dense_config(vocab_size=ctx.data.tokenizer.vocab_size)
+    assert model.max_seq_len == ctx.train.seq_len
+    assert set(ctx.data.resolved) == {ctx.data.general, *ctx.data.domains}
+    for name in (*ctx.pipeline.mix_variants, ctx.budget.moe.reference):
+        assert ctx.variant(name).layout(model, len(ctx.data.domains)).ffn_experts >= 1
+
+
+def test_paper_experiment_is_table_8_and_section_6():
+    ctx = context("experiment=paper_590m")
+    model = ctx.model.dense_config(vocab_size=ctx.data.tokenizer.vocab_size)
+    assert model == PRESETS["bam-590m"].replace(max_seq_len=ctx.train.seq_len)
+    t = ctx.train
+    assert t.lr == pytest.approx(1.2e-4) and t.warmup_steps_max == 1500
+    assert t.branch_lr_scale == 0.5 and t.min_lr_ratio == 0.1 and t.weight_decay == 0.1
+    assert {s.type for s in ctx.data.resolved.values()} == {"hub"}
+    assert t.sequences_per_step * t.seq_len * 32 == 2**20  # 1M-token batches on 32 GPUs
+
+
+@pytest.mark.parametrize("logger", group_options("logger"))
+def test_every_logger_instantiates_offline(logger, tmp_path, monkeypatch):
+    from bam_pipeline.training.loggers import close_logger, make_logger
+
+    monkeypatch.setenv("BAM_STAGES_DIR", str(tmp_path))
+    cfg = _compose(f"logger={logger}", "experiment=smoke")
+    built = make_logger(plain(cfg.logger), run="smoke", stage="seed", name="main", config={"a": 1})
+    assert (built is None) == (logger == "none")
+    if logger == "wandb":
+        assert built._offline is True
+    close_logger(built)
+
+
+def test_wandb_offline_false_goes_online(tmp_path, monkeypatch):
+    """Nothing forces wandb offline behind the user's back: the logger and the report both ask wandb
+    for an online run, and the CLI leaves WANDB_MODE alone."""
+    import wandb
+
+    from bam_pipeline.training.loggers import log_report, make_logger
+
+    monkeypatch.setenv("BAM_STAGES_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger_cfg = plain(_compose("experiment=smoke", "logger.offline=false").logger)
+    logger = make_logger(logger_cfg, run="smoke", stage="seed", name="main", config={})
+    assert logger._offline is False
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before any network")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    with pytest.raises(RuntimeError, match="stop before"):
+        log_report(logger_cfg, run="smoke", files=[], metrics_rows=[])
+    assert seen["mode"] == "online"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    code = "import os, bam_pipeline.cli; print(os.environ.get('WANDB_MODE'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
+@pytest.mark.parametrize("trainer", group_options("trainer"))
+def test_every_trainer_config_builds_a_lightning_trainer(trainer, tmp_path):
+    cfg = plain(_compose(f"trainer={trainer}").trainer)
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters)
+    assert set(cfg) <= accepted, set(cfg) - accepted
+    if cfg["accelerator"] != "cpu":
+        return  # a GPU trainer cannot be built on this machine; its arguments are checked above
+    built = L.Trainer(**cfg, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    assert built.world_size == world_size(cfg) == cfg["devices"] * cfg["num_nodes"]
+    assert type(built.strategy).__name__.lower().startswith(cfg["strategy"]) or cfg["strategy"] == "auto"
+
+
+def test_slurm_launcher_writes_an_sbatch_script_for_the_trainer(tmp_path, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+
+    monkeypatch.setenv("BAM_STAGES_DIR", str(tmp_path))
+    fake_bin = tmp_path / "bin"  # submitit only builds a SLURM executor where `srun` exists
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    cfg = _compose("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
+                   hydra_cfg=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    executors = []
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", lambda self, *a: executors.append(self) or [])
+    assert launcher.launch([["stage=branch", "domain=code"]], initial_job_idx=0) == []
+    sbatch = executors[0]._executor._make_submission_file_text("python -m bam_pipeline", "uid")
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=2",
+                 "#SBATCH --time=1440"):
+        assert line in sbatch, sbatch
