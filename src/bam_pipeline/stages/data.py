@@ -1,0 +1,23 @@
+"""stage=data: prepare (or reuse) the run's corpora, splits, tokenizer and token shards."""
+
+from __future__ import annotations
+
+from bam_pipeline.data.prepare import PreparedData, prepare_data, print_stats_table
+from bam_pipeline.errors import BamError
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.inputs import open_data
+from bam_pipeline.training.ranks import is_rank_zero, wait_for
+
+
+def run_data(ctx: RunContext) -> PreparedData:
+    if not is_rank_zero():  # other ranks of a distributed launch wait for rank 0's data
+        def ready() -> PreparedData | None:
+            try:
+                return open_data(ctx)
+            except BamError:
+                return None
+
+        return wait_for(ready, "the data stage")
+    prepared = prepare_data(ctx.data, ctx.layout.data)
+    print_stats_table(prepared)
+    return prepared

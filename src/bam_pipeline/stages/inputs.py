@@ -1,0 +1,86 @@
+"""How a stage finds its inputs and decides whether its output is up to date.
+
+A stage's output depends on its config and on its inputs' hashes (``Plan.config``, whose hash is
+the stage's identity). An existing artifact with the same identity is fresh and is not rebuilt; a
+stale one is rebuilt (``pipeline.on_stale=rebuild``) or refused, with the reason named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bam_pipeline.data.prepare import PreparedData, open_current
+from bam_pipeline.errors import BamError
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.store.artifacts import Artifact, try_read_artifact
+from bam_pipeline.store.files import canonical_hash
+from bam_pipeline.store.layout import label
+
+
+@dataclass
+class Plan:
+    """What one stage run would build: its output, identity, inputs and the model's description."""
+
+    stage: str
+    name: str
+    out: Path
+    config: dict[str, Any]  # what the result depends on (its hash is the identity); holds the inputs' hashes
+    inputs: dict[str, Artifact]
+    about: dict[str, Any] = field(default_factory=dict)  # written into the manifest as "about"
+
+    @property
+    def label(self) -> str:
+        return label(self.stage, self.name)
+
+    def stale_reason(self, art: Artifact) -> str | None:
+        """None when ``art`` was built from this plan, else what changed."""
+        if art.manifest.get("config_hash") == canonical_hash(self.config):
+            return None
+        old_inputs = art.manifest.get("inputs", {})
+        changed = [k for k, a in self.inputs.items() if old_inputs.get(k, {}).get("hash") != a.hash]
+        old_cfg = art.manifest.get("config", {})
+        keys = sorted(k for k in set(old_cfg) | set(self.config)
+                      if k != "inputs" and canonical_hash(old_cfg.get(k)) != canonical_hash(self.config.get(k)))
+        return "; ".join(filter(None, [f"inputs changed: {', '.join(changed)}" if changed else "",
+                                       f"config changed: {', '.join(keys)}" if keys else ""])) or "config changed"
+
+
+def open_data(ctx: RunContext, *, verify: bool = True) -> PreparedData:
+    """The run's prepared data, refused when it was made from another data config or other sources."""
+    return open_current(ctx.data, ctx.layout.data, verify=verify)
+
+
+def data_input(prepared: PreparedData) -> Artifact:
+    """The prepared data as a stage input; its hash covers every token and tokenizer file."""
+    return Artifact(Path(prepared.dir), {"stage": "data", "name": "data", "hash": prepared.manifest["hash"],
+                                         "files": {}})
+
+
+def require(path: Path, producer: str, prepared: PreparedData) -> Artifact:
+    """A finished upstream artifact made with the run's tokenizer, or a BamError naming the command
+    that (re)produces it."""
+    art = try_read_artifact(path)
+    if art is None:
+        raise BamError(f"missing input {path}: run `{producer}` first")
+    if art.manifest.get("tokenizer_hash") != prepared.tokenizer_hash:
+        raise BamError(f"{path} was trained with another tokenizer than the run's prepared data ({prepared.dir}); "
+                       f"re-run `{producer}` so the whole run shares one tokenizer")
+    return art
+
+
+def fresh_artifact(plan: Plan, on_stale: str) -> Artifact | None:
+    """The existing artifact when the plan built it (a skip), else None; says why a stale one is
+    rebuilt, or refuses with the override that forces it."""
+    art = try_read_artifact(plan.out)
+    if art is None:
+        return None
+    why = plan.stale_reason(art)
+    if why is None:
+        print(f"{plan.label}: up to date in {plan.out}, skipping (delete it to retrain)")
+        return art
+    if on_stale == "refuse":
+        raise BamError(f"{plan.label} is stale ({why}); re-run with pipeline.on_stale=rebuild to rebuild it")
+    print(f"{plan.label}: stale ({why}), rebuilding")
+    return None

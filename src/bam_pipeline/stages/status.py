@@ -1,0 +1,72 @@
+"""stage=status: every artifact the run's config asks for, with fresh, stale or missing and why, and
+the names that ``artifact=``, ``domain=`` and ``mix=`` accept. Reads manifests only: no weights."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from bam_pipeline.config.files import group_options
+from bam_pipeline.data.prepare import PreparedData
+from bam_pipeline.errors import BamError
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.inputs import Plan, open_data
+from bam_pipeline.stages.mix import plan_mix
+from bam_pipeline.stages.train import parse_moe_name, plan_branch, plan_moe, plan_seed
+from bam_pipeline.store.artifacts import find_model_artifacts, try_read_artifact
+from bam_pipeline.store.layout import label, parse_label
+
+FRESH, STALE, MISSING = "fresh", "stale", "missing"
+
+
+def _input_key(art) -> str:
+    return "data" if art.stage == "data" else art.label
+
+
+def artifact_states(ctx: RunContext) -> list[tuple[str, str, str]]:
+    """(label, state, detail) for the data and every model artifact the config asks for, in build order."""
+    try:
+        prepared: PreparedData | None = open_data(ctx, verify=False)
+        states = {"data": (FRESH, "")}
+    except BamError as e:
+        prepared = None
+        states = {"data": (STALE if (ctx.layout.data / "manifest.json").is_file() else MISSING, str(e))}
+    planners: list[tuple[str, Callable[[PreparedData], Plan]]] = [("seed", lambda p: plan_seed(ctx, p))]
+    planners += [(label("branch", d), lambda p, d=d: plan_branch(ctx, p, d)) for d in ctx.data.domains]
+    mixes = dict.fromkeys([*ctx.pipeline.mix_variants, *(a.name for a in find_model_artifacts(ctx.layout)
+                                                        if a.stage == "mix")])
+    planners += [(label("mix", v), lambda p, v=v: plan_mix(ctx, p, v)) for v in mixes]
+    runs = [parse_moe_name(r, ctx.budget.moe.match)[2] for r in ctx.pipeline.moe_runs]
+    runs = dict.fromkeys([*runs, *(a.name for a in find_model_artifacts(ctx.layout) if a.stage == "moe")])
+    planners += [(label("moe", r), lambda p, r=r: plan_moe(ctx, p, r)) for r in runs]
+    for lab, planner in planners:
+        exists = try_read_artifact(ctx.layout.artifact(*parse_label(lab))) is not None
+        if prepared is None:
+            states[lab] = (STALE if exists else MISSING, "the prepared data is not current")
+            continue
+        try:
+            plan = planner(prepared)
+        except BamError as e:
+            states[lab] = (STALE if exists else MISSING, str(e))
+            continue
+        behind = [k for k in map(_input_key, plan.inputs.values()) if states.get(k, (FRESH,))[0] != FRESH]
+        art = try_read_artifact(plan.out)
+        if art is None:
+            states[lab] = (MISSING, f"needs {', '.join(behind)} first" if behind else "not built yet")
+        elif behind:
+            states[lab] = (STALE, f"{', '.join(behind)} will be rebuilt first")
+        else:
+            why = plan.stale_reason(art)
+            states[lab] = (FRESH, "") if why is None else (STALE, why)
+    return [(lab, state, detail) for lab, (state, detail) in states.items()]
+
+
+def run_status(ctx: RunContext) -> None:
+    print(f"run {ctx.run} ({ctx.layout.run_dir})")
+    rows = artifact_states(ctx)
+    width = max(len(lab) for lab, _, _ in rows)
+    for lab, state, detail in rows:
+        print(f"  {lab:<{width}}  {state:<7}  {detail}")
+    existing = [a.label for a in find_model_artifacts(ctx.layout)]
+    print(f"artifact= accepts: {', '.join(existing) or '(nothing built yet)'}")
+    print(f"domain= accepts: {', '.join(ctx.data.domains)}")
+    print(f"mix= accepts: {', '.join(group_options('mix'))}")

@@ -1,0 +1,110 @@
+"""The training stages, planned apart and trained by one shared path (:func:`train`).
+
+seed   : random init -> trained on the seed mixture               -> seed/main
+branch : seed -> trained on <domain> + general text               -> branch/<domain>
+moe    : mix/<variant> -> trained on the moe mixture              -> moe/<variant>[_cm]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bam_pipeline.data.mixtures import stage_mixture
+from bam_pipeline.data.prepare import PreparedData
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.stages.context import RunContext, require_domain
+from bam_pipeline.stages.inputs import Plan, data_input, fresh_artifact, open_data, require
+from bam_pipeline.store.artifacts import Artifact, read_model_config
+from bam_pipeline.store.layout import CM_SUFFIX
+from bam_pipeline.training.budget import Budget, plan_budget
+from bam_pipeline.training.job import TrainJob, train_and_publish
+
+
+@dataclass
+class TrainPlan(Plan):
+    job: TrainJob | None = None
+
+
+def _budget(ctx: RunContext, tokens: int, model_cfg: ModelConfig, match: str = "data",
+            reference: ModelConfig | None = None) -> Budget:
+    return plan_budget(tokens, model_cfg, seq_len=ctx.train.seq_len, tokens_per_step=ctx.tokens_per_step,
+                       match=match, reference=reference)
+
+
+def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: dict) -> TrainPlan:
+    return TrainPlan(job.stage, job.name, ctx.layout.artifact(job.stage, job.name), job.identity(inputs), inputs,
+                     about, job)
+
+
+def plan_seed(ctx: RunContext, prepared: PreparedData) -> TrainPlan:
+    model_cfg = ctx.model.dense_config(prepared.vocab_size)
+    job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
+                   _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train)
+    return _plan(ctx, job, {"data": data_input(prepared)}, {"display": "Seed", "role": "seed"})
+
+
+def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> TrainPlan:
+    proportions = stage_mixture("branch", ctx.data, domain)
+    seed = require(ctx.layout.artifact("seed"), ctx.cmd("stage=seed"), prepared)
+    model_cfg = read_model_config(seed)
+    job = TrainJob("branch", domain, ctx.layout, model_cfg, seed, proportions,
+                   _budget(ctx, ctx.budget.branch.tokens, model_cfg), ctx.train.lr * ctx.train.branch_lr_scale,
+                   ctx.train)
+    about = {"display": f"{domain.capitalize()} expert", "role": "expert", "domain": domain}
+    return _plan(ctx, job, {"data": data_input(prepared), "seed": seed}, about)
+
+
+def parse_moe_name(name: str, match: str) -> tuple[str, str, str]:
+    """(variant, match, artifact name) of a moe run: ``<v>_cm`` or match=compute is compute-matched;
+    the dense baseline is compute-matched by definition (PAPER.md section 7) and keeps its name."""
+    if name.endswith(CM_SUFFIX):
+        name, match = name[: -len(CM_SUFFIX)], "compute"
+    if name == "dense":
+        match = "compute"
+    suffix = CM_SUFFIX if match == "compute" and name != "dense" else ""
+    return name, match, name + suffix
+
+
+def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
+    variant_name, match, art_name = parse_moe_name(name, ctx.budget.moe.match)
+    variant = ctx.variant(variant_name)
+    mix = require(ctx.layout.artifact("mix", variant_name), ctx.cmd(f"stage=mix mix={variant_name}"), prepared)
+    model_cfg = read_model_config(mix)
+    reference = None
+    if match == "compute":  # the model whose FLOPs set the budget (budget.moe.reference, default btx)
+        reference = ctx.variant(ctx.budget.moe.reference).layout(model_cfg.dense(), len(ctx.data.domains))
+    budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference)
+    job = TrainJob("moe", art_name, ctx.layout, model_cfg, mix, stage_mixture("moe", ctx.data), budget,
+                   ctx.train.lr * ctx.train.moe_lr_scale, ctx.train)
+    about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
+             "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
+             "experts": (mix.manifest.get("about") or {}).get("experts")}
+    return _plan(ctx, job, {"data": data_input(prepared), "mix": mix}, about)
+
+
+def train(ctx: RunContext, plan: TrainPlan, prepared: PreparedData) -> Artifact | None:
+    """Skip a fresh artifact, else train the plan's job and publish it (the artifact on rank 0)."""
+    done = fresh_artifact(plan, ctx.pipeline.on_stale)
+    if done is not None:
+        return done
+    job = plan.job
+    print(f"{plan.label}: training {job.budget.tokens:,} tokens ({job.budget.steps} steps, {job.budget.match}-matched) "
+          f"on {', '.join(f'{k} {v:.0%}' for k, v in job.proportions.items())}")
+    return train_and_publish(job, prepared=prepared, trainer_cfg=ctx.trainer, logger_cfg=ctx.logger,
+                             inputs=plan.inputs, describe={"about": plan.about})
+
+
+def run_seed(ctx: RunContext) -> Artifact | None:
+    prepared = open_data(ctx)
+    return train(ctx, plan_seed(ctx, prepared), prepared)
+
+
+def run_branch(ctx: RunContext, domain: str | None = None) -> Artifact | None:
+    domain = domain or require_domain(ctx)
+    prepared = open_data(ctx)
+    return train(ctx, plan_branch(ctx, prepared, domain), prepared)
+
+
+def run_moe(ctx: RunContext, name: str | None = None) -> Artifact | None:
+    prepared = open_data(ctx)
+    return train(ctx, plan_moe(ctx, prepared, name or ctx.mix_name), prepared)

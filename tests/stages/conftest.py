@@ -1,0 +1,25 @@
+"""Fixtures: one smoke pipeline run through the real CLI, and private copies of it for tests that modify it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_runner import Result, cli
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[Path, Result]:
+    """One whole smoke pipeline (data, seed, 3 branches, 4 mixtures trained, eval, report)."""
+    root = tmp_path_factory.mktemp("stages")
+    return root, cli(root, "stage=all", check=True)
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path) -> Path:
+    """A private copy of the finished smoke run that a test may modify."""
+    root, _ = smoke_run
+    dst = tmp_path / "stages"
+    shutil.copytree(root, dst)
+    return dst

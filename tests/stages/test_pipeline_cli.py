@@ -1,0 +1,264 @@
+"""The product end to end: the smoke pipeline through the CLI, skips, staleness, faults, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
+from bam_pipeline.store.layout import RunLayout
+
+from cli_runner import REPO, cli
+
+DOMAINS = ("code", "math", "law")
+MOE_RUNS = ("bam", "bam_kv_shared", "btx", "dense")
+
+
+def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run):
+    root, result = smoke_run
+    run = root / "smoke"
+    labels = {a.label for a in find_model_artifacts(RunLayout(run))}
+    expected = {"seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
+                *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"}
+    assert labels == expected
+    for art in find_model_artifacts(RunLayout(run)):
+        art.verify()
+        m = art.manifest
+        assert m["config_hash"] and m["versions"]["torch"] and m["tokenizer_hash"]
+        assert set(m["files"]) >= {"model.safetensors", "model_config.json"}
+    seed = read_artifact(run / "seed" / "main")
+    branch = read_artifact(run / "branch" / "code")
+    assert branch.manifest["inputs"]["seed"]["hash"] == seed.hash  # chained through manifests
+    assert seed.manifest["tokens"] > 0 and seed.manifest["flops"] > 0
+    rows = [json.loads(x) for x in (seed.path / "train_log.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    pairs = {(r["model"], r["domain"]) for r in metrics["rows"]}
+    assert pairs == {(label, d) for label in labels for d in ("general", *DOMAINS)}
+    routing = json.loads((run / "eval" / "routing.json").read_text())
+    assert set(routing) == {label for label in labels if not label.endswith("dense") and label.split("/")[0]
+                            in ("mix", "moe")}
+    for label, stats in routing.items():
+        # every token is dispatched to exactly top-1 expert: fractions are counts over the token count
+        assert stats["experts"]["ffn"] == ["seed", *DOMAINS]  # names from the mix stage's manifest
+        for per_kind in stats["domains"].values():
+            n_tokens = per_kind["ffn"]["tokens"]
+            for layer_fracs in per_kind["ffn"]["fraction"]:
+                counts = [f * n_tokens for f in layer_fracs]
+                assert all(abs(c - round(c)) < 1e-6 for c in counts), (label, counts)
+                assert sum(round(c) for c in counts) == n_tokens
+    mix_about = read_artifact(run / "mix" / "btx").manifest["about"]
+    assert mix_about["expert_origins"] == {"ffn": ["seed", *(f"branch/{d}" for d in DOMAINS)]}
+    assert set(read_artifact(run / "mix" / "dense").manifest["inputs"]) == {"seed"}  # no branch it never reads
+    assert metrics["rows"][0]["display"] == "Seed"
+    report = (run / "report" / "report.md").read_text()
+    assert "| data-matched beats compute-matched" in report and "not measurable" not in report
+    assert {p.name for p in (run / "report").glob("*.png")} >= {"perplexity.png", "training_loss.png"}
+    assert not list(run.rglob("*.tmp-*")), "temporary stage directories left behind"
+    assert "pipeline finished" in result.out
+
+
+def test_second_run_skips_every_stage(smoke_copy):
+    r = cli(smoke_copy, "stage=all", check=True)
+    assert "training" not in r.out
+    for label in ["seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
+                  *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"]:
+        assert f"{label}: up to date" in r.out
+    assert "reusing prepared data" in r.out
+
+
+def test_changed_config_rebuilds_and_says_why_or_refuses(smoke_copy):
+    refused = cli(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", "pipeline.on_stale=refuse")
+    assert refused.returncode != 0
+    assert "stale (config changed: budget" in refused.out and "pipeline.on_stale=rebuild" in refused.out
+    before = read_artifact(smoke_copy / "smoke" / "moe" / "btx").hash
+    r = cli(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", check=True)
+    assert "moe/btx: stale (config changed: budget" in r.out and "rebuilding" in r.out
+    assert read_artifact(smoke_copy / "smoke" / "moe" / "btx").hash != before
+
+
+def test_changed_input_is_named(smoke_copy):
+    cli(smoke_copy, "stage=branch", "domain=code", "budget.branch.tokens=1024", check=True)
+    r = cli(smoke_copy, "stage=mix", "mix=bam", check=True)
+    assert "mix/bam: stale (inputs changed: branch/code" in r.out
+
+
+def test_corrupt_checkpoint_is_refused_with_one_line(smoke_copy):
+    weights = smoke_copy / "smoke" / "seed" / "main" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (smoke_copy / "smoke" / "branch" / "code" / "manifest.json").unlink()  # force a rebuild of the branch
+    r = cli(smoke_copy, "stage=branch", "domain=code")
+    assert r.returncode == 2
+    assert "checksum mismatch" in r.out and "Traceback" not in r.out
+    assert not (smoke_copy / "smoke" / "branch" / "code" / "manifest.json").exists()
+
+
+def test_missing_upstream_names_the_command(tmp_path):
+    r = cli(tmp_path, "stage=seed")
+    assert r.returncode == 2 and "stage=data" in r.out and "Traceback" not in r.out
+
+
+def test_missing_branch_names_the_command(smoke_copy):
+    import shutil
+
+    shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
+    r = cli(smoke_copy, "stage=mix", "mix=bam_attn_top2")
+    assert r.returncode == 2
+    assert "run `python -m bam_pipeline stage=branch domain=law experiment=smoke logger=none` first" in r.out
+    assert not (smoke_copy / "smoke" / "mix" / "bam_attn_top2").exists()
+
+
+def test_branch_without_domain_and_unknown_domain(smoke_copy):
+    r = cli(smoke_copy, "stage=branch")
+    assert r.returncode == 2 and "domain=code,math,law" in r.out
+    r = cli(smoke_copy, "stage=branch", "domain=chemistry")
+    assert r.returncode != 0 and "code" in r.out and "law" in r.out  # the known domains are listed
+
+
+def test_nan_loss_stops_with_a_clear_message(smoke_copy):
+    r = cli(smoke_copy, "stage=moe", "mix=bam", "train.lr=1e20", "budget.moe.tokens=4096")
+    assert r.returncode == 2
+    assert "training loss became" in r.out and "Traceback" not in r.out
+    # the previous finished artifact is untouched
+    read_artifact(smoke_copy / "smoke" / "moe" / "bam").verify()
+
+
+def test_multirun_sweep_trains_each_variant(smoke_copy):
+    r = cli(smoke_copy, "-m", "stage=moe", "mix=bam_kv_shared,btx", "budget.moe.tokens=1024", check=True)
+    assert "moe/bam_kv_shared: stale" in r.out and "moe/btx: stale" in r.out
+    for v in ("bam_kv_shared", "btx"):
+        assert read_artifact(smoke_copy / "smoke" / "moe" / v).manifest["budget"]["reference_tokens"] == 1024
+
+
+def test_compute_matched_moe_sees_fewer_tokens(smoke_copy):
+    r = cli(smoke_copy, "stage=moe", "mix=bam", "budget.moe.match=compute", check=True)
+    assert "moe/bam_cm: up to date" in r.out  # the same run as `bam_cm` in pipeline.moe_runs
+    run = smoke_copy / "smoke"
+    cm, dm = read_artifact(run / "moe" / "bam_cm"), read_artifact(run / "moe" / "bam")
+    assert cm.manifest["tokens"] < dm.manifest["tokens"]
+    btx = read_artifact(run / "moe" / "btx")
+    per_step = cm.manifest["budget"]["train_flops"] / cm.manifest["budget"]["steps"]
+    assert abs(cm.manifest["flops"] - btx.manifest["flops"]) <= per_step
+
+
+# Paper Tables 4, 5 and 9 (590M scale): (total, active) parameters as the paper rounds them, and ours exactly.
+PAPER_PARAMS = {
+    "dense": ((590e6, 590e6), (587_209_728, 587_209_728)),
+    "bam": ((776e6, 663e6), (776_002_560, 662_756_352)),
+    "btx": ((700e6, 587e6), (700_480_512, 587_234_304)),
+    "btx_matched": ((776e6, 662e6), (775_990_272, 662_744_064)),
+}
+
+
+def _params(out: str) -> list[tuple[int, int]]:
+    """(total, active) of each model stage=info printed, in order."""
+    found = re.findall(r"parameters: total \S+ \(([\d,]+)\), active per token \S+ \(([\d,]+)\)", out)
+    return [(int(t.replace(",", "")), int(a.replace(",", ""))) for t, a in found]
+
+
+@pytest.mark.parametrize("mix", ["bam", "btx", "btx_matched"])
+def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
+    r = cli(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", check=True)
+    (dense, mixed) = _params(r.out)
+    assert dense == PAPER_PARAMS["dense"][1] and mixed == PAPER_PARAMS[mix][1]
+    for ours, paper in zip(mixed, PAPER_PARAMS[mix][0]):
+        assert abs(ours - paper) / paper < 0.01  # the paper's 3-digit rounding of the same count
+    made = {p.name for p in (tmp_path / "tiny").iterdir()} if (tmp_path / "tiny").exists() else set()
+    assert made <= {"logs"}, made  # no data prepared, no model trained
+
+
+def test_hydra_cfg_job_and_help(tmp_path):
+    r = cli(tmp_path, "--cfg", "job", check=True)
+    assert "stage: all" in r.out and "mix_variants" in r.out
+    r = cli(tmp_path, "--help", check=True)
+    assert "mix: " in r.out and "trainer: " in r.out
+
+
+def _seed_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "seed" / "main" / "model.safetensors"))
+
+
+def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
+    root, _ = smoke_run
+    args = ["stage=seed", "budget.seed.tokens=65536", "train.val_every=8", "experiment=smoke", "logger=none"]
+    ref_root = tmp_path / "ref"
+    import shutil
+
+    shutil.copytree(root / "smoke" / "data", ref_root / "smoke" / "data")
+    shutil.copytree(root / "smoke" / "data", tmp_path / "killed" / "smoke" / "data")
+    cli(ref_root, *args, check=True)
+
+    killed_root = tmp_path / "killed"
+    _kill_when_checkpointed(killed_root, args, "seed/main")
+
+    r = cli(killed_root, *args, check=True)
+    assert "resuming from" in r.out
+    ref, res = _seed_weights(ref_root / "smoke"), _seed_weights(killed_root / "smoke")
+    for k in ref:
+        torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def _kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
+    """Start the CLI, SIGKILL its whole process group once the stage wrote its first checkpoint."""
+    env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "bam_pipeline", *args], cwd=REPO, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = root / "smoke" / ".work" / stage_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the first checkpoint finish writing, then kill mid-training
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"
+
+
+def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
+    import shutil
+
+    root, _ = smoke_run
+    shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
+    args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
+            "experiment=smoke", "logger=none"]
+    _kill_when_checkpointed(tmp_path, args, "seed/main")
+    r = cli(tmp_path, *args, check=True, timeout=600)
+    assert "resuming from" in r.out and "Traceback" not in r.out
+    art = read_artifact(tmp_path / "smoke" / "seed" / "main")
+    art.verify()
+    assert art.manifest["budget"]["tokens_per_step"] == 2 * 4 * 64  # two processes x batch 4 x 64 tokens
+    steps = [row["step"] for row in read_train_log(art) if "loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == art.manifest["budget"]["steps"]
+    assert not list(tmp_path.rglob("*.tmp-*")) and not (tmp_path / "smoke" / ".work" / "seed" / "main").exists()
+
+
+@pytest.mark.slow
+def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
+    """`make full-run`'s pipeline (7-15 minutes here): experts specialise, mixing then training helps."""
+    cli(tmp_path, "stage=all", "experiment=tiny", check=True, timeout=1800)
+    rows = json.loads((tmp_path / "tiny" / "eval" / "metrics.json").read_text())["rows"]
+    ppl = {(r["model"], r["domain"]): r["perplexity"] for r in rows}
+    for d in DOMAINS:
+        assert ppl[(f"branch/{d}", d)] < ppl[("seed", d)]  # each expert beats the seed in its domain
+    for v in ("bam", "bam_kv_shared", "btx"):
+        trained = sum(ppl[(f"moe/{v}", d)] for d in ("general", *DOMAINS))
+        untrained = sum(ppl[(f"mix/{v}", d)] for d in ("general", *DOMAINS))
+        seed = sum(ppl[("seed", d)] for d in ("general", *DOMAINS))
+        assert trained < untrained and trained < seed
+
+
+def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
+    r = cli(smoke_copy, "stage=seed", "data.split.val=0.2")
+    assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out
