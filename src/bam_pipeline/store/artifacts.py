@@ -4,6 +4,12 @@ A stage's output is a directory (``RunLayout.artifact(stage, name)``, or ``RunLa
 appears only once complete: it is written into a sibling temporary directory and renamed into
 place. Its ``manifest.json`` records what made it and the checksum of every file; downstream stages
 find their inputs through manifests and verify the checksums before use.
+
+An artifact's hash is its identity for everything downstream (freshness, caches): the checksums of
+its content files and the hashes of its inputs. Record files (``train_log.jsonl``, whose rows hold
+wall-clock figures) are checksummed but left out of it, so retraining to identical weights leaves
+every downstream stage up to date. Opening an artifact for a run checks that it was made with the
+run's tokenizer (:func:`read_artifact`), so every consumer refuses a mismatch the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 TRAIN_LOG = "train_log.jsonl"
+RECORDS = (TRAIN_LOG,)  # checksummed, but not part of the artifact's hash
 REQUIRED_FIELDS = ("stage", "name", "hash", "files")
 
 
@@ -70,19 +77,25 @@ class Artifact:
                          fix=f"delete {self.path} and re-run its stage")
 
 
-def read_artifact(path: Path) -> Artifact:
-    """Read a finished artifact's manifest; BamError when absent or unreadable."""
+def read_artifact(path: Path, *, tokenizer: str | None = None) -> Artifact:
+    """Read a finished artifact's manifest; BamError when absent, unreadable, or (``tokenizer`` given)
+    made with another tokenizer than the run's prepared data."""
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise BamError(f"no finished artifact in {path} (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BamError(f"corrupt {mpath} ({e}); delete {path} and re-run its stage") from None
     for key in REQUIRED_FIELDS:
         if not isinstance(manifest, dict) or key not in manifest:
             raise BamError(f"corrupt {mpath}: no '{key}' field; delete {path} and re-run its stage")
-    return Artifact(Path(path), manifest)
+    art = Artifact(Path(path), manifest)
+    if tokenizer is not None and manifest.get("tokenizer_hash") != tokenizer:
+        made_with = str(manifest.get("tokenizer_hash") or "none recorded")[:12]
+        raise BamError(f"{art.label} was made with another tokenizer ({made_with}) than the run's prepared data "
+                       f"({tokenizer[:12]}); re-run its stage so the whole run shares one tokenizer")
+    return art
 
 
 def try_read_artifact(path: Path) -> Artifact | None:
@@ -104,15 +117,42 @@ def find_model_artifacts(layout: RunLayout) -> list[Artifact]:
     return found
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_dead_temporaries(final_dir: Path) -> list[Path]:
+    """Remove the ``<name>.tmp-<pid>`` / ``<name>.old-<pid>`` siblings of ``final_dir`` that a killed
+    process left behind (its pid no longer runs here); returns what was removed."""
+    final_dir = Path(final_dir)
+    removed = []
+    for kind in ("tmp", "old"):
+        for p in final_dir.parent.glob(f"{final_dir.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 @contextmanager
 def publish(final_dir: Path) -> Iterator[Path]:
     """Write a stage's output atomically.
 
     Yields a temporary sibling directory; on normal exit it replaces ``final_dir`` by rename, on
     an exception it is removed, so a half-written artifact never exists under the final name.
+    Temporaries of killed earlier attempts are removed first.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    for p in remove_dead_temporaries(final_dir):
+        print(f"removed {p}, left by a run that was killed while publishing")
     tmp = final_dir.parent / f"{final_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -135,17 +175,21 @@ def write_manifest(out_dir: Path, *, stage: str, name: str, config: dict[str, An
     """Checksum every file in ``out_dir`` and write its manifest.json; returns the manifest.
 
     ``config`` is what the stage's result depends on (its hash is the stage's identity); ``inputs``
-    the upstream artifacts it was made from; ``fields`` anything else worth recording.
+    the upstream artifacts it was made from; ``fields`` anything else worth recording. The
+    artifact's hash covers its content files (not :data:`RECORDS`) and its inputs' hashes.
     """
     files = checksums(out_dir, exclude=(MANIFEST,))
+    inputs = inputs or {}
+    content = {"files": {f: d for f, d in files.items() if f not in RECORDS},
+               "inputs": {key: a.hash for key, a in inputs.items()}}
     manifest = {
         "stage": stage,
         "name": name,
         "config": config,
         "config_hash": canonical_hash(config),
-        "inputs": {key: {"path": str(a.path), "hash": a.hash} for key, a in (inputs or {}).items()},
+        "inputs": {key: {"path": str(a.path), "hash": a.hash} for key, a in inputs.items()},
         "files": files,
-        "hash": canonical_hash(files),
+        "hash": canonical_hash(content),
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **fields,

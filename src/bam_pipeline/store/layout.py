@@ -8,6 +8,7 @@ stages/<run>/
   mix/<variant>/
   moe/<variant>[_cm]/
   .work/<stage>/<name>/      a training stage's checkpoints and growing train log (resume)
+  .locks/<stage>/<name>.lock who is building an output right now (store.locks)
   eval/                      metrics.json, routing.json, heatmaps, cache/
   report/                    report.md, report.html, plots
   logs/                      Hydra and logger output
@@ -58,6 +59,10 @@ class RunLayout:
 
     def work(self, stage: str, name: str = SEED_NAME) -> Path:
         return self.run_dir / ".work" / stage / name
+
+    def lock(self, stage: str, name: str = SEED_NAME) -> Path:
+        """The lock file of one output (``stage="data"`` for the prepared data)."""
+        return self.run_dir / ".locks" / (f"{stage}.lock" if stage == "data" else f"{stage}/{name}.lock")
 
     @property
     def eval(self) -> Path:

@@ -1,0 +1,148 @@
+"""The artifact store: content hashes, the tokenizer check on open, temporaries of killed runs, locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.store import locks
+from bam_pipeline.store.artifacts import Artifact, publish, read_artifact, remove_dead_temporaries, write_manifest
+from bam_pipeline.store.locks import Holder, StageLock, read_holder, stale_reason, wait_while_held
+
+
+def _artifact(path, weights: bytes, log: str, inputs=None, tokenizer="tok-a") -> Artifact:
+    with publish(path) as tmp:
+        (tmp / "model.safetensors").write_bytes(weights)
+        (tmp / "train_log.jsonl").write_text(log)
+        write_manifest(tmp, stage="seed", name="main", config={"a": 1}, inputs=inputs, tokenizer_hash=tokenizer)
+    return read_artifact(path)
+
+
+def test_the_hash_covers_content_and_inputs_not_the_train_log(tmp_path):
+    a = _artifact(tmp_path / "a", b"weights", '{"step": 1, "tokens_per_s": 812.5}\n')
+    b = _artifact(tmp_path / "b", b"weights", '{"step": 1, "tokens_per_s": 1907.0}\n')  # retrained, other speed
+    assert a.hash == b.hash and a.manifest["files"]["train_log.jsonl"] != b.manifest["files"]["train_log.jsonl"]
+    assert _artifact(tmp_path / "c", b"weight!", "").hash != a.hash
+    assert _artifact(tmp_path / "d", b"weights", "", inputs={"seed": a}).hash != a.hash
+    b.verify()  # the train log is still checksummed
+    (b.path / "train_log.jsonl").write_text("edited")
+    with pytest.raises(BamError, match="checksum mismatch .*train_log.jsonl"):
+        b.verify()
+
+
+def test_opening_for_a_run_checks_the_tokenizer(tmp_path):
+    art = _artifact(tmp_path / "seed", b"w", "", tokenizer="a" * 64)
+    assert read_artifact(art.path, tokenizer="a" * 64).hash == art.hash
+    with pytest.raises(BamError) as err:
+        read_artifact(art.path, tokenizer="b" * 64)
+    assert str(err.value) == ("seed was made with another tokenizer (aaaaaaaaaaaa) than the run's prepared data "
+                              "(bbbbbbbbbbbb); re-run its stage so the whole run shares one tokenizer")
+
+
+def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    final = tmp_path / "seed" / "main"
+    final.parent.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        for name in (f"main.tmp-{dead.pid}", f"main.old-{dead.pid}", f"main.tmp-{live.pid}", "main.tmp-notapid"):
+            (final.parent / name).mkdir()
+        removed = remove_dead_temporaries(final)
+        assert {p.name for p in removed} == {f"main.tmp-{dead.pid}", f"main.old-{dead.pid}"}
+        assert {p.name for p in final.parent.iterdir()} == {f"main.tmp-{live.pid}", "main.tmp-notapid"}
+    finally:
+        live.kill()
+
+
+# ---- locks ----------------------------------------------------------------------------------
+def _holder_file(path, **fields):
+    now = time.time()
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": None, "started": now, "renewed": now,
+              **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder))
+    return Holder(**holder)
+
+
+@pytest.fixture
+def sleeper():
+    p = subprocess.Popen(["sleep", "60"])
+    yield p.pid
+    p.kill()
+
+
+def test_a_lock_is_exclusive_and_released(tmp_path, sleeper):
+    path = tmp_path / ".locks" / "seed" / "main.lock"
+    with StageLock(path, "seed") as lock:
+        assert read_holder(path) == lock.holder and lock.holder.pid == os.getpid()
+    assert not path.exists()
+    _holder_file(path, pid=sleeper)  # another live process on this host
+    with pytest.raises(BamError, match=f"seed is being built by another run \\(pid {sleeper} on "):
+        StageLock(path, "seed").acquire()
+    assert read_holder(path).pid == sleeper  # the holder's lock is untouched
+
+
+@pytest.mark.parametrize("why,fields,env", [
+    ("its process", {"pid": 2**22 + 12345}, {}),  # a pid that runs nowhere here
+    ("not renewed", {"host": "elsewhere", "pid": 1, "renewed": time.time() - locks.LEASE_S - 5}, {}),
+    ("this SLURM job's own", {"host": "elsewhere", "pid": 1, "slurm_job": "777"}, {"SLURM_JOB_ID": "777"}),
+    ("not written by us", None, {}),
+])
+def test_stale_locks_are_taken_over(tmp_path, monkeypatch, capsys, why, fields, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    path = tmp_path / "main.lock"
+    if fields is None:
+        path.write_text("garbage")
+    else:
+        _holder_file(path, **fields)
+    with StageLock(path, "seed"):
+        assert read_holder(path).pid == os.getpid()
+    out = capsys.readouterr().out
+    assert "taking over the lock" in out and (why in out or why == "not written by us")
+
+
+def test_a_slurm_job_that_no_longer_runs_leaves_a_stale_lock(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    holder = Holder("node-3", 1, "4242", time.time(), time.time())
+    squeue.write_text("#!/bin/sh\necho RUNNING\n")
+    squeue.chmod(0o755)
+    assert stale_reason(holder) is None
+    squeue.write_text("#!/bin/sh\nexit 0\n")  # no longer queued: prints nothing
+    assert stale_reason(holder) == "its SLURM job 4242 no longer runs"
+
+
+def test_the_lease_is_renewed_while_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(locks, "RENEW_S", 0.05)
+    path = tmp_path / "main.lock"
+    with StageLock(path, "seed") as lock:
+        first = read_holder(path).renewed
+        time.sleep(0.3)
+        assert read_holder(path).renewed > first and read_holder(path).started == lock.holder.started
+
+
+def test_waiting_for_an_input_ends_when_its_builder_does(tmp_path, sleeper):
+    path = tmp_path / "data.lock"
+    _holder_file(path, pid=sleeper)
+    lines = []
+    releaser = threading.Timer(0.5, path.unlink)
+    releaser.start()
+    wait_while_held(path, "the prepared data", timeout_s=30, poll_s=0.05, say=lines.append)
+    assert lines and "the prepared data is being built by pid" in lines[0]
+    _holder_file(path, pid=sleeper)
+    with pytest.raises(BamError, match="waited 0 s for the prepared data, which pid .* is building; raise "
+                                       "pipeline.wait_s"):
+        wait_while_held(path, "the prepared data", timeout_s=0.2, poll_s=0.05, say=lines.append)
