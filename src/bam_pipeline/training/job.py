@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
@@ -27,8 +29,9 @@ from bam_pipeline.store.files import canonical_hash, read_jsonl, write_json, wri
 from bam_pipeline.store.layout import RunLayout, label
 from bam_pipeline.training.budget import Budget
 from bam_pipeline.training.host_memory import keep_freed_memory
-from bam_pipeline.training.module import LMModule, OptimConfig
 from bam_pipeline.training.loggers import close_logger, make_logger
+from bam_pipeline.training.module import LMModule, OptimConfig
+from bam_pipeline.training.preemption import CheckpointOnStop, Stopped, defer, received
 from bam_pipeline.training.schedule import warmup_steps_for
 from bam_pipeline.training.settings import TrainSettings
 
@@ -113,7 +116,13 @@ class TrainLogWriter(Callback):
 
 
 class TokensProgressBar(TQDMProgressBar):
-    """Progress bar over optimizer steps that shows tokens seen and tokens/s."""
+    """Progress bar over optimizer steps that shows tokens seen and tokens/s; its bars end their line
+    when the fit stops on an exception, so the error line that follows stands on its own."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        for bar in (self._val_progress_bar, self._train_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
@@ -126,7 +135,8 @@ class TokensProgressBar(TQDMProgressBar):
 
 
 def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
-    """Reset the work dir unless it belongs to this exact config; return a checkpoint to resume from."""
+    """Reset the work dir unless it belongs to this exact config; return the newest checkpoint to resume
+    from: ``last.ckpt`` (periodic, or saved on a stop signal) or Lightning's SLURM ``hpc_ckpt_<n>.ckpt``."""
     fp = work / FINGERPRINT
     if work.exists():
         try:
@@ -137,8 +147,8 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json(fp, {"config_hash": config_hash})
-    last = work / CKPT_DIR / "last.ckpt"
-    return last if last.is_file() else None
+    found = [p for p in [work / CKPT_DIR / "last.ckpt", *work.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
@@ -180,8 +190,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     )
     logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
     ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0, every_n_train_steps=t.val_every)
-    trainer = L.Trainer(
-        **trainer_cfg,
+    on_stop = CheckpointOnStop(work / CKPT_DIR / "last.ckpt")
+    trainer = _trainer(
+        trainer_cfg,
         max_steps=job.budget.steps,
         accumulate_grad_batches=t.accumulate,
         gradient_clip_val=t.grad_clip,
@@ -192,7 +203,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         limit_val_batches=0 if t.val_tokens == 0 else None,  # train.val_tokens=0: no validation
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
-        callbacks=[ckpt, TrainLogWriter(work / A.TRAIN_LOG, t.log_every), TokensProgressBar()],
+        callbacks=[ckpt, on_stop, TrainLogWriter(work / A.TRAIN_LOG, t.log_every), TokensProgressBar()],
         enable_model_summary=False,
         default_root_dir=str(work),
     )
@@ -206,7 +217,13 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:
+        signum = received()
+        raise Stopped(signum, f"{job.label}: stopped by {signal.Signals(signum).name} after step {on_stop.saved_at} of "
+                              f"{job.budget.steps}; a resumable checkpoint is in {work / CKPT_DIR}; run the same "
+                              "command again to resume") from None
     finally:
+        defer(False)
         close_logger(logger)
     wall = time.perf_counter() - t0
     # a collective under FSDP (full weights gathered from the shards): every rank calls it
@@ -229,6 +246,17 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     shutil.rmtree(work, ignore_errors=True)
     trainer.strategy.barrier("published")
     return A.read_artifact(out_dir)
+
+
+def _trainer(trainer_cfg: dict, **settings: Any) -> L.Trainer:
+    """A Lightning Trainer from the ``trainer:`` config and the job's settings; a BamError when
+    Lightning refuses the combination."""
+    try:
+        return L.Trainer(**trainer_cfg, **settings)
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BamError(f"Lightning refuses the trainer settings {trainer_cfg}: {first}; fix trainer= / "
+                       "trainer.* (e.g. trainer=cpu on a machine without a GPU)") from None
 
 
 def _train_metrics(log_rows: list[dict[str, Any]]) -> dict[str, float | None]:

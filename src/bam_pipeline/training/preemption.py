@@ -1,0 +1,97 @@
+"""Preemption: SIGTERM (what SLURM sends on preemption and at the time limit) and SIGUSR1.
+
+Outside training, either signal stops the command at once with one line and exit code 128 + the
+signal's number (143 for SIGTERM), leaving nothing half-written (publishing is atomic). While a
+stage trains, the signal is only recorded: Lightning stops at the end of the current step,
+:class:`CheckpointOnStop` saves a resumable ``last.ckpt``, and the job ends with the same one
+line and exit code; running the same command again resumes from it.
+
+Under SLURM with Lightning's auto-requeue (the SLURM environment it detects), SIGUSR1 is
+Lightning's: it saves an ``hpc_ckpt_<n>.ckpt`` and requeues the job (``scontrol requeue``), and the
+requeued job resumes from the newer of that and ``last.ckpt``. Submitit's own requeue is off in
+``hydra/launcher/slurm``, so nothing requeues twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from bam_pipeline.errors import BamError
+
+
+class Stopped(BamError):
+    """The command was stopped by a signal; exits with 128 + its number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+_state: dict[str, object] = {"training": False, "received": None}
+
+
+def slurm_requeues() -> bool:
+    """Whether Lightning's SLURM environment will handle SIGUSR1 (save, requeue) in this process."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
+
+
+def _handler(signum: int, frame) -> None:
+    name = signal.Signals(signum).name
+    if _state["training"]:
+        if _state["received"] is None:
+            _state["received"] = signum
+            if signum != signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's stop-at-step-end runs on SIGTERM
+        return
+    raise Stopped(signum, f"stopped by {name}; nothing half-written was kept; re-run the same command to continue")
+
+
+def install() -> None:
+    """Make SIGTERM (and SIGUSR1, unless Lightning's SLURM requeue owns it) stop with one line."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _handler)
+    if not slurm_requeues():
+        signal.signal(signal.SIGUSR1, _handler)
+
+
+def defer(on: bool) -> None:
+    """While a fit runs (``on``), record a stop signal for Lightning to act on at the end of the step."""
+    _state["training"] = on
+    if on:
+        _state["received"] = None
+
+
+def received() -> int:
+    """The stop signal recorded while training (SIGTERM when Lightning saw it first)."""
+    return int(_state["received"] or signal.SIGTERM)
+
+
+class CheckpointOnStop(Callback):
+    """Defers stop signals while the fit runs; on Lightning's stop-at-step-end (a SIGTERM) saves a
+    resumable checkpoint to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.saved_at: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        defer(True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        defer(False)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        defer(False)
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            self.saved_at = trainer.global_step
