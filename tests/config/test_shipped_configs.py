@@ -28,6 +28,9 @@ def _compose(*overrides: str, hydra_cfg: bool = False):
 
 
 def context(*overrides: str) -> RunContext:
+    """The run context of a command (``stage=info`` unless given: planning needs no devices here)."""
+    if not any(o.startswith("stage=") for o in overrides):
+        overrides = ("stage=info", *overrides)
     cfg = _compose(*overrides, hydra_cfg=True)
     choices = cfg.hydra.runtime.choices
     with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -128,5 +131,7 @@ def test_slurm_launcher_writes_an_sbatch_script_for_the_trainer(tmp_path, monkey
     assert launcher.launch([["stage=branch", "domain=code"]], initial_job_idx=0) == []
     sbatch = executors[0]._executor._make_submission_file_text("python -m bam_pipeline", "uid")
     for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=2",
-                 "#SBATCH --time=1440"):
+                 "#SBATCH --time=1440", "#SBATCH --signal=USR1@90", "#SBATCH --requeue"):
         assert line in sbatch, sbatch
+    assert "USR2" not in sbatch  # submitit's own timeout signal (and requeue) is off
+    assert executors[0]._executor.max_num_timeout == 0

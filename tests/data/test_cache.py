@@ -76,7 +76,7 @@ def test_altered_file_is_reported_as_corrupt(fresh):
     data[len(data) // 2] ^= 0xFF
     arrow.write_bytes(bytes(data))
     rel = str(arrow.relative_to(prepared.dir))
-    with pytest.raises(BamError, match=f"checksum mismatch for .*{rel} \\(prepared data: file changed or corrupt\\); delete"):
+    with pytest.raises(BamError, match=f"checksum mismatch for .*{rel} \\(prepared data: file changed or corrupt\\); run .*data.rebuild=true"):
         prepare_data(read_data_spec(cfg), prepared.dir, progress=False)
     with pytest.raises(BamError, match="corrupt"):
         open_prepared(prepared.dir)

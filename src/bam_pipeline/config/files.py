@@ -4,6 +4,7 @@ config directory (``hydra.searchpath=[file://...]``) is searched as the command 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -42,17 +43,27 @@ def group_options(group: str) -> list[str]:
 
 def load_option(group: str, name: str) -> DictConfig:
     """Option ``name`` of config ``group``, composed by Hydra (its defaults list applied, interpolations
-    left in place); a BamError listing the known options when there is none of that name."""
+    left in place); a BamError listing the known options when there is none of that name. Composed
+    once per process and search path (a read-only copy is returned)."""
+    return _compose_option(group, name, tuple(_searchpath_overrides()))
+
+
+@functools.lru_cache(maxsize=None)
+def _compose_option(group: str, name: str, searchpath: tuple[str, ...]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import MissingConfigException
+    from omegaconf import OmegaConf
 
-    overrides = [f"{group}={name}", *_searchpath_overrides()]
+    overrides = [f"{group}={name}", *searchpath]
     try:
         if GlobalHydra.instance().is_initialized():
-            return compose(PRIMARY, overrides=overrides)[group]
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return compose(PRIMARY, overrides=overrides)[group]
+            option = compose(PRIMARY, overrides=overrides)[group]
+        else:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                option = compose(PRIMARY, overrides=overrides)[group]
+        OmegaConf.set_readonly(option, True)
+        return option
     except MissingConfigException:
         raise BamError(f"unknown {group} {name!r}; known: {', '.join(group_options(group))} "
                        f"(or add {group}/{name}.yaml to a config directory)") from None

@@ -33,6 +33,7 @@ from bam_pipeline.store.files import canonical_hash, sha256_file, verify_checksu
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
 RUN_HINT = "run `python -m bam_pipeline stage=data`"
+REBUILD_HINT = "run `python -m bam_pipeline stage=data data.rebuild=true` to prepare it again"
 
 
 @dataclass
@@ -95,7 +96,7 @@ def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
             tokenizer_hash=m["tokenizer_hash"], config_hash=m["config_hash"], stats=m["stats"], manifest=m,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); delete {out_dir} and {RUN_HINT}") from None
+        raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); {REBUILD_HINT}") from None
     if verify:
         verify_files(prepared)
     return prepared
@@ -104,7 +105,7 @@ def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
 def verify_files(prepared: PreparedData) -> None:
     """Every recorded file present with its checksum; BamError naming the first bad one."""
     verify_checksums(prepared.dir, prepared.manifest.get("files", {}), what="prepared data",
-                     fix=f"delete {prepared.dir} and {RUN_HINT}")
+                     fix=REBUILD_HINT)
 
 
 def open_current(spec: DataSpec, out_dir: Path, *, verify: bool = True) -> PreparedData:
@@ -124,7 +125,7 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, progress: bool = True) -> Pre
     hashed, sources_hash = _identity(spec)
     config_hash = canonical_hash(hashed)
     if (out_dir / MANIFEST).is_file() and not spec.rebuild:
-        old = open_prepared(out_dir, verify=False)
+        old = open_prepared(out_dir, verify=False)  # a corrupt manifest says how to rebuild
         if old.config_hash == config_hash and old.manifest.get("sources_hash") == sources_hash:
             verify_files(old)
             _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")

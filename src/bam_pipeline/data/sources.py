@@ -293,24 +293,66 @@ def shakespeare(spec: SourceSpec) -> Iterator[Document]:
 
 
 # ---- generic sources --------------------------------------------------------------------------
-def _records(path: Path, rel: str, text_field: str, id_field: str | None) -> Iterator[Document]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _utf8(raw: bytes, where: str) -> str:
+    """``raw`` decoded as UTF-8, or a BamError naming the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BamError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason}); "
+                       "convert the file to UTF-8 or leave it out of source.path") from None
 
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BamError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it or leave "
+                       "it out of source.path") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of a JSON-lines file (one JSON value a line) or a JSON file (a list, or one object)."""
+    if path.suffix == ".json":
+        data = _json(_utf8(path.read_bytes(), str(path)), str(path))
+        for i, row in enumerate(data if isinstance(data, list) else [data]):
+            yield f"{path} record {i}", row
+        return
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            line = _utf8(raw, f"{path} line {n}")
+            if line.strip():
+                yield f"{path} line {n}", _json(line, f"{path} line {n}")
+
+
+def _parquet_rows(path: Path, text_field: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
         table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise BamError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set source.text_field")
-        rows: Iterable[dict[str, Any]] = table.to_pylist()
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
-        rows = data if isinstance(data, list) else [data]
-    else:
-        rows = (json.loads(line) for line in path.open(encoding="utf-8") if line.strip())
-    for i, row in enumerate(rows):
+    except (pa.ArrowException, OSError) as e:
+        raise BamError(f"{path} is not a readable Parquet file ({e}); rewrite it or leave it out of source.path") from None
+    if text_field not in table.column_names:
+        raise BamError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set source.text_field")
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _records(path: Path, rel: str, text_field: str, id_field: str | None) -> Iterator[Document]:
+    rows = _parquet_rows(path, text_field) if path.suffix == ".parquet" else _json_rows(path)
+    for i, (where, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BamError(f"{where} is a JSON {type(row).__name__}, not an object with a {text_field!r} field; "
+                           "give one object per record")
         if text_field not in row:
-            raise BamError(f"record {i} of {path} has no field {text_field!r} (fields: {sorted(row)}); set source.text_field")
+            raise BamError(f"{where} has no field {text_field!r} (fields: {sorted(row)}); set source.text_field")
+        if not isinstance(row[text_field], str):
+            raise BamError(f"{where}: field {text_field!r} is {type(row[text_field]).__name__}, not text; set "
+                           "source.text_field to the field that holds the document's text")
+        if id_field and id_field not in row:
+            raise BamError(f"{where} has no field {id_field!r} (fields: {sorted(row)}); set source.id_field or drop it")
         doc_id = str(row[id_field]) if id_field else f"{rel}:{i}"
-        yield Document(doc_id, str(row[text_field]))
+        yield Document(doc_id, row[text_field])
 
 
 def files(spec: SourceSpec) -> Iterator[Document]:
@@ -318,13 +360,16 @@ def files(spec: SourceSpec) -> Iterator[Document]:
     root = Path(os.path.expanduser(opts.path))
     suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if root.is_file() and root.suffix not in suffixes:
+        raise BamError(f"source {spec.name!r}: {root} is not a text, JSONL, JSON or Parquet file (its suffix is not one "
+                       f"of {', '.join(suffixes)}); point source.path at such a file or a folder of them")
     text_field, id_field = opts.text_field, opts.id_field
     for p in paths:
         rel = p.name if p == root else str(p.relative_to(root))
         if p.suffix in RECORD_SUFFIXES:
             yield from _records(p, rel, text_field, id_field)
         else:
-            yield Document(rel, _read_text(p))
+            yield Document(rel, _utf8(p.read_bytes(), str(p)))
 
 
 def _truthy_env(name: str) -> bool:

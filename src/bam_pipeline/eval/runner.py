@@ -24,7 +24,7 @@ from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
-from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, read_artifact
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
@@ -138,6 +138,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     rows, routing, reused, evaluated, used_cache = [], {}, [], [], set()
     for art in arts:
         try:
+            read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
             art.verify()
         except BamError as e:
             print(f"[eval] skip {art.label}: {e}")
@@ -160,6 +161,9 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             info = about(art)
             routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
                                   "domains": result["routing"]}
+    if not rows:
+        reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
+        raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:

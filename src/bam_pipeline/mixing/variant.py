@@ -126,6 +126,22 @@ class MixVariant:
             ffn_router=self.ffn_router,
         )
 
+    def function_gaps(self, mixture: ModelConfig) -> list[str]:
+        """Why a mixture of identical experts (every expert a copy of the seed) would not compute the
+        seed's function, one reason per router; empty when it would (PAPER.md section 10).
+
+        Averaging identical models and a gated sum whose gates sum to one (soft routing, renormalised
+        top-k) are exact; a top-k gate that is the full-softmax probability scales the chosen experts'
+        output by that probability, about k/E when the router starts near uniform.
+        """
+        gaps = []
+        for kind, router, n in (("attention", mixture.attn_router, mixture.attn_experts),
+                                ("FFN", mixture.ffn_router, mixture.ffn_experts)):
+            if n > 1 and router.kind == "topk" and not router.renormalize and router.k < n:
+                gaps.append(f"the {kind} gate is the full-softmax probability of the top-{router.k} of {n} experts, "
+                            f"not renormalised, so their output starts scaled by about {router.k}/{n}")
+        return gaps
+
     # ---- how it is named ---------------------------------------------------------------------
     def qualifiers(self) -> list[str]:
         """What sets this variant apart from its method's defaults, in words."""

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig
 
-from bam_pipeline.config.files import load_option
+from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.data.spec import DataSpec, read_data_spec
 from bam_pipeline.errors import BamError, ConfigError
@@ -22,14 +22,26 @@ from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig, preset
 from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.store.layout import RunLayout
+from bam_pipeline.store.layout import CM_SUFFIX, RunLayout
 from bam_pipeline.training.budget import BudgetSettings
-from bam_pipeline.training.ranks import world_size
+from bam_pipeline.training.ranks import check_trainer, world_size
 from bam_pipeline.training.settings import TrainSettings
 
 ON_STALE = ("rebuild", "refuse")
+TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
+EVAL_STAGES = ("eval", "all")
 # Overrides that select what a command works on; hints drop them and name their own.
 SELECTORS = ("stage", "domain", "mix")
+
+
+# ModelConfig fields a model override may not set, and why.
+NOT_OVERRIDABLE = {
+    "max_seq_len": "set model.seq_len instead",
+    "vocab_size": "the vocabulary size comes from the run's tokenizer",
+    "name": "the model's name comes from its preset",
+    **dict.fromkeys(("attn_experts", "attn_kv", "attn_router", "ffn_experts", "ffn_router"),
+                    "the seed is dense; mixtures come from mix=<variant>"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,18 +55,17 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise ConfigError("seq_len", self.seq_len, "must be a positive number of tokens")
+        for key in self.overrides:
+            if key in NOT_OVERRIDABLE:
+                raise ConfigError(f"overrides.{key}", self.overrides[key], NOT_OVERRIDABLE[key])
         self.dense_config()  # every override is checked now, not when the first model is built
 
     def dense_config(self, vocab_size: int | None = None) -> ModelConfig:
-        """The seed's architecture: the preset with its overrides, the run's context length and, once
-        data is prepared, the tokenizer's vocabulary size."""
-        overrides = dict(self.overrides)
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        try:
-            return preset(self.preset, max_seq_len=self.seq_len, **overrides)
-        except ConfigError as e:
-            raise (e if e.key == "preset" else e.under("overrides")) from None
+        """The seed's architecture: the preset with its overrides (each type-checked), the run's context
+        length and, once data is prepared, the tokenizer's vocabulary size."""
+        base = preset(self.preset).to_dict()
+        fixed = {"max_seq_len": self.seq_len, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
+        return read_section(ModelConfig, {**base, **self.overrides}, "overrides", **fixed)
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,13 @@ class PipelineSpec:
     mix_variants: tuple[str, ...]
     moe_runs: tuple[str, ...]
     on_stale: str
+    wait_s: float  # how long to wait for an input another run is building (the prepared data)
 
     def __post_init__(self) -> None:
         if self.on_stale not in ON_STALE:
             raise ConfigError("on_stale", self.on_stale, f"use one of {', '.join(ON_STALE)}")
+        if not self.wait_s > 0:
+            raise ConfigError("wait_s", self.wait_s, "must be a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -116,8 +130,36 @@ class RunContext:
             experiment=cfg.get("experiment_name"),
             config_hash=canonical_hash(plain(cfg)),
         )
-        ctx.variant(ctx.mix_name)  # the selected variant is valid before any work
+        ctx.check()
         return ctx
+
+    def check(self) -> None:
+        """Checks across sections (each section checked its own values when it was read)."""
+        import torch
+
+        if self.train.seq_len > self.model.seq_len:
+            raise ConfigError("train.seq_len", self.train.seq_len,
+                              f"exceeds the model's context model.seq_len={self.model.seq_len}; set model.seq_len")
+        try:
+            check_trainer(self.trainer, here=self.stage in TRAINING_STAGES)
+        except ConfigError as e:
+            raise e.under("trainer") from None
+        if self.stage in EVAL_STAGES and self.eval.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("eval.device", self.eval.device, "no CUDA GPU is visible; use eval.device=auto or cpu")
+        variants = group_options("mix")
+        named = [("pipeline.mix_variants", v) for v in self.pipeline.mix_variants]
+        named += [("pipeline.moe_runs", v.removesuffix(CM_SUFFIX)) for v in self.pipeline.moe_runs]
+        named += [("budget.moe.reference", self.budget.moe.reference)]
+        for key, name in named:
+            if name not in variants:
+                raise ConfigError(key, name, f"no mix variant of that name (known: {', '.join(variants)})")
+        dense = self.model.dense_config()
+        for name in dict.fromkeys([self.mix_name, *self.pipeline.mix_variants]):
+            variant = self.variant(name)
+            try:  # a variant that cannot be laid out over this run's domains fails now, naming its key
+                variant.layout(dense, len(self.data.domains))
+            except ConfigError as e:
+                raise e.under(self._variant_key(name)) from None
 
     # ---- settings derived from several sections ------------------------------------------------
     @property
@@ -135,7 +177,11 @@ class RunContext:
     def variant(self, name: str) -> MixVariant:
         """Mixture variant ``name``: the selected one with this command's overrides, another from its file."""
         node = self.mix_node if name == self.mix_name and self.mix_node is not None else load_option("mix", name)
-        return read_section(MixVariant, node, "mix", name=name)
+        return read_section(MixVariant, node, self._variant_key(name), name=name)
+
+    def _variant_key(self, name: str) -> str:
+        """How errors name a variant's settings: ``mix`` (the selected one), else ``mix/<name>``."""
+        return "mix" if name == self.mix_name else f"mix/{name}"
 
     # ---- messages ---------------------------------------------------------------------------
     def cmd(self, args: str) -> str:

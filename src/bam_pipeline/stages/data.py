@@ -6,6 +6,8 @@ from bam_pipeline.data.prepare import PreparedData, prepare_data, print_stats_ta
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.inputs import open_data
+from bam_pipeline.store.artifacts import remove_dead_temporaries
+from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero, wait_for
 
 
@@ -18,6 +20,15 @@ def run_data(ctx: RunContext) -> PreparedData:
                 return None
 
         return wait_for(ready, "the data stage")
-    prepared = prepare_data(ctx.data, ctx.layout.data)
+    lock = StageLock(ctx.layout.lock("data"), "the prepared data")
+    if lock.try_acquire() is not None:  # another run prepares it: wait, then use what it made
+        prepared = open_data(ctx)
+    else:
+        for p in remove_dead_temporaries(ctx.layout.data):
+            print(f"data: removed {p}, left by a run that was killed while publishing")
+        try:
+            prepared = prepare_data(ctx.data, ctx.layout.data)
+        finally:
+            lock.release()
     print_stats_table(prepared)
     return prepared

@@ -26,8 +26,8 @@ def info_rows(dense: ModelConfig, variant: MixVariant, *, n_domains: int, seq_le
 
 
 def run_info(ctx: RunContext) -> None:
-    rows = info_rows(ctx.model.dense_config(), ctx.variant(ctx.mix_name), n_domains=len(ctx.data.domains),
-                     seq_len=ctx.model.seq_len)
+    variant, dense = ctx.variant(ctx.mix_name), ctx.model.dense_config()
+    rows = info_rows(dense, variant, n_domains=len(ctx.data.domains), seq_len=ctx.model.seq_len)
     base = rows[0]
     for r in rows:
         print(f"{r['model']}\n  {r['architecture']}")
@@ -37,3 +37,9 @@ def run_info(ctx: RunContext) -> None:
               f"(attention {_fmt(r['flops_per_token_attention'])}, FFN {_fmt(r['flops_per_token_ffn'])}, "
               f"LM head {_fmt(r['flops_per_token_lm_head'])}); "
               f"x{r['flops_per_token_forward'] / base['flops_per_token_forward']:.2f} the dense seed")
+    gaps = variant.function_gaps(variant.layout(dense, len(ctx.data.domains)))
+    if gaps:
+        print(f"  upcycled from identical experts this is NOT the seed's function: {'; '.join(gaps)} (exact: "
+              "renormalize: true in the router; the paper's top-1 gate stays unrenormalised so its router learns)")
+    else:
+        print("  upcycled from identical experts this is exactly the seed's function (gates sum to one)")

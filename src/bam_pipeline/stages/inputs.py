@@ -1,22 +1,28 @@
-"""How a stage finds its inputs and decides whether its output is up to date.
+"""How a stage finds its inputs, decides whether its output is up to date, and holds its lock.
 
 A stage's output depends on its config and on its inputs' hashes (``Plan.config``, whose hash is
 the stage's identity). An existing artifact with the same identity is fresh and is not rebuilt; a
-stale one is rebuilt (``pipeline.on_stale=rebuild``) or refused, with the reason named.
+stale one is rebuilt (``pipeline.on_stale=rebuild``) or refused, with the reason named. An output
+is built under its lock (:mod:`bam_pipeline.store.locks`), held by global rank 0 for its launch: a
+second run of the same stage stops at once naming the holder; prepared data another run is
+building is waited for.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bam_pipeline.data.prepare import PreparedData, open_current
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.store.artifacts import Artifact, try_read_artifact
+from bam_pipeline.store.artifacts import MANIFEST, Artifact, read_artifact, remove_dead_temporaries, try_read_artifact
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import label
+from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
+from bam_pipeline.training.ranks import is_rank_zero
 
 
 @dataclass
@@ -48,7 +54,9 @@ class Plan:
 
 
 def open_data(ctx: RunContext, *, verify: bool = True) -> PreparedData:
-    """The run's prepared data, refused when it was made from another data config or other sources."""
+    """The run's prepared data, refused when it was made from another data config or other sources;
+    waits first while another run is preparing it."""
+    wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
     return open_current(ctx.data, ctx.layout.data, verify=verify)
 
 
@@ -58,21 +66,37 @@ def data_input(prepared: PreparedData) -> Artifact:
                                          "files": {}})
 
 
-def require(path: Path, producer: str, prepared: PreparedData) -> Artifact:
-    """A finished upstream artifact made with the run's tokenizer, or a BamError naming the command
-    that (re)produces it."""
-    art = try_read_artifact(path)
-    if art is None:
+def require(ctx: RunContext, stage: str, name: str, producer: str, prepared: PreparedData) -> Artifact:
+    """The finished upstream artifact ``<stage>/<name>``, made with the run's tokenizer, or a BamError
+    naming the command that (re)produces it (or the run that is building it right now)."""
+    path = ctx.layout.artifact(stage, name)
+    if not (path / MANIFEST).is_file():
+        holder = read_holder(ctx.layout.lock(stage, name))
+        if holder is not None and stale_reason(holder) is None:
+            raise BamError(f"input {label(stage, name)} is being built by another run ({holder.describe()}); wait "
+                           "for it to finish, then run this command again")
         raise BamError(f"missing input {path}: run `{producer}` first")
-    if art.manifest.get("tokenizer_hash") != prepared.tokenizer_hash:
-        raise BamError(f"{path} was trained with another tokenizer than the run's prepared data ({prepared.dir}); "
-                       f"re-run `{producer}` so the whole run shares one tokenizer")
-    return art
+    try:
+        return read_artifact(path, tokenizer=prepared.tokenizer_hash)
+    except BamError as e:
+        raise BamError(f"{e} (`{producer}`)") from None
+
+
+@contextmanager
+def building(ctx: RunContext, plan: Plan) -> Iterator[None]:
+    """Hold the lock of ``plan``'s output while building it (global rank 0, for its whole launch)."""
+    if not is_rank_zero():
+        yield
+        return
+    with StageLock(ctx.layout.lock(plan.stage, plan.name), plan.label):
+        yield
 
 
 def fresh_artifact(plan: Plan, on_stale: str) -> Artifact | None:
     """The existing artifact when the plan built it (a skip), else None; says why a stale one is
-    rebuilt, or refuses with the override that forces it."""
+    rebuilt, or refuses with the override that forces it. Temporaries a killed run left are removed."""
+    for p in remove_dead_temporaries(plan.out):
+        print(f"{plan.label}: removed {p}, left by a run that was killed while publishing")
     art = try_read_artifact(plan.out)
     if art is None:
         return None

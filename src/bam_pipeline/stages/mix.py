@@ -7,7 +7,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.mixing.upcycle import upcycle
 from bam_pipeline.mixing.variant import SEED
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.inputs import Plan, fresh_artifact, open_data, require
+from bam_pipeline.stages.inputs import Plan, building, fresh_artifact, open_data, require
 from bam_pipeline.store.artifacts import Artifact, load_state, publish, read_artifact, save_model, try_read_artifact
 from bam_pipeline.store.artifacts import write_manifest
 from bam_pipeline.store.files import canonical_hash
@@ -19,11 +19,10 @@ def plan_mix(ctx: RunContext, prepared: PreparedData, name: str) -> Plan:
     variant copies from them."""
     variant = ctx.variant(name)
     domains = list(ctx.data.domains)
-    inputs = {"seed": require(ctx.layout.artifact("seed"), ctx.cmd("stage=seed"), prepared)}
+    inputs = {"seed": require(ctx, "seed", "main", ctx.cmd("stage=seed"), prepared)}
     if variant.uses_branches:
         for d in domains:
-            inputs[f"branch/{d}"] = require(ctx.layout.artifact("branch", d), ctx.cmd(f"stage=branch domain={d}"),
-                                            prepared)
+            inputs[f"branch/{d}"] = require(ctx, "branch", d, ctx.cmd(f"stage=branch domain={d}"), prepared)
     config = {"mix": variant.to_dict(), "domains": domains, "inputs": {k: a.hash for k, a in inputs.items()}}
     origin_label = {SEED: "seed", **{d: f"branch/{d}" for d in domains}}
     about = {
@@ -48,6 +47,12 @@ def run_mix(ctx: RunContext, name: str | None = None) -> Artifact:
     done = fresh_artifact(plan, ctx.pipeline.on_stale)
     if done is not None:
         return done
+    with building(ctx, plan):
+        return _build_mix(ctx, plan, prepared)
+
+
+def _build_mix(ctx: RunContext, plan: Plan, prepared: PreparedData) -> Artifact:
+    name = plan.name
     variant = ctx.variant(name)
     dense_cfg, seed_state = load_state(plan.inputs["seed"])
     states = {SEED: seed_state}

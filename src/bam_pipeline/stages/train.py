@@ -13,7 +13,7 @@ from bam_pipeline.data.mixtures import stage_mixture
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.stages.context import RunContext, require_domain
-from bam_pipeline.stages.inputs import Plan, data_input, fresh_artifact, open_data, require
+from bam_pipeline.stages.inputs import Plan, building, data_input, fresh_artifact, open_data, require
 from bam_pipeline.store.artifacts import Artifact, read_model_config
 from bam_pipeline.store.layout import CM_SUFFIX
 from bam_pipeline.training.budget import Budget, plan_budget
@@ -45,7 +45,7 @@ def plan_seed(ctx: RunContext, prepared: PreparedData) -> TrainPlan:
 
 def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> TrainPlan:
     proportions = stage_mixture("branch", ctx.data, domain)
-    seed = require(ctx.layout.artifact("seed"), ctx.cmd("stage=seed"), prepared)
+    seed = require(ctx, "seed", "main", ctx.cmd("stage=seed"), prepared)
     model_cfg = read_model_config(seed)
     job = TrainJob("branch", domain, ctx.layout, model_cfg, seed, proportions,
                    _budget(ctx, ctx.budget.branch.tokens, model_cfg), ctx.train.lr * ctx.train.branch_lr_scale,
@@ -68,7 +68,7 @@ def parse_moe_name(name: str, match: str) -> tuple[str, str, str]:
 def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
     variant_name, match, art_name = parse_moe_name(name, ctx.budget.moe.match)
     variant = ctx.variant(variant_name)
-    mix = require(ctx.layout.artifact("mix", variant_name), ctx.cmd(f"stage=mix mix={variant_name}"), prepared)
+    mix = require(ctx, "mix", variant_name, ctx.cmd(f"stage=mix mix={variant_name}"), prepared)
     model_cfg = read_model_config(mix)
     reference = None
     if match == "compute":  # the model whose FLOPs set the budget (budget.moe.reference, default btx)
@@ -88,10 +88,11 @@ def train(ctx: RunContext, plan: TrainPlan, prepared: PreparedData) -> Artifact 
     if done is not None:
         return done
     job = plan.job
-    print(f"{plan.label}: training {job.budget.tokens:,} tokens ({job.budget.steps} steps, {job.budget.match}-matched) "
-          f"on {', '.join(f'{k} {v:.0%}' for k, v in job.proportions.items())}")
-    return train_and_publish(job, prepared=prepared, trainer_cfg=ctx.trainer, logger_cfg=ctx.logger,
-                             inputs=plan.inputs, describe={"about": plan.about})
+    with building(ctx, plan):
+        print(f"{plan.label}: training {job.budget.tokens:,} tokens ({job.budget.steps} steps, "
+              f"{job.budget.match}-matched) on {', '.join(f'{k} {v:.0%}' for k, v in job.proportions.items())}")
+        return train_and_publish(job, prepared=prepared, trainer_cfg=ctx.trainer, logger_cfg=ctx.logger,
+                                 inputs=plan.inputs, describe={"about": plan.about})
 
 
 def run_seed(ctx: RunContext) -> Artifact | None:
