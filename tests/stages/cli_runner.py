@@ -1,8 +1,12 @@
-"""Run the real CLI (`python -m bam_pipeline`) as a subprocess, on the smoke experiment by default."""
+"""Run the real CLI (`python -m bam_pipeline`) as a subprocess, on the smoke experiment by default, or
+in this process (the same entry point, faster) for commands that stop before training."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,11 +29,67 @@ def cli(root: Path, *args: str, timeout: float = 300, check: bool = False) -> Re
     """Run `python -m bam_pipeline <args> experiment=smoke logger=none` with stages under ``root``."""
     env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "bam_pipeline", *args]
-    if not any(a.startswith("experiment=") for a in args):
-        cmd.append("experiment=smoke")
-    if not any(a.startswith("logger=") for a in args):
-        cmd.append("logger=none")
+    cmd = [sys.executable, "-m", "bam_pipeline", *_with_defaults(args)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     r = Result(p.returncode, p.stdout + p.stderr)
     return r.ok() if check else r
+
+
+def _with_defaults(args: tuple[str, ...]) -> list[str]:
+    out = list(args)
+    if not any(a.startswith("experiment=") for a in args):
+        out.append("experiment=smoke")
+    if not any(a.startswith("logger=") for a in args):
+        out.append("logger=none")
+    return out
+
+
+def cli_here(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = False) -> Result:
+    """`python -m bam_pipeline <args>` run in this process: its exit code and its stdout + stderr (the
+    same entry point as :func:`cli`, without an interpreter start per call; signals, kills and
+    several processes need :func:`cli`)."""
+    from bam_pipeline.cli import main
+
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    os.environ.update({"BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       **(env or {})})
+    sys.argv = ["bam_pipeline", *_with_defaults(args)]
+    out = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+    r = Result(code, out.getvalue())
+    return r.ok() if check else r
+
+
+def start(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the CLI in its own process group (output captured as text), without waiting."""
+    full_env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "bam_pipeline", *_with_defaults(args)], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def signal_when(p: subprocess.Popen, ready: Path, sig: int, *, settle_s: float = 0.3,
+                timeout_s: float = 300) -> Result:
+    """Send ``sig`` to the process group of ``p`` once ``ready`` exists (then ``settle_s`` later); wait."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not ready.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert ready.exists(), f"{ready} never appeared"
+    time.sleep(settle_s)
+    os.killpg(p.pid, sig)
+    out, _ = p.communicate(timeout=timeout_s)
+    return Result(p.returncode, out)

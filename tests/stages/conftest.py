@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from cli_runner import Result, cli
 
+# a seed long enough to stop mid-way: 256 steps, a checkpoint every 8
+SEED_ARGS = ("stage=seed", "budget.seed.tokens=65536", "train.val_every=8")
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, Result]:
@@ -23,3 +26,12 @@ def smoke_copy(smoke_run, tmp_path) -> Path:
     dst = tmp_path / "stages"
     shutil.copytree(root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def reference_seed(smoke_run, tmp_path_factory) -> Path:
+    """The weights file of SEED_ARGS trained without interruption (what every resumed run must equal)."""
+    root = tmp_path_factory.mktemp("reference")
+    shutil.copytree(smoke_run[0] / "smoke" / "data", root / "smoke" / "data")
+    cli(root, *SEED_ARGS, check=True)
+    return root / "smoke" / "seed" / "main" / "model.safetensors"

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,8 @@ from safetensors.torch import load_file
 from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
 from bam_pipeline.store.layout import RunLayout
 
-from cli_runner import REPO, cli
+from cli_runner import cli, cli_here, signal_when, start
+from conftest import SEED_ARGS
 
 DOMAINS = ("code", "math", "law")
 MOE_RUNS = ("bam", "bam_kv_shared", "btx", "dense")
@@ -69,7 +67,7 @@ def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run)
 
 
 def test_second_run_skips_every_stage(smoke_copy):
-    r = cli(smoke_copy, "stage=all", check=True)
+    r = cli_here(smoke_copy, "stage=all", check=True)
     assert "training" not in r.out
     for label in ["seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
                   *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"]:
@@ -78,18 +76,18 @@ def test_second_run_skips_every_stage(smoke_copy):
 
 
 def test_changed_config_rebuilds_and_says_why_or_refuses(smoke_copy):
-    refused = cli(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", "pipeline.on_stale=refuse")
+    refused = cli_here(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", "pipeline.on_stale=refuse")
     assert refused.returncode != 0
     assert "stale (config changed: budget" in refused.out and "pipeline.on_stale=rebuild" in refused.out
     before = read_artifact(smoke_copy / "smoke" / "moe" / "btx").hash
-    r = cli(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", check=True)
+    r = cli_here(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", check=True)
     assert "moe/btx: stale (config changed: budget" in r.out and "rebuilding" in r.out
     assert read_artifact(smoke_copy / "smoke" / "moe" / "btx").hash != before
 
 
 def test_changed_input_is_named(smoke_copy):
-    cli(smoke_copy, "stage=branch", "domain=code", "budget.branch.tokens=1024", check=True)
-    r = cli(smoke_copy, "stage=mix", "mix=bam", check=True)
+    cli_here(smoke_copy, "stage=branch", "domain=code", "budget.branch.tokens=1024", check=True)
+    r = cli_here(smoke_copy, "stage=mix", "mix=bam", check=True)
     assert "mix/bam: stale (inputs changed: branch/code" in r.out
 
 
@@ -99,36 +97,34 @@ def test_corrupt_checkpoint_is_refused_with_one_line(smoke_copy):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     (smoke_copy / "smoke" / "branch" / "code" / "manifest.json").unlink()  # force a rebuild of the branch
-    r = cli(smoke_copy, "stage=branch", "domain=code")
+    r = cli_here(smoke_copy, "stage=branch", "domain=code")
     assert r.returncode == 2
     assert "checksum mismatch" in r.out and "Traceback" not in r.out
     assert not (smoke_copy / "smoke" / "branch" / "code" / "manifest.json").exists()
 
 
 def test_missing_upstream_names_the_command(tmp_path):
-    r = cli(tmp_path, "stage=seed")
+    r = cli_here(tmp_path, "stage=seed")
     assert r.returncode == 2 and "stage=data" in r.out and "Traceback" not in r.out
 
 
 def test_missing_branch_names_the_command(smoke_copy):
-    import shutil
-
     shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
-    r = cli(smoke_copy, "stage=mix", "mix=bam_attn_top2")
+    r = cli_here(smoke_copy, "stage=mix", "mix=bam_attn_top2")
     assert r.returncode == 2
     assert "run `python -m bam_pipeline stage=branch domain=law experiment=smoke logger=none` first" in r.out
     assert not (smoke_copy / "smoke" / "mix" / "bam_attn_top2").exists()
 
 
 def test_branch_without_domain_and_unknown_domain(smoke_copy):
-    r = cli(smoke_copy, "stage=branch")
+    r = cli_here(smoke_copy, "stage=branch")
     assert r.returncode == 2 and "domain=code,math,law" in r.out
-    r = cli(smoke_copy, "stage=branch", "domain=chemistry")
+    r = cli_here(smoke_copy, "stage=branch", "domain=chemistry")
     assert r.returncode != 0 and "code" in r.out and "law" in r.out  # the known domains are listed
 
 
 def test_nan_loss_stops_with_a_clear_message(smoke_copy):
-    r = cli(smoke_copy, "stage=moe", "mix=bam", "train.lr=1e20", "budget.moe.tokens=4096")
+    r = cli_here(smoke_copy, "stage=moe", "mix=bam", "train.lr=1e20", "budget.moe.tokens=4096")
     assert r.returncode == 2
     assert "training loss became" in r.out and "Traceback" not in r.out
     # the previous finished artifact is untouched
@@ -136,14 +132,14 @@ def test_nan_loss_stops_with_a_clear_message(smoke_copy):
 
 
 def test_multirun_sweep_trains_each_variant(smoke_copy):
-    r = cli(smoke_copy, "-m", "stage=moe", "mix=bam_kv_shared,btx", "budget.moe.tokens=1024", check=True)
+    r = cli_here(smoke_copy, "-m", "stage=moe", "mix=bam_kv_shared,btx", "budget.moe.tokens=1024", check=True)
     assert "moe/bam_kv_shared: stale" in r.out and "moe/btx: stale" in r.out
     for v in ("bam_kv_shared", "btx"):
         assert read_artifact(smoke_copy / "smoke" / "moe" / v).manifest["budget"]["reference_tokens"] == 1024
 
 
 def test_compute_matched_moe_sees_fewer_tokens(smoke_copy):
-    r = cli(smoke_copy, "stage=moe", "mix=bam", "budget.moe.match=compute", check=True)
+    r = cli_here(smoke_copy, "stage=moe", "mix=bam", "budget.moe.match=compute", check=True)
     assert "moe/bam_cm: up to date" in r.out  # the same run as `bam_cm` in pipeline.moe_runs
     run = smoke_copy / "smoke"
     cm, dm = read_artifact(run / "moe" / "bam_cm"), read_artifact(run / "moe" / "bam")
@@ -170,7 +166,7 @@ def _params(out: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("mix", ["bam", "btx", "btx_matched"])
 def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
-    r = cli(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", check=True)
+    r = cli_here(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", check=True)
     (dense, mixed) = _params(r.out)
     assert dense == PAPER_PARAMS["dense"][1] and mixed == PAPER_PARAMS[mix][1]
     for ours, paper in zip(mixed, PAPER_PARAMS[mix][0]):
@@ -180,9 +176,9 @@ def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
 
 
 def test_hydra_cfg_job_and_help(tmp_path):
-    r = cli(tmp_path, "--cfg", "job", check=True)
+    r = cli_here(tmp_path, "--cfg", "job", check=True)
     assert "stage: all" in r.out and "mix_variants" in r.out
-    r = cli(tmp_path, "--help", check=True)
+    r = cli_here(tmp_path, "--help", check=True)
     assert "mix: " in r.out and "trainer: " in r.out
 
 
@@ -190,45 +186,28 @@ def _seed_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "seed" / "main" / "model.safetensors"))
 
 
-def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
+def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_seed, tmp_path):
     root, _ = smoke_run
-    args = ["stage=seed", "budget.seed.tokens=65536", "train.val_every=8", "experiment=smoke", "logger=none"]
-    ref_root = tmp_path / "ref"
-    import shutil
-
-    shutil.copytree(root / "smoke" / "data", ref_root / "smoke" / "data")
-    shutil.copytree(root / "smoke" / "data", tmp_path / "killed" / "smoke" / "data")
-    cli(ref_root, *args, check=True)
-
     killed_root = tmp_path / "killed"
-    _kill_when_checkpointed(killed_root, args, "seed/main")
+    shutil.copytree(root / "smoke" / "data", killed_root / "smoke" / "data")
+    _kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
 
-    r = cli(killed_root, *args, check=True)
+    r = cli(killed_root, *SEED_ARGS, check=True)
     assert "resuming from" in r.out
-    ref, res = _seed_weights(ref_root / "smoke"), _seed_weights(killed_root / "smoke")
+    ref, res = load_file(str(reference_seed)), _seed_weights(killed_root / "smoke")
     for k in ref:
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
 def _kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
     """Start the CLI, SIGKILL its whole process group once the stage wrote its first checkpoint."""
-    env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "bam_pipeline", *args], cwd=REPO, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = root / "smoke" / ".work" / stage_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the first checkpoint finish writing, then kill mid-training
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert ckpt.exists(), "no checkpoint was written before the kill"
+    r = signal_when(start(root, *args), ckpt, signal.SIGKILL)
+    assert r.returncode == -signal.SIGKILL
     assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"
 
 
 def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
-    import shutil
-
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
     args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
@@ -260,5 +239,5 @@ def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
 
 
 def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
-    r = cli(smoke_copy, "stage=seed", "data.split.val=0.2")
+    r = cli_here(smoke_copy, "stage=seed", "data.split.val=0.2")
     assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out

@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from cli_runner import cli
+from cli_runner import cli_here
 
 from bam_pipeline.store.artifacts import read_artifact
 
@@ -16,14 +16,14 @@ from bam_pipeline.store.artifacts import read_artifact
 def test_a_config_only_variant_runs_through_mix_moe_and_the_report(smoke_copy):
     """conf/mix/bam_kv_shared_top1.yaml is two settings over the base and nothing else names it."""
     run = smoke_copy / "smoke"
-    cli(smoke_copy, "stage=mix", "mix=bam_kv_shared_top1", check=True)
-    r = cli(smoke_copy, "stage=moe", "mix=bam_kv_shared_top1", "budget.moe.tokens=512", check=True)
+    cli_here(smoke_copy, "stage=mix", "mix=bam_kv_shared_top1", check=True)
+    r = cli_here(smoke_copy, "stage=moe", "mix=bam_kv_shared_top1", "budget.moe.tokens=512", check=True)
     assert "moe/bam_kv_shared_top1: training" in r.out
     art = read_artifact(run / "moe" / "bam_kv_shared_top1")
     model = json.loads((art.path / "model_config.json").read_text())
     assert model["attn_kv"] == "shared" and model["attn_router"] == {"kind": "topk", "k": 1, "renormalize": False}
     assert art.manifest["about"]["display"] == "BAM (shared KV, top-1 attention)"
-    cli(smoke_copy, "stage=eval", check=True)
+    cli_here(smoke_copy, "stage=eval", check=True)
     report = (run / "report" / "report.md").read_text()
     assert "| BAM (shared KV, top-1 attention) |" in report
     assert "| Untrained BAM (shared KV, top-1 attention) |" in report
@@ -32,12 +32,12 @@ def test_a_config_only_variant_runs_through_mix_moe_and_the_report(smoke_copy):
 
 
 def test_status_names_fresh_stale_and_missing(smoke_copy):
-    r = cli(smoke_copy, "stage=status", check=True)
+    r = cli_here(smoke_copy, "stage=status", check=True)
     states = {line.split()[0]: line.split()[1] for line in r.out.splitlines() if line.startswith("  ")}
     assert set(states.values()) == {"fresh"} and "moe/bam_cm" in states and "data" in states
     assert "artifact= accepts: seed, branch/code" in r.out and "domain= accepts: code, math, law" in r.out
     shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
-    r = cli(smoke_copy, "stage=status", "budget.moe.tokens=1024", check=True)
+    r = cli_here(smoke_copy, "stage=status", "budget.moe.tokens=1024", check=True)
     lines = {line.split()[0]: line for line in r.out.splitlines() if line.startswith("  ")}
     assert lines["branch/law"].split()[1] == "missing"
     assert lines["mix/bam"].split()[1] == "stale" and "missing input" in lines["mix/bam"]
@@ -51,10 +51,10 @@ def test_a_user_config_directory_adds_a_variant(smoke_copy, tmp_path):
     (mine / "bam_top2_renorm.yaml").write_text(
         "defaults: [/mix_base@_here_, _self_]\nffn_router: {kind: topk, k: 2, renormalize: true}\n")
     search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
-    r = cli(smoke_copy, "stage=info", "mix=bam_top2_renorm", search, check=True)
+    r = cli_here(smoke_copy, "stage=info", "mix=bam_top2_renorm", search, check=True)
     assert "mix=bam_top2_renorm (BAM (expert KV, top-2 renormalised FFN))" in r.out
     assert "FFN 4 experts (top-2 renormalised)" in r.out
-    r = cli(smoke_copy, "stage=status", search, "pipeline.mix_variants=[bam,bam_top2_renorm]", check=True)
+    r = cli_here(smoke_copy, "stage=status", search, "pipeline.mix_variants=[bam,bam_top2_renorm]", check=True)
     assert "bam_top2_renorm" in r.out.split("mix= accepts:")[1]
     assert "mix/bam_top2_renorm" in r.out and "not built yet" in r.out
 
@@ -74,7 +74,7 @@ def test_a_user_config_directory_adds_a_variant(smoke_copy, tmp_path):
     ("+train.batchsize=4", "invalid train.batchsize=4: unknown setting (known: seed, seq_len, batch_size"),
 ])
 def test_a_bad_value_is_one_error_line_naming_its_key(tmp_path, override, says):
-    r = cli(tmp_path, "stage=info", override)
+    r = cli_here(tmp_path, "stage=info", override)
     assert r.returncode == 2, r.out
     lines = r.out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), r.out

@@ -1,0 +1,139 @@
+"""Faults a cluster brings: stop signals mid-stage (the signals part of the bad-input catalogue), two runs
+of one stage at once, killed publishes, and retraining that must not make the run stale."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import cli, cli_here, signal_when, start
+from conftest import SEED_ARGS
+from safetensors.torch import load_file
+
+from bam_pipeline.store.artifacts import read_artifact, read_train_log
+
+
+def _data_only(smoke_run, root: Path) -> Path:
+    shutil.copytree(smoke_run[0] / "smoke" / "data", root / "smoke" / "data")
+    return root
+
+
+def _one_error_line(out: str) -> str:
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    return errors[0]
+
+
+# ---- signals ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(smoke_run, reference_seed,
+                                                                                     tmp_path, sig):
+    root = _data_only(smoke_run, tmp_path / "stopped")
+    ckpt = root / "smoke" / ".work" / "seed" / "main" / "checkpoints" / "last.ckpt"
+    r = signal_when(start(root, *SEED_ARGS), ckpt, sig)
+    assert r.returncode == 128 + sig, r.out[-2000:]
+    line = _one_error_line(r.out)
+    assert f"seed: stopped by {signal.Signals(sig).name} after step" in line and "run the same command again" in line
+    assert not (root / "smoke" / "seed" / "main").exists() and not list((root / "smoke" / ".locks").rglob("*.lock"))
+    resumed = cli(root, *SEED_ARGS, check=True)
+    assert "resuming from" in resumed.out
+    want = load_file(str(reference_seed))
+    got = load_file(str(root / "smoke" / "seed" / "main" / "model.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    steps = [row["step"] for row in read_train_log(read_artifact(root / "smoke" / "seed" / "main")) if "loss" in row]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("stage,args,ready", [
+    ("branch", ("stage=branch", "domain=code", "budget.branch.tokens=65536", "train.val_every=8"),
+     ".work/branch/code/checkpoints/last.ckpt"),
+    ("moe", ("stage=moe", "mix=bam", "budget.moe.tokens=32768", "train.val_every=8"),
+     ".work/moe/bam/checkpoints/last.ckpt"),
+])
+def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, stage, args, ready):
+    r = signal_when(start(smoke_copy, *args), smoke_copy / "smoke" / ready, signal.SIGTERM)
+    assert r.returncode == 143, r.out[-2000:]
+    assert "stopped by SIGTERM after step" in _one_error_line(r.out)
+    assert read_artifact(smoke_copy / "smoke" / stage / ("code" if stage == "branch" else "bam")).hash  # old one kept
+
+
+def test_a_stop_signal_while_publishing_data_leaves_nothing(tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "stages"
+    run = root / "smoke"
+    p = start(root, "stage=data")
+    deadline = time.time() + 120
+    while not list(run.glob("data.tmp-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    assert list(run.glob("data.tmp-*")), "never reached the publish step"
+    os.killpg(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143, out[-2000:]
+    assert "stopped by SIGTERM" in _one_error_line(out)
+    assert not (run / "data").exists() and not list(run.glob("data.*")), "half-written data left"
+    cli(root, "stage=data", check=True)  # and a rerun prepares it
+
+
+# ---- two runs of one stage --------------------------------------------------------------------
+def test_a_second_run_of_a_stage_stops_at_once_and_the_first_publishes_one_log(smoke_run, tmp_path):
+    root = _data_only(smoke_run, tmp_path / "stages")
+    lock = root / "smoke" / ".locks" / "seed" / "main.lock"
+    first = start(root, *SEED_ARGS)
+    import time
+
+    deadline = time.time() + 120
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    second = cli(root, *SEED_ARGS)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-2000:]
+    assert second.returncode == 2
+    assert f"seed is being built by another run (pid {first.pid} on " in _one_error_line(second.out)
+    steps = [row["step"] for row in read_train_log(read_artifact(root / "smoke" / "seed" / "main")) if "loss" in row]
+    assert steps == sorted(set(steps)) and steps[-1] == 256  # one run's log, not two interleaved
+
+
+# ---- what a re-run finds ----------------------------------------------------------------------
+def test_retraining_to_identical_weights_keeps_everything_downstream_fresh(smoke_copy):
+    run = smoke_copy / "smoke"
+    before = read_artifact(run / "seed" / "main")
+    shutil.rmtree(run / "seed" / "main")
+    r = cli_here(smoke_copy, "stage=seed", check=True)
+    assert "seed: training" in r.out
+    after = read_artifact(run / "seed" / "main")
+    assert after.manifest["files"]["model.safetensors"] == before.manifest["files"]["model.safetensors"]
+    assert after.hash == before.hash  # the train log's wall-clock figures differ, the hash does not
+    r = cli_here(smoke_copy, "stage=branch", "domain=code", check=True)
+    assert "branch/code: up to date" in r.out
+
+
+def test_temporaries_of_a_killed_publish_are_removed_at_the_next_run(smoke_copy):
+    run = smoke_copy / "smoke"
+    for leftover in ("seed/main.tmp-999999999", "seed/main.old-999999999", "data.tmp-999999999"):
+        (run / leftover).mkdir(parents=True)
+        (run / leftover / "model.safetensors").write_bytes(b"partial")
+    r = cli_here(smoke_copy, "stage=seed")
+    assert r.returncode == 0, r.out[-2000:]
+    assert "removed" in r.out and not (run / "seed" / "main.tmp-999999999").exists()
+    assert not (run / "seed" / "main.old-999999999").exists() and "seed: up to date" in r.out
+    assert cli_here(smoke_copy, "stage=data").returncode == 0 and not (run / "data.tmp-999999999").exists()
+
+
+def test_a_stale_stage_names_only_what_changed(smoke_copy):
+    r = cli_here(smoke_copy, "stage=seed", "train.grad_clip=0.5", "pipeline.on_stale=refuse")
+    assert r.returncode == 2
+    line = _one_error_line(r.out)
+    assert "seed is stale (config changed: train); re-run with pipeline.on_stale=rebuild" in line, line
+
+
+def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
+    shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
+    r = cli_here(smoke_copy, "stage=mix", "mix=bam", "train.seed=0", "experiment=smoke")
+    assert "run `python -m bam_pipeline stage=branch domain=law train.seed=0 experiment=smoke logger=none` first" \
+        in _one_error_line(r.out)
