@@ -14,8 +14,8 @@ resample is the token-weighted mean loss: the drawn documents' summed NLL over t
 The interval is the percentile interval of the resampled statistics.
 
 With one seed the interval covers test documents only (``Interval.covers`` says so). With a few
-seeds the seed level is coarse: a bootstrap over S runs sees at most a handful of distinct seed
-draws and no training variance beyond those runs.
+seeds the seed level is coarse: three runs give ten distinct seed draws, and a bootstrap over S
+runs scales their variance by (S - 1) / S, so it understates training variance when that dominates.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class DocLosses:
     """One model's test losses per document, for every training seed it was trained with.
 
     ``nll`` (S, D): summed next-token NLL (nats) of test document d under the model of seed s;
-    ``tokens`` (S, D): the tokens predicted in it. Column d is the same document in every row.
+    ``tokens`` (S, D): the tokens predicted in it (positive integers, held as float64). Column d is
+    the same document in every row.
     """
 
     nll: np.ndarray
