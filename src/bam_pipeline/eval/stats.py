@@ -1,0 +1,193 @@
+"""Confidence intervals for the report's cells and claims: a hierarchical bootstrap over training
+seeds and test documents of per-document losses, paired across the two models of a claim, and the
+verdict a claim gets from its columns' intervals.
+
+A claim compares mean per-token loss (the log of perplexity) between two models on the same test
+tokens. One bootstrap resample draws the seeds with replacement and, independently, the test
+documents with replacement; the drawn documents are the same for every drawn seed, because every
+seed is scored on the same documents (seeds share one prepared data directory): seeds and documents
+are crossed factors, not nested ones. Drawing documents afresh for each seed would average a
+document's effect over the seeds and shrink the document term of the variance by up to the number
+of seeds. A paired resample applies the same draw to both models, so what the two share (a
+document's difficulty, a seed's data order) cancels in their difference. The statistic of a
+resample is the token-weighted mean loss: the drawn documents' summed NLL over their summed tokens.
+The interval is the percentile interval of the resampled statistics.
+
+With one seed the interval covers test documents only (``Interval.covers`` says so). With a few
+seeds the seed level is coarse: three runs give ten distinct seed draws, and a bootstrap over S
+runs scales their variance by (S - 1) / S, so it understates training variance when that dominates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from bam_pipeline.errors import BamError
+
+SEEDS_AND_DOCUMENTS, DOCUMENTS_ONLY = "seeds and documents", "documents only"
+HOLDS, FAILS, NOT_RESOLVED = "holds", "fails", "not resolved at this scale"
+MIN_RESAMPLES = 2000
+BLOCK_ELEMENTS = 1 << 22  # document draws held at once (resamples x documents), bounds memory
+
+
+@dataclass(frozen=True, eq=False)
+class DocLosses:
+    """One model's test losses per document, for every training seed it was trained with.
+
+    ``nll`` (S, D): summed next-token NLL (nats) of test document d under the model of seed s;
+    ``tokens`` (S, D): the tokens predicted in it (positive integers, held as float64). Column d is
+    the same document in every row.
+    """
+
+    nll: np.ndarray
+    tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        nll, tokens = np.asarray(self.nll, dtype=np.float64), np.asarray(self.tokens)
+        if nll.ndim != 2 or nll.shape != tokens.shape or nll.size == 0:
+            raise BamError(f"per-document losses need nll and tokens of one shape (seeds, documents), got "
+                           f"{nll.shape} and {tokens.shape}; stack one row per seed, one column per test document")
+        if not np.issubdtype(tokens.dtype, np.integer) or (tokens < 1).any():
+            raise BamError(f"every document needs a positive integer token count, got dtype {tokens.dtype} and "
+                           f"{int((tokens < 1).sum())} counts below 1; leave out documents with no predicted token")
+        if not np.isfinite(nll).all():
+            raise BamError(f"{int((~np.isfinite(nll)).sum())} per-document NLL values are not finite; "
+                           "re-run the eval that produced them")
+        object.__setattr__(self, "nll", nll)
+        object.__setattr__(self, "tokens", tokens.astype(np.float64))
+
+    @property
+    def n_seeds(self) -> int:
+        return self.nll.shape[0]
+
+    @property
+    def n_docs(self) -> int:
+        return self.nll.shape[1]
+
+    @property
+    def mean_loss(self) -> float:
+        """Token-weighted mean loss over every seed and document."""
+        return float(self.nll.sum() / self.tokens.sum())
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap percentile interval ``[low, high]`` at ``level``, over
+    ``n_seeds`` seeds and ``n_docs`` documents; ``covers`` names what the resampling varied."""
+
+    estimate: float
+    low: float
+    high: float
+    n_seeds: int
+    n_docs: int
+    covers: str
+    level: float
+    resamples: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim's status and the column whose interval decides it."""
+
+    status: str
+    column: str
+    interval: Interval
+
+
+def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """How often each of ``n`` items is drawn in each of ``resamples`` draws of n with replacement:
+    (resamples, n) float64."""
+    idx = rng.integers(0, n, size=(resamples, n))  # (R, n)
+    flat = (idx + n * np.arange(resamples)[:, None]).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+
+
+def _resampled_sums(rng: np.random.Generator, values: tuple[np.ndarray, ...], resamples: int) -> list[np.ndarray]:
+    """For each array of ``values`` (each (S, D)): its sum over the drawn seeds x drawn documents of
+    every resample, (resamples,) each. Every array sees the same draws."""
+    s, d = values[0].shape
+    seed_w = _draw_counts(rng, s, resamples)  # (R, S)
+    out = [np.empty(resamples) for _ in values]
+    block = max(1, BLOCK_ELEMENTS // d)
+    for start in range(0, resamples, block):
+        stop = min(start + block, resamples)
+        doc_w = _draw_counts(rng, d, stop - start)  # (r, D), shared by every drawn seed
+        for sums, v in zip(out, values):
+            sums[start:stop] = ((doc_w @ v.T) * seed_w[start:stop]).sum(axis=1)  # (r, S) -> (r,)
+    return out
+
+
+def _check(resamples: int, level: float) -> None:
+    if resamples < MIN_RESAMPLES:
+        raise BamError(f"resamples={resamples} is too few for a 95% percentile interval; use at least {MIN_RESAMPLES}")
+    if not 0 < level < 1:
+        raise BamError(f"level={level} must lie strictly between 0 and 1 (0.95 for a 95% interval)")
+
+
+def _interval(estimate: float, reps: np.ndarray, n_seeds: int, n_docs: int, level: float) -> Interval:
+    low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    covers = SEEDS_AND_DOCUMENTS if n_seeds > 1 else DOCUMENTS_ONLY
+    return Interval(float(estimate), float(low), float(high), n_seeds, n_docs, covers, level, len(reps))
+
+
+def _mean_loss_reps(losses: DocLosses, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    nll, tokens = _resampled_sums(rng, (losses.nll, losses.tokens), resamples)
+    return nll / tokens
+
+
+def _same_tokens(a: DocLosses, b: DocLosses) -> None:
+    if a.nll.shape != b.nll.shape or not np.array_equal(a.tokens, b.tokens):
+        raise BamError(f"a claim compares two models on the same test tokens, but their per-document token counts "
+                       f"differ (shapes {a.nll.shape} and {b.nll.shape}); evaluate both with the same eval.seq_len "
+                       "and eval.max_tokens_per_source")
+
+
+def paired_difference(a: DocLosses, b: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
+                      rng: np.random.Generator) -> Interval:
+    """Mean loss of ``a`` minus that of ``b`` (negative: ``a`` is better) on the same test tokens, with
+    its paired hierarchical bootstrap interval (one draw of seeds and documents per resample, applied
+    to both models)."""
+    _check(resamples, level)
+    _same_tokens(a, b)
+    diff, tokens = _resampled_sums(rng, (a.nll - b.nll, a.tokens), resamples)
+    return _interval(a.mean_loss - b.mean_loss, diff / tokens, a.n_seeds, a.n_docs, level)
+
+
+def unpaired_difference(a: DocLosses, b: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
+                        rng: np.random.Generator) -> Interval:
+    """The same difference as :func:`paired_difference`, with each model resampled on its own draws,
+    as if the two had been scored on unrelated documents and seeds."""
+    _check(resamples, level)
+    _same_tokens(a, b)
+    reps = _mean_loss_reps(a, resamples, rng) - _mean_loss_reps(b, resamples, rng)
+    return _interval(a.mean_loss - b.mean_loss, reps, a.n_seeds, a.n_docs, level)
+
+
+def perplexity_interval(losses: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
+                        rng: np.random.Generator) -> Interval:
+    """One model's perplexity (exp of its token-weighted mean loss over seeds and documents) with its
+    hierarchical bootstrap interval: a cell of the aggregated table."""
+    _check(resamples, level)
+    reps = np.exp(_mean_loss_reps(losses, resamples, rng))
+    return _interval(float(np.exp(losses.mean_loss)), reps, losses.n_seeds, losses.n_docs, level)
+
+
+def claim_verdict(intervals: Mapping[str, Interval]) -> Verdict:
+    """The verdict on a claim "A beats B" from the intervals of (A minus B) on each column it names.
+
+    ``holds``: every interval lies below 0; the deciding column is the one whose upper bound is
+    nearest 0. ``fails``: some interval lies above 0; the deciding column is the one whose lower
+    bound is furthest above 0. Otherwise ``not resolved at this scale``; the deciding column is
+    the one whose upper bound is highest (the furthest from holding).
+    """
+    if not intervals:
+        raise BamError("a claim needs the interval of at least one column to be judged")
+    against = max(intervals, key=lambda c: intervals[c].low)
+    if intervals[against].low > 0:
+        return Verdict(FAILS, against, intervals[against])
+    weakest = max(intervals, key=lambda c: intervals[c].high)
+    status = HOLDS if intervals[weakest].high < 0 else NOT_RESOLVED
+    return Verdict(status, weakest, intervals[weakest])
