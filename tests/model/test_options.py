@@ -25,7 +25,7 @@ PRE_IMPORT_KEYS = {
 ALL_OPTIONS = BASE.replace(
     n_heads=2, n_kv_heads=1, head_dim_override=24, qkv_bias=True, norm_kind="layernorm", logit_scale=0.25,
     rope_scaling=RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16),
-    sliding_window=128,
+    rope_precision="float32", sliding_window=128,
 )
 
 
@@ -158,6 +158,19 @@ def test_llama3_rope_scaling_keeps_high_divides_low_and_blends_between():
             - _logits(BASE, IDX)).abs().max() > 1e-3
 
 
+def test_float32_rope_precision_computes_frequencies_and_angles_in_float32():
+    """transformers' RoPE: float32 inverse frequencies, float32 angle products, float32 cos/sin."""
+    hd, theta, n = 8, 10000.0, 4096
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    angles = torch.arange(n).float()[:, None] * inv
+    cos, sin = rotary_tables(hd, n, theta, precision=torch.float32)
+    assert torch.equal(cos, torch.cat([angles, angles], -1).cos()) and torch.equal(sin, torch.cat([angles, angles], -1).sin())
+    cos64, _ = rotary_tables(hd, n, theta)
+    assert 0 < (cos - cos64).abs().max() < 1e-3  # float32 angles drift from the float64 ones at long range
+    model = BAMTransformer(BASE.replace(rope_precision="float32"))
+    assert torch.equal(model.layers[0].attn.rope.cos, rotary_tables(8, 64, BASE.rope_theta, precision=torch.float32)[0])
+
+
 def test_sliding_window_bounds_the_context():
     assert BASE.replace(max_seq_len=64, sliding_window=64).sliding_window == 64
     with pytest.raises(ConfigError, match="max_seq_len=65.*sliding_window=64"):
@@ -166,6 +179,7 @@ def test_sliding_window_bounds_the_context():
 
 @pytest.mark.parametrize("changes,key", [
     ({"norm_kind": "batchnorm"}, "norm_kind"),
+    ({"rope_precision": "float16"}, "rope_precision"),
     ({"logit_scale": 0.0}, "logit_scale"),
     ({"logit_scale": float("nan")}, "logit_scale"),
     ({"head_dim_override": 0}, "head_dim_override"),

@@ -75,7 +75,8 @@ class MixtureOfAttention(nn.Module):
         self.bq = nn.Parameter(torch.zeros(E, H * hd)) if biases else None
         self.bk = nn.Parameter(torch.zeros(cfg.kv_experts, KV * hd)) if biases else None
         self.bv = nn.Parameter(torch.zeros(cfg.kv_experts, KV * hd)) if biases else None
-        self.rope = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling,
+                                    getattr(torch, cfg.rope_precision))
 
     @property
     def _lead(self) -> int:

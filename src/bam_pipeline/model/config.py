@@ -5,7 +5,7 @@ A dense model is the special case ``attn_experts == ffn_experts == 1``. A mixtur
 backbone with more experts and a :class:`RouterConfig` for each kind of router.
 
 The backbone options beyond BAM's own block (an explicit head width, q/k/v biases, LayerNorm,
-a logit scale, scaled RoPE, a sliding-window bound) exist so that imported checkpoints map onto
+a logit scale, scaled RoPE and its precision, a sliding-window bound) exist so that imported checkpoints map onto
 the model exactly (:mod:`bam_pipeline.interop`). At their defaults they are left out of
 :meth:`ModelConfig.to_dict`, so configs that do not use them serialise, and hash, as before.
 """
@@ -22,6 +22,7 @@ from bam_pipeline.errors import ConfigError
 KV_MODES = ("expert", "shared")
 ROUTER_KINDS = ("soft", "topk")
 NORM_KINDS = ("rmsnorm", "layernorm")
+ROPE_PRECISIONS = ("float64", "float32")
 # RoPE scaling kinds and the fields each one reads
 ROPE_SCALINGS = {
     "none": (),
@@ -117,6 +118,9 @@ class ModelConfig:
     (mean-centred, scale only, no bias). ``logit_scale`` multiplies the output logits.
     ``sliding_window`` records that the source model attends over at most that many positions:
     the model then refuses a ``max_seq_len`` above it, so full causal attention stays exact.
+    ``rope_precision`` is the dtype RoPE's frequencies and angles are computed in before the
+    float32 cos/sin tables: ``float64`` (ours), or ``float32`` as transformers (and the reference
+    Llama code) computes them, so an imported model rotates exactly as it was trained.
     """
 
     vocab_size: int = 4096
@@ -147,6 +151,7 @@ class ModelConfig:
     norm_kind: str = "rmsnorm"
     logit_scale: float = 1.0
     rope_scaling: RopeScaling = NO_ROPE_SCALING
+    rope_precision: str = "float64"
     sliding_window: int | None = None
     name: str = field(default="custom", compare=False)
 
@@ -170,6 +175,8 @@ class ModelConfig:
         if self.head_dim % 2:
             key, value = ("d_model", self.d_model) if self.head_dim_override is None else ("head_dim_override", self.head_dim)
             raise ConfigError(key, value, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+        if self.rope_precision not in ROPE_PRECISIONS:
+            raise ConfigError("rope_precision", self.rope_precision, f"use one of {', '.join(ROPE_PRECISIONS)}")
         if self.norm_kind not in NORM_KINDS:
             raise ConfigError("norm_kind", self.norm_kind, f"use one of {', '.join(NORM_KINDS)}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
@@ -240,7 +247,8 @@ class ModelConfig:
 
 
 # Fields that to_dict leaves out at their defaults (added after configs were first hashed).
-IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling", "sliding_window")
+IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling", "rope_precision",
+                  "sliding_window")
 
 # Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as PAPER.md section 5 reads it:
 # hidden width = "FFN dimension" / 2, no biases, one norm per block. Context length is not stated by

@@ -58,15 +58,16 @@ def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
     return (RMSNorm if cfg.norm_kind == "rmsnorm" else LayerNorm)(cfg.d_model, cfg.norm_eps)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING) -> torch.Tensor:
-    """RoPE's ``head_dim / 2`` inverse frequencies (float64), rescaled by ``scaling``.
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """RoPE's ``head_dim / 2`` inverse frequencies, rescaled by ``scaling``, computed in ``dtype``.
 
     Frequency ``j`` is ``theta ** (-2j / head_dim)``; ``linear`` divides all of them by the factor;
     ``llama3`` divides those whose wavelength exceeds ``original / low_freq_factor``, keeps those
     below ``original / high_freq_factor`` and blends the band between (transformers'
-    ``_compute_llama3_parameters``).
+    ``_compute_llama3_parameters``, the same operations in the same order).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)  # (hd/2,)
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
@@ -81,14 +82,16 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling =
 
 
 def rotary_tables(
-    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING
+    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+    precision: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), float32, in the half-split layout.
 
     Frequency ``j`` (of ``head_dim / 2``) rotates the pair ``(x[j], x[j + head_dim / 2])``.
+    Frequencies, angles and their cos/sin are computed in ``precision``.
     """
-    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)  # (hd/2,)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (S, hd/2)
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, precision)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=precision), inv_freq)  # (S, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
     return angles.cos().float(), angles.sin().float()
 
@@ -122,10 +125,11 @@ class RotaryEmbedding(nn.Module):
     cos: torch.Tensor
     sin: torch.Tensor
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+                 precision: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        cos, sin = rotary_tables(head_dim, max_seq_len, theta, scaling)
+        cos, sin = rotary_tables(head_dim, max_seq_len, theta, scaling, precision)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
