@@ -46,7 +46,8 @@ def test_a_hub_id_resolves_to_its_snapshot_and_commit(tmp_path, monkeypatch):
 @pytest.mark.parametrize("raised,message", [
     (lambda: errors.LocalEntryNotFoundError("mocked"), "cannot download org/name: offline .* pass that directory"),
     (lambda: errors.OfflineModeIsEnabled("mocked"), "cannot download org/name: offline"),
-    (lambda: _http_error(errors.RepositoryNotFoundError), "no hub model org/name .*log in with a token.*local directory"),
+    (lambda: _http_error(errors.RepositoryNotFoundError),
+     "no hub model org/name .*log in with a token.*local directory"),
     (lambda: _http_error(errors.GatedRepoError), "hub model org/name is gated: .*log in with a token"),
     (lambda: _http_error(errors.RevisionNotFoundError), "has no revision None"),
     (lambda: _http_error(errors.HfHubHTTPError), "downloading org/name failed .*pass a local directory"),

@@ -93,3 +93,21 @@ def test_context_defaults_to_max_position_embeddings_and_can_be_shorter(tmp_path
     short = ours(path, max_seq_len=SEQ)
     assert short.cfg.max_seq_len == SEQ
     assert max_logit_difference(load_hf(path), short) <= TOLERANCE
+
+
+def test_the_whole_path_a_stage_will_take(tmp_path):
+    """Directory -> resolve -> import -> tokenizer and documents -> our logits == transformers'."""
+    from bam_pipeline.interop import encode_documents, load_checkpoint_tokenizer, resolve_checkpoint
+    from bam_pipeline.model import BAMTransformer
+
+    reference = hf_model(hf_config("qwen2", tie_word_embeddings=True))
+    path = save_checkpoint(reference, tmp_path / "qwen2", dtype=torch.bfloat16)
+    source = resolve_checkpoint(str(path))
+    ck = import_checkpoint(source.path, dtype=torch.float32, max_seq_len=SEQ)
+    tok = load_checkpoint_tokenizer(source.path, ck.config.vocab_size)
+    docs = encode_documents(tok.tokenizer, ["the fox sleeps.", "a lazy dog"], tok.eos_id)
+    ids = torch.tensor([[i for doc in docs for i in doc]])  # documents packed into one row
+    assert ids[0, 0].item() == 1 and (ids == tok.eos_id).sum() == 2
+    model = BAMTransformer(ck.config).eval()
+    model.load_state_dict(ck.state_dict, strict=True)
+    assert max_logit_difference(load_hf(path), model, ids) <= TOLERANCE

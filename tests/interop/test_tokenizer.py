@@ -30,6 +30,7 @@ def test_tokenizer_json_is_used_as_is_with_eos_from_config(tmp_path):
     assert ck.tokenizer.to_str() == tiny_tokenizer().to_str()
     assert (ck.eos_id, ck.eos_token, ck.eos_source, ck.converted_from_sentencepiece) == \
         (EOS_ID, "</s>", "config.json", False)
+    assert ck.files == (tmp_path / "tokenizer.json", tmp_path / "config.json")
 
 
 def test_eos_is_the_first_of_a_list_and_falls_back_to_generation_config(tmp_path):
@@ -115,6 +116,7 @@ def test_sentencepiece_only_is_converted_by_transformers_or_refused_in_one_line(
 
     ck = load_checkpoint_tokenizer(tmp_path, 64)
     assert ck.converted_from_sentencepiece and ck.eos_token == "</s>"
+    assert ck.files == (tmp_path / "tokenizer.model", tmp_path / "config.json")
     want = AutoTokenizer.from_pretrained(str(tmp_path))("the fox jumps", add_special_tokens=True).input_ids
     assert ck.tokenizer.encode("the fox jumps").ids == want
     assert ck.tokenizer.encode("the fox").tokens[-2:] == ["▁the", "▁fox"]

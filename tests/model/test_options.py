@@ -164,7 +164,8 @@ def test_float32_rope_precision_computes_frequencies_and_angles_in_float32():
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     angles = torch.arange(n).float()[:, None] * inv
     cos, sin = rotary_tables(hd, n, theta, precision=torch.float32)
-    assert torch.equal(cos, torch.cat([angles, angles], -1).cos()) and torch.equal(sin, torch.cat([angles, angles], -1).sin())
+    angles = torch.cat([angles, angles], -1)
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
     cos64, _ = rotary_tables(hd, n, theta)
     assert 0 < (cos - cos64).abs().max() < 1e-3  # float32 angles drift from the float64 ones at long range
     model = BAMTransformer(BASE.replace(rope_precision="float32"))

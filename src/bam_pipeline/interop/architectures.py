@@ -75,8 +75,12 @@ REFUSAL_REASONS: Mapping[str, str] = {
     "attention_bias": "our attention has biases on q/k/v only (Qwen2), not on the output projection",
     "mlp_bias": "our FFN has no biases",
     "use_qk_norm": "per-head q/k norms (Command R+) are not in our attention",
-    "rope_interleaved": "transformers ignores it and rotates half-split; a checkpoint that needs it is not one transformers runs",
-    "quantization_config": "quantised weights cannot be trained as they are; import a float16/bfloat16/float32 checkpoint",
+    "rope_interleaved": (
+        "transformers ignores it and rotates half-split; a checkpoint that needs it is not one transformers runs"
+    ),
+    "quantization_config": (
+        "quantised weights cannot be trained as they are; import a float16/bfloat16/float32 checkpoint"
+    ),
 }
 
 # Keys of rope_scaling / rope_parameters each RoPE type reads (v5 names the type rope_type; 4.x

@@ -36,7 +36,8 @@ class HFModelConfig:
 def read_config_file(model_dir: Path) -> dict[str, Any]:
     """The JSON object in ``model_dir/config.json``; one-line errors for a missing or broken file."""
     if not model_dir.is_dir():
-        raise BamError(f"checkpoint directory {model_dir} does not exist; pass a local directory or a hub id (org/name)")
+        raise BamError(f"checkpoint directory {model_dir} does not exist; "
+                       "pass a local directory or a hub id (org/name)")
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         raise BamError(
@@ -54,9 +55,11 @@ def read_config_file(model_dir: Path) -> dict[str, Any]:
 
 def architecture_of(hf: Mapping[str, Any]) -> Architecture:
     """The supported architecture ``config.json`` names; refuses quantised and unsupported models."""
-    if hf.get("quantization_config") is not None:
-        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], Mapping) else "?"
-        raise BamError(f"quantised checkpoint (quantization_config, {method}): {REFUSAL_REASONS['quantization_config']}")
+    quantization = hf.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, Mapping) else "?"
+        raise BamError(f"quantised checkpoint (quantization_config, {method}): "
+                       f"{REFUSAL_REASONS['quantization_config']}")
     names = hf.get("architectures")
     model_type = hf.get("model_type")
     if names:
@@ -64,7 +67,8 @@ def architecture_of(hf: Mapping[str, Any]) -> Architecture:
             raise BamError(f"config.json names architectures={names!r}; a checkpoint to import names exactly one")
         name = names[0]
     else:
-        name = next((a.name for a in ARCHITECTURES.values() if a.model_type == model_type), f"model_type={model_type!r}")
+        by_type = (a.name for a in ARCHITECTURES.values() if a.model_type == model_type)
+        name = next(by_type, f"model_type={model_type!r}")
     supported = ", ".join(ARCHITECTURES)
     if name not in ARCHITECTURES:
         raise BamError(f"unsupported architecture {name}: bam-pipeline imports {supported}")

@@ -23,6 +23,8 @@ from bam_pipeline.interop.hf_config import CONFIG_FILE
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# what transformers reads besides tokenizer.model when it converts one
+SENTENCEPIECE_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 EOS_SOURCES = (CONFIG_FILE, GENERATION_CONFIG_FILE)
 
 
@@ -35,6 +37,7 @@ class CheckpointTokenizer:
     eos_token: str
     eos_source: str  # the file eos_token_id was read from
     converted_from_sentencepiece: bool
+    files: tuple[Path, ...]  # the files read: tokenizer file(s) and the eos source (for a manifest)
 
 
 def _one_line(e: BaseException) -> str:
@@ -114,7 +117,9 @@ def load_checkpoint_tokenizer(model_dir: Path, embedding_rows: int) -> Checkpoin
     if token is None:
         raise BamError(f"eos_token_id={eos_id} from {source} is not a token of the checkpoint's tokenizer; "
                        "the tokenizer does not belong to this checkpoint")
-    return CheckpointTokenizer(tokenizer, eos_id, token, source, converted)
+    read = (SENTENCEPIECE_FILE, *SENTENCEPIECE_SIDE_FILES, CONFIG_FILE) if converted else (TOKENIZER_FILE,)
+    files = tuple(model_dir / f for f in dict.fromkeys((*read, source)) if (model_dir / f).is_file())
+    return CheckpointTokenizer(tokenizer, eos_id, token, source, converted, files)
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], eos_id: int) -> list[list[int]]:

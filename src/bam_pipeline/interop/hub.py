@@ -66,7 +66,8 @@ def resolve_checkpoint(source: str, revision: str | None = None) -> CheckpointSo
         raise BamError(f"no hub model {source} (or it is private: log in with a token: hf auth login); "
                        "check the id, or pass a local directory") from None
     except RevisionNotFoundError:
-        raise BamError(f"hub model {source} has no revision {revision!r}; pass a branch, tag or commit it has") from None
+        raise BamError(f"hub model {source} has no revision {revision!r}; "
+                       "pass a branch, tag or commit it has") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise BamError(f"cannot download {at}: offline (HF_HUB_OFFLINE=1 or no network) and not in the local "
                        f"cache; download it where there is network (hf download {source} --local-dir DIR) and "

@@ -169,12 +169,14 @@ class ModelConfig:
         if self.head_dim_override is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.head_dim_override is not None and self.head_dim_override <= 0:
-            raise ConfigError("head_dim_override", self.head_dim_override, "must be positive, or null for d_model // n_heads")
+            raise ConfigError("head_dim_override", self.head_dim_override,
+                              "must be positive, or null for d_model // n_heads")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim % 2:
-            key, value = ("d_model", self.d_model) if self.head_dim_override is None else ("head_dim_override", self.head_dim)
-            raise ConfigError(key, value, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+            if self.head_dim_override is None:
+                raise ConfigError("d_model", self.d_model, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+            raise ConfigError("head_dim_override", self.head_dim, "is odd; RoPE needs an even head_dim")
         if self.rope_precision not in ROPE_PRECISIONS:
             raise ConfigError("rope_precision", self.rope_precision, f"use one of {', '.join(ROPE_PRECISIONS)}")
         if self.norm_kind not in NORM_KINDS:
