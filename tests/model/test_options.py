@@ -12,7 +12,7 @@ from bam_pipeline.errors import ConfigError
 from bam_pipeline.mixing.upcycle import expected_shapes
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
 from bam_pipeline.model.config import IMPORT_OPTIONS, PRESETS, RopeScaling
-from bam_pipeline.model.counting import count_params, flops_per_token
+from bam_pipeline.model.counting import architecture_summary, count_params, flops_per_token
 from bam_pipeline.model.layers import LayerNorm, RMSNorm, rope_inverse_frequencies, rotary_tables
 
 BASE = preset("smoke", tie_embeddings=False)  # V=256, D=32, L=2, H=4, KV=2, hd=8, F=64
@@ -72,6 +72,10 @@ def test_all_options_together_build_the_counted_layout():
     assert got == expected_shapes(ALL_OPTIONS)
     assert count_params(ALL_OPTIONS).total == sum(p.numel() for p in model.parameters())
     assert model(IDX[:, :8]).logits.shape == (2, 8, 256)
+    assert architecture_summary(ALL_OPTIONS) == (
+        "parallel blocks, L=2, D=32, H=2/KV=1, F=64, V=256 (untied), hd=24, q/k/v bias, LayerNorm, "
+        "RoPE llama3 x8, logit scale 0.25, window 128; dense")
+    assert architecture_summary(BASE) == "parallel blocks, L=2, D=32, H=4/KV=2, F=64, V=256 (untied); dense"
 
 
 def test_head_dim_override_sets_projection_widths():
