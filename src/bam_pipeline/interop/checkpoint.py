@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from bam_pipeline.interop.hf_config import CONFIG_FILE, read_config_file, to_model_config
-from bam_pipeline.interop.hf_weights import StateDict, read_state_dict, weight_files
+from bam_pipeline.interop.hf_weights import read_state_dict, weight_files
+from bam_pipeline.mixing.upcycle import StateDict
 from bam_pipeline.model.config import ModelConfig
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.interop.architectures import Architecture
-from bam_pipeline.mixing.upcycle import expected_shapes
+from bam_pipeline.mixing.upcycle import StateDict, expected_shapes
 from bam_pipeline.model.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,7 +38,6 @@ FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 Transform = Callable[[Tensor], Tensor]
-StateDict = dict[str, Tensor]
 
 
 def linear_weight(w: Tensor) -> Tensor:
