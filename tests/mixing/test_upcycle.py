@@ -73,6 +73,38 @@ def test_identical_experts_preserve_the_dense_function(variant, dense_model):
     torch.testing.assert_close(logits(mix_cfg, state, idx), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["bam", "bam_kv_shared"])
+def test_identical_experts_with_qkv_biases_preserve_the_dense_function(variant):
+    cfg = CFG.replace(qkv_bias=True, init_std=0.1)
+    sd = random_dense(cfg, 7)
+    sd = {k: v * 0.1 if "norm" not in k else 1 + 0.1 * v for k, v in sd.items()}
+    idx = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    want = logits(cfg, sd, idx)
+    ffn_router = {**plain(load_option("mix", variant))["ffn_router"], "renormalize": True}
+    mix_cfg, state = mix(variant, sd, [sd, sd, sd], cfg, ffn_router=ffn_router)
+    assert state["layers.0.attn.bq"].shape == (4, 32)
+    assert state["layers.0.attn.bk"].shape == ((4, 16) if variant == "bam" else (1, 16))
+    torch.testing.assert_close(logits(mix_cfg, state, idx), want, atol=1e-5, rtol=0)
+
+
+def test_qkv_biases_are_stacked_like_their_weights_and_averaged_when_kv_is_shared():
+    cfg = CFG.replace(qkv_bias=True)
+    seed, experts = random_dense(cfg, 200), [random_dense(cfg, 201 + i) for i in range(N_DOMAINS)]
+    models = [seed, *experts]
+    _, expert_kv = mix("bam", seed, experts, cfg)
+    _, shared = mix("bam_kv_shared", seed, experts, cfg)
+    for i, m in enumerate(models):
+        for name in ("bq", "bk", "bv"):
+            assert torch.equal(expert_kv[f"layers.1.attn.{name}"][i], m[f"layers.1.attn.{name}"][0])
+        assert torch.equal(shared["layers.1.attn.bq"][i], m["layers.1.attn.bq"][0])
+    for name in ("bk", "bv"):
+        key = f"layers.1.attn.{name}"
+        torch.testing.assert_close(shared[key], sum(m[key] for m in models) / 4, atol=1e-6, rtol=0)
+    _, btx = mix("btx", seed, experts, cfg)
+    torch.testing.assert_close(btx["layers.0.attn.bq"], sum(m["layers.0.attn.bq"] for m in models) / 4,
+                               atol=1e-6, rtol=0)
+
+
 def test_full_softmax_top1_gate_does_not_preserve(dense_model):
     """BAM's gate p_i < 1 scales the FFN output: why preservation needs ffn_gate='renorm'."""
     sd = dense_model.state_dict()

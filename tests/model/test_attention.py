@@ -22,9 +22,9 @@ CFG = preset("smoke", d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=32)
 ROUTERS = {"soft": RouterConfig("soft"), "top1": RouterConfig("topk", 1), "top2": RouterConfig("topk", 2)}
 
 
-def _attention(kv: str, routing: str, experts: int = 3) -> MixtureOfAttention:
+def _attention(kv: str, routing: str, experts: int = 3, cfg=CFG) -> MixtureOfAttention:
     torch.manual_seed(0)
-    attn = MixtureOfAttention(CFG.replace(attn_experts=experts, attn_kv=kv, attn_router=ROUTERS[routing]))
+    attn = MixtureOfAttention(cfg.replace(attn_experts=experts, attn_kv=kv, attn_router=ROUTERS[routing]))
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0.0, 0.3)  # far from uniform routing, so top-k picks differ between tokens
@@ -45,10 +45,19 @@ def _assert_close(a, b):
     assert (a - b).abs().max() / scale < 1e-5
 
 
+# q/k/v biases; a head width that is not D / H (3 query heads of 12 over D = 32)
+BACKBONES = {
+    "plain": CFG,
+    "qkv_bias": CFG.replace(qkv_bias=True),
+    "head_dim_12_bias": CFG.replace(n_heads=3, n_kv_heads=1, head_dim_override=12, qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("kv", ["expert", "shared"])
 @pytest.mark.parametrize("routing", ["soft", "top1", "top2"])
-def test_fused_matches_loop_outputs_and_gradients(kv, routing):
-    attn = _attention(kv, routing)
+def test_fused_matches_loop_outputs_and_gradients(kv, routing, backbone):
+    attn = _attention(kv, routing, cfg=BACKBONES[backbone])
     h = torch.randn(2, 16, CFG.d_model, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
     fused, g_fused = _run(attn, lambda m, x: m(x), h)

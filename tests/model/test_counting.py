@@ -105,6 +105,9 @@ MODEL_CASES = {
     ),
     "btx": SMOKE.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 1)),
     "btx_matched": SMOKE.replace(ffn_experts=6, ffn_router=RouterConfig("topk", 3)),
+    "qkv_bias_shared_kv": SMOKE.replace(qkv_bias=True, attn_experts=3, attn_kv="shared", ffn_experts=2),
+    "head_dim_override_bias": SMOKE.replace(n_heads=2, n_kv_heads=1, head_dim_override=24, qkv_bias=True,
+                                            attn_experts=2, norm_kind="layernorm", parallel_residual=False),
 }
 
 

@@ -22,8 +22,8 @@ from bam_pipeline.model.config import ModelConfig
 
 StateDict = dict[str, Tensor]
 
-_ATTN_EXPERT_KEYS = ("wq", "wo")
-_KV_KEYS = ("wk", "wv")
+_ATTN_EXPERT_KEYS = ("wq", "wo", "bq")
+_KV_KEYS = ("wk", "wv", "bk", "bv")
 _FFN_KEYS = ("w1", "w2", "w3")
 _VOCAB_KEYS = ("tok_emb.weight", "lm_head.weight")
 
@@ -40,6 +40,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "attn.wk"] = (ekv, d, kv)
         shapes[p + "attn.wv"] = (ekv, d, kv)
         shapes[p + "attn.wo"] = (ea, q, d)
+        if cfg.qkv_bias:
+            shapes[p + "attn.bq"] = (ea, q)
+            shapes[p + "attn.bk"] = (ekv, kv)
+            shapes[p + "attn.bv"] = (ekv, kv)
         if ea > 1:
             shapes[p + "attn.router.weight"] = (ea, d)
         if not cfg.parallel_residual:
@@ -77,7 +81,7 @@ def check_mixable(models: Sequence[Mapping[str, Tensor]], labels: Sequence[str],
             raise BamError(
                 f"{label} does not have the dense layout of the config: missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]}; mix checkpoints of one architecture "
-                "(n_layers, tie_embeddings, parallel_residual)"
+                "(n_layers, tie_embeddings, parallel_residual, qkv_bias)"
             )
         for key, shape in want.items():
             got = tuple(model[key].shape)

@@ -22,7 +22,11 @@ RoPE: the fused Q and K weights also reorder each head's columns from the stored
 to the interleaved one, so the rotation is one complex multiply per tensor
 (:func:`~bam_pipeline.model.layers.apply_rotary_interleaved`). q and k get the same permutation
 of their head dims, so every score ``q . k``, and hence the output, is unchanged; V and O keep the
-stored order. The half-split rotation's six passes over the E-times-larger q and k would cost about
+stored order.
+
+Biases (``cfg.qkv_bias``): ``bq`` (E, H*hd), ``bk`` and ``bv`` (E_kv, KV*hd) are added to the
+projections before RoPE, as in Qwen2. The fused q and k biases get the same head reordering and
+interleave permutation as their weight columns; V's keeps the stored order. The half-split rotation's six passes over the E-times-larger q and k would cost about
 what the fusion saves (docs/measurements.md; ``make bench`` row (2) compares fused and loop).
 
 Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
@@ -47,8 +51,14 @@ class AttentionOutput(NamedTuple):
     routing: Routing | None  # the router's decision for the B*T tokens; None when E = 1
 
 
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w`` (N, out) for x (N, D) and w (D, out), plus the bias b (out,) when there is one."""
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
 class MixtureOfAttention(nn.Module):
-    """E attention experts (stacked weights ``wq``, ``wk``, ``wv``, ``wo``) with an optional router."""
+    """E attention experts (stacked weights ``wq``, ``wk``, ``wv``, ``wo``; biases ``bq``, ``bk``,
+    ``bv`` when ``cfg.qkv_bias``) with an optional router."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -59,9 +69,14 @@ class MixtureOfAttention(nn.Module):
         self.wk = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
         self.wv = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
         self.wo = nn.Parameter(torch.empty(E, H * hd, D))
-        self.rope = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
         for p in self.parameters():
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+        biases = cfg.qkv_bias
+        self.bq = nn.Parameter(torch.zeros(E, H * hd)) if biases else None
+        self.bk = nn.Parameter(torch.zeros(cfg.kv_experts, KV * hd)) if biases else None
+        self.bv = nn.Parameter(torch.zeros(cfg.kv_experts, KV * hd)) if biases else None
+        self.rope = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling,
+                                    getattr(torch, cfg.rope_precision))
 
     @property
     def _lead(self) -> int:
@@ -80,12 +95,15 @@ class MixtureOfAttention(nn.Module):
         # (lead, E, H/lead), and within a head the stored half-split (2, hd/2) made interleaved.
         half = hd // 2
         wq = self.wq.view(E, D, lead, H // lead, 2, half).permute(1, 2, 0, 3, 5, 4).reshape(D, E * H * hd)
-        q = self.rope.interleaved((x @ wq).view(B, T, E * H, hd))  # (B, T, E*H, hd)
+        bq = None if self.bq is None else self.bq.view(E, lead, H // lead, 2, half).permute(1, 0, 2, 4, 3).reshape(-1)
+        q = self.rope.interleaved(_project(x, wq, bq).view(B, T, E * H, hd))  # (B, T, E*H, hd)
         n_kv = cfg.kv_experts * KV
         # Fused key weight (D, E_kv*KV*hd), columns (E_kv, KV, hd/2, 2): interleaved like the queries.
         wk = self.wk.view(-1, D, KV, 2, half).permute(1, 0, 2, 4, 3).reshape(D, n_kv * hd)
-        k = self.rope.interleaved((x @ wk).view(B, T, n_kv, hd))  # (B, T, E_kv*KV, hd)
-        v = (x @ self.wv.transpose(0, 1).reshape(D, n_kv * hd)).view(B, T, n_kv, hd)
+        bk = None if self.bk is None else self.bk.view(-1, KV, 2, half).permute(0, 1, 3, 2).reshape(-1)
+        k = self.rope.interleaved(_project(x, wk, bk).view(B, T, n_kv, hd))  # (B, T, E_kv*KV, hd)
+        bv = None if self.bv is None else self.bv.reshape(-1)
+        v = _project(x, self.wv.transpose(0, 1).reshape(D, n_kv * hd), bv).view(B, T, n_kv, hd)
 
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, E*H, T, hd)
@@ -117,9 +135,10 @@ def mixture_of_attention_loop(attn: MixtureOfAttention, h: torch.Tensor) -> Atte
     out = torch.zeros_like(x)
     for e in range(cfg.attn_experts):
         e_kv = e if cfg.kv_experts > 1 else 0
-        q = attn.rope((x @ attn.wq[e]).view(B, T, H, hd)).transpose(1, 2)  # (B, H, T, hd)
-        k = attn.rope((x @ attn.wk[e_kv]).view(B, T, KV, hd)).transpose(1, 2)  # (B, KV, T, hd)
-        v = (x @ attn.wv[e_kv]).view(B, T, KV, hd).transpose(1, 2)
+        bq, bk, bv = (None if b is None else b[i] for b, i in ((attn.bq, e), (attn.bk, e_kv), (attn.bv, e_kv)))
+        q = attn.rope(_project(x, attn.wq[e], bq).view(B, T, H, hd)).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.rope(_project(x, attn.wk[e_kv], bk).view(B, T, KV, hd)).transpose(1, 2)  # (B, KV, T, hd)
+        v = _project(x, attn.wv[e_kv], bv).view(B, T, KV, hd).transpose(1, 2)
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # (B, H, T, hd)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         y = o.transpose(1, 2).reshape(B * T, H * hd) @ attn.wo[e]  # (N, D)

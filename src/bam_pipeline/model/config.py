@@ -1,12 +1,19 @@
-"""Model configuration: one JSON-serialisable dataclass, its router choices, and the named presets.
+"""Model configuration: one JSON-serialisable dataclass, its router and RoPE-scaling choices, and
+the named presets.
 
 A dense model is the special case ``attn_experts == ffn_experts == 1``. A mixture is the same
 backbone with more experts and a :class:`RouterConfig` for each kind of router.
+
+The backbone options beyond BAM's own block (an explicit head width, q/k/v biases, LayerNorm,
+a logit scale, scaled RoPE and its precision, a sliding-window bound) exist so that imported checkpoints map onto
+the model exactly (:mod:`bam_pipeline.interop`). At their defaults they are left out of
+:meth:`ModelConfig.to_dict`, so configs that do not use them serialise, and hash, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +21,14 @@ from bam_pipeline.errors import ConfigError
 
 KV_MODES = ("expert", "shared")
 ROUTER_KINDS = ("soft", "topk")
+NORM_KINDS = ("rmsnorm", "layernorm")
+ROPE_PRECISIONS = ("float64", "float32")
+# RoPE scaling kinds and the fields each one reads
+ROPE_SCALINGS = {
+    "none": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,10 +66,61 @@ TOP1 = RouterConfig(kind="topk", k=1)
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's inverse frequencies are rescaled for a longer context (transformers' ``rope_type``).
+
+    - ``none``: ``theta ** (-2j / hd)`` as is;
+    - ``linear``: every frequency divided by ``factor`` (position interpolation);
+    - ``llama3``: Llama 3.1's rule: wavelengths above ``original_max_seq_len / low_freq_factor`` are
+      divided by ``factor``, those below ``original_max_seq_len / high_freq_factor`` kept, and the
+      band between interpolated smoothly.
+    The fields a kind does not read keep their defaults.
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ConfigError("kind", self.kind, f"use one of {', '.join(ROPE_SCALINGS)}")
+        for f in dataclasses.fields(self)[1:]:
+            if f.name not in ROPE_SCALINGS[self.kind] and getattr(self, f.name) != f.default:
+                raise ConfigError(f.name, getattr(self, f.name), f"has no effect with kind={self.kind!r}; leave it out")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ConfigError("factor", self.factor, "must be a positive number")
+        if self.kind == "llama3":
+            if not 0 < self.low_freq_factor < self.high_freq_factor:
+                raise ConfigError(
+                    "high_freq_factor", self.high_freq_factor,
+                    f"must exceed low_freq_factor={self.low_freq_factor}, which must be positive",
+                )
+            if self.original_max_seq_len <= 0:
+                raise ConfigError("original_max_seq_len", self.original_max_seq_len, "must be positive for llama3")
+
+    def describe(self) -> str:
+        """``none``, ``linear x4``, ``llama3 x8``."""
+        return self.kind if self.kind == "none" else f"{self.kind} x{self.factor:g}"
+
+
+NO_ROPE_SCALING = RopeScaling()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a parallel-attention transformer, dense or mixture.
 
     ``d_ff`` is the SwiGLU *hidden* width (paper Table 8's "FFN dimension" is twice this).
+    ``head_dim_override`` fixes the head width when it is not ``d_model // n_heads``. ``qkv_bias``
+    adds a bias to the q, k and v projections. ``norm_kind`` is ``rmsnorm`` or ``layernorm``
+    (mean-centred, scale only, no bias). ``logit_scale`` multiplies the output logits.
+    ``sliding_window`` records that the source model attends over at most that many positions:
+    the model then refuses a ``max_seq_len`` above it, so full causal attention stays exact.
+    ``rope_precision`` is the dtype RoPE's frequencies and angles are computed in before the
+    float32 cos/sin tables: ``float64`` (ours), or ``float32`` as transformers (and the reference
+    Llama code) computes them, so an imported model rotates exactly as it was trained.
     """
 
     vocab_size: int = 4096
@@ -79,22 +145,50 @@ class ModelConfig:
     # Auxiliary loss weights (PAPER.md section 4: not stated by the paper; OLMoE/BTX choices)
     lb_coef: float = 0.01
     z_coef: float = 0.001
+    # Backbone options of imported checkpoints (module docstring); left out of to_dict at their defaults
+    head_dim_override: int | None = None
+    qkv_bias: bool = False
+    norm_kind: str = "rmsnorm"
+    logit_scale: float = 1.0
+    rope_scaling: RopeScaling = NO_ROPE_SCALING
+    rope_precision: str = "float64"
+    sliding_window: int | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        for key in ("attn_router", "ffn_router"):  # from_dict and replace() may pass plain mappings
-            value = getattr(self, key)
+        for key, kind in (("attn_router", RouterConfig), ("ffn_router", RouterConfig), ("rope_scaling", RopeScaling)):
+            value = getattr(self, key)  # from_dict and replace() may pass plain mappings
             if isinstance(value, dict):
-                object.__setattr__(self, key, RouterConfig(**value))
+                try:
+                    object.__setattr__(self, key, kind(**value))
+                except ConfigError as e:
+                    raise e.under(key) from None
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise ConfigError(k, getattr(self, k), "must be positive")
-        if self.d_model % self.n_heads:
+        if self.head_dim_override is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        if self.head_dim_override is not None and self.head_dim_override <= 0:
+            raise ConfigError("head_dim_override", self.head_dim_override,
+                              "must be positive, or null for d_model // n_heads")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim % 2:
-            raise ConfigError("d_model", self.d_model, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+            if self.head_dim_override is None:
+                raise ConfigError("d_model", self.d_model, f"gives head_dim={self.head_dim}; RoPE needs an even head_dim")
+            raise ConfigError("head_dim_override", self.head_dim, "is odd; RoPE needs an even head_dim")
+        if self.rope_precision not in ROPE_PRECISIONS:
+            raise ConfigError("rope_precision", self.rope_precision, f"use one of {', '.join(ROPE_PRECISIONS)}")
+        if self.norm_kind not in NORM_KINDS:
+            raise ConfigError("norm_kind", self.norm_kind, f"use one of {', '.join(NORM_KINDS)}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ConfigError("logit_scale", self.logit_scale, "must be a positive number")
+        if self.sliding_window is not None and self.max_seq_len > self.sliding_window:
+            raise ConfigError(
+                "max_seq_len", self.max_seq_len,
+                f"exceeds sliding_window={self.sliding_window}: the model is exact only while every position "
+                "sees the whole context; use a max_seq_len of at most the window",
+            )
         for k in ("attn_experts", "ffn_experts"):
             if getattr(self, k) < 1:
                 raise ConfigError(k, getattr(self, k), "must be at least 1")
@@ -108,7 +202,7 @@ class ModelConfig:
     # ---- derived -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_dim_override is None else self.head_dim_override
 
     @property
     def kv_experts(self) -> int:
@@ -131,7 +225,12 @@ class ModelConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the backbone options of imported checkpoints at their defaults."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in IMPORT_OPTIONS and getattr(self, f.name) == f.default:
+                del out[f.name]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -148,6 +247,10 @@ class ModelConfig:
         """The dense backbone of this config (one attention expert, one FFN expert, default routers)."""
         return self.replace(attn_experts=1, attn_kv="expert", attn_router=SOFT, ffn_experts=1, ffn_router=TOP1)
 
+
+# Fields that to_dict leaves out at their defaults (added after configs were first hashed).
+IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling", "rope_precision",
+                  "sliding_window")
 
 # Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as PAPER.md section 5 reads it:
 # hidden width = "FFN dimension" / 2, no biases, one norm per block. Context length is not stated by

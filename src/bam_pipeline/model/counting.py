@@ -1,7 +1,8 @@
 """Parameter and FLOP counting: pure functions of a ModelConfig (plus the sequence length).
 
-Parameters follow the state-dict layout of docs/architecture.md exactly (no biases, one norm per
-parallel block, routers only where a layer has more than one expert of that kind).
+Parameters follow the state-dict layout of docs/architecture.md exactly (q/k/v biases only with
+``qkv_bias``, one norm per parallel block, routers only where a layer has more than one expert of
+that kind).
 
 FLOP convention (forward pass, per token):
 - 2 FLOPs per multiply-add of every matmul the token actually uses: Q/O projections of each
@@ -10,8 +11,8 @@ FLOP convention (forward pass, per token):
 - attention scores (q.k) and the weighted sum of values (p.v) over the causal context: a token
   at position t (1-based) attends to t positions, so the average context of a length-T sequence
   is ``(T + 1) / 2`` (what a causal kernel that skips masked blocks computes);
-- norms, softmaxes, the SwiGLU nonlinearity, RoPE and the embedding lookup are not counted
-  (they are O(D) per token, not matmuls).
+- norms, softmaxes, the SwiGLU nonlinearity, RoPE, the q/k/v bias additions, the logit scale and
+  the embedding lookup are not counted (they are O(D) per token, not matmuls).
 Training FLOPs are 3x forward (backward = 2x forward).
 """
 
@@ -28,10 +29,14 @@ TRAINING_FLOPS_MULTIPLIER = 3
 
 @dataclass(frozen=True)
 class LayerParamCount:
-    """Parameters of one block (every block of a config is identical)."""
+    """Parameters of one block (every block of a config is identical). ``attention`` and
+    ``attention_active`` include the q/k/v biases, also given alone in ``attention_bias`` and
+    ``attention_bias_active`` (FLOPs count the projection weights only)."""
 
     attention: int
     attention_active: int
+    attention_bias: int
+    attention_bias_active: int
     ffn: int
     ffn_active: int
     routers: int
@@ -99,12 +104,17 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
     d, q_width, kv_width = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     qo = 2 * d * q_width  # wq + wo of one attention expert
     kv = 2 * d * kv_width  # wk + wv of one K/V set
+    q_bias, kv_bias = (q_width, 2 * kv_width) if cfg.qkv_bias else (0, 0)  # bq of an expert; bk + bv of a set
     active_kv_sets = cfg.attn_active_experts if cfg.attn_kv == "expert" else 1
     ffn_expert = 3 * d * cfg.d_ff  # w1, w3: (D, F); w2: (F, D)
     routers = d * cfg.attn_experts * (cfg.attn_experts > 1) + d * cfg.ffn_experts * (cfg.ffn_experts > 1)
+    bias = cfg.attn_experts * q_bias + cfg.kv_experts * kv_bias
+    bias_active = cfg.attn_active_experts * q_bias + active_kv_sets * kv_bias
     return LayerParamCount(
-        attention=cfg.attn_experts * qo + cfg.kv_experts * kv,
-        attention_active=cfg.attn_active_experts * qo + active_kv_sets * kv,
+        attention=cfg.attn_experts * qo + cfg.kv_experts * kv + bias,
+        attention_active=cfg.attn_active_experts * qo + active_kv_sets * kv + bias_active,
+        attention_bias=bias,
+        attention_bias_active=bias_active,
         ffn=cfg.ffn_experts * ffn_expert,
         ffn_active=cfg.ffn_active_experts * ffn_expert,
         routers=routers,
@@ -142,7 +152,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopCount:
     # q.k and p.v: per active expert, every query head does head_dim multiply-adds per context position
     scores = 2 * 2 * cfg.attn_active_experts * q_width * average_causal_context(t)
     return FlopCount(
-        attention_proj=cfg.n_layers * 2 * layer.attention_active,
+        attention_proj=cfg.n_layers * 2 * (layer.attention_active - layer.attention_bias_active),
         attention_scores=cfg.n_layers * scores,
         routers=cfg.n_layers * 2 * layer.routers,
         ffn=cfg.n_layers * 2 * layer.ffn_active,
@@ -160,9 +170,17 @@ def architecture_summary(cfg: ModelConfig) -> str:
     """One line naming the backbone and its mixture layout."""
     block = "parallel" if cfg.parallel_residual else "sequential"
     emb = "tied" if cfg.tie_embeddings else "untied"
+    options = [
+        f"hd={cfg.head_dim}" if cfg.head_dim_override is not None else "",
+        "q/k/v bias" if cfg.qkv_bias else "",
+        "LayerNorm" if cfg.norm_kind == "layernorm" else "",
+        f"RoPE {cfg.rope_scaling.describe()}" if cfg.rope_scaling.kind != "none" else "",
+        f"logit scale {cfg.logit_scale:g}" if cfg.logit_scale != 1.0 else "",
+        f"window {cfg.sliding_window}" if cfg.sliding_window is not None else "",
+    ]
     parts = [
         f"{block} blocks, L={cfg.n_layers}, D={cfg.d_model}, H={cfg.n_heads}/KV={cfg.n_kv_heads}, "
-        f"F={cfg.d_ff}, V={cfg.vocab_size} ({emb})"
+        f"F={cfg.d_ff}, V={cfg.vocab_size} ({emb})" + "".join(f", {o}" for o in options if o)
     ]
     if cfg.attn_experts > 1:
         parts.append(f"attention {cfg.attn_experts} experts ({cfg.attn_router.describe()}, {cfg.attn_kv} KV)")

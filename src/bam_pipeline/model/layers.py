@@ -1,4 +1,5 @@
-"""Building blocks shared by attention and FFN: RMSNorm, rotary embedding, SwiGLU math.
+"""Building blocks shared by attention and FFN: the norms (RMSNorm, scale-only LayerNorm), rotary
+embedding and its frequency scalings, SwiGLU math.
 
 RoPE comes in two layouts of the same rotation. The stored weights (and the reference
 :func:`apply_rotary`) use the half-split layout, where frequency ``j`` rotates the pair
@@ -13,11 +14,14 @@ Shape legend: B batch, T sequence, N = B*T tokens, D d_model, hd head dim, F Swi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bam_pipeline.errors import BamError
+from bam_pipeline.model.config import NO_ROPE_SCALING, ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -34,13 +38,60 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).type_as(x)
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+class LayerNorm(nn.Module):
+    """Mean-centred layer norm with a learned scale and no bias (Cohere's), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        centred = x32 - x32.mean(-1, keepdim=True)
+        normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    """The norm ``cfg.norm_kind`` names, over ``d_model`` with ``cfg.norm_eps``."""
+    return (RMSNorm if cfg.norm_kind == "rmsnorm" else LayerNorm)(cfg.d_model, cfg.norm_eps)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """RoPE's ``head_dim / 2`` inverse frequencies, rescaled by ``scaling``, computed in ``dtype``.
+
+    Frequency ``j`` is ``theta ** (-2j / head_dim)``; ``linear`` divides all of them by the factor;
+    ``llama3`` divides those whose wavelength exceeds ``original / low_freq_factor``, keeps those
+    below ``original / high_freq_factor`` and blends the band between (transformers'
+    ``_compute_llama3_parameters``, the same operations in the same order).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)  # (hd/2,)
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        old_len, low, high = scaling.original_max_seq_len, scaling.low_freq_factor, scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rotary_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+    precision: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), float32, in the half-split layout.
 
     Frequency ``j`` (of ``head_dim / 2``) rotates the pair ``(x[j], x[j + head_dim / 2])``.
+    Frequencies, angles and their cos/sin are computed in ``precision``.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (S, hd/2)
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, precision)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=precision), inv_freq)  # (S, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (S, hd)
     return angles.cos().float(), angles.sin().float()
 
@@ -74,10 +125,11 @@ class RotaryEmbedding(nn.Module):
     cos: torch.Tensor
     sin: torch.Tensor
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling = NO_ROPE_SCALING,
+                 precision: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        cos, sin = rotary_tables(head_dim, max_seq_len, theta)
+        cos, sin = rotary_tables(head_dim, max_seq_len, theta, scaling, precision)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

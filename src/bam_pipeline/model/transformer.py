@@ -8,7 +8,8 @@ have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the next-tok
 ``lm_loss + output.aux_loss``.
 
 Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
-from N(0, cfg.init_std), without residual-depth scaling; norm scales start at 1.
+from N(0, cfg.init_std), without residual-depth scaling; norm scales start at 1 and q/k/v biases
+(``cfg.qkv_bias``) at 0.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import RMSNorm
+from bam_pipeline.model.layers import make_norm
 from bam_pipeline.model.loss import next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
 from bam_pipeline.model.routing import Routing
@@ -61,9 +62,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.parallel = cfg.parallel_residual
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.attn = MixtureOfAttention(cfg)
-        self.ffn_norm = None if self.parallel else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = None if self.parallel else make_norm(cfg)
         self.ffn = MoEFeedForward(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
@@ -80,14 +81,15 @@ class Block(nn.Module):
 
 
 class BAMTransformer(nn.Module):
-    """Token embedding, ``n_layers`` blocks, final norm, LM head (tied to the embedding or not)."""
+    """Token embedding, ``n_layers`` blocks, final norm, LM head (tied to the embedding or not),
+    logits multiplied by ``cfg.logit_scale`` when it is not 1."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
         if self.lm_head is not None:
@@ -107,6 +109,8 @@ class BAMTransformer(nn.Module):
             routing.append(r)
             aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
         logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
+        if self.cfg.logit_scale != 1.0:
+            logits = logits * self.cfg.logit_scale
         return ModelOutput(logits, aux, routing)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"

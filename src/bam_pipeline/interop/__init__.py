@@ -1,0 +1,24 @@
+"""Hugging Face checkpoints into our model: the supported architectures and what each config
+field is to the import (:mod:`~bam_pipeline.interop.architectures`), ``config.json`` to
+:class:`~bam_pipeline.model.ModelConfig` (:mod:`~bam_pipeline.interop.hf_config`), safetensors
+weights streamed into our state-dict layout (:mod:`~bam_pipeline.interop.hf_weights`), the
+checkpoint's tokenizer and end-of-document token (:mod:`~bam_pipeline.interop.hf_tokenizer`),
+hub ids resolved to local directories (:mod:`~bam_pipeline.interop.hub`), and one call that
+converts a directory (:mod:`~bam_pipeline.interop.checkpoint`).
+
+Needs torch, safetensors and tokenizers only; huggingface_hub for hub ids and transformers for
+SentencePiece-only tokenizers are imported when those are used.
+"""
+
+from bam_pipeline.interop.architectures import ARCHITECTURES, Architecture
+from bam_pipeline.interop.checkpoint import HFCheckpoint, import_checkpoint
+from bam_pipeline.interop.hf_config import HFModelConfig, read_config_file, to_model_config
+from bam_pipeline.interop.hf_tokenizer import CheckpointTokenizer, encode_documents, load_checkpoint_tokenizer
+from bam_pipeline.interop.hf_weights import read_state_dict, weight_files
+from bam_pipeline.interop.hub import CheckpointSource, resolve_checkpoint
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "CheckpointSource", "CheckpointTokenizer", "HFCheckpoint", "HFModelConfig",
+    "encode_documents", "import_checkpoint", "load_checkpoint_tokenizer", "read_config_file", "read_state_dict",
+    "resolve_checkpoint", "to_model_config", "weight_files",
+]

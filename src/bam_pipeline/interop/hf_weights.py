@@ -1,0 +1,223 @@
+"""Checkpoint weights: a table from transformers' tensor names to our state-dict layout, the named
+transforms it applies, and a streaming reader over single or sharded safetensors files.
+
+The table maps each tensor of ``tensor_table(cfg, arch)`` to our key, its shape in the
+checkpoint and its transforms: :func:`linear_weight` (transformers' ``(out, in)`` Linear weight
+to our ``(1, in, out)`` one-expert stack), :func:`linear_bias` (``(out,)`` to ``(1, out)``) and,
+for checkpoints that rotate q/k in interleaved pairs (Cohere), :func:`interleaved_to_half_split`
+on q/k rows first. Everything else is copied as is.
+
+Reading is tensor by tensor: every file's header is checked first (names, shapes, dtypes) so a
+bad checkpoint fails before any weight is read, then each tensor is read, transformed and copied
+once into a new tensor of the requested dtype. Pickled ``.bin`` checkpoints are refused: we never
+unpickle weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.interop.architectures import Architecture
+from bam_pipeline.mixing.upcycle import StateDict, expected_shapes
+from bam_pipeline.model.config import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# Buffers old transformers versions saved and every version skips on load.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+Transform = Callable[[Tensor], Tensor]
+
+
+def linear_weight(w: Tensor) -> Tensor:
+    """A transformers Linear weight ``(out, in)`` as our one-expert stack ``(1, in, out)`` (a view)."""
+    return w.t().unsqueeze(0)
+
+
+def linear_bias(b: Tensor) -> Tensor:
+    """A transformers Linear bias ``(out,)`` as our one-expert stack ``(1, out)`` (a view)."""
+    return b.unsqueeze(0)
+
+
+def interleaved_to_half_split(rows: Tensor, head_dim: int) -> Tensor:
+    """Reorder the head dims of q/k projection rows from RoPE's interleaved layout, pair ``j`` at
+    ``(2j, 2j+1)``, to the half-split layout, pair ``j`` at ``(j, j + head_dim/2)``.
+
+    ``rows`` is ``(heads * head_dim, ...)`` (a weight or a bias); head ``h``'s new dim ``j`` is its
+    old dim ``2j`` and new dim ``j + head_dim/2`` its old ``2j + 1``. q and k get the same
+    permutation, so every score ``q . k`` is unchanged.
+    """
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # (hd,)
+    return rows.unflatten(0, (-1, head_dim))[:, order].flatten(0, 1)
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """Where one checkpoint tensor goes: our key, its shape in the checkpoint, transforms in order."""
+
+    ours: str
+    shape: tuple[int, ...]
+    transforms: tuple[Transform, ...] = ()
+
+    def convert(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` transformed and copied once into a new contiguous tensor of ``dtype``."""
+        for f in self.transforms:
+            t = f(t)
+        return torch.empty(t.shape, dtype=dtype).copy_(t)
+
+
+def tensor_table(cfg: ModelConfig, arch: Architecture) -> dict[str, TensorMapping]:
+    """Checkpoint tensor name -> :class:`TensorMapping`, for every tensor the dense ``cfg`` needs."""
+    D, F, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+
+    def rope_rows(t: Tensor) -> Tensor:
+        return interleaved_to_half_split(t, hd)
+
+    qk = (rope_rows,) if arch.interleaved_rope else ()
+    table = {"model.embed_tokens.weight": TensorMapping("tok_emb.weight", (cfg.vocab_size, D))}
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        table[hf + "input_layernorm.weight"] = TensorMapping(ours + "norm.weight", (D,))
+        if not cfg.parallel_residual:
+            table[hf + "post_attention_layernorm.weight"] = TensorMapping(ours + "ffn_norm.weight", (D,))
+        for name, key, width, rope in (("q", "q", q, qk), ("k", "k", kv, qk), ("v", "v", kv, ())):
+            table[hf + f"self_attn.{name}_proj.weight"] = TensorMapping(
+                ours + f"attn.w{key}", (width, D), (*rope, linear_weight))
+            if cfg.qkv_bias:
+                table[hf + f"self_attn.{name}_proj.bias"] = TensorMapping(
+                    ours + f"attn.b{key}", (width,), (*rope, linear_bias))
+        table[hf + "self_attn.o_proj.weight"] = TensorMapping(ours + "attn.wo", (D, q), (linear_weight,))
+        table[hf + "mlp.gate_proj.weight"] = TensorMapping(ours + "ffn.w1", (F, D), (linear_weight,))
+        table[hf + "mlp.up_proj.weight"] = TensorMapping(ours + "ffn.w3", (F, D), (linear_weight,))
+        table[hf + "mlp.down_proj.weight"] = TensorMapping(ours + "ffn.w2", (D, F), (linear_weight,))
+    table["model.norm.weight"] = TensorMapping("norm.weight", (D,))
+    if not cfg.tie_embeddings:
+        table["lm_head.weight"] = TensorMapping("lm_head.weight", (cfg.vocab_size, D))
+    return table
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """A checkpoint's safetensors files: tensor name -> file, and the index when it is sharded."""
+
+    locations: dict[str, Path]
+    index: Path | None
+
+    @property
+    def shards(self) -> list[Path]:
+        return sorted(set(self.locations.values()))
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every weight file an import reads: the index (if any) and the shards."""
+        return ([self.index] if self.index else []) + self.shards
+
+
+def weight_files(model_dir: Path) -> WeightFiles:
+    """Where each tensor lies, as the checkpoint's index (or its single file) says; refuses
+    pickled and missing weights and a missing shard."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            locations = {name: model_dir / shard for name, shard in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise BamError(f"{index} is not a safetensors index ({e!r}); re-download the checkpoint") from None
+        for shard in sorted(set(locations.values())):
+            if not shard.is_file():
+                raise BamError(f"shard {shard.name} named by {INDEX_FILE} is missing from {model_dir}; "
+                               "re-download the checkpoint")
+        return WeightFiles(locations, index)
+    single = model_dir / WEIGHTS_FILE
+    if single.is_file():
+        with _open(single) as f:
+            return WeightFiles({name: single for name in f.keys()}, None)
+    pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise BamError(
+            f"{model_dir} holds only pickled weights ({pickled[0]}): bam-pipeline never unpickles weights; convert "
+            "them to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise BamError(f"{model_dir} has no {WEIGHTS_FILE} or {INDEX_FILE}; pass a checkpoint with safetensors weights")
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[safe_open]:
+    """``safe_open`` with a one-line error for an unreadable file (truncated, corrupt header)."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise BamError(f"cannot read {path.name} in {path.parent} ({e}); re-download the checkpoint") from None
+    with f:
+        yield f
+
+
+def _check_headers(files: WeightFiles, table: dict[str, TensorMapping], arch: Architecture,
+                   tied: bool) -> set[torch.dtype]:
+    """Every file's tensor names, shapes and dtypes against the table; returns the dtypes found."""
+    found: dict[str, Path] = {}
+    dtypes = set()
+    for shard in files.shards:
+        with _open(shard) as f:
+            for name in f.keys():
+                found[name] = shard
+                if name not in table:
+                    continue
+                sl = f.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if shape != table[name].shape:
+                    raise BamError(f"tensor {name} in {shard.name} has shape {shape}, but config.json implies "
+                                   f"{table[name].shape}; the weights do not belong to this config.json")
+                if dtype not in FLOAT_DTYPES:
+                    raise BamError(f"tensor {name} in {shard.name} is {dtype}; bam-pipeline imports float32, "
+                                   "bfloat16 and float16 weights (quantised checkpoints are not supported)")
+                dtypes.add(FLOAT_DTYPES[dtype])
+    for name, shard in files.locations.items():
+        if found.get(name) != shard:
+            raise BamError(f"{INDEX_FILE} places {name} in {shard.name}, which does not hold it; "
+                           "re-download the checkpoint")
+    missing = sorted(set(table) - set(found))
+    if missing:
+        raise BamError(f"{arch.name} checkpoint lacks tensor {missing[0]} (and {len(missing) - 1} more); "
+                       "the weights are incomplete or belong to another architecture")
+    # transformers ties lm_head to the embedding and skips a stored copy
+    extra = sorted(n for n in set(found) - set(table) if not _IGNORED.fullmatch(n)
+                   and not (tied and n == "lm_head.weight"))
+    if extra:
+        raise BamError(f"{arch.name} checkpoint has tensor {extra[0]} that config.json does not explain "
+                       f"(and {len(extra) - 1} more); it is another architecture or config.json is wrong")
+    return dtypes
+
+
+def read_state_dict(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
+                    dtype: torch.dtype | None = None) -> StateDict:
+    """Our dense state dict (docs/architecture.md layout) from the checkpoint's safetensors files.
+
+    ``dtype`` is the dtype of the result (default: the checkpoint's, which must then be one dtype).
+    Tensors are read one at a time, each converted into its final tensor before the next is read.
+    """
+    table = tensor_table(cfg, arch)
+    dtypes = _check_headers(files, table, arch, cfg.tie_embeddings)
+    if dtype is None:
+        if len(dtypes) > 1:
+            raise BamError(f"the checkpoint mixes dtypes {sorted(map(str, dtypes))}; choose the dtype to import in")
+        dtype = dtypes.pop()
+    state: StateDict = {}
+    for shard in files.shards:
+        with _open(shard) as f:
+            for name in f.keys():
+                if name in table:
+                    state[table[name].ours] = table[name].convert(f.get_tensor(name), dtype)
+    return {key: state[key] for key in expected_shapes(cfg)}
