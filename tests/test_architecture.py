@@ -23,6 +23,7 @@ LAYERS = {
     "eval": 6,
     "stages": 7,
     "cli": 8,
+    "loading": 8,
     "__main__": 9,
     "__init__": 9,
 }

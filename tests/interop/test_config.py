@@ -9,7 +9,7 @@ import json
 import pytest
 import transformers
 
-from conftest import TINY
+from hf_checkpoints import TINY
 from bam_pipeline.errors import BamError
 from bam_pipeline.interop import ARCHITECTURES, import_checkpoint, read_config_file, to_model_config
 from bam_pipeline.interop.architectures import REFUSAL_REASONS

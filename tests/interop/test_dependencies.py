@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import hf_config, hf_model, save_checkpoint
+from hf_checkpoints import hf_config, hf_model, save_checkpoint
 import bam_pipeline.interop
 
 INTEROP = Path(bam_pipeline.interop.__file__).parent

@@ -11,7 +11,7 @@ import sys
 import pytest
 from tokenizers import Tokenizer, processors
 
-from conftest import BOS_ID, EOS_ID, VOCAB_ROWS, tiny_tokenizer
+from hf_checkpoints import BOS_ID, EOS_ID, VOCAB_ROWS, tiny_tokenizer
 from bam_pipeline.errors import BamError
 from bam_pipeline.interop import encode_documents, load_checkpoint_tokenizer
 from bam_pipeline.interop.hf_tokenizer import check_vocabulary, end_of_document_id, load_tokenizer

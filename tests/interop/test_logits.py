@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import (
+from hf_checkpoints import (
     SEQ, hf_config, hf_model, load_hf, max_logit_difference, ours, rewrite_config, save_checkpoint,
 )
 from bam_pipeline.interop import import_checkpoint

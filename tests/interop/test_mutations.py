@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SEQ, compare_ids, hf_config, hf_model, load_hf, ours, rewrite_config, save_checkpoint
+from hf_checkpoints import SEQ, compare_ids, hf_config, hf_model, load_hf, ours, rewrite_config, save_checkpoint
 from bam_pipeline.errors import BamError
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,

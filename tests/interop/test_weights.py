@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import compare_ids, hf_config, hf_model, load_hf, max_logit_difference, ours, save_checkpoint
+from hf_checkpoints import compare_ids, hf_config, hf_model, load_hf, max_logit_difference, ours, save_checkpoint
 from bam_pipeline.errors import BamError
 from bam_pipeline.interop import ARCHITECTURES, import_checkpoint
 from bam_pipeline.interop import hf_weights

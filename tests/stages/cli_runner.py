@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# a seed long enough to stop mid-way: 256 steps, a checkpoint every 8
+SEED_ARGS = ("stage=seed", "budget.seed.tokens=65536", "train.val_every=8")
 
 
 @dataclass

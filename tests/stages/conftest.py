@@ -6,10 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_runner import Result, cli
-
-# a seed long enough to stop mid-way: 256 steps, a checkpoint every 8
-SEED_ARGS = ("stage=seed", "budget.seed.tokens=65536", "train.val_every=8")
+from cli_runner import SEED_ARGS, Result, cli
 
 
 @pytest.fixture(scope="session")

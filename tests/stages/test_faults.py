@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import cli, cli_here, signal_when, start
-from conftest import SEED_ARGS
+from cli_runner import SEED_ARGS, cli, cli_here, signal_when, start
 from safetensors.torch import load_file
 
 from bam_pipeline.store.artifacts import read_artifact, read_train_log

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
 from bam_pipeline.store.layout import RunLayout
 
-from cli_runner import cli, cli_here, signal_when, start
-from conftest import SEED_ARGS
+from cli_runner import SEED_ARGS, cli, cli_here, signal_when, start
 
 DOMAINS = ("code", "math", "law")
 MOE_RUNS = ("bam", "bam_kv_shared", "btx", "dense")

@@ -64,10 +64,13 @@ class PreparedData:
 
 
 # ---- identity ----------------------------------------------------------------------------------
-def _identity(spec: DataSpec) -> tuple[dict[str, Any], str]:
+def _identity(spec: DataSpec, seed_tokenizer: tk.SeedTokenizer | None = None) -> tuple[dict[str, Any], str]:
     """(everything that determines the output, hashed as the config hash; the sources' fingerprint hash)."""
-    tokenizer = dataclasses.asdict(spec.tokenizer)
-    if spec.tokenizer.path:
+    if seed_tokenizer is not None:
+        tokenizer = {"from_seed_checkpoint": seed_tokenizer.identity}
+    else:
+        tokenizer = dataclasses.asdict(spec.tokenizer)
+    if seed_tokenizer is None and spec.tokenizer.path:
         tokenizer["file_sha256"] = sha256_file(Path(spec.tokenizer.path).expanduser())
     hashed = {
         "format": FORMAT_VERSION,
@@ -108,10 +111,12 @@ def verify_files(prepared: PreparedData) -> None:
                      fix=REBUILD_HINT)
 
 
-def open_current(spec: DataSpec, out_dir: Path, *, verify: bool = True) -> PreparedData:
-    """The prepared data at ``out_dir`` if it was made from ``spec`` and today's sources, else BamError."""
+def open_current(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokenizer | None = None,
+                 verify: bool = True) -> PreparedData:
+    """The prepared data at ``out_dir`` if it was made from ``spec`` (and the seed checkpoint's
+    tokenizer, when given) and today's sources, else BamError."""
     prepared = open_prepared(out_dir, verify=False)
-    hashed, sources_hash = _identity(spec)
+    hashed, sources_hash = _identity(spec, seed_tokenizer)
     if prepared.config_hash != canonical_hash(hashed) or prepared.manifest.get("sources_hash") != sources_hash:
         raise BamError(f"the data config or sources changed since {out_dir} was prepared; {RUN_HINT} again")
     if verify:
@@ -119,10 +124,12 @@ def open_current(spec: DataSpec, out_dir: Path, *, verify: bool = True) -> Prepa
     return prepared
 
 
-def prepare_data(spec: DataSpec, out_dir: Path, *, progress: bool = True) -> PreparedData:
-    """Prepare (or reuse) everything the run's training stages read; see the module docstring."""
+def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokenizer | None = None,
+                 progress: bool = True) -> PreparedData:
+    """Prepare (or reuse) everything the run's training stages read; see the module docstring.
+    ``seed_tokenizer``: tokenise with an imported seed checkpoint's tokenizer instead of training one."""
     out_dir = Path(out_dir)
-    hashed, sources_hash = _identity(spec)
+    hashed, sources_hash = _identity(spec, seed_tokenizer)
     config_hash = canonical_hash(hashed)
     if (out_dir / MANIFEST).is_file() and not spec.rebuild:
         old = open_prepared(out_dir, verify=False)  # a corrupt manifest says how to rebuild
@@ -141,15 +148,19 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, progress: bool = True) -> Pre
         read = tqdm(src.iter_documents(source, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
         docs[name], dups[name] = dedupe_and_split(read, spec.split.val, spec.split.test)
         _check_nonempty(source, docs[name], cap)
-    tok = _tokenizer(spec, docs, progress)
-    eos = tk.eos_id(tok, spec.tokenizer.eos_token)
+    if seed_tokenizer is not None:
+        tok, eos, eos_token, encode = (seed_tokenizer.tokenizer, seed_tokenizer.eos_id, seed_tokenizer.eos_token,
+                                       seed_tokenizer.encode)
+        _say(progress, f"tokenising with the seed checkpoint's tokenizer (eos {eos_token!r} = {eos})")
+    else:
+        tok = tk.as_run_tokenizer(_tokenizer(spec, docs, progress))
+        eos_token = spec.tokenizer.eos_token
+        eos = tk.eos_id(tok, eos_token)
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids + [eos] for e in tok.encode_batch(texts)]
+
     vocab = tok.get_vocab_size()
-
-    # a literal "<|endoftext|>" inside a document is text, not a document boundary
-    tok.encode_special_tokens = True
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids + [eos] for e in tok.encode_batch(texts)]
 
     stats: dict[str, dict[str, dict[str, int]]] = {}
     with publish(out_dir) as tmp, _datasets_progress(progress):
@@ -167,7 +178,7 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, progress: bool = True) -> Pre
         write_manifest(
             tmp, stage="data", name="data", config=hashed, settings=spec.to_dict(), sources_hash=sources_hash,
             sources=list(spec.resolved), duplicates_removed=dups, tokenizer_hash=tk.tokenizer_hash(tok),
-            vocab_size=vocab, eos_id=eos, eos_token=spec.tokenizer.eos_token, stats=stats,
+            vocab_size=vocab, eos_id=eos, eos_token=eos_token, stats=stats,
             wall_time_s=round(time.time() - t0, 2),
         )
     return open_prepared(out_dir, verify=False)

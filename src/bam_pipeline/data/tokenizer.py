@@ -1,14 +1,18 @@
-"""The run's tokenizer: a byte-level BPE trained with Hugging Face ``tokenizers``, or a given file.
+"""The run's tokenizer: a byte-level BPE trained with Hugging Face ``tokenizers``, a given file, or
+the tokenizer of an imported seed checkpoint (:class:`SeedTokenizer`).
 
 Byte-level pre-tokenisation maps every byte to a symbol, so any text round-trips exactly. The
-end-of-document token is ``EOS``; ``tokenizer_hash`` identifies the tokenizer across stages.
+end-of-document token is ``EOS`` (a checkpoint's own: its ``eos_token_id``). A run tokenises with
+literal special-token text kept as text (:func:`as_run_tokenizer`); ``tokenizer_hash`` of that
+form identifies the tokenizer across stages.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -57,6 +61,34 @@ def eos_id(tok: Tokenizer, eos_token: str = EOS) -> int:
     return tok.token_to_id(eos_token)
 
 
+def as_run_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """A copy of ``tok`` as a run uses it: a literal ``<|endoftext|>`` inside a document is text, not
+    a special token (only the document boundaries the data stage adds are)."""
+    run = Tokenizer.from_str(tok.to_str())
+    run.encode_special_tokens = True
+    return run
+
+
 def tokenizer_hash(tok: Tokenizer) -> str:
     """sha256 of the tokenizer's canonical JSON."""
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SeedTokenizer:
+    """The tokenizer an imported seed checkpoint defines: the data stage tokenises with it (its
+    post-processor included, e.g. a BOS per document) instead of training one."""
+
+    tokenizer: Tokenizer  # the run form (as_run_tokenizer)
+    eos_id: int
+    eos_token: str
+    identity: dict[str, Any]  # what identifies it in the prepared data's hash: checkpoint, files, eos
+
+    @property
+    def hash(self) -> str:
+        return tokenizer_hash(self.tokenizer)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        from bam_pipeline.interop.hf_tokenizer import encode_documents
+
+        return encode_documents(self.tokenizer, texts, self.eos_id)

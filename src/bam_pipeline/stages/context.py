@@ -68,6 +68,68 @@ class ModelSpec:
         return read_section(ModelConfig, {**base, **self.overrides}, "overrides", **fixed)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+SEED_KINDS = ("pretrain", "hf")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A Hugging Face checkpoint: a local directory or a hub id, at a revision."""
+
+    path: Optional[str]
+    revision: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """The ``seed:`` section: pretrain the seed, or import a Hugging Face checkpoint as the seed."""
+
+    kind: str
+    path: Optional[str]
+    revision: Optional[str]
+    dtype: Optional[str]  # the imported weights' dtype; null: the checkpoint's own
+
+    def __post_init__(self) -> None:
+        if self.kind not in SEED_KINDS:
+            raise ConfigError("kind", self.kind, "use seed=pretrain or seed=hf")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("path", self.path, "seed=hf needs seed.path=<a local checkpoint directory or a hub id>")
+        if self.kind == "pretrain" and (self.path or self.revision or self.dtype):
+            raise ConfigError("path", self.path, "applies to seed=hf; with seed=pretrain leave path, revision "
+                                                 "and dtype unset")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"use one of {', '.join(DTYPES)} or null (the checkpoint's)")
+
+    @property
+    def checkpoint(self) -> CheckpointRef:
+        return CheckpointRef(self.path, self.revision)
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """The ``branch:`` section: train every domain expert, or import some (``branch.<domain>.path``)."""
+
+    kind: str
+    imports: dict[str, CheckpointRef]  # domain -> checkpoint, for the imported domains
+
+    @classmethod
+    def read(cls, node: Any) -> "BranchSpec":
+        data = plain(node) or {}
+        kind = data.get("kind")
+        if kind not in ("train", "hf"):
+            raise ConfigError("branch.kind", kind, "use branch=train or branch=hf")
+        imports = {}
+        for domain, ref in data.items():
+            if domain != "kind":
+                ref = read_section(CheckpointRef, ref, f"branch.{domain}")
+                if ref.path:
+                    imports[domain] = ref
+        if kind == "hf" and not imports:
+            raise ConfigError("branch.kind", kind, "branch=hf imports the domains given a branch.<domain>.path; "
+                                                   "set one, or use branch=train")
+        return cls(kind, imports)
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """The ``pipeline:`` section: what ``stage=all`` builds, and what a stale artifact gets."""
@@ -91,6 +153,8 @@ class RunContext:
     stage: str
     layout: RunLayout
     model: ModelSpec
+    seed: SeedSpec
+    branch: BranchSpec
     data: DataSpec
     train: TrainSettings
     budget: BudgetSettings
@@ -116,6 +180,8 @@ class RunContext:
             stage=str(cfg.stage),
             layout=RunLayout(Path(str(cfg.paths.run_dir))),
             model=read_section(ModelSpec, cfg.model, "model"),
+            seed=read_section(SeedSpec, cfg.seed, "seed"),
+            branch=BranchSpec.read(cfg.branch),
             data=read_data_spec(cfg.data),
             train=read_section(TrainSettings, cfg.train, "train"),
             budget=read_section(BudgetSettings, cfg.budget, "budget"),
@@ -137,6 +203,10 @@ class RunContext:
         """Checks across sections (each section checked its own values when it was read)."""
         import torch
 
+        unknown = sorted(set(self.branch.imports) - set(self.data.domains))
+        if unknown:
+            raise ConfigError(f"branch.{unknown[0]}.path", self.branch.imports[unknown[0]].path,
+                              f"{unknown[0]} is not a domain of this run ({', '.join(self.data.domains)})")
         if self.train.seq_len > self.model.seq_len:
             raise ConfigError("train.seq_len", self.train.seq_len,
                               f"exceeds the model's context model.seq_len={self.model.seq_len}; set model.seq_len")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bam_pipeline.data.prepare import PreparedData, prepare_data, print_stats_table
 from bam_pipeline.errors import BamError
+from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.inputs import open_data
 from bam_pipeline.store.artifacts import remove_dead_temporaries
@@ -27,7 +28,7 @@ def run_data(ctx: RunContext) -> PreparedData:
         for p in remove_dead_temporaries(ctx.layout.data):
             print(f"data: removed {p}, left by a run that was killed while publishing")
         try:
-            prepared = prepare_data(ctx.data, ctx.layout.data)
+            prepared = prepare_data(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx))
         finally:
             lock.release()
     print_stats_table(prepared)

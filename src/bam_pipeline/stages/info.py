@@ -8,6 +8,7 @@ from typing import Any
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import describe
+from bam_pipeline.stages.checkpoints import checkpoint_model_config
 from bam_pipeline.stages.context import RunContext
 
 
@@ -26,7 +27,9 @@ def info_rows(dense: ModelConfig, variant: MixVariant, *, n_domains: int, seq_le
 
 
 def run_info(ctx: RunContext) -> None:
-    variant, dense = ctx.variant(ctx.mix_name), ctx.model.dense_config()
+    variant = ctx.variant(ctx.mix_name)
+    dense = ctx.model.dense_config() if ctx.seed.kind == "pretrain" else \
+        checkpoint_model_config(ctx.seed.checkpoint, ctx.model.seq_len)
     rows = info_rows(dense, variant, n_domains=len(ctx.data.domains), seq_len=ctx.model.seq_len)
     base = rows[0]
     for r in rows:

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from bam_pipeline.data.prepare import PreparedData, open_current
 from bam_pipeline.errors import BamError
+from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.store.artifacts import MANIFEST, Artifact, read_artifact, remove_dead_temporaries, try_read_artifact
 from bam_pipeline.store.files import canonical_hash
@@ -57,7 +58,7 @@ def open_data(ctx: RunContext, *, verify: bool = True) -> PreparedData:
     """The run's prepared data, refused when it was made from another data config or other sources;
     waits first while another run is preparing it."""
     wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
-    return open_current(ctx.data, ctx.layout.data, verify=verify)
+    return open_current(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx), verify=verify)
 
 
 def data_input(prepared: PreparedData) -> Artifact:

@@ -1,20 +1,26 @@
 """The training stages, planned apart and trained by one shared path (:func:`train`).
 
 seed   : random init -> trained on the seed mixture               -> seed/main
+         (seed=hf: a Hugging Face checkpoint imported instead, :mod:`~bam_pipeline.stages.imports`)
 branch : seed -> trained on <domain> + general text               -> branch/<domain>
+         (budget.branch.tokens=0: a copy of the seed; branch=hf: an imported expert)
 moe    : mix/<variant> -> trained on the moe mixture              -> moe/<variant>[_cm]
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 from bam_pipeline.data.mixtures import stage_mixture
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.stages.checkpoints import seed_tokenizer, short_name
 from bam_pipeline.stages.context import RunContext, require_domain
+from bam_pipeline.stages.imports import plan_import, run_import
 from bam_pipeline.stages.inputs import Plan, building, data_input, fresh_artifact, open_data, require
-from bam_pipeline.store.artifacts import Artifact, read_model_config
+from bam_pipeline.store.artifacts import MODEL_CONFIG, WEIGHTS, Artifact, publish, read_artifact, read_model_config
+from bam_pipeline.store.artifacts import write_manifest
 from bam_pipeline.store.layout import CM_SUFFIX
 from bam_pipeline.training.budget import Budget, plan_budget
 from bam_pipeline.training.job import TrainJob, train_and_publish
@@ -36,21 +42,30 @@ def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: di
                      about, job)
 
 
-def plan_seed(ctx: RunContext, prepared: PreparedData) -> TrainPlan:
+def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
+    if ctx.seed.kind == "hf":
+        about = {"display": f"Seed ({short_name(ctx.seed.checkpoint)})", "role": "seed"}
+        return plan_import(ctx, "seed", "main", ctx.seed.checkpoint, ctx.seed.dtype, {}, about)
     model_cfg = ctx.model.dense_config(prepared.vocab_size)
     job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
                    _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train)
     return _plan(ctx, job, {"data": data_input(prepared)}, {"display": "Seed", "role": "seed"})
 
 
-def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> TrainPlan:
+def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> Plan:
     proportions = stage_mixture("branch", ctx.data, domain)
     seed = require(ctx, "seed", "main", ctx.cmd("stage=seed"), prepared)
+    about = {"display": f"{domain.capitalize()} expert", "role": "expert", "domain": domain}
+    if domain in ctx.branch.imports:
+        return plan_import(ctx, "branch", domain, ctx.branch.imports[domain], ctx.seed.dtype, {"seed": seed}, about)
+    if ctx.budget.branch.tokens == 0:
+        about["display"] += " (a copy of the seed)"
+        config = {"copy_of": "seed", "inputs": {"seed": seed.hash}}
+        return Plan("branch", domain, ctx.layout.artifact("branch", domain), config, {"seed": seed}, about)
     model_cfg = read_model_config(seed)
     job = TrainJob("branch", domain, ctx.layout, model_cfg, seed, proportions,
                    _budget(ctx, ctx.budget.branch.tokens, model_cfg), ctx.train.lr * ctx.train.branch_lr_scale,
                    ctx.train)
-    about = {"display": f"{domain.capitalize()} expert", "role": "expert", "domain": domain}
     return _plan(ctx, job, {"data": data_input(prepared), "seed": seed}, about)
 
 
@@ -95,7 +110,26 @@ def train(ctx: RunContext, plan: TrainPlan, prepared: PreparedData) -> Artifact 
                                  inputs=plan.inputs, describe={"about": plan.about})
 
 
+def copy_seed(ctx: RunContext, plan: Plan, prepared: PreparedData) -> Artifact:
+    """Publish the seed's weights as a branch expert trained on zero tokens."""
+    done = fresh_artifact(plan, ctx.pipeline.on_stale)
+    if done is not None:
+        return done
+    seed = plan.inputs["seed"]
+    seed.verify()
+    with building(ctx, plan), publish(plan.out) as tmp:
+        for name in (WEIGHTS, MODEL_CONFIG):
+            shutil.copyfile(seed.path / name, tmp / name)
+        write_manifest(tmp, stage=plan.stage, name=plan.name, run=ctx.run, config=plan.config, inputs=plan.inputs,
+                       tokenizer_hash=prepared.tokenizer_hash, metrics={}, tokens=0, flops=0.0, about=plan.about)
+    print(f"{plan.label}: a copy of the seed (budget.branch.tokens=0) -> {plan.out}")
+    return read_artifact(plan.out)
+
+
 def run_seed(ctx: RunContext) -> Artifact | None:
+    if ctx.seed.kind == "hf":  # an import needs no prepared data: its tokenizer is the checkpoint's
+        return run_import(ctx, plan_seed(ctx, None), ctx.seed.checkpoint, ctx.seed.dtype,
+                          tokenizer=seed_tokenizer(ctx).hash)
     prepared = open_data(ctx)
     return train(ctx, plan_seed(ctx, prepared), prepared)
 
@@ -103,7 +137,13 @@ def run_seed(ctx: RunContext) -> Artifact | None:
 def run_branch(ctx: RunContext, domain: str | None = None) -> Artifact | None:
     domain = domain or require_domain(ctx)
     prepared = open_data(ctx)
-    return train(ctx, plan_branch(ctx, prepared, domain), prepared)
+    plan = plan_branch(ctx, prepared, domain)
+    if domain in ctx.branch.imports:
+        return run_import(ctx, plan, ctx.branch.imports[domain], ctx.seed.dtype, tokenizer=prepared.tokenizer_hash,
+                          like=read_model_config(plan.inputs["seed"]))
+    if not isinstance(plan, TrainPlan):
+        return copy_seed(ctx, plan, prepared)
+    return train(ctx, plan, prepared)
 
 
 def run_moe(ctx: RunContext, name: str | None = None) -> Artifact | None:

@@ -25,6 +25,18 @@ class StageBudget:
 
 
 @dataclass(frozen=True)
+class BranchBudget:
+    """Tokens each domain expert trains on; 0: the expert is a copy of the seed (identical experts, the
+    control under which a mixture whose gates sum to one is the seed's function)."""
+
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ConfigError("tokens", self.tokens, "must be a number of tokens >= 0 (0: copy the seed)")
+
+
+@dataclass(frozen=True)
 class MoeBudget(StageBudget):
     """The mixture phase: ``tokens`` for every variant (data-matched), or the training FLOPs that
     ``reference`` (a mix variant) spends on ``tokens`` (compute-matched)."""
@@ -43,7 +55,7 @@ class BudgetSettings:
     """The ``budget:`` config section."""
 
     seed: StageBudget
-    branch: StageBudget
+    branch: BranchBudget
     moe: MoeBudget
 
 

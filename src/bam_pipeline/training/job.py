@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -174,6 +175,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     t = job.train
     stage_config = job.identity(inputs)
     init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
+    # the artifact keeps its input's dtype (a bfloat16 import stays bfloat16); training runs in float32
+    # master weights whatever trainer.precision computes in
+    dtype = next(iter(init_state.values())).dtype if init_state else torch.float32
     work = job.layout.work(job.stage, job.name)
     resume = _prepare_work_dir(work, canonical_hash(stage_config))
     if resume is not None:
@@ -233,7 +237,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         return None
     out_dir = job.layout.artifact(job.stage, job.name)
     with A.publish(out_dir) as tmp:
-        state = {k.removeprefix("model."): v.detach().float().cpu() for k, v in full_state.items()}
+        state = {k.removeprefix("model."): v.detach().to(dtype).cpu() for k, v in full_state.items()}
         A.save_model(tmp, job.model_cfg, state)
         if (work / A.TRAIN_LOG).exists():
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)

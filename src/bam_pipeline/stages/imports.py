@@ -1,0 +1,62 @@
+"""Importing a Hugging Face checkpoint as a stage's artifact, with no training: the seed under
+``seed=hf`` and the domain experts ``branch=hf`` names (the BTX use case: mixing experts someone
+else fine-tuned). An import's identity is its source (path or hub id, the commit it resolved to),
+its files' sizes and modification times, the dtype and the context it runs at; its manifest records
+every file's sha256 and the architecture. An expert must have the seed's architecture and the run's
+tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.interop.checkpoint import import_checkpoint
+from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.stages.checkpoints import checkpoint_tokenizer, fingerprint, resolve, short_name, source_record
+from bam_pipeline.stages.context import CheckpointRef, RunContext
+from bam_pipeline.stages.inputs import Plan, building, fresh_artifact
+from bam_pipeline.store.artifacts import Artifact, publish, read_artifact, save_model, write_manifest
+from bam_pipeline.store.files import sha256_file
+
+
+def plan_import(ctx: RunContext, stage: str, name: str, ref: CheckpointRef, dtype: str | None,
+                inputs: dict[str, Artifact], about: dict[str, Any]) -> Plan:
+    """The plan of importing ``ref`` as artifact ``<stage>/<name>``."""
+    src = resolve(ref)
+    config = {"import": {"source": ref.path, "revision": src.revision, "files": fingerprint(src), "dtype": dtype,
+                         "max_seq_len": ctx.model.seq_len},
+              "inputs": {k: a.hash for k, a in inputs.items()}}
+    return Plan(stage, name, ctx.layout.artifact(stage, name), config, inputs, about)
+
+
+def run_import(ctx: RunContext, plan: Plan, ref: CheckpointRef, dtype: str | None, *, tokenizer: str,
+               like: ModelConfig | None = None) -> Artifact:
+    """Import ``ref`` as ``plan``'s artifact (skipped when fresh). ``tokenizer``: the run's tokenizer hash,
+    which the checkpoint's tokenizer must have; ``like``: the architecture it must have (an expert's: the
+    seed's)."""
+    done = fresh_artifact(plan, ctx.pipeline.on_stale)
+    if done is not None:
+        return done
+    with building(ctx, plan):
+        src = resolve(ref)
+        theirs = checkpoint_tokenizer(ref).hash
+        if theirs != tokenizer:
+            raise BamError(f"{ref.path} has another tokenizer ({theirs[:12]}) than the run ({tokenizer[:12]}); "
+                           "an imported expert must share the seed's tokenizer")
+        ckpt = import_checkpoint(src.path, dtype=getattr(torch, dtype) if dtype else None,
+                                 max_seq_len=ctx.model.seq_len, name=short_name(ref))
+        if like is not None and ckpt.config.replace(name=like.name) != like:
+            raise BamError(f"{ref.path} has another architecture than the seed ({ckpt.config.to_dict()} vs "
+                           f"{like.to_dict()}); import experts fine-tuned from the seed checkpoint")
+        with publish(plan.out) as tmp:
+            save_model(tmp, ckpt.config, ckpt.state_dict)
+            write_manifest(tmp, stage=plan.stage, name=plan.name, run=ctx.run, config=plan.config,
+                           inputs=plan.inputs, tokenizer_hash=tokenizer, metrics={}, tokens=0, flops=0.0,
+                           source=source_record(ref, src), architecture=ckpt.architecture,
+                           checkpoint_files={p.name: sha256_file(p) for p in ckpt.files}, about=plan.about)
+    print(f"{plan.label}: imported {ckpt.architecture} from {ref.path}"
+          f"{f' at {src.revision}' if src.revision else ''} -> {plan.out}")
+    return read_artifact(plan.out)

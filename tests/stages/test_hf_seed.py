@@ -1,0 +1,193 @@
+"""A Hugging Face checkpoint as the seed, through the CLI: imported (no training), loaded with
+bam_pipeline.load and compared with transformers; the whole pipeline on top of it with the
+checkpoint's own tokenizer, function-preserving under zero branch training; imported experts; and
+every bad checkpoint in one line with nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cli_runner import cli_here  # noqa: E402
+from hf_checkpoints import (  # noqa: E402
+    BOS_ID,
+    EOS_ID,
+    compare_ids,
+    hf_config,
+    hf_model,
+    load_hf,
+    save_checkpoint,
+    tiny_tokenizer,
+)
+
+import bam_pipeline  # noqa: E402
+from bam_pipeline.store.artifacts import read_artifact  # noqa: E402
+
+# architecture, config fields, save arguments: what real checkpoints vary
+CASES = {
+    "llama_tied_gqa": ("llama", {"tie_word_embeddings": True}, {}),
+    "llama_untied_bf16_sharded": ("llama", {"tie_word_embeddings": False}, {"dtype": torch.bfloat16,
+                                                                           "max_shard_size": "30KB"}),
+    "mistral": ("mistral", {"sliding_window": None}, {}),
+    "qwen2_biases": ("qwen2", {"tie_word_embeddings": True}, {}),
+    "cohere_parallel": ("cohere", {"logit_scale": 0.25, "num_key_value_heads": 4}, {"dtype": torch.bfloat16}),
+}
+
+
+def _checkpoint(tmp_path, arch="llama", seed=0, **fields):
+    return save_checkpoint(hf_model(hf_config(arch, **fields), seed=seed), tmp_path / f"ckpt-{arch}-{seed}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_imported_seed_computes_what_transformers_does(case, tmp_path):
+    arch, fields, save = CASES[case]
+    ckpt = save_checkpoint(hf_model(hf_config(arch, **fields)), tmp_path / "ckpt", **save)
+    root = tmp_path / "stages"
+    cli_here(root, "stage=seed", "seed=hf", f"seed.path={ckpt}", check=True)
+    art = read_artifact(root / "smoke" / "seed" / "main")
+    assert art.manifest["architecture"] == transformers.AutoConfig.from_pretrained(ckpt).architectures[0]
+    assert art.manifest["source"]["path"] == str(ckpt.resolve()) and art.manifest["tokens"] == 0
+    assert set(art.manifest["checkpoint_files"]) >= {"config.json"}
+    ours = bam_pipeline.load(art.path)
+    ids = compare_ids()
+    with torch.no_grad():
+        diff = (ours(ids) - load_hf(ckpt)(ids).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert ours.encode("the fox").tolist() == [tiny_tokenizer().encode("the fox").ids]
+    weights = {t.dtype for t in __import__("safetensors.torch").torch.load_file(str(art.path / "model.safetensors"))
+               .values()}
+    assert weights == {save.get("dtype", torch.float32)}  # seed.dtype=null keeps the checkpoint's dtype
+
+
+def test_the_pipeline_runs_on_an_imported_seed_and_identical_experts_preserve_it(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    root = tmp_path / "stages"
+    r = cli_here(root, "stage=all", "seed=hf", f"seed.path={ckpt}", "budget.branch.tokens=0",
+                 "mix.ffn_router.renormalize=true", check=True)
+    run = root / "smoke"
+    assert "tokenising with the seed checkpoint's tokenizer (eos '</s>' = 2)" in r.out
+    data = json.loads((run / "data" / "manifest.json").read_text())
+    seed = read_artifact(run / "seed" / "main")
+    assert data["eos_id"] == EOS_ID and data["tokenizer_hash"] == seed.manifest["tokenizer_hash"]
+    from bam_pipeline.data.prepare import open_prepared
+
+    first_doc = open_prepared(run / "data").stream("code", "test").dataset[0]["ids"]
+    assert first_doc[0] == BOS_ID and first_doc[-1] == EOS_ID  # the checkpoint's post-processor, then eos
+    for d in ("code", "math", "law"):
+        expert = read_artifact(run / "branch" / d)
+        assert expert.manifest["tokens"] == 0
+        assert expert.manifest["files"]["model.safetensors"] == seed.manifest["files"]["model.safetensors"]
+    rows = json.loads((run / "eval" / "metrics.json").read_text())["rows"]
+    ppl = {(r["model"], r["domain"]): r["perplexity"] for r in rows}
+    for domain in ("general", "code", "math", "law"):
+        want = ppl[("seed", domain)]
+        for preserving in ("mix/dense", "mix/bam"):  # gates that sum to one: the seed's function, exactly
+            assert f"{ppl[(preserving, domain)]:.4g}" == f"{want:.4g}", (preserving, domain)
+        assert not math.isclose(ppl[("mix/btx", domain)], want, rel_tol=1e-3)  # the paper's top-1 gate is not
+    assert {m for m, _ in ppl} >= {"moe/bam", "moe/bam_kv_shared", "moe/btx", "moe/dense", "moe/bam_cm"}
+
+
+def test_an_imported_expert_must_match_the_seed(tmp_path):
+    seed_ckpt, expert_ckpt = _checkpoint(tmp_path), _checkpoint(tmp_path, seed=1)
+    root = tmp_path / "stages"
+    args = ("seed=hf", f"seed.path={seed_ckpt}", "branch=hf")
+    cli_here(root, "stage=data", *args, f"branch.code.path={expert_ckpt}", check=True)
+    cli_here(root, "stage=seed", *args, f"branch.code.path={expert_ckpt}", check=True)
+    r = cli_here(root, "stage=branch", "domain=code", *args, f"branch.code.path={expert_ckpt}", check=True)
+    assert "branch/code: imported LlamaForCausalLM" in r.out
+    expert = bam_pipeline.load(root / "smoke" / "branch" / "code")
+    with torch.no_grad():
+        assert (expert(compare_ids()) - load_hf(expert_ckpt)(compare_ids()).logits).abs().max() <= 1e-5
+    wide = _checkpoint(tmp_path, seed=2, hidden_size=48)
+    r = cli_here(root, "stage=branch", "domain=math", *args, f"branch.math.path={wide}")
+    assert r.returncode == 2 and "has another architecture than the seed" in r.out
+    other_tok = _checkpoint(tmp_path, seed=3)
+    tok = tiny_tokenizer()
+    tok.add_tokens(["zz"])
+    tok.save(str(other_tok / "tokenizer.json"))
+    r = cli_here(root, "stage=branch", "domain=law", *args, f"branch.law.path={other_tok}")
+    assert r.returncode == 2 and "has another tokenizer" in r.out
+    assert not (root / "smoke" / "branch" / "math").exists() and not (root / "smoke" / "branch" / "law").exists()
+
+
+def _no_config(ck):
+    (ck / "config.json").unlink()
+
+
+def _bin_only(ck):
+    for f in ck.glob("*.safetensors*"):
+        f.unlink()
+    (ck / "pytorch_model.bin").write_bytes(b"pickle")
+
+
+def _arch(name):
+    def change(ck):
+        cfg = json.loads((ck / "config.json").read_text())
+        cfg["architectures"], cfg["model_type"] = [name], name.removesuffix("ForCausalLM").lower()
+        (ck / "config.json").write_text(json.dumps(cfg))
+    return change
+
+
+def _truncate(ck):
+    shard = sorted(ck.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _drop_shard(ck):
+    sorted(ck.glob("model-*.safetensors"))[-1].unlink()
+
+
+def _no_tokenizer(ck):
+    (ck / "tokenizer.json").unlink()
+
+
+def _small_vocab(ck):
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["vocab_size"] = 16  # the tokenizer has 32 ids
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+BAD = {
+    "missing_directory": (None, "does not exist; pass a local directory or a hub id"),
+    "no_config": (_no_config, "config.json"),
+    "unsupported_architecture": (_arch("GPTNeoXForCausalLM"), "GPTNeoXForCausalLM"),
+    "gemma": (_arch("GemmaForCausalLM"), "GemmaForCausalLM"),
+    "bin_only": (_bin_only, "pickle"),
+    "truncated_shard": (_truncate, "model-"),
+    "missing_shard": (_drop_shard, "model-"),
+    "no_tokenizer": (_no_tokenizer, "has no tokenizer.json"),
+    "vocabulary": (_small_vocab, "has no row in the model's 16-row embedding"),
+    "offline_hub_id": ("someorg/somemodel", "offline"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_a_bad_checkpoint_is_one_line_and_leaves_nothing(name, tmp_path):
+    change, says = BAD[name]
+    ckpt = save_checkpoint(hf_model(hf_config("llama")), tmp_path / "ckpt", max_shard_size="30KB")
+    if change is None:
+        path = str(tmp_path / "nowhere")
+    elif isinstance(change, str):
+        path = change
+    else:
+        change(ckpt)
+        path = str(ckpt)
+    root = tmp_path / "stages"
+    r = cli_here(root, "stage=seed", "seed=hf", f"seed.path={path}")
+    errors = [line for line in r.out.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.out, r.out[-2000:]
+    assert says.lower() in errors[0].lower(), errors[0]
+    assert not (root / "smoke" / "seed").exists() or not any((root / "smoke" / "seed").iterdir())
+    shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+
+
+def test_info_describes_the_checkpoint(tmp_path):
+    ckpt = _checkpoint(tmp_path, "qwen2")
+    r = cli_here(tmp_path / "stages", "stage=info", "seed=hf", f"seed.path={ckpt}", check=True)
+    assert "D=32, H=4/KV=2" in r.out and "sequential blocks" in r.out and "q/k/v bias" in r.out
