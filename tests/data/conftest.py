@@ -39,6 +39,7 @@ def synthetic_cfg(root: Path, n_docs: int = 200, **over: Any) -> dict[str, Any]:
     cfg = {
         "general": "general",
         "domains": ["code", "math", "law"],
+        "ood": [],
         "sources": sources,
         "max_bytes_per_source": None,
         "split": {"val": 0.1, "test": 0.1},
@@ -77,6 +78,7 @@ def real_prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
 
     cfg = OmegaConf.load(conf_dir() / "data" / "default.yaml")
     cfg.max_bytes_per_source = 150_000
+    cfg.ood = []  # the out-of-domain source has its own test (test_sources.py)
     cfg.split = {"val": 0.1, "test": 0.1}
     cfg.tokenizer.vocab_size = 512
     cfg.tokenizer.train_bytes = 200_000

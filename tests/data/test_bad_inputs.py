@@ -23,7 +23,7 @@ def files_source(path):
 def test_unknown_domain_lists_the_known_ones(tmp_path, make_cfg):
     cfg = make_cfg(tmp_path, n_docs=20)
     cfg["domains"] = ["code", "biology"]
-    with pytest.raises(BamError, match=r"unknown domain 'biology'; known domains: code, general, law, math"):
+    with pytest.raises(BamError, match=r"unknown domain 'biology'; known domains: bible, code, general, law, math"):
         prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
 

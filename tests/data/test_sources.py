@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from hydra import compose, initialize_config_dir
 
@@ -12,6 +13,7 @@ from bam_pipeline.config.files import conf_dir
 from bam_pipeline.data import sources
 from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.splits import SPLITS
+from bam_pipeline.errors import BamError
 
 
 def files_source(path, **src):
@@ -42,12 +44,14 @@ def test_shipped_configs_compose_and_paper_points_at_the_hub():
     with initialize_config_dir(config_dir=str(conf_dir() / "data"), version_base="1.3"):
         default = compose(config_name="default")
         paper = compose(config_name="paper")
-    assert read_data_spec(default).source_names == ["general", "code", "math", "law"]
+    assert read_data_spec(default).source_names == ["general", "code", "math", "law", "bible"]
+    assert read_data_spec(default).ood == ("bible",)
     assert paper.domains == default.domains and paper.split == default.split
     specs = read_data_spec(paper).resolved
-    assert {n: s.type for n, s in specs.items()} == dict.fromkeys(specs, "hub")
+    assert {n: s.type for n, s in specs.items() if n != "bible"} == dict.fromkeys(("general", "code", "math", "law"),
+                                                                                  "hub")
     assert specs["code"].options.dataset == "bigcode/starcoderdata"
-    assert all(s.options.text_field for s in specs.values())
+    assert all(s.options.text_field for n, s in specs.items() if n != "bible")
 
 
 def test_embedded_sources_are_real_text(real_prepared):
@@ -82,3 +86,35 @@ def test_stdlib_fingerprint_names_the_adapter_revision():
     """Prepared data from before the generated modules were left out must not be reused."""
     fp = sources.source_fingerprint(sources.resolve_source("code"))
     assert fp["adapter"] == sources.STDLIB_ADAPTER_REVISION >= 2
+
+
+def test_the_out_of_domain_bible_is_clean_modern_prose():
+    """The World English Bible from its Debian package, footnotes and markup removed."""
+    spec = sources.resolve_source("bible")
+    try:
+        sources.check_available(spec)
+    except sources.SourceUnavailable as e:
+        pytest.skip(f"apt cannot fetch the Debian package here: {e}")
+    docs = list(sources.iter_documents(spec, 200_000))
+    text = " ".join(d.text for d in docs)
+    assert len(docs) >= 20 and all("#" in d.id for d in docs)
+    assert "<" not in text and "strong:" not in text and "  " not in text
+    assert "God created the heavens and the earth" in " ".join(
+        d.text for d in sources.iter_documents(spec, None) if d.id.startswith("Genesis#000"))
+    assert sources.source_fingerprint(spec)["version"]
+
+
+def test_an_unavailable_out_of_domain_source_is_skipped_with_a_line(tmp_path, monkeypatch, make_cfg, capsys):
+    from bam_pipeline.data.prepare import prepare_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-apt"))  # neither apt-get nor dpkg-deb
+    cfg = make_cfg(tmp_path, n_docs=60)
+    cfg["ood"] = ["bible"]
+    prepared = prepare_data(read_data_spec(cfg), tmp_path / "data", progress=True)
+    assert "bible" not in prepared.sources and prepared.ood == []
+    assert "out-of-domain source 'bible' skipped: Debian package sword-text-web needs apt-get" in capsys.readouterr().out
+    cfg["domains"] = ["code", "bible"]
+    cfg["ood"] = []
+    with pytest.raises(BamError, match="needs apt-get and dpkg-deb"):  # a trained source must exist
+        prepare_data(read_data_spec(cfg), tmp_path / "data2", progress=False)

@@ -36,7 +36,7 @@ def write_corpus(root: Path) -> None:
 
 def data_cfg(corpus: Path) -> dict:
     return {
-        "general": "general", "domains": ["code", "law"],
+        "general": "general", "domains": ["code", "law"], "ood": [],
         "sources": {n: {"source": {"type": "files", "path": str(corpus / n)}} for n in SOURCES},
         "max_bytes_per_source": None, "split": {"val": 0.2, "test": 0.2},
         "tokenizer": {"path": None, "vocab_size": 300, "train_bytes": 100000, "eos_token": "<|endoftext|>"},

@@ -17,7 +17,7 @@ from bam_pipeline.model import BAMTransformer
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.store.artifacts import load_state, read_artifact
 
-MODELS = ("seed", "branch/code", "branch/law", "mix/bam")
+MODELS = ("seed", "branch/code", "branch/law", "mix/bam", "btm")
 SOURCES = ("general", "code", "law")  # the fake run's sources (conftest.py)
 SEQ_LEN = 32  # the fake run's eval.seq_len (conftest.py)
 
@@ -40,6 +40,38 @@ def test_every_model_domain_pair(evaluated):
         assert r["params_active"] <= r["params_total"] and r["flops_per_token"] > 0 and r["tokens_per_s"] > 0
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / r["bytes"])
+
+
+def test_per_document_losses_add_up_to_every_row(evaluated, fake_run):
+    metrics, _ = evaluated
+    docs = json.loads((fake_run / "eval" / "documents.json").read_text())
+    for r in metrics["rows"]:
+        per_doc = docs["models"][r["model"]][r["domain"]]
+        assert len(per_doc["nll"]) == len(docs["sources"][r["domain"]])
+        assert sum(per_doc["tokens"]) == r["tokens"]
+        assert sum(per_doc["nll"]) == pytest.approx(r["loss"] * r["tokens"], rel=1e-9)
+
+
+def test_btm_ensembles_the_seed_and_the_experts_within_the_bayes_bound(evaluated, fake_run):
+    """Bayesian model averaging: per (row, document) segment, NLL_btm <= min_j (NLL_j - log prior_j); so over
+    a source the ensemble is at most the best model plus one prior penalty per segment."""
+    from bam_pipeline.data.storage import load_eval_sequences
+
+    metrics, _ = evaluated
+    rows = rows_by(metrics)
+    prepared = open_prepared(fake_run / "data")
+    singles = ("seed", "branch/code", "branch/law")
+    for source in SOURCES:
+        btm = rows[("btm", source)]
+        assert btm["btm_models"] == list(singles) and btm["role"] == "ensemble"
+        assert btm["flops_per_token"] == pytest.approx(sum(rows[(m, source)]["flops_per_token"] for m in singles))
+        assert sum(btm["btm_prior"]) == pytest.approx(1.0) and min(btm["btm_prior"]) > 0
+        test = load_eval_sequences(prepared, source, "test", SEQ_LEN, max_tokens=1024)
+        segments = len({(i, int(d)) for i, row in enumerate(test.documents[:, 1:]) for d in row})
+        bound = min(rows[(m, source)]["loss"] * rows[(m, source)]["tokens"] for m in singles)
+        bound += segments * max(-math.log(p) for p in btm["btm_prior"])
+        assert btm["loss"] * btm["tokens"] <= bound + 1e-6
+        assert btm["loss"] < max(rows[(m, source)]["loss"] for m in singles)
 
 
 def test_perplexity_matches_an_independent_loop(evaluated, fake_run):

@@ -42,6 +42,7 @@ class PreparedData:
 
     dir: Path
     sources: list[str]
+    ood: list[str]  # the out-of-domain sources among them (evaluated, never trained on)
     vocab_size: int
     eos_id: int
     tokenizer_hash: str
@@ -95,7 +96,8 @@ def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
         if m.get("stage") != "data":
             raise ValueError(f"stage is {m.get('stage')!r}, not 'data'")
         prepared = PreparedData(
-            dir=out_dir, sources=list(m["sources"]), vocab_size=int(m["vocab_size"]), eos_id=int(m["eos_id"]),
+            dir=out_dir, sources=list(m["sources"]), ood=list(m.get("ood", [])), vocab_size=int(m["vocab_size"]),
+            eos_id=int(m["eos_id"]),
             tokenizer_hash=m["tokenizer_hash"], config_hash=m["config_hash"], stats=m["stats"], manifest=m,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -139,11 +141,20 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
             return old
         _say(progress, f"data config or sources changed since {out_dir} was prepared; rebuilding")
     t0 = time.time()
-    for source in spec.resolved.values():
-        src.check_available(source)
+    skipped: dict[str, str] = {}
+    for name, source in spec.resolved.items():
+        try:
+            src.check_available(source)
+        except src.SourceUnavailable as e:
+            if name not in spec.ood:
+                raise
+            skipped[name] = str(e)
+            _say(progress, f"out-of-domain source {name!r} skipped: {e}")
     docs: dict[str, dict[str, list[src.Document]]] = {}
     dups: dict[str, int] = {}
     for name, source in spec.resolved.items():
+        if name in skipped:
+            continue
         cap = spec.cap(name)
         read = tqdm(src.iter_documents(source, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
         docs[name], dups[name] = dedupe_and_split(read, spec.split.val, spec.split.test)
@@ -177,7 +188,8 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
                 }
         write_manifest(
             tmp, stage="data", name="data", config=hashed, settings=spec.to_dict(), sources_hash=sources_hash,
-            sources=list(spec.resolved), duplicates_removed=dups, tokenizer_hash=tk.tokenizer_hash(tok),
+            sources=list(docs), ood=[s for s in spec.ood if s in docs], skipped_sources=skipped,
+            duplicates_removed=dups, tokenizer_hash=tk.tokenizer_hash(tok),
             vocab_size=vocab, eos_id=eos, eos_token=eos_token, stats=stats,
             wall_time_s=round(time.time() - t0, 2),
         )

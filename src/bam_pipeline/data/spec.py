@@ -74,6 +74,7 @@ class DataSpec:
 
     general: str
     domains: tuple[str, ...]
+    ood: tuple[str, ...]  # out-of-domain sources: prepared and evaluated, never in a training mixture
     sources: dict[str, Any]  # per-source overrides of conf/domain/<name>.yaml, as written
     max_bytes_per_source: Optional[int]
     split: SplitSpec
@@ -83,6 +84,10 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
+        object.__setattr__(self, "ood", tuple(self.ood))
+        both = sorted(set(self.ood) & {self.general, *self.domains})
+        if both:
+            raise ConfigError("ood", list(self.ood), f"{both[0]} is also trained on; an out-of-domain source must not be")
         if not self.domains:
             raise ConfigError("domains", list(self.domains), "list the branch domains, e.g. [code, math, law]")
         if len(set(self.domains)) != len(self.domains):
@@ -105,8 +110,8 @@ class DataSpec:
 
     @property
     def source_names(self) -> list[str]:
-        """The general source, then the domains."""
-        return [self.general, *self.domains]
+        """The general source, the domains, then the out-of-domain sources."""
+        return list(dict.fromkeys([self.general, *self.domains, *self.ood]))
 
     def cap(self, source: str) -> int | None:
         """Bytes of text read from ``source``: its own ``max_bytes``, else ``max_bytes_per_source``."""

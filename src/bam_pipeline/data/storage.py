@@ -8,6 +8,7 @@ back memory-maps the Arrow file; the flattened ``ids`` column is the packed toke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -75,6 +76,13 @@ class TokenStream:
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
+    def document_ends(self) -> np.ndarray:
+        """(D,) int64 stream position just past each stored document, in stored order."""
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(self.dataset.data.column("ids")).to_numpy(zero_copy_only=False)
+        return np.cumsum(lengths, dtype=np.int64)
+
     def take(self, start: int, length: int) -> np.ndarray:
         """``length`` tokens from position ``start``, wrapping around the end (int64)."""
         n = len(self)
@@ -108,3 +116,22 @@ def load_split_sequences(
             "lower seq_len or give the source more data"
         )
     return torch.from_numpy(stream.take(0, n * (seq_len + 1)).reshape(n, seq_len + 1))  # (N, seq_len+1)
+
+
+@dataclass(frozen=True)
+class EvalSequences:
+    """Packed eval chunks of a split and the document each of their tokens belongs to."""
+
+    tokens: torch.Tensor  # (N, T+1) int64
+    documents: torch.Tensor  # (N, T+1) int64 index into doc_ids
+    doc_ids: list[str]  # the split's document ids, in stored order
+
+
+def load_eval_sequences(prepared: "PreparedData", source: str, split: str, seq_len: int,
+                        max_tokens: int | None = None) -> EvalSequences:
+    """:func:`load_split_sequences` with each token's document (for per-document losses)."""
+    tokens = load_split_sequences(prepared, source, split, seq_len, max_tokens)
+    stream = TokenStream(prepared.dir, source, split)
+    positions = np.arange(tokens.numel(), dtype=np.int64)
+    documents = np.searchsorted(stream.document_ends(), positions, side="right").reshape(tokens.shape)
+    return EvalSequences(tokens, torch.from_numpy(documents), list(stream.dataset["id"]))

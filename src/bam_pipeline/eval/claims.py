@@ -34,7 +34,7 @@ def _cmp(a: float, b: float) -> str:
 def _beats_everywhere(t: PplTable, a: str, b: str) -> tuple[list[bool], list[str]]:
     """Per column (and average) where both rows have a value: does ``a`` have lower perplexity than ``b``?"""
     ok, detail = [], []
-    for c in t.all_columns:
+    for c in t.claim_columns:
         va, vb = t.get(a, c), t.get(b, c)
         if va is not None and vb is not None:
             ok.append(va < vb)

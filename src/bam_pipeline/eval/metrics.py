@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -19,6 +20,8 @@ class NllSum:
     nll: float
     tokens: int
     forward_seconds: float
+    doc_nll: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) summed NLL per document
+    doc_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) predicted tokens per document
 
     @property
     def mean_loss(self) -> float:
@@ -48,6 +51,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def token_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Per-token NLL (B, T) float32 of a (B, T+1) batch (each row predicts tokens 1..T), and the output."""
+    inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+    nll, out = model.loss(inp, tgt, reduction="none")
+    return nll.view(tgt.shape), out
+
+
 @torch.inference_mode()
 def sequence_nll(
     model: torch.nn.Module,
@@ -55,24 +65,32 @@ def sequence_nll(
     *,
     batch_size: int,
     device: torch.device,
+    documents: torch.Tensor | None = None,
+    n_docs: int = 0,
     on_routing: Callable[[list], None] | None = None,
 ) -> NllSum:
-    """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before.
+    """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before; with
+    ``documents`` (N, T+1), also per document (``n_docs`` of them).
 
-    The loss is the model's own next-token NLL (float32). ``on_routing`` receives each batch's
-    ``ModelOutput.routing``. Only the forward pass and its loss are timed (synchronised on CUDA).
+    The loss is the model's own next-token NLL (float32), summed in float64. ``on_routing`` receives
+    each batch's ``ModelOutput.routing``. Only the forward pass and its loss are timed.
     """
+    doc_nll, doc_tokens = np.zeros(n_docs), np.zeros(n_docs)
     nll, tokens, seconds = 0.0, 0, 0.0
     for start in range(0, seqs.shape[0], batch_size):
         batch = seqs[start : start + batch_size].to(device)  # (B, T+1)
-        inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
         _sync(device)
         t0 = time.perf_counter()
-        batch_nll, out = model.loss(inp, tgt, reduction="sum")
+        per_token, out = token_nll(model, batch)  # (B, T)
         _sync(device)
         seconds += time.perf_counter() - t0
-        nll += batch_nll.item()
-        tokens += tgt.numel()
+        per_token = per_token.double().cpu()
+        nll += float(per_token.sum())
+        tokens += per_token.numel()
+        if documents is not None:
+            docs = documents[start : start + batch_size, 1:].reshape(-1)  # (B*T,) the targets' documents
+            doc_nll += torch.bincount(docs, weights=per_token.reshape(-1), minlength=n_docs).numpy()
+            doc_tokens += torch.bincount(docs, minlength=n_docs).double().numpy()
         if on_routing is not None:
             on_routing(out.routing)
-    return NllSum(nll, tokens, seconds)
+    return NllSum(nll, tokens, seconds, doc_nll, doc_tokens)

@@ -42,10 +42,31 @@ def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
-    """The run's Table 1 analogue: rows in artifact order, general source first."""
+    """The run's Table 1 analogue: rows in artifact order, general source first, out-of-domain last."""
     labels = list(dict.fromkeys(r["model"] for r in metrics["rows"]))
-    return table_from_rows(metrics["rows"], labels, order_columns(metrics["sources"], metrics.get("general_source")),
-                           key)
+    ood = [s for s in metrics["sources"] if s in metrics.get("ood_sources", [])]
+    in_domain = [s for s in metrics["sources"] if s not in ood]
+    return table_from_rows(metrics["rows"], labels, order_columns(in_domain, metrics.get("general_source")), key,
+                           ood=ood)
+
+
+def ood_rows(table: PplTable) -> list[list[str]]:
+    """Header + one row per (trained mixture, out-of-domain source): does mixing keep, gain or lose on
+    data no stage trained on, against the seed and the best single expert?"""
+    out = [["mixture", "out-of-domain source", "perplexity", "seed", "best expert", "against the seed",
+            "against the best expert"]]
+    experts = [lab for lab in table.labels if table.role(lab) == "expert"]
+    for src in table.ood:
+        seed, best = table.get("seed", src), table.best(src, experts)
+        for lab in table.labels:
+            v = table.get(lab, src)
+            if table.role(lab) != "mixture" or v is None or seed is None:
+                continue
+            vs_best = "-" if best is None else ("better" if v < table.get(best, src) else "worse")
+            out.append([table.name(lab), column_name(src), f"{v:.2f}", f"{seed:.2f}",
+                        "-" if best is None else f"{table.name(best)} {table.get(best, src):.2f}",
+                        "gains" if v < seed else "loses", vs_best])
+    return out
 
 
 def paper_table() -> PplTable:
@@ -106,6 +127,15 @@ def _claim_rows(run: PplTable) -> list[list[str]]:
     return out
 
 
+def _ood_blocks(table: PplTable) -> list[Block]:
+    if not table.ood:
+        return []
+    return [("h", 2, "Out of domain: does mixing trade specialisation for generalisation?"),
+            ("p", "Perplexity on text no stage trained on (the out-of-domain columns above, not in the average). "
+                  "A mixture gains when it beats the seed there, loses when it is worse."),
+            ("table", ood_rows(table))]
+
+
 def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
             command: str, config_hash: str) -> list[Block]:
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
@@ -134,6 +164,7 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("h", 2, "Ordering claims"),
         ("p", SCALE_NOTE),
         ("table", _claim_rows(ppl)),
+        *_ood_blocks(ppl),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s measured during this evaluation on the device above."),

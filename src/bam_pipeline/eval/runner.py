@@ -10,15 +10,18 @@ routers, drawn as heatmaps. Results are cached per (artifact hash, data hash, ev
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bam_pipeline.data.prepare import open_prepared
-from bam_pipeline.data.storage import load_split_sequences
+from bam_pipeline.data.storage import EvalSequences, load_eval_sequences, load_split_sequences
 from bam_pipeline.errors import BamError
-from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll
+from bam_pipeline.eval.btm import ensemble_flops_per_token, ensemble_log_probs, estimate_log_prior
+from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll, token_nll
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
@@ -29,7 +32,7 @@ from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,14 +61,14 @@ def sources_with_test_split(prepared: Any) -> tuple[list[str], list[dict[str, st
 
 
 class _Sequences:
-    """Test sequences per (source, seq_len), loaded once and shared by every model."""
+    """Test sequences (with their documents) per (source, seq_len), loaded once and shared by every model."""
 
     def __init__(self, prepared: Any, max_tokens: int | None) -> None:
         self.prepared, self.max_tokens, self.cache = prepared, max_tokens, {}
 
-    def get(self, source: str, seq_len: int) -> torch.Tensor:
+    def get(self, source: str, seq_len: int) -> EvalSequences:
         if (source, seq_len) not in self.cache:
-            self.cache[(source, seq_len)] = load_split_sequences(
+            self.cache[(source, seq_len)] = load_eval_sequences(
                 self.prepared, source, TEST_SPLIT, seq_len, max_tokens=self.max_tokens)
         return self.cache[(source, seq_len)]
 
@@ -80,10 +83,11 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
         raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
                        f"set eval.seq_len to at most {mcfg.max_seq_len} or null")
     params, flops = count_params(mcfg), flops_per_token(mcfg, seq_len)
-    rows, routing, skipped, warmed = [], {}, [], False
+    rows, routing, skipped, documents, warmed = [], {}, [], {}, False
     for source in sources:
         try:
-            data = seqs.get(source, seq_len)  # (N, seq_len + 1)
+            test = seqs.get(source, seq_len)
+            data = test.tokens  # (N, seq_len + 1)
         except BamError as e:  # split shorter than one sequence
             print(f"[eval] skip {art.label} on {source}: {e}")
             skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
@@ -92,7 +96,9 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             sequence_nll(model, data[: spec.batch_size], batch_size=spec.batch_size, device=device)
             warmed = True
         stats = RoutingStats()
-        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, on_routing=stats.update)
+        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, documents=test.documents,
+                           n_docs=len(test.doc_ids), on_routing=stats.update)
+        documents[source] = {"nll": res.doc_nll.tolist(), "tokens": res.doc_tokens.astype(int).tolist()}
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
         rows.append({
@@ -105,7 +111,66 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
         })
         if summary := stats.summary():
             routing[source] = summary
-    return {"rows": rows, "routing": routing, "skipped": skipped}
+    return {"rows": rows, "routing": routing, "skipped": skipped, "documents": documents}
+
+
+BTM_LABEL = "btm"
+
+
+@torch.inference_mode()
+def _log_probs(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, T) float64 log-probability the model gives each observed next token of ``seqs`` (N, T+1)."""
+    parts = [-token_nll(model, seqs[i : i + batch_size].to(device))[0].double().cpu()
+             for i in range(0, seqs.shape[0], batch_size)]
+    return torch.cat(parts)
+
+
+def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
+                 device: torch.device) -> dict[str, Any]:
+    """BTM (Branch-Train-Merge): the seed and the domain experts kept apart; each token's distribution is
+    their mixture weighted by the posterior over them given the document so far (reset at document
+    boundaries, :mod:`bam_pipeline.eval.btm`), the prior estimated per source on its validation split.
+    Rows, per-document losses and skip records, like :func:`evaluate_model`."""
+    loaded = [load_model(a, verify=False, device=str(device)) for a in experts]
+    cfgs = [cfg for _, cfg in loaded]
+    seq_len = spec.seq_len or min(c.max_seq_len for c in cfgs)
+    flops = ensemble_flops_per_token(cfgs, seq_len)
+    params = sum(count_params(c).total for c in cfgs)
+    display = f"BTM ({' + '.join(about(a).display for a in experts)}, ensembled)"
+    rows, documents, skipped = [], {}, []
+    for source in sources:
+        try:
+            test = seqs.get(source, seq_len)
+            val = load_split_sequences(prepared, source, "val", seq_len,
+                                       max_tokens=spec.btm_prior_sequences * (seq_len + 1))
+        except BamError as e:
+            skipped.append({"kind": "source", "name": f"{BTM_LABEL} on {source}", "reason": str(e)})
+            continue
+        prior = estimate_log_prior(torch.stack([_log_probs(m, val, spec.batch_size, device) for m, _ in loaded]),
+                                   val[:, 1:], eos_id=prepared.eos_id)  # (N,) log prior over the models
+        t0 = time.perf_counter()
+        expert_lp = torch.stack([_log_probs(m, test.tokens, spec.batch_size, device) for m, _ in loaded])  # (M, N, T)
+        ens = ensemble_log_probs(expert_lp, test.tokens[:, 1:], prior, eos_id=prepared.eos_id)
+        seconds = time.perf_counter() - t0
+        per_token = -ens.log_probs  # (N, T) nats
+        docs, n_docs = test.documents[:, 1:].reshape(-1), len(test.doc_ids)
+        documents[source] = {
+            "nll": torch.bincount(docs, weights=per_token.reshape(-1), minlength=n_docs).tolist(),
+            "tokens": torch.bincount(docs, minlength=n_docs).tolist(),
+        }
+        nll, tokens = float(per_token.sum()), per_token.numel()
+        st = prepared.stats[source][TEST_SPLIT]
+        nbytes = evaluated_bytes(st["bytes"], st["tokens"], tokens)
+        rows.append({
+            "model": BTM_LABEL, "stage": BTM_LABEL, "name": BTM_LABEL, "display": display, "role": "ensemble",
+            "artifact_hash": canonical_hash([a.hash for a in experts]), "domain": source, "tokens": tokens,
+            "bytes": nbytes, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+            "bits_per_byte": bits_per_byte(nll, nbytes), "params_total": params, "params_active": params,
+            "flops_per_token": flops, "tokens_per_s": tokens / seconds, "forward_seconds": seconds,
+            "seq_len": seq_len, "device": str(device), "tokens_trained": None,
+            "btm_models": [a.label for a in experts], "btm_prior": prior.exp().tolist(),
+        })
+    return {"rows": rows, "routing": {}, "skipped": skipped, "documents": documents}
 
 
 def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
@@ -132,10 +197,33 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     if not sources:
         raise BamError(f"no source of {layout.data} has a {TEST_SPLIT} split; re-run `stage=data` with test "
                        f"splits enabled")
+    skipped += [{"kind": "source", "name": name, "reason": f"out-of-domain source unavailable: {why}"}
+                for name, why in prepared.manifest.get("skipped_sources", {}).items()]
     dhash = data_hash(prepared)
     device = resolve_device(spec.device)
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
-    rows, routing, reused, evaluated, used_cache = [], {}, [], [], set()
+    rows, routing, reused, evaluated, used_cache, documents = [], {}, [], [], set(), {}
+
+    def scored(label: str, stage: str, name: str, identity: Any, compute) -> dict[str, Any]:
+        """A model's results: from the cache when its identity, the data and the settings are unchanged."""
+        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": dhash,
+                              "settings": spec.cache_key(), "sources": sources,
+                              "device": str(device)})  # tokens/s belongs to a device
+        cache_file = layout.eval_cache / f"{stage}-{name}-{key[:16]}.json"
+        if cache_file.is_file():
+            result = json.loads(cache_file.read_text())
+            reused.append(label)
+        else:
+            result = compute()
+            write_json(cache_file, result)
+            evaluated.append(label)
+        used_cache.add(cache_file.name)
+        rows.extend(result["rows"])
+        skipped.extend(result["skipped"])
+        documents[label] = result["documents"]
+        return result
+
+    good = []
     for art in arts:
         try:
             read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
@@ -144,23 +232,17 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             print(f"[eval] skip {art.label}: {e}")
             skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
             continue
-        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": spec.cache_key(),
-                              "sources": sources, "device": str(device)})  # tokens/s belongs to a device
-        cache_file = layout.eval_cache / f"{art.stage}-{art.name}-{key[:16]}.json"
-        if cache_file.is_file():
-            result = json.loads(cache_file.read_text())
-            reused.append(art.label)
-        else:
-            result = evaluate_model(art, sources, seqs, prepared, spec, device)
-            write_json(cache_file, result)
-            evaluated.append(art.label)
-        used_cache.add(cache_file.name)
-        rows += result["rows"]
-        skipped += result["skipped"]
+        good.append(art)
+        result = scored(art.label, art.stage, art.name, art.hash,
+                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device))
         if result["routing"]:
             info = about(art)
             routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
                                   "domains": result["routing"]}
+    singles = [a for a in good if a.stage in ("seed", "branch")]
+    if spec.btm and len(singles) >= 2 and singles[0].stage == "seed":
+        scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],
+               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device))
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
@@ -171,13 +253,17 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     for stale in layout.eval_cache.glob("*.json"):
         if stale.name not in used_cache:
             stale.unlink()
+    write_json(layout.documents, {
+        "sources": {src: list(prepared.stream(src, TEST_SPLIT).dataset["id"]) for src in sources},
+        "models": documents})
     write_json(layout.routing, routing)
     for label, entry in routing.items():
         for kind in ROUTER_KINDS:
             routing_heatmap(entry, kind, layout.heatmap(label, kind))
     write_json(layout.metrics, {
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": dhash,
-        "sources": sources, "general_source": general, "rows": rows, "skipped": skipped,
+        "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
+        "rows": rows, "skipped": skipped,
         "reused": reused, "evaluated": evaluated,
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")

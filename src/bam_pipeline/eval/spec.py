@@ -19,6 +19,8 @@ class EvalSpec:
     batch_size: int  # sequences per forward pass
     seq_len: Optional[int]  # null: each model's max_seq_len
     device: str  # auto = cuda when available, else cpu
+    btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (PAPER.md section 10)
+    btm_prior_sequences: int  # validation sequences per source that estimate BTM's prior over its models
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_source is not None and self.max_tokens_per_source <= 0:
@@ -27,10 +29,12 @@ class EvalSpec:
             raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError("seq_len", self.seq_len, "must be positive or null (the model's max_seq_len)")
+        if self.btm_prior_sequences < 1:
+            raise ConfigError("btm_prior_sequences", self.btm_prior_sequences, "must be a positive integer")
         if not DEVICE.match(self.device):
             raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")
 
     def cache_key(self) -> dict[str, Any]:
         """The settings that change results (part of the eval cache key; the device is added apart)."""
         return {"seq_len": self.seq_len, "max_tokens_per_source": self.max_tokens_per_source,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "btm_prior_sequences": self.btm_prior_sequences}

@@ -1,4 +1,5 @@
-"""The perplexity table (the run's analogue of paper Table 1): rows = models, columns = sources + average.
+"""The perplexity table (the run's analogue of paper Table 1): rows = models, columns = sources + average,
+then the out-of-domain sources (shown, but left out of the average and of the paper's claims).
 
 Pure data: built from metrics.json rows (or the paper's numbers), rendered as rows of strings by
 :mod:`bam_pipeline.eval.render`. "Average" is the arithmetic mean of a row's column perplexities, as
@@ -26,6 +27,7 @@ class PplTable:
     values: dict[str, dict[str, float]]
     names: dict[str, str] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
+    ood: tuple[str, ...] = ()  # out-of-domain columns: after the average, not in it
 
     def name(self, label: str) -> str:
         """The model's display name (its label when none is given)."""
@@ -36,8 +38,14 @@ class PplTable:
         return self.roles.get(label) or STAGE_ROLES.get(parse_label(label)[0], "")
 
     @property
-    def all_columns(self) -> tuple[str, ...]:
+    def claim_columns(self) -> tuple[str, ...]:
+        """The columns the paper's claims compare: the in-domain sources and their average."""
         return (*self.columns, AVERAGE)
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        """Every column shown: the in-domain sources, their average, the out-of-domain sources."""
+        return (*self.columns, AVERAGE, *self.ood)
 
     def get(self, label: str, column: str) -> float | None:
         """One cell; ``column = AVERAGE`` gives the row mean (None when the row is incomplete)."""
@@ -61,7 +69,7 @@ def order_columns(sources: Iterable[str], general: str | None) -> tuple[str, ...
 
 
 def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: Iterable[str],
-                    key: str = "perplexity") -> PplTable:
+                    key: str = "perplexity", ood: Iterable[str] = ()) -> PplTable:
     """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``, and the
     model's ``display`` and ``role`` where given)."""
     values: dict[str, dict[str, float]] = {}
@@ -72,14 +80,14 @@ def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: 
             names[r["model"]] = r["display"]
         if r.get("role"):
             roles[r["model"]] = r["role"]
-    return PplTable(tuple(labels), tuple(columns), values, names, roles)
+    return PplTable(tuple(labels), tuple(columns), values, names, roles, tuple(ood))
 
 
 def table_cells(table: PplTable, *, mark_best: str = "**", among: Iterable[str] | None = None) -> list[list[str]]:
     """Header + one row of strings per model; the best cell per column (among ``among``) is wrapped
     in ``mark_best``; missing cells are "-"."""
     best = {c: table.best(c, among) for c in table.all_columns}
-    out = [["model", *(column_name(c) for c in table.all_columns)]]
+    out = [["model", *(column_name(c) + (" (OOD)" if c in table.ood else "") for c in table.all_columns)]]
     for lab in table.labels:
         cells = [table.name(lab)]
         for c in table.all_columns:

@@ -9,7 +9,7 @@ stages/<run>/
   moe/<variant>[_cm]/
   .work/<stage>/<name>/      a training stage's checkpoints and growing train log (resume)
   .locks/<stage>/<name>.lock who is building an output right now (store.locks)
-  eval/                      metrics.json, routing.json, heatmaps, cache/
+  eval/                      metrics.json, routing.json, documents.json, heatmaps, cache/
   report/                    report.md, report.html, plots
   logs/                      Hydra and logger output
 ```
@@ -79,6 +79,11 @@ class RunLayout:
     @property
     def routing(self) -> Path:
         return self.eval / "routing.json"
+
+    @property
+    def documents(self) -> Path:
+        """Per-document test losses of every model (what intervals resample)."""
+        return self.eval / "documents.json"
 
     def heatmap(self, model_label: str, kind: str, directory: Path | None = None) -> Path:
         """A routing heatmap of one model and router kind, in ``eval/`` (or ``directory``)."""
