@@ -5,6 +5,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# SEEDS=3: the experiment once per train seed 0..SEEDS-1 (seed 0 is the ordinary run, the data shared)
+# and a report over the seeds in stages/<run>/seeds/
+SEEDS ?= 1
+SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(($(SEEDS) - 1)))])
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
@@ -35,8 +39,8 @@ bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cu
 bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)
 	$(PY) benchmarks/bench_import.py
 
-full-run: install  ## the whole pipeline on the embedded tiny experiment
-	$(PY) -m bam_pipeline stage=all experiment=tiny
+full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=3: three train seeds, intervals)
+	$(PY) -m bam_pipeline stage=all experiment=tiny $(SEED_ARGS)
 
 clean:  ## remove stage outputs (not the venv)
 	rm -rf stages outputs multirun

@@ -135,3 +135,17 @@ def test_slurm_launcher_writes_an_sbatch_script_for_the_trainer(tmp_path, monkey
         assert line in sbatch, sbatch
     assert "USR2" not in sbatch  # submitit's own timeout signal (and requeue) is off
     assert executors[0]._executor.max_num_timeout == 0
+
+
+def test_a_training_seed_is_its_own_run_beside_this_one_reading_this_runs_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("BAM_STAGES_DIR", str(tmp_path))
+    ctx = context("experiment=tiny", "pipeline.seeds=[0,2]", "train.lr=1e-3")
+    assert ctx.seeds == (0, 2) and ctx.for_seed(0) is ctx  # train.seed's run is this run itself
+    other = ctx.for_seed(2)
+    assert other.layout.run_dir == tmp_path / "tiny-seed2" and other.train.seed == 2 and other.train.lr == 1e-3
+    assert other.layout.data == (tmp_path / "tiny" / "data").resolve() and other.layout.shares_data
+    assert other.layout.lock("data") == ctx.layout.lock("data").resolve()  # one lock for the one data directory
+    assert other.pipeline.seeds is None and other.config_hash != ctx.config_hash
+    assert other.logger is None or str(tmp_path / "tiny-seed2") in str(other.logger.get("save_dir", "tiny-seed2"))
+    assert other.cmd("stage=eval").endswith("run=tiny-seed2 train.seed=2")
+    assert "train.lr=1e-3" in other.cmd("stage=eval")

@@ -64,7 +64,7 @@ def test_html_is_self_contained(reported):
     run, _ = reported
     html = (run / "report" / "report.html").read_text()
     imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(imgs) == 4  # perplexity, training loss, two routing heatmaps
+    assert len(imgs) == 5  # perplexity, training loss, the claims' intervals, two routing heatmaps
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
     assert "<strong>" in html and "src=\"report" not in html
 

@@ -1,92 +1,198 @@
-"""The ordering claims of PAPER.md section 8, evaluated on any :class:`PplTable` (the paper's or a run's).
+"""The ordering claims of PAPER.md section 8, and the comparisons reported beside them, each declared
+once as a list of paired comparisons "model A beats model B on column c".
 
-Each claim is "holds", "does not hold" or "not measurable" (a model it needs is missing), with a
-detail line giving the numbers compared. Lower perplexity is better everywhere.
+A claim is judged two ways from the same declaration:
+- on point values of a :class:`PplTable` (the paper's Table 1, or a run's): it holds when every
+  comparison does, fails when one does not, and is not measurable when a model it needs is missing;
+- with intervals (:func:`judge_with_intervals`): each comparison is the difference in mean per-token
+  loss (the log of perplexity) between the two models on the same test tokens, with its paired
+  bootstrap interval over seeds and test documents (:mod:`bam_pipeline.eval.stats`). The claim holds
+  when every interval lies below 0, fails when one lies above 0, and is not resolved at this scale
+  otherwise (:func:`~bam_pipeline.eval.stats.claim_verdict`). The Average column compares the mean
+  over the in-domain sources of each source's mean loss: every domain weighs the same, as in the
+  paper's Average.
+
+Claim (b) is the paper's: trained mixtures against the seed and the domain experts. The continued
+dense model is its own comparison (``mixtures_beat_dense``), as is the BTM ensemble (``bam_beats_btm``);
+neither is in the paper's Table 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
-from bam_pipeline.eval.names import SINGLE_MODEL_ROLES, column_name
+import numpy as np
+
+from bam_pipeline.eval.names import column_name
+from bam_pipeline.eval.stats import FAILS, HOLDS, NOT_RESOLVED, Interval, claim_verdict, interval_of
 from bam_pipeline.eval.table import AVERAGE, PplTable
 from bam_pipeline.store.layout import CM_SUFFIX, parse_label
 
-HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
+UNMEASURABLE = "not measurable"
+__all__ = ["HOLDS", "FAILS", "NOT_RESOLVED", "UNMEASURABLE", "Comparison", "ClaimSpec", "Claim", "claim_specs",
+           "check_claims", "judge_with_intervals", "IntervalClaim"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``better`` has lower loss than ``worse`` on ``column`` (a source, or AVERAGE)."""
+
+    better: str
+    worse: str
+    column: str
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """A claim: its key, its sentence, its comparisons in the table at hand, and what it needs when it has none."""
+
+    key: str
+    text: str
+    comparisons: tuple[Comparison, ...]
+    needs: str
+    in_paper: bool = True  # one of PAPER.md section 8's claims (else a comparison reported beside them)
 
 
 @dataclass(frozen=True)
 class Claim:
+    """A claim judged on point values."""
+
     key: str
     text: str
     status: str
     detail: str
 
 
-def _status(ok: list[bool]) -> str:
-    return UNMEASURABLE if not ok else (HOLDS if all(ok) else FAILS)
+def _pairs(t: PplTable, pairs: Sequence[tuple[str, str]]) -> tuple[Comparison, ...]:
+    return tuple(Comparison(a, b, c) for a, b in pairs if a in t.labels and b in t.labels for c in t.claim_columns)
 
 
-def _cmp(a: float, b: float) -> str:
-    return f"{a:.2f} {'<' if a < b else '>='} {b:.2f}"
-
-
-def _beats_everywhere(t: PplTable, a: str, b: str) -> tuple[list[bool], list[str]]:
-    """Per column (and average) where both rows have a value: does ``a`` have lower perplexity than ``b``?"""
-    ok, detail = [], []
-    for c in t.claim_columns:
-        va, vb = t.get(a, c), t.get(b, c)
-        if va is not None and vb is not None:
-            ok.append(va < vb)
-            detail.append(f"{column_name(c)} {_cmp(va, vb)}")
-    return ok, detail
-
-
-def experts_beat_seed(t: PplTable) -> Claim:
-    text = "each expert beats the seed in its own domain"
-    ok, detail = [], []
-    for lab in t.labels:
-        d = parse_label(lab)[1] if t.role(lab) == "expert" else None
-        e, s = (t.get(lab, d), t.get("seed", d)) if d else (None, None)
-        if e is not None and s is not None:
-            ok.append(e < s)
-            detail.append(f"{column_name(d)}: expert {_cmp(e, s)} seed")
-    return Claim("experts_beat_seed", text, _status(ok), "; ".join(detail) or "needs the seed and a branch expert")
-
-
-def mixtures_beat_singles(t: PplTable) -> Claim:
-    text = "every trained mixture beats every single model on average"
-    singles = [(v, lab) for lab in t.labels if t.role(lab) in SINGLE_MODEL_ROLES and (v := t.get(lab, AVERAGE)) is not None]
-    mixes = [(v, lab) for lab in t.labels if t.role(lab) == "mixture" and (v := t.get(lab, AVERAGE)) is not None]
-    if not singles or not mixes:
-        return Claim("mixtures_beat_singles", text, UNMEASURABLE, "needs a trained mixture and a single model")
-    best_single, best_label = min(singles)
-    ok = [v < best_single for v, _ in mixes]
-    detail = "; ".join(f"{t.name(lab)} {_cmp(v, best_single)}" for v, lab in mixes)
-    return Claim("mixtures_beat_singles", text, _status(ok), f"best single model {t.name(best_label)}: {detail}")
-
-
-def _pair_claim(t: PplTable, key: str, text: str, pairs: list[tuple[str, str]]) -> Claim:
-    ok, detail = [], []
-    for a, b in pairs:
-        if a in t.values and b in t.values:
-            o, d = _beats_everywhere(t, a, b)
-            ok += o
-            detail.append(f"{t.name(a)} vs {t.name(b)}: " + ", ".join(d))
-    need = " or ".join(f"{a} and {b}" for a, b in pairs)
-    return Claim(key, text, _status(ok), "; ".join(detail) or f"needs {need}")
-
-
-def check_claims(t: PplTable) -> list[Claim]:
-    """All five ordering claims of PAPER.md section 8 on table ``t``."""
+def claim_specs(t: PplTable) -> list[ClaimSpec]:
+    """Every claim's comparisons among the models of ``t`` (by label and role)."""
+    by_role = {r: [lab for lab in t.labels if t.role(lab) == r] for r in ("seed", "expert", "mixture", "dense")}
+    seed = by_role["seed"][:1]
+    experts = [(lab, parse_label(lab)[1]) for lab in by_role["expert"]]
+    singles = seed + by_role["expert"]
     moe = {parse_label(lab)[1] for lab in t.labels if parse_label(lab)[0] == "moe"}
     cm_pairs = sorted((f"moe/{v[: -len(CM_SUFFIX)]}", f"moe/{v}") for v in moe if v.endswith(CM_SUFFIX))
     return [
-        experts_beat_seed(t),
-        mixtures_beat_singles(t),
-        _pair_claim(t, "bam_beats_btx", "BAM beats BTX on every column", [("moe/bam", "moe/btx")]),
-        _pair_claim(t, "expert_kv_beats_shared", "expert KV beats shared KV on every column",
-                    [("moe/bam", "moe/bam_kv_shared")]),
-        _pair_claim(t, "dm_beats_cm", "data-matched beats compute-matched on every column",
-                    cm_pairs or [("moe/bam", "moe/bam_cm")]),
+        ClaimSpec("experts_beat_seed", "each expert beats the seed in its own domain",
+                  tuple(Comparison(e, s, d) for e, d in experts for s in seed if d in t.columns),
+                  "the seed and a branch expert"),
+        ClaimSpec("mixtures_beat_singles", "every trained mixture beats the seed and every expert on average",
+                  tuple(Comparison(m, s, AVERAGE) for m in by_role["mixture"] for s in singles),
+                  "a trained mixture and the seed or an expert"),
+        ClaimSpec("bam_beats_btx", "BAM beats BTX on every column", _pairs(t, [("moe/bam", "moe/btx")]),
+                  "moe/bam and moe/btx"),
+        ClaimSpec("expert_kv_beats_shared", "expert KV beats shared KV on every column",
+                  _pairs(t, [("moe/bam", "moe/bam_kv_shared")]), "moe/bam and moe/bam_kv_shared"),
+        ClaimSpec("dm_beats_cm", "data-matched beats compute-matched on every column",
+                  _pairs(t, cm_pairs or [("moe/bam", "moe/bam_cm")]), "moe/bam and moe/bam_cm"),
+        ClaimSpec("mixtures_beat_dense", "every trained mixture beats the dense model trained as long on average",
+                  tuple(Comparison(m, d, AVERAGE) for m in by_role["mixture"] for d in by_role["dense"]),
+                  "a trained mixture and the dense baseline (moe/dense)", in_paper=False),
+        ClaimSpec("bam_beats_btm", "BAM beats the BTM ensemble of its own dense models on every column",
+                  _pairs(t, [("moe/bam", "btm")]), "moe/bam and the BTM row (eval.btm=true)", in_paper=False),
     ]
+
+
+def _describe(t: PplTable, c: Comparison, values: Callable[[str, str], float]) -> str:
+    a, b = values(c.better, c.column), values(c.worse, c.column)
+    return f"{t.name(c.better)} vs {t.name(c.worse)}, {column_name(c.column)}: {a:.2f} {'<' if a < b else '>='} {b:.2f}"
+
+
+def _summary(lines: list[tuple[bool, str]]) -> str:
+    """Every comparison when there are few; else how many hold and the failing ones (or the first)."""
+    if len(lines) <= 4:
+        return "; ".join(text for _, text in lines)
+    failing = [text for ok, text in lines if not ok]
+    shown = failing[:3] or [lines[0][1]]
+    return f"{sum(ok for ok, _ in lines)} of {len(lines)} comparisons hold; " + "; ".join(shown)
+
+
+def check_claims(t: PplTable) -> list[Claim]:
+    """Every claim judged on the point values of ``t`` (comparisons whose cells are missing are left out)."""
+    out = []
+    for spec in claim_specs(t):
+        comps = [c for c in spec.comparisons if t.get(c.better, c.column) is not None
+                 and t.get(c.worse, c.column) is not None]
+        if not comps:
+            out.append(Claim(spec.key, spec.text, UNMEASURABLE, f"needs {spec.needs}"))
+            continue
+        lines = [(t.get(c.better, c.column) < t.get(c.worse, c.column), _describe(t, c, t.get)) for c in comps]
+        out.append(Claim(spec.key, spec.text, HOLDS if all(ok for ok, _ in lines) else FAILS, _summary(lines)))
+    return out
+
+
+@dataclass(frozen=True)
+class IntervalClaim:
+    """A claim judged with intervals: its verdict, the comparison and interval deciding it, in how many
+    training seeds every comparison held (per-seed point values), and every comparison's interval."""
+
+    key: str
+    text: str
+    status: str
+    deciding: str
+    interval: Interval | None
+    seeds_holding: int
+    n_seeds: int
+    intervals: dict[str, Interval]
+    in_paper: bool
+
+
+class LossColumns:
+    """Mean losses per (model, column) of one aggregate: the estimate, its bootstrap resamples and its value
+    per training seed, with the Average column derived from the in-domain ones."""
+
+    def __init__(self, estimates: Mapping[str, Mapping[str, float]], resamples: Mapping[str, Mapping[str, np.ndarray]],
+                 per_seed: Mapping[str, Mapping[str, np.ndarray]], columns: Sequence[str], n_seeds: int,
+                 n_docs: Mapping[str, int]) -> None:
+        self.estimates, self.resamples, self.per_seed = estimates, resamples, per_seed
+        self.columns, self.n_seeds, self._n_docs = tuple(columns), n_seeds, dict(n_docs)
+
+    def n_docs(self, column: str) -> int:
+        """Test documents behind a column (every in-domain source's for the Average)."""
+        return sum(self._n_docs[c] for c in self.columns) if column == AVERAGE else self._n_docs[column]
+
+    def has(self, model: str, column: str) -> bool:
+        row = self.estimates.get(model, {})
+        return all(c in row for c in self.columns) if column == AVERAGE else column in row
+
+    def _get(self, table: Mapping[str, Mapping[str, object]], model: str, column: str):
+        if column == AVERAGE:
+            return sum(table[model][c] for c in self.columns) / len(self.columns)
+        return table[model][column]
+
+    def estimate(self, model: str, column: str) -> float:
+        return float(self._get(self.estimates, model, column))
+
+    def resampled(self, model: str, column: str) -> np.ndarray:
+        return self._get(self.resamples, model, column)
+
+    def seed_values(self, model: str, column: str) -> np.ndarray:
+        return self._get(self.per_seed, model, column)
+
+
+def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95) -> list[IntervalClaim]:
+    """Every claim of ``t``'s models judged with the paired intervals of ``losses`` (comparisons whose
+    models lack losses are left out; a claim left with none is not measurable)."""
+    out = []
+    for spec in claim_specs(t):
+        comps = [c for c in spec.comparisons if losses.has(c.better, c.column) and losses.has(c.worse, c.column)]
+        if not comps:
+            out.append(IntervalClaim(spec.key, spec.text, UNMEASURABLE, f"needs {spec.needs}", None, 0,
+                                     losses.n_seeds, {}, spec.in_paper))
+            continue
+        intervals, seed_ok = {}, np.ones(losses.n_seeds, dtype=bool)
+        for c in comps:
+            name = f"{t.name(c.better)} vs {t.name(c.worse)}, {column_name(c.column)}"
+            diff = losses.estimate(c.better, c.column) - losses.estimate(c.worse, c.column)
+            reps = losses.resampled(c.better, c.column) - losses.resampled(c.worse, c.column)
+            intervals[name] = interval_of(diff, reps, n_seeds=losses.n_seeds, n_docs=losses.n_docs(c.column),
+                                          level=level)
+            seed_ok &= (losses.seed_values(c.better, c.column) - losses.seed_values(c.worse, c.column)) < 0
+        v = claim_verdict(intervals)
+        out.append(IntervalClaim(spec.key, spec.text, v.status, v.column, v.interval, int(seed_ok.sum()),
+                                 losses.n_seeds, intervals, spec.in_paper))
+    return out

@@ -96,3 +96,30 @@ def loss_curves(logs: dict[str, list[dict[str, Any]]], names: dict[str, str], pa
         ax.legend(fontsize=7)
     fig.suptitle("Training loss against tokens", fontsize=10)
     return _save(fig, path)
+
+
+def interval_panels(panels: dict[str, list[tuple[str, float, float, float]]], path: Path, *, xlabel: str,
+                    title: str, zero_line: bool = False) -> Path | None:
+    """One panel per key of ``panels`` (a column, a claim), one row per ``(name, estimate, low, high)``:
+    the estimate as a dot and its interval as a bar. ``zero_line`` marks 0 (for differences)."""
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return None
+    n_rows = max(len(v) for v in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 2.5, 0.8 + 0.32 * n_rows),
+                             squeeze=False, sharey=True)
+    names = list(dict.fromkeys(name for rows in panels.values() for name, *_ in rows))
+    for ax, (key, rows) in zip(axes[0], panels.items()):
+        for name, est, low, high in rows:
+            y = names.index(name)
+            ax.errorbar([est], [y], xerr=[[est - low], [high - est]], fmt="o", ms=4, capsize=3, lw=1.2)
+        if zero_line:
+            ax.axvline(0.0, color="k", lw=0.8, ls=":")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

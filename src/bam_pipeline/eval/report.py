@@ -1,8 +1,13 @@
 """The run's report: ``stages/<run>/report/`` with report.md, a self-contained report.html and PNGs.
 
-Built only from files: ``eval/metrics.json``, ``eval/routing.json`` and each artifact's
-train_log.jsonl. Sections: provenance, Table 1 analogue beside the paper's, ordering claims on both,
-cost table, routing summary, plots, and what was skipped and why.
+Built only from files: ``eval/metrics.json``, ``eval/documents.json``, ``eval/routing.json`` and each
+artifact's train_log.jsonl. Sections: provenance, Table 1 analogue beside the paper's, ordering claims
+on both (this run's with intervals over test documents), out-of-domain verdicts, cost table, routing
+summary, plots, and what was skipped and why.
+
+With several training seeds (``pipeline.seeds``) :func:`build_seeds_report` writes the aggregate,
+``stages/<run>/seeds/``: every cell's mean and 95% interval over seeds and test documents, and every
+claim's verdict from paired comparisons (per seed, and the paired bootstrap).
 """
 
 from __future__ import annotations
@@ -14,23 +19,36 @@ from pathlib import Path
 from typing import Any
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.eval.claims import check_claims
+from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate
+from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
-from bam_pipeline.eval.plots import loss_curves, perplexity_bars, routing_heatmap
+from bam_pipeline.eval.plots import interval_panels, loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTER_KINDS
-from bam_pipeline.eval.table import PplTable, order_columns, table_cells, table_from_rows
+from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_RESAMPLES, Interval, claim_verdict,
+                                     interval_of)
+from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
 from bam_pipeline.store.artifacts import find_model_artifacts, publish, read_train_log
+from bam_pipeline.store.files import write_json
 from bam_pipeline.store.layout import RunLayout
 
-REPORT_MD, REPORT_HTML = "report.md", "report.html"
+REPORT_MD, REPORT_HTML, CLAIMS_JSON = "report.md", "report.html", "claims.json"
 
 SCALE_NOTE = (
     "This run is far smaller than the paper's (tiny models, a few hundred thousand tokens per stage), so "
-    "some of the paper's orderings may not hold here; a claim marked \"does not hold\" is what this run "
+    "some of the paper's orderings may not hold here; a claim marked \"fails\" is what this run "
     "measured, reported as is."
 )
+VERDICT_NOTE = (
+    "Each comparison is the difference in mean per-token loss (the log of perplexity; negative: the claim's "
+    "direction) between two models on the same test tokens, with a {level:.0%} paired bootstrap interval over "
+    "{covers} ({resamples} resamples). A claim holds when every interval lies below 0, fails when one lies "
+    "above 0, and is not resolved at this scale otherwise; the interval shown is the one that decides it. "
+    "Average compares the mean over the in-domain sources of each source's mean loss."
+)
+ONE_SEED_NOTE = ("One training seed: these intervals cover test documents only, not training variance; run "
+                 "several seeds (`make full-run SEEDS=3`, or `pipeline.seeds=[0,1,2]`) to include it.")
 
 
 def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,23 +68,44 @@ def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
                            ood=ood)
 
 
-def ood_rows(table: PplTable) -> list[list[str]]:
+OOD_WORDS = {HOLDS: "gains", FAILS: "loses"}
+
+
+def ood_rows(agg: Aggregate) -> list[list[str]]:
     """Header + one row per (trained mixture, out-of-domain source): does mixing keep, gain or lose on
-    data no stage trained on, against the seed and the best single expert?"""
-    out = [["mixture", "out-of-domain source", "perplexity", "seed", "best expert", "against the seed",
-            "against the best expert"]]
+    data no stage trained on, against the seed and the best single expert? Each answer is decided by the
+    paired interval of the difference in mean loss ("no clear change" when it contains 0)."""
+    table, losses = agg.table, agg.losses
+    out = [["mixture", "out-of-domain source", "perplexity", "against the seed", "against the best expert"]]
     experts = [lab for lab in table.labels if table.role(lab) == "expert"]
     for src in table.ood:
-        seed, best = table.get("seed", src), table.best(src, experts)
+        best = table.best(src, experts)
         for lab in table.labels:
-            v = table.get(lab, src)
-            if table.role(lab) != "mixture" or v is None or seed is None:
+            if table.role(lab) != "mixture" or table.get(lab, src) is None:
                 continue
-            vs_best = "-" if best is None else ("better" if v < table.get(best, src) else "worse")
-            out.append([table.name(lab), column_name(src), f"{v:.2f}", f"{seed:.2f}",
-                        "-" if best is None else f"{table.name(best)} {table.get(best, src):.2f}",
-                        "gains" if v < seed else "loses", vs_best])
+            cells = [table.name(lab), column_name(src), _cell(agg.cells[lab][src])]
+            for other in ("seed", best):
+                if other is None or not losses.has(other, src):
+                    cells.append("-")
+                    continue
+                iv = interval_of(losses.estimate(lab, src) - losses.estimate(other, src),
+                                 losses.resampled(lab, src) - losses.resampled(other, src),
+                                 n_seeds=losses.n_seeds, n_docs=losses.n_docs(src), level=agg.level)
+                word = OOD_WORDS.get(claim_verdict({src: iv}).status, "no clear change")
+                who = "" if other == "seed" else f" ({table.name(other)})"
+                cells.append(f"{word}{who}: {_diff(iv)}")
+            out.append(cells)
     return out
+
+
+def _cell(iv: Interval) -> str:
+    """A perplexity with its interval: ``24.02 [23.51, 24.60]``."""
+    return f"{iv.estimate:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
+
+
+def _diff(iv: Interval) -> str:
+    """A difference in mean loss with its interval: ``-0.0310 [-0.0520, -0.0110]``."""
+    return f"{iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
 
 
 def paper_table() -> PplTable:
@@ -119,25 +158,43 @@ def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
     return out
 
 
-def _claim_rows(run: PplTable) -> list[list[str]]:
+def _claim_rows(run: PplTable, judged: list[IntervalClaim], n_seeds: int) -> list[list[str]]:
+    """Header + one row per claim: the paper's status, this run's verdict with the deciding comparison
+    and interval, (several seeds) in how many seeds it held, and the point perplexities compared."""
     paper = {c.key: c for c in check_claims(paper_table())}
-    out = [["claim (PAPER.md section 8)", "paper", "this run", "this run's numbers"]]
-    for c in check_claims(run):
-        out.append([c.text, paper[c.key].status, f"**{c.status}**", c.detail])
+    point = {c.key: c for c in check_claims(run)}
+    header = ["claim", "paper", "this run", "decided by", "difference in mean loss [interval]"]
+    out = [header + (["seeds where it held"] if n_seeds > 1 else []) + ["perplexities compared"]]
+    for c in judged:
+        row = [c.text + ("" if c.in_paper else " (not in the paper)"),
+               paper[c.key].status if c.in_paper else "-", f"**{c.status}**",
+               c.deciding, "-" if c.interval is None else _diff(c.interval)]
+        if n_seeds > 1:
+            row.append("-" if c.status == UNMEASURABLE else f"{c.seeds_holding} of {c.n_seeds}")
+        out.append(row + [point[c.key].detail])
     return out
 
 
-def _ood_blocks(table: PplTable) -> list[Block]:
-    if not table.ood:
+def _claim_blocks(run: PplTable, agg: Aggregate, resamples: int) -> list[Block]:
+    note = VERDICT_NOTE.format(level=agg.level, covers=agg.covers or DOCUMENTS_ONLY, resamples=resamples)
+    blocks: list[Block] = [("p", SCALE_NOTE), ("p", note)]
+    if len(agg.seeds) == 1:
+        blocks.append(("p", ONE_SEED_NOTE))
+    return blocks + [("table", _claim_rows(run, agg.claims(), len(agg.seeds)))]
+
+
+def _ood_blocks(agg: Aggregate) -> list[Block]:
+    if not agg.table.ood:
         return []
     return [("h", 2, "Out of domain: does mixing trade specialisation for generalisation?"),
-            ("p", "Perplexity on text no stage trained on (the out-of-domain columns above, not in the average). "
-                  "A mixture gains when it beats the seed there, loses when it is worse."),
-            ("table", ood_rows(table))]
+            ("p", "Perplexity on text no stage trained on (the out-of-domain columns, not in the average). A mixture "
+                  "gains when its paired interval against the other model lies below 0, loses when it lies above "
+                  "0; the difference in mean loss and its interval follow each answer."),
+            ("table", ood_rows(agg))]
 
 
 def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
-            command: str, config_hash: str) -> list[Block]:
+            command: str, config_hash: str, agg: Aggregate, resamples: int) -> list[Block]:
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
     paper_cells = table_cells(paper_table())
     paper_cells[0] = ["model", "General (Pretrain)", *paper_cells[0][2:]]
@@ -162,9 +219,8 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
               f"orderings, not magnitudes."),
         ("table", paper_cells),
         ("h", 2, "Ordering claims"),
-        ("p", SCALE_NOTE),
-        ("table", _claim_rows(ppl)),
-        *_ood_blocks(ppl),
+        *_claim_blocks(ppl, agg, resamples),
+        *_ood_blocks(agg),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s measured during this evaluation on the device above."),
@@ -187,9 +243,37 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
     return b
 
 
-def build_report(layout: RunLayout, *, command: str, config_hash: str) -> Path:
-    """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path."""
+def claims_json(agg: Aggregate) -> list[dict[str, Any]]:
+    """The verdicts, machine-readable: status, deciding comparison and every comparison's interval."""
+    def iv(i: Interval) -> dict[str, Any]:
+        return {"estimate": i.estimate, "low": i.low, "high": i.high, "covers": i.covers, "level": i.level,
+                "resamples": i.resamples, "n_seeds": i.n_seeds, "n_docs": i.n_docs}
+    return [{"key": c.key, "claim": c.text, "in_paper": c.in_paper, "status": c.status, "decided_by": c.deciding,
+             "interval": None if c.interval is None else iv(c.interval), "seeds_holding": c.seeds_holding,
+             "n_seeds": c.n_seeds, "comparisons": {k: iv(v) for k, v in c.intervals.items()}}
+            for c in agg.claims()]
+
+
+def _claim_plot(agg: Aggregate, path: Path) -> Path | None:
+    """Every comparison's paired interval, one panel per measurable claim."""
+    panels = {c.text if len(c.text) < 48 else c.key: [(k, v.estimate, v.low, v.high) for k, v in c.intervals.items()]
+              for c in agg.claims() if c.intervals}
+    return interval_panels(panels, path, xlabel="difference in mean loss (nats)", zero_line=True,
+                           title=f"Claims: paired {agg.level:.0%} intervals ({agg.covers}); below 0 = claim's direction")
+
+
+def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> None:
+    write_json(directory / CLAIMS_JSON, {"seeds": list(agg.seeds), "covers": agg.covers, "claims": claims_json(agg)})
+    if _claim_plot(agg, directory / "claims.png"):
+        images["claims.png"] = "Every claim's comparisons: difference in mean loss with its paired interval"
+
+
+def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
+                 resamples: int = MIN_RESAMPLES) -> Path:
+    """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path.
+    Claims get intervals over the run's test documents (``resamples`` bootstrap resamples)."""
     metrics, routing = load_eval(layout)
+    agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples)
     skipped_models = {x["name"] for x in metrics.get("skipped", []) if x.get("kind") == "model"}
     logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped_models}
     table = run_table(metrics)
@@ -205,7 +289,8 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str) -> Path:
                 path = layout.heatmap(label, kind, tmp)
                 if routing_heatmap(entry, kind, path):
                     images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"
-        blocks = _blocks(layout, metrics, routing, images, command, config_hash)
+        _write_claims(agg, tmp, images)
+        blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
         (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {layout.run}"))
     return layout.report / REPORT_MD
@@ -219,14 +304,122 @@ def report_files(layout: RunLayout) -> list[Path]:
     return [out / REPORT_MD, out / REPORT_HTML, *sorted(out.glob("*.png"))]
 
 
-def print_summary(layout: RunLayout) -> None:
-    """Print the run's Table 1 analogue (best per column marked *), the ordering claims and the report's path."""
-    metrics, _ = load_eval(layout)
-    table = run_table(metrics)
-    cells = table_cells(table, mark_best="*")
+def _print_cells(cells: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     for r in cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    for c in check_claims(table):
-        print(f"{c.status:>15}: {c.text}")
+
+
+def _print_claims(directory: Path) -> None:
+    verdicts = json.loads((directory / CLAIMS_JSON).read_text())
+    print(f"claims (95% paired intervals over {verdicts['covers'] or 'test documents'}):")
+    for c in verdicts["claims"]:
+        iv = c["interval"]
+        where = "" if iv is None else (f"  [{c['decided_by']}: {iv['estimate']:+.4f} "
+                                       f"({iv['low']:+.4f}, {iv['high']:+.4f})]")
+        print(f"{c['status']:>26}: {c['claim']}{where}")
+
+
+def print_summary(layout: RunLayout) -> None:
+    """Print the run's Table 1 analogue (best per column marked *), the claims' verdicts and the report's path."""
+    metrics, _ = load_eval(layout)
+    _print_cells(table_cells(run_table(metrics), mark_best="*"))
+    _print_claims(layout.report)
     print(f"report: {layout.report / REPORT_MD}")
+
+
+# ---- several training seeds -------------------------------------------------------------------
+def interval_cells(agg: Aggregate, *, mark_best: str = "**") -> list[list[str]]:
+    """Header + one row per model: every cell as ``estimate [low, high]``; the best estimate per column marked."""
+    t = agg.table
+    best = {c: t.best(c) for c in t.all_columns}
+    out = [["model", *(column_name(c) + (" (OOD)" if c in t.ood else "") for c in t.all_columns)]]
+    for lab in t.labels:
+        row = [t.name(lab)]
+        for c in t.all_columns:
+            iv = agg.cells[lab].get(c)
+            text = "-" if iv is None else _cell(iv)
+            row.append(f"{mark_best}{text}{mark_best}" if iv is not None and best[c] == lab else text)
+        out.append(row)
+    return out
+
+
+def _seed_rows(agg: Aggregate) -> list[list[str]]:
+    out = [["model", *(f"seed {s}" for s in agg.seeds), "mean [interval]"]]
+    for lab in agg.table.labels:
+        per = agg.per_seed_average(lab)
+        if per is not None:
+            out.append([agg.table.name(lab), *(f"{v:.2f}" for v in per), _cell(agg.cells[lab][AVERAGE])])
+    return out
+
+
+def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES
+                       ) -> Path:
+    """The aggregate of several training seeds' runs, ``base.seeds_report`` (report.md, report.html, claims.json,
+    table.json, PNGs), written atomically; returns report.md's path."""
+    agg = aggregate(runs, resamples=resamples)
+    s = runs[0].metrics["settings"]
+    with publish(base.seeds_report) as tmp:
+        images: dict[str, str] = {}
+        panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
+                                   if c in agg.cells[lab]] for c in agg.table.all_columns}
+        if interval_panels(panels, tmp / "perplexity_intervals.png", xlabel="perplexity",
+                           title=f"Perplexity over {len(runs)} seeds with {agg.level:.0%} intervals"):
+            images["perplexity_intervals.png"] = "Perplexity per column: estimate and interval over seeds and documents"
+        _write_claims(agg, tmp, images)
+        write_json(tmp / "table.json", {
+            "seeds": list(agg.seeds), "covers": agg.covers, "level": agg.level, "resamples": resamples,
+            "rows": [{"model": lab, "display": agg.table.name(lab), "column": c, "perplexity": iv.estimate,
+                      "low": iv.low, "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()],
+            "left_out": agg.left_out})
+        blocks: list[Block] = [
+            ("h", 1, f"BAM pipeline report: run {base.run} over {len(runs)} training seeds"),
+            ("h", 2, "Provenance"),
+            ("p", "Command:"), ("code", command),
+            ("list", [f"train seed {r.seed}: `{r.layout.run_dir}`" for r in runs]
+             + [f"data hash (shared by every seed): `{runs[0].metrics.get('data_hash', '-')}`",
+                f"eval: up to {s.get('max_tokens_per_source')} test tokens per source, seq_len "
+                f"{s.get('seq_len') or 'model max'}, device {s.get('device')}",
+                f"bootstrap: {resamples} resamples of seeds and test documents, paired across models",
+                f"generated {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
+            ("h", 2, "Perplexity per domain over seeds (this run's Table 1)"),
+            ("p", f"Each cell: the perplexity of the mean per-token loss over the {len(runs)} seeds (the geometric mean "
+                  f"of the seeds' perplexities) and its {agg.level:.0%} interval from a hierarchical bootstrap over "
+                  "seeds and test documents. Average = arithmetic mean of the row's in-domain perplexities, as in "
+                  "the paper. Best estimate per column in bold."),
+            ("table", interval_cells(agg)),
+            ("h", 3, "Average perplexity in each seed"),
+            ("table", _seed_rows(agg)),
+            ("h", 2, "Ordering claims"),
+            *_claim_blocks(agg.table, agg, resamples),
+            *_ood_blocks(agg),
+            ("h", 2, "Plots"),
+            *[("img", name, caption) for name, caption in images.items()],
+            ("h", 2, "Every comparison"),
+            ("list", [f"{c.text}: {name}: {_diff(iv)}" for c in agg.claims() for name, iv in c.intervals.items()]
+             or ["no claim was measurable"]),
+            ("h", 2, "Left out"),
+            ("list", [f"{lab}: {why}" for lab, why in agg.left_out.items()]) if agg.left_out
+            else ("p", "Every model was evaluated in every seed."),
+        ]
+        (tmp / REPORT_MD).write_text(to_markdown(blocks))
+        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {base.run}, {len(runs)} seeds"))
+    return base.seeds_report / REPORT_MD
+
+
+def _triple(iv: Interval) -> tuple[float, float, float]:
+    return iv.estimate, iv.low, iv.high
+
+
+def print_seeds_summary(base: RunLayout) -> None:
+    """Print the aggregated table over seeds and every claim's verdict."""
+    table = json.loads((base.seeds_report / "table.json").read_text())
+    print(f"over train seeds {table['seeds']} ({table['covers']}), perplexity [{table['level']:.0%} interval]:")
+    cols = list(dict.fromkeys(r["column"] for r in table["rows"]))
+    models = list(dict.fromkeys(r["display"] for r in table["rows"]))
+    cell = {(r["display"], r["column"]): f"{r['perplexity']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+            for r in table["rows"]}
+    _print_cells([["model", *(column_name(c) for c in cols)]]
+                 + [[m, *(cell.get((m, c), "-") for c in cols)] for m in models])
+    _print_claims(base.seeds_report)
+    print(f"report: {base.seeds_report / REPORT_MD}")

@@ -32,7 +32,7 @@ from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,7 +136,7 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
     seq_len = spec.seq_len or min(c.max_seq_len for c in cfgs)
     flops = ensemble_flops_per_token(cfgs, seq_len)
     params = sum(count_params(c).total for c in cfgs)
-    display = f"BTM ({' + '.join(about(a).display for a in experts)}, ensembled)"
+    display = f"BTM (seed + {len(experts) - 1} experts, ensembled)"
     rows, documents, skipped = [], {}, []
     for source in sources:
         try:

@@ -21,6 +21,7 @@ class EvalSpec:
     device: str  # auto = cuda when available, else cpu
     btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (PAPER.md section 10)
     btm_prior_sequences: int  # validation sequences per source that estimate BTM's prior over its models
+    resamples: int = 2000  # bootstrap resamples behind every interval of the report (at least 2000)
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_source is not None and self.max_tokens_per_source <= 0:
@@ -31,6 +32,8 @@ class EvalSpec:
             raise ConfigError("seq_len", self.seq_len, "must be positive or null (the model's max_seq_len)")
         if self.btm_prior_sequences < 1:
             raise ConfigError("btm_prior_sequences", self.btm_prior_sequences, "must be a positive integer")
+        if self.resamples < 2000:
+            raise ConfigError("resamples", self.resamples, "use at least 2000 bootstrap resamples for 95% intervals")
         if not DEVICE.match(self.device):
             raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")
 

@@ -191,3 +191,51 @@ def claim_verdict(intervals: Mapping[str, Interval]) -> Verdict:
     weakest = max(intervals, key=lambda c: intervals[c].high)
     status = HOLDS if intervals[weakest].high < 0 else NOT_RESOLVED
     return Verdict(status, weakest, intervals[weakest])
+
+
+def joint_mean_losses(losses: Mapping[str, Mapping[str, DocLosses]], *, resamples: int = MIN_RESAMPLES,
+                      rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
+    """Mean loss of every (model, source) of ``losses[model][source]`` in each of ``resamples`` joint
+    resamples, (resamples,) each: one draw of the seeds shared by every source and model, and one draw of
+    each source's documents shared by every model. Every cell, average and paired difference of a report
+    computed from these resamples is paired with every other (seeds and documents are crossed factors, as
+    in :func:`paired_difference`, which this reproduces for one source and two models).
+
+    Every model has the same seeds, and on one source the same documents and token counts."""
+    _check(resamples, 0.95)
+    models = list(losses)
+    if not models:
+        raise BamError("joint resampling needs the per-document losses of at least one model")
+    n_seeds = {m: x.n_seeds for m in models for x in losses[m].values()}
+    if len(set(n_seeds.values())) > 1:
+        raise BamError(f"every model needs losses from the same seeds, got {n_seeds}; aggregate over the seeds "
+                       "every model was trained with")
+    sources = list(dict.fromkeys(s for m in models for s in losses[m]))
+    s = next(iter(n_seeds.values()))
+    seed_w = _draw_counts(rng, s, resamples)  # (R, S), shared by every source
+    out: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
+    for src in sources:
+        have = [m for m in models if src in losses[m]]
+        first = losses[have[0]][src]
+        for m in have[1:]:
+            _same_tokens(first, losses[m][src])
+        d = first.n_docs
+        block = max(1, BLOCK_ELEMENTS // d)
+        tokens = np.empty(resamples)
+        sums = {m: np.empty(resamples) for m in have}
+        for start in range(0, resamples, block):
+            stop = min(start + block, resamples)
+            doc_w = _draw_counts(rng, d, stop - start)  # (r, D), shared by every seed and model
+            w = seed_w[start:stop]
+            tokens[start:stop] = ((doc_w @ first.tokens.T) * w).sum(axis=1)
+            for m in have:
+                sums[m][start:stop] = ((doc_w @ losses[m][src].nll.T) * w).sum(axis=1)
+        for m in have:
+            out[m][src] = sums[m] / tokens
+    return out
+
+
+def interval_of(estimate: float, reps: np.ndarray, *, n_seeds: int, n_docs: int, level: float = 0.95) -> Interval:
+    """The percentile interval of resampled statistics ``reps`` around ``estimate``."""
+    _check(len(reps), level)
+    return _interval(estimate, reps, n_seeds, n_docs, level)

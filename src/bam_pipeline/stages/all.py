@@ -1,18 +1,19 @@
-"""stage=all: the whole pipeline, each stage skipped when it is up to date."""
+"""stage=all: the whole pipeline, each stage skipped when it is up to date; with ``pipeline.seeds``,
+once per training seed (the prepared data shared) and then the report over the seeds."""
 
 from __future__ import annotations
 
 import time
 
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.data import run_data
-from bam_pipeline.stages.eval import run_eval_stage
+from bam_pipeline.stages.data import link_shared_data, run_data
+from bam_pipeline.stages.eval import run_eval_one, run_seeds_report
 from bam_pipeline.stages.mix import run_mix
 from bam_pipeline.stages.train import run_branch, run_moe, run_seed
 
 
-def run_all(ctx: RunContext) -> None:
-    t0 = time.perf_counter()
+def run_one_seed(ctx: RunContext) -> None:
+    """Every stage of one run (one training seed)."""
     run_data(ctx)
     run_seed(ctx)
     for d in ctx.data.domains:
@@ -21,5 +22,19 @@ def run_all(ctx: RunContext) -> None:
         run_mix(ctx, v)
     for name in ctx.pipeline.moe_runs:
         run_moe(ctx, name)
-    run_eval_stage(ctx)
+    run_eval_one(ctx)
+
+
+def run_all(ctx: RunContext) -> None:
+    t0 = time.perf_counter()
+    if ctx.pipeline.seeds is None:
+        run_one_seed(ctx)
+    else:
+        prepared = run_data(ctx)
+        for i, seed in enumerate(ctx.seeds):
+            print(f"==== train seed {seed} ({i + 1} of {len(ctx.seeds)}) ====")
+            seed_ctx = ctx.for_seed(seed)
+            link_shared_data(seed_ctx, prepared)
+            run_one_seed(seed_ctx)
+        run_seeds_report(ctx)
     print(f"pipeline finished in {time.perf_counter() - t0:.0f} s")

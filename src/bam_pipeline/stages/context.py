@@ -7,12 +7,13 @@ layout, the selected domain and mixture variant, and the command hints of error 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
@@ -22,7 +23,7 @@ from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig, preset
 from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.store.layout import CM_SUFFIX, RunLayout
+from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
 from bam_pipeline.training.ranks import check_trainer, world_size
 from bam_pipeline.training.settings import TrainSettings
@@ -138,8 +139,15 @@ class PipelineSpec:
     moe_runs: tuple[str, ...]
     on_stale: str
     wait_s: float  # how long to wait for an input another run is building (the prepared data)
+    seeds: Optional[tuple[int, ...]] = None  # train seeds to run the experiment with (null: train.seed alone)
 
     def __post_init__(self) -> None:
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
+                raise ConfigError("seeds", list(seeds), "use distinct non-negative integers, e.g. "
+                                                        "pipeline.seeds=[0,1,2], or null for train.seed alone")
+            object.__setattr__(self, "seeds", seeds)
         if self.on_stale not in ON_STALE:
             raise ConfigError("on_stale", self.on_stale, f"use one of {', '.join(ON_STALE)}")
         if not self.wait_s > 0:
@@ -168,6 +176,8 @@ class RunContext:
     overrides: tuple[str, ...]  # the command's own overrides, for hints
     experiment: Optional[str]
     config_hash: str  # of the whole resolved config (the report's provenance)
+    source: Optional[DictConfig] = field(default=None, compare=False, repr=False)  # the composed config
+    choices: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, choices: Mapping[str, Any], overrides: tuple[str, ...] = ()
@@ -178,7 +188,8 @@ class RunContext:
         domain_name = None if domain is None else str(domain.get("name") if isinstance(domain, DictConfig) else domain)
         ctx = cls(
             stage=str(cfg.stage),
-            layout=RunLayout(Path(str(cfg.paths.run_dir))),
+            layout=RunLayout(Path(str(cfg.paths.run_dir)),
+                             None if cfg.paths.get("data_dir") is None else Path(str(cfg.paths.data_dir))),
             model=read_section(ModelSpec, cfg.model, "model"),
             seed=read_section(SeedSpec, cfg.seed, "seed"),
             branch=BranchSpec.read(cfg.branch),
@@ -195,9 +206,36 @@ class RunContext:
             overrides=tuple(overrides),
             experiment=cfg.get("experiment_name"),
             config_hash=canonical_hash(plain(cfg)),
+            source=cfg,
+            choices=dict(choices),
         )
         ctx.check()
         return ctx
+
+    # ---- several training seeds ----------------------------------------------------------------
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The training seeds this command covers: ``pipeline.seeds``, else the run's own ``train.seed``."""
+        return self.pipeline.seeds or (self.train.seed,)
+
+    def for_seed(self, seed: int) -> "RunContext":
+        """This run with training seed ``seed``: itself for its own ``train.seed``, else the run
+        ``<run>-seed<seed>`` beside it, reading this run's prepared data (store.layout)."""
+        if seed == self.train.seed:
+            return self
+        if self.source is None:
+            raise BamError("this run context was not read from a config; cannot derive another seed's run")
+        name = seed_run_name(self.run, seed)
+        cfg = copy.deepcopy(self.source)
+        with open_dict(cfg):
+            cfg.run = name
+            cfg.paths.run_dir = str(self.layout.run_dir.parent / name)
+            cfg.paths.data_dir = str(self.layout.data.resolve())
+            cfg.train.seed = seed
+            cfg.pipeline.seeds = None
+        own = tuple(o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") not in ("run", "train.seed",
+                                                                                         "pipeline.seeds"))
+        return RunContext.from_config(cfg, choices=self.choices, overrides=(*own, f"run={name}", f"train.seed={seed}"))
 
     def check(self) -> None:
         """Checks across sections (each section checked its own values when it was read)."""

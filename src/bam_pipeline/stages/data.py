@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from bam_pipeline.data.prepare import PreparedData, prepare_data, print_stats_table
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.inputs import open_data
 from bam_pipeline.store.artifacts import remove_dead_temporaries
+from bam_pipeline.store.files import write_json
 from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero, wait_for
 
 
+def link_shared_data(ctx: RunContext, prepared: PreparedData) -> None:
+    """Record in a run that reads another run's prepared data (a seed of ``pipeline.seeds``) where that
+    data is and its hash (``data.json``), so commands naming the run alone (``run=<run>-seed1``) find it."""
+    if not ctx.layout.shares_data or not is_rank_zero():
+        return
+    ref = {"data_dir": os.path.relpath(ctx.layout.data.resolve(), ctx.layout.run_dir.resolve()),
+           "data_hash": prepared.manifest["hash"]}
+    if not ctx.layout.data_ref.is_file() or json.loads(ctx.layout.data_ref.read_text()) != ref:
+        write_json(ctx.layout.data_ref, ref)
+
+
 def run_data(ctx: RunContext) -> PreparedData:
+    if ctx.layout.shares_data:  # a seed of pipeline.seeds: the data is another run's, prepared there
+        prepared = open_data(ctx)
+        link_shared_data(ctx, prepared)
+        return prepared
     if not is_rank_zero():  # other ranks of a distributed launch wait for rank 0's data
         def ready() -> PreparedData | None:
             try:

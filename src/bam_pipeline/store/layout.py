@@ -10,14 +10,20 @@ stages/<run>/
   .work/<stage>/<name>/      a training stage's checkpoints and growing train log (resume)
   .locks/<stage>/<name>.lock who is building an output right now (store.locks)
   eval/                      metrics.json, routing.json, documents.json, heatmaps, cache/
-  report/                    report.md, report.html, plots
+  report/                    report.md, report.html, claims.json, plots
+  seeds/                     with pipeline.seeds: the aggregate over the seeds' runs (report.md, table.json, ...)
   logs/                      Hydra and logger output
+  data.json                  a run that reads another run's prepared data (a seed of pipeline.seeds): its path
 ```
 A model artifact's label is ``seed`` or ``<stage>/<name>`` (``branch/code``, ``moe/bam_cm``).
+
+Training seed ``s`` of ``pipeline.seeds`` other than the run's own ``train.seed`` is the run
+``<run>-seed<s>`` beside it, with no ``data/`` of its own: its ``data.json`` names the shared one.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +43,29 @@ def parse_label(text: str) -> tuple[str, str]:
     return stage, name or SEED_NAME
 
 
+DATA_REF = "data.json"
+
+
+def seed_run_name(run: str, seed: int) -> str:
+    """The run directory name of training seed ``seed`` of run ``run`` (not its own train.seed)."""
+    return f"{run}-seed{seed}"
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """Every path of one run directory."""
+    """Every path of one run directory. ``data_dir``: where its prepared data lives when not in the run
+    directory itself; None reads ``data.json`` when the run has one, else uses ``<run_dir>/data``."""
 
     run_dir: Path
+    data_dir: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+        if self.data_dir is None and (self.run_dir / DATA_REF).is_file():
+            ref = json.loads((self.run_dir / DATA_REF).read_text())["data_dir"]
+            object.__setattr__(self, "data_dir", (self.run_dir / ref).resolve())
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
 
     @property
     def run(self) -> str:
@@ -52,7 +73,16 @@ class RunLayout:
 
     @property
     def data(self) -> Path:
-        return self.run_dir / "data"
+        return self.data_dir if self.data_dir is not None else self.run_dir / "data"
+
+    @property
+    def shares_data(self) -> bool:
+        """Whether the prepared data lives in another run's directory."""
+        return self.data.resolve() != (self.run_dir / "data").resolve()
+
+    @property
+    def data_ref(self) -> Path:
+        return self.run_dir / DATA_REF
 
     def artifact(self, stage: str, name: str = SEED_NAME) -> Path:
         return self.run_dir / stage / name
@@ -61,8 +91,10 @@ class RunLayout:
         return self.run_dir / ".work" / stage / name
 
     def lock(self, stage: str, name: str = SEED_NAME) -> Path:
-        """The lock file of one output (``stage="data"`` for the prepared data)."""
-        return self.run_dir / ".locks" / (f"{stage}.lock" if stage == "data" else f"{stage}/{name}.lock")
+        """The lock file of one output (``stage="data"`` for the prepared data, beside the data's directory)."""
+        if stage == "data":
+            return self.data.parent / ".locks" / "data.lock"
+        return self.run_dir / ".locks" / f"{stage}/{name}.lock"
 
     @property
     def eval(self) -> Path:
@@ -92,6 +124,11 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.run_dir / "report"
+
+    @property
+    def seeds_report(self) -> Path:
+        """The aggregate over the training seeds of ``pipeline.seeds`` (in the run of the first seed)."""
+        return self.run_dir / "seeds"
 
     def stage_dirs(self, stage: str) -> list[Path]:
         """The finished-looking artifact directories of a stage (temporaries of a publish left out)."""

@@ -1,0 +1,143 @@
+"""Claims with intervals over seeds and documents: the joint resampling, verdicts on synthetic runs whose
+true differences are known, and the aggregate read from several runs' eval files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bam_pipeline.errors import BamError
+from bam_pipeline.eval.aggregate import RunEval, aggregate
+from bam_pipeline.eval.claims import FAILS, HOLDS, NOT_RESOLVED, UNMEASURABLE
+from bam_pipeline.eval.report import build_seeds_report, interval_cells
+from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses, paired_difference
+from bam_pipeline.eval.table import AVERAGE
+from bam_pipeline.store.layout import RunLayout
+
+SOURCES = ("general", "code", "law")
+ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/bam": "mixture", "moe/btx": "mixture",
+         "moe/dense": "dense"}
+
+
+def test_joint_resampling_reproduces_the_paired_difference_for_one_source():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(10, 200, size=(3, 40))
+    a = DocLosses(tokens * rng.normal(3.0, 0.3, size=(3, 40)), tokens)
+    b = DocLosses(tokens * rng.normal(3.1, 0.3, size=(3, 40)), tokens)
+    reps = joint_mean_losses({"a": {"s": a}, "b": {"s": b}}, resamples=2000, rng=np.random.default_rng(7))
+    iv = paired_difference(a, b, resamples=2000, rng=np.random.default_rng(7))
+    q = np.quantile(reps["a"]["s"] - reps["b"]["s"], [0.025, 0.975])
+    assert np.allclose(q, [iv.low, iv.high], rtol=0, atol=1e-12)
+
+
+def test_joint_resampling_draws_the_seeds_once_for_every_source():
+    """With identical seed effects in two sources and no document variation, the resampled mean losses of the
+    two sources move together exactly: one seed draw is shared."""
+    tokens = np.full((4, 5), 10)
+    seed_effect = np.array([[0.0], [1.0], [2.0], [3.0]])
+    x = DocLosses(tokens * (2.0 + seed_effect), tokens)
+    reps = joint_mean_losses({"m": {"s1": x, "s2": x}}, resamples=2000, rng=np.random.default_rng(1))
+    assert np.array_equal(reps["m"]["s1"], reps["m"]["s2"]) and reps["m"]["s1"].std() > 0.1
+
+
+def _fake_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0):
+    """A run directory with metrics.json and documents.json whose per-token losses have known effects:
+    every model's loss on a source is a document's difficulty plus the model's offset ``shift[model][source]``
+    plus small per-(model, document) noise and a per-seed effect."""
+    rng = np.random.default_rng(100 + seed)
+    tokens = np.random.default_rng(tokens_seed).integers(20, 300, size=(len(SOURCES), n_docs))
+    difficulty = np.random.default_rng(tokens_seed + 1).normal(3.0, 0.5, size=(len(SOURCES), n_docs))
+    seed_effect = rng.normal(0, 0.01)
+    rows, docs = [], {}
+    for m in models:
+        docs[m] = {}
+        for i, src in enumerate(SOURCES):
+            per_token = difficulty[i] + shift.get(m, {}).get(src, 0.0) + seed_effect + rng.normal(0, 0.02, n_docs)
+            nll = per_token * tokens[i]
+            docs[m][src] = {"nll": nll.tolist(), "tokens": tokens[i].tolist()}
+            loss = nll.sum() / tokens[i].sum()
+            rows.append({"model": m, "domain": src, "perplexity": math.exp(loss), "loss": loss, "role": ROLES[m],
+                         "display": m})
+    layout = RunLayout(tmp_path / name)
+    layout.eval.mkdir(parents=True)
+    layout.metrics.write_text(json.dumps({"run": name, "sources": list(SOURCES), "ood_sources": [],
+                                          "general_source": "general", "rows": rows, "data_hash": data_hash,
+                                          "settings": {}}))
+    layout.documents.write_text(json.dumps({"models": docs}))
+    return RunEval(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))
+
+
+# offsets in nats per token: experts better in their domain, mixtures better everywhere, BAM vs BTX tiny
+SHIFT = {
+    "seed": {"code": 0.3, "law": 0.3},
+    "branch/code": {"general": 0.5, "law": 0.5},
+    "branch/law": {"general": 0.5, "code": 0.5},
+    "moe/bam": {"general": -0.2, "code": -0.2, "law": -0.2},
+    "moe/btx": {"general": -0.2, "code": -0.2, "law": -0.2},  # equal to BAM: not resolved
+    "moe/dense": {"general": -0.3, "code": -0.3, "law": -0.3},  # better than every mixture: fails
+}
+
+
+def test_verdicts_on_synthetic_seeds_match_the_true_differences(tmp_path):
+    runs = [_fake_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(3)]
+    agg = aggregate(runs, resamples=2000)
+    claims = {c.key: c for c in agg.claims()}
+    assert claims["experts_beat_seed"].status == HOLDS
+    assert claims["mixtures_beat_singles"].status == HOLDS
+    assert claims["bam_beats_btx"].status == NOT_RESOLVED  # no true difference
+    assert claims["mixtures_beat_dense"].status == FAILS
+    assert claims["expert_kv_beats_shared"].status == UNMEASURABLE and claims["bam_beats_btm"].status == UNMEASURABLE
+    assert claims["mixtures_beat_dense"].seeds_holding == 0 and claims["experts_beat_seed"].seeds_holding == 3
+    iv = claims["experts_beat_seed"].interval
+    assert iv.covers == SEEDS_AND_DOCUMENTS and iv.n_seeds == 3 and iv.high < 0
+    # the deciding interval of claim (b) brackets its true difference on the average: BAM/BTX vs the seed is
+    # -0.2 - 0.2 = -0.4 per source on average, vs each expert -0.2 - 1/3 = -0.533; the weakest is vs the seed
+    assert claims["mixtures_beat_singles"].deciding.endswith("Average")
+    assert iv.low < iv.estimate < iv.high
+    assert claims["mixtures_beat_singles"].interval.low < -0.4 < claims["mixtures_beat_singles"].interval.high
+
+
+def test_one_seed_covers_documents_only_and_cells_bracket_their_estimate(tmp_path):
+    agg = aggregate([_fake_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=2000)
+    assert agg.covers == DOCUMENTS_ONLY
+    for lab, row in agg.cells.items():
+        assert set(row) == {*SOURCES, AVERAGE}
+        for iv in row.values():
+            assert iv.low <= iv.estimate <= iv.high
+        assert math.isclose(row[AVERAGE].estimate, sum(row[s].estimate for s in SOURCES) / 3)
+    cells = interval_cells(agg)
+    assert cells[0] == ["model", "General", "Code", "Law", "Average"]
+    assert all(" [" in c for c in cells[1][1:])
+
+
+def test_models_missing_from_a_seed_are_left_out_with_why(tmp_path):
+    runs = [_fake_run(tmp_path, "r0", 0, shift=SHIFT),
+            _fake_run(tmp_path, "r1", 1, shift=SHIFT, models=tuple(m for m in ROLES if m != "moe/btx"))]
+    agg = aggregate(runs, resamples=2000)
+    assert "moe/btx" not in agg.table.labels and "r1" in agg.left_out["moe/btx"]
+
+
+def test_seeds_on_different_data_are_refused(tmp_path):
+    runs = [_fake_run(tmp_path, "r0", 0, shift=SHIFT), _fake_run(tmp_path, "r1", 1, shift=SHIFT, data_hash="other")]
+    with pytest.raises(BamError, match="different prepared data"):
+        aggregate(runs, resamples=2000)
+
+
+def test_too_few_resamples_are_refused(tmp_path):
+    with pytest.raises(BamError, match="at least 2000"):
+        aggregate([_fake_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=100)
+
+
+def test_seeds_report_files(tmp_path):
+    runs = [_fake_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(2)]
+    md = build_seeds_report(runs[0].layout, runs, command="python -m bam_pipeline stage=all pipeline.seeds=[0,1]")
+    out = md.parent
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "claims.json", "table.json", "claims.png",
+                                                "perplexity_intervals.png"}
+    text = md.read_text()
+    assert "over 2 training seeds" in text and "| seeds where it held |" in text.replace(" | perplexities", " |")
+    verdicts = json.loads((out / "claims.json").read_text())
+    assert {c["key"]: c["status"] for c in verdicts["claims"]}["mixtures_beat_dense"] == FAILS
+    table = json.loads((out / "table.json").read_text())
+    assert len(table["rows"]) == len(ROLES) * 4 and table["covers"] == SEEDS_AND_DOCUMENTS
