@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-import full-run clean
+.PHONY: help install test test-full bench bench-import bench-generate full-run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cu
 
 bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)
 	$(PY) benchmarks/bench_import.py
+
+bench-generate: install  ## greedy decoding with vs without the KV cache, and KV cache bytes per token (CPU)
+	$(PY) benchmarks/bench_generate.py --threads 1
 
 full-run: install  ## the whole pipeline on the embedded tiny experiment
 	$(PY) -m bam_pipeline stage=all experiment=tiny
