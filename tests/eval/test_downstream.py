@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.errors import BamError
@@ -16,6 +15,8 @@ from bam_pipeline.eval.downstream import (
 )
 from bam_pipeline.eval.harness import harness_lm
 from bam_pipeline.store.artifacts import load_model, read_artifact
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,6 @@ def test_a_source_without_items_is_refused_in_one_line(prepared, tmp_path):
 
 def test_an_offline_task_runs_end_to_end_through_lm_eval(fake_run, prepared, suite):
     pytest.importorskip("lm_eval")
-    torch.set_num_threads(1)
     model, _ = load_model(read_artifact(fake_run / "mix" / "bam"))
     lm = harness_lm(model, prepared.tokenizer(), prepared.eos_id, batch_size=8)
     results = run_tasks(lm, [suite.group], include_path=suite.dir, bootstrap_iters=100)["results"]

@@ -42,6 +42,7 @@ DOMAINS = ("code", "law", "math")
 NEW_TOKENS = 32
 PROMPTS = [[1, 10, 5, 20, 7, 7, 30, 4], [1, 22, 9]]
 TOLERANCE = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SEQUENTIAL = DENSE.replace(parallel_residual=False)
 # name -> (config, the stock class auto must pick)
 STOCK = {
@@ -71,13 +72,6 @@ CUSTOM_EXTRA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waits (see test_generation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def peaked(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

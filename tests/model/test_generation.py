@@ -38,16 +38,7 @@ CONFIGS: dict[str, ModelConfig] = {
 }
 PROMPTS = [[5, 17, 3, 99, 42, 7, 7, 200], [11, 12], [250, 1, 2, 3, 4]]
 NEW_TOKENS = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding a smoke model is a chain of tiny ops; two OpenMP threads on a shared 2-core machine
-    spin-wait on each other (up to 100x slower under load), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> BAMTransformer:

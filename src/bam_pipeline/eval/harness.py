@@ -55,6 +55,10 @@ def continuation_logprobs(model: BAMTransformer, requests: Sequence[tuple[Sequen
     the continuation's summed log-probability and whether every token of it is the argmax. One
     right-padded batch; the caller sizes it."""
     window = model.cfg.max_seq_len
+    longest = max(len(cont) for _, cont in requests)
+    if longest > window:
+        raise BamError(f"a continuation of {longest} tokens exceeds the model's {window}-token context; "
+                       "score it with loglikelihood_rolling, or shorten it")
     inputs = [(list(ctx) + list(cont))[-(window + 1):][:-1] for ctx, cont in requests]
     width = max(len(x) for x in inputs)
     device = model.tok_emb.weight.device

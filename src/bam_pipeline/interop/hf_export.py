@@ -272,7 +272,11 @@ def _token_ids(tokenizer: ExportTokenizer) -> dict[str, int | None]:
 
 def stock_config(cfg: ModelConfig, stock: StockClass, ids: Mapping[str, int | None], dtype: torch.dtype) -> dict:
     """``config.json`` of ``stock`` as transformers writes it (built by its config class)."""
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise BamError(f"a {stock.name} export needs transformers to write its config (pip install "
+                       "'bam-pipeline[hf]'); or use export.format=custom") from None
 
     fields = {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
