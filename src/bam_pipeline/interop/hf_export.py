@@ -70,9 +70,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 class StockClass:
     """A transformers class that computes a model's function exactly, and how to fill it.
 
-    ``fields``: its config fields beyond the ones every class shares; ``experts``: how FFN experts
-    are named (``None`` for a dense model, ``mixtral`` or ``qwen2_moe``); ``table``: the imported
-    architecture whose tensor table names the attention, norm and embedding tensors.
+    ``fields``: its config fields beyond the ones every class shares; ``table``: the imported
+    architecture whose tensor table names the attention, norm and embedding tensors; ``experts``:
+    how FFN experts are named (``None`` for a dense model, ``mixtral`` or ``qwen2_moe``);
+    ``zero_qkv_bias``: the class has q/k/v biases our model lacks, written as zeros.
     """
 
     name: str
@@ -105,6 +106,8 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class ExportResult:
+    """A written export: where, in which format and transformers class, the files written."""
+
     path: Path
     format: str  # stock | custom
     architecture: str  # the transformers class config.json names
@@ -230,31 +233,30 @@ def custom_tensors(state: StateDict) -> dict[str, Tensor]:
 
 def write_safetensors(out_dir: Path, tensors: Mapping[str, Tensor], max_shard_bytes: int) -> list[str]:
     """Write ``tensors`` as one ``model.safetensors`` or, above ``max_shard_bytes``, as shards with
-    an index (in order, a new shard when the next tensor would overflow); returns the file names."""
+    an index (in order, a new shard when the next tensor would overflow); returns the file names.
+    Shards are planned first and made contiguous one at a time, so at most one shard is copied."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, Tensor]] = [{}]
+    plan: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
             size = 0
-        shards[-1][name] = t.contiguous()
+        plan[-1].append(name)
         size += nbytes
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / WEIGHTS_FILE), metadata=meta)
-        return [WEIGHTS_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for shard, name in zip(shards, names):
-        save_file(shard, str(out_dir / name), metadata=meta)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
-    return [*names, INDEX_FILE]
+    files = [WEIGHTS_FILE] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+                                                   for i in range(len(plan))]
+    for names, file in zip(plan, files):
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / file), metadata=meta)
+    if len(plan) == 1:
+        return files
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {n: file for names, file in zip(plan, files) for n in names}}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*files, INDEX_FILE]
 
 
 # ---- config files ---------------------------------------------------------------------------------
