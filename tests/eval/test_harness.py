@@ -55,7 +55,7 @@ def test_loglikelihood_of_a_continuation_equals_a_direct_computation(run):
     prepared, models = run
     tokenizer = prepared.tokenizer()
     pairs = [("class print in try", " return None"), ("the court shall", " hereby"), ("", "the river"),
-             (" ".join(["def"] * 40), " lambda yield")]  # padded batch, empty context, a context longer than the model's
+             (" ".join(["def"] * 40), " lambda yield")]  # a padded batch, an empty context, one over the context
     assert len(tokenizer.encode(pairs[-1][0]).ids) > 64
     for model in models.values():
         lm = harness_lm(model, tokenizer, prepared.eos_id, batch_size=3)

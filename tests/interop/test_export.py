@@ -48,11 +48,12 @@ SEQUENTIAL = DENSE.replace(parallel_residual=False)
 STOCK = {
     "llama": (SEQUENTIAL, "LlamaForCausalLM"),
     "llama_tied_gqa4_linear_rope": (SEQUENTIAL.replace(n_kv_heads=1, tie_embeddings=True, rope_precision="float32",
-                                                      rope_scaling=RopeScaling("linear", factor=2.0)), "LlamaForCausalLM"),
+                                                      rope_scaling=RopeScaling("linear", factor=2.0)),
+                                    "LlamaForCausalLM"),
     "qwen2_biases": (SEQUENTIAL.replace(qkv_bias=True, head_dim_override=16), "Qwen2ForCausalLM"),
     "mistral_window": (SEQUENTIAL.replace(sliding_window=64), "MistralForCausalLM"),
-    "mixtral_top2_renormalised": (SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 2, renormalize=True)),
-                                  "MixtralForCausalLM"),
+    "mixtral_top2_renormalised": (
+        SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 2, renormalize=True)), "MixtralForCausalLM"),
     "qwen2moe_top1_unrenormalised": (SEQUENTIAL.replace(ffn_experts=4), "Qwen2MoeForCausalLM"),
     "qwen2moe_soft_biases": (SEQUENTIAL.replace(ffn_experts=3, ffn_router=RouterConfig("soft"), qkv_bias=True),
                              "Qwen2MoeForCausalLM"),
@@ -140,7 +141,8 @@ LOAD_ELSEWHERE = textwrap.dedent("""
         sys.exit("bam_pipeline is importable")
     except ImportError:
         pass
-    dirs, ids, prompts, new = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), json.loads(sys.argv[3]), int(sys.argv[4])
+    dirs, ids, prompts = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), json.loads(sys.argv[3])
+    new = int(sys.argv[4])
     out = {}
     for name, path in dirs.items():
         model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()

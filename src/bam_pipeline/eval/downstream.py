@@ -181,8 +181,9 @@ def build_offline_suite(prepared: PreparedData, out_dir: str | Path, *, sources:
     for source in sources or prepared.sources:
         dataset = prepared.stream(source, TEST_SPLIT).dataset
         docs = [[int(i) for i in row if int(i) != prepared.eos_id] for row in dataset["ids"]]
-        items = next_passage_items(docs, dataset["id"], decode, starts_word, context_tokens=context_tokens, passage_tokens=passage_tokens,
-                                   length_tolerance=length_tolerance, max_items=max_items, seed=seed)
+        items = next_passage_items(docs, dataset["id"], decode, starts_word, context_tokens=context_tokens,
+                                   passage_tokens=passage_tokens, length_tolerance=length_tolerance,
+                                   max_items=max_items, seed=seed)
         if not items:
             raise BamError(
                 f"source {source!r} has no test document of {context_tokens + passage_tokens}+ tokens with 3 passages "

@@ -42,7 +42,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 def require_lm_eval() -> None:
     """One BamError line when lm-eval is not installed."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  (only its presence is checked)
     except ImportError:
         raise BamError(f"downstream evaluation needs lm-evaluation-harness, which is not installed; {INSTALL_HINT}"
                        ) from None

@@ -166,9 +166,10 @@ def stock_class(cfg: ModelConfig) -> StockClass:
             "sliding_window": window}, table="LlamaForCausalLM", experts="mixtral")
     k = n if router.kind == "soft" else router.k  # soft = top-E with full-softmax gates
     return StockClass("Qwen2MoeForCausalLM", "Qwen2MoeConfig", {
-        **rms, "num_experts": n, "num_experts_per_tok": k, "norm_topk_prob": router.kind == "topk" and router.renormalize,
-        "moe_intermediate_size": cfg.d_ff, "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1,
-        "mlp_only_layers": [], "qkv_bias": True, "use_sliding_window": False},
+        **rms, "num_experts": n, "num_experts_per_tok": k,
+        "norm_topk_prob": router.kind == "topk" and router.renormalize, "moe_intermediate_size": cfg.d_ff,
+        "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True,
+        "use_sliding_window": False},
         table="Qwen2ForCausalLM", experts="qwen2_moe", zero_qkv_bias=not cfg.qkv_bias)
 
 
@@ -408,7 +409,8 @@ def write_export(out_dir: str | Path, cfg: ModelConfig, state: StateDict, *, tok
         for name in REMOTE_CODE_FILES:
             shutil.copyfile(REMOTE_CODE_DIR / name, out_dir / name)
     else:
-        config, tensors, architecture = stock_config(cfg, stock, ids, dtype), stock_tensors(cfg, state, stock), stock.name
+        config, tensors, architecture = stock_config(cfg, stock, ids, dtype), stock_tensors(cfg, state, stock), \
+            stock.name
     files = write_safetensors(out_dir, tensors, max_shard_bytes)
     documents = {
         CONFIG_FILE: config,
@@ -434,7 +436,8 @@ def push_to_hub(export_dir: str | Path, repo_id: str, *, private: bool = True, t
         from huggingface_hub import HfApi, constants
         from huggingface_hub.errors import HfHubHTTPError
     except ImportError:
-        raise BamError("pushing to the hub needs huggingface_hub (pip install 'bam-pipeline[hf]'); or " + later) from None
+        raise BamError(f"pushing to the hub needs huggingface_hub (pip install 'bam-pipeline[hf]'); or {later}"
+                       ) from None
     if constants.is_offline_mode():
         raise BamError(f"cannot push {export_dir} to {repo_id}: offline (HF_HUB_OFFLINE=1); {later}")
     api = HfApi(token=token)
