@@ -81,6 +81,8 @@ def test_incremental_logits_equal_the_full_forward(model):
         chunks += [model(ids[:, t: t + 1], cache=cache).logits for t in range(23, 48)]
     assert full.std() > 0.05
     assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        assert (model(ids, last_only=True).logits - full[:, -1:]).abs().max().item() <= 1e-5
 
 
 def test_a_left_padded_row_computes_what_its_prompt_computes_alone(model):

@@ -125,7 +125,7 @@ def generate(model: BAMTransformer, prompts: Sequence[Sequence[int]], *, max_new
     device = model.tok_emb.weight.device
     ids, valid = left_pad(prompts, pad_id)
     cache = KVCache.for_model(model, len(prompts), ids.shape[1] + max_new_tokens)
-    logits = model(ids.to(device), cache=cache, valid=valid.to(device)).logits[:, -1]  # (B, V)
+    logits = model(ids.to(device), cache=cache, valid=valid.to(device), last_only=True).logits[:, -1]  # (B, V)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     drawn = []
     for _ in range(max_new_tokens):
@@ -150,7 +150,7 @@ def greedy_without_cache(model: BAMTransformer, prompt: Sequence[int], max_new_t
     seq = torch.tensor([list(prompt)], dtype=torch.long, device=model.tok_emb.weight.device)  # (1, T)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(model(seq).logits[0, -1].argmax())
+        token = int(model(seq, last_only=True).logits[0, -1].argmax())
         new.append(token)
         if token == eos_id:
             break

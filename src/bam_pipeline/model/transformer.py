@@ -107,9 +107,11 @@ class BAMTransformer(nn.Module):
         """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None
-                ) -> ModelOutput:
-        """Logits of ``idx`` (B, T); with ``cache``, of new tokens after the cached ones (module docstring)."""
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Logits of ``idx`` (B, T); with ``cache``, of new tokens after the cached ones (module docstring).
+        ``last_only``: logits of the last position only, (B, 1, V) (decoding needs no more; a prompt's
+        full (B, T, V) logits can dwarf the model at a large vocabulary)."""
         x = self.tok_emb(idx)  # (B, T, D)
         step = None
         if cache is not None:
@@ -123,6 +125,8 @@ class BAMTransformer(nn.Module):
             x, r = block(x, None if step is None else cache.layer(i, step))
             routing.append(r)
             aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
         if self.cfg.logit_scale != 1.0:
             logits = logits * self.cfg.logit_scale
