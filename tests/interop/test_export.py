@@ -9,6 +9,7 @@ layout, position or routing bug changes the argmax instead of hiding in near-uni
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -99,10 +100,16 @@ def random_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return peaked(BAMTransformer(cfg).state_dict(), seed)
 
 
+@functools.cache
+def dense_models() -> dict[str, dict[str, torch.Tensor]]:
+    """A random seed and three random domain experts (smoke size) to mix."""
+    return {n: random_state(DENSE, k) for k, n in enumerate(("seed", *DOMAINS))}
+
+
 def variant_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The mixture ``conf/mix/<name>.yaml`` builds from a seed and three domain experts (random)."""
+    """The mixture ``conf/mix/<name>.yaml`` builds from the seed and the three domain experts."""
     variant = read_section(MixVariant, load_option("mix", name), "mix", name=name)
-    dense = {n: random_state(DENSE, k) for k, n in enumerate(("seed", *DOMAINS))}
+    dense = dense_models()
     cfg, state = upcycle(variant, {n: dense[n] for n in variant.models(DOMAINS)}, DENSE, DOMAINS)
     return cfg, peaked(state, 99)
 
