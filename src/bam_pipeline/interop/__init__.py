@@ -4,21 +4,27 @@ field is to the import (:mod:`~bam_pipeline.interop.architectures`), ``config.js
 weights streamed into our state-dict layout (:mod:`~bam_pipeline.interop.hf_weights`), the
 checkpoint's tokenizer and end-of-document token (:mod:`~bam_pipeline.interop.hf_tokenizer`),
 hub ids resolved to local directories (:mod:`~bam_pipeline.interop.hub`), and one call that
-converts a directory (:mod:`~bam_pipeline.interop.checkpoint`).
+converts a directory (:mod:`~bam_pipeline.interop.checkpoint`). And back out: a model directory
+transformers loads, in a stock class or with self-contained custom code
+(:mod:`~bam_pipeline.interop.remote_code`), and its upload (:mod:`~bam_pipeline.interop.hf_export`).
 
-Needs torch, safetensors and tokenizers only; huggingface_hub for hub ids and transformers for
-SentencePiece-only tokenizers are imported when those are used.
+Needs torch, safetensors and tokenizers only; huggingface_hub for hub ids and uploads, and
+transformers for SentencePiece-only tokenizers and stock-class exports, are imported when used.
 """
 
 from bam_pipeline.interop.architectures import ARCHITECTURES, Architecture
 from bam_pipeline.interop.checkpoint import HFCheckpoint, import_checkpoint
+from bam_pipeline.interop.hf_export import (
+    ExportResult, ExportTokenizer, ModelCard, StockClass, choose_format, push_to_hub, write_export,
+)
 from bam_pipeline.interop.hf_config import HFModelConfig, read_config_file, to_model_config
 from bam_pipeline.interop.hf_tokenizer import CheckpointTokenizer, encode_documents, load_checkpoint_tokenizer
 from bam_pipeline.interop.hf_weights import read_state_dict, weight_files
 from bam_pipeline.interop.hub import CheckpointSource, resolve_checkpoint
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "CheckpointSource", "CheckpointTokenizer", "HFCheckpoint", "HFModelConfig",
-    "encode_documents", "import_checkpoint", "load_checkpoint_tokenizer", "read_config_file", "read_state_dict",
-    "resolve_checkpoint", "to_model_config", "weight_files",
+    "ARCHITECTURES", "Architecture", "CheckpointSource", "CheckpointTokenizer", "ExportResult", "ExportTokenizer",
+    "HFCheckpoint", "HFModelConfig", "ModelCard", "StockClass", "choose_format", "encode_documents",
+    "import_checkpoint", "load_checkpoint_tokenizer", "push_to_hub", "read_config_file", "read_state_dict",
+    "resolve_checkpoint", "to_model_config", "weight_files", "write_export",
 ]

@@ -5,7 +5,9 @@ The table maps each tensor of ``tensor_table(cfg, arch)`` to our key, its shape 
 checkpoint and its transforms: :func:`linear_weight` (transformers' ``(out, in)`` Linear weight
 to our ``(1, in, out)`` one-expert stack), :func:`linear_bias` (``(out,)`` to ``(1, out)``) and,
 for checkpoints that rotate q/k in interleaved pairs (Cohere), :func:`interleaved_to_half_split`
-on q/k rows first. Everything else is copied as is.
+on q/k rows first. Everything else is copied as is. Each transform has a named inverse
+(:data:`INVERSES`), so the same table also writes our tensors back into the checkpoint's layout
+(:meth:`TensorMapping.export`, used by :mod:`~bam_pipeline.interop.hf_export`).
 
 Reading is tensor by tensor: every file's header is checked first (names, shapes, dtypes) so a
 bad checkpoint fails before any weight is read, then each tensor is read, transformed and copied
@@ -20,6 +22,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,6 +65,38 @@ def interleaved_to_half_split(rows: Tensor, head_dim: int) -> Tensor:
     return rows.unflatten(0, (-1, head_dim))[:, order].flatten(0, 1)
 
 
+def stacked_to_linear_weight(w: Tensor) -> Tensor:
+    """Our one-expert stack ``(1, in, out)`` as a transformers Linear weight ``(out, in)`` (a view)."""
+    return w.squeeze(0).t()
+
+
+def stacked_to_linear_bias(b: Tensor) -> Tensor:
+    """Our one-expert bias stack ``(1, out)`` as a transformers Linear bias ``(out,)`` (a view)."""
+    return b.squeeze(0)
+
+
+def half_split_to_interleaved(rows: Tensor, head_dim: int) -> Tensor:
+    """The inverse of :func:`interleaved_to_half_split`: head dim ``j`` of the half-split layout goes
+    to ``2j`` and dim ``j + head_dim/2`` to ``2j + 1``, for q/k rows ``(heads * head_dim, ...)``."""
+    order = torch.stack([torch.arange(head_dim // 2), torch.arange(head_dim // 2, head_dim)], dim=1).flatten()
+    return rows.unflatten(0, (-1, head_dim))[:, order].flatten(0, 1)
+
+
+# Each import transform and its inverse (export).
+INVERSES: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
+    linear_weight: stacked_to_linear_weight,
+    linear_bias: stacked_to_linear_bias,
+    interleaved_to_half_split: half_split_to_interleaved,
+}
+
+
+def inverse(f: Transform) -> Transform:
+    """The inverse of an import transform (a ``functools.partial`` keeps its arguments)."""
+    if isinstance(f, partial):
+        return partial(INVERSES[f.func], *f.args, **f.keywords)
+    return INVERSES[f]
+
+
 @dataclass(frozen=True)
 class TensorMapping:
     """Where one checkpoint tensor goes: our key, its shape in the checkpoint, transforms in order."""
@@ -76,16 +111,20 @@ class TensorMapping:
             t = f(t)
         return torch.empty(t.shape, dtype=dtype).copy_(t)
 
+    def export(self, t: Tensor) -> Tensor:
+        """Our tensor ``t`` back in the checkpoint's layout: the inverse transforms in reverse order
+        (views where they can be)."""
+        for f in reversed(self.transforms):
+            t = inverse(f)(t)
+        return t
+
 
 def tensor_table(cfg: ModelConfig, arch: Architecture) -> dict[str, TensorMapping]:
     """Checkpoint tensor name -> :class:`TensorMapping`, for every tensor the dense ``cfg`` needs."""
     D, F, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
 
-    def rope_rows(t: Tensor) -> Tensor:
-        return interleaved_to_half_split(t, hd)
-
-    qk = (rope_rows,) if arch.interleaved_rope else ()
+    qk = (partial(interleaved_to_half_split, head_dim=hd),) if arch.interleaved_rope else ()
     table = {"model.embed_tokens.weight": TensorMapping("tok_emb.weight", (cfg.vocab_size, D))}
     for i in range(cfg.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."

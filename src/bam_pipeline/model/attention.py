@@ -29,8 +29,14 @@ projections before RoPE, as in Qwen2. The fused q and k biases get the same head
 interleave permutation as their weight columns; V's keeps the stored order. The half-split rotation's six passes over the E-times-larger q and k would cost about
 what the fusion saves (docs/measurements.md; ``make bench`` row (2) compares fused and loop).
 
-Shape legend: B batch, T sequence, N = B*T, D d_model, E experts, H query heads per expert,
-KV K/V heads per expert set, hd head dim, g = H // KV query heads per K/V head.
+Incremental decoding: given a layer's :class:`~bam_pipeline.model.kv_cache.LayerKV`, the new
+tokens are rotated at their own positions, their fused keys and values (after RoPE, in the fused
+head order) are appended to the cache, and the queries attend over every cached position under
+the step's mask instead of the causal flag. Everything else is the same code.
+
+Shape legend: B batch, T sequence (new tokens when decoding), S cached positions, N = B*T,
+D d_model, E experts, H query heads per expert, KV K/V heads per expert set, hd head dim,
+g = H // KV query heads per K/V head.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.kv_cache import LayerKV
 from bam_pipeline.model.layers import RotaryEmbedding
 from bam_pipeline.model.routing import Router, Routing
 
@@ -84,8 +91,9 @@ class MixtureOfAttention(nn.Module):
         shared = self.cfg.attn_kv == "shared" and self.cfg.attn_experts > 1
         return self.cfg.n_kv_heads if shared else 1
 
-    def forward(self, h: torch.Tensor) -> AttentionOutput:
-        """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs."""
+    def forward(self, h: torch.Tensor, kv: LayerKV | None = None) -> AttentionOutput:
+        """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs; with
+        ``kv``, ``h`` holds the new tokens of a decoding step and attends over the cache as well."""
         cfg = self.cfg
         B, T, D = h.shape
         E, H, KV, hd, lead = cfg.attn_experts, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self._lead
@@ -96,20 +104,28 @@ class MixtureOfAttention(nn.Module):
         half = hd // 2
         wq = self.wq.view(E, D, lead, H // lead, 2, half).permute(1, 2, 0, 3, 5, 4).reshape(D, E * H * hd)
         bq = None if self.bq is None else self.bq.view(E, lead, H // lead, 2, half).permute(1, 0, 2, 4, 3).reshape(-1)
-        q = self.rope.interleaved(_project(x, wq, bq).view(B, T, E * H, hd))  # (B, T, E*H, hd)
+        q = _project(x, wq, bq).view(B, T, E * H, hd)  # (B, T, E*H, hd)
         n_kv = cfg.kv_experts * KV
         # Fused key weight (D, E_kv*KV*hd), columns (E_kv, KV, hd/2, 2): interleaved like the queries.
         wk = self.wk.view(-1, D, KV, 2, half).permute(1, 0, 2, 4, 3).reshape(D, n_kv * hd)
         bk = None if self.bk is None else self.bk.view(-1, KV, 2, half).permute(0, 1, 3, 2).reshape(-1)
-        k = self.rope.interleaved(_project(x, wk, bk).view(B, T, n_kv, hd))  # (B, T, E_kv*KV, hd)
+        k = _project(x, wk, bk).view(B, T, n_kv, hd)  # (B, T, E_kv*KV, hd)
         bv = None if self.bv is None else self.bv.reshape(-1)
         v = _project(x, self.wv.transpose(0, 1).reshape(D, n_kv * hd), bv).view(B, T, n_kv, hd)
 
+        if kv is None:
+            q, k = self.rope.interleaved(q), self.rope.interleaved(k)
+            keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), None  # (B, E_kv*KV, T, hd)
+        else:
+            q, k = self.rope.interleaved_at(q, kv.step.positions), self.rope.interleaved_at(k, kv.step.positions)
+            keys, values = kv.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, E_kv*KV, S, hd)
+            mask = kv.step.mask  # (B, 1, T, S)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, E*H, T, hd)
-            k.transpose(1, 2),  # (B, E_kv*KV, T, hd)
-            v.transpose(1, 2),
-            is_causal=True,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None,
             enable_gqa=n_kv != E * H,
         )  # (B, E*H, T, hd)
         o = o.transpose(1, 2).reshape(B * T, lead, E, H * hd // lead)  # (N, lead, E, H*hd/lead)

@@ -108,13 +108,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (B, T, heads, hd) in the interleaved layout, pair ``j`` = ``(x[2j], x[2j+1])``,
-    by ``cos``/``sin`` (T, hd) half-split tables (their two halves are equal); float32 math.
+    by ``cos``/``sin`` half-split tables (their two halves are equal), (T, hd) for positions shared
+    by the batch or (B, T, hd) per sequence; float32 math.
 
     The pair is one complex number and the rotation one complex multiply by ``cos + i sin``.
     """
     B, T, heads, hd = x.shape
     half = hd // 2
-    turn = torch.complex(cos[:, None, :half].float(), sin[:, None, :half].float())  # (T, 1, hd/2)
+    turn = torch.complex(cos[..., None, :half].float(), sin[..., None, :half].float())  # ([B,] T, 1, hd/2)
     pairs = torch.view_as_complex(x.float().reshape(B, T, heads, half, 2))  # (B, T, heads, hd/2)
     return torch.view_as_real(pairs * turn).reshape(B, T, heads, hd).type_as(x)
 
@@ -149,6 +150,12 @@ class RotaryEmbedding(nn.Module):
     def interleaved(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (B, T, heads, hd), interleaved layout, for positions ``0 .. T-1``."""
         return apply_rotary_interleaved(x, *self.tables(x.shape[1]))
+
+    def interleaved_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (B, T, heads, hd), interleaved layout, token ``(b, t)`` at ``positions[b, t]``
+        (B, T) int64, each below ``max_seq_len`` (incremental decoding: every sequence's own positions
+        after left padding; :class:`~bam_pipeline.model.kv_cache.KVCache` never exceeds the context)."""
+        return apply_rotary_interleaved(x, self.cos[positions], self.sin[positions])  # tables (B, T, hd)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the next-tok
 (:func:`~bam_pipeline.model.loss.next_token_nll`); the training objective is
 ``lm_loss + output.aux_loss``.
 
+Incremental decoding: ``BAMTransformer(cfg)(idx, cache=cache, valid=valid)`` runs the new tokens
+``idx`` (B, T) after those already in ``cache`` (:class:`~bam_pipeline.model.kv_cache.KVCache`),
+``valid`` (B, T) marking real tokens (False: left padding; default all real), and returns their
+logits; the cache then holds them too (:mod:`~bam_pipeline.model.generation` decodes with it).
+
 Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
 from N(0, cfg.init_std), without residual-depth scaling; norm scales start at 1 and q/k/v biases
 (``cfg.qkv_bias``) at 0.
@@ -20,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bam_pipeline.errors import BamError
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.kv_cache import KVCache, LayerKV
 from bam_pipeline.model.layers import make_norm
 from bam_pipeline.model.loss import next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
@@ -67,9 +74,9 @@ class Block(nn.Module):
         self.ffn_norm = None if self.parallel else make_norm(cfg)
         self.ffn = MoEFeedForward(cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> tuple[torch.Tensor, LayerRouting]:
         h = self.norm(x)
-        attn = self.attn(h)
+        attn = self.attn(h, kv)
         if self.ffn_norm is None:
             ffn = self.ffn(h)
             y = x + attn.out + ffn.out
@@ -100,14 +107,26 @@ class BAMTransformer(nn.Module):
         """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Logits of ``idx`` (B, T); with ``cache``, of new tokens after the cached ones (module docstring).
+        ``last_only``: logits of the last position only, (B, 1, V) (decoding needs no more; a prompt's
+        full (B, T, V) logits can dwarf the model at a large vocabulary)."""
         x = self.tok_emb(idx)  # (B, T, D)
+        step = None
+        if cache is not None:
+            step = cache.advance(torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
+        elif valid is not None:
+            raise BamError("valid= marks the left padding of a KV-cached batch; pass cache= as well, or leave "
+                           "padding out of a forward without a cache")
         routing = []
         aux = x.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
-            x, r = block(x)
+        for i, block in enumerate(self.layers):
+            x, r = block(x, None if step is None else cache.layer(i, step))
             routing.append(r)
             aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
         if self.cfg.logit_scale != 1.0:
             logits = logits * self.cfg.logit_scale
