@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import EOS_ID, VOCAB_ROWS, tiny_tokenizer
+from hf_checkpoints import EOS_ID, VOCAB_ROWS, tiny_tokenizer
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
