@@ -53,3 +53,30 @@ def test_dense_model_has_no_routing_and_heatmap_values_shape():
     assert domains == ["a", "b"]
     assert layers == [[[0.1, 0.9], [1, 0]], [[0.5, 0.5], [0, 1]]]
     assert heatmap_values(entry, "attn") == ([], [])
+
+
+def onehot(idx, e=3):
+    return torch.nn.functional.one_hot(torch.tensor(idx), e).float()
+
+
+def test_agreement_between_layers_and_between_attention_and_ffn_with_chance_levels():
+    s = RoutingStats()
+    # 4 tokens, 3 experts. FFN tops: layer 0 [0,1,2,0], layer 1 [0,1,1,0] -> 3 of 4 agree.
+    # attention tops: layer 0 [0,1,2,2] (= FFN on 3 of 4), layer 1 [2,2,2,2] (= FFN on 0 of 4)
+    l0 = layer(onehot([0, 1, 2, 2]), onehot([0, 1, 2, 0]), torch.tensor([2, 1, 1]))
+    l1 = layer(onehot([2, 2, 2, 2]), onehot([0, 1, 1, 0]), torch.tensor([2, 2, 0]))
+    s.update([l0, l1])
+    out = s.summary()
+    assert out["ffn"]["agree_next_layer"] == pytest.approx([0.75])
+    # chance: marginals f0 = (2,1,1)/4, f1 = (2,2,0)/4 -> 0.5*0.5 + 0.25*0.5 + 0 = 0.375
+    assert out["ffn"]["agree_next_layer_chance"] == pytest.approx([0.375])
+    assert out["attn"]["agree_next_layer"] == pytest.approx([0.5])  # [0,1,2,2] vs [2,2,2,2]
+    assert out["attn"]["agree_with_ffn"] == pytest.approx([0.75, 0.0])
+    # layer 0: attention marginals (1,1,2)/4, FFN (2,1,1)/4 -> 0.125 + 0.0625 + 0.125
+    assert out["attn"]["agree_with_ffn_chance"] == pytest.approx([0.3125, 0.0])
+
+
+def test_attention_and_ffn_over_different_experts_are_not_compared():
+    s = RoutingStats()
+    s.update([layer(onehot([0, 1], 2), onehot([0, 1], 3), torch.tensor([1, 1, 0]))])
+    assert "agree_with_ffn" not in s.summary()["attn"]

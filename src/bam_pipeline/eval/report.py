@@ -158,6 +158,31 @@ def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def agreement_rows(routing: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per (model, domain): how often a token's top expert is the same in consecutive
+    layers (per router kind) and for attention and FFN in one layer, each beside its chance level,
+    averaged over layers."""
+    out = [["model", "domain", "FFN: layer l = l+1", "attention: layer l = l+1", "attention = FFN"]]
+
+    def pair(stats: dict[str, Any] | None, key: str) -> str:
+        if not stats or key not in stats:
+            return "-"
+        return f"{_mean(stats[key]):.2f} (chance {_mean(stats[key + '_chance']):.2f})"
+
+    for entry in routing.values():
+        for domain, stats in entry["domains"].items():
+            cells = [pair(stats.get("ffn"), "agree_next_layer"), pair(stats.get("attn"), "agree_next_layer"),
+                     pair(stats.get("attn"), "agree_with_ffn")]
+            if any(c != "-" for c in cells):
+                out.append([entry["display"], column_name(domain), *cells])
+    return out
+
+
 def _claim_rows(run: PplTable, judged: list[IntervalClaim], n_seeds: int) -> list[list[str]]:
     """Header + one row per claim: the paper's status, this run's verdict with the deciding comparison
     and interval, (several seeds) in how many seeds it held, and the point perplexities compared."""
@@ -234,6 +259,13 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
                     "Entropy / ln E near 1 means near-uniform weights; a different top expert per domain means "
                     "domain-specific routing. Averages over layers; heatmaps give every layer."),
               ("table", routing_rows(routing))]
+        agreement = agreement_rows(routing)
+        if len(agreement) > 1:
+            b += [("p", "Do routing decisions agree? The share of tokens whose top expert is the same in consecutive "
+                        "layers, and for attention and FFN in one layer (when both route over the same experts), "
+                        "averaged over layers, beside the share two independent decisions with the same expert "
+                        "frequencies would reach by chance."),
+                  ("table", agreement)]
         b += [("img", name, caption) for name, caption in images.items() if name.startswith("routing_")]
     else:
         b.append(("p", "No evaluated model has routers."))

@@ -32,7 +32,7 @@ from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 4
+CACHE_SCHEMA = 5
 
 
 def resolve_device(name: str) -> torch.device:
