@@ -123,3 +123,34 @@ def interval_panels(panels: dict[str, list[tuple[str, float, float, float]]], pa
     axes[0][0].invert_yaxis()
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def entropy_curves(logs: dict[str, list[dict[str, Any]]], names: dict[str, str], path: Path) -> Path | None:
+    """Router entropy relative to uniform (``entropy/<kind>/L<i>`` of the train logs) against tokens, one
+    panel per model with routers, one line per (router kind, layer): attention solid, FFN dashed."""
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for lab, rows in logs.items():
+        for r in rows:
+            for key, v in r.items():
+                if key.startswith("entropy/") and "tokens" in r:
+                    series.setdefault(lab, {}).setdefault(key, []).append((r["tokens"], v))
+    if not series:
+        return None
+    n = len(series)
+    cols = min(n, 4)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.8 * cols, 2.9 * rows_n), squeeze=False, sharey=True)
+    for ax, (lab, lines) in zip(axes.flat, series.items()):
+        for key in sorted(lines):
+            _, kind, layer = key.split("/")
+            ax.plot(*zip(*lines[key]), ls="-" if kind == "attn" else "--", lw=1.1, label=f"{kind} {layer}")
+        ax.set_title(names.get(lab, lab), fontsize=9)
+        ax.set_xlabel("tokens", fontsize=8)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=6, ncol=2)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("entropy / ln E")
+    fig.suptitle("Router entropy per layer over training (1 = uniform weights)", fontsize=10, y=1.03)
+    return _save(fig, path)

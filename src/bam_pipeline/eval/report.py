@@ -23,7 +23,7 @@ from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate
 from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
-from bam_pipeline.eval.plots import interval_panels, loss_curves, perplexity_bars, routing_heatmap
+from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTER_KINDS
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_RESAMPLES, Interval, claim_verdict,
@@ -316,6 +316,8 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
             images["perplexity.png"] = "Perplexity per domain per model"
         if loss_curves(logs, table.names, tmp / "training_loss.png"):
             images["training_loss.png"] = "Training loss against tokens, every stage"
+        if entropy_curves(logs, table.names, tmp / "routing_entropy_training.png"):
+            images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
         for label, entry in routing.items():
             for kind in ROUTER_KINDS:
                 path = layout.heatmap(label, kind, tmp)

@@ -81,9 +81,15 @@ class LMModule(L.LightningModule):
 
     def _routing_metrics(self, routing) -> dict[str, float]:
         """Per-layer aux losses and expert load: fraction of FFN assignments, mean attention router
-        probability (with top-k attention routing, the router's preference, not the share selected)."""
+        probability (with top-k attention routing, the router's preference, not the share selected),
+        and each router's mean entropy relative to uniform (entropy / ln E: 1 = uniform, 0 = one expert)."""
         metrics: dict[str, float] = {}
         for i, r in enumerate(routing):
+            for kind, probs in (("attn", r.attn_probs), ("ffn", r.ffn_probs)):
+                if probs is not None and probs.shape[-1] > 1:
+                    p = probs.detach().float()
+                    ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean() / math.log(p.shape[-1])
+                    metrics[f"entropy/{kind}/L{i}"] = float(ent)
             if r.ffn_counts is not None:
                 frac = (r.ffn_counts.float() / r.ffn_counts.sum().clamp_min(1)).tolist()
                 metrics.update({f"load/ffn/L{i}/e{e}": f for e, f in enumerate(frac)})
