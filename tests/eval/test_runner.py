@@ -184,3 +184,41 @@ def test_descriptions_come_from_the_manifest(tmp_path):
     plain = about(art("branch", "law"))  # no description: named by its label, role by its stage
     assert (plain.display, plain.role, plain.domain) == ("branch/law", "expert", "law")
     assert about(art("moe", "dense", about={"display": "Dense", "role": "dense"})).role == "dense"
+
+
+def test_uniform_attention_probe_averages_the_attention_experts(run_copy, eval_cfg):
+    """A mixture with distinct experts and a trained-looking router, scored again with its soft attention weights
+    forced uniform: its own row (role probe), equal to an independent loop over the zeroed-router model, and
+    different from the mixture; for identical experts the probe changes nothing (averaging copies is exact)."""
+    from conftest import save_artifact
+
+    from bam_pipeline.data.prepare import open_prepared as _open
+    from bam_pipeline.eval.runner import UNIFORM_ATTENTION, probe_label, uniform_attention
+
+    prepared = _open(run_copy / "data")
+    cfg, _ = load_state(read_artifact(run_copy / "mix" / "bam"))
+    torch.manual_seed(3)
+    model = BAMTransformer(cfg)
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.router.weight.mul_(200.0)  # peaked attention weights: far from uniform
+    save_artifact(run_copy, "moe", "x", cfg, model.state_dict(), prepared, about={"display": "X", "role": "mixture"})
+    spec = eval_cfg(uniform_attention=["moe/x", "mix/bam", "moe/nope"], btm=False)
+    metrics = json.loads(run_eval(spec, RunLayout(run_copy), general="general").read_text())
+    rows = rows_by(metrics)
+    probe = probe_label("moe/x", UNIFORM_ATTENTION)
+    assert {r["role"] for r in metrics["rows"] if r["model"] == probe} == {"probe"}
+    assert uniform_attention(model) == cfg.n_layers
+    test = load_split_sequences(open_prepared(run_copy / "data"), "code", "test", SEQ_LEN, max_tokens=1024)
+    with torch.no_grad():
+        logits = model.eval()(test[:, :-1]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), test[:, 1:].flatten()).exp().item()
+    assert rows[(probe, "code")]["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert rows[(probe, "code")]["perplexity"] != pytest.approx(rows[("moe/x", "code")]["perplexity"], rel=1e-3)
+    same = probe_label("mix/bam", UNIFORM_ATTENTION)
+    for source in SOURCES:
+        assert rows[(same, source)]["perplexity"] == pytest.approx(rows[("mix/bam", source)]["perplexity"], rel=1e-5)
+    documents = json.loads((run_copy / "eval" / "documents.json").read_text())["models"]
+    assert set(documents[probe]) == set(SOURCES)
+    assert any(x["name"] == "moe/nope+uniform_attn" and "not trained" in x["reason"] for x in metrics["skipped"])
+

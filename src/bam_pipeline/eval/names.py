@@ -2,7 +2,8 @@
 mixture, the names of its experts, all read from the artifact's manifest (written by its stage).
 
 Roles: ``seed``, ``expert`` (a branch expert), ``untrained`` (a mix artifact), ``mixture`` (a trained
-mixture) and ``dense`` (the dense baseline of the mixture phase, a single model).
+mixture), ``dense`` (the dense baseline of the mixture phase, a single model), ``ensemble`` (BTM, at eval)
+and ``probe`` (a model changed at eval to test a question, e.g. uniform attention weights).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from bam_pipeline.store.artifacts import Artifact
 from bam_pipeline.store.layout import parse_label
 
-ROLES = ("seed", "expert", "untrained", "mixture", "dense")
+ROLES = ("seed", "expert", "untrained", "mixture", "dense", "ensemble", "probe")
 SINGLE_MODEL_ROLES = ("seed", "expert", "dense")
 STAGE_ROLES = {"seed": "seed", "branch": "expert", "mix": "untrained", "moe": "mixture"}
 

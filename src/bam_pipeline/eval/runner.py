@@ -73,11 +73,40 @@ class _Sequences:
         return self.cache[(source, seq_len)]
 
 
+UNIFORM_ATTENTION = "uniform_attn"  # the probe: a mixture with its soft attention weights forced uniform
+
+
+def uniform_attention(model: torch.nn.Module) -> int:
+    """Force every soft attention router to uniform weights (zero router weights: softmax of equal
+    logits), so the attention experts are averaged with weight 1/E; returns how many routers changed."""
+    changed = 0
+    for block in model.layers:
+        router = block.attn.router
+        if router is not None:
+            if router.cfg.kind != "soft":
+                raise BamError(f"eval.uniform_attention applies to soft attention routing, not {router.cfg.kind}")
+            router.weight.data.zero_()
+            changed += 1
+    return changed
+
+
+def probe_label(label: str, probe: str) -> str:
+    return f"{label}+{probe}"
+
+
 def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                   device: torch.device) -> dict[str, Any]:
-    """Rows (one per source), routing stats per source and per-source skip records for one model."""
+                   device: torch.device, *, probe: str | None = None) -> dict[str, Any]:
+    """Rows (one per source), routing stats per source and per-source skip records for one model;
+    with ``probe`` (UNIFORM_ATTENTION), of the model changed by that probe, as its own row."""
     model, mcfg = load_model(art, verify=False, device=str(device))
     info = about(art)
+    label = art.label
+    if probe == UNIFORM_ATTENTION:
+        if not uniform_attention(model):
+            raise BamError(f"eval.uniform_attention names {art.label}, which has no attention router; name a "
+                           "mixture with soft attention routing (e.g. moe/bam)")
+        label = probe_label(art.label, probe)
+        info = About(f"{info.display}, uniform attention weights", "probe", experts=info.experts)
     seq_len = spec.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len:
         raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
@@ -89,8 +118,8 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             test = seqs.get(source, seq_len)
             data = test.tokens  # (N, seq_len + 1)
         except BamError as e:  # split shorter than one sequence
-            print(f"[eval] skip {art.label} on {source}: {e}")
-            skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
+            print(f"[eval] skip {label} on {source}: {e}")
+            skipped.append({"kind": "source", "name": f"{label} on {source}", "reason": str(e)})
             continue
         if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
             sequence_nll(model, data[: spec.batch_size], batch_size=spec.batch_size, device=device)
@@ -102,7 +131,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
         rows.append({
-            "model": art.label, "stage": art.stage, "name": art.name, "display": info.display, "role": info.role,
+            "model": label, "stage": art.stage, "name": art.name, "display": info.display, "role": info.role,
             "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
             "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
             "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
@@ -239,6 +268,15 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             info = about(art)
             routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
                                   "domains": result["routing"]}
+        if art.label in spec.uniform_attention:
+            scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage, f"{art.name}+{UNIFORM_ATTENTION}",
+                   {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
+                   lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device,
+                                                            probe=UNIFORM_ATTENTION))
+    missing = sorted(set(spec.uniform_attention) - {a.label for a in good})
+    skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION),
+                 "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
+                for m in missing]
     singles = [a for a in good if a.stage in ("seed", "branch")]
     if spec.btm and len(singles) >= 2 and singles[0].stage == "seed":
         scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],

@@ -22,6 +22,9 @@ class EvalSpec:
     btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (PAPER.md section 10)
     btm_prior_sequences: int  # validation sequences per source that estimate BTM's prior over its models
     resamples: int = 2000  # bootstrap resamples behind every interval of the report (at least 2000)
+    # mixtures (labels, e.g. moe/bam) also scored with their soft attention weights forced uniform: is
+    # soft attention routing more than averaging the attention experts?
+    uniform_attention: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_source is not None and self.max_tokens_per_source <= 0:
@@ -34,6 +37,11 @@ class EvalSpec:
             raise ConfigError("btm_prior_sequences", self.btm_prior_sequences, "must be a positive integer")
         if self.resamples < 2000:
             raise ConfigError("resamples", self.resamples, "use at least 2000 bootstrap resamples for 95% intervals")
+        object.__setattr__(self, "uniform_attention", tuple(self.uniform_attention))
+        for label in self.uniform_attention:
+            if not str(label).startswith(("moe/", "mix/")):
+                raise ConfigError("uniform_attention", list(self.uniform_attention),
+                                  "name mixtures by label, e.g. [moe/bam]")
         if not DEVICE.match(self.device):
             raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")
 
