@@ -7,17 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from eval_runs import ROLES, SOURCES, fake_eval_run
+
 from bam_pipeline.errors import BamError
-from bam_pipeline.eval.aggregate import RunEval, aggregate
+from bam_pipeline.eval.aggregate import aggregate
 from bam_pipeline.eval.claims import FAILS, HOLDS, NOT_RESOLVED, UNMEASURABLE
 from bam_pipeline.eval.report import build_seeds_report, interval_cells
 from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses, paired_difference
 from bam_pipeline.eval.table import AVERAGE
-from bam_pipeline.store.layout import RunLayout
-
-SOURCES = ("general", "code", "law")
-ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/bam": "mixture", "moe/btx": "mixture",
-         "moe/dense": "dense"}
 
 
 def test_joint_resampling_reproduces_the_paired_difference_for_one_source():
@@ -41,33 +38,6 @@ def test_joint_resampling_draws_the_seeds_once_for_every_source():
     assert np.array_equal(reps["m"]["s1"], reps["m"]["s2"]) and reps["m"]["s1"].std() > 0.1
 
 
-def _fake_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0):
-    """A run directory with metrics.json and documents.json whose per-token losses have known effects:
-    every model's loss on a source is a document's difficulty plus the model's offset ``shift[model][source]``
-    plus small per-(model, document) noise and a per-seed effect."""
-    rng = np.random.default_rng(100 + seed)
-    tokens = np.random.default_rng(tokens_seed).integers(20, 300, size=(len(SOURCES), n_docs))
-    difficulty = np.random.default_rng(tokens_seed + 1).normal(3.0, 0.5, size=(len(SOURCES), n_docs))
-    seed_effect = rng.normal(0, 0.01)
-    rows, docs = [], {}
-    for m in models:
-        docs[m] = {}
-        for i, src in enumerate(SOURCES):
-            per_token = difficulty[i] + shift.get(m, {}).get(src, 0.0) + seed_effect + rng.normal(0, 0.02, n_docs)
-            nll = per_token * tokens[i]
-            docs[m][src] = {"nll": nll.tolist(), "tokens": tokens[i].tolist()}
-            loss = nll.sum() / tokens[i].sum()
-            rows.append({"model": m, "domain": src, "perplexity": math.exp(loss), "loss": loss, "role": ROLES[m],
-                         "display": m})
-    layout = RunLayout(tmp_path / name)
-    layout.eval.mkdir(parents=True)
-    layout.metrics.write_text(json.dumps({"run": name, "sources": list(SOURCES), "ood_sources": [],
-                                          "general_source": "general", "rows": rows, "data_hash": data_hash,
-                                          "settings": {}}))
-    layout.documents.write_text(json.dumps({"models": docs}))
-    return RunEval(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))
-
-
 # offsets in nats per token: experts better in their domain, mixtures better everywhere, BAM vs BTX tiny
 SHIFT = {
     "seed": {"code": 0.3, "law": 0.3},
@@ -80,7 +50,7 @@ SHIFT = {
 
 
 def test_verdicts_on_synthetic_seeds_match_the_true_differences(tmp_path):
-    runs = [_fake_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(3)]
+    runs = [fake_eval_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(3)]
     agg = aggregate(runs, resamples=2000)
     claims = {c.key: c for c in agg.claims()}
     assert claims["experts_beat_seed"].status == HOLDS
@@ -99,7 +69,7 @@ def test_verdicts_on_synthetic_seeds_match_the_true_differences(tmp_path):
 
 
 def test_one_seed_covers_documents_only_and_cells_bracket_their_estimate(tmp_path):
-    agg = aggregate([_fake_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=2000)
+    agg = aggregate([fake_eval_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=2000)
     assert agg.covers == DOCUMENTS_ONLY
     for lab, row in agg.cells.items():
         assert set(row) == {*SOURCES, AVERAGE}
@@ -112,25 +82,25 @@ def test_one_seed_covers_documents_only_and_cells_bracket_their_estimate(tmp_pat
 
 
 def test_models_missing_from_a_seed_are_left_out_with_why(tmp_path):
-    runs = [_fake_run(tmp_path, "r0", 0, shift=SHIFT),
-            _fake_run(tmp_path, "r1", 1, shift=SHIFT, models=tuple(m for m in ROLES if m != "moe/btx"))]
+    runs = [fake_eval_run(tmp_path, "r0", 0, shift=SHIFT),
+            fake_eval_run(tmp_path, "r1", 1, shift=SHIFT, models=tuple(m for m in ROLES if m != "moe/btx"))]
     agg = aggregate(runs, resamples=2000)
     assert "moe/btx" not in agg.table.labels and "r1" in agg.left_out["moe/btx"]
 
 
 def test_seeds_on_different_data_are_refused(tmp_path):
-    runs = [_fake_run(tmp_path, "r0", 0, shift=SHIFT), _fake_run(tmp_path, "r1", 1, shift=SHIFT, data_hash="other")]
+    runs = [fake_eval_run(tmp_path, "r0", 0, shift=SHIFT), fake_eval_run(tmp_path, "r1", 1, shift=SHIFT, data_hash="other")]
     with pytest.raises(BamError, match="different prepared data"):
         aggregate(runs, resamples=2000)
 
 
 def test_too_few_resamples_are_refused(tmp_path):
     with pytest.raises(BamError, match="at least 2000"):
-        aggregate([_fake_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=100)
+        aggregate([fake_eval_run(tmp_path, "r0", 0, shift=SHIFT)], resamples=100)
 
 
 def test_seeds_report_files(tmp_path):
-    runs = [_fake_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(2)]
+    runs = [fake_eval_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(2)]
     md = build_seeds_report(runs[0].layout, runs, command="python -m bam_pipeline stage=all pipeline.seeds=[0,1]")
     out = md.parent
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "claims.json", "table.json", "claims.png",

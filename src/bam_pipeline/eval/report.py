@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bam_pipeline.errors import BamError
+from bam_pipeline.eval import ablations
 from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate
 from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.names import column_name
@@ -218,6 +219,29 @@ def _ood_blocks(agg: Aggregate) -> list[Block]:
             ("table", ood_rows(agg))]
 
 
+def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing: dict[str, Any]) -> list[Block]:
+    """One section per open question this run trained the models of (eval.ablations.QUESTIONS)."""
+    blocks: list[Block] = []
+    for q in ablations.QUESTIONS:
+        if not ablations.present(q, agg):
+            continue
+        blocks += [("h", 3, q.question), ("p", q.how), ("table", ablations.question_table(q, agg, metrics_rows))]
+        if q.paper_rows:
+            blocks += [("p", f"The paper's {q.paper} (590M models; compare orderings, not magnitudes):"),
+                       ("table", ablations.paper_table(q))]
+        extra = {"uniform_attention": ablations.attention_entropy(routing, q.reference),
+                 "shared_routing": ablations.agreement(routing, q.reference)}.get(q.key)
+        blocks.append(("p", "**This run:** " + ablations.sentence(q, agg) + (f" {extra}" if extra else "")))
+    if not blocks:
+        return []
+    intro = ("Each model is compared with the reference named in its table by the paired interval of the difference "
+             "in mean per-token loss on every column: better when every interval lies below 0, worse when one lies "
+             "above 0 (the column named), otherwise not resolved at this scale.")
+    if agg.table.ood:
+        intro += " Whether mixing trades specialisation for generalisation is the out-of-domain section above."
+    return [("h", 2, "Open questions (PAPER.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
+
+
 def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
             command: str, config_hash: str, agg: Aggregate, resamples: int) -> list[Block]:
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
@@ -246,6 +270,7 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("h", 2, "Ordering claims"),
         *_claim_blocks(ppl, agg, resamples),
         *_ood_blocks(agg),
+        *_question_blocks(agg, metrics["rows"], routing),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s measured during this evaluation on the device above."),
@@ -393,6 +418,7 @@ def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, re
     table.json, PNGs), written atomically; returns report.md's path."""
     agg = aggregate(runs, resamples=resamples)
     s = runs[0].metrics["settings"]
+    routing = json.loads(runs[0].layout.routing.read_text()) if runs[0].layout.routing.is_file() else {}
     with publish(base.seeds_report) as tmp:
         images: dict[str, str] = {}
         panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
@@ -427,6 +453,7 @@ def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, re
             ("h", 2, "Ordering claims"),
             *_claim_blocks(agg.table, agg, resamples),
             *_ood_blocks(agg),
+            *_question_blocks(agg, runs[0].metrics["rows"], routing),
             ("h", 2, "Plots"),
             *[("img", name, caption) for name, caption in images.items()],
             ("h", 2, "Every comparison"),

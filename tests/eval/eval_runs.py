@@ -1,0 +1,41 @@
+"""Synthetic eval outputs (metrics.json, documents.json) of runs whose true loss differences are known."""
+
+import json
+import math
+
+import numpy as np
+
+from bam_pipeline.eval.aggregate import RunEval
+from bam_pipeline.store.layout import RunLayout
+
+SOURCES = ("general", "code", "law")
+ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/bam": "mixture", "moe/btx": "mixture",
+         "moe/dense": "dense"}
+
+
+def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0,
+                  roles=None):
+    """A run directory with metrics.json and documents.json whose per-token losses have known effects:
+    every model's loss on a source is a document's difficulty plus the model's offset ``shift[model][source]``
+    plus small per-(model, document) noise and a per-seed effect."""
+    rng = np.random.default_rng(100 + seed)
+    tokens = np.random.default_rng(tokens_seed).integers(20, 300, size=(len(SOURCES), n_docs))
+    difficulty = np.random.default_rng(tokens_seed + 1).normal(3.0, 0.5, size=(len(SOURCES), n_docs))
+    seed_effect = rng.normal(0, 0.01)
+    rows, docs = [], {}
+    for m in models:
+        docs[m] = {}
+        for i, src in enumerate(SOURCES):
+            per_token = difficulty[i] + shift.get(m, {}).get(src, 0.0) + seed_effect + rng.normal(0, 0.02, n_docs)
+            nll = per_token * tokens[i]
+            docs[m][src] = {"nll": nll.tolist(), "tokens": tokens[i].tolist()}
+            loss = nll.sum() / tokens[i].sum()
+            rows.append({"model": m, "domain": src, "perplexity": math.exp(loss), "loss": loss, "role": (roles or ROLES).get(m, "mixture"),
+                         "display": m, "params_total": 1000, "params_active": 500})
+    layout = RunLayout(tmp_path / name)
+    layout.eval.mkdir(parents=True)
+    layout.metrics.write_text(json.dumps({"run": name, "sources": list(SOURCES), "ood_sources": [],
+                                          "general_source": "general", "rows": rows, "data_hash": data_hash,
+                                          "settings": {}}))
+    layout.documents.write_text(json.dumps({"models": docs}))
+    return RunEval(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))

@@ -1,0 +1,48 @@
+"""The open questions answered by paired comparisons against a reference, on synthetic runs with known effects."""
+
+from eval_runs import ROLES, fake_eval_run
+
+from bam_pipeline.eval import ablations
+from bam_pipeline.eval.aggregate import aggregate
+from bam_pipeline.eval.report import _question_blocks
+from bam_pipeline.eval.render import to_markdown
+
+SHIFT = {
+    "seed": {"code": 0.3, "law": 0.3},
+    "moe/bam": {"general": -0.2, "code": -0.2, "law": -0.2},
+    "moe/bam_frozen": {"general": -0.1, "code": -0.05, "law": -0.2},  # worse on general and code, equal on law
+    "moe/bam_router_joint": {"general": -0.2, "code": -0.2, "law": -0.2},  # equal everywhere
+    "moe/bam_hash": {"general": -0.3, "code": -0.3, "law": -0.3},  # better everywhere
+    "moe/btx_e6": {"general": 0.0, "code": 0.0, "law": 0.0},
+}
+MODELS = ("seed", "branch/code", "branch/law", *[m for m in SHIFT if m.startswith("moe/")])
+
+
+def _agg(tmp_path, seeds=2):
+    runs = [fake_eval_run(tmp_path, f"r{s}", s, shift=SHIFT, models=MODELS, roles={**ROLES}) for s in range(seeds)]
+    return aggregate(runs, resamples=2000), runs
+
+
+def test_each_model_is_judged_against_the_reference_on_every_column(tmp_path):
+    agg, _ = _agg(tmp_path)
+    q = {x.key: x for x in ablations.QUESTIONS}
+    assert ablations.answer_row(agg, q["frozen"], "moe/bam_frozen").verdict == ablations.WORSE
+    assert ablations.answer_row(agg, q["shared_routing"], "moe/bam_router_joint").verdict == ablations.UNRESOLVED
+    assert ablations.answer_row(agg, q["routing_rule"], "moe/bam_hash").verdict == ablations.BETTER
+    frozen = ablations.answer_row(agg, q["frozen"], "moe/bam_frozen")
+    # true Average difference: mean of (+0.1, +0.15, 0) = +0.0833 per token
+    assert frozen.average.low < 0.0833 < frozen.average.high
+    assert ablations.present(q["parameters"], agg) == ["moe/btx_e6"]  # only the rows this run trained
+    assert ablations.present(q["attention_routing"], agg) == []  # no reference: no section
+
+
+def test_report_sections_only_for_questions_with_their_models(tmp_path):
+    agg, runs = _agg(tmp_path)
+    text = to_markdown(_question_blocks(agg, runs[0].metrics["rows"], {}))
+    assert "Would frozen experts keep their specialisation?" in text
+    assert "Is BAM's edge over BTX just more parameters? (paper Table 4)" in text
+    assert "The paper's Table 4" in text and "3.44" in text
+    assert "Soft or top-k attention routing" not in text and "expert-choice or hash" in text
+    assert "moe/bam_frozen is worse than moe/bam (on" in text
+    assert "moe/bam_hash is better than moe/bam on every column" in text
+    assert "moe/bam_router_joint is not distinguishable from moe/bam" in text
