@@ -43,7 +43,7 @@ def test_every_experiment_reads_into_typed_specs(experiment):
     assert ctx.run == experiment
     model = ctx.model.dense_config(vocab_size=ctx.data.tokenizer.vocab_size)
     assert model.max_seq_len == ctx.train.seq_len
-    assert set(ctx.data.resolved) == {ctx.data.general, *ctx.data.domains}
+    assert set(ctx.data.resolved) == {ctx.data.general, *ctx.data.domains, *ctx.data.ood}
     for name in (*ctx.pipeline.mix_variants, ctx.budget.moe.reference):
         assert ctx.variant(name).layout(model, len(ctx.data.domains)).ffn_experts >= 1
 
@@ -55,7 +55,7 @@ def test_paper_experiment_is_table_8_and_section_6():
     t = ctx.train
     assert t.lr == pytest.approx(1.2e-4) and t.warmup_steps_max == 1500
     assert t.branch_lr_scale == 0.5 and t.min_lr_ratio == 0.1 and t.weight_decay == 0.1
-    assert {s.type for s in ctx.data.resolved.values()} == {"hub"}
+    assert {ctx.data.resolved[s].type for s in (ctx.data.general, *ctx.data.domains)} == {"hub"}
     assert t.sequences_per_step * t.seq_len * 32 == 2**20  # 1M-token batches on 32 GPUs
 
 

@@ -1,13 +1,13 @@
 """A tiny fake run for the eval tests: prepared data from three local `files` sources and random-init
 smoke models (seed, two branch experts, a function-preserving mixture of identical seed copies)."""
 
-import json
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from eval_runs import save_artifact
 from omegaconf import OmegaConf
 
 from bam_pipeline.config.files import conf_dir
@@ -15,7 +15,6 @@ from bam_pipeline.data.prepare import prepare_data
 from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model import BAMTransformer, RouterConfig, preset
-from bam_pipeline.store.artifacts import publish, save_model, write_manifest
 SOURCES = ("general", "code", "law")
 WORDS = {
     "general": "the a of and to in is was he she it they said time day house long river".split(),
@@ -42,16 +41,6 @@ def data_cfg(corpus: Path) -> dict:
         "tokenizer": {"path": None, "vocab_size": 300, "train_bytes": 100000, "eos_token": "<|endoftext|>"},
         "mixtures": {"seed_general": 0.7, "branch_general": 0.1}, "rebuild": False,
     }
-
-
-def save_artifact(run: Path, stage: str, name: str, model_cfg, state, prepared, log_rows=(), about=None) -> None:
-    with publish(run / stage / name) as tmp:
-        save_model(tmp, model_cfg, state)
-        if log_rows:
-            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-        extra = {"about": about} if about else {}
-        write_manifest(tmp, stage=stage, name=name, run=run.name, config={}, inputs={}, metrics={},
-                       tokens=sum(1000 for _ in log_rows), flops=0, tokenizer_hash=prepared.tokenizer_hash, **extra)
 
 
 def identical_mixture(dense_state: dict, n: int) -> dict:

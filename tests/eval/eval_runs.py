@@ -1,11 +1,14 @@
-"""Synthetic eval outputs (metrics.json, documents.json) of runs whose true loss differences are known."""
+"""Hand-made run contents for the eval tests: model artifacts written directly, and synthetic eval outputs
+(metrics.json, documents.json) of runs whose true loss differences are known."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
 from bam_pipeline.eval.aggregate import RunEval
+from bam_pipeline.store.artifacts import publish, save_model, write_manifest
 from bam_pipeline.store.layout import RunLayout
 
 SOURCES = ("general", "code", "law")
@@ -39,3 +42,13 @@ def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES)
                                           "settings": {}}))
     layout.documents.write_text(json.dumps({"models": docs}))
     return RunEval(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))
+
+
+def save_artifact(run: Path, stage: str, name: str, model_cfg, state, prepared, log_rows=(), about=None) -> None:
+    with publish(run / stage / name) as tmp:
+        save_model(tmp, model_cfg, state)
+        if log_rows:
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+        extra = {"about": about} if about else {}
+        write_manifest(tmp, stage=stage, name=name, run=run.name, config={}, inputs={}, metrics={},
+                       tokens=sum(1000 for _ in log_rows), flops=0, tokenizer_hash=prepared.tokenizer_hash, **extra)

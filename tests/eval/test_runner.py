@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_runs import save_artifact
 
 from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import load_split_sequences
@@ -190,8 +191,6 @@ def test_uniform_attention_probe_averages_the_attention_experts(run_copy, eval_c
     """A mixture with distinct experts and a trained-looking router, scored again with its soft attention weights
     forced uniform: its own row (role probe), equal to an independent loop over the zeroed-router model, and
     different from the mixture; for identical experts the probe changes nothing (averaging copies is exact)."""
-    from conftest import save_artifact
-
     from bam_pipeline.data.prepare import open_prepared as _open
     from bam_pipeline.eval.runner import UNIFORM_ATTENTION, probe_label, uniform_attention
 

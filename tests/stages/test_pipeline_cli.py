@@ -41,7 +41,7 @@ def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run)
     assert any("val_loss" in r for r in rows) and any("loss" in r for r in rows)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     pairs = {(r["model"], r["domain"]) for r in metrics["rows"]}
-    assert pairs == {(label, d) for label in labels for d in ("general", *DOMAINS)}
+    assert pairs == {(label, d) for label in (*labels, "btm") for d in ("general", *DOMAINS)}  # BTM: eval only
     routing = json.loads((run / "eval" / "routing.json").read_text())
     assert set(routing) == {label for label in labels if not label.endswith("dense") and label.split("/")[0]
                             in ("mix", "moe")}
