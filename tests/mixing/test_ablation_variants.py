@@ -53,7 +53,7 @@ def test_display_names_say_what_differs():
     assert variant("bam_router_joint").display_name() == "BAM (expert KV, joint attention/FFN router)"
     assert variant("bam_hash").display_name() == "BAM (expert KV, hash FFN)"
     assert variant("bam_hash", hash_table="random").display_name() == "BAM (expert KV, hash FFN, random hash table)"
-    assert variant("bam_expert_choice").display_name() == "BAM (expert KV, expert-choice at capacity 1 FFN)"
+    assert variant("bam_expert_choice").display_name() == "BAM (expert KV, expert-choice FFN, capacity 1)"
     assert variant("btx_top2").display_name(compute_matched=True) == "BTX CM (top-2 renormalised FFN)"
     assert variant("btx_e5").display_name() == "BTX (+1 seed FFN copy)"
     assert variant("btx_e8").display_name() == "BTX (+4 seed FFN copies)"

@@ -222,7 +222,9 @@ class MixVariant:
             if self.attn_router != SOFT:
                 out.append(f"{self.attn_router.describe()} attention")
         if self.method != "dense":
-            if self.ffn_router != TOP1:
+            if self.ffn_router.kind == "expert_choice":
+                out.append(f"expert-choice FFN, capacity {self.ffn_router.capacity:g}")
+            elif self.ffn_router != TOP1:
                 out.append(f"{self.ffn_router.describe()} FFN")
             if not self.include_seed:
                 out.append("no seed expert")
