@@ -9,7 +9,7 @@ import torch
 
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.model.config import RouterConfig, preset
-from bam_pipeline.model.moe import MoEFeedForward
+from bam_pipeline.model.moe import MoEFeedForward, grouped_mm_supported
 from bam_pipeline.model.routing import Router, capacity_tokens, route
 from bam_pipeline.model.transformer import BAMTransformer
 
@@ -301,3 +301,27 @@ def test_routing_options_serialise_only_when_used():
     assert type(used).from_dict(d) == used
     ec = plain.replace(ffn_router=RouterConfig("expert_choice", capacity=2.0))
     assert type(ec).from_dict(ec.to_dict()) == ec
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_expert_choice_dispatch_is_the_same_grouped_or_looped(mode):
+    """The masked dispatch through grouped_mm (the CUDA path; float32 on CPU here) equals the loop,
+    forward and backward, including experts that get no token at eval."""
+    cfg = SMOKE.replace(ffn_experts=E, ffn_router=RouterConfig("expert_choice", capacity=0.5))
+    x = torch.randn(2, 12, 32)
+    if not grouped_mm_supported(x, torch.zeros(E, 32, 64)):
+        pytest.skip("grouped_mm does not support float32 on this torch/CPU")
+    outs, grads = [], []
+    for dispatch in ("loop", "grouped"):
+        torch.manual_seed(0)
+        moe = MoEFeedForward(cfg, dispatch=dispatch)
+        moe.router.threshold.copy_(torch.tensor([0.2, 0.3, 2.0, 0.25]))  # expert 2 gets nothing at eval
+        moe.train(mode == "train")
+        h = x.clone().requires_grad_(True)
+        out = moe(h)
+        out.out.square().sum().backward()
+        outs.append(out.out.detach())
+        grads.append((h.grad, moe.w1.grad, moe.router.weight.grad))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
