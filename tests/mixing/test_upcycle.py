@@ -7,7 +7,8 @@ import torch
 
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
+from bam_pipeline.mixing.hidden import hidden_means
 from bam_pipeline.mixing.upcycle import expected_shapes, upcycle
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import preset
@@ -25,10 +26,17 @@ def variant(name: str, **changes) -> MixVariant:
 
 
 def mix(name_or_variant, seed, experts, cfg=CFG, **changes):
-    """Upcycle ``seed`` and the domain ``experts`` (one per domain, in DOMAINS order) with a variant."""
+    """Upcycle ``seed`` and the domain ``experts`` (one per domain, in DOMAINS order) with a variant;
+    a variant that reads data gets token frequencies and the seed's hidden means on random tokens."""
     v = name_or_variant if isinstance(name_or_variant, MixVariant) else variant(name_or_variant, **changes)
     domains = DOMAINS[: len(experts)]
-    return upcycle(v, {"seed": seed, **dict(zip(domains, experts))}, cfg, domains)
+    data = {}
+    if v.reads_data:
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg.vocab_size, (2, 16), generator=g) for _ in v.hidden_sources(domains, "g")]
+        data = {"token_frequencies": torch.rand(cfg.vocab_size, generator=g),
+                "hidden": {o: hidden_means(cfg, seed, [b]) for o, b in zip(v.hidden_sources(domains, "g"), batches)}}
+    return upcycle(v, {"seed": seed, **dict(zip(domains, experts))}, cfg, domains, **data)
 
 
 def random_dense(cfg, seed):
@@ -278,6 +286,10 @@ def test_every_variant_loads_strictly(name, tied):
     cfg = CFG.replace(tie_embeddings=tied, parallel_residual=not tied)
     seed = random_dense(cfg, 1)
     v = variant(name)
+    if v.joint_router and not cfg.parallel_residual:  # one router for two different inputs: refused
+        with pytest.raises(ConfigError, match="joint_router=True: needs parallel blocks"):
+            mix(v, seed, [random_dense(cfg, 2 + i) for i in range(N_DOMAINS)], cfg)
+        return
     mix_cfg, mixed = mix(v, seed, [random_dense(cfg, 2 + i) for i in range(N_DOMAINS)], cfg)
     BAMTransformer(mix_cfg).load_state_dict(mixed, strict=True)
     if mix_cfg.attn_experts > 1:

@@ -7,6 +7,7 @@ import torch
 from bam_pipeline.config.files import conf_dir, group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.errors import ConfigError
+from bam_pipeline.mixing.hidden import hidden_means
 from bam_pipeline.mixing.upcycle import upcycle
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import RouterConfig, preset
@@ -34,7 +35,13 @@ def test_layout_without_weights_equals_the_built_mixture(name):
     dense = preset("smoke")
     states = {n: BAMTransformer(dense).state_dict() for n in ("seed", *DOMAINS)}
     v = variant(name)
-    built_cfg, state = upcycle(v, {n: states[n] for n in v.models(DOMAINS)}, dense, DOMAINS, generator_seed=0)
+    data = {}
+    if v.reads_data:  # token frequencies and the seed's mean hidden states (on random tokens here)
+        tokens = torch.randint(0, dense.vocab_size, (2, 16))
+        data = {"token_frequencies": torch.rand(dense.vocab_size),
+                "hidden": {o: hidden_means(dense, states["seed"], [tokens]) for o in v.hidden_sources(DOMAINS, "g")}}
+    built_cfg, state = upcycle(v, {n: states[n] for n in v.models(DOMAINS)}, dense, DOMAINS, generator_seed=0,
+                               **data)
     assert v.layout(dense, len(DOMAINS)) == built_cfg
     BAMTransformer(built_cfg).load_state_dict(state, strict=True)
     names = v.expert_names(DOMAINS)

@@ -153,3 +153,73 @@ def test_describe_rows():
     assert "4 experts (soft, shared KV)" in rows["architecture"]
     assert "top-2" in rows["architecture"]
     assert "dense" in describe(SMOKE)["architecture"]
+
+
+# ---- top-k attention: what an ideal sparse kernel computes vs what our fused attention computes ----
+CTX = (64 + 1) / 2
+HEAD = 2 * 32 * 256  # 16384
+FFN1 = 2 * FFN_EXPERT  # one top-1 FFN expert: 12288
+ROUTERS = 2 * (4 * 32 + 4 * 32)  # attention + FFN router: 512
+
+
+def test_topk_attention_flops_ideal_kernel_by_hand():
+    """Budgets: the k chosen experts' Q, O and attention, every expert's K/V."""
+    top1 = SMOKE.replace(attn_experts=4, attn_router=RouterConfig("topk", 1), ffn_experts=4)
+    f = flops_per_token(top1, seq_len=64)
+    proj = 2 * (1 * QO + 4 * KV)  # 12288: 1 expert's Q/O, all 4 experts' K/V
+    scores = 2 * 2 * 1 * 32 * CTX  # 4160: one expert's q.k and p.v
+    assert f.attention_proj == 2 * proj == 24576
+    assert f.attention_scores == 2 * scores == 8320
+    assert f.total == 2 * (proj + scores + ROUTERS + FFN1) + HEAD == 74880
+
+    top2_shared = SMOKE.replace(attn_experts=4, attn_router=RouterConfig("topk", 2), attn_kv="shared", ffn_experts=4)
+    f2 = flops_per_token(top2_shared, seq_len=64)
+    proj2 = 2 * (2 * QO + 1 * KV)  # 10240: the one shared K/V set
+    assert f2.attention_proj == 2 * proj2
+    assert f2.total == 2 * (proj2 + 2 * 2 * 2 * 32 * CTX + ROUTERS + FFN1) + HEAD == 79104
+    # the compute-matched budget uses it
+    assert training_flops_per_token(top1, 64) == 3 * 74880
+
+
+def test_topk_attention_flops_as_implemented_by_hand():
+    """Throughput: our fused attention computes all 4 experts and zero-weights 3 of them."""
+    top1 = SMOKE.replace(attn_experts=4, attn_router=RouterConfig("topk", 1), ffn_experts=4)
+    f = flops_per_token(top1, seq_len=64, implementation=True)
+    proj = 2 * (4 * QO + 4 * KV)  # 24576
+    scores = 2 * 2 * 4 * 32 * CTX  # 16640
+    assert f.total == 2 * (proj + scores + ROUTERS + FFN1) + HEAD == 124416
+    soft = SMOKE.replace(attn_experts=4, ffn_experts=4)
+    assert f.total == flops_per_token(soft, 64).total == flops_per_token(soft, 64, implementation=True).total
+    rows = describe(top1, seq_len=64)
+    assert (rows["flops_per_token_forward"], rows["flops_per_token_forward_implementation"]) == (74880, 124416)
+    # active parameters stay each token's own expert (Q, K, V, O), as before
+    assert count_params(top1).active == EMB + 2 * (ATTN_EXPERT + FFN_EXPERT + 2 * 4 * 32 + NORM) + NORM
+
+
+def test_routing_ablation_router_counts_by_hand():
+    bam = SMOKE.replace(attn_experts=4, ffn_experts=4)
+    base = count_params(bam)
+    hashed = count_params(bam.replace(ffn_router=RouterConfig("hash")))
+    assert base.total - hashed.total == 2 * 4 * 32  # no FFN router weight in either layer
+    assert flops_per_token(bam, 64).routers - flops_per_token(bam.replace(ffn_router=RouterConfig("hash")), 64).routers \
+        == 2 * 2 * 4 * 32
+    joint = count_params(bam.replace(joint_router=True))
+    assert base.total - joint.total == 2 * 4 * 32  # one (E, D) router per layer instead of two
+    shared = bam.replace(n_layers=3, router_scope="model")
+    per_layer_routers = 2 * 4 * 32
+    assert count_params(bam.replace(n_layers=3)).total - count_params(shared).total == 2 * per_layer_routers
+    assert flops_per_token(shared, 64).routers == 2 * per_layer_routers  # layer 0's routers only
+    ec = count_params(bam.replace(ffn_router=RouterConfig("expert_choice", capacity=1.5)))
+    assert ec.active - base.active == 2 * round(0.5 * FFN_EXPERT)  # 1.5 experts per token on average
+    assert flops_per_token(bam.replace(ffn_router=RouterConfig("expert_choice", capacity=2.0)), 64).ffn == \
+        2 * 2 * 2 * FFN_EXPERT
+
+
+@pytest.mark.parametrize("cfg", [
+    SMOKE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("hash")),
+    SMOKE.replace(attn_experts=4, ffn_experts=4, joint_router=True),
+    SMOKE.replace(n_layers=3, attn_experts=4, ffn_experts=4, router_scope="model"),
+    SMOKE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("expert_choice")),
+])
+def test_routing_ablation_totals_match_the_built_model(cfg):
+    assert count_params(cfg).total == sum(p.numel() for p in BAMTransformer(cfg).parameters())

@@ -164,6 +164,13 @@ CASES: dict[str, Case] = {
     "mix_kv": Case(C, ("mix.kv=both",), "invalid mix.kv='both': use one of expert, shared"),
     "mix_k": Case(C, ("mix.ffn_router.k=9",), "invalid mix.ffn_router.k=9: must be at most the number of experts (4)"),
     "mix_router_kind": Case(C, ("mix.attn_router.kind=hard",), "invalid mix.attn_router.kind='hard': use one of soft"),
+    "mix_joint_counts": Case(C, ("mix=bam_router_joint", "mix.extra_seed_ffn_experts=1"),
+                             "invalid mix.joint_router=True: needs as many attention as FFN experts"),
+    "mix_attn_expert_choice": Case(C, ("mix.attn_router.kind=expert_choice",),
+                                   "invalid mix.attn_router.kind='expert_choice': routes the FFN only"),
+    "mix_attn_hash": Case(C, ("mix=bam_hash", "mix.attn_router.kind=hash"),
+                          "invalid mix.attn_router.kind='hash': routes the FFN only"),
+    "mix_hash_k": Case(C, ("mix=bam_hash", "mix.ffn_router.k=2"), "invalid mix.ffn_router.k=2: hash routing"),
     # ---- model overrides ----
     "n_heads": Case(M, ("+model.overrides.n_heads=7",), "invalid model.overrides.d_model=32: must be divisible by n_heads=7"),
     "d_model_0": Case(M, ("+model.overrides.d_model=0",), "invalid model.overrides.d_model=0: must be positive"),

@@ -154,6 +154,8 @@ PAPER_PARAMS = {
     "bam": ((776e6, 663e6), (776_002_560, 662_756_352)),
     "btx": ((700e6, 587e6), (700_480_512, 587_234_304)),
     "btx_matched": ((776e6, 662e6), (775_990_272, 662_744_064)),
+    # Table 4: BTX top-1 with 6 FFN experts (4 mixed + 2 seed copies): BAM's 776M total, 587M active
+    "btx_e6": ((776e6, 587e6), (775_990_272, 587_246_592)),
 }
 
 
@@ -163,7 +165,7 @@ def _params(out: str) -> list[tuple[int, int]]:
     return [(int(t.replace(",", "")), int(a.replace(",", ""))) for t, a in found]
 
 
-@pytest.mark.parametrize("mix", ["bam", "btx", "btx_matched"])
+@pytest.mark.parametrize("mix", ["bam", "btx", "btx_matched", "btx_e6"])
 def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
     r = cli_here(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", check=True)
     (dense, mixed) = _params(r.out)

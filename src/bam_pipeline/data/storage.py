@@ -83,6 +83,13 @@ class TokenStream:
         lengths = pc.list_value_length(self.dataset.data.column("ids")).to_numpy(zero_copy_only=False)
         return np.cumsum(lengths, dtype=np.int64)
 
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """(V,) int64 occurrences of every token id in the split."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for chunk in self._chunks:
+            counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
+        return counts
+
     def take(self, start: int, length: int) -> np.ndarray:
         """``length`` tokens from position ``start``, wrapping around the end (int64)."""
         n = len(self)
@@ -116,6 +123,19 @@ def load_split_sequences(
             "lower seq_len or give the source more data"
         )
     return torch.from_numpy(stream.take(0, n * (seq_len + 1)).reshape(n, seq_len + 1))  # (N, seq_len+1)
+
+
+def mixture_token_frequencies(prepared: "PreparedData", proportions: dict[str, float], split: str = "train"
+                              ) -> np.ndarray:
+    """(V,) float64 frequency of every token id in a training mixture: each source's relative
+    frequencies in ``split``, weighted by its share of the mixture (sums to 1)."""
+    freq = np.zeros(prepared.vocab_size, dtype=np.float64)
+    total = sum(proportions.values())
+    for source, share in proportions.items():
+        counts = TokenStream(prepared.dir, source, split).token_counts(prepared.vocab_size)
+        if counts.sum():
+            freq += (share / total) * counts / counts.sum()
+    return freq
 
 
 @dataclass(frozen=True)

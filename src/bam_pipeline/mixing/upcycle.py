@@ -6,7 +6,16 @@ are not experts are uniformly averaged; routers are freshly initialised from a s
 Which model each expert comes from, and which models are averaged, is the variant's declaration
 (:class:`~bam_pipeline.mixing.variant.MixVariant`).
 
-Routers are returned in the dtype of the dense models, so a mixture state dict has one dtype.
+Routers are returned in the dtype of the dense models, so a mixture state dict has one dtype
+(floating tensors; a hash router's table is int64).
+
+Routing options of the ablations: routers exist only in the blocks that decide
+(``ModelConfig.routes_at``); a joint router is ``layers.{i}.router.weight``; a hash router is the
+buffer ``ffn.router.table`` (V,) int64 (:func:`hash_table`: balanced from token frequencies, or
+random), the same table in every block; an expert-choice router adds ``ffn.router.threshold`` (E,),
+NaN (not yet estimated) until the moe stage trains it. ``router_init=hidden`` routers are built from
+the seed's mean hidden states per origin (:func:`hidden_router_weights`), computed apart
+(:mod:`bam_pipeline.mixing.hidden`) and passed in, so upcycling stays a pure function.
 """
 
 from __future__ import annotations
@@ -44,15 +53,23 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "attn.bq"] = (ea, q)
             shapes[p + "attn.bk"] = (ekv, kv)
             shapes[p + "attn.bv"] = (ekv, kv)
-        if ea > 1:
+        own = cfg.routes_at(i) and not cfg.joint_router  # the attention and FFN hold their own routers
+        if ea > 1 and own:
             shapes[p + "attn.router.weight"] = (ea, d)
         if not cfg.parallel_residual:
             shapes[p + "ffn_norm.weight"] = (d,)
         shapes[p + "ffn.w1"] = (ef, d, f)
         shapes[p + "ffn.w3"] = (ef, d, f)
         shapes[p + "ffn.w2"] = (ef, f, d)
-        if ef > 1:
-            shapes[p + "ffn.router.weight"] = (ef, d)
+        if ef > 1 and own:
+            if cfg.ffn_router.kind == "hash":
+                shapes[p + "ffn.router.table"] = (cfg.vocab_size,)
+            else:
+                shapes[p + "ffn.router.weight"] = (ef, d)
+            if cfg.ffn_router.kind == "expert_choice":
+                shapes[p + "ffn.router.threshold"] = (ef,)
+        if cfg.joint_router and cfg.routes_at(i):
+            shapes[p + "router.weight"] = (ea, d)
     shapes["norm.weight"] = (d,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
@@ -130,6 +147,55 @@ def init_router(
     return w.to(dtype)
 
 
+def hash_table(vocab_size: int, n_experts: int, *, kind: str, frequencies: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """A token id -> expert table (V,) int64. ``balanced``: ids sorted by ``frequencies`` (V,),
+    most frequent first (ties: lower id first), assigned to experts round-robin, so every expert
+    gets an equal share of the ids and, as near as the ids allow, of the tokens. ``random``: every
+    id drawn uniformly from ``generator``."""
+    if kind == "random":
+        return torch.randint(n_experts, (vocab_size,), generator=generator)
+    if kind != "balanced":
+        raise BamError(f"unknown hash table {kind!r}; use balanced or random")
+    if frequencies is None or tuple(frequencies.shape) != (vocab_size,):
+        got = None if frequencies is None else tuple(frequencies.shape)
+        raise BamError(f"a balanced hash table needs the training frequency of each of the {vocab_size} token ids, "
+                       f"got {got}")
+    order = torch.argsort(-frequencies.double(), stable=True)  # (V,) ids, most frequent first
+    table = torch.empty(vocab_size, dtype=torch.int64)
+    table[order] = torch.arange(vocab_size) % n_experts
+    return table
+
+
+def hidden_router_weights(
+    mix_cfg: ModelConfig, origins: Mapping[str, Sequence[str]], hidden: Mapping[str, Mapping[str, Tensor]],
+    *, std: float, dtype: torch.dtype,
+) -> StateDict:
+    """Router weights from mean hidden states (``router_init=hidden``): key -> (E, D).
+
+    ``origins`` gives each router kind's expert origins (``attn``, ``ffn``); ``hidden[origin][kind]``
+    is the mean router input (L, D) at every layer for that origin's tokens. Row e of a layer's
+    router is its expert's origin's mean at that layer; the (E, D) matrix is then scaled so that its
+    RMS is ``std``, the RMS of an N(0, std) router. One scale for the whole matrix keeps the rows'
+    geometry: a component common to every row adds the same logit to every expert, which the
+    softmax ignores.
+    """
+    out: StateDict = {}
+    for key, shape in expected_shapes(mix_cfg).items():
+        if not key.endswith("router.weight"):
+            continue
+        layer = int(key.split(".")[1])
+        kind = "ffn" if ".ffn." in key else "attn"  # a joint router reads the block's one input
+        missing = [o for o in origins[kind] if o not in hidden]
+        if missing:
+            raise BamError(f"router_init=hidden needs the mean hidden states of {missing}; compute them from "
+                           "the seed on those sources' validation tokens")
+        rows = torch.stack([hidden[o][kind][layer].float() for o in origins[kind]])  # (E, D)
+        rms = rows.pow(2).mean().sqrt()
+        out[key] = (rows * (std / rms) if rms > 0 else torch.zeros_like(rows)).to(dtype)
+    return out
+
+
 def assemble_mixture(
     mix_cfg: ModelConfig,
     backbone: Mapping[str, Tensor],
@@ -139,20 +205,32 @@ def assemble_mixture(
     router_init: str,
     router_std: float,
     generator_seed: int,
+    routers: Mapping[str, Tensor] | None = None,
+    table: Tensor | None = None,
 ) -> StateDict:
     """Build the mixture state dict of ``mix_cfg``.
 
     Attention expert j comes from ``attn_sources[j]`` (K/V averaged over them when shared), FFN
-    expert i from ``ffn_sources[i]``, every other tensor from ``backbone``. Routers are drawn in
-    layout order (per layer: attention, then FFN) from one generator seeded with ``generator_seed``.
+    expert i from ``ffn_sources[i]``, every other tensor from ``backbone``. Routers given in
+    ``routers`` are used as they are; the others are drawn in layout order (per layer: attention,
+    then FFN, then a joint router) from one generator seeded with ``generator_seed``. A hash router
+    gets ``table``; an expert-choice router's thresholds start at NaN (not yet estimated).
     """
     generator = torch.Generator().manual_seed(generator_seed)
     dtype = backbone["tok_emb.weight"].dtype
     out: StateDict = {}
     for key, shape in expected_shapes(mix_cfg).items():
         module, _, name = key.rpartition(".")
-        if key.endswith("router.weight"):
+        if key.endswith("router.weight") and routers is not None and key in routers:
+            out[key] = routers[key]
+        elif key.endswith("router.weight"):
             out[key] = init_router(*shape, init=router_init, std=router_std, generator=generator, dtype=dtype)
+        elif key.endswith("router.table"):
+            if table is None:
+                raise BamError(f"{key}: a hash router needs its token -> expert table")
+            out[key] = table.to(torch.int64).clone()
+        elif key.endswith("router.threshold"):
+            out[key] = torch.full(shape, float("nan"), dtype=dtype)
         elif module.endswith("attn") and name in _ATTN_EXPERT_KEYS:
             out[key] = stack_experts([s[key] for s in attn_sources])
         elif module.endswith("attn") and name in _KV_KEYS:
@@ -172,11 +250,15 @@ def upcycle(
     domains: Sequence[str],
     *,
     generator_seed: int = 0,
+    token_frequencies: Tensor | None = None,
+    hidden: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """Mix dense models into one mixture: returns ``(mixture_cfg, mixture_state_dict)``.
 
     ``models`` maps a dense model's name (``seed`` or a domain) to its state dict; it must hold
     ``variant.models(domains)``. The mixture's layout is ``variant.layout(dense_cfg, len(domains))``.
+    ``token_frequencies`` (V,) feed a balanced hash table; ``hidden`` maps each expert origin to its
+    mean hidden states (:func:`bam_pipeline.mixing.hidden.hidden_means`) for ``router_init=hidden``.
     """
     mix_cfg = variant.layout(dense_cfg, len(domains))
     names = variant.models(domains)
@@ -190,13 +272,26 @@ def upcycle(
     backbone = average_state_dicts(backbone_models) if variant.uses_branches else dict(models[SEED])
     origins = variant.expert_origins(domains)
     attn_sources = [models[o] for o in origins["attn"]] if "attn" in origins else [backbone]
+    dtype = backbone["tok_emb.weight"].dtype
+    routers = None
+    if variant.router_init == "hidden":
+        if hidden is None:
+            raise BamError(f"mix variant {variant.name!r} (router_init=hidden) needs the seed's mean hidden states")
+        routers = hidden_router_weights(mix_cfg, origins, hidden, std=variant.router_std, dtype=dtype)
+    table = None
+    if mix_cfg.ffn_router.kind == "hash":
+        table = hash_table(mix_cfg.vocab_size, mix_cfg.ffn_experts, kind=variant.hash_table,
+                           frequencies=token_frequencies,
+                           generator=torch.Generator().manual_seed(generator_seed + 1))
     state = assemble_mixture(
         mix_cfg,
         backbone,
         attn_sources,
         [models[o] for o in origins["ffn"]],
-        router_init=variant.router_init,
+        router_init="normal" if variant.router_init == "hidden" else variant.router_init,
         router_std=variant.router_std,
         generator_seed=generator_seed,
+        routers=routers,
+        table=table,
     )
     return mix_cfg, state

@@ -12,6 +12,21 @@ Methods (PAPER.md sections 1, 3 and 7):
 - ``dense``: the seed alone (the dense baseline continues it on the mixture data).
 ``extra_seed_ffn_experts`` appends that many copies of the seed's FFN to the FFN experts (BTX
 parameter-matched: [seed, code, law, math, seed, seed], top-3).
+
+Options of the ablations (defaults in ``conf/mix_base.yaml``; :meth:`MixVariant.to_dict` leaves
+them out where they are inert, so the variants that do not use them keep their identity):
+- ``freeze_experts``: the moe stage trains only the routers and the averaged (non-expert) weights;
+  every stacked expert tensor with E > 1 stays bit-identical (no gradient, no optimizer state);
+- ``router_scope``: ``layer`` or ``model`` (layer 0's routers decide for every layer);
+- ``joint_router``: one router per layer shared by attention and FFN (their expert counts must match);
+- ``hash_table`` (``ffn_router.kind=hash``): ``balanced`` (token ids sorted by their frequency in
+  the run's moe training mixture, assigned to experts round-robin) or ``random`` (uniform draws);
+- ``router_init=hidden``: router row of expert e = the mean normed hidden state (the router's
+  input) of the seed at that layer on the validation tokens of e's origin (its domain; general text
+  for the seed), at most ``router_init_tokens`` per source, the (E, D) matrix scaled so its RMS is
+  ``router_std`` (mergekit-moe's "hidden" mode);
+- ``attn_lb_coef``: load-balancing weight of top-k attention routers.
+The balanced hash table and hidden-state routers read the prepared data (:attr:`reads_data`).
 """
 
 from __future__ import annotations
@@ -21,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from bam_pipeline.errors import ConfigError
-from bam_pipeline.model.config import KV_MODES, SOFT, TOP1, ModelConfig, RouterConfig
+from bam_pipeline.model.config import FFN_ONLY_KINDS, KV_MODES, ROUTER_SCOPES, SOFT, TOP1, ModelConfig, RouterConfig
 
 METHODS = ("bam", "btx", "sparse_upcycle", "dense")
-ROUTER_INITS = ("normal", "zeros", "uniform")
+ROUTER_INITS = ("normal", "zeros", "uniform", "hidden")
+HASH_TABLES = ("balanced", "random")
 SEED = "seed"
 METHOD_NAMES = {"bam": "BAM", "btx": "BTX", "sparse_upcycle": "Sparse upcycling", "dense": "Dense"}
 
@@ -43,18 +59,56 @@ class MixVariant:
     extra_seed_ffn_experts: int = 0
     router_init: str = "normal"
     router_std: float = 0.02
+    # options of the ablations (module docstring)
+    freeze_experts: bool = False
+    router_scope: str = "layer"
+    joint_router: bool = False
+    hash_table: str = "balanced"
+    router_init_tokens: int = 32768
+    attn_lb_coef: float = 0.01
 
     def __post_init__(self) -> None:
         for key in ("attn_router", "ffn_router"):
             if isinstance(getattr(self, key), dict):
                 object.__setattr__(self, key, RouterConfig(**getattr(self, key)))
-        for key, allowed in (("method", METHODS), ("kv", KV_MODES), ("router_init", ROUTER_INITS)):
+        for key, allowed in (("method", METHODS), ("kv", KV_MODES), ("router_init", ROUTER_INITS),
+                             ("router_scope", ROUTER_SCOPES), ("hash_table", HASH_TABLES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(key, getattr(self, key), f"use one of {', '.join(allowed)}")
         if self.extra_seed_ffn_experts < 0:
             raise ConfigError("extra_seed_ffn_experts", self.extra_seed_ffn_experts, "must be >= 0")
         if self.router_std < 0:
             raise ConfigError("router_std", self.router_std, "must be >= 0")
+        if self.attn_router.kind in FFN_ONLY_KINDS:
+            raise ConfigError("attn_router.kind", self.attn_router.kind,
+                              "routes the FFN only; attention routing is soft or topk")
+        if self.router_init_tokens < 1:
+            raise ConfigError("router_init_tokens", self.router_init_tokens, "must be a positive number of tokens")
+        if self.attn_lb_coef < 0:
+            raise ConfigError("attn_lb_coef", self.attn_lb_coef, "must be >= 0")
+        if self.hash_table != "balanced" and self.ffn_router.kind != "hash":
+            raise ConfigError("hash_table", self.hash_table, "applies to ffn_router.kind=hash only")
+        if self.joint_router and self.method != "bam":
+            raise ConfigError("joint_router", self.joint_router,
+                              f"shares one router between attention and FFN experts; method={self.method} has no "
+                              "attention experts (use method=bam)")
+        if self.freeze_experts and self.method == "dense":
+            raise ConfigError("freeze_experts", self.freeze_experts, "method=dense has no experts to freeze")
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether the mix stage reads the prepared data: for a balanced hash table (token frequencies)
+        or hidden-state routers (the seed's hidden states on validation tokens)."""
+        if self.method == "dense":
+            return False
+        balanced_hash = self.ffn_router.kind == "hash" and self.hash_table == "balanced"
+        return balanced_hash or self.router_init == "hidden"
+
+    def hidden_sources(self, domains: Sequence[str], general: str) -> dict[str, str]:
+        """Expert origin -> the data source whose validation tokens give its hidden-state router row:
+        a domain's own, general text for the seed (``router_init=hidden``)."""
+        origins = {o for kind in self.expert_origins(domains).values() for o in kind}
+        return {o: general if o == SEED else o for o in sorted(origins)}
 
     # ---- what it is made of ------------------------------------------------------------------
     def backbone_models(self, domains: Sequence[str]) -> list[str]:
@@ -117,6 +171,17 @@ class MixVariant:
         for key, router, n in (("attn_router", self.attn_router, n_attn), ("ffn_router", self.ffn_router, n_ffn)):
             if n > 1 and router.kind == "topk" and router.k > n:
                 raise ConfigError(f"{key}.k", router.k, f"must be at most the number of experts ({n})")
+        if self.joint_router and n_attn != n_ffn:
+            raise ConfigError("joint_router", self.joint_router,
+                              f"needs as many attention as FFN experts; this variant has {n_attn} attention and "
+                              f"{n_ffn} FFN experts (extra_seed_ffn_experts={self.extra_seed_ffn_experts})")
+        if self.joint_router and self.ffn_router.kind in FFN_ONLY_KINDS:
+            raise ConfigError("joint_router", self.joint_router,
+                              f"shares learned logits; ffn_router.kind={self.ffn_router.kind} has none to share")
+        if self.joint_router and not dense_cfg.parallel_residual:
+            raise ConfigError("joint_router", self.joint_router,
+                              "needs parallel blocks, where attention and FFN read one input")
+        attn_topk = n_attn > 1 and self.attn_router.kind == "topk"
         return dense_cfg.replace(
             name=f"{dense_cfg.name}-{self.name}",
             attn_experts=n_attn,
@@ -124,6 +189,9 @@ class MixVariant:
             attn_router=self.attn_router if n_attn > 1 else SOFT,
             ffn_experts=n_ffn,
             ffn_router=self.ffn_router,
+            router_scope=self.router_scope,
+            joint_router=self.joint_router,
+            attn_lb_coef=self.attn_lb_coef if attn_topk else 0.0,
         )
 
     def function_gaps(self, mixture: ModelConfig) -> list[str]:
@@ -140,6 +208,9 @@ class MixVariant:
             if n > 1 and router.kind == "topk" and not router.renormalize and router.k < n:
                 gaps.append(f"the {kind} gate is the full-softmax probability of the top-{router.k} of {n} experts, "
                             f"not renormalised, so their output starts scaled by about {router.k}/{n}")
+            if n > 1 and router.kind == "expert_choice":
+                gaps.append(f"under expert choice a token gets 0..{n} FFN experts, each gated by its softmax "
+                            "probability, so the gates need not sum to one")
         return gaps
 
     # ---- how it is named ---------------------------------------------------------------------
@@ -151,14 +222,27 @@ class MixVariant:
             if self.attn_router != SOFT:
                 out.append(f"{self.attn_router.describe()} attention")
         if self.method != "dense":
-            if self.ffn_router != TOP1:
+            if self.ffn_router.kind == "expert_choice":
+                out.append(f"expert-choice FFN, capacity {self.ffn_router.capacity:g}")
+            elif self.ffn_router != TOP1:
                 out.append(f"{self.ffn_router.describe()} FFN")
             if not self.include_seed:
                 out.append("no seed expert")
             if self.extra_seed_ffn_experts:
-                out.append(f"+{self.extra_seed_ffn_experts} seed FFN copies")
-            if self.router_init != "normal":
+                n = self.extra_seed_ffn_experts
+                out.append(f"+{n} seed FFN cop{'y' if n == 1 else 'ies'}")
+            if self.router_init == "hidden":
+                out.append("hidden-state routers")
+            elif self.router_init != "normal":
                 out.append(f"{self.router_init} routers")
+            if self.ffn_router.kind == "hash" and self.hash_table != "balanced":
+                out.append(f"{self.hash_table} hash table")
+            if self.joint_router:
+                out.append("joint attention/FFN router")
+            if self.router_scope == "model":
+                out.append("one routing for all layers")
+            if self.freeze_experts:
+                out.append("frozen experts")
         return out
 
     def display_name(self, *, compute_matched: bool = False) -> str:
@@ -171,4 +255,22 @@ class MixVariant:
         return f"{base}{' CM' if compute_matched else ''}{paren}{rest}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the options of the ablations where inert (at their defaults; the
+        attention load-balancing weight unless attention is top-k routed), so variants that do not
+        use them keep the identity they had before the options existed."""
+        out = dataclasses.asdict(self)
+        out["attn_router"], out["ffn_router"] = self.attn_router.to_dict(), self.ffn_router.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name not in ABLATION_OPTIONS:
+                continue
+            if f.name == "attn_lb_coef":
+                inert = not (self.method == "bam" and self.attn_router.kind == "topk")
+            else:
+                inert = getattr(self, f.name) == f.default
+            if inert:
+                del out[f.name]
+        return out
+
+
+ABLATION_OPTIONS = ("freeze_experts", "router_scope", "joint_router", "hash_table", "router_init_tokens",
+                    "attn_lb_coef")

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.kv_cache import LayerKV
 from bam_pipeline.model.layers import RotaryEmbedding
@@ -67,11 +68,12 @@ class MixtureOfAttention(nn.Module):
     """E attention experts (stacked weights ``wq``, ``wk``, ``wv``, ``wo``; biases ``bq``, ``bk``,
     ``bv`` when ``cfg.qkv_bias``) with an optional router."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, own_router: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         E, D, H, KV, hd = cfg.attn_experts, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.router = Router(D, E, cfg.attn_router) if E > 1 else None
+        # own_router=False: the block hands this layer its routing (joint router, router_scope=model)
+        self.router = Router(D, E, cfg.attn_router) if E > 1 and own_router else None
         self.wq = nn.Parameter(torch.empty(E, D, H * hd))
         self.wk = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
         self.wv = nn.Parameter(torch.empty(cfg.kv_experts, D, KV * hd))
@@ -91,9 +93,11 @@ class MixtureOfAttention(nn.Module):
         shared = self.cfg.attn_kv == "shared" and self.cfg.attn_experts > 1
         return self.cfg.n_kv_heads if shared else 1
 
-    def forward(self, h: torch.Tensor, kv: LayerKV | None = None) -> AttentionOutput:
+    def forward(self, h: torch.Tensor, kv: LayerKV | None = None, *, routing: Routing | None = None
+                ) -> AttentionOutput:
         """``h`` (B, T, D) normed input -> gated sum of the experts' causal attention outputs; with
-        ``kv``, ``h`` holds the new tokens of a decoding step and attends over the cache as well."""
+        ``kv``, ``h`` holds the new tokens of a decoding step and attends over the cache as well.
+        ``routing``: the gates decided elsewhere (a joint router, or layer 0's), else this layer's router's."""
         cfg = self.cfg
         B, T, D = h.shape
         E, H, KV, hd, lead = cfg.attn_experts, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self._lead
@@ -130,7 +134,10 @@ class MixtureOfAttention(nn.Module):
         )  # (B, E*H, T, hd)
         o = o.transpose(1, 2).reshape(B * T, lead, E, H * hd // lead)  # (N, lead, E, H*hd/lead)
 
-        routing = None if self.router is None else self.router(h)
+        if routing is None and self.router is not None:
+            routing = self.router(h)
+        if routing is None and E > 1:
+            raise BamError("this attention layer has no router of its own; pass the routing its block decided")
         if routing is not None:
             gates = routing.dense_gates().to(o.dtype)  # (N, E)
             o = o * gates[:, None, :, None]

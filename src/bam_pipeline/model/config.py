@@ -8,6 +8,16 @@ The backbone options beyond BAM's own block (an explicit head width, q/k/v biase
 a logit scale, scaled RoPE and its precision, a sliding-window bound) exist so that imported checkpoints map onto
 the model exactly (:mod:`bam_pipeline.interop`). At their defaults they are left out of
 :meth:`ModelConfig.to_dict`, so configs that do not use them serialise, and hash, as before.
+
+The routing options of the ablations are left out the same way (``MIXTURE_OPTIONS``):
+- ``router_scope``: ``layer`` (every MoE layer routes its own tokens) or ``model`` (one routing
+  decision for the whole model: layer 0's routers decide, every later layer reuses its gates and
+  experts and has no router of its own);
+- ``joint_router``: one router per layer, ``layers.{i}.router.weight`` (E, D), whose logits both
+  the attention and the FFN turn into gates with their own rule (needs E_a = E_f and a parallel
+  block, where both read the same input);
+- ``attn_lb_coef``: weight of the load-balancing loss of top-k attention routers (soft attention
+  routing has none: it uses every expert).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from typing import Any
 from bam_pipeline.errors import ConfigError
 
 KV_MODES = ("expert", "shared")
-ROUTER_KINDS = ("soft", "topk")
+ROUTER_KINDS = ("soft", "topk", "hash", "expert_choice")
+FFN_ONLY_KINDS = ("hash", "expert_choice")  # router kinds that only the MoE FFN implements
+ROUTER_SCOPES = ("layer", "model")
 NORM_KINDS = ("rmsnorm", "layernorm")
 ROPE_PRECISIONS = ("float64", "float32")
 # RoPE scaling kinds and the fields each one reads
@@ -37,28 +49,74 @@ class RouterConfig:
 
     - ``soft``: every expert, weighted by the router softmax (BAM's attention routing);
     - ``topk``: the ``k`` most probable experts, weighted by their softmax probability, or by the
-      probability renormalised over the chosen ``k`` when ``renormalize`` (BTX's gate).
+      probability renormalised over the chosen ``k`` when ``renormalize`` (BTX's gate);
+    - ``hash`` (FFN only): no learned router; a fixed table maps each token id to one expert with
+      gate 1 (Roller et al. 2021);
+    - ``expert_choice`` (FFN only): each expert takes the ``capacity * N / E`` tokens of the batch
+      with the highest softmax probability for it (Zhou et al. 2022), gate = that probability; in
+      eval mode a token goes to expert e iff its probability reaches the expert's threshold, a
+      running estimate (momentum ``threshold_momentum``) of the capacity-th score seen in training.
+    ``capacity`` and ``threshold_momentum`` apply to ``expert_choice`` only; :meth:`to_dict` leaves
+    them out at their defaults, so routers that do not use them serialise (and hash) as before.
     """
 
     kind: str = "topk"
     k: int = 1
     renormalize: bool = False
+    capacity: float = 1.0
+    threshold_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         if self.kind not in ROUTER_KINDS:
             raise ConfigError("kind", self.kind, f"use one of {', '.join(ROUTER_KINDS)}")
         if self.k < 1:
             raise ConfigError("k", self.k, "must be at least 1")
+        if self.kind in FFN_ONLY_KINDS and self.k != 1:
+            raise ConfigError("k", self.k, f"{self.kind} routing does not pick k experts per token; leave k at 1"
+                              + (" and set capacity" if self.kind == "expert_choice" else ""))
+        if not (math.isfinite(self.capacity) and self.capacity > 0):
+            raise ConfigError("capacity", self.capacity, "must be a positive number (tokens per expert x E / N)")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError("threshold_momentum", self.threshold_momentum, "must be in [0, 1)")
+        if self.kind != "expert_choice":
+            for name in _EXPERT_CHOICE_FIELDS:
+                if getattr(self, name) != _ROUTER_DEFAULTS[name]:
+                    raise ConfigError(name, getattr(self, name), f"applies to kind=expert_choice only, not {self.kind}")
 
-    def active(self, n_experts: int) -> int:
-        """Experts one token uses out of ``n_experts``."""
-        return n_experts if self.kind == "soft" else min(self.k, n_experts)
+    @property
+    def learned(self) -> bool:
+        """Whether the router has a learned weight (every kind but ``hash``)."""
+        return self.kind != "hash"
+
+    def active(self, n_experts: int) -> float:
+        """Experts one token uses out of ``n_experts``; under expert choice the mean, ``capacity``."""
+        if self.kind == "soft":
+            return n_experts
+        if self.kind == "expert_choice":
+            return min(self.capacity, float(n_experts))
+        return 1 if self.kind == "hash" else min(self.k, n_experts)
 
     def describe(self) -> str:
-        """``soft``, ``top-1``, ``top-2 renormalised``."""
+        """``soft``, ``top-1``, ``top-2 renormalised``, ``hash``, ``expert-choice at capacity 1``."""
         if self.kind == "soft":
             return "soft"
+        if self.kind == "hash":
+            return "hash"
+        if self.kind == "expert_choice":
+            return f"expert-choice at capacity {self.capacity:g}"
         return f"top-{self.k}" + (" renormalised" if self.renormalize else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, except the expert-choice fields at their defaults."""
+        out = dataclasses.asdict(self)
+        for name in _EXPERT_CHOICE_FIELDS:
+            if out[name] == _ROUTER_DEFAULTS[name]:
+                del out[name]
+        return out
+
+
+_EXPERT_CHOICE_FIELDS = ("capacity", "threshold_momentum")
+_ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
 
 
 SOFT = RouterConfig(kind="soft")
@@ -145,6 +203,10 @@ class ModelConfig:
     # Auxiliary loss weights (PAPER.md section 4: not stated by the paper; OLMoE/BTX choices)
     lb_coef: float = 0.01
     z_coef: float = 0.001
+    # Routing layouts of the ablations (module docstring); left out of to_dict at their defaults
+    router_scope: str = "layer"
+    joint_router: bool = False
+    attn_lb_coef: float = 0.0
     # Backbone options of imported checkpoints (module docstring); left out of to_dict at their defaults
     head_dim_override: int | None = None
     qkv_bias: bool = False
@@ -198,6 +260,24 @@ class ModelConfig:
             router = getattr(self, key)
             if n > 1 and router.kind == "topk" and router.k > n:
                 raise ConfigError(f"{key}.k", router.k, f"must be at most the number of experts ({n})")
+        if self.attn_router.kind in FFN_ONLY_KINDS:
+            raise ConfigError("attn_router.kind", self.attn_router.kind,
+                              "routes the FFN only; attention routing is soft or topk")
+        if self.router_scope not in ROUTER_SCOPES:
+            raise ConfigError("router_scope", self.router_scope, f"use one of {', '.join(ROUTER_SCOPES)}")
+        if not (math.isfinite(self.attn_lb_coef) and self.attn_lb_coef >= 0):
+            raise ConfigError("attn_lb_coef", self.attn_lb_coef, "must be a number >= 0")
+        if self.joint_router:
+            if self.attn_experts != self.ffn_experts or self.attn_experts < 2:
+                raise ConfigError("joint_router", self.joint_router,
+                                  f"needs as many attention as FFN experts, at least 2 (got {self.attn_experts} "
+                                  f"attention, {self.ffn_experts} FFN)")
+            if self.ffn_router.kind in FFN_ONLY_KINDS:
+                raise ConfigError("joint_router", self.joint_router,
+                                  f"shares learned logits; ffn_router.kind={self.ffn_router.kind} has none to share")
+            if not self.parallel_residual:
+                raise ConfigError("joint_router", self.joint_router, "needs parallel blocks (attention and FFN "
+                                                                     "reading one input)")
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -225,11 +305,13 @@ class ModelConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Every field, except the backbone options of imported checkpoints at their defaults."""
+        """Every field, except the backbone options of imported checkpoints and the routing options
+        of the ablations at their defaults."""
         out = dataclasses.asdict(self)
         for f in dataclasses.fields(self):
-            if f.name in IMPORT_OPTIONS and getattr(self, f.name) == f.default:
+            if f.name in IMPORT_OPTIONS + MIXTURE_OPTIONS and getattr(self, f.name) == f.default:
                 del out[f.name]
+        out["attn_router"], out["ffn_router"] = self.attn_router.to_dict(), self.ffn_router.to_dict()
         return out
 
     @classmethod
@@ -245,12 +327,23 @@ class ModelConfig:
 
     def dense(self) -> "ModelConfig":
         """The dense backbone of this config (one attention expert, one FFN expert, default routers)."""
-        return self.replace(attn_experts=1, attn_kv="expert", attn_router=SOFT, ffn_experts=1, ffn_router=TOP1)
+        return self.replace(attn_experts=1, attn_kv="expert", attn_router=SOFT, ffn_experts=1, ffn_router=TOP1,
+                            router_scope="layer", joint_router=False, attn_lb_coef=0.0)
+
+    def routes_at(self, layer: int) -> bool:
+        """Whether block ``layer`` makes its own routing decision (and holds its routers)."""
+        return self.router_scope == "layer" or layer == 0
+
+    @property
+    def routing_layers(self) -> int:
+        """How many blocks hold routers: every block, or block 0 alone (``router_scope=model``)."""
+        return self.n_layers if self.router_scope == "layer" else 1
 
 
 # Fields that to_dict leaves out at their defaults (added after configs were first hashed).
 IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling", "rope_precision",
                   "sliding_window")
+MIXTURE_OPTIONS = ("router_scope", "joint_router", "attn_lb_coef")
 
 # Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as PAPER.md section 5 reads it:
 # hidden width = "FFN dimension" / 2, no biases, one norm per block. Context length is not stated by

@@ -14,6 +14,17 @@ FLOP convention (forward pass, per token):
 - norms, softmaxes, the SwiGLU nonlinearity, RoPE, the q/k/v bias additions, the logit scale and
   the embedding lookup are not counted (they are O(D) per token, not matmuls).
 Training FLOPs are 3x forward (backward = 2x forward).
+
+Top-k attention: budgets (compute-matched runs, ``flops_per_token``) count what an ideal sparse
+kernel computes, as the paper's compute-matched Table 6 assumes: the Q and O projections and the
+attention of the k chosen experts, and the K/V projections of *every* expert set (a later token may
+route to any expert and needs its keys and values for every earlier position). Our fused
+implementation computes every expert and zero-weights the unchosen ones (:mod:`bam_pipeline.model.attention`):
+``flops_per_token(..., implementation=True)`` counts that, for throughput efficiency. Soft routing
+computes every expert either way. Active *parameters* stay those of each token's own experts.
+Expert choice uses ``capacity`` experts per token on average (parameters rounded to an integer).
+Routers: a hash router has no weight and costs nothing; a joint router is one (E, D) matrix per
+layer; under ``router_scope=model`` only layer 0 has routers.
 """
 
 from __future__ import annotations
@@ -107,7 +118,7 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
     q_bias, kv_bias = (q_width, 2 * kv_width) if cfg.qkv_bias else (0, 0)  # bq of an expert; bk + bv of a set
     active_kv_sets = cfg.attn_active_experts if cfg.attn_kv == "expert" else 1
     ffn_expert = 3 * d * cfg.d_ff  # w1, w3: (D, F); w2: (F, D)
-    routers = d * cfg.attn_experts * (cfg.attn_experts > 1) + d * cfg.ffn_experts * (cfg.ffn_experts > 1)
+    routers = router_params(cfg)
     bias = cfg.attn_experts * q_bias + cfg.kv_experts * kv_bias
     bias_active = cfg.attn_active_experts * q_bias + active_kv_sets * kv_bias
     return LayerParamCount(
@@ -116,20 +127,32 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
         attention_bias=bias,
         attention_bias_active=bias_active,
         ffn=cfg.ffn_experts * ffn_expert,
-        ffn_active=cfg.ffn_active_experts * ffn_expert,
+        ffn_active=round(cfg.ffn_active_experts * ffn_expert),
         routers=routers,
         norms=d * (1 if cfg.parallel_residual else 2),
     )
 
 
+def router_params(cfg: ModelConfig) -> int:
+    """Router weights of one block that decides (module docstring): attention and FFN routers, or one
+    joint router; a hash router has none."""
+    if cfg.joint_router:
+        return cfg.d_model * cfg.attn_experts
+    attn = cfg.d_model * cfg.attn_experts if cfg.attn_experts > 1 else 0
+    ffn = cfg.d_model * cfg.ffn_experts if cfg.ffn_experts > 1 and cfg.ffn_router.learned else 0
+    return attn + ffn
+
+
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Total and per-token active parameters of ``cfg`` (routers and shared K/V count once)."""
+    """Total and per-token active parameters of ``cfg`` (routers and shared K/V count once; under
+    ``router_scope=model`` ``per_layer.routers`` are block 0's alone)."""
     layer = layer_params(cfg)
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     final_norm = cfg.d_model
+    unrouted = (cfg.n_layers - cfg.routing_layers) * layer.routers  # blocks that reuse block 0's routing
     return ParamCount(
-        total=embedding + final_norm + cfg.n_layers * layer.total,
-        active=embedding + final_norm + cfg.n_layers * layer.active,
+        total=embedding + final_norm + cfg.n_layers * layer.total - unrouted,
+        active=embedding + final_norm + cfg.n_layers * layer.active - unrouted,
         embedding=embedding,
         final_norm=final_norm,
         per_layer=layer,
@@ -142,28 +165,35 @@ def average_causal_context(seq_len: int) -> float:
     return (seq_len + 1) / 2
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopCount:
-    """Forward FLOPs per token of ``cfg`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``)."""
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False) -> FlopCount:
+    """Forward FLOPs per token of ``cfg`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``).
+    Top-k attention: what an ideal sparse kernel computes (budgets), or with ``implementation`` what
+    our fused attention computes (every expert; module docstring)."""
     t = cfg.max_seq_len if seq_len is None else seq_len
     if t <= 0:
         raise BamError(f"seq_len must be a positive number of tokens, got {t}; pass the training context length")
     layer = layer_params(cfg)
-    q_width = cfg.n_heads * cfg.head_dim
-    # q.k and p.v: per active expert, every query head does head_dim multiply-adds per context position
-    scores = 2 * 2 * cfg.attn_active_experts * q_width * average_causal_context(t)
+    d, q_width, kv_width = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    # experts whose Q, O and attention are computed; every K/V set is (soft: all used; top-k: later
+    # tokens may pick any expert; dense and shared KV: the one set)
+    computed = cfg.attn_experts if implementation else cfg.attn_active_experts
+    proj = computed * 2 * d * q_width + cfg.kv_experts * 2 * d * kv_width
+    # q.k and p.v: per computed expert, every query head does head_dim multiply-adds per context position
+    scores = 2 * 2 * computed * q_width * average_causal_context(t)
     return FlopCount(
-        attention_proj=cfg.n_layers * 2 * (layer.attention_active - layer.attention_bias_active),
+        attention_proj=cfg.n_layers * 2 * proj,
         attention_scores=cfg.n_layers * scores,
-        routers=cfg.n_layers * 2 * layer.routers,
+        routers=cfg.routing_layers * 2 * layer.routers,
         ffn=cfg.n_layers * 2 * layer.ffn_active,
         lm_head=2 * cfg.d_model * cfg.vocab_size,
         seq_len=t,
     )
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Forward + backward FLOPs per token: 3x the forward pass."""
-    return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len).total
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False
+                             ) -> float:
+    """Forward + backward FLOPs per token: 3x the forward pass (ideal kernel, or ``implementation``)."""
+    return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len, implementation=implementation).total
 
 
 def architecture_summary(cfg: ModelConfig) -> str:
@@ -186,6 +216,10 @@ def architecture_summary(cfg: ModelConfig) -> str:
         parts.append(f"attention {cfg.attn_experts} experts ({cfg.attn_router.describe()}, {cfg.attn_kv} KV)")
     if cfg.ffn_experts > 1:
         parts.append(f"FFN {cfg.ffn_experts} experts ({cfg.ffn_router.describe()})")
+    if cfg.joint_router:
+        parts.append("one router per layer shared by attention and FFN")
+    if cfg.router_scope == "model":
+        parts.append("layer 0 routes for every layer")
     return "; ".join(parts) if len(parts) > 1 else parts[0] + "; dense"
 
 
@@ -193,6 +227,7 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
     """Rows for ``stage=info``: architecture, parameter counts and FLOPs per token (raw numbers)."""
     params = count_params(cfg)
     flops = flops_per_token(cfg, seq_len)
+    implemented = flops_per_token(cfg, seq_len, implementation=True)
     return {
         "name": cfg.name,
         "architecture": architecture_summary(cfg),
@@ -207,4 +242,6 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
         "flops_per_token_ffn": flops.ffn,
         "flops_per_token_lm_head": flops.lm_head,
         "flops_per_token_training": training_flops_per_token(cfg, seq_len),
+        "flops_per_token_forward_implementation": implemented.total,
+        "flops_per_token_attention_implementation": implemented.attention,
     }

@@ -16,7 +16,18 @@ contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks group
 ``grouped_mm`` as a per-expert loop of matmuls, which measured slower than the loop path
 (docs/measurements.md).
 
-Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k.
+Routings where a token has 0..E experts (expert choice, :mod:`~bam_pipeline.model.routing`) carry
+a (N, E) mask instead of (N, k) slots: the (expert, token) pairs of the mask, in expert order, are
+gathered, run and index-added back into their tokens, weighted by their gates (an expert with no
+token is skipped; a token with no expert gets 0 from this layer). Hash routing reads the token
+ids, which :meth:`MoEFeedForward.forward` takes beside ``h``. A layer can also be handed another
+router's decision (``routing=``: a joint router, or layer 0's under ``router_scope=model``); it then
+has no router of its own, and adds auxiliary losses only when ``decides`` (the decision is its own).
+Auxiliary losses by kind: top-k and soft, load balancing and z-loss; expert choice, z-loss only
+(balanced by construction); hash, none (nothing is learned).
+
+Shape legend: N tokens, D d_model, F hidden width, E experts, k experts per token, A = N*k (or the
+number of mask entries).
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ class MoEOutput(NamedTuple):
     counts: torch.Tensor | None  # (E,) int64 token assignments per expert; None when E = 1
     lb_loss: torch.Tensor  # scalar, 0 when E = 1
     z_loss: torch.Tensor  # scalar, 0 when E = 1
+
+    def reshape_out(self, B: int, T: int, D: int) -> "MoEOutput":
+        return self._replace(out=self.out.view(B, T, D))
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -95,31 +109,39 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
 class MoEFeedForward(nn.Module):
     """E SwiGLU experts (stacked ``w1``, ``w3`` (E, D, F) and ``w2`` (E, F, D)) with an optional router."""
 
-    def __init__(self, cfg: ModelConfig, dispatch: str = "auto") -> None:
+    def __init__(self, cfg: ModelConfig, dispatch: str = "auto", *, own_router: bool = True) -> None:
         super().__init__()
         if dispatch not in DISPATCHES:
             raise BamError(f"unknown MoE dispatch {dispatch!r}; use one of {DISPATCHES}")
         self.cfg = cfg
         self.dispatch = dispatch
         E, D, Fh = cfg.ffn_experts, cfg.d_model, cfg.d_ff
-        self.router = Router(D, E, cfg.ffn_router) if E > 1 else None
+        # own_router=False: the block hands this layer its routing (joint router, router_scope=model)
+        self.router = Router(D, E, cfg.ffn_router, cfg.vocab_size) if E > 1 and own_router else None
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
         for p in self.parameters():
             nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
-    def forward(self, h: torch.Tensor) -> MoEOutput:
-        """``h`` (B, T, D) normed input -> gated sum of each token's top-k experts."""
+    def forward(self, h: torch.Tensor, token_ids: torch.Tensor | None = None, *, routing: Routing | None = None,
+                decides: bool = True) -> MoEOutput:
+        """``h`` (B, T, D) normed input -> gated sum of each token's top-k experts. ``token_ids`` (B, T)
+        feed a hash router; ``routing`` is a decision made elsewhere (module docstring)."""
         B, T, D = h.shape
         x = h.reshape(B * T, D)  # (N, D)
-        if self.router is None:
+        if self.cfg.ffn_experts == 1:
             zero = x.new_zeros((), dtype=torch.float32)
             # squeeze, not [0]: its backward is a view, not a zero-filled (1, ...) copy
             out = swiglu(x, self.w1.squeeze(0), self.w3.squeeze(0), self.w2.squeeze(0))
             return MoEOutput(out.view(B, T, D), None, None, zero, zero)
 
-        routing = self.router(x)
+        if routing is None:
+            if self.router is None:
+                raise BamError("this MoE layer has no router of its own; pass the routing its block decided")
+            routing = self.router(x, token_ids)
+        if routing.chosen is not None:
+            return self._forward_masked(x, routing, decides).reshape_out(B, T, D)
         gates, experts = routing.gates, routing.assignments()  # (N, k) each
         k = gates.shape[-1]
 
@@ -131,8 +153,28 @@ class MoEFeedForward(nn.Module):
         xs = permute_rows(x_assign, order, inverse)  # (A, D) in expert order
         ys = permute_rows(self._experts(xs, counts), inverse, order)  # (A, D) back in assignment order
         out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
-        return MoEOutput(out.view(B, T, D), routing, counts, load_balancing_loss(routing.probs, counts),
-                         router_z_loss(routing.logits))
+        lb, z = self._aux(routing, counts, decides)
+        return MoEOutput(out.view(B, T, D), routing, counts, lb, z)
+
+    def _aux(self, routing: Routing, counts: torch.Tensor, decides: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load balancing, z-loss) of this layer's routing, by router kind (module docstring)."""
+        zero = routing.probs.new_zeros(())
+        kind = self.cfg.ffn_router.kind
+        lb = load_balancing_loss(routing.probs, counts) if decides and kind in ("topk", "soft") else zero
+        z = router_z_loss(routing.logits) if decides and self.cfg.ffn_router.learned else zero
+        return lb, z
+
+    def _forward_masked(self, x: torch.Tensor, routing: Routing, decides: bool) -> MoEOutput:
+        """Dispatch by a (N, E) mask (expert choice): (N, D) rows out; the caller reshapes."""
+        expert, token = routing.chosen.t().nonzero(as_tuple=True)  # (A,) each, grouped by expert
+        counts = routing.counts()  # (E,)
+        if token.numel():
+            ys = self._experts(x.index_select(0, token), counts)  # (A, D)
+            gate = routing.gates[token, expert].to(ys.dtype)  # (A,)
+            out = x.new_zeros(x.shape, dtype=ys.dtype).index_add(0, token, ys * gate[:, None])
+        else:  # no token reached any expert (possible at eval under expert choice)
+            out = x.new_zeros(x.shape)
+        return MoEOutput(out, routing, counts, *self._aux(routing, counts, decides))
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run expert e on its contiguous slice of ``xs`` (A, D), slices sized by ``counts`` (E,)."""

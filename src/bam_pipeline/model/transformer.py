@@ -2,8 +2,9 @@
 
 Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (B, T) int64 returns
 ``ModelOutput(logits (B, T, V), aux_loss (scalar), routing (one LayerRouting per layer))`` where
-``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss)`` (0 for dense FFNs; attention routers
-have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
+``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss + attn_lb_coef * attn_lb_loss)`` (0 for
+dense FFNs; ``attn_lb_loss`` is the load balancing of a top-k attention router, 0 for soft attention
+routing and unless ``cfg.attn_lb_coef`` is set). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
 (:func:`~bam_pipeline.model.loss.next_token_nll`); the training objective is
 ``lm_loss + output.aux_loss``.
 
@@ -11,6 +12,12 @@ Incremental decoding: ``BAMTransformer(cfg)(idx, cache=cache, valid=valid)`` run
 ``idx`` (B, T) after those already in ``cache`` (:class:`~bam_pipeline.model.kv_cache.KVCache`),
 ``valid`` (B, T) marking real tokens (False: left padding; default all real), and returns their
 logits; the cache then holds them too (:mod:`~bam_pipeline.model.generation` decodes with it).
+
+Routing layouts (:class:`~bam_pipeline.model.config.ModelConfig`): with ``joint_router`` each block
+has one router, ``router`` (E, D), whose logits the attention and the FFN gate with their own rules;
+with ``router_scope=model`` block 0 decides and every later block reuses its routing (its gates and
+experts; later blocks hold no routers and add no auxiliary loss). The token ids reach every block
+for hash routing.
 
 Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
 from N(0, cfg.init_std), without residual-depth scaling; norm scales start at 1 and q/k/v biases
@@ -32,7 +39,7 @@ from bam_pipeline.model.kv_cache import KVCache, LayerKV
 from bam_pipeline.model.layers import make_norm
 from bam_pipeline.model.loss import next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
-from bam_pipeline.model.routing import Routing
+from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, route, router_logits
 
 
 @dataclass
@@ -44,6 +51,7 @@ class LayerRouting:
     ffn_counts: torch.Tensor | None  # (E_f,) token assignments per FFN expert
     lb_loss: torch.Tensor  # scalar load-balancing loss (0 for a dense FFN)
     z_loss: torch.Tensor  # scalar router z-loss (0 for a dense FFN)
+    attn_lb_loss: torch.Tensor | None = None  # scalar load balancing of a top-k attention router
 
     @property
     def attn_probs(self) -> torch.Tensor | None:
@@ -64,27 +72,48 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Parallel: ``y = x + attn(h) + ffn(h)``, ``h = norm(x)`` (BAM). Sequential: pre-norm per branch."""
+    """Parallel: ``y = x + attn(h) + ffn(h)``, ``h = norm(x)`` (BAM). Sequential: pre-norm per branch.
+    Block ``layer`` holds routers only where it decides (``cfg.routes_at``); a joint router is its own."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.cfg = cfg
         self.parallel = cfg.parallel_residual
+        self.decides = cfg.routes_at(layer)
+        own = self.decides and not cfg.joint_router
         self.norm = make_norm(cfg)
-        self.attn = MixtureOfAttention(cfg)
+        self.attn = MixtureOfAttention(cfg, own_router=own)
         self.ffn_norm = None if self.parallel else make_norm(cfg)
-        self.ffn = MoEFeedForward(cfg)
+        self.ffn = MoEFeedForward(cfg, own_router=own)
+        self.router = Router(cfg.d_model, cfg.ffn_experts, cfg.ffn_router) if cfg.joint_router and self.decides \
+            else None
+        if self.router is not None:
+            nn.init.normal_(self.router.weight, mean=0.0, std=cfg.init_std)
 
-    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, shared: LayerRouting | None = None,
+                kv: LayerKV | None = None) -> tuple[torch.Tensor, LayerRouting]:
+        """``x`` (B, T, D); ``token_ids`` (B, T) for hash routing; ``shared``: block 0's routing to reuse;
+        ``kv``: this layer's KV cache of a decoding step."""
         h = self.norm(x)
-        attn = self.attn(h, kv)
+        attn_routing = ffn_routing = None
+        if shared is not None:
+            attn_routing, ffn_routing = shared.attn, shared.ffn
+        elif self.router is not None:  # joint: one set of logits, each kind's gating rule
+            logits = router_logits(h, self.router.weight)
+            attn_routing, ffn_routing = route(self.cfg.attn_router, logits), route(self.cfg.ffn_router, logits)
+        attn = self.attn(h, kv, routing=attn_routing)
+        decides = shared is None
         if self.ffn_norm is None:
-            ffn = self.ffn(h)
+            ffn = self.ffn(h, token_ids, routing=ffn_routing, decides=decides)
             y = x + attn.out + ffn.out
         else:
             x = x + attn.out
-            ffn = self.ffn(self.ffn_norm(x))
+            ffn = self.ffn(self.ffn_norm(x), token_ids, routing=ffn_routing, decides=decides)
             y = x + ffn.out
-        return y, LayerRouting(attn.routing, ffn.routing, ffn.counts, ffn.lb_loss, ffn.z_loss)
+        attn_lb = None
+        if decides and self.cfg.attn_lb_coef and attn.routing is not None and self.cfg.attn_router.kind == "topk":
+            attn_lb = load_balancing_loss(attn.routing.probs, attn.routing.counts())
+        return y, LayerRouting(attn.routing, ffn.routing, ffn.counts, ffn.lb_loss, ffn.z_loss, attn_lb)
 
 
 class BAMTransformer(nn.Module):
@@ -95,7 +124,7 @@ class BAMTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
@@ -121,10 +150,15 @@ class BAMTransformer(nn.Module):
                            "padding out of a forward without a cache")
         routing = []
         aux = x.new_zeros((), dtype=torch.float32)
+        shared = None  # block 0's routing, reused by every block under router_scope=model
         for i, block in enumerate(self.layers):
-            x, r = block(x, None if step is None else cache.layer(i, step))
+            x, r = block(x, idx, shared, None if step is None else cache.layer(i, step))
             routing.append(r)
             aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
+            if r.attn_lb_loss is not None:
+                aux = aux + self.cfg.attn_lb_coef * r.attn_lb_loss
+            if self.cfg.router_scope == "model" and shared is None:
+                shared = r
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
         logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)

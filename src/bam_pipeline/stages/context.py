@@ -40,7 +40,8 @@ NOT_OVERRIDABLE = {
     "max_seq_len": "set model.seq_len instead",
     "vocab_size": "the vocabulary size comes from the run's tokenizer",
     "name": "the model's name comes from its preset",
-    **dict.fromkeys(("attn_experts", "attn_kv", "attn_router", "ffn_experts", "ffn_router"),
+    **dict.fromkeys(("attn_experts", "attn_kv", "attn_router", "ffn_experts", "ffn_router", "router_scope",
+                     "joint_router", "attn_lb_coef"),
                     "the seed is dense; mixtures come from mix=<variant>"),
 }
 

@@ -40,6 +40,11 @@ def run_info(ctx: RunContext) -> None:
               f"(attention {_fmt(r['flops_per_token_attention'])}, FFN {_fmt(r['flops_per_token_ffn'])}, "
               f"LM head {_fmt(r['flops_per_token_lm_head'])}); "
               f"x{r['flops_per_token_forward'] / base['flops_per_token_forward']:.2f} the dense seed")
+        if r["flops_per_token_forward_implementation"] != r["flops_per_token_forward"]:
+            print(f"  as implemented here (every attention expert computed, unchosen ones zero-weighted): "
+                  f"{_fmt(r['flops_per_token_forward_implementation'])} (attention "
+                  f"{_fmt(r['flops_per_token_attention_implementation'])}); budgets use the ideal sparse kernel "
+                  "above (k experts' Q, O and attention, every expert's K/V)")
     gaps = variant.function_gaps(variant.layout(dense, len(ctx.data.domains)))
     if gaps:
         print(f"  upcycled from identical experts this is NOT the seed's function: {'; '.join(gaps)} (exact: "

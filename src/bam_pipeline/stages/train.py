@@ -90,7 +90,7 @@ def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
         reference = ctx.variant(ctx.budget.moe.reference).layout(model_cfg.dense(), len(ctx.data.domains))
     budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference)
     job = TrainJob("moe", art_name, ctx.layout, model_cfg, mix, stage_mixture("moe", ctx.data), budget,
-                   ctx.train.lr * ctx.train.moe_lr_scale, ctx.train)
+                   ctx.train.lr * ctx.train.moe_lr_scale, ctx.train, freeze_experts=variant.freeze_experts)
     about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
              "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
              "experts": (mix.manifest.get("about") or {}).get("experts")}

@@ -53,6 +53,7 @@ class TrainJob:
     budget: Budget
     lr: float  # the stage's peak learning rate
     train: TrainSettings
+    freeze_experts: bool = False  # train routers and averaged weights only (mix variant's freeze_experts)
 
     @property
     def label(self) -> str:
@@ -79,6 +80,7 @@ class TrainJob:
             # were seeded otherwise are stale
             "data_order": "seed,stage,source",
             "inputs": {k: a.hash for k, a in inputs.items()},
+            **({"freeze_experts": True} if self.freeze_experts else {}),
         }
 
 
@@ -177,7 +179,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
     # the artifact keeps its input's dtype (a bfloat16 import stays bfloat16); training runs in float32
     # master weights whatever trainer.precision computes in
-    dtype = next(iter(init_state.values())).dtype if init_state else torch.float32
+    # (its floating tensors': integer buffers such as a hash router's table keep their own)
+    dtype = next((v.dtype for v in init_state.values() if v.is_floating_point()), torch.float32) if init_state \
+        else torch.float32
     work = job.layout.work(job.stage, job.name)
     resume = _prepare_work_dir(work, canonical_hash(stage_config))
     if resume is not None:
@@ -186,7 +190,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         print(f"{job.label}: host memory kept for reuse for the rest of this process "
               "(train.keep_host_memory=false to leave libc's defaults)")
     L.seed_everything(t.seed, workers=True, verbose=False)
-    module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every)
+    module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every, freeze_experts=job.freeze_experts)
     data = MixtureDataModule(
         prepared, job.proportions, seq_len=t.seq_len, batch_size=t.batch_size,
         train_tokens=job.budget.tokens, val_tokens=t.val_tokens, seed=t.seed,
@@ -237,7 +241,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         return None
     out_dir = job.layout.artifact(job.stage, job.name)
     with A.publish(out_dir) as tmp:
-        state = {k.removeprefix("model."): v.detach().to(dtype).cpu() for k, v in full_state.items()}
+        # floating tensors in the artifact's dtype; integer buffers (a hash router's table) as they are
+        state = {k.removeprefix("model."): (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
+                 for k, v in full_state.items()}
         A.save_model(tmp, job.model_cfg, state)
         if (work / A.TRAIN_LOG).exists():
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)

@@ -29,11 +29,29 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
 
 
+EXPERT_TENSORS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "attn.bq", "attn.bk", "attn.bv",
+                  "ffn.w1", "ffn.w2", "ffn.w3")
+
+
+def freeze_expert_tensors(model: torch.nn.Module) -> list[str]:
+    """Stop training every stacked expert tensor with more than one expert (E > 1): no gradient, so
+    the optimiser (which only gets trainable parameters) neither steps nor decays them. Averaged
+    tensors (E = 1: shared K/V, a BTX attention), routers, norms and embeddings stay trainable.
+    Returns the frozen names."""
+    frozen = []
+    for name, p in model.named_parameters():
+        if name.endswith(EXPERT_TENSORS) and p.shape[0] > 1:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 class LMModule(L.LightningModule):
-    """Next-token prediction on (B, T+1) token batches; loss = LM NLL + sum of per-layer aux losses."""
+    """Next-token prediction on (B, T+1) token batches; loss = LM NLL + sum of per-layer aux losses.
+    ``freeze_experts``: train routers and averaged weights only (:func:`freeze_expert_tensors`)."""
 
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, init_state: dict | None = None,
-                 log_every: int = 10):
+                 log_every: int = 10, freeze_experts: bool = False):
         super().__init__()
         self.model_cfg = model_cfg
         self.optim = optim
@@ -41,6 +59,8 @@ class LMModule(L.LightningModule):
         self.model = BAMTransformer(model_cfg)
         if init_state is not None:
             self.model.load_state_dict(init_state, strict=True)
+        if freeze_experts and not freeze_expert_tensors(self.model):
+            raise BamError("freeze_experts: this model has no expert tensors with more than one expert to freeze")
         self._t_last: float | None = None
         self.last_train: dict[str, float] = {}
 
@@ -112,8 +132,9 @@ class LMModule(L.LightningModule):
 
     # ---- optimiser -----------------------------------------------------------------------
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # frozen experts get no state, no decay
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
