@@ -70,6 +70,7 @@ class DownstreamSpec:
     batch_size: int = 16  # log-likelihood requests per forward pass
     max_gen_toks: int = 256  # generate_until: new tokens at most
     device: str = "auto"
+    threads: Optional[int] = 1  # torch CPU threads while scoring (null: torch's default)
     seed: int = 0  # suite item order, few-shot sampling and generation
     in_all: bool = True  # stage=all runs this stage after eval
 
@@ -90,5 +91,7 @@ class DownstreamSpec:
                 object.__setattr__(self, key, names)
         if self.seed < 0:
             raise ConfigError("seed", self.seed, "must be a non-negative integer")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", self.threads, "must be a positive number of threads, or null (torch's default)")
         if not DEVICE.match(self.device):
             raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")

@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.errors import BamError
@@ -156,13 +159,13 @@ def run_downstream(ctx: RunContext) -> Path | None:
     layout = ctx.layout
     device = resolve_device(spec.device)
     t0 = time.perf_counter()
-    with StageLock(layout.lock("downstream", "results"), "the downstream results"):
+    with StageLock(layout.lock("downstream", "results"), "the downstream results"), _cpu_threads(spec.threads, device):
         if spec.suite == "offline":
             suite_dir, configs = _offline_task_configs(ctx, prepared, tasks)
         else:
             suite_dir, configs = None, _paper_task_configs(ctx, tasks)
         settings = {"batch_size": spec.batch_size, "max_gen_toks": spec.max_gen_toks, "seed": spec.seed,
-                    "device": str(device)}
+                    "device": str(device)}  # threads change no number: not part of the cache key
         rows, reused, evaluated, used = [], [], [], set()
         for art in arts:
             keys = {t: canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "task": configs[t],
@@ -210,6 +213,18 @@ def run_downstream(ctx: RunContext) -> Path | None:
     else:
         print(f"the run has no eval results yet; `{ctx.cmd('stage=eval')}` writes the report with this table")
     return layout.downstream_results
+
+
+@contextmanager
+def _cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` while scoring on the CPU, then restored."""
+    before = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_downstream_in_all(ctx: RunContext) -> None:
