@@ -44,6 +44,8 @@ def eval_rows(ctx: RunContext, art: Artifact) -> tuple[list[dict[str, Any]], str
     mine = [r for r in rows if r.get("artifact_hash") == art.hash]
     if rows and not mine:
         return [], "The run's eval results are of an earlier build of this model; re-run stage=eval and export again."
+    if not rows:
+        return [], f"The run's eval has not scored this model (built after it ran); `{ctx.cmd('stage=eval')}` scores it."
     return [{"test source": r["domain"], "perplexity": r["perplexity"], "bits per byte": r["bits_per_byte"],
              "loss (nats/token)": r["loss"], "test tokens": r["tokens"]} for r in mine], ""
 

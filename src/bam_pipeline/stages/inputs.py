@@ -99,10 +99,7 @@ def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: s
                            f"model; name one of this run's models ({known})")
         raise BamError(f"unknown {key} {text!r}: run {ctx.run} has no such model ({known}; "
                        "`python -m bam_pipeline stage=status` lists them)")
-    try:
-        return read_artifact(path, tokenizer=prepared.tokenizer_hash)
-    except BamError as e:
-        raise BamError(f"{key}={text}: {e}") from None
+    return read_artifact(path, tokenizer=prepared.tokenizer_hash)  # a BamError naming it when another tokenizer's
 
 
 @contextmanager
