@@ -11,9 +11,9 @@ from cli_runner import SEED_ARGS, Result, cli
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, Result]:
-    """One whole smoke pipeline (data, seed, 3 branches, 4 mixtures trained, eval, report)."""
+    """One whole smoke pipeline (data, seed, 3 branches, 4 mixtures trained, eval, downstream, report)."""
     root = tmp_path_factory.mktemp("stages")
-    return root, cli(root, "stage=all", check=True)
+    return root, cli(root, "stage=all", check=True, timeout=600)  # downstream included: minutes on a busy CPU
 
 
 @pytest.fixture

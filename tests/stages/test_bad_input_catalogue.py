@@ -103,6 +103,18 @@ def _other_tokenizer(run: Path, scratch: Path) -> list[str]:
     return ["data.tokenizer.vocab_size=400"]
 
 
+def _existing_export(run: Path, scratch: Path) -> list[str]:
+    """An export of moe/bam from before (a file in its directory)."""
+    (run / "export" / "moe" / "bam").mkdir(parents=True)
+    (run / "export" / "moe" / "bam" / "README.md").write_text("an earlier export")
+    return []
+
+
+def _prompts_file(scratch: Path, name: str, text: str) -> list[str]:
+    (scratch / name).write_text(text)
+    return [f"generate.prompts_file={scratch / name}"]
+
+
 def _sleeper() -> int:
     p = subprocess.Popen(["sleep", "300"])
     SLEEPERS.append(p)
@@ -171,6 +183,13 @@ CASES: dict[str, Case] = {
     "mix_attn_hash": Case(C, ("mix=bam_hash", "mix.attn_router.kind=hash"),
                           "invalid mix.attn_router.kind='hash': routes the FFN only"),
     "mix_hash_k": Case(C, ("mix=bam_hash", "mix.ffn_router.k=2"), "invalid mix.ffn_router.k=2: hash routing"),
+    "export_format": Case(C, ("export.format=onnx",), "invalid export.format='onnx': use one of auto, stock, custom"),
+    "export_repo_id": Case(C, ("export.push_to_hub=no-owner",), "invalid export.push_to_hub='no-owner': use a hub"),
+    "generate_temperature": Case(C, ("generate.temperature=-1",), "invalid generate.temperature=-1.0: must be a number"),
+    "generate_top_p": Case(C, ("generate.top_p=0",), "invalid generate.top_p=0.0: must be in (0, 1]"),
+    "generate_new_0": Case(C, ("generate.max_new_tokens=0",), "invalid generate.max_new_tokens=0: must be a positive"),
+    "downstream_suite": Case(C, ("downstream.suite=web",), "invalid downstream.suite='web': use downstream=offline or"),
+    "downstream_models_empty": Case(C, ("downstream.models=[]",), "invalid downstream.models=[]: list distinct names"),
     # ---- model overrides ----
     "n_heads": Case(M, ("+model.overrides.n_heads=7",), "invalid model.overrides.d_model=32: must be divisible by n_heads=7"),
     "d_model_0": Case(M, ("+model.overrides.d_model=0",), "invalid model.overrides.d_model=0: must be positive"),
@@ -261,6 +280,42 @@ CASES: dict[str, Case] = {
     "branch_other_tokenizer": Case(A, ("stage=branch", "domain=code"), "seed was made with another tokenizer",
                                    needs_run=True, setup=_other_tokenizer),
     "eval_seq_len": Case(A, ("stage=eval", "eval.seq_len=128"), "eval.seq_len=128 exceeds", needs_run=True),
+    # ---- stage=export / generate / downstream on the finished run ----
+    "export_no_artifact": Case(A, ("stage=export",), "stage=export needs artifact=<label>", needs_run=True),
+    "export_unknown": Case(A, ("stage=export", "artifact=moe/nope"), "unknown artifact 'moe/nope': run smoke has no such "
+                           "model (seed, branch/code", needs_run=True),
+    "export_btm": Case(A, ("stage=export", "artifact=btm"), "BTM is an eval-time ensemble", needs_run=True),
+    "export_other_tokenizer": Case(A, ("stage=export", "artifact=moe/bam"), "moe/bam was made with another tokenizer",
+                                   needs_run=True, setup=_other_tokenizer),
+    "export_exists": Case(A, ("stage=export", "artifact=moe/bam"), "exists; add export.overwrite=true to replace it",
+                          needs_run=True, setup=_existing_export),
+    "export_stock_moa": Case(A, ("stage=export", "artifact=moe/bam", "export.format=stock"),
+                             "no stock transformers class holds a Mixture of Attention", needs_run=True),
+    "generate_no_prompt": Case(A, ("stage=generate", "artifact=seed"), "stage=generate needs a prompt", needs_run=True),
+    "generate_empty_prompt": Case(A, ("stage=generate", "artifact=seed", "generate.prompt=''"), "the prompt is empty",
+                                  needs_run=True),
+    "generate_empty_line": Case(A, ("stage=generate", "artifact=seed"), "prompt 1 of", needs_run=True,
+                                setup=lambda r, s: _prompts_file(s, "p.jsonl", '"  "\n')),
+    "generate_bad_jsonl": Case(A, ("stage=generate", "artifact=seed"), "p.jsonl line 2 is not valid JSON",
+                               needs_run=True, setup=lambda r, s: _prompts_file(s, "p.jsonl", '"a"\n{oops\n')),
+    "generate_no_file": Case(A, ("stage=generate", "artifact=seed", "generate.prompts_file=/nonexistent/p.txt"),
+                             "invalid generate.prompts_file='/nonexistent/p.txt': no such file", needs_run=True),
+    "generate_too_long": Case(A, ("stage=generate", "artifact=seed", "generate.prompt=the", "generate.max_new_tokens=999"),
+                              "exceeds the model's context max_seq_len=64", needs_run=True),
+    "generate_unknown": Case(A, ("stage=generate", "artifact=branch/bible", "generate.prompt=the"),
+                             "unknown artifact 'branch/bible'", needs_run=True),
+    "downstream_unknown_task": Case(A, ("stage=downstream", "downstream.tasks=[arc_easy]"),
+                                    "unknown task 'arc_easy' for downstream=offline; its tasks: bam_next_passage_general",
+                                    needs_run=True),
+    "downstream_quac": Case(A, ("stage=downstream", "downstream=paper", "downstream.tasks=[QuAC]"),
+                            "unknown task 'QuAC' for downstream=paper (QuAC: lm-evaluation-harness has no QuAC task)",
+                            needs_run=True),
+    "downstream_code_task": Case(A, ("stage=downstream", "downstream=paper", "downstream.tasks=[humaneval]"),
+                                 "executes generated code; add downstream.allow_code_execution=true", needs_run=True),
+    "downstream_unknown_model": Case(A, ("stage=downstream", "downstream.models=[seed,moe/nope]"),
+                                     "unknown downstream.models 'moe/nope'", needs_run=True),
+    "downstream_other_tokenizer": Case(A, ("stage=downstream",), "was made with another tokenizer", needs_run=True,
+                                       setup=_other_tokenizer),
     # ---- concurrency: an output another live run is building ----
     "seed_locked": Case(K, ("stage=seed",), "seed is being built by another run (pid", needs_run=True,
                         setup=_lock("seed/main", remove=("seed",))),

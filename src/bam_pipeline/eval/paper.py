@@ -37,3 +37,12 @@ PAPER_ROLES: dict[str, str] = {
     "seed": "seed", "branch/code": "expert", "branch/law": "expert", "branch/math": "expert",
     "moe/btx": "mixture", "moe/bam": "mixture", "moe/bam_kv_shared": "mixture", "moe/bam_cm": "mixture",
 }
+
+# The paper's Table 3 (downstream tasks, 2B scale only): PAPER.md section 10 quotes the average over its
+# tasks (GSM8K, MATH, HumanEval, MBPP, LegalBench ICQ, NQ, TriviaQA, ARC-E/C, SIQA, PIQA, WinoGrande, QuAC,
+# MMLU) per model, in percent; no per-task number.
+TABLE3_CITATION = "Zhang et al., arXiv 2408.08274, Table 3, 2B scale"
+TABLE3_AVERAGES: dict[str, float] = {
+    "Seed": 31.60, "BTX": 32.71, "BAM DM (expert KV)": 34.02, "BAM CM (expert KV)": 33.50,
+    "BAM DM (shared KV)": 33.98,
+}

@@ -1,9 +1,9 @@
 """The run's report: ``stages/<run>/report/`` with report.md, a self-contained report.html and PNGs.
 
 Built only from files: ``eval/metrics.json``, ``eval/documents.json``, ``eval/routing.json`` and each
-artifact's train_log.jsonl. Sections: provenance, Table 1 analogue beside the paper's, ordering claims
-on both (this run's with intervals over test documents), out-of-domain verdicts, cost table, routing
-summary, plots, and what was skipped and why.
+artifact's train_log.jsonl (and ``downstream/results.json`` when present). Sections: provenance, Table 1
+analogue beside the paper's, ordering claims on both (this run's with intervals over test documents),
+out-of-domain verdicts, cost table, downstream tasks, routing summary, plots, and what was skipped and why.
 
 With several training seeds (``pipeline.seeds``) :func:`build_seeds_report` writes the aggregate,
 ``stages/<run>/seeds/``: every cell's mean and 95% interval over seeds and test documents, and every
@@ -22,6 +22,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.eval import ablations
 from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate
 from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
+from bam_pipeline.eval.downstream_table import downstream_blocks
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
@@ -275,6 +276,7 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s measured during this evaluation on the device above."),
         ("table", cost_rows(metrics)),
+        *downstream_blocks(layout),
         ("h", 2, "Plots"),
     ]
     b += [("img", name, caption) for name, caption in images.items() if not name.startswith("routing_")]

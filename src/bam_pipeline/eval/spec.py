@@ -49,3 +49,49 @@ class EvalSpec:
         """The settings that change results (part of the eval cache key; the device is added apart)."""
         return {"seq_len": self.seq_len, "max_tokens_per_source": self.max_tokens_per_source,
                 "batch_size": self.batch_size, "btm_prior_sequences": self.btm_prior_sequences}
+
+
+SUITES = ("offline", "paper")
+
+
+@dataclass(frozen=True)
+class DownstreamSpec:
+    """The ``downstream:`` config section (``stage=downstream``; ``downstream=offline`` or ``paper``,
+    ``conf/downstream/``): which suite, which models and tasks, and the offline suite's shape."""
+
+    suite: str = "offline"  # offline: next-passage tasks from the run's test documents; paper: Table 3 (online)
+    models: Optional[tuple[str, ...]] = None  # artifact labels (seed, branch/code, moe/bam); null: every model
+    tasks: Optional[tuple[str, ...]] = None  # a subset of the suite's tasks; null: all of them
+    max_items: int = 200  # offline: items per source
+    context_tokens: int = 64  # offline: tokens of a document before the passage to pick
+    passage_tokens: int = 32  # offline: tokens of a passage (cut where a word begins)
+    limit: Optional[int] = None  # paper: items per task (null: every item)
+    allow_code_execution: bool = False  # paper: also HumanEval and MBPP, which run generated code
+    batch_size: int = 16  # log-likelihood requests per forward pass
+    max_gen_toks: int = 256  # generate_until: new tokens at most
+    device: str = "auto"
+    threads: Optional[int] = 1  # torch CPU threads while scoring (null: torch's default)
+    seed: int = 0  # suite item order, few-shot sampling and generation
+    in_all: bool = True  # stage=all runs this stage after eval
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ConfigError("suite", self.suite, f"use downstream={' or downstream='.join(SUITES)}")
+        for key in ("max_items", "context_tokens", "passage_tokens", "batch_size", "max_gen_toks"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, getattr(self, key), "must be a positive integer")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit", self.limit, "must be a positive number of items per task, or null (all)")
+        for key in ("models", "tasks"):
+            names = getattr(self, key)
+            if names is not None:
+                names = tuple(names)
+                if not names or len(set(names)) != len(names):
+                    raise ConfigError(key, list(names), "list distinct names, or null for all")
+                object.__setattr__(self, key, names)
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be a non-negative integer")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", self.threads, "must be a positive number of threads, or null (torch's default)")
+        if not DEVICE.match(self.device):
+            raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")

@@ -39,13 +39,13 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.interop.architectures import ARCHITECTURES
 from bam_pipeline.interop.hf_config import CONFIG_FILE
 from bam_pipeline.interop.hf_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_FILE, check_vocabulary
@@ -64,6 +64,26 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 CARD_FILE = "README.md"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The ``export:`` config section (``stage=export``; defaults in ``conf/export/default.yaml``)."""
+
+    format: str = "auto"  # auto | stock | custom (:func:`choose_format`)
+    overwrite: bool = False  # replace an existing export directory (atomically)
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # one safetensors file up to this size, shards above
+    push_to_hub: Optional[str] = None  # a hub model repo id to upload the export to (needs network)
+    private: bool = True  # a repository push_to_hub creates is private
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError("format", self.format, f"use one of {', '.join(FORMATS)}")
+        if self.max_shard_bytes < 1:
+            raise ConfigError("max_shard_bytes", self.max_shard_bytes, "must be a positive number of bytes")
+        if self.push_to_hub is not None and (self.push_to_hub.count("/") != 1 or " " in self.push_to_hub
+                                             or not all(self.push_to_hub.split("/"))):
+            raise ConfigError("push_to_hub", self.push_to_hub, "use a hub model repository id, <owner>/<name>")
 
 
 @dataclass(frozen=True)

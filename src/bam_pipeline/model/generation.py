@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.model.kv_cache import KVCache
 from bam_pipeline.model.transformer import BAMTransformer
 
@@ -161,3 +162,89 @@ def greedy_without_cache(model: BAMTransformer, prompt: Sequence[int], max_new_t
 def cache_bytes_per_token(model: BAMTransformer) -> float:
     """KV cache bytes per token of one sequence for ``model``, measured on a one-position cache."""
     return KVCache.for_model(model, 1, 1).bytes_per_token()
+
+
+# ---- text in, text out -------------------------------------------------------------------------
+class TextTokenizer(Protocol):
+    """What :func:`generate_text` needs of a tokenizer (a ``tokenizers.Tokenizer`` has it)."""
+
+    def encode(self, sequence: str) -> object: ...  # an Encoding: ``.ids``
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class TextGeneration:
+    """One prompt's continuation: the prompt's ids, the new ids and their text."""
+
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str
+    stopped_at_eos: bool
+
+
+def generate_text(model: BAMTransformer, tokenizer: TextTokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  sampling: Sampling = GREEDY, eos_id: int | None = None, seed: int = 0, batch_size: int = 8
+                  ) -> tuple[list[TextGeneration], float]:
+    """Continue text prompts: each encoded as the tokenizer encodes a document (its post-processor
+    included, as ``transformers``' tokenizer of an export encodes it), decoded in batches of
+    ``batch_size`` with :func:`generate`, sampling from one generator seeded with ``seed``. Returns
+    the continuations in prompt order and the KV cache bytes per token measured while decoding."""
+    if batch_size < 1:
+        raise BamError(f"batch_size={batch_size} must be a positive integer")
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise BamError(f"prompt {i} is empty; give every prompt some text to continue")
+    ids = [list(tokenizer.encode(text).ids) for text in prompts]
+    check_prompts(ids, max_new_tokens, model.cfg.max_seq_len)
+    generator = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
+    out: list[TextGeneration] = []
+    cache_bytes = 0.0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start: start + batch_size]
+        result = generate(model, chunk, max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
+                          generator=generator)
+        cache_bytes = result.cache_bytes_per_token
+        for j, (tokens, stopped) in enumerate(zip(result.tokens, result.stopped_at_eos)):
+            shown = tokens[:-1] if stopped else tokens  # the end-of-document token is not text
+            out.append(TextGeneration(prompts[start + j], chunk[j], tokens, tokenizer.decode(shown), stopped))
+    return out, cache_bytes
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """The ``generate:`` config section (``stage=generate``; defaults in ``conf/generate/default.yaml``).
+
+    One of ``prompt`` (a text) and ``prompts_file`` (a text file, one prompt per line, or a ``.jsonl``
+    file, one JSON string or ``{"prompt": ...}`` object per line)."""
+
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # seeds sampling (one generator for the whole command)
+    stop_at_eos: bool = True  # stop a continuation at the end-of-document token
+    batch_size: int = 8  # prompts decoded together (left-padded)
+    output: Optional[str] = None  # also write the continuations (ids and text) to this JSONL file
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", self.max_new_tokens, "must be a positive number of tokens")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be a non-negative integer")
+        try:
+            self.sampling
+        except BamError:
+            key, value = (("temperature", self.temperature) if not (math.isfinite(self.temperature)
+                                                                    and self.temperature >= 0)
+                          else ("top_p", self.top_p))
+            why = "must be a number >= 0 (0 is greedy)" if key == "temperature" else "must be in (0, 1] (1: every token)"
+            raise ConfigError(key, value, why) from None
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p)

@@ -7,6 +7,7 @@ import time
 
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data, run_data
+from bam_pipeline.stages.downstream import run_downstream_in_all
 from bam_pipeline.stages.eval import run_eval_one, run_seeds_report
 from bam_pipeline.stages.mix import run_mix
 from bam_pipeline.stages.train import run_branch, run_moe, run_seed
@@ -23,6 +24,7 @@ def run_one_seed(ctx: RunContext) -> None:
     for name in ctx.pipeline.moe_runs:
         run_moe(ctx, name)
     run_eval_one(ctx)
+    run_downstream_in_all(ctx)  # lm-eval tasks of every model; the report gets their table
 
 
 def run_all(ctx: RunContext) -> None:

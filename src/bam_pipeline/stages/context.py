@@ -19,9 +19,11 @@ from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.data.spec import DataSpec, read_data_spec
 from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.eval.spec import EvalSpec
+from bam_pipeline.eval.spec import DownstreamSpec, EvalSpec
+from bam_pipeline.interop.hf_export import ExportSpec
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig, preset
+from bam_pipeline.model.generation import GenerateSpec
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
@@ -32,7 +34,7 @@ ON_STALE = ("rebuild", "refuse")
 TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
 EVAL_STAGES = ("eval", "all")
 # Overrides that select what a command works on; hints drop them and name their own.
-SELECTORS = ("stage", "domain", "mix")
+SELECTORS = ("stage", "domain", "mix", "artifact")
 
 
 # ModelConfig fields a model override may not set, and why.
@@ -179,6 +181,10 @@ class RunContext:
     config_hash: str  # of the whole resolved config (the report's provenance)
     source: Optional[DictConfig] = field(default=None, compare=False, repr=False)  # the composed config
     choices: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    artifact: Optional[str] = None  # `artifact=<label>`: the model stage=export / generate work on
+    export: ExportSpec = field(default_factory=ExportSpec)
+    generate: GenerateSpec = field(default_factory=GenerateSpec)
+    downstream: DownstreamSpec = field(default_factory=DownstreamSpec)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, choices: Mapping[str, Any], overrides: tuple[str, ...] = ()
@@ -209,6 +215,10 @@ class RunContext:
             config_hash=canonical_hash(plain(cfg)),
             source=cfg,
             choices=dict(choices),
+            artifact=None if cfg.get("artifact") is None else str(cfg.artifact),
+            export=read_section(ExportSpec, cfg.get("export"), "export"),
+            generate=read_section(GenerateSpec, cfg.get("generate"), "generate"),
+            downstream=read_section(DownstreamSpec, cfg.get("downstream"), "downstream"),
         )
         ctx.check()
         return ctx

@@ -19,9 +19,10 @@ from bam_pipeline.data.prepare import PreparedData, open_current
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.store.artifacts import MANIFEST, Artifact, read_artifact, remove_dead_temporaries, try_read_artifact
+from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, read_artifact,
+                                         remove_dead_temporaries, try_read_artifact)
 from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.store.layout import label
+from bam_pipeline.store.layout import MODEL_STAGES, label, parse_label
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -81,6 +82,24 @@ def require(ctx: RunContext, stage: str, name: str, producer: str, prepared: Pre
         return read_artifact(path, tokenizer=prepared.tokenizer_hash)
     except BamError as e:
         raise BamError(f"{e} (`{producer}`)") from None
+
+
+ENSEMBLE_LABEL = "btm"  # the eval-time ensemble of eval/btm.py: a row of the eval table, no artifact
+
+
+def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: str = "artifact") -> Artifact:
+    """The finished model artifact a label names (``seed``, ``branch/code``, ``moe/bam``, as ``stage=status``
+    lists them), made with the run's tokenizer; a BamError naming what this run has otherwise."""
+    stage, name = parse_label(text)
+    path = ctx.layout.artifact(stage, name) if stage in MODEL_STAGES and name and "/" not in name else None
+    if path is None or try_read_artifact(path) is None or not (path / WEIGHTS).is_file():
+        known = ", ".join(a.label for a in find_model_artifacts(ctx.layout)) or "none yet"
+        if text == ENSEMBLE_LABEL:
+            raise BamError(f"{key}={text}: BTM is an eval-time ensemble of the seed and the domain experts, not one "
+                           f"model; name one of this run's models ({known})")
+        raise BamError(f"unknown {key} {text!r}: run {ctx.run} has no such model ({known}; "
+                       "`python -m bam_pipeline stage=status` lists them)")
+    return read_artifact(path, tokenizer=prepared.tokenizer_hash)  # a BamError naming it when another tokenizer's
 
 
 @contextmanager

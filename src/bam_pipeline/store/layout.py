@@ -11,6 +11,8 @@ stages/<run>/
   .locks/<stage>/<name>.lock who is building an output right now (store.locks)
   eval/                      metrics.json, routing.json, documents.json, heatmaps, cache/
   report/                    report.md, report.html, claims.json, plots
+  export/<stage>/<name>/     stage=export: a Hugging Face model directory of a model artifact (not scanned as one)
+  downstream/                stage=downstream: results.json, suite/ (the offline tasks), cache/
   seeds/                     with pipeline.seeds: the aggregate over the seeds' runs (report.md, table.json, ...)
   logs/                      Hydra and logger output
   data.json                  a run that reads another run's prepared data (a seed of pipeline.seeds): its path
@@ -120,6 +122,28 @@ class RunLayout:
     def heatmap(self, model_label: str, kind: str, directory: Path | None = None) -> Path:
         """A routing heatmap of one model and router kind, in ``eval/`` (or ``directory``)."""
         return (directory or self.eval) / f"routing_{model_label.replace('/', '_')}_{kind}.png"
+
+    def export(self, stage: str, name: str = SEED_NAME) -> Path:
+        """The Hugging Face export of model artifact ``<stage>/<name>``: under ``export/``, which no
+        model scan reads (:meth:`stage_dirs` lists ``<run>/<stage>/`` of the model stages only)."""
+        return self.run_dir / "export" / stage / name
+
+    @property
+    def downstream(self) -> Path:
+        return self.run_dir / "downstream"
+
+    @property
+    def downstream_results(self) -> Path:
+        return self.downstream / "results.json"
+
+    @property
+    def downstream_suite(self) -> Path:
+        """The offline suite's lm-eval task files and their JSONL items."""
+        return self.downstream / "suite"
+
+    @property
+    def downstream_cache(self) -> Path:
+        return self.downstream / "cache"
 
     @property
     def report(self) -> Path:

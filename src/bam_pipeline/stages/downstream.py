@@ -1,0 +1,246 @@
+"""stage=downstream: every model of the run (or ``downstream.models``) through lm-evaluation-harness
+with our ``LM`` (:mod:`bam_pipeline.eval.harness`), on the offline suite built from the run's
+held-out test documents (``downstream=offline``, the default) or on the paper's Table 3 tasks
+(``downstream=paper``, online; HumanEval and MBPP only with ``downstream.allow_code_execution``).
+
+Results go to ``stages/<run>/downstream/results.json`` and, when the run has been evaluated, into
+its report (rebuilt). Each (model, task) result is cached in ``downstream/cache/`` under the hash of
+the model artifact, the task's configuration (the offline items themselves, or the paper task's
+name, shots and limit) and the settings that change numbers; only what changed runs again.
+
+BTM (the eval-time ensemble of the seed and the experts) is not an artifact and has no ``LM`` here:
+it is skipped, with a line in the results and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from bam_pipeline.data.prepare import PreparedData
+from bam_pipeline.errors import BamError
+from bam_pipeline.eval.downstream import TASK_PREFIX, build_offline_suite, paper_tasks, run_tasks, task_yaml
+from bam_pipeline.eval.downstream import PAPER_TASKS
+from bam_pipeline.eval.downstream_table import results_table, task_row
+from bam_pipeline.eval.harness import harness_lm, require_lm_eval
+from bam_pipeline.eval.names import about
+from bam_pipeline.eval.report import build_report
+from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.eval import _command as command
+from bam_pipeline.stages.inputs import model_artifact, open_data
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model
+from bam_pipeline.store.files import canonical_hash, sha256_file, write_json
+from bam_pipeline.store.locks import StageLock
+from bam_pipeline.training.ranks import is_rank_zero
+
+CACHE_SCHEMA = 1
+
+
+def _lm_eval_version() -> str:
+    import importlib.metadata as md
+
+    return md.version("lm_eval")
+
+
+def selected_models(ctx: RunContext, prepared: PreparedData) -> tuple[list[Artifact], list[dict[str, str]]]:
+    """The models to evaluate (``downstream.models``, else every model of the run), each made with the
+    run's tokenizer, and skip records (BTM)."""
+    spec = ctx.downstream
+    skipped = []
+    btm = "BTM is an eval-time ensemble of the seed and the domain experts (eval/btm.py), not one model: it has no "\
+          "lm-eval LM here, so no downstream row"
+    if spec.models is None:
+        arts = [model_artifact(ctx, a.label, prepared) for a in find_model_artifacts(ctx.layout)]
+        if not arts:
+            raise BamError(f"no trained model in {ctx.layout.run_dir}; run `{ctx.cmd('stage=all')}` first")
+        if ctx.layout.metrics.is_file() and any(r["model"] == BTM_LABEL for r in
+                                                json.loads(ctx.layout.metrics.read_text())["rows"]):
+            skipped.append({"name": BTM_LABEL, "reason": btm})
+        return arts, skipped
+    arts = []
+    for label in spec.models:
+        if label == BTM_LABEL:
+            skipped.append({"name": BTM_LABEL, "reason": btm})
+        else:
+            arts.append(model_artifact(ctx, label, prepared, key="downstream.models"))
+    if not arts:
+        raise BamError("downstream.models names no model to evaluate (BTM has no downstream row); name artifacts "
+                       "as stage=status lists them, e.g. downstream.models=[seed,moe/bam]")
+    return arts, skipped
+
+
+def offline_tasks(prepared: PreparedData) -> list[str]:
+    """The offline suite's task names: one per source with a test split."""
+    sources, _ = sources_with_test_split(prepared)
+    return [f"{TASK_PREFIX}_{s}" for s in sources]
+
+
+def selected_tasks(ctx: RunContext, prepared: PreparedData) -> list[str]:
+    """The tasks to run (``downstream.tasks`` checked against the suite's), before anything is built."""
+    spec = ctx.downstream
+    if spec.suite == "offline":
+        known = offline_tasks(prepared)
+    else:
+        known = [t.task for t in paper_tasks(allow_code_execution=spec.allow_code_execution)]
+    if spec.tasks is None:
+        return known
+    for task in spec.tasks:
+        if task not in known:
+            code = next((t for t in PAPER_TASKS if t.task == task and t.executes_code), None)
+            if spec.suite == "paper" and code is not None:
+                raise BamError(f"task {task!r} ({code.paper}) executes generated code; add "
+                               "downstream.allow_code_execution=true to run it")
+            none = next((t for t in PAPER_TASKS if t.paper.lower() == task.lower() and t.task is None), None)
+            why = f" ({none.paper}: {none.note})" if none is not None else ""
+            raise BamError(f"unknown task {task!r} for downstream={spec.suite}{why}; its tasks: {', '.join(known)}")
+    return list(spec.tasks)
+
+
+def _offline_task_configs(ctx: RunContext, prepared: PreparedData, tasks: list[str]
+                          ) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Build the offline suite (the selected sources) and each task's identity: its items and YAML."""
+    spec = ctx.downstream
+    sources = [t[len(TASK_PREFIX) + 1:] for t in tasks]
+    suite = build_offline_suite(prepared, ctx.layout.downstream_suite, sources=sources,
+                                context_tokens=spec.context_tokens, passage_tokens=spec.passage_tokens,
+                                max_items=spec.max_items, seed=spec.seed)
+    configs = {task: {"suite": "offline", "items_sha256": sha256_file(suite.dir / f"{task}.jsonl"),
+                      "yaml": task_yaml(task, Path("data.jsonl"), Path("cache")), "items": suite.items[task]}
+               for task in suite.tasks}
+    return suite.dir, configs
+
+
+def _paper_task_configs(ctx: RunContext, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    by_task = {t.task: t for t in PAPER_TASKS}
+    return {task: {"suite": "paper", "task": task, "num_fewshot": by_task[task].num_fewshot,
+                   "limit": ctx.downstream.limit, "lm_eval": _lm_eval_version(), "items": None} for task in tasks}
+
+
+def _run(lm: Any, ctx: RunContext, tasks: list[str], configs: dict[str, dict[str, Any]], suite_dir: Path | None
+         ) -> dict[str, dict[str, Any]]:
+    """lm-eval's results of ``tasks`` for one model: task -> (its results entry, items scored)."""
+    spec = ctx.downstream
+    if spec.suite == "offline":
+        out = run_tasks(lm, tasks, include_path=suite_dir, seed=spec.seed)
+        return {t: task_row(t, out["results"][t], configs[t]["items"]) for t in tasks}
+    rows = {}
+    for task in tasks:  # one lm-eval run per task: shot counts differ
+        try:
+            out = run_tasks(lm, [task], num_fewshot=configs[task]["num_fewshot"], limit=spec.limit,
+                            allow_code_execution=spec.allow_code_execution, seed=spec.seed)
+        except BamError:
+            raise
+        except Exception as e:  # datasets offline, hub errors, lm-eval's own
+            raise BamError(f"lm-evaluation-harness could not run {task} ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:200]}); downstream=paper downloads its datasets: run it "
+                           "online, or use downstream=offline") from None
+        n = out.get("n-samples", {}).get(task, {}).get("effective")
+        rows[task] = task_row(task, out["results"][task], n)
+    return rows
+
+
+def run_downstream(ctx: RunContext) -> Path | None:
+    """stage=downstream: write ``downstream/results.json`` (and the report's section); returns its path."""
+    spec = ctx.downstream
+    require_lm_eval()
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines; warnings still show
+    prepared = open_data(ctx)
+    arts, skipped = selected_models(ctx, prepared)
+    tasks = selected_tasks(ctx, prepared)
+    if not is_rank_zero():
+        return None
+    layout = ctx.layout
+    device = resolve_device(spec.device)
+    t0 = time.perf_counter()
+    with StageLock(layout.lock("downstream", "results"), "the downstream results"), _cpu_threads(spec.threads, device):
+        if spec.suite == "offline":
+            suite_dir, configs = _offline_task_configs(ctx, prepared, tasks)
+        else:
+            suite_dir, configs = None, _paper_task_configs(ctx, tasks)
+        settings = {"batch_size": spec.batch_size, "max_gen_toks": spec.max_gen_toks, "seed": spec.seed,
+                    "device": str(device)}  # threads change no number: not part of the cache key
+        rows, reused, evaluated, used = [], [], [], set()
+        for art in arts:
+            keys = {t: canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "task": configs[t],
+                                       "settings": settings}) for t in tasks}
+            files = {t: layout.downstream_cache / f"{art.stage}-{art.name}-{t}-{keys[t][:16]}.json" for t in tasks}
+            used.update(f.name for f in files.values())
+            missing = [t for t in tasks if not files[t].is_file()]
+            if missing:
+                model, _ = load_model(art, device=str(device))
+                lm = harness_lm(model, prepared.tokenizer(), prepared.eos_id, batch_size=spec.batch_size,
+                                max_gen_toks=spec.max_gen_toks, seed=spec.seed)
+                for task, row in _run(lm, ctx, missing, configs, suite_dir).items():
+                    write_json(files[task], row)
+                evaluated.append(art.label)
+            else:
+                reused.append(art.label)
+            info = about(art)
+            for t in tasks:
+                row = json.loads(files[t].read_text())
+                rows.append({"model": art.label, "display": info.display, "role": info.role,
+                             "artifact_hash": art.hash, **row})
+        for stale in layout.downstream_cache.glob("*.json"):
+            if stale.name not in used:
+                stale.unlink()
+        results = {"run": ctx.run, "suite": spec.suite, "lm_eval": _lm_eval_version(),
+                   "settings": {**settings, "context_tokens": spec.context_tokens,
+                                "passage_tokens": spec.passage_tokens, "max_items": spec.max_items,
+                                "limit": spec.limit, "allow_code_execution": spec.allow_code_execution},
+                   "tasks": {t: {k: v for k, v in configs[t].items() if k != "yaml"} for t in tasks},
+                   "rows": rows, "skipped": skipped, "reused": reused, "evaluated": evaluated}
+        write_json(layout.downstream_results, results)
+    if reused:
+        print(f"[downstream] reused cached results for: {', '.join(reused)}")
+    if evaluated:
+        print(f"[downstream] evaluated: {', '.join(evaluated)} ({time.perf_counter() - t0:.0f} s)")
+    for x in skipped:
+        print(f"[downstream] skip {x['name']}: {x['reason']}")
+    _print_table(results_table(results))
+    print(f"[downstream] {len(rows)} (model, task) rows -> {layout.downstream_results}")
+    if layout.metrics.is_file():
+        with StageLock(layout.lock("eval", "report"), "the eval report"):
+            path = build_report(layout, command=command(), config_hash=ctx.config_hash,
+                                train_seed=ctx.train.seed, resamples=ctx.eval.resamples)
+        print(f"report (with the downstream table): {path}")
+    else:
+        print(f"the run has no eval results yet; `{ctx.cmd('stage=eval')}` writes the report with this table")
+    return layout.downstream_results
+
+
+@contextmanager
+def _cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` while scoring on the CPU, then restored."""
+    before = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_downstream_in_all(ctx: RunContext) -> None:
+    """The downstream stage as part of stage=all (``downstream.in_all``); lm-eval is an optional extra,
+    so without it this says so in one line and the pipeline goes on."""
+    if not ctx.downstream.in_all:
+        return
+    try:
+        require_lm_eval()
+    except BamError as e:
+        print(f"[downstream] skipped: {e}")
+        return
+    run_downstream(ctx)
+
+
+def _print_table(cells: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for r in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
