@@ -4,7 +4,9 @@ Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (
 ``ModelOutput(logits (B, T, V), aux_loss (scalar), routing (one LayerRouting per layer))`` where
 ``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss)`` (0 for dense FFNs; attention routers
 have no auxiliary loss). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
-(:func:`~bam_pipeline.model.loss.next_token_nll`); the training objective is
+(:mod:`~bam_pipeline.model.loss`), from the logits or, when a
+:class:`~bam_pipeline.model.loss.LossChunking` says so, chunked from the final hidden states without
+the whole logits (then ``ModelOutput.logits`` is None); the training objective is
 ``lm_loss + output.aux_loss``.
 
 Initialisation: every weight (embedding, projections, stacked experts, routers, head) is drawn
@@ -23,7 +25,7 @@ from torch import nn
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.layers import make_norm
-from bam_pipeline.model.loss import next_token_nll
+from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
 from bam_pipeline.model.routing import Routing
 
@@ -51,7 +53,7 @@ class LayerRouting:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None from a chunked loss
     aux_loss: torch.Tensor  # scalar
     routing: list[LayerRouting]
 
@@ -100,7 +102,8 @@ class BAMTransformer(nn.Module):
         """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
+    def hidden(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[LayerRouting]]:
+        """The final normed hidden states (B, T, D) of ``idx`` (B, T), the aux loss and the routing."""
         x = self.tok_emb(idx)  # (B, T, D)
         routing = []
         aux = x.new_zeros((), dtype=torch.float32)
@@ -108,13 +111,24 @@ class BAMTransformer(nn.Module):
             x, r = block(x)
             routing.append(r)
             aux = aux + self.cfg.lb_coef * r.lb_loss + self.cfg.z_coef * r.z_loss
-        logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
+        return self.norm(x), aux, routing
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        h, aux, routing = self.hidden(idx)
+        logits = F.linear(h, self.output_weight)  # (B, T, V)
         if self.cfg.logit_scale != 1.0:
             logits = logits * self.cfg.logit_scale
         return ModelOutput(logits, aux, routing)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"
-             ) -> tuple[torch.Tensor, ModelOutput]:
-        """Next-token NLL of ``targets`` (B, T) given ``idx`` (B, T), and the model output."""
-        out = self(idx)
-        return next_token_nll(out.logits, targets, reduction=reduction), out
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
+             chunking: LossChunking | None = None) -> tuple[torch.Tensor, ModelOutput]:
+        """Next-token NLL of ``targets`` (B, T) given ``idx`` (B, T), and the model output. With
+        ``chunking``, above its size the loss is chunked and the output has no logits."""
+        chunk = None if chunking is None else chunking.chunk_tokens(self.cfg.vocab_size, targets.numel())
+        if chunk is None:
+            out = self(idx)
+            return next_token_nll(out.logits, targets, reduction=reduction), out
+        h, aux, routing = self.hidden(idx)
+        nll = chunked_next_token_nll(h, self.output_weight, targets, chunk=chunk, logit_scale=self.cfg.logit_scale,
+                                     reduction=reduction)
+        return nll, ModelOutput(None, aux, routing)
