@@ -5,6 +5,13 @@ E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1 the router 
 experts and their gates (BAM: top-1 with the full-softmax probability as gate; BTX: top-k
 renormalised), and this layer adds load balancing and z-loss (:mod:`~bam_pipeline.model.routing`).
 
+Load balancing over the global batch: with ``global_balance`` set (data-parallel training sets it),
+the assignment counts f_i are summed over the processes before ``E * sum_i f_i * P_i``, while P_i
+stays each process's own mean router probability (Megatron-LM's global auxiliary loss). The mean
+of the processes' losses, and so the averaged gradient, is then the loss of the whole global batch
+computed in one process (for equal token counts per process); per-process f_i would make it a
+different, noisier loss whenever a process sees only part of the batch.
+
 Dispatch (dropless): one stable argsort of the flattened (N*k,) expert ids, gather the token rows
 into expert order, run the experts, permute the results back to assignment order and sum each
 token's k outputs weighted by its gates. The sort is a permutation of the N*k assignments, so both
@@ -27,6 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import torch.distributed as dist
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
@@ -101,6 +110,7 @@ class MoEFeedForward(nn.Module):
             raise BamError(f"unknown MoE dispatch {dispatch!r}; use one of {DISPATCHES}")
         self.cfg = cfg
         self.dispatch = dispatch
+        self.global_balance = False  # f_i over every process of the default group (module docstring)
         E, D, Fh = cfg.ffn_experts, cfg.d_model, cfg.d_ff
         self.router = Router(D, E, cfg.ffn_router) if E > 1 else None
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
@@ -131,7 +141,11 @@ class MoEFeedForward(nn.Module):
         xs = permute_rows(x_assign, order, inverse)  # (A, D) in expert order
         ys = permute_rows(self._experts(xs, counts), inverse, order)  # (A, D) back in assignment order
         out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
-        return MoEOutput(out.view(B, T, D), routing, counts, load_balancing_loss(routing.probs, counts),
+        balance_counts = counts
+        if self.global_balance and dist.is_available() and dist.is_initialized():
+            balance_counts = counts.clone()
+            dist.all_reduce(balance_counts)  # (E,) assignments of the global batch
+        return MoEOutput(out.view(B, T, D), routing, counts, load_balancing_loss(routing.probs, balance_counts),
                          router_z_loss(routing.logits))
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,13 @@ class BAMTransformer(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
 
+    def balance_globally(self, on: bool = True) -> None:
+        """Load-balancing statistics f_i over the global batch of every process (data-parallel
+        training), or each process's own (:mod:`~bam_pipeline.model.moe`)."""
+        for module in self.modules():
+            if isinstance(module, MoEFeedForward):
+                module.global_balance = on
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
