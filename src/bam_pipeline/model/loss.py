@@ -55,7 +55,8 @@ class LossChunking:
 
 class _ChunkedNll(torch.autograd.Function):
     """Summed NLL of N tokens from hidden (N, D) and weight (V, D), chunk by chunk; the gradients
-    are computed in the forward pass (only where an input needs one) and scaled in the backward."""
+    are computed in the forward pass (only where an input needs one) and scaled in place in the
+    backward (no second weight-sized buffer)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
@@ -82,23 +83,25 @@ class _ChunkedNll(torch.autograd.Function):
                 g = g.to(matmul_dtype)
                 if want_h:
                     grad_h[start : start + chunk] = g @ weight  # (c, D)
-                if want_w:
-                    grad_w += (g.t() @ h).float()  # (V, D)
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
-        ctx.has = (want_h, want_w)
+                if want_w:  # (V, D), accumulated in place where the dtypes allow
+                    if g.dtype == h.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += (g.t() @ h).float()
+        ctx.grads = (grad_h, grad_w)  # our own tensors, scaled in place and handed out once
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        saved = iter(ctx.saved_tensors)
-        want_h, want_w = ctx.has
-        grad_h = grad_w = None
-        if want_h:
-            grad_h = next(saved)
-            grad_h = grad_h * grad_out.to(grad_h.dtype)
-        if want_w:
-            grad_w = (next(saved) * grad_out.float()).to(ctx.weight_dtype)
+        if ctx.grads is None:
+            raise RuntimeError("the chunked LM loss's backward ran twice; it keeps no graph to retain")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_out.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_out.float()).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None
 
 
