@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import swiglu
+from bam_pipeline.model.layers import matmul_dtype, swiglu
 from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
@@ -68,17 +68,6 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
         return False
     row_bytes = dtype.itemsize
     return all(t.shape[-1] * row_bytes % 16 == 0 for t in (x, *weights))
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s.
-
-    Under ``bf16-mixed`` training the MoE input is float32 (the residual stream) while every
-    matmul runs in bfloat16; ``grouped_mm`` is not on autocast's cast lists, so the grouped path
-    casts to this dtype itself.
-    """
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class _PermuteRows(torch.autograd.Function):

@@ -24,7 +24,7 @@ from torch import nn
 
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import make_norm
+from bam_pipeline.model.layers import make_norm, matmul_dtype
 from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
 from bam_pipeline.model.routing import Routing
@@ -71,13 +71,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
         h = self.norm(x)
+        h = h.to(matmul_dtype(h))  # under autocast: one copy in the matmul dtype for every projection
         attn = self.attn(h)
         if self.ffn_norm is None:
             ffn = self.ffn(h)
             y = x + attn.out + ffn.out
         else:
             x = x + attn.out
-            ffn = self.ffn(self.ffn_norm(x))
+            h = self.ffn_norm(x)
+            ffn = self.ffn(h.to(matmul_dtype(h)))
             y = x + ffn.out
         return y, LayerRouting(attn.routing, ffn.routing, ffn.counts, ffn.lb_loss, ffn.z_loss)
 
