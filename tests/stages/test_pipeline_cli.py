@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
 from bam_pipeline.store.layout import RunLayout
 
-from cli_runner import cli, cli_here, signal_when, start
+from cli_runner import cli, cli_here, kill_when_checkpointed
 from conftest import SEED_ARGS
 
 DOMAINS = ("code", "math", "law")
@@ -190,7 +189,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
     root, _ = smoke_run
     killed_root = tmp_path / "killed"
     shutil.copytree(root / "smoke" / "data", killed_root / "smoke" / "data")
-    _kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
+    kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
 
     r = cli(killed_root, *SEED_ARGS, check=True)
     assert "resuming from" in r.out
@@ -199,20 +198,12 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
-def _kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
-    """Start the CLI, SIGKILL its whole process group once the stage wrote its first checkpoint."""
-    ckpt = root / "smoke" / ".work" / stage_dir / "checkpoints" / "last.ckpt"
-    r = signal_when(start(root, *args), ckpt, signal.SIGKILL)
-    assert r.returncode == -signal.SIGKILL
-    assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"
-
-
 def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
     args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
             "experiment=smoke", "logger=none"]
-    _kill_when_checkpointed(tmp_path, args, "seed/main")
+    kill_when_checkpointed(tmp_path, args, "seed/main")
     r = cli(tmp_path, *args, check=True, timeout=600)
     assert "resuming from" in r.out and "Traceback" not in r.out
     art = read_artifact(tmp_path / "smoke" / "seed" / "main")
@@ -241,3 +232,4 @@ def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
 def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "data.split.val=0.2")
     assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out
+
