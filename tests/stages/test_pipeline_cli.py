@@ -233,3 +233,38 @@ def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "data.split.val=0.2")
     assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out
 
+
+def _memory_rows(out: str) -> dict[str, list[str]]:
+    """stage=info's memory table: stage -> its cells after the model."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("seed", "branch", "moe") and cells[-1] in ("yes", "NO"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_info_plans_memory_for_a_gpu_trainer_on_a_cpu_machine(tmp_path):
+    r = cli_here(tmp_path, "stage=info", "experiment=paper_590m", "trainer=fsdp", "trainer.devices=8",
+                 "trainer.activation_checkpointing=true", check=True)
+    assert "strategy=fsdp on 8 process(es), precision bf16-mixed" in r.out and "fits 80.0 GB" in r.out
+    assert set(_memory_rows(r.out)) == {"seed", "branch", "moe"} and "assumptions:" in r.out
+    assert all(cells[-1] == "yes" for cells in _memory_rows(r.out).values())
+    big = cli_here(tmp_path, "stage=info", "experiment=paper_590m", "model=bam-2b", "mix=bam", "trainer.devices=8",
+                   "info.device_memory=80GB", check=True)
+    assert _memory_rows(big.out)["moe"][-1] == "NO"  # 6.2B parameters replicated with AdamW: over 80 GB
+    assert "no speeds measured on this machine" in big.out and "make bench" in big.out
+
+
+def test_info_projects_wall_time_from_measured_speeds(tmp_path):
+    from bam_pipeline.training.speeds import SpeedTable
+
+    layouts = ("dense", "bam", "bam_kv_shared", "btx")
+    SpeedTable(machine="test machine", measured="today", device="cpu", dtype="float32", torch="x",
+               batch={f"tiny/{k}": [16, 256] for k in layouts},
+               train_tokens_per_s={f"tiny/{k}": 1000.0 for k in layouts},
+               forward_tokens_per_s={f"tiny/{k}": 4000.0 for k in layouts}).write(tmp_path / "speeds.json")
+    r = cli_here(tmp_path, "stage=info", "experiment=tiny", check=True)
+    # seed: 1,024,000 tokens at 1000 tokens/s + 10 validations of 16,384 tokens at 4000 tokens/s = 1065 s
+    seed = next(line for line in r.out.splitlines() if line.strip().startswith("seed ") and "tiny/dense" in line)
+    assert seed.split()[-2:] == ["18", "min"] and "measured on test machine" in r.out

@@ -12,7 +12,8 @@ import torch
 from cli_runner import cli, kill_when_checkpointed
 from safetensors.torch import load_file
 
-from bam_pipeline.store.artifacts import Artifact, read_artifact, read_train_log
+from bam_pipeline.store.artifacts import Artifact, read_artifact, read_model_config, read_train_log
+from bam_pipeline.training.memory import MemorySetup, estimate
 
 # the BAM mixture for 32 steps of 512 tokens (a checkpoint every 8): one process with 8 sequences a
 # step, or two with 4 each
@@ -65,7 +66,13 @@ def test_two_sharded_processes_train_like_one_and_resume_after_sigkill(smoke_run
     assert sorted(u for u in sharding["units"] if u not in ("", "model")) == layers  # one unit per block + root
     assert len(sharding["units"]) == 3
     whole = 4 * sum(t.numel() for t in ref.values())
+    # the planner, against the tensors each rank held after a step (FSDP pads shards by a few elements)
+    strategy = trainer.removesuffix("_cpu")
+    planned = estimate(read_model_config(art), MemorySetup(4, 64, 2, strategy, "32-true", bool(extra), None))
     for rank in sharding["per_rank"]:
         assert abs(rank["params_bytes"] - whole / 2) <= 0.01 * whole, (rank, whole)
+        for key, want in (("params_bytes", planned.params), ("grads_bytes", planned.grads),
+                          ("optimizer_bytes", planned.optimizer)):
+            assert abs(rank[key] - want) <= 0.01 * want, (key, rank[key], want)
     if trainer == "fsdp2_cpu":
         assert sharding["mesh"] == {"data_parallel": 2, "tensor_parallel": 1}

@@ -24,6 +24,7 @@ from bam_pipeline.model.config import ModelConfig, preset
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import CM_SUFFIX, RunLayout
 from bam_pipeline.training.budget import BudgetSettings
+from bam_pipeline.training.memory import InfoSpec
 from bam_pipeline.training.parallel import TrainerSpec
 from bam_pipeline.training.ranks import check_trainer
 from bam_pipeline.training.settings import TrainSettings
@@ -97,6 +98,7 @@ class RunContext:
     budget: BudgetSettings
     eval: EvalSpec
     pipeline: PipelineSpec
+    info: InfoSpec
     trainer: TrainerSpec  # devices, strategy, precision (training.parallel builds Lightning's strategy)
     logger: Optional[dict[str, Any]]  # a Hydra-instantiable Lightning logger, or None
     domain: Optional[str]  # `domain=<name>`: the branch to train
@@ -122,6 +124,7 @@ class RunContext:
             budget=read_section(BudgetSettings, cfg.budget, "budget"),
             eval=read_section(EvalSpec, cfg.eval, "eval"),
             pipeline=read_section(PipelineSpec, cfg.pipeline, "pipeline"),
+            info=read_section(InfoSpec, cfg.info, "info"),
             trainer=read_section(TrainerSpec, cfg.trainer, "trainer"),
             logger=plain(cfg.logger) if cfg.get("logger") else None,
             domain=domain_name or choices.get("domain"),
