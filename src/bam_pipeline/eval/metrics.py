@@ -1,5 +1,5 @@
-"""Language-model metrics on token sequences: summed next-token NLL, perplexity, bits per byte,
-and the forward-pass throughput measured while computing them.
+"""Language-model metrics on token sequences: summed next-token NLL, perplexity, bits per byte; and
+a model's forward throughput on one batch (:func:`forward_tokens_per_s`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from bam_pipeline.model.loss import LossChunking
+
 
 @dataclass(frozen=True)
 class NllSum:
@@ -18,7 +20,6 @@ class NllSum:
 
     nll: float
     tokens: int
-    forward_seconds: float
 
     @property
     def mean_loss(self) -> float:
@@ -27,10 +28,6 @@ class NllSum:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_loss)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.forward_seconds if self.forward_seconds > 0 else float("nan")
 
 
 def bits_per_byte(nll_nats: float, text_bytes: float) -> float:
@@ -56,23 +53,36 @@ def sequence_nll(
     batch_size: int,
     device: torch.device,
     on_routing: Callable[[list], None] | None = None,
+    chunking: LossChunking | None = None,
 ) -> NllSum:
     """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before.
 
-    The loss is the model's own next-token NLL (float32). ``on_routing`` receives each batch's
-    ``ModelOutput.routing``. Only the forward pass and its loss are timed (synchronised on CUDA).
+    The loss is the model's own next-token NLL (float32; chunked as ``chunking`` says).
+    ``on_routing`` receives each batch's ``ModelOutput.routing``.
     """
-    nll, tokens, seconds = 0.0, 0, 0.0
+    nll, tokens = 0.0, 0
     for start in range(0, seqs.shape[0], batch_size):
         batch = seqs[start : start + batch_size].to(device)  # (B, T+1)
         inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-        _sync(device)
-        t0 = time.perf_counter()
-        batch_nll, out = model.loss(inp, tgt, reduction="sum")
-        _sync(device)
-        seconds += time.perf_counter() - t0
+        batch_nll, out = model.loss(inp, tgt, reduction="sum", chunking=chunking)
         nll += batch_nll.item()
         tokens += tgt.numel()
         if on_routing is not None:
             on_routing(out.routing)
-    return NllSum(nll, tokens, seconds)
+    return NllSum(nll, tokens)
+
+
+@torch.inference_mode()
+def forward_tokens_per_s(model: torch.nn.Module, batch: torch.Tensor, *, device: torch.device, repeats: int,
+                         chunking: LossChunking | None = None) -> float:
+    """Tokens/s of the model's loss on ``batch`` (B, T+1): one untimed pass (one-time set-up), then
+    ``repeats`` timed ones (synchronised on CUDA)."""
+    batch = batch.to(device)
+    inp, tgt = batch[:, :-1], batch[:, 1:]
+    model.loss(inp, tgt, reduction="sum", chunking=chunking)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.loss(inp, tgt, reduction="sum", chunking=chunking)
+    _sync(device)
+    return repeats * tgt.numel() / (time.perf_counter() - t0)

@@ -1,35 +1,43 @@
 """stage=eval: every finished model artifact x every source's test split -> metrics.json and routing.json.
 
 Per (model, domain) row: mean token loss, perplexity, bits per byte, tokens evaluated, total and
-active parameters, forward FLOPs per token, measured inference tokens/s, and the model's display
-name and role from its manifest. Router statistics per domain and layer for every model with
-routers, drawn as heatmaps. Results are cached per (artifact hash, data hash, eval settings) in
-``RunLayout.eval_cache``; only what changed is re-evaluated. Every file is written atomically.
+active parameters, forward FLOPs per token, inference tokens/s, and the model's display name and
+role from its manifest. Router statistics per domain and layer for every model with routers, drawn
+as heatmaps. Losses and routing are cached per (artifact hash, data hash, eval settings) in
+``RunLayout.eval_cache``; only what changed is re-evaluated. Speed is never cached: every eval
+measures every model afresh in this one process, interleaved (each round times every model in
+turn on the same batch; the median of :data:`SPEED_ROUNDS` rounds), so load from other processes
+and the machine's state hit all models alike, and two models of one architecture measure alike.
+Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import load_split_sequences
 from bam_pipeline.errors import BamError
-from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll
+from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_tokens_per_s, sequence_nll
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
+from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, read_artifact
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3  # 3: no speed in the cache
+SPEED_ROUNDS = 3  # interleaved rounds of the speed measurement
+SPEED_REPEATS = 2  # timed forward passes per model and round
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,17 +78,22 @@ class _Sequences:
         return self.cache[(source, seq_len)]
 
 
+def _seq_len(spec: EvalSpec, art: Artifact, max_seq_len: int) -> int:
+    seq_len = spec.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={max_seq_len}; "
+                       f"set eval.seq_len to at most {max_seq_len} or null")
+    return seq_len
+
+
 def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, chunking: LossChunking | None = None) -> dict[str, Any]:
     """Rows (one per source), routing stats per source and per-source skip records for one model."""
     model, mcfg = load_model(art, verify=False, device=str(device))
     info = about(art)
-    seq_len = spec.seq_len or mcfg.max_seq_len
-    if seq_len > mcfg.max_seq_len:
-        raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
-                       f"set eval.seq_len to at most {mcfg.max_seq_len} or null")
+    seq_len = _seq_len(spec, art, mcfg.max_seq_len)
     params, flops = count_params(mcfg), flops_per_token(mcfg, seq_len)
-    rows, routing, skipped, warmed = [], {}, [], False
+    rows, routing, skipped = [], {}, []
     for source in sources:
         try:
             data = seqs.get(source, seq_len)  # (N, seq_len + 1)
@@ -88,11 +101,9 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             print(f"[eval] skip {art.label} on {source}: {e}")
             skipped.append({"kind": "source", "name": f"{art.label} on {source}", "reason": str(e)})
             continue
-        if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
-            sequence_nll(model, data[: spec.batch_size], batch_size=spec.batch_size, device=device)
-            warmed = True
         stats = RoutingStats()
-        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, on_routing=stats.update)
+        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, on_routing=stats.update,
+                           chunking=chunking)
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
         rows.append({
@@ -100,8 +111,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
             "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
             "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
-            "tokens_per_s": res.tokens_per_s, "forward_seconds": res.forward_seconds, "seq_len": seq_len,
-            "device": str(device), "tokens_trained": art.manifest.get("tokens"),
+            "seq_len": seq_len, "device": str(device), "tokens_trained": art.manifest.get("tokens"),
         })
         if summary := stats.summary():
             routing[source] = summary
@@ -118,10 +128,28 @@ def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
+def measure_speeds(arts: list[Artifact], sample: Callable[[int], torch.Tensor], spec: EvalSpec,
+                   device: torch.device, chunking: LossChunking | None = None) -> dict[str, dict[str, Any]]:
+    """Forward tokens/s of every model on the same batch (``sample(seq_len)``: ``eval.batch_size``
+    sequences), interleaved: :data:`SPEED_ROUNDS` rounds, each loading and timing every model in turn
+    (loading untimed); per model the median round and every round's figure."""
+    rounds: dict[str, list[float]] = {a.label: [] for a in arts}
+    for _ in range(SPEED_ROUNDS):
+        for art in arts:
+            model, mcfg = load_model(art, verify=False, device=str(device))
+            batch = sample(_seq_len(spec, art, mcfg.max_seq_len))
+            rounds[art.label].append(forward_tokens_per_s(model, batch, device=device, repeats=SPEED_REPEATS,
+                                                          chunking=chunking))
+            del model
+    return {label: {"tokens_per_s": statistics.median(r), "rounds": r} for label, r in rounds.items()}
+
+
+def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
+             chunking: LossChunking | None = None) -> Path:
     """Evaluate every finished model artifact of the run; returns the path of metrics.json.
 
-    ``general`` names the general source (the report's first column)."""
+    ``general`` names the general source (the report's first column); ``chunking`` is the LM
+    loss's chunking rule (training's)."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
@@ -135,7 +163,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     dhash = data_hash(prepared)
     device = resolve_device(spec.device)
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
-    rows, routing, reused, evaluated, used_cache = [], {}, [], [], set()
+    rows, routing, reused, evaluated, used_cache, scored = [], {}, [], [], set(), []
     for art in arts:
         try:
             read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
@@ -145,16 +173,18 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
             continue
         key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "data": dhash, "settings": spec.cache_key(),
-                              "sources": sources, "device": str(device)})  # tokens/s belongs to a device
+                              "sources": sources, "device": str(device)})  # scores computed on this device
         cache_file = layout.eval_cache / f"{art.stage}-{art.name}-{key[:16]}.json"
         if cache_file.is_file():
             result = json.loads(cache_file.read_text())
             reused.append(art.label)
         else:
-            result = evaluate_model(art, sources, seqs, prepared, spec, device)
+            result = evaluate_model(art, sources, seqs, prepared, spec, device, chunking)
             write_json(cache_file, result)
             evaluated.append(art.label)
         used_cache.add(cache_file.name)
+        if result["rows"]:
+            scored.append(art)
         rows += result["rows"]
         skipped += result["skipped"]
         if result["routing"]:
@@ -164,6 +194,12 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
+    speed_source = next(s for s in sources if any(r["domain"] == s for r in rows))
+    speeds = measure_speeds(scored, lambda n: seqs.get(speed_source, n)[: spec.batch_size], spec, device, chunking)
+    for r in rows:
+        r["tokens_per_s"] = speeds[r["model"]]["tokens_per_s"]
+    print(f"[eval] speed of {len(scored)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
+          f"{spec.batch_size} sequences of {speed_source})")
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:
@@ -179,6 +215,8 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": dhash,
         "sources": sources, "general_source": general, "rows": rows, "skipped": skipped,
         "reused": reused, "evaluated": evaluated,
+        "speed": {"source": speed_source, "rounds": SPEED_ROUNDS, "repeats": SPEED_REPEATS,
+                  "batch_size": spec.batch_size, "models": speeds},
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
     return layout.metrics
