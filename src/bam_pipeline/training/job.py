@@ -217,9 +217,8 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         order_key=job.stage, num_workers=t.num_workers,
     )
     logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
-    peak, _ = peak_tflops(t.peak_tflops)
     timer = PhaseTimer(t.batch_size * t.seq_len * trainer_spec.world_size,
-                       job.budget.train_flops / job.budget.tokens, peak)
+                       job.budget.train_flops / job.budget.tokens, peak_tflops(t.peak_tflops))
     # the newest periodic checkpoint only: Lightning removes the previous one once this one is written
     ckpt = TimedCheckpoint(timer, dirpath=work / CKPT_DIR, filename="{step}", save_top_k=1,
                            every_n_train_steps=t.val_every)

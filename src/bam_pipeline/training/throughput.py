@@ -4,9 +4,8 @@
 backward, optimizer step), validation and checkpoint writing; the job adds publishing. Training
 tokens/s counts training steps only, so validation and checkpoints no longer dilute it. On GPUs
 (or wherever ``train.peak_tflops`` is set) it also logs model FLOPs utilisation: the training FLOPs
-of the tokens processed (:mod:`bam_pipeline.model.counting`'s convention) over the peak of every
-device taking part (:data:`PEAK_TFLOPS`, dense bfloat16 tensor-core figures from the vendors' data
-sheets, matched by the device's name).
+of the tokens processed over the peak of every device taking part
+(:func:`bam_pipeline.model.counting.mfu`, its table of known devices).
 """
 
 from __future__ import annotations
@@ -17,41 +16,15 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-# Dense (no sparsity) bfloat16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {
-    "B200": 2250.0,
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-}
+from bam_pipeline.model.counting import device_peak_tflops, mfu
 
 
-def device_peak_tflops(device_name: str) -> float | None:
-    """The table's peak for a device name, the longest matching entry first (``H100 PCIe`` before ``H100``)."""
-    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_TFLOPS[key]
-    return None
-
-
-def peak_tflops(override: float | None) -> tuple[float | None, str]:
-    """Peak TFLOP/s of one device of this process and where it came from: ``override``
-    (``train.peak_tflops``), the table for this GPU, or None (a CPU, an unknown GPU)."""
+def peak_tflops(override: float | None) -> float | None:
+    """Peak TFLOP/s of one device of this process: ``override`` (``train.peak_tflops``), else the
+    table's figure for this GPU, else None (a CPU or a GPU not in the table: no MFU logged)."""
     if override is not None:
-        return override, "train.peak_tflops"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        found = device_peak_tflops(name)
-        return found, (name if found is not None else f"{name} (not in the table: set train.peak_tflops)")
-    return None, "cpu (set train.peak_tflops for a utilisation figure)"
-
-
-def mfu(tokens_per_s: float, train_flops_per_token: float, peak_per_device: float, devices: int) -> float:
-    """Model FLOPs utilisation: achieved training FLOP/s over the peak of ``devices`` devices."""
-    return tokens_per_s * train_flops_per_token / (peak_per_device * 1e12 * devices)
+        return override
+    return device_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 class PhaseTimer(Callback):
