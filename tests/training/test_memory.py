@@ -48,12 +48,12 @@ def test_bam_590m_under_fsdp_on_8_gpus_by_hand():
     n = 16384
     blocks = 6 * n * 1024 * 2 + n * 80124 + 3 * 2 * 1024 * 4096
     assert m.activations == blocks + n * 10244 + 8 * n + 2 * n * 1024 + 4 * 256000 * 1024 == 2_789_343_232
-    # working: one chunk of 262 tokens' logits (bf16, float32 copy, gradient in float32 and bf16: 12 bytes
-    # each); the gathered root unit (2 x 256000 x 1024 + 1024) and two blocks in bf16, and the root and one
+    # working: one chunk of 262 tokens' logits (bf16, their float32 softmax, its bf16 cast: 8 bytes each);
+    # the gathered root unit (2 x 256000 x 1024 + 1024) and two blocks in bf16, and the root and one
     # block's unsharded float32 gradients
     root, block = 524_289_024, 41_952_256
-    assert m.working == 262 * 256000 * 12 + 2 * (root + 2 * block) + 4 * (root + block) == 4_286_216_192
-    assert m.total == 8_627_564_544 and m.fits(80 * 10**9)
+    assert m.working == 262 * 256000 * 8 + 2 * (root + 2 * block) + 4 * (root + block) == 4_017_928_192
+    assert m.total == 8_359_276_544 and m.fits(80 * 10**9)
 
 
 LAYOUTS = {
@@ -66,7 +66,8 @@ LAYOUTS = {
 
 
 def _saved_bytes(model, idx, chunking, autocast):
-    """Bytes of the distinct storages autograd saves for the backward of the loss (parameters left out)."""
+    """Bytes of the distinct storages kept for the backward of the loss (parameters left out): what
+    autograd saves, and the gradients the chunked loss computed in its forward and keeps on its node."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -77,8 +78,16 @@ def _saved_bytes(model, idx, chunking, autocast):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model.loss(idx, idx, chunking=chunking)
-    return sum(seen.values())
+            loss, _ = model.loss(idx, idx, chunking=chunking)
+    nodes, visited, kept = [loss.grad_fn], set(), 0
+    while nodes:
+        node = nodes.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        kept += sum(t.nbytes for t in getattr(node, "grads", ()) if t is not None)
+        nodes += [n for n, _ in node.next_functions if n is not None]
+    return sum(seen.values()) + kept
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -73,11 +73,16 @@ class _ChunkedNll(torch.autograd.Function):
             logits = (logits * scale if scale != 1.0 else logits).float()
             keep = t != IGNORE_INDEX  # (c,)
             picked = t.clamp_min(0)[:, None]  # (c, 1)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += ((lse - logits.gather(1, picked)[:, 0]) * keep).sum()
+            target_logit = logits.gather(1, picked)[:, 0]  # (c,)
+            # log-sum-exp and softmax in place of the logits: no second (c, V) buffer
+            top = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+            exp = logits.sub_(top).exp_()  # (c, V) exp(logits - max)
+            norm = exp.sum(dim=-1, keepdim=True)  # (c, 1)
+            lse = (top + norm.log())[:, 0]  # (c,)
+            total += ((lse - target_logit) * keep).sum()
             if want_h or want_w:
                 # d(sum nll)/d logits = softmax - one_hot, zero on ignored rows; times the logit scale
-                g = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of the logits
+                g = exp.div_(norm)  # (c, V) softmax
                 g.scatter_add_(1, picked, torch.full_like(lse, -1.0)[:, None])
                 g.mul_((keep * scale)[:, None])
                 g = g.to(matmul_dtype)
@@ -88,6 +93,8 @@ class _ChunkedNll(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h)
                     else:
                         grad_w += (g.t() @ h).float()
+                del g
+            del logits, exp  # before the next chunk's logits exist: one chunk at a time
         ctx.grads = (grad_h, grad_w)  # our own tensors, scaled in place and handed out once
         ctx.weight_dtype = weight.dtype
         return total

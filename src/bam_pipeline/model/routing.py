@@ -62,7 +62,7 @@ def router_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def route(cfg: RouterConfig, logits: torch.Tensor) -> Routing:
     """Apply the gating rule ``cfg`` to router logits (N, E)."""
     # softmax as exp(logits - logsumexp): the same probabilities; torch's CPU softmax over a last
-    # dimension of a few experts runs about 4x slower than these two passes (docs/measurements.md)
+    # dimension of a few experts is slower than these two passes (docs/measurements.md)
     probs = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()  # (N, E)
     if cfg.kind == "soft":
         return Routing(logits, probs, probs, None)

@@ -141,7 +141,8 @@ def loss_bytes(cfg: ModelConfig, setup: MemorySetup) -> tuple[int, int]:
     if setup.loss_chunk_tokens is None:
         return 4 * n * V, n * V * (c + cast + 4)  # log-softmax kept; logits, their float32 copy, one gradient
     chunk = min(setup.loss_chunk_tokens, n)
-    return c * n * D + 4 * V * D, chunk * V * (2 * c + cast + 4)
+    per_logit = 2 * c + 4 if c < 4 else 4  # half: logits, their float32 softmax (in place), its cast back
+    return c * n * D + 4 * V * D, chunk * V * per_logit
 
 
 def autocast_weight_bytes(cfg: ModelConfig) -> int:
