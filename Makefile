@@ -29,10 +29,10 @@ test: install  ## fast test suite (CPU, minutes)
 test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: install  ## model benchmarks as ratios; writes the speeds stage=info projects from (BENCH_ARGS="--device cuda" on a GPU)
+bench: install  ## model benchmarks as ratios, and the speeds stage=info projects from (BENCH_ARGS="--device cuda")
 	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
 
-bench-gpu:  ## one GPU, bf16, bam-590m shape: tokens/s, MFU, dispatch, loss memory, planner (needs only torch; tables to OUT)
+bench-gpu:  ## one GPU, bf16, bam-590m: tokens/s, MFU, dispatch, loss memory, planner (torch only; tables to OUT)
 	PYTHONPATH=src $(PYTHON) benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)

@@ -37,7 +37,8 @@ from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_t
 from bam_pipeline.model.moe import MoEFeedForward
 from bam_pipeline.training.memory import MemorySetup, estimate
 
-CHUNKING = LossChunking(above=2**28, chunk_logits=2**26)  # conf/config.yaml train.chunked_loss_above / loss_chunk_logits
+# conf/config.yaml's train.chunked_loss_above and train.loss_chunk_logits
+CHUNKING = LossChunking(above=2**28, chunk_logits=2**26)
 N_EXPERTS = 4  # 3 domain experts + the seed
 
 

@@ -105,9 +105,10 @@ def print_projection(ctx: RunContext, dense: ModelConfig) -> None:
         return
     work, eval_tokens = pipeline_work(ctx, dense)
     p = project(work, eval_tokens, speeds)
-    batch = {k: "x".join(map(str, v)) for k, v in speeds.batch.items()}
+    used = sorted({" x ".join(map(str, speeds.batch[w.model])) for w in work if w.model in speeds.batch})
     print(f"projected wall time of stage=all from the speeds `make bench` measured on {speeds.machine} "
-          f"({speeds.device}, {speeds.dtype}, {speeds.measured}; batch per model {batch}):")
+          f"({speeds.device}, {speeds.dtype}, {speeds.measured}, at {' / '.join(used) or '-'} tokens a step; "
+          f"this run: {ctx.train.batch_size} x {ctx.train.seq_len} on {ctx.world_size} process(es)):")
     for r in p["stages"]:
         print(f"  {r['stage']:<20} {r['model']:<22} {format_duration(r['seconds'])}")
     eval_note = "" if ctx.eval.max_tokens_per_source else " (eval.max_tokens_per_source=null: not projected)"
