@@ -12,7 +12,7 @@ SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-import bench-generate full-run clean
+.PHONY: help install test test-full bench bench-gpu bench-import bench-generate full-run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ test: install  ## fast test suite (CPU, minutes)
 test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: install  ## model micro-benchmarks as ratios (add BENCH_ARGS="--device cuda" on a GPU)
+bench: install  ## model benchmarks as ratios, and the speeds stage=info projects from (BENCH_ARGS="--device cuda")
 	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
+
+bench-gpu:  ## one GPU, bf16, bam-590m: tokens/s, MFU, dispatch, loss memory, planner (torch only; tables to OUT)
+	PYTHONPATH=src $(PYTHON) benchmarks/bench_gpu.py $(BENCH_ARGS)
 
 bench-import: install  ## peak memory of importing a ~100M-parameter Hugging Face checkpoint (CPU)
 	$(PY) benchmarks/bench_import.py

@@ -1,15 +1,26 @@
-"""Model micro-benchmarks, printed as one table of ratios measured in the same run.
+"""Model micro-benchmarks, printed as one table of ratios measured in the same run, and the speeds
+``stage=info`` projects wall times from.
 
 (1) MoE FFN, 4 experts top-1, vs a dense SwiGLU FFN of the same d_ff (forward + backward time),
     once per dispatch path; (2) fused Mixture of Attention (4 experts, soft) vs the per-expert
 loop, at the ``small`` and the ``tiny`` layer shapes; (3) shared-KV vs expert-KV fused MoA;
-(4) forward + backward tokens/s of the ``tiny`` and ``small`` presets, dense vs the BAM mixture
-(4 soft expert-KV attention experts + 4 top-1 FFN experts). Baseline and candidate run interleaved; times are medians of
-``--repeats`` runs after ``--warmup`` runs, ratios the median of per-repeat ratios (robust to load
-from other processes).
+(4) training steps (forward, backward, AdamW step) of the ``tiny`` and ``small`` presets at their
+experiments' batch (16 sequences), the dense seed and the mixtures BAM, BAM shared-KV and BTX
+interleaved in one loop: tokens/s, and BAM's throughput relative to dense as a share of what their
+FLOP ratio allows (tokens/s ratio x training-FLOPs ratio; 1.0 = BAM costs exactly its extra FLOPs);
+(5) peak memory of one training step of the LM head and loss alone at bam-590m's head (256k x
+1024) on short sequences (2 x 512 tokens), plain vs chunked (``train.loss_chunk_logits``), from the torch
+profiler's allocation events (not RSS: freed host memory stays resident); (6) ``train.compile``:
+the tiny BAM training step with every block compiled vs eager, compile time apart.
+
+Baseline and candidates run interleaved; times are medians of ``--repeats`` runs after ``--warmup``
+runs, ratios the median of per-repeat ratios (robust to load from other processes). Forward-only
+tokens/s (validation, eval) are measured the same way. The training and forward speeds of (4) are
+written to ``--speeds`` (default ``$BAM_STAGES_DIR/speeds.json``, else ``stages/speeds.json``) with
+the machine's name, for ``stage=info``.
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 9] [--threads N]
-                                     [--libc-malloc]
+                                     [--libc-malloc] [--speeds PATH] [--skip 5,6]
 
 On the CPU the process keeps freed host memory as CPU training stages do
 (:mod:`bam_pipeline.training.host_memory`); ``--libc-malloc`` measures with glibc's defaults.
@@ -18,45 +29,65 @@ On the CPU the process keeps freed host memory as CPU training stages do
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from bam_pipeline.config.files import load_option
+from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
-from bam_pipeline.model import BAMTransformer, preset
+from bam_pipeline.mixing.variant import MixVariant
+from bam_pipeline.model import BAMTransformer, ModelConfig, preset
 from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attention_loop
+from bam_pipeline.model.counting import training_flops_per_token
+from bam_pipeline.model.loss import chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
+from bam_pipeline.training.compile import compile_blocks
 from bam_pipeline.training.host_memory import keep_freed_memory
+from bam_pipeline.training.speeds import SpeedTable, model_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LAYOUTS = ("dense", "bam", "bam_kv_shared", "btx")  # the mixtures stage=all trains by default
+CHUNK_LOGITS = 2**26  # conf/config.yaml train.loss_chunk_logits
 
 
-def paired_seconds(
-    base: Callable[[], None], cand: Callable[[], None], device: torch.device, repeats: int, warmup: int
-) -> tuple[float, float, float]:
-    """Median wall times of ``base`` and ``cand`` and the median of their per-repeat ratios.
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    The two run interleaved (base, cand, base, cand, ...) after ``warmup`` untimed runs each, so
-    load from other processes hits both alike; the ratio is the median of cand / base pairs.
-    """
+
+def interleaved_seconds(steps: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int
+                        ) -> tuple[list[float], list[float]]:
+    """Median wall time of each step, and the median of each step's time over the first one's,
+    the steps run in turn (a, b, c, a, b, c, ...) after ``warmup`` untimed rounds."""
 
     def timed(step: Callable[[], None]) -> float:
         start = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         return time.perf_counter() - start
 
     for _ in range(warmup):
-        timed(base)
-        timed(cand)
-    pairs = [(timed(base), timed(cand)) for _ in range(repeats)]
-    t_base = statistics.median(b for b, _ in pairs)
-    t_cand = statistics.median(c for _, c in pairs)
-    return t_base, t_cand, statistics.median(c / b for b, c in pairs)
+        for step in steps:
+            timed(step)
+    rounds = [[timed(step) for step in steps] for _ in range(repeats)]
+    medians = [statistics.median(r[i] for r in rounds) for i in range(len(steps))]
+    ratios = [statistics.median(r[i] / r[0] for r in rounds) for i in range(len(steps))]
+    return medians, ratios
+
+
+def paired_seconds(base: Callable[[], None], cand: Callable[[], None], device: torch.device, repeats: int,
+                   warmup: int) -> tuple[float, float, float]:
+    """Median wall times of ``base`` and ``cand`` and the median of their per-repeat ratios."""
+    (t_base, t_cand), (_, ratio) = interleaved_seconds([base, cand], device, repeats, warmup)
+    return t_base, t_cand, ratio
 
 
 def layer_step(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor):
@@ -72,68 +103,181 @@ def layer_step(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.
     return step
 
 
-def model_step(model: BAMTransformer, idx: torch.Tensor):
-    """One forward + backward of the training objective (LM loss + aux loss)."""
+def train_step(model: BAMTransformer, idx: torch.Tensor):
+    """One training step as the training stages run it: LM + aux loss, backward, AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         lm_loss, out = model.loss(idx, idx)
         (lm_loss + out.aux_loss).backward()
+        opt.step()
 
     return step
 
 
-def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int) -> list[tuple[str, str, str, float, str]]:
-    """Rows (measurement, baseline, candidate, ratio or value, target)."""
+def forward_step(model: BAMTransformer, idx: torch.Tensor):
+    """One evaluation forward pass (the loss, no graph)."""
+
+    def step() -> None:
+        with torch.inference_mode():
+            model.loss(idx, idx, reduction="sum")
+
+    return step
+
+
+def layouts(name: str) -> dict[str, ModelConfig]:
+    """The preset's dense seed and the default pipeline's mixtures over it (3 domains + the seed)."""
+    dense = preset(name)
+    out = {"dense": dense}
+    for v in LAYOUTS[1:]:
+        out[v] = read_section(MixVariant, load_option("mix", v), f"mix/{v}", name=v).layout(dense, 3)
+    return out
+
+
+def profiled_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes allocated during ``step`` above what was allocated when it started, from the torch
+    profiler's allocation and free events (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    level = peak = 0
+    for e in memory:
+        level += e["args"]["Bytes"]
+        peak = max(peak, level)
+    return peak
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, skip: set[str],
+        speeds: dict[str, dict]) -> list[tuple[str, str, str, float, str]]:
+    """Rows (measurement, baseline, candidate, ratio or value, target); fills ``speeds``."""
     gen = torch.Generator().manual_seed(0)
     rows = []
 
     def compare(base, cand) -> tuple[float, float, float]:
         return paired_seconds(base, cand, device, repeats, warmup)
 
-    # (1) MoE FFN top-1 of 4 vs dense FFN of the same active size: N = 8 * 512 tokens, D = 256.
-    ffn_cfg = preset("small")
-    h = torch.randn(8, 512, ffn_cfg.d_model, generator=gen).to(device, dtype)
-    dense = MoEFeedForward(ffn_cfg).to(device, dtype)
-    dense_step = layer_step(dense, lambda x: dense(x).out, h)
-    for dispatch in ("auto", "grouped", "loop"):
-        moe = MoEFeedForward(ffn_cfg.replace(ffn_experts=4), dispatch=dispatch).to(device, dtype)
-        name = f"(1) MoE FFN 4e top-1 / dense FFN, dispatch={dispatch}"
-        try:
-            t_dense, t_moe, ratio = compare(dense_step, layer_step(moe, lambda x, m=moe: m(x).out, h))
-        except (BamError, RuntimeError) as err:  # grouped_mm unavailable for this device/dtype
-            rows.append((name, "-", "unsupported", float("nan"), str(err)[:40]))
-            continue
-        rows.append((name, f"dense {t_dense * 1e3:.1f} ms", f"moe {t_moe * 1e3:.1f} ms", ratio,
-                     "<= 1.3x" if dispatch == "auto" else "(info)"))
+    if "1" not in skip:  # MoE FFN top-1 of 4 vs dense FFN of the same active size: N = 8 * 512 tokens, D = 256.
+        ffn_cfg = preset("small")
+        h = torch.randn(8, 512, ffn_cfg.d_model, generator=gen).to(device, dtype)
+        dense = MoEFeedForward(ffn_cfg).to(device, dtype)
+        dense_step = layer_step(dense, lambda x: dense(x).out, h)
+        for dispatch in ("auto", "grouped", "loop"):
+            moe = MoEFeedForward(ffn_cfg.replace(ffn_experts=4), dispatch=dispatch).to(device, dtype)
+            name = f"(1) MoE FFN 4e top-1 / dense FFN, dispatch={dispatch}"
+            try:
+                t_dense, t_moe, ratio = compare(dense_step, layer_step(moe, lambda x, m=moe: m(x).out, h))
+            except (BamError, RuntimeError) as err:  # grouped_mm unavailable for this device/dtype
+                rows.append((name, "-", "unsupported", float("nan"), str(err)[:40]))
+                continue
+            rows.append((name, f"dense {t_dense * 1e3:.1f} ms", f"moe {t_moe * 1e3:.1f} ms", ratio,
+                         "<= 1.3x" if dispatch == "auto" else "(info)"))
 
-    # (2), (3) Mixture of Attention, 4 experts soft: B = 8, T = 256, D = 256, 8 heads (small); also
-    # the tiny preset's shape (B = 16, D = 128, 4 heads), the layer the CPU demo trains.
-    for name, batch, target in (("tiny", 16, "(info)"), ("small", 8, "<= 1.0x")):
-        attn_cfg = preset(name, max_seq_len=256).replace(attn_experts=4)
-        h = torch.randn(batch, 256, attn_cfg.d_model, generator=gen).to(device, dtype)
-        expert_kv = MixtureOfAttention(attn_cfg).to(device, dtype)
-        fused_step = layer_step(expert_kv, lambda x, m=expert_kv: m(x).out, h)
-        loop_step = layer_step(expert_kv, lambda x, m=expert_kv: mixture_of_attention_loop(m, x).out, h)
-        t_loop, t_fused, ratio = compare(loop_step, fused_step)
-        rows.append((f"(2) MoA 4e soft expert-KV ({name}): fused / loop", f"loop {t_loop * 1e3:.1f} ms",
-                     f"fused {t_fused * 1e3:.1f} ms", ratio, target))
-    # (3) at the small shape, the loop's last
-    shared = MixtureOfAttention(attn_cfg.replace(attn_kv="shared")).to(device, dtype)
-    t_expert, t_shared, ratio = compare(fused_step, layer_step(shared, lambda x: shared(x).out, h))
-    rows.append(("(3) MoA 4e soft fused (small): shared-KV / expert-KV", f"expert {t_expert * 1e3:.1f} ms",
-                 f"shared {t_shared * 1e3:.1f} ms", ratio, "(info)"))
+    if "2" not in skip:  # Mixture of Attention, 4 experts soft, at the tiny (B = 16) and small (B = 8) layers
+        for name, batch, target in (("tiny", 16, "(info)"), ("small", 8, "<= 1.0x")):
+            attn_cfg = preset(name, max_seq_len=256).replace(attn_experts=4)
+            h = torch.randn(batch, 256, attn_cfg.d_model, generator=gen).to(device, dtype)
+            expert_kv = MixtureOfAttention(attn_cfg).to(device, dtype)
+            fused_step = layer_step(expert_kv, lambda x, m=expert_kv: m(x).out, h)
+            loop_step = layer_step(expert_kv, lambda x, m=expert_kv: mixture_of_attention_loop(m, x).out, h)
+            t_loop, t_fused, ratio = compare(loop_step, fused_step)
+            rows.append((f"(2) MoA 4e soft expert-KV ({name}): fused / loop", f"loop {t_loop * 1e3:.1f} ms",
+                         f"fused {t_fused * 1e3:.1f} ms", ratio, target))
+        shared = MixtureOfAttention(attn_cfg.replace(attn_kv="shared")).to(device, dtype)  # (3), small shape
+        t_expert, t_shared, ratio = compare(fused_step, layer_step(shared, lambda x: shared(x).out, h))
+        rows.append(("(3) MoA 4e soft fused (small): shared-KV / expert-KV", f"expert {t_expert * 1e3:.1f} ms",
+                     f"shared {t_shared * 1e3:.1f} ms", ratio, "(info)"))
 
-    # (4) whole-model training step throughput (LM + aux loss), dense vs BAM mixture.
-    for name, batch in (("tiny", 8), ("small", 4)):
-        cfg = preset(name)
-        idx = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), generator=gen).to(device)
-        steps = [model_step(BAMTransformer(c).to(device, dtype), idx)
-                 for c in (cfg, cfg.replace(attn_experts=4, ffn_experts=4))]
-        t_dense, t_bam, ratio = compare(*steps)
-        rows.append((f"(4) {name} fwd+bwd tokens/s, bam / dense ({idx.numel()} tok/step)",
-                     f"dense {idx.numel() / t_dense:.0f}", f"bam {idx.numel() / t_bam:.0f}", 1.0 / ratio, "(info)"))
+    if "4" not in skip:  # training steps and forward passes of the pipeline's models, interleaved
+        for name, seqs in (("tiny", 16), ("small", 16)):
+            cfgs = layouts(name)
+            idx = torch.randint(0, cfgs["dense"].vocab_size, (seqs, cfgs["dense"].max_seq_len), generator=gen)
+            idx = idx.to(device)
+            models = [BAMTransformer(c).to(device, dtype) for c in cfgs.values()]
+            small = name == "small"
+            times, ratios = interleaved_seconds([train_step(m, idx) for m in models], device,
+                                                max(3, repeats // 2) if small else repeats, 1 if small else warmup)
+            fwd_times, _ = interleaved_seconds([forward_step(m, idx) for m in models], device, repeats, warmup)
+            flops = {k: training_flops_per_token(c) for k, c in cfgs.items()}
+            for (layout, cfg), t, f in zip(cfgs.items(), times, fwd_times):
+                key = model_key(name, layout)
+                speeds["train"][key] = idx.numel() / t
+                speeds["forward"][key] = idx.numel() / f
+                speeds["batch"][key] = list(idx.shape)
+            bam = list(cfgs).index("bam")
+            speed_ratio, flop_ratio = 1.0 / ratios[bam], flops["bam"] / flops["dense"]
+            rows.append((f"(4) {name} training tokens/s ({seqs}x{idx.shape[1]}), bam / dense",
+                         f"dense {idx.numel() / times[0]:.0f}", f"bam {idx.numel() / times[bam]:.0f}", speed_ratio,
+                         f"(FLOPs x{flop_ratio:.2f})"))
+            rows.append((f"(4) {name} bam: tokens/s ratio x FLOPs ratio (1.0 = its FLOPs exactly)", "-", "-",
+                         speed_ratio * flop_ratio, ">= 0.90x" if name == "tiny" else "(info)"))
+
+    if "5" not in skip and device.type == "cpu":  # LM head + loss at bam-590m's head, 2 x 512 tokens
+        head = preset("bam-590m")
+        weight = torch.nn.Parameter(torch.randn(head.vocab_size, head.d_model, generator=gen) * 0.02)
+        hidden = torch.randn(2, 512, head.d_model, generator=gen, requires_grad=True)
+        targets = torch.randint(0, head.vocab_size, (2, 512), generator=gen)
+        chunk = max(1, CHUNK_LOGITS // head.vocab_size)
+
+        def loss_step(chunked: bool) -> Callable[[], None]:
+            def step() -> None:
+                if chunked:
+                    loss = chunked_next_token_nll(hidden, weight, targets, chunk=chunk)
+                else:
+                    loss = next_token_nll(torch.nn.functional.linear(hidden, weight), targets)
+                loss.backward()
+            return step
+
+        peaks = {}
+        for chunked in (False, True):
+            weight.grad = hidden.grad = None  # freed before the measured step begins
+            peaks[chunked] = profiled_peak_bytes(loss_step(chunked))
+        weight.grad = hidden.grad = None
+        rows.append((f"(5) LM head + loss peak bytes, V=256k D=1024, 2x512 tokens: chunked ({chunk} tok) / plain",
+                     f"plain {peaks[False] / 1e9:.2f} GB", f"chunked {peaks[True] / 1e9:.2f} GB",
+                     peaks[True] / peaks[False], "(info)"))
+
+    if "6" not in skip:  # torch.compile of every block, tiny BAM training step
+        cfg = layouts("tiny")["bam"]
+        idx = torch.randint(0, cfg.vocab_size, (16, cfg.max_seq_len), generator=gen).to(device)
+        torch.manual_seed(0)
+        eager = BAMTransformer(cfg).to(device, dtype)
+        torch.manual_seed(0)
+        compiled = BAMTransformer(cfg).to(device, dtype)
+        if compile_blocks(compiled):
+            compiled_step = train_step(compiled, idx)
+            start = time.perf_counter()
+            compiled_step()  # compiles
+            compiled_step()  # recompiles where shapes (expert loads) turned dynamic
+            _sync(device)
+            compile_s = time.perf_counter() - start
+            t_eager, t_compiled, ratio = compare(train_step(eager, idx), compiled_step)
+            rows.append(("(6) tiny bam training step, compiled / eager", f"eager {t_eager * 1e3:.0f} ms",
+                         f"compiled {t_compiled * 1e3:.0f} ms (compile {compile_s:.0f} s)", ratio, "(info)"))
     return rows
+
+
+def default_speeds_path() -> Path:
+    return Path(os.environ.get("BAM_STAGES_DIR", "stages")) / "speeds.json"
 
 
 def main() -> None:
@@ -146,6 +290,9 @@ def main() -> None:
                         help="torch CPU threads (default: the core count)")
     parser.add_argument("--libc-malloc", action="store_true",
                         help="leave glibc's allocator defaults (CPU training stages keep freed memory)")
+    parser.add_argument("--speeds", type=Path, default=default_speeds_path(),
+                        help="where to write the measured speeds for stage=info")
+    parser.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 1,2,3")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available; use --device cpu")
@@ -153,11 +300,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    rows = run(device, DTYPES[args.dtype], args.repeats, args.warmup)
+    speeds: dict[str, dict] = {"train": {}, "forward": {}, "batch": {}}
+    rows = run(device, DTYPES[args.dtype], args.repeats, args.warmup, set(args.skip.split(",")), speeds)
 
     print(f"# bench_model: device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} warmup={args.warmup} (medians, interleaved pairs) torch={torch.__version__} "
-          f"host memory={'kept' if kept else 'libc defaults'}")
+          f"repeats={args.repeats} warmup={args.warmup} (medians, interleaved) torch={torch.__version__} "
+          f"host memory={'kept' if kept else 'libc defaults'} machine={machine_name(device)}")
     header = ("measurement", "baseline", "candidate", "ratio", "target")
     widths = [max(len(str(r[i])) if i != 3 else 6 for r in [header, *rows]) for i in range(5)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -165,6 +313,12 @@ def main() -> None:
     for r in rows:
         cells = [r[0], r[1], r[2], f"{r[3]:.2f}x", r[4]]
         print(" | ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    if speeds["train"]:
+        table = SpeedTable(machine=machine_name(device), measured=time.strftime("%Y-%m-%d"), device=args.device,
+                           dtype=args.dtype, torch=torch.__version__, batch=speeds["batch"],
+                           train_tokens_per_s=speeds["train"], forward_tokens_per_s=speeds["forward"])
+        table.write(args.speeds)
+        print(f"speeds for stage=info: {args.speeds}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def app(cfg: DictConfig) -> None:
 
     from bam_pipeline.stages import RunContext, stage_named
     from bam_pipeline.training import preemption
+    from bam_pipeline.training.ranks import finish_distributed
 
     quiet_lightning()
     preemption.install()
@@ -92,6 +93,7 @@ def app(cfg: DictConfig) -> None:
         stage = stage_named(str(cfg.stage))
         ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices, overrides=tuple(hydra_cfg.overrides.task))
         stage.run(ctx)
+        finish_distributed()
     except BamError as e:
         fail(str(e), e.exit_code)
     except Exception as e:

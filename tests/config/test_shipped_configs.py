@@ -19,6 +19,7 @@ from bam_pipeline.config.files import conf_dir, group_options
 from bam_pipeline.config.reading import plain
 from bam_pipeline.model.config import PRESETS
 from bam_pipeline.stages.context import RunContext
+from bam_pipeline.training.parallel import trainer_kwargs
 from bam_pipeline.training.ranks import world_size
 
 
@@ -102,14 +103,19 @@ def test_wandb_offline_false_goes_online(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("trainer", group_options("trainer"))
 def test_every_trainer_config_builds_a_lightning_trainer(trainer, tmp_path):
-    cfg = plain(_compose(f"trainer={trainer}").trainer)
+    spec = context(f"trainer={trainer}").trainer
+    kwargs = trainer_kwargs(spec)
     accepted = set(inspect.signature(L.Trainer.__init__).parameters)
-    assert set(cfg) <= accepted, set(cfg) - accepted
-    if cfg["accelerator"] != "cpu":
+    assert set(kwargs) <= accepted, set(kwargs) - accepted
+    if spec.strategy == "fsdp2":  # never silently tensor-parallel: both mesh sizes are given
+        assert (kwargs["strategy"]._data_parallel_size, kwargs["strategy"]._tensor_parallel_size) == (spec.world_size, 1)
+    if spec.accelerator != "cpu":
         return  # a GPU trainer cannot be built on this machine; its arguments are checked above
-    built = L.Trainer(**cfg, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
-    assert built.world_size == world_size(cfg) == cfg["devices"] * cfg["num_nodes"]
-    assert type(built.strategy).__name__.lower().startswith(cfg["strategy"]) or cfg["strategy"] == "auto"
+    built = L.Trainer(**kwargs, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
+    assert built.world_size == world_size(spec.flags()) == spec.devices * spec.num_nodes
+    names = {"auto": "SingleDeviceStrategy", "ddp": "DDPStrategy", "fsdp": "CPUFSDPStrategy",
+             "fsdp2": "ModelParallelStrategy"}
+    assert type(built.strategy).__name__ == names[spec.strategy]
 
 
 def test_slurm_launcher_writes_an_sbatch_script_for_the_trainer(tmp_path, monkeypatch):

@@ -128,8 +128,17 @@ def test_rerun_reuses_the_cache_and_reevaluates_what_changed(run_copy, capsys, e
     capsys.readouterr()
     again = json.loads(run_eval(eval_cfg(), RunLayout(run_copy), general="general").read_text())
     assert set(again["reused"]) == set(MODELS) and again["evaluated"] == []
-    assert "reused cached results for" in capsys.readouterr().out
-    assert again["rows"] == first["rows"]
+    out = capsys.readouterr().out
+    assert "reused cached results for" in out and "measured afresh" in out
+
+    def scores(metrics):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics["rows"]]
+
+    assert scores(again) == scores(first)
+    # speed is never cached: every model measured again, in interleaved rounds, in this run
+    assert set(again["speed"]["models"]) == set(MODELS)
+    for label, speed in again["speed"]["models"].items():
+        assert len(speed["rounds"]) == again["speed"]["rounds"] and speed != first["speed"]["models"][label]
     changed = json.loads(run_eval(eval_cfg(max_tokens_per_source=512), RunLayout(run_copy), general="general").read_text())
     assert set(changed["evaluated"]) == set(MODELS)
     assert len(list((run_copy / "eval" / "cache").glob("*.json"))) == len(MODELS)  # stale entries pruned

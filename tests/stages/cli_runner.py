@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 # a seed long enough to stop mid-way: 256 steps, a checkpoint every 8
@@ -82,16 +83,34 @@ def start(root: Path, *args: str, env: dict[str, str] | None = None) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def signal_when(p: subprocess.Popen, ready: Path, sig: int, *, settle_s: float = 0.3,
+def checkpointed(work: Path) -> Callable[[], bool]:
+    """Whether the stage working in ``work`` (``stages/<run>/.work/<stage>/<name>``) has written a
+    complete checkpoint (a file, or a sharded directory with its ``meta.pt``)."""
+    from bam_pipeline.training.job import complete_checkpoint
+
+    return lambda: any(complete_checkpoint(p) for p in (work / "checkpoints").glob("*.ckpt"))
+
+
+def signal_when(p: subprocess.Popen, ready: Callable[[], bool], sig: int, *, settle_s: float = 0.3,
                 timeout_s: float = 300) -> Result:
-    """Send ``sig`` to the process group of ``p`` once ``ready`` exists (then ``settle_s`` later); wait."""
+    """Send ``sig`` to the process group of ``p`` once ``ready()`` (then ``settle_s`` later); wait."""
     import time
 
     deadline = time.time() + timeout_s
-    while not ready.exists() and time.time() < deadline and p.poll() is None:
+    while not ready() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    assert ready.exists(), f"{ready} never appeared"
+    if not ready():
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"never ready; the command said:\n{p.communicate()[0][-3000:]}")
     time.sleep(settle_s)
     os.killpg(p.pid, sig)
     out, _ = p.communicate(timeout=timeout_s)
     return Result(p.returncode, out)
+
+
+def kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
+    """Start the CLI, SIGKILL its whole process group once the stage wrote its first complete
+    checkpoint; the stage must not look finished."""
+    r = signal_when(start(root, *args), checkpointed(root / "smoke" / ".work" / stage_dir), signal.SIGKILL)
+    assert r.returncode == -signal.SIGKILL
+    assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"

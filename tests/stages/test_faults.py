@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import SEED_ARGS, cli, cli_here, signal_when, start
+from cli_runner import SEED_ARGS, checkpointed, cli, cli_here, signal_when, start
 from safetensors.torch import load_file
 
 from bam_pipeline.store.artifacts import read_artifact, read_train_log
@@ -31,8 +31,7 @@ def _one_error_line(out: str) -> str:
 def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(smoke_run, reference_seed,
                                                                                      tmp_path, sig):
     root = _data_only(smoke_run, tmp_path / "stopped")
-    ckpt = root / "smoke" / ".work" / "seed" / "main" / "checkpoints" / "last.ckpt"
-    r = signal_when(start(root, *SEED_ARGS), ckpt, sig)
+    r = signal_when(start(root, *SEED_ARGS), checkpointed(root / "smoke" / ".work" / "seed" / "main"), sig)
     assert r.returncode == 128 + sig, r.out[-2000:]
     line = _one_error_line(r.out)
     assert f"seed: stopped by {signal.Signals(sig).name} after step" in line and "run the same command again" in line
@@ -47,14 +46,14 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weig
     assert steps == sorted(set(steps))
 
 
-@pytest.mark.parametrize("stage,args,ready", [
+@pytest.mark.parametrize("stage,args,work", [
     ("branch", ("stage=branch", "domain=code", "budget.branch.tokens=65536", "train.val_every=8"),
-     ".work/branch/code/checkpoints/last.ckpt"),
+     ".work/branch/code"),
     ("moe", ("stage=moe", "mix=bam", "budget.moe.tokens=32768", "train.val_every=8"),
-     ".work/moe/bam/checkpoints/last.ckpt"),
+     ".work/moe/bam"),
 ])
-def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, stage, args, ready):
-    r = signal_when(start(smoke_copy, *args), smoke_copy / "smoke" / ready, signal.SIGTERM)
+def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, stage, args, work):
+    r = signal_when(start(smoke_copy, *args), checkpointed(smoke_copy / "smoke" / work), signal.SIGTERM)
     assert r.returncode == 143, r.out[-2000:]
     assert "stopped by SIGTERM after step" in _one_error_line(r.out)
     assert read_artifact(smoke_copy / "smoke" / stage / ("code" if stage == "branch" else "bam")).hash  # old one kept

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
 from bam_pipeline.store.layout import RunLayout
 
-from cli_runner import SEED_ARGS, cli, cli_here, signal_when, start
+from cli_runner import SEED_ARGS, cli, cli_here, kill_when_checkpointed
 
 DOMAINS = ("code", "math", "law")
 MOE_RUNS = ("bam", "bam_kv_shared", "btx", "dense")
@@ -191,7 +190,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
     root, _ = smoke_run
     killed_root = tmp_path / "killed"
     shutil.copytree(root / "smoke" / "data", killed_root / "smoke" / "data")
-    _kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
+    kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
 
     r = cli(killed_root, *SEED_ARGS, check=True)
     assert "resuming from" in r.out
@@ -200,20 +199,12 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
-def _kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
-    """Start the CLI, SIGKILL its whole process group once the stage wrote its first checkpoint."""
-    ckpt = root / "smoke" / ".work" / stage_dir / "checkpoints" / "last.ckpt"
-    r = signal_when(start(root, *args), ckpt, signal.SIGKILL)
-    assert r.returncode == -signal.SIGKILL
-    assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"
-
-
 def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
     args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
             "experiment=smoke", "logger=none"]
-    _kill_when_checkpointed(tmp_path, args, "seed/main")
+    kill_when_checkpointed(tmp_path, args, "seed/main")
     r = cli(tmp_path, *args, check=True, timeout=600)
     assert "resuming from" in r.out and "Traceback" not in r.out
     art = read_artifact(tmp_path / "smoke" / "seed" / "main")
@@ -242,3 +233,39 @@ def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
 def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "data.split.val=0.2")
     assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out
+
+
+def _memory_rows(out: str) -> dict[str, list[str]]:
+    """stage=info's memory table: stage -> its cells after the model."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("seed", "branch", "moe") and cells[-1] in ("yes", "NO"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_info_plans_memory_for_a_gpu_trainer_on_a_cpu_machine(tmp_path):
+    r = cli_here(tmp_path, "stage=info", "experiment=paper_590m", "trainer=fsdp", "trainer.devices=8",
+                 "trainer.activation_checkpointing=true", check=True)
+    assert "strategy=fsdp on 8 process(es), precision bf16-mixed" in r.out and "fits 80.0 GB" in r.out
+    assert set(_memory_rows(r.out)) == {"seed", "branch", "moe"} and "assumptions:" in r.out
+    assert all(cells[-1] == "yes" for cells in _memory_rows(r.out).values())
+    big = cli_here(tmp_path, "stage=info", "experiment=paper_590m", "model=bam-2b", "mix=bam", "trainer.devices=8",
+                   "info.device_memory=80GB", check=True)
+    assert _memory_rows(big.out)["moe"][-1] == "NO"  # 6.2B parameters replicated with AdamW: over 80 GB
+    assert "no speeds measured on this machine" in big.out and "make bench" in big.out
+
+
+def test_info_projects_wall_time_from_measured_speeds(tmp_path):
+    from bam_pipeline.training.speeds import SpeedTable
+
+    layouts = ("dense", "bam", "bam_kv_shared", "btx")
+    SpeedTable(machine="test machine", measured="today", device="cpu", dtype="float32", torch="x",
+               batch={f"tiny/{k}": [16, 256] for k in layouts},
+               train_tokens_per_s={f"tiny/{k}": 1000.0 for k in layouts},
+               forward_tokens_per_s={f"tiny/{k}": 4000.0 for k in layouts}).write(tmp_path / "speeds.json")
+    r = cli_here(tmp_path, "stage=info", "experiment=tiny", check=True)
+    # seed: 1,024,000 tokens at 1000 tokens/s + 10 validations of 16,384 tokens at 4000 tokens/s = 1065 s
+    seed = next(line for line in r.out.splitlines() if line.strip().startswith("seed ") and "tiny/dense" in line)
+    assert seed.split()[-2:] == ["18", "min"] and "measured on test machine" in r.out

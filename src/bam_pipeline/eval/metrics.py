@@ -1,5 +1,5 @@
-"""Language-model metrics on token sequences: summed next-token NLL, perplexity, bits per byte,
-and the forward-pass throughput measured while computing them.
+"""Language-model metrics on token sequences: summed next-token NLL, perplexity, bits per byte; and
+a model's forward throughput on one batch (:func:`forward_tokens_per_s`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bam_pipeline.model.loss import LossChunking
+
 
 @dataclass(frozen=True)
 class NllSum:
@@ -19,7 +21,6 @@ class NllSum:
 
     nll: float
     tokens: int
-    forward_seconds: float
     doc_nll: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) summed NLL per document
     doc_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (D,) predicted tokens per document
 
@@ -30,10 +31,6 @@ class NllSum:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_loss)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.forward_seconds if self.forward_seconds > 0 else float("nan")
 
 
 def bits_per_byte(nll_nats: float, text_bytes: float) -> float:
@@ -51,10 +48,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def token_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, object]:
+def token_nll(model: torch.nn.Module, batch: torch.Tensor, *, chunking: LossChunking | None = None
+              ) -> tuple[torch.Tensor, object]:
     """Per-token NLL (B, T) float32 of a (B, T+1) batch (each row predicts tokens 1..T), and the output."""
     inp, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-    nll, out = model.loss(inp, tgt, reduction="none")
+    nll, out = model.loss(inp, tgt, reduction="none", chunking=chunking)
     return nll.view(tgt.shape), out
 
 
@@ -68,22 +66,20 @@ def sequence_nll(
     documents: torch.Tensor | None = None,
     n_docs: int = 0,
     on_routing: Callable[[list], None] | None = None,
+    chunking: LossChunking | None = None,
 ) -> NllSum:
     """Summed NLL of ``seqs`` (N, T+1): each row predicts its tokens 1..T from the ones before; with
     ``documents`` (N, T+1), also per document (``n_docs`` of them).
 
-    The loss is the model's own next-token NLL (float32), summed in float64. ``on_routing`` receives
-    each batch's ``ModelOutput.routing``. Only the forward pass and its loss are timed.
+    The loss is the model's own next-token NLL (float32; chunked as ``chunking`` says), summed in
+    float64. ``on_routing`` receives each batch's ``ModelOutput.routing``. Speed is measured apart
+    (:func:`forward_tokens_per_s`).
     """
     doc_nll, doc_tokens = np.zeros(n_docs), np.zeros(n_docs)
-    nll, tokens, seconds = 0.0, 0, 0.0
+    nll, tokens = 0.0, 0
     for start in range(0, seqs.shape[0], batch_size):
         batch = seqs[start : start + batch_size].to(device)  # (B, T+1)
-        _sync(device)
-        t0 = time.perf_counter()
-        per_token, out = token_nll(model, batch)  # (B, T)
-        _sync(device)
-        seconds += time.perf_counter() - t0
+        per_token, out = token_nll(model, batch, chunking=chunking)  # (B, T)
         per_token = per_token.double().cpu()
         nll += float(per_token.sum())
         tokens += per_token.numel()
@@ -93,4 +89,20 @@ def sequence_nll(
             doc_tokens += torch.bincount(docs, minlength=n_docs).double().numpy()
         if on_routing is not None:
             on_routing(out.routing)
-    return NllSum(nll, tokens, seconds, doc_nll, doc_tokens)
+    return NllSum(nll, tokens, doc_nll, doc_tokens)
+
+
+@torch.inference_mode()
+def forward_tokens_per_s(model: torch.nn.Module, batch: torch.Tensor, *, device: torch.device, repeats: int,
+                         chunking: LossChunking | None = None) -> float:
+    """Tokens/s of the model's loss on ``batch`` (B, T+1): one untimed pass (one-time set-up), then
+    ``repeats`` timed ones (synchronised on CUDA)."""
+    batch = batch.to(device)
+    inp, tgt = batch[:, :-1], batch[:, 1:]
+    model.loss(inp, tgt, reduction="sum", chunking=chunking)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.loss(inp, tgt, reduction="sum", chunking=chunking)
+    _sync(device)
+    return repeats * tgt.numel() / (time.perf_counter() - t0)

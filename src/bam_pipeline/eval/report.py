@@ -125,18 +125,16 @@ def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
     """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), tokens/s."""
     per: dict[str, dict[str, Any]] = {}
     for r in metrics["rows"]:
-        p = per.setdefault(r["model"], {**r, "tok": 0, "sec": 0.0})
-        p["tok"] += r["tokens"]
-        p["sec"] += r["forward_seconds"]
+        per.setdefault(r["model"], r)
     seed_flops = per.get("seed", {}).get("flops_per_token")
     out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "tokens/s (measured)",
             "tokens trained"]]
     for lab, p in per.items():
-        tps = p["tok"] / p["sec"] if p["sec"] > 0 else math.nan
         out.append([p.get("display", lab), _si(p["params_total"]), _si(p["params_active"]),
                     _si(p["flops_per_token"]),
                     f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
-                    f"{tps:,.0f}", "-" if p.get("tokens_trained") is None else _si(p["tokens_trained"])])
+                    f"{p.get('tokens_per_s', math.nan):,.0f}",
+                    "-" if p.get("tokens_trained") is None else _si(p["tokens_trained"])])
     return out
 
 
@@ -274,7 +272,9 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         *_question_blocks(agg, metrics["rows"], routing),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
-              "(bam_pipeline.model.counting); tokens/s measured during this evaluation on the device above."),
+              "(bam_pipeline.model.counting); tokens/s of the forward pass measured by this evaluation on the device "
+              "above, every model afresh in one process, interleaved (the median of "
+              f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
         ("table", cost_rows(metrics)),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),

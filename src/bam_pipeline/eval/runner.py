@@ -1,19 +1,25 @@
 """stage=eval: every finished model artifact x every source's test split -> metrics.json and routing.json.
 
 Per (model, domain) row: mean token loss, perplexity, bits per byte, tokens evaluated, total and
-active parameters, forward FLOPs per token, measured inference tokens/s, and the model's display
-name and role from its manifest. Router statistics per domain and layer for every model with
-routers, drawn as heatmaps. Results are cached per (artifact hash, data hash, eval settings) in
-``RunLayout.eval_cache``; only what changed is re-evaluated. Every file is written atomically.
+active parameters, forward FLOPs per token, inference tokens/s, and the model's display name and
+role from its manifest. Router statistics per domain and layer for every model with routers, drawn
+as heatmaps. Losses and routing are cached per (artifact hash, data hash, eval settings) in
+``RunLayout.eval_cache``; only what changed is re-evaluated. Speed is never cached: every eval
+measures every model afresh in this one process, interleaved (each round times every model in
+turn on the same batch; the median of :data:`SPEED_ROUNDS` rounds), so load from other processes
+and the machine's state hit all models alike, and two models of one architecture measure alike.
+A probe row runs at its model's speed; BTM's tokens/s is that of running its members one after
+another on each token (``1 / sum(1 / tokens_per_s)``; the mixing of their distributions is not
+timed). Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
+import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,18 +27,21 @@ from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import EvalSequences, load_eval_sequences, load_split_sequences
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.btm import ensemble_flops_per_token, ensemble_log_probs, estimate_log_prior
-from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, sequence_nll, token_nll
+from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_tokens_per_s, sequence_nll, token_nll
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.plots import routing_heatmap
 from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
+from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, read_artifact
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 5
+CACHE_SCHEMA = 6  # 6: no speed in the cache
+SPEED_ROUNDS = 3  # interleaved rounds of the speed measurement
+SPEED_REPEATS = 2  # timed forward passes per model and round
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,8 +103,17 @@ def probe_label(label: str, probe: str) -> str:
     return f"{label}+{probe}"
 
 
+def _seq_len(spec: EvalSpec, art: Artifact, max_seq_len: int) -> int:
+    seq_len = spec.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={max_seq_len}; "
+                       f"set eval.seq_len to at most {max_seq_len} or null")
+    return seq_len
+
+
 def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                   device: torch.device, *, probe: str | None = None) -> dict[str, Any]:
+                   device: torch.device, *, probe: str | None = None, chunking: LossChunking | None = None
+                   ) -> dict[str, Any]:
     """Rows (one per source), routing stats per source and per-source skip records for one model;
     with ``probe`` (UNIFORM_ATTENTION), of the model changed by that probe, as its own row."""
     model, mcfg = load_model(art, verify=False, device=str(device))
@@ -107,12 +125,9 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
                            "mixture with soft attention routing (e.g. moe/bam)")
         label = probe_label(art.label, probe)
         info = About(f"{info.display}, uniform attention weights", "probe", experts=info.experts)
-    seq_len = spec.seq_len or mcfg.max_seq_len
-    if seq_len > mcfg.max_seq_len:
-        raise BamError(f"eval.seq_len={seq_len} exceeds {art.label}'s max_seq_len={mcfg.max_seq_len}; "
-                       f"set eval.seq_len to at most {mcfg.max_seq_len} or null")
+    seq_len = _seq_len(spec, art, mcfg.max_seq_len)
     params, flops = count_params(mcfg), flops_per_token(mcfg, seq_len)
-    rows, routing, skipped, documents, warmed = [], {}, [], {}, False
+    rows, routing, skipped, documents = [], {}, [], {}
     for source in sources:
         try:
             test = seqs.get(source, seq_len)
@@ -121,12 +136,9 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             print(f"[eval] skip {label} on {source}: {e}")
             skipped.append({"kind": "source", "name": f"{label} on {source}", "reason": str(e)})
             continue
-        if not warmed:  # first call pays one-time kernel/allocator set-up; keep it out of tokens/s
-            sequence_nll(model, data[: spec.batch_size], batch_size=spec.batch_size, device=device)
-            warmed = True
         stats = RoutingStats()
         res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, documents=test.documents,
-                           n_docs=len(test.doc_ids), on_routing=stats.update)
+                           n_docs=len(test.doc_ids), on_routing=stats.update, chunking=chunking)
         documents[source] = {"nll": res.doc_nll.tolist(), "tokens": res.doc_tokens.astype(int).tolist()}
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
@@ -135,8 +147,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
             "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
             "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
-            "tokens_per_s": res.tokens_per_s, "forward_seconds": res.forward_seconds, "seq_len": seq_len,
-            "device": str(device), "tokens_trained": art.manifest.get("tokens"),
+            "seq_len": seq_len, "device": str(device), "tokens_trained": art.manifest.get("tokens"),
         })
         if summary := stats.summary():
             routing[source] = summary
@@ -147,15 +158,16 @@ BTM_LABEL = "btm"
 
 
 @torch.inference_mode()
-def _log_probs(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def _log_probs(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int, device: torch.device,
+               chunking: LossChunking | None = None) -> torch.Tensor:
     """(N, T) float64 log-probability the model gives each observed next token of ``seqs`` (N, T+1)."""
-    parts = [-token_nll(model, seqs[i : i + batch_size].to(device))[0].double().cpu()
+    parts = [-token_nll(model, seqs[i : i + batch_size].to(device), chunking=chunking)[0].double().cpu()
              for i in range(0, seqs.shape[0], batch_size)]
     return torch.cat(parts)
 
 
 def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, chunking: LossChunking | None = None) -> dict[str, Any]:
     """BTM (Branch-Train-Merge): the seed and the domain experts kept apart; each token's distribution is
     their mixture weighted by the posterior over them given the document so far (reset at document
     boundaries, :mod:`bam_pipeline.eval.btm`), the prior estimated per source on its validation split.
@@ -175,12 +187,12 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
         except BamError as e:
             skipped.append({"kind": "source", "name": f"{BTM_LABEL} on {source}", "reason": str(e)})
             continue
-        prior = estimate_log_prior(torch.stack([_log_probs(m, val, spec.batch_size, device) for m, _ in loaded]),
+        prior = estimate_log_prior(torch.stack([_log_probs(m, val, spec.batch_size, device, chunking)
+                                                for m, _ in loaded]),
                                    val[:, 1:], eos_id=prepared.eos_id)  # (N,) log prior over the models
-        t0 = time.perf_counter()
-        expert_lp = torch.stack([_log_probs(m, test.tokens, spec.batch_size, device) for m, _ in loaded])  # (M, N, T)
+        expert_lp = torch.stack([_log_probs(m, test.tokens, spec.batch_size, device, chunking)
+                                 for m, _ in loaded])  # (M, N, T)
         ens = ensemble_log_probs(expert_lp, test.tokens[:, 1:], prior, eos_id=prepared.eos_id)
-        seconds = time.perf_counter() - t0
         per_token = -ens.log_probs  # (N, T) nats
         docs, n_docs = test.documents[:, 1:].reshape(-1), len(test.doc_ids)
         documents[source] = {
@@ -195,8 +207,7 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
             "artifact_hash": canonical_hash([a.hash for a in experts]), "domain": source, "tokens": tokens,
             "bytes": nbytes, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
             "bits_per_byte": bits_per_byte(nll, nbytes), "params_total": params, "params_active": params,
-            "flops_per_token": flops, "tokens_per_s": tokens / seconds, "forward_seconds": seconds,
-            "seq_len": seq_len, "device": str(device), "tokens_trained": None,
+            "flops_per_token": flops, "seq_len": seq_len, "device": str(device), "tokens_trained": None,
             "btm_models": [a.label for a in experts], "btm_prior": prior.exp().tolist(),
         })
     return {"rows": rows, "routing": {}, "skipped": skipped, "documents": documents}
@@ -212,10 +223,35 @@ def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
+def measure_speeds(arts: list[Artifact], sample: Callable[[int], torch.Tensor], spec: EvalSpec,
+                   device: torch.device, chunking: LossChunking | None = None) -> dict[str, dict[str, Any]]:
+    """Forward tokens/s of every model on the same batch (``sample(seq_len)``: ``eval.batch_size``
+    sequences), interleaved: :data:`SPEED_ROUNDS` rounds, each loading and timing every model in turn
+    (loading untimed); per model the median round and every round's figure."""
+    rounds: dict[str, list[float]] = {a.label: [] for a in arts}
+    for _ in range(SPEED_ROUNDS):
+        for art in arts:
+            model, mcfg = load_model(art, verify=False, device=str(device))
+            batch = sample(_seq_len(spec, art, mcfg.max_seq_len))
+            rounds[art.label].append(forward_tokens_per_s(model, batch, device=device, repeats=SPEED_REPEATS,
+                                                          chunking=chunking))
+            del model
+    return {label: {"tokens_per_s": statistics.median(r), "rounds": r} for label, r in rounds.items()}
+
+
+def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
+    """A row's tokens/s from the fresh measurements (module docstring: probes and BTM)."""
+    if row["role"] == "ensemble":
+        return 1.0 / sum(1.0 / speeds[m]["tokens_per_s"] for m in row["btm_models"])
+    return speeds[row["model"].split("+", 1)[0]]["tokens_per_s"]
+
+
+def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
+             chunking: LossChunking | None = None) -> Path:
     """Evaluate every finished model artifact of the run; returns the path of metrics.json.
 
-    ``general`` names the general source (the report's first column)."""
+    ``general`` names the general source (the report's first column); ``chunking`` is the LM
+    loss's chunking rule (training's)."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
@@ -237,7 +273,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
         """A model's results: from the cache when its identity, the data and the settings are unchanged."""
         key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": dhash,
                               "settings": spec.cache_key(), "sources": sources,
-                              "device": str(device)})  # tokens/s belongs to a device
+                              "device": str(device)})  # scores computed on this device
         cache_file = layout.eval_cache / f"{stage}-{name}-{key[:16]}.json"
         if cache_file.is_file():
             result = json.loads(cache_file.read_text())
@@ -263,7 +299,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             continue
         good.append(art)
         result = scored(art.label, art.stage, art.name, art.hash,
-                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device))
+                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device, chunking=chunking))
         if result["routing"]:
             info = about(art)
             routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
@@ -272,7 +308,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
             scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage, f"{art.name}+{UNIFORM_ATTENTION}",
                    {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
                    lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device,
-                                                            probe=UNIFORM_ATTENTION))
+                                                  probe=UNIFORM_ATTENTION, chunking=chunking))
     missing = sorted(set(spec.uniform_attention) - {a.label for a in good})
     skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION),
                  "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
@@ -280,10 +316,18 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
     singles = [a for a in good if a.stage in ("seed", "branch")]
     if spec.btm and len(singles) >= 2 and singles[0].stage == "seed":
         scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],
-               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device))
+               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device, chunking))
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
+    measured = [a for a in good if any(r["model"] == a.label for r in rows)]
+    speed_source = next(s for s in sources if any(r["domain"] == s for r in rows))
+    speeds = measure_speeds(measured, lambda n: seqs.get(speed_source, n).tokens[: spec.batch_size], spec, device,
+                            chunking)
+    for r in rows:
+        r["tokens_per_s"] = _row_speed(r, speeds)
+    print(f"[eval] speed of {len(measured)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
+          f"{spec.batch_size} sequences of {speed_source})")
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:
@@ -303,6 +347,8 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None) -> Path:
         "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
         "rows": rows, "skipped": skipped,
         "reused": reused, "evaluated": evaluated,
+        "speed": {"source": speed_source, "rounds": SPEED_ROUNDS, "repeats": SPEED_REPEATS,
+                  "batch_size": spec.batch_size, "models": speeds},
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
     return layout.metrics

@@ -25,6 +25,10 @@ computes every expert either way. Active *parameters* stay those of each token's
 Expert choice uses ``capacity`` experts per token on average (parameters rounded to an integer).
 Routers: a hash router has no weight and costs nothing; a joint router is one (E, D) matrix per
 layer; under ``router_scope=model`` only layer 0 has routers.
+
+Model FLOPs utilisation (:func:`mfu`) divides the training FLOPs of the tokens processed per second
+by the peak of the devices doing it: :data:`PEAK_TFLOPS`, dense (no sparsity) bfloat16 tensor-core
+figures from the vendors' data sheets, matched by a substring of the device's name.
 """
 
 from __future__ import annotations
@@ -36,6 +40,30 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 
 TRAINING_FLOPS_MULTIPLIER = 3
+
+# Dense bfloat16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {
+    "B200": 2250.0,
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    """:data:`PEAK_TFLOPS` for a device name, the longest matching entry first (``H100 PCIe`` before ``H100``)."""
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def mfu(tokens_per_s: float, train_flops_per_token: float, peak_tflops_per_device: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of ``devices`` devices."""
+    return tokens_per_s * train_flops_per_token / (peak_tflops_per_device * 1e12 * devices)
 
 
 @dataclass(frozen=True)

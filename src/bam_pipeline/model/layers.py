@@ -158,6 +158,18 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary_interleaved(x, self.cos[positions], self.sin[positions])  # tables (B, T, hd)
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s.
+
+    Under ``bf16-mixed`` training the residual stream is float32 while every matmul runs in
+    bfloat16. A block casts its normed input to this dtype once, so its projections share one copy
+    instead of autocast casting it for each; ``grouped_mm`` is not on autocast's cast lists, so the
+    grouped MoE path casts its weights to it itself.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert: ``(silu(x @ w1) * (x @ w3)) @ w2`` for x (N, D), w1/w3 (D, F), w2 (F, D)."""
     return (F.silu(x @ w1) * (x @ w3)) @ w2

@@ -5,6 +5,13 @@ E = 1 is a plain SwiGLU FFN (no router, zero aux losses). With E > 1 the router 
 experts and their gates (BAM: top-1 with the full-softmax probability as gate; BTX: top-k
 renormalised), and this layer adds load balancing and z-loss (:mod:`~bam_pipeline.model.routing`).
 
+Load balancing over the global batch: with ``global_balance`` set (data-parallel training sets it),
+the assignment counts f_i are summed over the processes before ``E * sum_i f_i * P_i``, while P_i
+stays each process's own mean router probability (Megatron-LM's global auxiliary loss). The mean
+of the processes' losses, and so the averaged gradient, is then the loss of the whole global batch
+computed in one process (for equal token counts per process); per-process f_i would make it a
+different, noisier loss whenever a process sees only part of the batch.
+
 Dispatch (dropless): one stable argsort of the flattened (N*k,) expert ids, gather the token rows
 into expert order, run the experts, permute the results back to assignment order and sum each
 token's k outputs weighted by its gates. The sort is a permutation of the N*k assignments, so both
@@ -39,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torch.distributed as dist
+
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import swiglu
+from bam_pipeline.model.layers import matmul_dtype, swiglu
 from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
@@ -75,17 +84,6 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
     return all(t.shape[-1] * row_bytes % 16 == 0 for t in (x, *weights))
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s.
-
-    Under ``bf16-mixed`` training the MoE input is float32 (the residual stream) while every
-    matmul runs in bfloat16; ``grouped_mm`` is not on autocast's cast lists, so the grouped path
-    casts to this dtype itself.
-    """
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 class _PermuteRows(torch.autograd.Function):
     """``x[perm]`` whose backward is the gather ``grad[inverse]`` (index_select's backward would be
     a scatter-add, several times slower on CPU)."""
@@ -115,6 +113,7 @@ class MoEFeedForward(nn.Module):
             raise BamError(f"unknown MoE dispatch {dispatch!r}; use one of {DISPATCHES}")
         self.cfg = cfg
         self.dispatch = dispatch
+        self.global_balance = False  # f_i over every process of the default group (module docstring)
         E, D, Fh = cfg.ffn_experts, cfg.d_model, cfg.d_ff
         # own_router=False: the block hands this layer its routing (joint router, router_scope=model)
         self.router = Router(D, E, cfg.ffn_router, cfg.vocab_size) if E > 1 and own_router else None
@@ -157,10 +156,17 @@ class MoEFeedForward(nn.Module):
         return MoEOutput(out.view(B, T, D), routing, counts, lb, z)
 
     def _aux(self, routing: Routing, counts: torch.Tensor, decides: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(load balancing, z-loss) of this layer's routing, by router kind (module docstring)."""
+        """(load balancing, z-loss) of this layer's routing, by router kind (module docstring); the
+        load balancing counts the global batch under ``global_balance``."""
         zero = routing.probs.new_zeros(())
         kind = self.cfg.ffn_router.kind
-        lb = load_balancing_loss(routing.probs, counts) if decides and kind in ("topk", "soft") else zero
+        lb = zero
+        if decides and kind in ("topk", "soft"):
+            balance_counts = counts
+            if self.global_balance and dist.is_available() and dist.is_initialized():
+                balance_counts = counts.clone()
+                dist.all_reduce(balance_counts)  # (E,) assignments of the global batch
+            lb = load_balancing_loss(routing.probs, balance_counts)
         z = router_z_loss(routing.logits) if decides and self.cfg.ffn_router.learned else zero
         return lb, z
 

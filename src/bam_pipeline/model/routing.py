@@ -96,7 +96,9 @@ def route(cfg: RouterConfig, logits: torch.Tensor, *, threshold: torch.Tensor | 
     (E,), every expert whose probability reaches its threshold (module docstring)."""
     if cfg.kind == "hash":
         return Routing(logits, logits, torch.ones_like(logits[:, :1]), logits.argmax(-1, keepdim=True))
-    probs = F.softmax(logits, dim=-1)  # (N, E)
+    # softmax as exp(logits - logsumexp): the same probabilities; torch's CPU softmax over a last
+    # dimension of a few experts is slower than these two passes (docs/measurements.md)
+    probs = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()  # (N, E)
     if cfg.kind == "soft":
         return Routing(logits, probs, probs, None)
     if cfg.kind == "expert_choice":

@@ -5,7 +5,9 @@ Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (
 ``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss + attn_lb_coef * attn_lb_loss)`` (0 for
 dense FFNs; ``attn_lb_loss`` is the load balancing of a top-k attention router, 0 for soft attention
 routing and unless ``cfg.attn_lb_coef`` is set). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
-(:func:`~bam_pipeline.model.loss.next_token_nll`); the training objective is
+(:mod:`~bam_pipeline.model.loss`), from the logits or, when a
+:class:`~bam_pipeline.model.loss.LossChunking` says so, chunked from the final hidden states without
+the whole logits (then ``ModelOutput.logits`` is None); the training objective is
 ``lm_loss + output.aux_loss``.
 
 Incremental decoding: ``BAMTransformer(cfg)(idx, cache=cache, valid=valid)`` runs the new tokens
@@ -36,8 +38,8 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model.attention import MixtureOfAttention
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.kv_cache import KVCache, LayerKV
-from bam_pipeline.model.layers import make_norm
-from bam_pipeline.model.loss import next_token_nll
+from bam_pipeline.model.layers import make_norm, matmul_dtype
+from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
 from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, route, router_logits
 
@@ -66,7 +68,7 @@ class LayerRouting:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None from a chunked loss
     aux_loss: torch.Tensor  # scalar
     routing: list[LayerRouting]
 
@@ -95,6 +97,7 @@ class Block(nn.Module):
         """``x`` (B, T, D); ``token_ids`` (B, T) for hash routing; ``shared``: block 0's routing to reuse;
         ``kv``: this layer's KV cache of a decoding step."""
         h = self.norm(x)
+        h = h.to(matmul_dtype(h))  # under autocast: one copy in the matmul dtype for every projection
         attn_routing = ffn_routing = None
         if shared is not None:
             attn_routing, ffn_routing = shared.attn, shared.ffn
@@ -108,7 +111,8 @@ class Block(nn.Module):
             y = x + attn.out + ffn.out
         else:
             x = x + attn.out
-            ffn = self.ffn(self.ffn_norm(x), token_ids, routing=ffn_routing, decides=decides)
+            h = self.ffn_norm(x)
+            ffn = self.ffn(h.to(matmul_dtype(h)), token_ids, routing=ffn_routing, decides=decides)
             y = x + ffn.out
         attn_lb = None
         if decides and self.cfg.attn_lb_coef and attn.routing is not None and self.cfg.attn_router.kind == "topk":
@@ -131,16 +135,22 @@ class BAMTransformer(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
 
+    def balance_globally(self, on: bool = True) -> None:
+        """Load-balancing statistics f_i over the global batch of every process (data-parallel
+        training), or each process's own (:mod:`~bam_pipeline.model.moe`)."""
+        for module in self.modules():
+            if isinstance(module, MoEFeedForward):
+                module.global_balance = on
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The (V, D) output projection: ``lm_head.weight``, or ``tok_emb.weight`` itself when tied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                last_only: bool = False) -> ModelOutput:
-        """Logits of ``idx`` (B, T); with ``cache``, of new tokens after the cached ones (module docstring).
-        ``last_only``: logits of the last position only, (B, 1, V) (decoding needs no more; a prompt's
-        full (B, T, V) logits can dwarf the model at a large vocabulary)."""
+    def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+               last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[LayerRouting]]:
+        """The final normed hidden states (B, T, D) of ``idx`` (B, T), the aux loss and the routing;
+        ``cache``, ``valid`` and ``last_only`` as in :meth:`forward`."""
         x = self.tok_emb(idx)  # (B, T, D)
         step = None
         if cache is not None:
@@ -161,13 +171,28 @@ class BAMTransformer(nn.Module):
                 shared = r
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
-        logits = F.linear(self.norm(x), self.output_weight)  # (B, T, V)
+        return self.norm(x), aux, routing
+
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                last_only: bool = False) -> ModelOutput:
+        """Logits of ``idx`` (B, T); with ``cache``, of new tokens after the cached ones (module docstring).
+        ``last_only``: logits of the last position only, (B, 1, V) (decoding needs no more; a prompt's
+        full (B, T, V) logits can dwarf the model at a large vocabulary)."""
+        h, aux, routing = self.hidden(idx, cache=cache, valid=valid, last_only=last_only)
+        logits = F.linear(h, self.output_weight)  # (B, T, V)
         if self.cfg.logit_scale != 1.0:
             logits = logits * self.cfg.logit_scale
         return ModelOutput(logits, aux, routing)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean"
-             ) -> tuple[torch.Tensor, ModelOutput]:
-        """Next-token NLL of ``targets`` (B, T) given ``idx`` (B, T), and the model output."""
-        out = self(idx)
-        return next_token_nll(out.logits, targets, reduction=reduction), out
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
+             chunking: LossChunking | None = None) -> tuple[torch.Tensor, ModelOutput]:
+        """Next-token NLL of ``targets`` (B, T) given ``idx`` (B, T), and the model output. With
+        ``chunking``, above its size the loss is chunked and the output has no logits."""
+        chunk = None if chunking is None else chunking.chunk_tokens(self.cfg.vocab_size, targets.numel())
+        if chunk is None:
+            out = self(idx)
+            return next_token_nll(out.logits, targets, reduction=reduction), out
+        h, aux, routing = self.hidden(idx)
+        nll = chunked_next_token_nll(h, self.output_weight, targets, chunk=chunk, logit_scale=self.cfg.logit_scale,
+                                     reduction=reduction)
+        return nll, ModelOutput(None, aux, routing)

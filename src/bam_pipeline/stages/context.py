@@ -27,7 +27,9 @@ from bam_pipeline.model.generation import GenerateSpec
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
-from bam_pipeline.training.ranks import check_trainer, world_size
+from bam_pipeline.training.memory import InfoSpec
+from bam_pipeline.training.parallel import TrainerSpec
+from bam_pipeline.training.ranks import check_trainer
 from bam_pipeline.training.settings import TrainSettings
 
 ON_STALE = ("rebuild", "refuse")
@@ -171,7 +173,8 @@ class RunContext:
     budget: BudgetSettings
     eval: EvalSpec
     pipeline: PipelineSpec
-    trainer: dict[str, Any]  # passed to lightning.Trainer as is
+    info: InfoSpec
+    trainer: TrainerSpec  # devices, strategy, precision (training.parallel builds Lightning's strategy)
     logger: Optional[dict[str, Any]]  # a Hydra-instantiable Lightning logger, or None
     domain: Optional[str]  # `domain=<name>`: the branch to train
     mix_name: str  # `mix=<name>`: the selected variant
@@ -205,7 +208,8 @@ class RunContext:
             budget=read_section(BudgetSettings, cfg.budget, "budget"),
             eval=read_section(EvalSpec, cfg.eval, "eval"),
             pipeline=read_section(PipelineSpec, cfg.pipeline, "pipeline"),
-            trainer=plain(cfg.trainer),
+            info=read_section(InfoSpec, cfg.info, "info"),
+            trainer=read_section(TrainerSpec, cfg.trainer, "trainer"),
             logger=plain(cfg.logger) if cfg.get("logger") else None,
             domain=domain_name or choices.get("domain"),
             mix_name=str(choices.get("mix") or "bam"),
@@ -260,7 +264,7 @@ class RunContext:
             raise ConfigError("train.seq_len", self.train.seq_len,
                               f"exceeds the model's context model.seq_len={self.model.seq_len}; set model.seq_len")
         try:
-            check_trainer(self.trainer, here=self.stage in TRAINING_STAGES)
+            check_trainer(self.trainer.flags(), here=self.stage in TRAINING_STAGES)
         except ConfigError as e:
             raise e.under("trainer") from None
         if self.stage in EVAL_STAGES and self.eval.device.startswith("cuda") and not torch.cuda.is_available():
@@ -287,7 +291,7 @@ class RunContext:
 
     @cached_property
     def world_size(self) -> int:
-        return world_size(self.trainer)
+        return self.trainer.world_size
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,8 +1,11 @@
 """stage=info: a configuration's architecture, parameters and FLOPs per token (paper Tables 7 and 9),
-with no data and no training."""
+the memory each training stage needs per device and whether it fits (``info.device_memory``), and
+the run's wall time projected from the speeds ``make bench`` measured (``info.speeds``); no data,
+no training, no devices needed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bam_pipeline.mixing.variant import MixVariant
@@ -10,6 +13,10 @@ from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import describe
 from bam_pipeline.stages.checkpoints import checkpoint_model_config
 from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.train import parse_moe_name
+from bam_pipeline.training.budget import plan_budget
+from bam_pipeline.training.memory import ASSUMPTIONS, MemoryEstimate, MemorySetup, estimate, format_bytes
+from bam_pipeline.training.speeds import SpeedTable, StageWork, format_duration, model_key, project
 
 
 def _fmt(n: float) -> str:
@@ -26,11 +33,100 @@ def info_rows(dense: ModelConfig, variant: MixVariant, *, n_domains: int, seq_le
             {"model": f"{dense.name} + mix={variant.name} ({variant.display_name()})", **describe(mixed, seq_len)}]
 
 
+def memory_setup(ctx: RunContext, vocab_size: int) -> MemorySetup:
+    """One device's share of a training stage of this run (the ``train:`` and ``trainer:`` sections)."""
+    t = ctx.train
+    return MemorySetup(
+        batch_size=t.batch_size, seq_len=t.seq_len, world_size=ctx.world_size, strategy=ctx.trainer.strategy,
+        precision=ctx.trainer.precision, activation_checkpointing=ctx.trainer.activation_checkpointing,
+        loss_chunk_tokens=t.loss_chunking.chunk_tokens(vocab_size, t.batch_size * t.seq_len),
+    )
+
+
+def memory_table(rows: list[tuple[str, str, MemoryEstimate]], device_bytes: int) -> list[list[str]]:
+    """Header + one row per (stage, model): bytes per device and whether they fit."""
+    out = [["stage", "model", "params", "grads", "AdamW", "activations", "working", "total",
+            f"fits {format_bytes(device_bytes)}"]]
+    for stage, model, m in rows:
+        cells = [m.params, m.grads, m.optimizer, m.activations, m.working, m.total]
+        out.append([stage, model, *map(format_bytes, cells), "yes" if m.fits(device_bytes) else "NO"])
+    return out
+
+
+def _print_table(cells: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for r in cells:
+        print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def _val_passes(steps: int, val_every: int, val_tokens: int) -> int:
+    return 0 if val_tokens == 0 else steps // min(val_every, steps)
+
+
+def pipeline_work(ctx: RunContext, dense: ModelConfig) -> tuple[list[StageWork], dict[str, int]]:
+    """The training stages ``stage=all`` runs (seed, every branch, every moe run), and eval's tokens
+    per model, for a projection."""
+    t, n = ctx.train, len(ctx.data.domains)
+    preset = ctx.model.preset
+
+    def stage(label: str, layout: str, tokens: int, cfg: ModelConfig, match: str = "data",
+              reference: ModelConfig | None = None) -> StageWork:
+        budget = plan_budget(tokens, cfg, seq_len=t.seq_len, tokens_per_step=ctx.tokens_per_step, match=match,
+                             reference=reference)
+        return StageWork(label, model_key(preset, layout), budget.tokens,
+                         _val_passes(budget.steps, t.val_every, t.val_tokens), t.val_tokens)
+
+    work = [stage("seed", "dense", ctx.budget.seed.tokens, dense)]
+    work += [stage(f"branch/{d}", "dense", ctx.budget.branch.tokens, dense) for d in ctx.data.domains]
+    reference = ctx.variant(ctx.budget.moe.reference).layout(dense, n)
+    for run in ctx.pipeline.moe_runs:
+        name, match, art = parse_moe_name(run, ctx.budget.moe.match)
+        variant = ctx.variant(name)
+        layout = "dense" if variant.method == "dense" else name
+        work.append(stage(f"moe/{art}", layout, ctx.budget.moe.tokens, variant.layout(dense, n), match, reference))
+    eval_models = ["dense"] * (1 + n)
+    for name in ctx.pipeline.mix_variants:
+        eval_models.append("dense" if ctx.variant(name).method == "dense" else name)
+    eval_models += [w.model.split("/", 1)[1] for w in work if w.label.startswith("moe/")]
+    per_model = (ctx.eval.max_tokens_per_source or 0) * (1 + n)
+    eval_tokens: dict[str, int] = {}
+    for layout in eval_models:
+        key = model_key(preset, layout)
+        eval_tokens[key] = eval_tokens.get(key, 0) + per_model
+    return work, eval_tokens
+
+
+def print_projection(ctx: RunContext, dense: ModelConfig) -> None:
+    """The wall time of ``stage=all`` projected from measured speeds, or how to measure them."""
+    path = Path(ctx.info.speeds)
+    speeds = SpeedTable.read(path)
+    if speeds is None:
+        print(f"projected wall time: no speeds measured on this machine ({path} does not exist); run `make bench` "
+              "here (it writes that file) to project this run's wall time from its budgets")
+        return
+    work, eval_tokens = pipeline_work(ctx, dense)
+    p = project(work, eval_tokens, speeds)
+    used = sorted({" x ".join(map(str, speeds.batch[w.model])) for w in work if w.model in speeds.batch})
+    print(f"projected wall time of stage=all from the speeds `make bench` measured on {speeds.machine} "
+          f"({speeds.device}, {speeds.dtype}, {speeds.measured}, at {' / '.join(used) or '-'} tokens a step; "
+          f"this run: {ctx.train.batch_size} x {ctx.train.seq_len} on {ctx.world_size} process(es)):")
+    for r in p["stages"]:
+        print(f"  {r['stage']:<20} {r['model']:<22} {format_duration(r['seconds'])}")
+    eval_note = "" if ctx.eval.max_tokens_per_source else " (eval.max_tokens_per_source=null: not projected)"
+    print(f"  {'eval':<20} {'':<22} {format_duration(p['eval_s'])}{eval_note}")
+    print(f"  total {format_duration(p['total_s'])} (training steps, validation and eval at the measured speeds; "
+          "data preparation, checkpoints and process start-up not included)")
+    if p["missing"]:
+        print(f"  no measured speed for {', '.join(p['missing'])}: left out of the total (make bench measures "
+              "the presets tiny and small with the dense, bam, bam_kv_shared and btx layouts)")
+
+
 def run_info(ctx: RunContext) -> None:
     variant = ctx.variant(ctx.mix_name)
     dense = ctx.model.dense_config() if ctx.seed.kind == "pretrain" else \
         checkpoint_model_config(ctx.seed.checkpoint, ctx.model.seq_len)
-    rows = info_rows(dense, variant, n_domains=len(ctx.data.domains), seq_len=ctx.model.seq_len)
+    n_domains = len(ctx.data.domains)
+    rows = info_rows(dense, variant, n_domains=n_domains, seq_len=ctx.model.seq_len)
     base = rows[0]
     for r in rows:
         print(f"{r['model']}\n  {r['architecture']}")
@@ -45,9 +141,26 @@ def run_info(ctx: RunContext) -> None:
                   f"{_fmt(r['flops_per_token_forward_implementation'])} (attention "
                   f"{_fmt(r['flops_per_token_attention_implementation'])}); budgets use the ideal sparse kernel "
                   "above (k experts' Q, O and attention, every expert's K/V)")
-    gaps = variant.function_gaps(variant.layout(dense, len(ctx.data.domains)))
+    mixed = variant.layout(dense, n_domains)
+    gaps = variant.function_gaps(mixed)
     if gaps:
         print(f"  upcycled from identical experts this is NOT the seed's function: {'; '.join(gaps)} (exact: "
               "renormalize: true in the router; the paper's top-1 gate stays unrenormalised so its router learns)")
     else:
         print("  upcycled from identical experts this is exactly the seed's function (gates sum to one)")
+
+    setup = memory_setup(ctx, dense.vocab_size)
+    loss = "plain" if setup.loss_chunk_tokens is None else f"chunked, {setup.loss_chunk_tokens} tokens a chunk"
+    trainer = ctx.trainer
+    print(f"memory per device: trainer strategy={trainer.strategy} on {setup.world_size} process(es), precision "
+          f"{trainer.precision}, micro-batch {setup.batch_size} x {setup.seq_len} tokens, activation checkpointing "
+          f"{'on' if setup.activation_checkpointing else 'off'}, LM loss {loss}")
+    device = ctx.info.device_bytes
+    table = [("seed", f"{dense.name} dense", estimate(dense, setup)),
+             ("branch", f"{dense.name} dense", estimate(dense, setup)),
+             ("moe", f"{dense.name} + {variant.name}", estimate(mixed, setup))]
+    _print_table(memory_table(table, device))
+    print("  assumptions:")
+    for a in ASSUMPTIONS:
+        print(f"  - {a}")
+    print_projection(ctx, dense)

@@ -1,9 +1,14 @@
 """One training stage's job: Lightning Trainer, resumable work directory, published artifact.
 
 The work directory (``RunLayout.work(stage, name)``) holds Lightning checkpoints and the growing
-train log. It is tied to the stage's config hash: a re-run with the same config resumes from
-``last.ckpt``; a different config starts afresh. On success the model is published atomically to
-``RunLayout.artifact(stage, name)`` and the work directory is removed.
+train log. It is tied to the stage's config hash: a re-run with the same config resumes from the
+newest complete checkpoint; a different config starts afresh. Checkpoints are ``step=<n>.ckpt``
+every ``train.val_every`` steps (the previous one is removed only after the next is complete),
+``stop-step=<n>.ckpt`` on a stop signal and Lightning's SLURM ``hpc_ckpt_<n>.ckpt``; each is a file,
+or under fsdp/fsdp2 a directory of shards that is complete once its ``meta.pt`` exists. On success
+the model is published atomically to ``RunLayout.artifact(stage, name)`` and the work directory is
+removed. The manifest records where the wall time went (train, validation, checkpoint, publish)
+and, for a distributed run, each rank's bytes of parameters, gradients and optimizer state.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -31,10 +37,12 @@ from bam_pipeline.store.layout import RunLayout, label
 from bam_pipeline.training.budget import Budget
 from bam_pipeline.training.host_memory import keep_freed_memory
 from bam_pipeline.training.loggers import close_logger, make_logger
-from bam_pipeline.training.module import LMModule, OptimConfig
+from bam_pipeline.training.module import LMModule, OptimConfig, StepOptions
+from bam_pipeline.training.parallel import ShardingReport, TrainerSpec, full_state_dict, trainer_kwargs
 from bam_pipeline.training.preemption import CheckpointOnStop, Stopped, defer, received
 from bam_pipeline.training.schedule import warmup_steps_for
 from bam_pipeline.training.settings import TrainSettings
+from bam_pipeline.training.throughput import PhaseTimer, peak_tflops
 
 FINGERPRINT = "fingerprint.json"
 CKPT_DIR = "checkpoints"
@@ -137,9 +145,28 @@ class TokensProgressBar(TQDMProgressBar):
         return items
 
 
+class TimedCheckpoint(ModelCheckpoint):
+    """Lightning's periodic checkpoint, its writing time added to a :class:`PhaseTimer`."""
+
+    def __init__(self, timer: PhaseTimer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.timer = timer
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        t0 = time.perf_counter()
+        super()._save_checkpoint(trainer, filepath)
+        self.timer.add_checkpoint(time.perf_counter() - t0)
+
+
+def complete_checkpoint(path: Path) -> bool:
+    """A checkpoint file (written atomically), or a sharded checkpoint directory whose ``meta.pt``,
+    written after every shard, exists."""
+    return path.is_file() or (path.is_dir() and (path / _METADATA_FILENAME).is_file())
+
+
 def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
-    """Reset the work dir unless it belongs to this exact config; return the newest checkpoint to resume
-    from: ``last.ckpt`` (periodic, or saved on a stop signal) or Lightning's SLURM ``hpc_ckpt_<n>.ckpt``."""
+    """Reset the work dir unless it belongs to this exact config; return the newest complete
+    checkpoint to resume from (periodic, saved on a stop signal, or Lightning's SLURM one)."""
     fp = work / FINGERPRINT
     if work.exists():
         try:
@@ -150,7 +177,7 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json(fp, {"config_hash": config_hash})
-    found = [p for p in [work / CKPT_DIR / "last.ckpt", *work.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    found = [p for p in [*(work / CKPT_DIR).glob("*.ckpt"), *work.glob("hpc_ckpt_*.ckpt")] if complete_checkpoint(p)]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
@@ -165,7 +192,7 @@ def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
         )
 
 
-def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg: dict | None,
+def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, logger_cfg: dict | None,
                       inputs: dict[str, A.Artifact], describe: dict[str, Any]) -> A.Artifact | None:
     """Train ``job`` (resuming when possible) and publish the model artifact (rank 0).
 
@@ -186,21 +213,28 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     resume = _prepare_work_dir(work, canonical_hash(stage_config))
     if resume is not None:
         print(f"{job.label}: resuming from {resume}")
-    if t.keep_host_memory and trainer_cfg.get("accelerator") == "cpu" and keep_freed_memory():
+    if t.keep_host_memory and trainer_spec.accelerator == "cpu" and keep_freed_memory():
         print(f"{job.label}: host memory kept for reuse for the rest of this process "
               "(train.keep_host_memory=false to leave libc's defaults)")
     L.seed_everything(t.seed, workers=True, verbose=False)
-    module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every, freeze_experts=job.freeze_experts)
+    options = StepOptions(chunking=t.loss_chunking, trainer=trainer_spec, compile=t.compile)
+    module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every, options=options,
+                      freeze_experts=job.freeze_experts)
     data = MixtureDataModule(
         prepared, job.proportions, seq_len=t.seq_len, batch_size=t.batch_size,
         train_tokens=job.budget.tokens, val_tokens=t.val_tokens, seed=t.seed,
         order_key=job.stage, num_workers=t.num_workers,
     )
     logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
-    ckpt = ModelCheckpoint(dirpath=work / CKPT_DIR, save_last=True, save_top_k=0, every_n_train_steps=t.val_every)
-    on_stop = CheckpointOnStop(work / CKPT_DIR / "last.ckpt")
+    timer = PhaseTimer(t.batch_size * t.seq_len * trainer_spec.world_size,
+                       job.budget.train_flops / job.budget.tokens, peak_tflops(t.peak_tflops))
+    # the newest periodic checkpoint only: Lightning removes the previous one once this one is written
+    ckpt = TimedCheckpoint(timer, dirpath=work / CKPT_DIR, filename="{step}", save_top_k=1,
+                           every_n_train_steps=t.val_every)
+    on_stop = CheckpointOnStop(work / CKPT_DIR)
+    sharding = ShardingReport()
     trainer = _trainer(
-        trainer_cfg,
+        trainer_kwargs(trainer_spec),
         max_steps=job.budget.steps,
         accumulate_grad_batches=t.accumulate,
         gradient_clip_val=t.grad_clip,
@@ -211,7 +245,8 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         limit_val_batches=0 if t.val_tokens == 0 else None,  # train.val_tokens=0: no validation
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
-        callbacks=[ckpt, on_stop, TrainLogWriter(work / A.TRAIN_LOG, t.log_every), TokensProgressBar()],
+        callbacks=[timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
+                   TokensProgressBar()],
         enable_model_summary=False,
         default_root_dir=str(work),
     )
@@ -233,9 +268,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
     finally:
         defer(False)
         close_logger(logger)
-    wall = time.perf_counter() - t0
-    # a collective under FSDP (full weights gathered from the shards): every rank calls it
-    full_state = trainer.strategy.lightning_module_state_dict()
+    t_publish = time.perf_counter()
+    # a collective under fsdp/fsdp2 (full weights gathered from the shards): every rank calls it
+    full_state = full_state_dict(trainer)
     if not trainer.is_global_zero:
         trainer.strategy.barrier("published")  # wait until rank 0 has published the artifact
         return None
@@ -247,30 +282,33 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_cfg: dict, logger_cfg:
         A.save_model(tmp, job.model_cfg, state)
         if (work / A.TRAIN_LOG).exists():
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
+        now = time.perf_counter()
+        split = timer.split(total=now - t0, publish=now - t_publish)
         A.write_manifest(
             tmp, stage=job.stage, name=job.name, run=job.layout.run, config=stage_config, inputs=inputs,
             tokenizer_hash=prepared.tokenizer_hash, metrics=_train_metrics(read_jsonl(work / A.TRAIN_LOG)),
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
-            wall_time_s=round(wall, 2), resumed=resume is not None, **describe,
+            wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
+            trainer=trainer_spec.to_dict(), sharding=sharding.summary, **describe,
         )
     shutil.rmtree(work, ignore_errors=True)
     trainer.strategy.barrier("published")
     return A.read_artifact(out_dir)
 
 
-def _trainer(trainer_cfg: dict, **settings: Any) -> L.Trainer:
-    """A Lightning Trainer from the ``trainer:`` config and the job's settings; a BamError when
-    Lightning refuses the combination."""
+def _trainer(trainer_kwargs: dict, **settings: Any) -> L.Trainer:
+    """A Lightning Trainer from the ``trainer:`` section's arguments and the job's settings; a
+    BamError when Lightning refuses the combination."""
     try:
-        return L.Trainer(**trainer_cfg, **settings)
+        return L.Trainer(**trainer_kwargs, **settings)
     except (MisconfigurationException, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BamError(f"Lightning refuses the trainer settings {trainer_cfg}: {first}; fix trainer= / "
+        raise BamError(f"Lightning refuses the trainer settings {trainer_kwargs}: {first}; fix trainer= / "
                        "trainer.* (e.g. trainer=cpu on a machine without a GPU)") from None
 
 
 def _train_metrics(log_rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Final train and validation loss, median training tokens/s, from a train log."""
+    """Final train and validation loss, median training tokens/s (training steps only), from a train log."""
     train_rows = [r for r in log_rows if "loss" in r]
     val_rows = [r for r in log_rows if "val_loss" in r]
     tok_s = [r["tokens_per_s"] for r in train_rows if math.isfinite(r.get("tokens_per_s", math.nan))]

@@ -1,9 +1,14 @@
-"""The one LightningModule that trains every stage (seed, branch, moe): LM loss + MoE aux losses."""
+"""The one LightningModule that trains every stage (seed, branch, moe): LM loss + MoE aux losses.
+
+Under data parallelism each process computes the loss of its part of the global batch; MoE load
+balancing counts the whole global batch (:meth:`BAMTransformer.balance_globally`), so the mean of
+the processes' losses, which is what is logged and what the averaged gradient descends, is the
+loss one process would compute on the whole batch.
+"""
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import lightning as L
@@ -11,7 +16,10 @@ import torch
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.model.transformer import BAMTransformer
+from bam_pipeline.training.compile import compile_blocks
+from bam_pipeline.training.parallel import TrainerSpec, clean_name, clip_gradients, configure_model
 from bam_pipeline.training.schedule import lr_at
 
 
@@ -45,29 +53,57 @@ def freeze_expert_tensors(model: torch.nn.Module) -> list[str]:
             frozen.append(name)
     return frozen
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs, not what it computes: the loss chunking rule, the trainer (its strategy's
+    sharding and checkpointing), whether blocks are compiled."""
+
+    chunking: LossChunking | None = None
+    trainer: TrainerSpec | None = None
+    compile: bool = False
+
 
 class LMModule(L.LightningModule):
     """Next-token prediction on (B, T+1) token batches; loss = LM NLL + sum of per-layer aux losses.
     ``freeze_experts``: train routers and averaged weights only (:func:`freeze_expert_tensors`)."""
 
     def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, init_state: dict | None = None,
-                 log_every: int = 10, freeze_experts: bool = False):
+                 log_every: int = 10, options: StepOptions = StepOptions(), freeze_experts: bool = False):
         super().__init__()
         self.model_cfg = model_cfg
         self.optim = optim
         self.log_every = log_every
+        self.options = options
         self.model = BAMTransformer(model_cfg)
         if init_state is not None:
             self.model.load_state_dict(init_state, strict=True)
         if freeze_experts and not freeze_expert_tensors(self.model):
             raise BamError("freeze_experts: this model has no expert tensors with more than one expert to freeze")
-        self._t_last: float | None = None
+        # weight decay on matrices, by name: FSDP turns parameters into flat (1-D) shards
+        self._decayed = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
+        self._configured = False
         self.last_train: dict[str, float] = {}
+
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        self._configured = True
+        if self.trainer.world_size > 1:
+            self.model.balance_globally()
+        if self.options.trainer is not None:
+            configure_model(self.model, self.trainer.strategy, self.options.trainer)
+        if self.options.compile:
+            compile_blocks(self.model)
 
     # ---- steps ---------------------------------------------------------------------------
     def _lm_loss(self, batch: torch.Tensor):
         """Mean next-token NLL of a (B, T+1) batch, and the model output."""
-        return self.model.loss(batch[:, :-1], batch[:, 1:])
+        return self.model.loss(batch[:, :-1], batch[:, 1:], chunking=self.options.chunking)
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the processes (the global batch's), detached."""
+        value = value.detach()
+        return self.trainer.strategy.reduce(value, reduce_op="mean") if self.trainer.world_size > 1 else value
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         nll, out = self._lm_loss(batch)
@@ -79,20 +115,16 @@ class LMModule(L.LightningModule):
                 "train.lr or train.grad_clip (this restarts the stage), or check the data"
             )
         tokens_step = batch[:, :-1].numel() * self.trainer.world_size
-        now = time.perf_counter()
-        tok_s = tokens_step / (now - self._t_last) if self._t_last is not None else float("nan")
-        self._t_last = now
         tokens_seen = (self.global_step + 1) * tokens_step * self.trainer.accumulate_grad_batches
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/loss", nll, prog_bar=True)
+        global_nll, global_aux = self._global_mean(nll), self._global_mean(out.aux_loss)
+        self.log("train/loss", global_nll, prog_bar=True)
         self.log("tokens", float(tokens_seen), prog_bar=True, reduce_fx="max")
-        if math.isfinite(tok_s):
-            self.log("tok_s", tok_s, prog_bar=True)
         self.log("lr", lr)
-        self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": nll.item(),
-                           "lr": lr, "tokens_per_s": tok_s, "aux_loss": float(out.aux_loss.detach())}
+        self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": global_nll.item(),
+                           "lr": lr, "aux_loss": global_aux.item()}
         if not self.model_cfg.is_dense:
-            self.log("train/aux_loss", out.aux_loss)
+            self.log("train/aux_loss", global_aux)
             # per-layer loads cost a host sync per layer: only on the steps that are logged
             step = self.global_step + 1
             if step % self.log_every == 0 or step == self.trainer.max_steps:
@@ -102,7 +134,8 @@ class LMModule(L.LightningModule):
     def _routing_metrics(self, routing) -> dict[str, float]:
         """Per-layer aux losses and expert load: fraction of FFN assignments, mean attention router
         probability (with top-k attention routing, the router's preference, not the share selected),
-        and each router's mean entropy relative to uniform (entropy / ln E: 1 = uniform, 0 = one expert)."""
+        and each router's mean entropy relative to uniform (entropy / ln E: 1 = uniform, 0 = one expert);
+        this process's part of the batch."""
         metrics: dict[str, float] = {}
         for i, r in enumerate(routing):
             for kind, probs in (("attn", r.attn_probs), ("ffn", r.ffn_probs)):
@@ -131,10 +164,14 @@ class LMModule(L.LightningModule):
             self.log("val/ppl", torch.exp(val.float()), sync_dist=True)
 
     # ---- optimiser -----------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
-        trained = [p for p in self.model.parameters() if p.requires_grad]  # frozen experts get no state, no decay
-        decay = [p for p in trained if p.ndim >= 2]
-        no_decay = [p for p in trained if p.ndim < 2]
+        # frozen experts get no optimiser state and no decay
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for name, p in named if clean_name(name) in self._decayed]
+        no_decay = [p for name, p in named if clean_name(name) not in self._decayed]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],

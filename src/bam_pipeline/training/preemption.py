@@ -3,12 +3,12 @@
 Outside training, either signal stops the command at once with one line and exit code 128 + the
 signal's number (143 for SIGTERM), leaving nothing half-written (publishing is atomic). While a
 stage trains, the signal is only recorded: Lightning stops at the end of the current step,
-:class:`CheckpointOnStop` saves a resumable ``last.ckpt``, and the job ends with the same one
-line and exit code; running the same command again resumes from it.
+:class:`CheckpointOnStop` saves a resumable ``stop-step=<n>.ckpt``, and the job ends with the same
+one line and exit code; running the same command again resumes from it.
 
 Under SLURM with Lightning's auto-requeue (the SLURM environment it detects), SIGUSR1 is
 Lightning's: it saves an ``hpc_ckpt_<n>.ckpt`` and requeues the job (``scontrol requeue``), and the
-requeued job resumes from the newer of that and ``last.ckpt``. Submitit's own requeue is off in
+requeued job resumes from the newest complete checkpoint. Submitit's own requeue is off in
 ``hydra/launcher/slurm``, so nothing requeues twice.
 """
 
@@ -78,10 +78,11 @@ def received() -> int:
 
 class CheckpointOnStop(Callback):
     """Defers stop signals while the fit runs; on Lightning's stop-at-step-end (a SIGTERM) saves a
-    resumable checkpoint to ``path``."""
+    resumable checkpoint ``stop-step=<n>.ckpt`` into ``folder`` (a new name: a checkpoint killed
+    while being written never replaces a complete one)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
         self.saved_at: int | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -93,5 +94,5 @@ class CheckpointOnStop(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         defer(False)
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")
             self.saved_at = trainer.global_step

@@ -33,6 +33,16 @@ def wait_for(get: Callable[[], T | None], what: str, timeout_s: float = 6 * 3600
     return found
 
 
+def finish_distributed() -> None:
+    """End this process's part of a distributed launch cleanly: every rank meets at a barrier, then
+    leaves the process group (no rank exits while another still talks to it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 GPU_ACCELERATORS = ("gpu", "cuda")
 ACCELERATORS = ("cpu", *GPU_ACCELERATORS, "mps", "auto")
 

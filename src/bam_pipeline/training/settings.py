@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from bam_pipeline.errors import ConfigError
+from bam_pipeline.model.loss import LossChunking
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class TrainSettings:
     log_every: int
     num_workers: int
     keep_host_memory: bool
+    chunked_loss_above: int  # vocabulary x tokens per micro-batch above which the LM loss is chunked
+    loss_chunk_logits: int  # logits one chunk of the chunked loss holds
+    compile: bool  # transformer blocks under torch.compile
+    peak_tflops: Optional[float]  # one device's peak for model FLOPs utilisation (null: the known-device table)
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "accumulate", "val_every", "log_every", "warmup_steps_max")
@@ -55,6 +61,17 @@ class TrainSettings:
                               f"must be 0 (no validation) or at least one sequence (seq_len + 1 = {self.seq_len + 1})")
         if self.num_workers < 0:
             raise ConfigError("num_workers", self.num_workers, "must be >= 0")
+        if self.chunked_loss_above < 0:
+            raise ConfigError("chunked_loss_above", self.chunked_loss_above, "must be >= 0 (0: always chunk)")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise ConfigError("peak_tflops", self.peak_tflops, "must be a positive number of TFLOP/s, or null")
+        if self.loss_chunk_logits < 1:
+            raise ConfigError("loss_chunk_logits", self.loss_chunk_logits, "must be a positive number of logits")
+
+    @property
+    def loss_chunking(self) -> LossChunking:
+        """When training and eval compute the LM loss in chunks (:mod:`bam_pipeline.model.loss`)."""
+        return LossChunking(above=self.chunked_loss_above, chunk_logits=self.loss_chunk_logits)
 
     @property
     def sequences_per_step(self) -> int:
