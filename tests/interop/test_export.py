@@ -214,7 +214,8 @@ LOAD_ELSEWHERE = textwrap.dedent("""
         model, info = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                                         output_loading_info=True)
         model.eval()
-        buffers = {k: v for k, v in model.state_dict().items() if k.endswith(("router.table", "router.threshold"))}
+        state = model.state_dict()
+        buffers = {k: v.clone() for k, v in state.items() if k.endswith(("router.table", "router.threshold"))}
         with torch.no_grad():
             logits = model(ids).logits
         alone = [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
@@ -227,6 +228,10 @@ LOAD_ELSEWHERE = textwrap.dedent("""
         out[name] = {"logits": logits, "alone": alone, "batched": batched, "class": type(model).__name__,
                      "module": type(model).__module__, "buffers": buffers,
                      "loading": {k: sorted(map(str, v)) for k, v in info.items()}}
+        if any(k.endswith("threshold") for k in buffers):  # expert choice in training mode: one batch
+            with torch.no_grad():
+                out[name]["train_logits"] = model.train()(ids).logits
+            out[name]["train_thresholds"] = {k: v for k, v in model.state_dict().items() if k.endswith("threshold")}
     torch.save(out, sys.argv[5])
 """)
 
@@ -314,6 +319,23 @@ def test_router_buffers_are_saved_and_loaded_as_they_are(custom_exports, name):
             assert torch.isfinite(t).all() and len(set(t.tolist())) == t.numel()
         else:
             assert torch.isnan(t).all()  # unestimated: loaded as NaN, not drawn or zeroed
+
+
+@pytest.mark.parametrize("name", ["bam_expert_choice", *TRAINED])
+def test_expert_choice_export_trains_its_thresholds_as_we_do(custom_exports, name):
+    """In training mode the export routes as ours (each expert's capacity-th best tokens of the batch)
+    and moves its thresholds as ours (from NaN to the first batch's scores, then an EMA)."""
+    _, ours, theirs = custom_exports
+    model = model_of(ours[name]["cfg"], ours[name]["state"]).train()
+    with torch.no_grad():
+        want = model(compare_ids()).logits
+    got = theirs[name]
+    assert (got["train_logits"] - want).abs().max().item() <= TOLERANCE
+    moved = {f"model.{k}": t for k, t in model.state_dict().items() if k.endswith("threshold")}
+    assert got["train_thresholds"].keys() == moved.keys()
+    for key, t in moved.items():
+        torch.testing.assert_close(got["train_thresholds"][key], t)
+        assert not torch.equal(t, ours[name]["state"][key.removeprefix("model.")])  # they moved
 
 
 @pytest.mark.parametrize("name", list(PARTIAL))
