@@ -1,10 +1,14 @@
 """Hugging Face export: every mix variant (custom code, loaded in a process that cannot import
 bam_pipeline) and every stock-class model kind computes our logits and greedy continuations; stock
-exports load without trust_remote_code and hold exactly the tensors transformers saves; refusals,
-shards, the model card and the hub upload.
+exports load without trust_remote_code and hold exactly the tensors transformers saves; routing
+layouts no stock class computes (hash, expert choice, one routing for all layers, a joint router)
+go to the custom code, whose router buffers (hash table, expert-choice thresholds) are saved and
+loaded as they are; refusals, shards, the model card and the hub upload.
 
 Models are random with peaked attention and routers (q/k and router weights scaled up), so that a
-layout, position or routing bug changes the argmax instead of hiding in near-uniform noise.
+layout, position or routing bug changes the argmax instead of hiding in near-uniform noise; expert
+choice is exported both with unestimated (NaN) thresholds and with thresholds trained as the moe
+stage trains them (an EMA over training-mode batches), under which tokens get 0..E experts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import EOS_ID, VOCAB_ROWS, tiny_tokenizer
 from bam_pipeline.config.files import group_options, load_option
@@ -30,6 +36,7 @@ from bam_pipeline.interop.hf_export import (
     ExportTokenizer, ModelCard, choose_format, push_to_hub, write_export,
 )
 from bam_pipeline.interop.hf_weights import tensor_table
+from bam_pipeline.mixing.hidden import hidden_means
 from bam_pipeline.mixing.upcycle import upcycle
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model import BAMTransformer, ModelConfig, RouterConfig, preset
@@ -71,7 +78,23 @@ CUSTOM_EXTRA = {
         attn_experts=3, attn_kv="shared", n_kv_heads=1, qkv_bias=True, ffn_experts=3, ffn_router=RouterConfig("soft"),
         tie_embeddings=True),
     "llama_forced_custom": SEQUENTIAL,
+    # FFN-only mixtures in sequential RMSNorm blocks, the shape of Mixtral and Qwen2-MoE, with a routing
+    # neither computes: auto must choose the custom code
+    "sequential_btx_hash": SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("hash")),
+    "sequential_btx_expert_choice_capacity2": SEQUENTIAL.replace(
+        ffn_experts=4, ffn_router=RouterConfig("expert_choice", capacity=2.0, threshold_momentum=0.5)),
+    "sequential_btx_top2_renormalised_one_routing": SEQUENTIAL.replace(
+        ffn_experts=4, ffn_router=RouterConfig("topk", 2, renormalize=True), router_scope="model"),
 }
+# exported by the variant (or extra) named, with expert-choice thresholds trained (trained_thresholds)
+TRAINED = {"bam_expert_choice_trained": "bam_expert_choice",
+           "sequential_btx_expert_choice_capacity2_trained": "sequential_btx_expert_choice_capacity2"}
+# exports loaded again with one tensor taken out: it alone is initialised, the router buffers beside it are loaded
+PARTIAL = {"bam_expert_choice_trained": "model.layers.0.ffn.router.weight",
+           "bam_hash": "model.layers.1.ffn.router.table"}
+# at least one hash, expert-choice, shared-layer and joint-router layout among the custom exports
+ROUTING_LAYOUTS = ("bam_hash", "bam_expert_choice", "bam_expert_choice_trained", "bam_router_shared_layers",
+                   "bam_router_joint", *[n for n in CUSTOM_EXTRA if n.startswith("sequential_btx")])
 
 
 
@@ -96,8 +119,26 @@ def peaked(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]
 
 
 def random_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A random model: peaked, and a hash table shuffled away from the default ``id % E``."""
     torch.manual_seed(seed)
-    return peaked(BAMTransformer(cfg).state_dict(), seed)
+    state = peaked(BAMTransformer(cfg).state_dict(), seed)
+    g = torch.Generator().manual_seed(seed)
+    return {k: t[torch.randperm(t.numel(), generator=g)] if k.endswith("router.table") else t
+            for k, t in state.items()}
+
+
+def trained_thresholds(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its expert-choice thresholds estimated as training does: the router's EMA of each
+    expert's capacity-th score over training-mode batches (here 6 random ones, no weight update)."""
+    model = BAMTransformer(cfg)
+    model.load_state_dict(state, strict=True)
+    model.train()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randint(0, cfg.vocab_size, (4, 32), generator=g))
+    trained = model.state_dict()
+    return {k: trained[k].clone() if k.endswith("router.threshold") else t for k, t in state.items()}
 
 
 @functools.cache
@@ -107,11 +148,29 @@ def dense_models() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def variant_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The mixture ``conf/mix/<name>.yaml`` builds from the seed and the three domain experts."""
+    """The mixture ``conf/mix/<name>.yaml`` builds from the seed and the three domain experts; what a
+    variant reads from the prepared data is made up: random token frequencies (a balanced hash table),
+    the seed's mean hidden states on random tokens (hidden-state routers)."""
     variant = read_section(MixVariant, load_option("mix", name), "mix", name=name)
     dense = dense_models()
-    cfg, state = upcycle(variant, {n: dense[n] for n in variant.models(DOMAINS)}, DENSE, DOMAINS)
+    data = {}
+    if variant.reads_data:
+        g = torch.Generator().manual_seed(13)
+        tokens = torch.randint(0, VOCAB_ROWS, (2, 16), generator=g)
+        hidden = {o: hidden_means(DENSE, dense["seed"], [tokens]) for o in variant.hidden_sources(DOMAINS, "g")}
+        data = {"token_frequencies": torch.rand(VOCAB_ROWS, generator=g), "hidden": hidden}
+    cfg, state = upcycle(variant, {n: dense[n] for n in variant.models(DOMAINS)}, DENSE, DOMAINS, **data)
     return cfg, peaked(state, 99)
+
+
+def custom_models() -> dict[str, tuple[ModelConfig, dict[str, torch.Tensor]]]:
+    """Every model the custom-code tests export: the mix variants, the extras, trained thresholds."""
+    models = {name: variant_model(name) for name in group_options("mix")}
+    models.update({name: (cfg, random_state(cfg, 7)) for name, cfg in CUSTOM_EXTRA.items()})
+    for name, source in TRAINED.items():
+        cfg, state = models[source]
+        models[name] = (cfg, trained_thresholds(cfg, state))
+    return models
 
 
 def model_of(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> BAMTransformer:
@@ -152,7 +211,11 @@ LOAD_ELSEWHERE = textwrap.dedent("""
     new = int(sys.argv[4])
     out = {}
     for name, path in dirs.items():
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                                        output_loading_info=True)
+        model.eval()
+        state = model.state_dict()
+        buffers = {k: v.clone() for k, v in state.items() if k.endswith(("router.table", "router.threshold"))}
         with torch.no_grad():
             logits = model(ids).logits
         alone = [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
@@ -163,7 +226,12 @@ LOAD_ELSEWHERE = textwrap.dedent("""
         batched = model.generate(padded, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[:, width:].tolist()
         out[name] = {"logits": logits, "alone": alone, "batched": batched, "class": type(model).__name__,
-                     "module": type(model).__module__}
+                     "module": type(model).__module__, "buffers": buffers,
+                     "loading": {k: sorted(map(str, v)) for k, v in info.items()}}
+        if any(k.endswith("threshold") for k in buffers):  # expert choice in training mode: one batch
+            with torch.no_grad():
+                out[name]["train_logits"] = model.train()(ids).logits
+            out[name]["train_thresholds"] = {k: v for k, v in model.state_dict().items() if k.endswith("threshold")}
     torch.save(out, sys.argv[5])
 """)
 
@@ -173,18 +241,25 @@ def custom_exports(tmp_path_factory, tokenizer):
     """Every custom export, our logits and cached greedy continuations, and what transformers
     computed from the export in a subprocess that cannot import bam_pipeline."""
     root = tmp_path_factory.mktemp("custom")
-    models = {name: variant_model(name) for name in group_options("mix")}
-    models.update({name: (cfg, random_state(cfg, 7)) for name, cfg in CUSTOM_EXTRA.items()})
     dirs, ours = {}, {}
-    for name, (cfg, state) in models.items():
+    for name, (cfg, state) in custom_models().items():
         shards = {"max_shard_bytes": 40_000} if name == "bam" else {}
-        result = export(root, name, cfg, state, tokenizer, format="custom", **shards)
+        fmt = "custom" if name == "llama_forced_custom" else "auto"  # auto: no stock class computes the others
+        result = export(root, name, cfg, state, tokenizer, format=fmt, **shards)
         assert result.format == "custom" and result.architecture == "BamForCausalLM"
         dirs[name] = str(result.path)
         model = model_of(cfg, state)
         with torch.no_grad():
-            ours[name] = {"logits": model(compare_ids()).logits,
-                          "greedy": generate(model, PROMPTS, max_new_tokens=NEW_TOKENS).tokens}
+            out = model(compare_ids())
+            ours[name] = {"logits": out.logits, "ffn_experts_per_token": experts_per_token(out), "cfg": cfg,
+                          "state": state, "greedy": generate(model, PROMPTS, max_new_tokens=NEW_TOKENS).tokens}
+    for name, key in PARTIAL.items():
+        partial = root / f"{name}_partial"
+        shutil.copytree(dirs[name], partial)
+        tensors = load_file(partial / "model.safetensors")
+        del tensors[key]
+        save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+        dirs[partial.name] = str(partial)
     out = root / "theirs.pt"
     env = {**os.environ, "HF_MODULES_CACHE": str(root / "modules"), "PYTHONPATH": ""}
     run = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, json.dumps(dirs), json.dumps(compare_ids().tolist()),
@@ -194,7 +269,13 @@ def custom_exports(tmp_path_factory, tokenizer):
     return dirs, ours, torch.load(out)
 
 
-@pytest.mark.parametrize("name", [*group_options("mix"), *CUSTOM_EXTRA])
+def experts_per_token(out) -> set[int]:
+    """How many FFN experts the tokens of a forward used (per layer, under expert choice; else {})."""
+    return {int(n) for r in out.routing if r.ffn is not None and r.ffn.chosen is not None
+            for n in r.ffn.chosen.sum(-1).unique()}
+
+
+@pytest.mark.parametrize("name", [*group_options("mix"), *CUSTOM_EXTRA, *TRAINED])
 def test_custom_export_computes_our_logits_and_greedy_continuations(custom_exports, name):
     dirs, ours, theirs = custom_exports
     got = theirs[name]
@@ -205,6 +286,74 @@ def test_custom_export_computes_our_logits_and_greedy_continuations(custom_expor
     assert got["alone"] == ours[name]["greedy"]  # generate() with transformers' KV cache
     assert got["batched"] == ours[name]["greedy"]  # left-padded batch, attention_mask
     assert len({tuple(t) for t in got["alone"]}) == len(PROMPTS)
+    assert got["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+
+
+def test_the_routing_layouts_are_among_the_custom_exports(custom_exports):
+    _, ours, theirs = custom_exports
+    assert set(ROUTING_LAYOUTS) <= set(theirs)
+    for name in TRAINED:  # trained thresholds give tokens varying numbers of experts
+        assert len(ours[name]["ffn_experts_per_token"]) >= 3, name
+    assert {0, 1, 2} <= ours["bam_expert_choice_trained"]["ffn_experts_per_token"]  # capacity 1: none, one, several
+
+
+@pytest.mark.parametrize("name", ["bam_hash", "sequential_btx_hash", "bam_expert_choice", *TRAINED])
+def test_router_buffers_are_saved_and_loaded_as_they_are(custom_exports, name):
+    """The hash table and thresholds are persistent buffers: in the safetensors under their own names and
+    dtypes, in the loaded model's state dict, equal to ours (not re-initialised by transformers' loading)."""
+    dirs, ours, theirs = custom_exports
+    cfg, state = ours[name]["cfg"], ours[name]["state"]
+    want = {f"model.{k}": t for k, t in state.items() if k.endswith(("router.table", "router.threshold"))}
+    assert want
+    with safe_open(str(Path(dirs[name]) / "model.safetensors"), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if k in want}
+    got = theirs[name]["buffers"]
+    assert saved.keys() == got.keys() == want.keys()
+    for key, t in want.items():
+        assert saved[key].dtype == got[key].dtype == t.dtype, key
+        torch.testing.assert_close(saved[key], t, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got[key], t, rtol=0, atol=0, equal_nan=True)
+        if key.endswith("table"):  # not the table a fresh router starts with
+            assert t.dtype == torch.int64 and not torch.equal(t, torch.arange(cfg.vocab_size) % cfg.ffn_experts)
+        elif name in TRAINED:
+            assert torch.isfinite(t).all() and len(set(t.tolist())) == t.numel()
+        else:
+            assert torch.isnan(t).all()  # unestimated: loaded as NaN, not drawn or zeroed
+
+
+@pytest.mark.parametrize("name", ["bam_expert_choice", *TRAINED])
+def test_expert_choice_export_trains_its_thresholds_as_we_do(custom_exports, name):
+    """In training mode the export routes as ours (each expert's capacity-th best tokens of the batch)
+    and moves its thresholds as ours (from NaN to the first batch's scores, then an EMA)."""
+    _, ours, theirs = custom_exports
+    model = model_of(ours[name]["cfg"], ours[name]["state"]).train()
+    with torch.no_grad():
+        want = model(compare_ids()).logits
+    got = theirs[name]
+    assert (got["train_logits"] - want).abs().max().item() <= TOLERANCE
+    moved = {f"model.{k}": t for k, t in model.state_dict().items() if k.endswith("threshold")}
+    assert got["train_thresholds"].keys() == moved.keys()
+    for key, t in moved.items():
+        torch.testing.assert_close(got["train_thresholds"][key], t)
+        assert not torch.equal(t, ours[name]["state"][key.removeprefix("model.")])  # they moved
+
+
+@pytest.mark.parametrize("name", list(PARTIAL))
+def test_loading_initialises_a_missing_tensor_and_keeps_the_router_buffers_loaded(custom_exports, name):
+    """transformers initialises what a checkpoint lacks, module by module: an expert-choice router
+    whose weight is missing has it initialised and keeps its loaded thresholds; a missing hash table is
+    the default ``id % E``, and the other layers' tables are loaded."""
+    _, ours, theirs = custom_exports
+    cfg, state, got = ours[name]["cfg"], ours[name]["state"], theirs[f"{name}_partial"]
+    missing = PARTIAL[name]
+    assert got["loading"]["missing_keys"] == [missing] and not got["loading"]["unexpected_keys"]
+    for key, t in got["buffers"].items():
+        if key == missing:
+            assert torch.equal(t, torch.arange(cfg.vocab_size) % cfg.ffn_experts)
+        else:
+            torch.testing.assert_close(t, state[key.removeprefix("model.")], rtol=0, atol=0, equal_nan=True)
+    assert len(got["buffers"]) == sum(k.endswith(("router.table", "router.threshold")) for k in state)
+    assert torch.isfinite(got["logits"]).all()
 
 
 def test_custom_export_directory_is_complete_and_self_contained(custom_exports):
@@ -290,6 +439,15 @@ def test_every_import_transform_has_its_inverse(arch):
     (DENSE.replace(norm_kind="layernorm", qkv_bias=True), "parallel-attention block with q/k/v biases"),
     (SEQUENTIAL.replace(norm_kind="layernorm"), "sequential block with LayerNorm"),
     (SEQUENTIAL.replace(logit_scale=0.5), "sequential block with logit_scale=0.5"),
+    # routings Mixtral and Qwen2-MoE would otherwise be chosen for, and cannot compute
+    (SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("hash")), "computes hash FFN routing"),
+    (SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("expert_choice")),
+     "computes expert-choice FFN routing"),
+    (SEQUENTIAL.replace(ffn_experts=4, router_scope="model"), "computes one routing decision for every layer"),
+    (SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("topk", 2, renormalize=True), router_scope="model"),
+     "computes one routing decision for every layer"),
+    (DENSE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("hash")), "computes hash FFN routing"),
+    (DENSE.replace(attn_experts=4, ffn_experts=4, joint_router=True), "computes a joint router"),
 ])
 def test_stock_is_refused_in_one_line_where_no_class_computes_the_model(cfg, why, tmp_path, tokenizer):
     with pytest.raises(BamError, match=why) as e:
@@ -326,6 +484,12 @@ def test_bfloat16_export_is_bfloat16(tmp_path, tokenizer):
     assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    hashed = SEQUENTIAL.replace(ffn_experts=4, ffn_router=RouterConfig("hash"))  # its table keeps int64
+    result = export(tmp_path, "bf16_hash", hashed, random_state(hashed, 0), tokenizer, dtype=torch.bfloat16)
+    with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {k for k, d in dtypes.items() if d != "BF16"} == {f"model.layers.{i}.ffn.router.table" for i in range(2)}
+    assert {dtypes[f"model.layers.{i}.ffn.router.table"] for i in range(2)} == {"I64"}
 
 
 def test_model_card_renders_provenance_and_eval_rows(tmp_path, tokenizer):

@@ -15,11 +15,15 @@ function, with our weights moved by the import's own table run backwards
 - parallel dense with LayerNorm and no biases: ``CohereForCausalLM`` (its ``logit_scale``; q/k rows
   permuted to its interleaved RoPE layout).
 Everything else (every Mixture of Attention, expert or shared KV, soft or top-k; every other
-parallel-attention model) gets the **custom** format: ``configuration_bam.py`` and
-``modeling_bam.py`` (:mod:`~bam_pipeline.interop.remote_code`, torch and transformers only) copied
-into the directory, ``auto_map`` in ``config.json``, and our state dict under ``model.`` (the LM
-head as ``lm_head.weight``). ``format="stock"`` for a model no stock class holds is refused with
-the reason; ``auto`` takes the stock class when there is one.
+parallel-attention model; and, checked first, every routing the stock mixtures cannot compute: hash
+or expert-choice FFN routing, one routing for all layers (``router_scope=model``), a joint router)
+gets the **custom** format: ``configuration_bam.py`` and ``modeling_bam.py``
+(:mod:`~bam_pipeline.interop.remote_code`, torch and transformers only) copied into the directory,
+``auto_map`` in ``config.json``, and our state dict under ``model.`` (the LM head as
+``lm_head.weight``), the routers' buffers included (a hash table in its int64, expert-choice
+thresholds in the export dtype), which the custom code holds as persistent buffers.
+``format="stock"`` for a model no stock class holds is refused with the reason; ``auto`` takes the
+stock class when there is one.
 
 A stock class computes RoPE angles in float32; our own models compute them in float64 before the
 float32 tables (``rope_precision``), a difference at float32 rounding (docs/measurements.md).
@@ -147,10 +151,27 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": cfg.rope_theta}
 
 
+def _routing_no_stock_class_computes(cfg: ModelConfig) -> str:
+    """The routing layout of ``cfg`` that no stock class computes, in words; empty when there is none."""
+    if cfg.ffn_experts > 1 and cfg.ffn_router.kind == "hash":
+        return "hash FFN routing (a fixed token id -> expert table, no learned router)"
+    if cfg.ffn_experts > 1 and cfg.ffn_router.kind == "expert_choice":
+        return "expert-choice FFN routing (per-expert thresholds, 0..E experts per token)"
+    if cfg.joint_router:
+        return "a joint router (one router per layer for attention and FFN)"
+    if cfg.router_scope == "model" and not cfg.is_dense:
+        return "one routing decision for every layer (router_scope=model: layer 0's routers decide)"
+    return ""
+
+
 def stock_class(cfg: ModelConfig) -> StockClass:
     """The stock transformers class computing ``cfg``'s function (module docstring), or a BamError
     saying why there is none."""
     custom = "; use export.format=custom (or auto)"
+    routing = _routing_no_stock_class_computes(cfg)
+    if routing:
+        raise BamError(f"no stock transformers class computes {routing} (Mixtral and Qwen2-MoE route every layer's "
+                       f"FFN by its own learned router, top-k per token){custom}")
     if cfg.attn_experts > 1:
         raise BamError(f"no stock transformers class holds a Mixture of Attention ({cfg.attn_experts} attention "
                        f"experts, {cfg.attn_router.describe()}, {cfg.attn_kv} KV){custom}")
@@ -315,7 +336,10 @@ def stock_config(cfg: ModelConfig, stock: StockClass, ids: Mapping[str, int | No
 
 
 def _router_fields(router: RouterConfig) -> dict[str, Any]:
-    return {"kind": router.kind, "k": router.k, "renormalize": router.renormalize}
+    fields = {"kind": router.kind, "k": router.k, "renormalize": router.renormalize}
+    if router.kind == "expert_choice":
+        fields.update(capacity=router.capacity, threshold_momentum=router.threshold_momentum)
+    return fields
 
 
 def custom_config(cfg: ModelConfig, ids: Mapping[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
@@ -333,6 +357,7 @@ def custom_config(cfg: ModelConfig, ids: Mapping[str, int | None], dtype: torch.
         "qkv_bias": cfg.qkv_bias, "logit_scale": cfg.logit_scale,
         "attn_experts": cfg.attn_experts, "attn_kv": cfg.attn_kv, "attn_router": _router_fields(cfg.attn_router),
         "ffn_experts": cfg.ffn_experts, "ffn_router": _router_fields(cfg.ffn_router),
+        "router_scope": cfg.router_scope, "joint_router": cfg.joint_router,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
         "dtype": DTYPE_NAMES[dtype], **ids,
     }
@@ -389,11 +414,13 @@ def render_card(card: ModelCard, cfg: ModelConfig, architecture: str, custom: bo
 
 # ---- the directory -------------------------------------------------------------------------------
 def _state_dtype(state: StateDict, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the exported floating tensors: ``dtype``, or the state dict's one floating dtype
+    (integer buffers, a hash router's table, keep theirs)."""
     if dtype is not None:
         if dtype not in DTYPE_NAMES:
             raise BamError(f"cannot export in {dtype}; use one of {', '.join(DTYPE_NAMES.values())}")
         return dtype
-    dtypes = {t.dtype for t in state.values()}
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
         raise BamError(f"the state dict holds {sorted(map(str, dtypes))}; choose one dtype to export in "
                        f"({', '.join(DTYPE_NAMES.values())})")
@@ -421,7 +448,7 @@ def write_export(out_dir: str | Path, cfg: ModelConfig, state: StateDict, *, tok
         raise BamError(f"tokenizer file {tokenizer.path} does not exist; pass the run's tokenizer.json")
     check_vocabulary(Tokenizer.from_file(str(tokenizer.path)), cfg.vocab_size)
     ids = _token_ids(tokenizer)
-    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if stock is None:

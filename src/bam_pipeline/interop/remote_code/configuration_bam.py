@@ -2,7 +2,9 @@
 
 A parallel- or sequential-residual transformer whose attention is a mixture of attention experts
 (soft or top-k routed; one K/V projection per expert or one shared) and whose FFN is a mixture
-of SwiGLU experts (top-k routed, gates renormalised or not, or soft). One expert of a kind and
+of SwiGLU experts (top-k routed, gates renormalised or not, soft, hashed by token id, or expert
+choice with per-expert thresholds). Routing is decided per layer or by layer 0 for every layer,
+by separate attention and FFN routers or by one joint router per layer. One expert of a kind and
 no router is the plain layer. Written by bam-pipeline's Hugging Face export; self-contained.
 """
 
@@ -15,12 +17,15 @@ try:
 except ImportError:  # transformers < 5.1 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
-ROUTER_KINDS = ("soft", "topk")
+ROUTER_KINDS = ("soft", "topk", "hash", "expert_choice")
+FFN_ONLY_KINDS = ("hash", "expert_choice")
+ROUTER_SCOPES = ("layer", "model")
 ROPE_KINDS = ("none", "linear", "llama3")
 
 
 def _router(value: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    router = {"kind": "soft", "k": 1, "renormalize": False, **(value or {})}
+    router = {"kind": "soft", "k": 1, "renormalize": False, "capacity": 1.0, "threshold_momentum": 0.9,
+              **(value or {})}
     if router["kind"] not in ROUTER_KINDS or int(router["k"]) < 1:
         raise ValueError(f"{name}={router!r}: kind must be one of {ROUTER_KINDS} and k at least 1")
     return router
@@ -34,7 +39,11 @@ class BamConfig(PreTrainedConfig):
     ``precision`` (float64 or float32) the angles are computed in before their float32 cos/sin.
     ``attn_router`` / ``ffn_router``: ``kind`` (soft: every expert, softmax gates; topk: the ``k``
     most probable experts, gated by their softmax probability or, with ``renormalize``, by it
-    renormalised over the k).
+    renormalised over the k; FFN only: hash, the expert a token id's table entry names, gate 1;
+    expert_choice, every expert whose threshold the token's probability reaches, with ``capacity``
+    and ``threshold_momentum`` read in training mode). ``router_scope``: ``layer`` (every layer
+    routes) or ``model`` (layer 0 routes for every layer); ``joint_router``: one router per layer
+    whose logits both kinds gate.
     """
 
     model_type = "bam"
@@ -61,6 +70,8 @@ class BamConfig(PreTrainedConfig):
         attn_router: dict[str, Any] | None = None,
         ffn_experts: int = 1,
         ffn_router: dict[str, Any] | None = None,
+        router_scope: str = "layer",
+        joint_router: bool = False,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -93,6 +104,14 @@ class BamConfig(PreTrainedConfig):
         self.attn_router = _router(attn_router, "attn_router")
         self.ffn_experts = ffn_experts
         self.ffn_router = _router(ffn_router, "ffn_router")
+        if self.attn_router["kind"] in FFN_ONLY_KINDS:
+            raise ValueError(f"attn_router kind {self.attn_router['kind']!r} routes the FFN only")
+        if router_scope not in ROUTER_SCOPES:
+            raise ValueError(f"router_scope={router_scope!r} must be one of {ROUTER_SCOPES}")
+        if joint_router and (attn_experts != ffn_experts or self.ffn_router["kind"] in FFN_ONLY_KINDS):
+            raise ValueError("joint_router needs as many attention as FFN experts and a learned FFN router")
+        self.router_scope = router_scope
+        self.joint_router = joint_router
         self.tie_word_embeddings = tie_word_embeddings
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -102,3 +121,7 @@ class BamConfig(PreTrainedConfig):
     def kv_experts(self) -> int:
         """K/V projection sets per layer: one per attention expert, or one shared."""
         return self.attn_experts if self.attn_kv == "expert" else 1
+
+    def routes_at(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` makes its own routing decision (and holds its routers)."""
+        return self.router_scope == "layer" or layer_idx == 0

@@ -8,10 +8,20 @@ only, computed in float32. Attention expert ``e`` is grouped-query attention wit
 ``wq[e]``, ``wo[e]`` and either its own ``wk[e]``, ``wv[e]`` (expert KV) or the layer's one
 shared ``wk[0]``, ``wv[0]`` (shared KV: one K/V set, hence one KV cache, per layer); the output is
 ``sum_e gate_e * attn_e(h)``. FFN expert ``i`` is SwiGLU ``(silu(x w1) * (x w3)) w2``; the output is
-``sum_{i chosen} gate_i * ffn_i(h)``. Routers are bias-free float32 linear maps with softmax:
-``soft`` gates every expert with its probability, ``topk`` the k most probable ones with their
-probability or, when ``renormalize``, with it renormalised over the k. Logits are multiplied by
-``logit_scale``.
+``sum_{i chosen} gate_i * ffn_i(h)``. Logits are multiplied by ``logit_scale``.
+
+Routing (:func:`gate`, :class:`BamRouter`): a router is a bias-free float32 linear map to one logit
+per expert, ``P = softmax(logits)``, and a rule: ``soft`` gates every expert with ``P``; ``topk``
+the k most probable with ``P`` or, when ``renormalize``, with ``P`` renormalised over the k.
+FFN-only rules: ``hash`` has no weight, a token's one expert is ``table[token id]`` (the buffer
+``table`` (V,) int64) with gate 1; ``expert_choice`` gates expert e with ``P[:, e]`` for the tokens
+it takes: in eval mode every token whose ``P[n, e]`` reaches the buffer ``threshold[e]`` (NaN, not
+yet estimated, reads as 1/E), so a token gets 0..E experts and routing is causal; in training mode
+each expert's ``min(N, max(1, floor(capacity * N / E)))`` best tokens of the batch, the threshold
+moving toward the lowest score taken (momentum ``threshold_momentum``). Layouts: with
+``router_scope=model`` block 0 decides and every later block reuses its gates (later blocks hold no
+routers); with ``joint_router`` a block has one router, ``router`` (E, D), whose logits attention
+and FFN gate with their own rules.
 
 Weights are stacked per expert, ``x @ w[e]`` applying expert ``e``: ``wq`` (E, D, H*hd), ``wk`` and
 ``wv`` (E_kv, D, KV*hd), ``wo`` (E, H*hd, D), optional biases ``bq`` (E, H*hd), ``bk``/``bv``
@@ -19,13 +29,14 @@ Weights are stacked per expert, ``x @ w[e]`` applying expert ``e``: ``wq`` (E, D
 RoPE's half-split layout (frequency j rotates head dims j and j + hd/2).
 
 RoPE angles are computed from the positions at every call (no buffers): transformers leaves
-non-persistent buffers uninitialised when it loads a model, so none are kept. The KV cache is
-transformers' ``Cache``; each layer caches its ``E_kv * KV`` rotated K/V heads. Left-padded
-batches work as in transformers: ``attention_mask`` marks real tokens and each sequence's
-positions count its real tokens only.
+non-persistent buffers uninitialised when it loads a model, so none are kept. The routers' buffers
+(``table``, ``threshold``) are persistent: saved in the safetensors and loaded with the weights,
+never re-initialised over loaded values. The KV cache is transformers' ``Cache``; each layer caches
+its ``E_kv * KV`` rotated K/V heads. Left-padded batches work as in transformers:
+``attention_mask`` marks real tokens and each sequence's positions count its real tokens only.
 
 Shape legend: B batch, T new tokens, S cached positions, D hidden, E experts, H query heads per
-expert, KV K/V heads per expert set, hd head dim, F FFN hidden width, N = B*T tokens.
+expert, KV K/V heads per expert set, hd head dim, F FFN hidden width, N = B*T tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -96,35 +107,82 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
+Gating = tuple[torch.Tensor, torch.Tensor]  # gates (N, E) float32, 0 outside chosen; chosen (N, E) bool
+
+
+def gate(rule: dict[str, Any], logits: torch.Tensor) -> Gating:
+    """The ``soft`` or ``topk`` rule applied to router logits (N, E)."""
+    probs = F.softmax(logits, dim=-1)  # (N, E)
+    if rule["kind"] == "soft":
+        return probs, torch.ones_like(probs, dtype=torch.bool)
+    top, experts = probs.topk(min(int(rule["k"]), probs.shape[-1]), dim=-1)  # (N, k)
+    if rule["renormalize"]:
+        top = top / top.sum(-1, keepdim=True)
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, experts, True)
+    return torch.zeros_like(probs).scatter(-1, experts, top), chosen
+
+
 class BamRouter(nn.Module):
-    """A bias-free float32 linear router (E, D) and its gating rule."""
+    """A bias-free float32 linear router (E, D) and its rule; a ``hash`` router holds the buffer
+    ``table`` (V,) instead of a weight, an ``expert_choice`` router also the buffer ``threshold`` (E,)."""
 
-    def __init__(self, hidden: int, experts: int, rule: dict[str, Any]) -> None:
+    def __init__(self, hidden: int, experts: int, rule: dict[str, Any], vocab_size: int) -> None:
         super().__init__()
-        self.rule = rule
-        self.weight = nn.Parameter(torch.empty(experts, hidden))
+        self.rule, self.n_experts = rule, experts
+        if rule["kind"] == "hash":
+            self.weight = None
+            self.register_buffer("table", torch.arange(vocab_size) % experts)  # replaced by the checkpoint's
+        else:
+            self.weight = nn.Parameter(torch.empty(experts, hidden))
+        if rule["kind"] == "expert_choice":
+            self.register_buffer("threshold", torch.full((experts,), math.nan))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (N, D) -> gates (N, E) float32 (0 for unchosen experts) and chosen (N, E) bool."""
-        probs = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # (N, E)
-        if self.rule["kind"] == "soft":
-            return probs, torch.ones_like(probs, dtype=torch.bool)
-        top, experts = probs.topk(min(int(self.rule["k"]), probs.shape[-1]), dim=-1)  # (N, k)
-        if self.rule["renormalize"]:
-            top = top / top.sum(-1, keepdim=True)
-        gates = torch.zeros_like(probs).scatter(-1, experts, top)
-        return gates, torch.zeros_like(probs, dtype=torch.bool).scatter(-1, experts, True)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (N, E) of ``x`` (N, D)."""
+        return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Gating:
+        """``x`` (N, D) (and ``token_ids`` (N,) for hash routing) -> gates and chosen experts (N, E)."""
+        kind = self.rule["kind"]
+        if kind == "hash":
+            if token_ids is None:
+                raise ValueError("hash routing reads the token ids: call the model with input_ids, not inputs_embeds")
+            chosen = F.one_hot(self.table[token_ids], self.n_experts).bool()  # (N, E) one expert each
+            return chosen.float(), chosen
+        logits = self.logits(x)
+        if kind != "expert_choice":
+            return gate(self.rule, logits)
+        probs = F.softmax(logits, dim=-1)  # (N, E)
+        if self.training:  # each expert takes its best tokens of the batch (sees later tokens: not causal)
+            n = probs.shape[0]
+            c = min(n, max(1, math.floor(float(self.rule["capacity"]) * n / self.n_experts)))
+            top = probs.detach().topk(c, dim=0).indices  # (c, E)
+            chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(0, top, True)
+            self._update_threshold(probs.detach(), chosen)
+        else:  # per token: every expert whose threshold its probability reaches
+            threshold = torch.nan_to_num(self.threshold.float(), nan=1.0 / self.n_experts)
+            chosen = probs >= threshold
+        return probs * chosen, chosen
+
+    @torch.no_grad()
+    def _update_threshold(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Move each expert's threshold toward the lowest probability it took in this batch."""
+        lowest = torch.where(chosen, probs, torch.inf).amin(0)  # (E,)
+        old, m = self.threshold.float(), float(self.rule["threshold_momentum"])
+        new = torch.where(torch.isnan(old), lowest, m * old + (1 - m) * lowest)
+        self.threshold.copy_(new.to(self.threshold.dtype))
 
 
 class BamAttention(nn.Module):
-    """A mixture of E grouped-query attention experts with expert or shared K/V projections."""
+    """A mixture of E grouped-query attention experts with expert or shared K/V projections; its own
+    router unless the block hands it the gates (joint router, or block 0's under ``router_scope=model``)."""
 
-    def __init__(self, config: BamConfig, layer_idx: int) -> None:
+    def __init__(self, config: BamConfig, layer_idx: int, own_router: bool) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         E, E_kv, D = config.attn_experts, config.kv_experts, config.hidden_size
         H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.router = BamRouter(D, E, config.attn_router) if E > 1 else None
+        self.router = BamRouter(D, E, config.attn_router, config.vocab_size) if E > 1 and own_router else None
         self.wq = nn.Parameter(torch.empty(E, D, H * hd))
         self.wk = nn.Parameter(torch.empty(E_kv, D, KV * hd))
         self.wv = nn.Parameter(torch.empty(E_kv, D, KV * hd))
@@ -141,8 +199,9 @@ class BamAttention(nn.Module):
         return y if b is None else y + b
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: Cache | None) -> torch.Tensor:
-        """``h`` (B, T, D) normed input -> (B, T, D) gated sum of the experts' attention."""
+                cache: Cache | None, routing: Gating | None = None) -> tuple[torch.Tensor, Gating | None]:
+        """``h`` (B, T, D) normed input -> (B, T, D) gated sum of the experts' attention, and the gating
+        used (``routing`` when given, else this layer's router's; None for one expert)."""
         cfg = self.config
         B, T, D = h.shape
         E, H, KV, hd = cfg.attn_experts, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -159,19 +218,22 @@ class BamAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, E*H, T, hd)
         o = o.transpose(1, 2).reshape(B, T, E, H * hd)
         y = torch.einsum("bteo,eod->bted", o, self.wo)  # (B, T, E, D)
-        if self.router is None:
-            return y[:, :, 0]
-        gates, _ = self.router(h.reshape(B * T, D))  # (N, E)
-        return (y * gates.view(B, T, E, 1).to(y.dtype)).sum(2)
+        if E == 1:
+            return y[:, :, 0], None
+        if routing is None:
+            routing = self.router(h.reshape(B * T, D))
+        gates = routing[0]  # (N, E)
+        return (y * gates.view(B, T, E, 1).to(y.dtype)).sum(2), routing
 
 
 class BamFeedForward(nn.Module):
-    """A mixture of E SwiGLU experts (E = 1: one FFN, no router)."""
+    """A mixture of E SwiGLU experts (E = 1: one FFN, no router); its own router unless the block
+    hands it the gating."""
 
-    def __init__(self, config: BamConfig) -> None:
+    def __init__(self, config: BamConfig, own_router: bool) -> None:
         super().__init__()
         E, D, Fh = config.ffn_experts, config.hidden_size, config.intermediate_size
-        self.router = BamRouter(D, E, config.ffn_router) if E > 1 else None
+        self.router = BamRouter(D, E, config.ffn_router, config.vocab_size) if E > 1 and own_router else None
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
@@ -179,38 +241,59 @@ class BamFeedForward(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h`` (B, T, D) normed input -> (B, T, D) gated sum of each token's chosen experts."""
+    def forward(self, h: torch.Tensor, token_ids: torch.Tensor | None,
+                routing: Gating | None = None) -> tuple[torch.Tensor, Gating | None]:
+        """``h`` (B, T, D) normed input, ``token_ids`` (B, T) -> (B, T, D) gated sum of each token's
+        chosen experts (none, under expert choice, gives 0), and the gating used."""
         B, T, D = h.shape
         x = h.reshape(B * T, D)  # (N, D)
-        if self.router is None:
-            return self.expert(0, x).view(B, T, D)
-        gates, chosen = self.router(x)  # (N, E) each
+        if self.w1.shape[0] == 1:
+            return self.expert(0, x).view(B, T, D), None
+        if routing is None:
+            routing = self.router(x, None if token_ids is None else token_ids.reshape(-1))
+        gates, chosen = routing  # (N, E) each
         out = torch.zeros_like(x)
         for e in range(self.w1.shape[0]):
             rows = chosen[:, e].nonzero().squeeze(-1)
             if rows.numel():
                 out.index_add_(0, rows, self.expert(e, x[rows]) * gates[rows, e, None].to(x.dtype))
-        return out.view(B, T, D)
+        return out.view(B, T, D), routing
 
 
 class BamBlock(nn.Module):
+    """One block; it holds routers only where it decides (``config.routes_at``), one shared ``router``
+    when ``joint_router``."""
+
     def __init__(self, config: BamConfig, layer_idx: int) -> None:
         super().__init__()
-        self.parallel = config.parallel_residual
+        self.config, self.parallel = config, config.parallel_residual
+        decides = config.routes_at(layer_idx)
+        own = decides and not config.joint_router
         self.norm = BamNorm(config.hidden_size, config.norm_eps, config.norm_kind)
-        self.attn = BamAttention(config, layer_idx)
+        self.attn = BamAttention(config, layer_idx, own)
         self.ffn_norm = None if self.parallel else BamNorm(config.hidden_size, config.norm_eps, config.norm_kind)
-        self.ffn = BamFeedForward(config)
+        self.ffn = BamFeedForward(config, own)
+        joint = config.joint_router and decides
+        self.router = BamRouter(config.hidden_size, config.ffn_experts, config.ffn_router, config.vocab_size) \
+            if joint else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, cache: Cache | None, shared: tuple[Gating | None, Gating | None] | None = None
+                ) -> tuple[torch.Tensor, tuple[Gating | None, Gating | None]]:
+        """``x`` (B, T, D) -> the block's output and its (attention, FFN) gating; ``shared``: block 0's
+        gating to reuse (``router_scope=model``)."""
         h = self.norm(x)
-        attn = self.attn(h, cos, sin, mask, cache)
+        attn_routing, ffn_routing = shared if shared is not None else (None, None)
+        if shared is None and self.router is not None:  # joint: one set of logits, each its own rule
+            logits = self.router.logits(h.reshape(-1, h.shape[-1]))
+            attn_routing, ffn_routing = gate(self.config.attn_router, logits), gate(self.config.ffn_router, logits)
+        attn, attn_routing = self.attn(h, cos, sin, mask, cache, attn_routing)
         if self.ffn_norm is None:
-            return x + attn + self.ffn(h)
+            ffn, ffn_routing = self.ffn(h, token_ids, ffn_routing)
+            return x + attn + ffn, (attn_routing, ffn_routing)
         x = x + attn
-        return x + self.ffn(self.ffn_norm(x))
+        ffn, ffn_routing = self.ffn(self.ffn_norm(x), token_ids, ffn_routing)
+        return x + ffn, (attn_routing, ffn_routing)
 
 
 class BamPreTrainedModel(PreTrainedModel):
@@ -220,12 +303,24 @@ class BamPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise weights the checkpoint did not provide: N(0, initializer_range), norms 1, biases 0."""
+        """Initialise what the checkpoint did not provide: weights N(0, initializer_range), norms 1,
+        biases 0, a hash table ``id % E``, thresholds NaN. transformers marks every loaded tensor
+        ``_is_hf_initialized`` and guards ``nn.init``; the buffers are written only where unmarked, so a
+        loaded table or threshold is never replaced."""
         std = self.config.initializer_range
         if isinstance(module, BamNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, nn.Embedding | nn.Linear | BamRouter):
+        elif isinstance(module, nn.Embedding | nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, BamRouter):
+            if module.weight is not None:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            table, threshold = getattr(module, "table", None), getattr(module, "threshold", None)
+            with torch.no_grad():
+                if table is not None and not getattr(table, "_is_hf_initialized", False):
+                    table.copy_(torch.arange(table.numel(), device=table.device) % module.n_experts)
+                if threshold is not None and not getattr(threshold, "_is_hf_initialized", False):
+                    threshold.fill_(math.nan)
         elif isinstance(module, BamAttention | BamFeedForward):
             for name, param in module.named_parameters(recurse=False):
                 if name in ("bq", "bk", "bv"):
@@ -271,8 +366,11 @@ class BamModel(BamPreTrainedModel):
         # causal, no padding keys; a padding query sees itself so no softmax row is empty
         mask = ((key <= query) & (real[:, None, :] | (key == query)))[:, None]  # (B, 1, T, S)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rotary)
+        shared = None  # block 0's gating, reused by every later block under router_scope=model
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            x, routing = block(x, input_ids, cos, sin, mask, cache, shared)
+            if self.config.router_scope == "model" and shared is None:
+                shared = routing
         return self.norm(x), cache
 
 
