@@ -12,7 +12,7 @@ SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-gpu bench-import bench-generate full-run clean
+.PHONY: help install test test-full bench bench-gpu bench-import bench-generate full-run ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench-generate: install  ## greedy decoding with vs without the KV cache, and KV
 
 full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=3: three train seeds, intervals)
 	$(PY) -m bam_pipeline stage=all experiment=tiny $(SEED_ARGS)
+
+ablations: install  ## the open questions (paper Tables 4-6, PAPER.md section 9) on the tiny experiment (SEEDS=3 too)
+	$(PY) -m bam_pipeline stage=all experiment=ablations $(SEED_ARGS)
 
 clean:  ## remove stage outputs (not the venv)
 	rm -rf stages outputs multirun

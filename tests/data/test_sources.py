@@ -88,6 +88,7 @@ def test_stdlib_fingerprint_names_the_adapter_revision():
     assert fp["adapter"] == sources.STDLIB_ADAPTER_REVISION >= 2
 
 
+@pytest.mark.slow  # ~40 s: parses the whole embedded Bible
 def test_the_out_of_domain_bible_is_clean_modern_prose():
     """The World English Bible from its Debian package, footnotes and markup removed."""
     spec = sources.resolve_source("bible")

@@ -100,6 +100,7 @@ def exported(smoke_run, tmp_path_factory):
     return run, before, jobs, printed, generated, torch.load(theirs_file)
 
 
+@pytest.mark.slow  # the exported fixture: ~3 min of CLI exports of every smoke model (tests/interop/test_export.py checks every variant in-process)
 def test_every_model_of_the_run_is_exported_outside_the_model_scan(exported):
     run, labels, jobs, printed, _, _ = exported
     evaluated = {r["model"] for r in json.loads((run / "eval" / "metrics.json").read_text())["rows"]}
@@ -126,6 +127,7 @@ def test_every_model_of_the_run_is_exported_outside_the_model_scan(exported):
 @pytest.mark.parametrize("label", ["seed", "branch/code", "moe/bam", "moe/bam_kv_shared", "moe/btx", "moe/dense",
                                    "moe/bam_cm", "mix/btx_matched", "mix/sparse_upcycle", "mix/bam_attn_top1",
                                    "mix/bam_attn_top2", "mix/bam_kv_shared_top1"])
+@pytest.mark.slow  # the exported fixture: ~3 min of CLI exports of every smoke model (tests/interop/test_export.py checks every variant in-process)
 def test_the_export_computes_what_bam_pipeline_load_computes(exported, label):
     run, _, _, _, generated, theirs = exported
     got = theirs[label]
@@ -146,6 +148,7 @@ def test_the_export_computes_what_bam_pipeline_load_computes(exported, label):
         assert r["text"] == ours.tokenizer.decode(r["tokens"])
 
 
+@pytest.mark.slow  # the exported fixture: ~3 min of CLI exports of every smoke model (tests/interop/test_export.py checks every variant in-process)
 def test_generate_prints_the_continuations_and_the_measured_cache_per_token(exported):
     _, _, _, printed, generated, _ = exported
     per_token = {label: float(re.search(r"KV cache: ([\d,]+) bytes per token", out).group(1).replace(",", ""))
@@ -160,6 +163,7 @@ def test_generate_prints_the_continuations_and_the_measured_cache_per_token(expo
         assert f"{row['prompt']}{row['text']}" in out
 
 
+@pytest.mark.slow  # the exported fixture: ~3 min of CLI exports of every smoke model (tests/interop/test_export.py checks every variant in-process)
 def test_bam_pipeline_load_generates_what_the_stage_prints(exported):
     run, _, _, _, generated, _ = exported
     model = bam_pipeline.load(run / "moe" / "bam_kv_shared")
@@ -175,6 +179,7 @@ def test_bam_pipeline_load_generates_what_the_stage_prints(exported):
         assert r.tokens[-1] == model.eos_id if r.stopped_at_eos else len(r.tokens) == NEW_TOKENS
 
 
+@pytest.mark.slow  # the exported fixture: ~3 min of CLI exports of every smoke model (tests/interop/test_export.py checks every variant in-process)
 def test_overwrite_replaces_an_export_atomically_and_the_hub_upload_offline_is_one_line(exported):
     run, _, _, _, _, _ = exported
     target = run / "export" / "moe" / "btx"

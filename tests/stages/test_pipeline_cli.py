@@ -199,6 +199,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
         torch.testing.assert_close(res[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s: two DDP processes, killed and resumed
 def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")

@@ -38,7 +38,10 @@ def _losses(art: Artifact) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_train_log(art) if "loss" in row}
 
 
-@pytest.mark.parametrize("trainer,extra", [("fsdp_cpu", ()), ("fsdp2_cpu", ("trainer.activation_checkpointing=true",))])
+@pytest.mark.parametrize("trainer,extra", [
+    ("fsdp_cpu", ()),
+    pytest.param("fsdp2_cpu", ("trainer.activation_checkpointing=true",), marks=pytest.mark.slow),  # ~30 s each
+])
 def test_two_sharded_processes_train_like_one_and_resume_after_sigkill(smoke_run, one_process, tmp_path, trainer,
                                                                          extra):
     root = _moe_inputs(smoke_run, tmp_path)
