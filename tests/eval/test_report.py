@@ -89,3 +89,18 @@ def test_metrics_rows_feed_the_table(reported):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     seed_code = next(r for r in metrics["rows"] if r["model"] == "seed" and r["domain"] == "code")
     assert f"{seed_code['perplexity']:.2f}" in (run / "report" / "report.md").read_text()
+
+
+def test_cost_table_shows_training_speed_over_training_steps_and_the_wall_time_split():
+    from bam_pipeline.eval.report import cost_rows
+
+    row = {"model": "moe/bam", "display": "BAM", "params_total": 2e6, "params_active": 1e6, "flops_per_token": 4e6,
+           "tokens_per_s": 1000.0, "tokens_trained": 200_000,
+           "wall_time": {"train_s": 40.0, "validation_s": 5.0, "checkpoint_s": 2.0, "publish_s": 1.0,
+                         "other_s": 3.0, "total_s": 51.0}}
+    untrained = {"model": "mix/bam", "display": "Untrained BAM", "params_total": 2e6, "params_active": 1e6,
+                 "flops_per_token": 4e6, "tokens_per_s": 1100.0, "tokens_trained": None, "wall_time": None}
+    header, trained, mix = cost_rows({"rows": [row, untrained]})
+    assert header[-2:] == ["train tokens/s", "wall s: train / val / ckpt / publish"]
+    assert trained[-2:] == ["5,000", "40 / 5 / 2 / 1"]  # 200k tokens over 40 s of training steps, not 51 s
+    assert mix[-2:] == ["-", "-"]

@@ -122,19 +122,26 @@ def _si(n: float) -> str:
 
 
 def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), tokens/s."""
+    """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), eval
+    tokens/s (measured afresh, interleaved), and for trained models the training tokens/s over the
+    training steps alone and the stage's wall time split into train / validation / checkpoint / publish."""
     per: dict[str, dict[str, Any]] = {}
     for r in metrics["rows"]:
         per.setdefault(r["model"], r)
     seed_flops = per.get("seed", {}).get("flops_per_token")
-    out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "tokens/s (measured)",
-            "tokens trained"]]
+    out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "eval tokens/s",
+            "tokens trained", "train tokens/s", "wall s: train / val / ckpt / publish"]]
     for lab, p in per.items():
+        wall = p.get("wall_time") or {}
+        trained = p.get("tokens_trained")
+        train_rate = f"{trained / wall['train_s']:,.0f}" if trained and wall.get("train_s") else "-"
+        split = " / ".join(f"{wall.get(k, 0):.0f}" for k in ("train_s", "validation_s", "checkpoint_s", "publish_s")) \
+            if wall else "-"
         out.append([p.get("display", lab), _si(p["params_total"]), _si(p["params_active"]),
                     _si(p["flops_per_token"]),
                     f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
                     f"{p.get('tokens_per_s', math.nan):,.0f}",
-                    "-" if p.get("tokens_trained") is None else _si(p["tokens_trained"])])
+                    "-" if trained is None else _si(trained), train_rate, split])
     return out
 
 

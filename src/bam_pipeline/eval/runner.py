@@ -324,8 +324,10 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     speed_source = next(s for s in sources if any(r["domain"] == s for r in rows))
     speeds = measure_speeds(measured, lambda n: seqs.get(speed_source, n).tokens[: spec.batch_size], spec, device,
                             chunking)
+    walls = {a.label: a.manifest.get("wall_time") for a in good}  # a training stage's split (job.py), else None
     for r in rows:
         r["tokens_per_s"] = _row_speed(r, speeds)
+        r["wall_time"] = walls.get(r["model"].split("+", 1)[0]) if r["role"] != "probe" else None
     print(f"[eval] speed of {len(measured)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
           f"{spec.batch_size} sequences of {speed_source})")
     if reused:
