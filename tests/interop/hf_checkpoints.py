@@ -10,6 +10,7 @@ away from their 1 / 0 init for the same reason.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,20 @@ transformers = pytest.importorskip("transformers")
 
 from bam_pipeline.interop import import_checkpoint  # noqa: E402
 from bam_pipeline.model import BAMTransformer  # noqa: E402
+
+# The start of a script run in a fresh interpreter where bam_pipeline cannot be imported: what an
+# export's user has (transformers and torch, one thread); the script checks it, then goes on.
+WITHOUT_BAM_PIPELINE = textwrap.dedent("""
+    import sys
+    sys.modules["bam_pipeline"] = None  # any import of bam_pipeline now raises ImportError
+    import json, torch, transformers
+    torch.set_num_threads(1)
+    try:
+        import bam_pipeline
+        sys.exit("bam_pipeline is importable")
+    except ImportError:
+        pass
+""")
 
 VOCAB_ROWS = 96  # embedding rows; the tokenizer below uses the first 32 (rows may exceed ids)
 CHARS = " abcdefghijklmnopqrstuvwxyz.,"

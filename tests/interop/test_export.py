@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_checkpoints import EOS_ID, VOCAB_ROWS, tiny_tokenizer
+from hf_checkpoints import EOS_ID, VOCAB_ROWS, WITHOUT_BAM_PIPELINE, tiny_tokenizer
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
@@ -197,16 +197,7 @@ def export(tmp_path: Path, name: str, cfg: ModelConfig, state, tokenizer, **kwar
 
 
 # ---- custom code, loaded where bam_pipeline cannot be imported ---------------------------------------
-LOAD_ELSEWHERE = textwrap.dedent("""
-    import sys
-    sys.modules["bam_pipeline"] = None  # any import of bam_pipeline now raises ImportError
-    import json, torch, transformers
-    torch.set_num_threads(1)
-    try:
-        import bam_pipeline
-        sys.exit("bam_pipeline is importable")
-    except ImportError:
-        pass
+LOAD_ELSEWHERE = WITHOUT_BAM_PIPELINE + textwrap.dedent("""
     dirs, ids, prompts = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), json.loads(sys.argv[3])
     new = int(sys.argv[4])
     out = {}

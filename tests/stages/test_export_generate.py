@@ -22,6 +22,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_checkpoints import WITHOUT_BAM_PIPELINE  # noqa: E402
 from cli_runner import cli_here  # noqa: E402
 
 import bam_pipeline  # noqa: E402
@@ -40,16 +41,7 @@ def compare_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(3))  # (2, 32)
 
 
-LOAD_ELSEWHERE = textwrap.dedent("""
-    import sys
-    sys.modules["bam_pipeline"] = None  # any import of bam_pipeline now raises ImportError
-    import json, torch, transformers
-    torch.set_num_threads(1)
-    try:
-        import bam_pipeline
-        sys.exit("bam_pipeline is importable")
-    except ImportError:
-        pass
+LOAD_ELSEWHERE = WITHOUT_BAM_PIPELINE + textwrap.dedent("""
     jobs, ids, new = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), int(sys.argv[3])
     out = {}
     for label, job in jobs.items():
