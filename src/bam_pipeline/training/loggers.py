@@ -16,6 +16,10 @@ def make_logger(logger_cfg: dict | None, *, run: str, stage: str, name: str, con
     extra: dict[str, Any] = {"name": f"{stage}-{name}"}
     if target.endswith("WandbLogger"):
         extra.update(group=run, job_type=stage, config=config)
+        if logger_cfg.get("offline", False):
+            # Lightning's offline=True only sets WANDB_MODE, which wandb reads once per process: after an
+            # earlier run in this process (the report of one seed, say) the next would try to log in
+            extra["mode"] = "offline"
     elif target.endswith("CSVLogger"):
         extra.update(name=f"{stage}/{name}")
     return instantiate({**logger_cfg, **extra}, _convert_="all")
