@@ -82,3 +82,34 @@ def test_chunking_starts_above_its_size():
     assert rule.chunk_tokens(vocab_size=1000, n_tokens=2) == 1  # at least one token per chunk
     with pytest.raises(ConfigError, match="chunk_logits=0"):
         LossChunking(above=0, chunk_logits=0)
+
+
+def test_chunked_per_token_loss_equals_the_plain_one_and_refuses_gradients():
+    """Eval's per-token and per-document losses (reduction='none') through the chunked loss."""
+    torch.manual_seed(0)
+    model = BAMTransformer(preset("smoke"))
+    idx = torch.randint(0, 256, (2, 16))
+    targets = idx.clone()
+    targets[0, :3] = IGNORE_INDEX
+    with torch.inference_mode():
+        plain, _ = model.loss(idx, targets, reduction="none")
+        chunked, out = model.loss(idx, targets, reduction="none", chunking=ALWAYS)
+    assert out.logits is None and chunked.shape == targets.shape == plain.view(targets.shape).shape
+    torch.testing.assert_close(chunked, plain.view(targets.shape), rtol=1e-6, atol=1e-6)
+    assert (chunked[0, :3] == 0).all()
+    with pytest.raises(ValueError, match="without gradients"):
+        model.loss(idx, targets, reduction="none", chunking=ALWAYS)
+
+
+def test_eval_scores_alike_with_and_without_the_chunked_loss():
+    from bam_pipeline.eval.metrics import sequence_nll
+
+    torch.manual_seed(0)
+    model = BAMTransformer(preset("smoke")).eval()
+    seqs = torch.randint(0, 256, (5, 17))
+    docs = torch.tensor([0, 0, 1, 1, 2])[:, None].expand(5, 17)
+    kw = dict(batch_size=2, device=torch.device("cpu"), documents=docs, n_docs=3)
+    plain = sequence_nll(model, seqs, **kw)
+    chunked = sequence_nll(model, seqs, chunking=ALWAYS, **kw)
+    assert chunked.tokens == plain.tokens and abs(chunked.nll - plain.nll) <= 1e-6 * plain.nll
+    assert abs(chunked.doc_nll - plain.doc_nll).max() <= 1e-5

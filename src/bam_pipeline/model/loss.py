@@ -113,13 +113,34 @@ class _ChunkedNll(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def _per_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                   chunk: int) -> torch.Tensor:
+    """(N,) float32 NLL of each of N tokens (0 where ignored), a chunk of logits at a time; for
+    evaluation (per-token and per-document losses), so no gradient flows through it."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise ValueError("the chunked loss gives per-token values (reduction='none') without gradients; "
+                         "train with reduction 'mean' or 'sum', or evaluate under torch.no_grad()")
+    out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (N,)
+    for start in range(0, hidden.shape[0], chunk):
+        t = targets[start : start + chunk]  # (c,)
+        logits = F.linear(hidden[start : start + chunk], weight)  # (c, V)
+        logits = (logits * scale if scale != 1.0 else logits).float()
+        target_logit = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]  # (c,)
+        out[start : start + chunk] = (torch.logsumexp(logits, dim=-1) - target_logit) * (t != IGNORE_INDEX)
+        del logits
+    return out
+
+
 def chunked_next_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int,
                            logit_scale: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """The NLL :func:`next_token_nll` gives for ``logits = logit_scale * hidden @ weight.T``, from
     ``hidden`` (B, T, D) and ``weight`` (V, D), holding at most ``chunk`` tokens' logits at a time."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     flat_targets = targets.reshape(-1)  # (N,)
+    if reduction == "none":
+        return _per_token_nll(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, float(logit_scale),
+                              int(chunk)).view(targets.shape)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS} or none, got {reduction!r}")
     total = _ChunkedNll.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, float(logit_scale),
                               int(chunk))
     if reduction == "sum":
