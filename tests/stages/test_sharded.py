@@ -40,7 +40,9 @@ def _losses(art: Artifact) -> dict[int, float]:
 
 @pytest.mark.parametrize("trainer,extra", [
     ("fsdp_cpu", ()),
-    pytest.param("fsdp2_cpu", ("trainer.activation_checkpointing=true",), marks=pytest.mark.slow),  # ~30 s each
+    # fsdp2 with the chunked loss too: it calls model.hidden, which fully_shard must gather for
+    pytest.param("fsdp2_cpu", ("trainer.activation_checkpointing=true", "train.chunked_loss_above=0"),
+                 marks=pytest.mark.slow),  # ~30 s each
 ])
 def test_two_sharded_processes_train_like_one_and_resume_after_sigkill(smoke_run, one_process, tmp_path, trainer,
                                                                          extra):

@@ -132,7 +132,7 @@ def configure_model(model: BAMTransformer, strategy: Any, spec: TrainerSpec) -> 
 
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     if isinstance(strategy, ModelParallelStrategy):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = strategy.device_mesh
         if mesh["tensor_parallel"].size() != 1:
@@ -144,6 +144,8 @@ def configure_model(model: BAMTransformer, strategy: Any, spec: TrainerSpec) -> 
         for block in model.layers:
             fully_shard(block, mesh=dp, mp_policy=policy, shard_placement_fn=_expert_dim)
         fully_shard(model, mesh=dp, mp_policy=policy, shard_placement_fn=_expert_dim)
+        # the chunked loss calls model.hidden, not forward: it must gather the root's parameters too
+        register_fsdp_forward_method(model, "hidden")
 
 
 def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str | None) -> None:
