@@ -1,13 +1,17 @@
 """Load balancing over the global batch: two gloo processes, each on half the batch, reproduce one
 process on the whole batch (the mean loss and the averaged gradient)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bam_pipeline.model import BAMTransformer, preset
+from bam_pipeline.model.config import RouterConfig
 
 CFG = preset("smoke").replace(attn_experts=2, ffn_experts=4, lb_coef=1.0, z_coef=0.1)  # aux losses weigh in
+# top-1 attention routing with its own load balancing (bam_attn_top1): balanced over the global batch too
+TOPK_ATTN = CFG.replace(attn_router=RouterConfig("topk", 1), attn_lb_coef=1.0)
 
 
 def _batch() -> torch.Tensor:
@@ -21,10 +25,10 @@ def _loss_and_grads(model: BAMTransformer, batch: torch.Tensor):
     return (nll + out.aux_loss).detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _rank(rank: int, init_file: str, result_file: str, balance: bool) -> None:
+def _rank(rank: int, init_file: str, result_file: str, balance: bool, cfg) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = BAMTransformer(CFG)
+    model = BAMTransformer(cfg)
     model.balance_globally(balance)
     loss, grads = _loss_and_grads(model, _batch()[2 * rank: 2 * rank + 2])
     dist.all_reduce(loss)
@@ -36,18 +40,19 @@ def _rank(rank: int, init_file: str, result_file: str, balance: bool) -> None:
     dist.destroy_process_group()
 
 
-def _two_ranks(tmp_path, balance: bool):
+def _two_ranks(tmp_path, balance: bool, cfg):
     result = tmp_path / f"result-{balance}.pt"
-    mp.spawn(_rank, args=(str(tmp_path / f"init-{balance}"), str(result), balance), nprocs=2, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / f"init-{balance}"), str(result), balance, cfg), nprocs=2, join=True)
     return torch.load(result)
 
 
-def test_two_processes_with_global_balance_equal_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, TOPK_ATTN], ids=["soft_attention", "topk_attention"])
+def test_two_processes_with_global_balance_equal_one_process_on_the_global_batch(tmp_path, cfg):
     torch.manual_seed(0)
-    loss, grads = _loss_and_grads(BAMTransformer(CFG), _batch())
-    two = _two_ranks(tmp_path, balance=True)
+    loss, grads = _loss_and_grads(BAMTransformer(cfg), _batch())
+    two = _two_ranks(tmp_path, balance=True, cfg=cfg)
     assert abs(two["loss"].item() - loss.item()) <= 1e-6 * loss.item()
     for name, g in grads.items():
         assert ((two["grads"][name] - g).norm() / g.norm()).item() <= 1e-5, name
-    local = _two_ranks(tmp_path, balance=False)  # each process's own f_i: a different loss
+    local = _two_ranks(tmp_path, balance=False, cfg=cfg)  # each process's own f_i: a different loss
     assert abs(local["loss"].item() - loss.item()) > 1e-4 * loss.item()

@@ -167,6 +167,27 @@ def test_expert_choice_thresholds_are_an_ema_of_the_capacity_th_score():
     assert torch.equal(out.chosen, torch.softmax(h1 @ router.weight.t(), -1) >= before)
 
 
+def test_expert_choice_thresholds_move_once_per_step_under_activation_checkpointing():
+    """Checkpointing recomputes a block's forward in backward; the thresholds must not move again."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from bam_pipeline.model.transformer import Block
+
+    cfg = SMOKE.replace(ffn_experts=E, ffn_router=RouterConfig("expert_choice", capacity=1.0, threshold_momentum=0.5))
+    batches = torch.randint(0, cfg.vocab_size, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    thresholds = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = BAMTransformer(cfg).train()
+        if checkpointed:
+            apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+        for idx in batches:  # different batches: a second update per step would move the average
+            loss, out = model.loss(idx, idx)
+            (loss + out.aux_loss).backward()
+        thresholds.append(torch.cat([b.ffn.router.threshold for b in model.layers if b.ffn.router is not None]))
+    torch.testing.assert_close(thresholds[1], thresholds[0], rtol=0, atol=0)
+
+
 def test_expert_choice_eval_with_no_token_routed_gives_zero():
     cfg = SMOKE.replace(ffn_experts=E, ffn_router=EC)
     moe = MoEFeedForward(cfg).eval()

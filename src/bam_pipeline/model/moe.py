@@ -46,12 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import torch.distributed as dist
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.layers import matmul_dtype, swiglu
-from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, router_z_loss
+from bam_pipeline.model.routing import Router, Routing, global_counts, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
 
@@ -162,11 +161,7 @@ class MoEFeedForward(nn.Module):
         kind = self.cfg.ffn_router.kind
         lb = zero
         if decides and kind in ("topk", "soft"):
-            balance_counts = counts
-            if self.global_balance and dist.is_available() and dist.is_initialized():
-                balance_counts = counts.clone()
-                dist.all_reduce(balance_counts)  # (E,) assignments of the global batch
-            lb = load_balancing_loss(routing.probs, balance_counts)
+            lb = load_balancing_loss(routing.probs, global_counts(counts, self.global_balance))
         z = router_z_loss(routing.logits) if decides and self.cfg.ffn_router.learned else zero
         return lb, z
 

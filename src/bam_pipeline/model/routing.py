@@ -122,6 +122,15 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     return n_experts * (frac * probs.mean(0)).sum()
 
 
+def global_counts(counts: torch.Tensor, on: bool) -> torch.Tensor:
+    """Assignment counts (E,) summed over every process of the default group when ``on`` and
+    distributed is initialised (the global batch's f_i, Megatron's global aux loss); else ``counts``."""
+    if on and torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts)  # (E,) assignments of the global batch
+    return counts
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """``mean over tokens of logsumexp(logits)^2`` for router logits (N, E)."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -161,7 +170,8 @@ class Router(nn.Module):
             threshold = torch.nan_to_num(self.threshold.float(), nan=1.0 / self.n_experts)
             return route(self.cfg, logits, threshold=threshold)
         routing = route(self.cfg, logits)
-        self._update_threshold(routing)
+        if torch._C._current_graph_task_id() == -1:  # not activation checkpointing's recompute in backward
+            self._update_threshold(routing)
         return routing
 
     @torch.no_grad()

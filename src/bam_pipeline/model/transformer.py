@@ -3,7 +3,7 @@
 Forward contract (docs/architecture.md): ``BAMTransformer(cfg)(idx)`` with idx (B, T) int64 returns
 ``ModelOutput(logits (B, T, V), aux_loss (scalar), routing (one LayerRouting per layer))`` where
 ``aux_loss = sum_layers(lb_coef * lb_loss + z_coef * z_loss + attn_lb_coef * attn_lb_loss)`` (0 for
-dense FFNs; ``attn_lb_loss`` is the load balancing of a top-k attention router, 0 for soft attention
+dense FFNs; ``attn_lb_loss`` is the load balancing of a top-k attention router, None for soft attention
 routing and unless ``cfg.attn_lb_coef`` is set). ``BAMTransformer.loss(idx, targets)`` adds the next-token NLL
 (:mod:`~bam_pipeline.model.loss`), from the logits or, when a
 :class:`~bam_pipeline.model.loss.LossChunking` says so, chunked from the final hidden states without
@@ -41,7 +41,7 @@ from bam_pipeline.model.kv_cache import KVCache, LayerKV
 from bam_pipeline.model.layers import make_norm, matmul_dtype
 from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
-from bam_pipeline.model.routing import Router, Routing, load_balancing_loss, route, router_logits
+from bam_pipeline.model.routing import Router, Routing, global_counts, load_balancing_loss, route, router_logits
 
 
 @dataclass
@@ -82,6 +82,7 @@ class Block(nn.Module):
         self.cfg = cfg
         self.parallel = cfg.parallel_residual
         self.decides = cfg.routes_at(layer)
+        self.global_balance = False  # attention f_i over every process (BAMTransformer.balance_globally)
         own = self.decides and not cfg.joint_router
         self.norm = make_norm(cfg)
         self.attn = MixtureOfAttention(cfg, own_router=own)
@@ -116,7 +117,7 @@ class Block(nn.Module):
             y = x + ffn.out
         attn_lb = None
         if decides and self.cfg.attn_lb_coef and attn.routing is not None and self.cfg.attn_router.kind == "topk":
-            attn_lb = load_balancing_loss(attn.routing.probs, attn.routing.counts())
+            attn_lb = load_balancing_loss(attn.routing.probs, global_counts(attn.routing.counts(), self.global_balance))
         return y, LayerRouting(attn.routing, ffn.routing, ffn.counts, ffn.lb_loss, ffn.z_loss, attn_lb)
 
 
@@ -139,7 +140,7 @@ class BAMTransformer(nn.Module):
         """Load-balancing statistics f_i over the global batch of every process (data-parallel
         training), or each process's own (:mod:`~bam_pipeline.model.moe`)."""
         for module in self.modules():
-            if isinstance(module, MoEFeedForward):
+            if isinstance(module, (MoEFeedForward, Block)):  # FFN and top-k attention load balancing
                 module.global_balance = on
 
     @property
