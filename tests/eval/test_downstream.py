@@ -135,3 +135,15 @@ def test_every_paper_task_name_exists_in_lm_eval():
 
     known = set(TaskManager().all_tasks)  # indexes lm-eval's task files (about 10 s)
     assert [t.task for t in PAPER_TASKS if t.task is not None and t.task not in known] == []
+
+
+def test_a_task_without_accuracy_shows_its_own_metric():
+    """gsm8k, nq_open, humaneval... have exact_match or pass@1, no acc: the report and the export card
+    show that metric (the card once crashed on acc=None)."""
+    from bam_pipeline.eval.downstream_table import result_cell, task_row
+
+    gsm = task_row("gsm8k", {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05}, 40)
+    assert gsm["acc"] is None and result_cell(gsm) == "exact_match,strict-match 0.250 ± 0.050"
+    mc = task_row("arc_easy", {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6}, 10)
+    assert result_cell(mc) == "0.500 ± 0.100 (0.600)"
+    assert result_cell(None) == "-"

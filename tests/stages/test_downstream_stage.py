@@ -91,12 +91,15 @@ def test_a_second_run_reuses_the_cache_and_a_subset_runs_only_what_it_names(smok
     assert [(x["model"], x["task"]) for x in subset["rows"]] == [("seed", "bam_next_passage_law"),
                                                                   ("moe/bam", "bam_next_passage_law")]
     assert "reused cached results for: seed, moe/bam" in r.out and [x["name"] for x in subset["skipped"]] == ["btm"]
-    # a changed suite setting is another task config: evaluated again, stale cache entries removed
+    # a changed suite setting is another task config: evaluated again, the entries it replaced removed,
+    # every other model's kept
     r = cli_here(smoke_copy, "stage=downstream", "downstream.models=[seed]", "downstream.max_items=4", check=True)
     assert "[downstream] evaluated: seed" in r.out
     small = json.loads((run / "downstream" / "results.json").read_text())
     assert all(x["items"] <= 4 for x in small["rows"])
-    assert len(list((run / "downstream" / "cache").glob("*.json"))) == len(small["rows"])
+    assert len(list((run / "downstream" / "cache").glob("*.json"))) == len(res["rows"])
+    r = cli_here(smoke_copy, "stage=downstream", "downstream.models=[moe/bam]", check=True)
+    assert "reused cached results for: moe/bam" in r.out and "evaluated:" not in r.out
 
 
 def test_without_lm_eval_downstream_is_one_line_and_stage_all_goes_on(smoke_copy, monkeypatch):

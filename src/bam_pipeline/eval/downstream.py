@@ -30,6 +30,7 @@ from typing import Any
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.harness import require_lm_eval
+from bam_pipeline.store.files import write_text
 
 TEST_SPLIT = "test"
 TASK_PREFIX = "bam_next_passage"
@@ -192,11 +193,11 @@ def build_offline_suite(prepared: PreparedData, out_dir: str | Path, *, sources:
             )
         name = f"{TASK_PREFIX}_{source}"
         data = out_dir / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(item) + "\n" for item in items))
-        (out_dir / f"{name}.yaml").write_text(task_yaml(name, data.resolve(), (out_dir / ".datasets").resolve()))
+        write_text(data, "".join(json.dumps(item) + "\n" for item in items))
+        write_text(out_dir / f"{name}.yaml", task_yaml(name, data.resolve(), (out_dir / ".datasets").resolve()))
         tasks.append(name)
         counts[name] = len(items)
-    (out_dir / f"{TASK_PREFIX}.yaml").write_text(group_yaml(tasks))
+    write_text(out_dir / f"{TASK_PREFIX}.yaml", group_yaml(tasks))
     return OfflineSuite(out_dir, tuple(tasks), TASK_PREFIX, counts)
 
 
@@ -223,12 +224,3 @@ def run_tasks(lm: Any, tasks: Sequence[str], *, include_path: str | Path | None 
     if results is None:
         raise BamError("lm-evaluation-harness returned no results (a non-zero rank of a distributed run)")
     return results
-
-
-def run_paper_tasks(lm: Any, *, allow_code_execution: bool = False, limit: int | float | None = None,
-                    bootstrap_iters: int = 1000) -> dict[str, dict[str, Any]]:
-    """Every runnable Table 3 task (:func:`paper_tasks`) at its shot count, one lm-eval run per task
-    (shot counts differ); needs network for the datasets. Task name -> lm-eval's results dict."""
-    return {t.task: run_tasks(lm, [t.task], num_fewshot=t.num_fewshot, limit=limit, bootstrap_iters=bootstrap_iters,
-                              allow_code_execution=allow_code_execution)
-            for t in paper_tasks(allow_code_execution=allow_code_execution)}

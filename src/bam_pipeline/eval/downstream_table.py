@@ -53,7 +53,8 @@ def pooled(rows: list[dict[str, Any]], metric: str) -> tuple[float, float] | Non
     return mean, se
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+def result_cell(row: dict[str, Any] | None) -> str:
+    """One task's result as text: accuracy ± its standard error (acc_norm), else the task's first metric."""
     if row is None:
         return "-"
     if row.get("acc") is not None:
@@ -78,7 +79,7 @@ def results_table(results: dict[str, Any]) -> list[list[str]]:
     weighted = len(tasks) > 1 and all(by.get((m, t), {}).get("acc") is not None for m in models for t in tasks)
     out = [head + (["all tasks (items-weighted)"] if weighted else [])]
     for m in models:
-        row = [display[m], *(_cell(by.get((m, t))) for t in tasks)]
+        row = [display[m], *(result_cell(by.get((m, t))) for t in tasks)]
         if weighted:
             acc = pooled([by[(m, t)] for t in tasks], "acc")
             norm = pooled([by[(m, t)] for t in tasks], "acc_norm")

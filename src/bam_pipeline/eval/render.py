@@ -72,3 +72,11 @@ def to_html(blocks: list[Block], image_dir: Path, title: str) -> str:
                         f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def text_table(cells: list[list[str]], *, left: int = 1, indent: str = "") -> str:
+    """A header + rows table as aligned plain text for the terminal: the first ``left`` columns
+    left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join(indent + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)

@@ -90,6 +90,10 @@ def uniform_attention(model: torch.nn.Module) -> int:
     logits), so the attention experts are averaged with weight 1/E; returns how many routers changed."""
     changed = 0
     for block in model.layers:
+        if block.router is not None:
+            raise BamError("eval.uniform_attention: this mixture's attention and FFN share one router per layer "
+                           "(joint routing); uniform attention weights would change its FFN routing too; name a "
+                           "mixture with its own soft attention routers (e.g. moe/bam)")
         router = block.attn.router
         if router is not None:
             if router.cfg.kind != "soft":

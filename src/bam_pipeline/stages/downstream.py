@@ -31,6 +31,7 @@ from bam_pipeline.eval.downstream_table import results_table, task_row
 from bam_pipeline.eval.harness import harness_lm, require_lm_eval
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.report import build_report
+from bam_pipeline.eval.render import text_table
 from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.eval import _command as command
@@ -187,8 +188,10 @@ def run_downstream(ctx: RunContext) -> Path | None:
                 row = json.loads(files[t].read_text())
                 rows.append({"model": art.label, "display": info.display, "role": info.role,
                              "artifact_hash": art.hash, **row})
+        # only what this selection replaced: another model's, task's or suite's results stay cached
+        prefixes = tuple(f"{art.stage}-{art.name}-{t}-" for art in arts for t in tasks)
         for stale in layout.downstream_cache.glob("*.json"):
-            if stale.name not in used:
+            if stale.name not in used and stale.name.startswith(prefixes):
                 stale.unlink()
         results = {"run": ctx.run, "suite": spec.suite, "lm_eval": _lm_eval_version(),
                    "settings": {**settings, "context_tokens": spec.context_tokens,
@@ -203,7 +206,7 @@ def run_downstream(ctx: RunContext) -> Path | None:
         print(f"[downstream] evaluated: {', '.join(evaluated)} ({time.perf_counter() - t0:.0f} s)")
     for x in skipped:
         print(f"[downstream] skip {x['name']}: {x['reason']}")
-    _print_table(results_table(results))
+    print(text_table(results_table(results)))
     print(f"[downstream] {len(rows)} (model, task) rows -> {layout.downstream_results}")
     if layout.metrics.is_file():
         with StageLock(layout.lock("eval", "report"), "the eval report"):
@@ -239,8 +242,3 @@ def run_downstream_in_all(ctx: RunContext) -> None:
         return
     run_downstream(ctx)
 
-
-def _print_table(cells: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for r in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))

@@ -17,6 +17,7 @@ from typing import Any
 
 from bam_pipeline.data.prepare import TOKENIZER_FILE, PreparedData
 from bam_pipeline.errors import BamError
+from bam_pipeline.eval.downstream_table import result_cell
 from bam_pipeline.eval.names import about
 from bam_pipeline.interop.hf_export import ExportResult, ExportTokenizer, ModelCard, choose_format, push_to_hub
 from bam_pipeline.interop.hf_export import write_export
@@ -56,8 +57,7 @@ def downstream_lines(ctx: RunContext, art: Artifact) -> list[str]:
     if not path.is_file():
         return []
     results = json.loads(path.read_text())
-    return [f"- downstream ({results.get('suite')}) `{r['task']}`: acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, "
-            f"acc_norm {r['acc_norm']:.4f} ({r['items']} items)"
+    return [f"- downstream ({results.get('suite')}) `{r['task']}`: {result_cell(r)} ({r['items']} items)"
             for r in results.get("rows", []) if r["model"] == art.label and r.get("artifact_hash") == art.hash]
 
 

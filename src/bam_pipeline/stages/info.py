@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bam_pipeline.eval.render import text_table
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import describe
@@ -51,12 +52,6 @@ def memory_table(rows: list[tuple[str, str, MemoryEstimate]], device_bytes: int)
         cells = [m.params, m.grads, m.optimizer, m.activations, m.working, m.total]
         out.append([stage, model, *map(format_bytes, cells), "yes" if m.fits(device_bytes) else "NO"])
     return out
-
-
-def _print_table(cells: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for r in cells:
-        print("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
 def _val_passes(steps: int, val_every: int, val_tokens: int) -> int:
@@ -159,7 +154,7 @@ def run_info(ctx: RunContext) -> None:
     table = [("seed", f"{dense.name} dense", estimate(dense, setup)),
              ("branch", f"{dense.name} dense", estimate(dense, setup)),
              ("moe", f"{dense.name} + {variant.name}", estimate(mixed, setup))]
-    _print_table(memory_table(table, device))
+    print(text_table(memory_table(table, device), left=2, indent="  "))
     print("  assumptions:")
     for a in ASSUMPTIONS:
         print(f"  - {a}")

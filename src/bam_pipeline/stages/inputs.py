@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bam_pipeline.data.prepare import PreparedData, open_current
+from bam_pipeline.eval.runner import BTM_LABEL
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
@@ -84,7 +85,6 @@ def require(ctx: RunContext, stage: str, name: str, producer: str, prepared: Pre
         raise BamError(f"{e} (`{producer}`)") from None
 
 
-ENSEMBLE_LABEL = "btm"  # the eval-time ensemble of eval/btm.py: a row of the eval table, no artifact
 
 
 def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: str = "artifact") -> Artifact:
@@ -94,7 +94,7 @@ def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: s
     path = ctx.layout.artifact(stage, name) if stage in MODEL_STAGES and name and "/" not in name else None
     if path is None or try_read_artifact(path) is None or not (path / WEIGHTS).is_file():
         known = ", ".join(a.label for a in find_model_artifacts(ctx.layout)) or "none yet"
-        if text == ENSEMBLE_LABEL:
+        if text == BTM_LABEL:  # the eval-time ensemble of eval/btm.py: a row of the eval table, no artifact
             raise BamError(f"{key}={text}: BTM is an eval-time ensemble of the seed and the domain experts, not one "
                            f"model; name one of this run's models ({known})")
         raise BamError(f"unknown {key} {text!r}: run {ctx.run} has no such model ({known}; "

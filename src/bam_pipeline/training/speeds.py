@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bam_pipeline.errors import BamError
+from bam_pipeline.store.files import write_json
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ class SpeedTable:
     forward_tokens_per_s: dict[str, float] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json(path, asdict(self), sort_keys=True)
 
     @classmethod
     def read(cls, path: Path) -> "SpeedTable | None":
