@@ -147,3 +147,7 @@ def test_a_task_without_accuracy_shows_its_own_metric():
     mc = task_row("arc_easy", {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6}, 10)
     assert result_cell(mc) == "0.500 ± 0.100 (0.600)"
     assert result_cell(None) == "-"
+    from bam_pipeline.stages.export import _card_result
+
+    assert _card_result(gsm) == "exact_match,strict-match 0.250 ± 0.050"  # the export card: no crash on acc=None
+    assert _card_result(mc) == "acc 0.5000 ± 0.1000, acc_norm 0.6000"

@@ -79,7 +79,6 @@ def test_a_stop_signal_while_publishing_data_leaves_nothing(tmp_path):
 
 
 # ---- two runs of one stage --------------------------------------------------------------------
-@pytest.mark.slow  # ~40 s: two concurrent training processes
 def test_a_second_run_of_a_stage_stops_at_once_and_the_first_publishes_one_log(smoke_run, tmp_path):
     root = _data_only(smoke_run, tmp_path / "stages")
     lock = root / "smoke" / ".locks" / "seed" / "main.lock"

@@ -65,7 +65,6 @@ def test_an_imported_seed_computes_what_transformers_does(case, tmp_path):
     assert weights == {save.get("dtype", torch.float32)}  # seed.dtype=null keeps the checkpoint's dtype
 
 
-@pytest.mark.slow  # ~50 s: the whole pipeline on an imported seed
 def test_the_pipeline_runs_on_an_imported_seed_and_identical_experts_preserve_it(tmp_path):
     ckpt = _checkpoint(tmp_path)
     root = tmp_path / "stages"

@@ -57,8 +57,18 @@ def downstream_lines(ctx: RunContext, art: Artifact) -> list[str]:
     if not path.is_file():
         return []
     results = json.loads(path.read_text())
-    return [f"- downstream ({results.get('suite')}) `{r['task']}`: {result_cell(r)} ({r['items']} items)"
+    return [f"- downstream ({results.get('suite')}) `{r['task']}`: {_card_result(r)} ({r['items']} items)"
             for r in results.get("rows", []) if r["model"] == art.label and r.get("artifact_hash") == art.hash]
+
+
+def _card_result(row: dict[str, Any]) -> str:
+    """acc ± its standard error and acc_norm, named; a task without accuracy (exact_match, pass@1) by
+    its own first metric."""
+    if row.get("acc") is None:
+        return result_cell(row)
+    se = "" if row.get("acc_stderr") is None else f" ± {row['acc_stderr']:.4f}"
+    norm = "" if row.get("acc_norm") is None else f", acc_norm {row['acc_norm']:.4f}"
+    return f"acc {row['acc']:.4f}{se}{norm}"
 
 
 def model_card(ctx: RunContext, art: Artifact, prepared: PreparedData) -> ModelCard:
