@@ -107,6 +107,11 @@ def probe_label(label: str, probe: str) -> str:
     return f"{label}+{probe}"
 
 
+def probed_label(label: str) -> str:
+    """The model a row's label scores: the label itself, or the model a probe label changed."""
+    return label.split("+", 1)[0]
+
+
 def _seq_len(spec: EvalSpec, art: Artifact, max_seq_len: int) -> int:
     seq_len = spec.seq_len or max_seq_len
     if seq_len > max_seq_len:
@@ -247,7 +252,7 @@ def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
     """A row's tokens/s from the fresh measurements (module docstring: probes and BTM)."""
     if row["role"] == "ensemble":
         return 1.0 / sum(1.0 / speeds[m]["tokens_per_s"] for m in row["btm_models"])
-    return speeds[row["model"].split("+", 1)[0]]["tokens_per_s"]
+    return speeds[probed_label(row["model"])]["tokens_per_s"]
 
 
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
@@ -331,7 +336,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     walls = {a.label: a.manifest.get("wall_time") for a in good}  # a training stage's split (job.py), else None
     for r in rows:
         r["tokens_per_s"] = _row_speed(r, speeds)
-        r["wall_time"] = walls.get(r["model"].split("+", 1)[0]) if r["role"] != "probe" else None
+        r["wall_time"] = walls.get(r["model"])  # None for a probe row and for BTM
     print(f"[eval] speed of {len(measured)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
           f"{spec.batch_size} sequences of {speed_source})")
     if reused:
