@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from bam_pipeline.eval.aggregate import Aggregate
 from bam_pipeline.eval.names import column_name
+from bam_pipeline.eval.runner import probed_label
 from bam_pipeline.eval.stats import FAILS, HOLDS, Interval, claim_verdict, interval_of
 from bam_pipeline.eval.table import AVERAGE
 
@@ -140,7 +141,7 @@ def answer_row(agg: Aggregate, q: Question, label: str) -> RowAnswer:
 def _params(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
     out = {}
     for r in rows:
-        base = r["model"].split("+", 1)[0]
+        base = probed_label(r["model"])
         out.setdefault(r["model"], (r.get("params_total", 0), r.get("params_active", 0)))
         out.setdefault(base, out[r["model"]])
     return out
