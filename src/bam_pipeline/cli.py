@@ -97,6 +97,9 @@ def app(cfg: DictConfig) -> None:
     except BamError as e:
         fail(str(e), e.exit_code)
     except Exception as e:
+        stop = preemption.stop_behind(e)
+        if stop is not None:
+            fail(str(stop), stop.exit_code)
         report_unexpected(e)
 
 

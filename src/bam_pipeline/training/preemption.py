@@ -34,7 +34,7 @@ class Stopped(BamError):
         self.exit_code = 128 + signum
 
 
-_state: dict[str, object] = {"training": False, "received": None}
+_state: dict[str, object] = {"training": False, "received": None, "raised": None}
 
 
 def slurm_requeues() -> bool:
@@ -45,14 +45,32 @@ def slurm_requeues() -> bool:
 
 
 def _handler(signum: int, frame) -> None:
-    name = signal.Signals(signum).name
     if _state["training"]:
         if _state["received"] is None:
             _state["received"] = signum
             if signum != signal.SIGTERM:
                 os.kill(os.getpid(), signal.SIGTERM)  # Lightning's stop-at-step-end runs on SIGTERM
         return
-    raise Stopped(signum, f"stopped by {name}; nothing half-written was kept; re-run the same command to continue")
+    _state["raised"] = signum
+    raise _stopped(signum)
+
+
+def _stopped(signum: int) -> Stopped:
+    name = signal.Signals(signum).name
+    return Stopped(signum, f"stopped by {name}; nothing half-written was kept; re-run the same command to continue")
+
+
+def stop_behind(error: BaseException) -> Stopped | None:
+    """The stop signal behind an unexpected ``error``, if one was raised in this process.
+
+    The handler raises :class:`Stopped` wherever the program happens to be. Inside a library's bare
+    ``except:`` it turns into another error: dill, imported lazily while data is published, catches it
+    and falls back to ``from version import ...``, a ``ModuleNotFoundError``. The command was still
+    stopped by the signal (publishing is atomic either way), so it is reported as the stop it was."""
+    signum = _state["raised"]
+    if isinstance(error, Stopped) or signum is None:
+        return None
+    return _stopped(int(signum))
 
 
 def install() -> None:
