@@ -8,6 +8,9 @@ loop, at the ``small`` and the ``tiny`` layer shapes; (3) shared-KV vs expert-KV
 experiments' batch (16 sequences), the dense seed and the mixtures BAM, BAM shared-KV and BTX
 interleaved in one loop: tokens/s, and BAM's throughput relative to dense as a share of what their
 FLOP ratio allows (tokens/s ratio x training-FLOPs ratio; 1.0 = BAM costs exactly its extra FLOPs);
+for tiny also the attention kernel alone at BAM's shape, causal vs unmasked (a kernel that skips the
+mask's upper half takes about half the time), and the efficiency with the masked scores counted, for
+a kernel that computes them;
 (5) peak memory of one training step of the LM head and loss alone at bam-590m's head (256k x
 1024) on short sequences (2 x 512 tokens), plain vs chunked (``train.loss_chunk_logits``), from the torch
 profiler's allocation events (not RSS: freed host memory stays resident); (6) ``train.compile``:
@@ -99,6 +102,19 @@ def layer_step(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.
         module.zero_grad(set_to_none=True)
         h.grad = None
         forward(h).backward(upstream)
+
+    return step
+
+
+def attention_kernel_step(shape: tuple[int, int, int, int], causal: bool, gen: torch.Generator,
+                          device: torch.device, dtype: torch.dtype):
+    """Forward + backward of ``scaled_dot_product_attention`` on (B, heads, T, hd) inputs, causal or not."""
+    q, k, v = (torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    upstream = torch.randn(*shape, generator=gen).to(device, dtype)
+
+    def step() -> None:
+        q.grad = k.grad = v.grad = None
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(upstream)
 
     return step
 
@@ -230,6 +246,18 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, ski
                          f"(FLOPs x{flop_ratio:.2f})"))
             rows.append((f"(4) {name} bam: tokens/s ratio x FLOPs ratio (1.0 = its FLOPs exactly)", "-", "-",
                          speed_ratio * flop_ratio, ">= 0.90x" if name == "tiny" else "(info)"))
+            if name == "tiny":  # what the attention kernel computes, and the efficiency counted that way
+                bam_cfg = cfgs["bam"]
+                shape = (seqs, bam_cfg.attn_experts * bam_cfg.n_heads, bam_cfg.max_seq_len, bam_cfg.head_dim)
+                t_full, t_causal, kernel_ratio = compare(attention_kernel_step(shape, False, gen, device, dtype),
+                                                         attention_kernel_step(shape, True, gen, device, dtype))
+                rows.append((f"(4) {name} bam attention kernel {'x'.join(map(str, shape))}, fwd+bwd: causal / unmasked",
+                             f"unmasked {t_full * 1e3:.1f} ms", f"causal {t_causal * 1e3:.1f} ms", kernel_ratio,
+                             "(info; ~0.5 skips masked scores)"))
+                full = {k: training_flops_per_token(c, full_scores=True) for k, c in cfgs.items()}
+                full_ratio = full["bam"] / full["dense"]
+                rows.append((f"(4) {name} bam: efficiency counting masked scores too (FLOPs x{full_ratio:.2f})", "-",
+                             "-", speed_ratio * full_ratio, "(info; for a kernel that computes them)"))
 
     if "5" not in skip and device.type == "cpu":  # LM head + loss at bam-590m's head, 2 x 512 tokens
         head = preset("bam-590m")

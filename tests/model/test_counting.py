@@ -87,6 +87,15 @@ def test_bam_flops_by_hand():
     assert flops_per_token(top2, 64).ffn == 2 * 2 * 2 * FFN_EXPERT
 
 
+def test_full_scores_count_every_position_of_a_row():
+    """A kernel that does not skip the causal mask computes T scores per query, not (T + 1) / 2."""
+    cfg = SMOKE.replace(attn_experts=4, ffn_experts=4, ffn_router=RouterConfig("topk", 1))
+    causal, full = flops_per_token(cfg, seq_len=64), flops_per_token(cfg, seq_len=64, full_scores=True)
+    assert full.attention_scores == 2 * 4 * (2 * 2 * 32 * 64) == 65536  # 2 layers, 4 experts, q.k + p.v
+    assert full.total - causal.total == full.attention_scores - causal.attention_scores == 65536 - 33280
+    assert training_flops_per_token(cfg, 64, full_scores=True) == 3 * full.total
+
+
 def test_bad_seq_len_is_refused():
     with pytest.raises(BamError, match="seq_len"):
         flops_per_token(SMOKE, seq_len=0)

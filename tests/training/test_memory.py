@@ -121,3 +121,31 @@ def test_sizes_and_the_info_section():
     assert InfoSpec("141GB", "speeds.json").device_bytes == 141 * 10**9
     with pytest.raises(ConfigError, match="device_memory='80 gigs'"):
         InfoSpec("80 gigs", "speeds.json")
+
+
+@pytest.mark.parametrize("layout", ["bam", "bam_shared_kv", "btx_top2", "bias"])
+def test_frozen_experts_plan_the_gradients_and_optimizer_state_one_step_holds(layout):
+    """bam_frozen: the planner's gradient and AdamW bytes against the tensors one step leaves, with the
+    experts frozen the way the moe stage freezes them (and, for contrast, not frozen)."""
+    from bam_pipeline.training.module import freeze_expert_tensors
+
+    extra = {"attn_experts": 4, "ffn_experts": 4, "qkv_bias": True} if layout == "bias" else LAYOUTS[layout]
+    cfg = preset("smoke").replace(**extra)
+    setup = MemorySetup(2, 16, 1, "auto", "32-true", False, None)
+    for frozen in (False, True):
+        model = BAMTransformer(cfg)
+        names = set(freeze_expert_tensors(model)) if frozen else set()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        loss, out = model.loss(idx, idx)
+        (loss + out.aux_loss).backward()
+        opt.step()
+        grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+        moments = sum(t.nbytes for state in opt.state.values() for k, t in state.items() if k != "step")
+        planned = estimate(cfg, setup, frozen_experts=frozen)
+        assert planned.params == sum(p.nbytes for p in model.parameters())
+        assert (planned.grads, planned.optimizer) == (grads, moments)
+        if frozen:  # the planner's expert count is what the moe stage freezes
+            frozen_bytes = sum(p.nbytes for n, p in model.named_parameters() if n in names)
+            assert frozen_bytes == 4 * cfg.n_layers * count_params(cfg).per_layer.experts > 0
+            assert planned.grads == planned.params - frozen_bytes

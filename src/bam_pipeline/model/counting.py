@@ -80,6 +80,7 @@ class LayerParamCount:
     ffn_active: int
     routers: int
     norms: int
+    experts: int  # in stacked tensors of more than one expert: what ``freeze_experts`` keeps fixed
 
     @property
     def total(self) -> int:
@@ -148,6 +149,10 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
     ffn_expert = 3 * d * cfg.d_ff  # w1, w3: (D, F); w2: (F, D)
     routers = router_params(cfg)
     bias = cfg.attn_experts * q_bias + cfg.kv_experts * kv_bias
+    # stacked tensors with E > 1 (an averaged tensor, E = 1, is not an expert): Q/O (+ bq), K/V (+ bk, bv), FFN
+    experts = ((cfg.attn_experts * (qo + q_bias) if cfg.attn_experts > 1 else 0)
+               + (cfg.kv_experts * (kv + kv_bias) if cfg.kv_experts > 1 else 0)
+               + (cfg.ffn_experts * ffn_expert if cfg.ffn_experts > 1 else 0))
     bias_active = cfg.attn_active_experts * q_bias + active_kv_sets * kv_bias
     return LayerParamCount(
         attention=cfg.attn_experts * qo + cfg.kv_experts * kv + bias,
@@ -158,6 +163,7 @@ def layer_params(cfg: ModelConfig) -> LayerParamCount:
         ffn_active=round(cfg.ffn_active_experts * ffn_expert),
         routers=routers,
         norms=d * (1 if cfg.parallel_residual else 2),
+        experts=experts,
     )
 
 
@@ -193,10 +199,14 @@ def average_causal_context(seq_len: int) -> float:
     return (seq_len + 1) / 2
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False) -> FlopCount:
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False,
+                    full_scores: bool = False) -> FlopCount:
     """Forward FLOPs per token of ``cfg`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``).
     Top-k attention: what an ideal sparse kernel computes (budgets), or with ``implementation`` what
-    our fused attention computes (every expert; module docstring)."""
+    our fused attention computes (every expert; module docstring). ``full_scores`` counts all ``T``
+    positions of every query's row, the causal mask's upper half included: what a kernel that does
+    not skip masked blocks computes (PyTorch's CPU flash attention below 512 positions, whose one key
+    block spans the whole sequence; ``make bench`` row (4) measures it)."""
     t = cfg.max_seq_len if seq_len is None else seq_len
     if t <= 0:
         raise BamError(f"seq_len must be a positive number of tokens, got {t}; pass the training context length")
@@ -207,7 +217,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementat
     computed = cfg.attn_experts if implementation else cfg.attn_active_experts
     proj = computed * 2 * d * q_width + cfg.kv_experts * 2 * d * kv_width
     # q.k and p.v: per computed expert, every query head does head_dim multiply-adds per context position
-    scores = 2 * 2 * computed * q_width * average_causal_context(t)
+    scores = 2 * 2 * computed * q_width * (t if full_scores else average_causal_context(t))
     return FlopCount(
         attention_proj=cfg.n_layers * 2 * proj,
         attention_scores=cfg.n_layers * scores,
@@ -218,10 +228,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementat
     )
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False
-                             ) -> float:
-    """Forward + backward FLOPs per token: 3x the forward pass (ideal kernel, or ``implementation``)."""
-    return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len, implementation=implementation).total
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False,
+                             full_scores: bool = False) -> float:
+    """Forward + backward FLOPs per token: 3x the forward pass (ideal kernel, or ``implementation``;
+    ``full_scores``: masked scores counted too)."""
+    return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len, implementation=implementation,
+                                                       full_scores=full_scores).total
 
 
 def architecture_summary(cfg: ModelConfig) -> str:

@@ -153,7 +153,8 @@ def run_info(ctx: RunContext) -> None:
     device = ctx.info.device_bytes
     table = [("seed", f"{dense.name} dense", estimate(dense, setup)),
              ("branch", f"{dense.name} dense", estimate(dense, setup)),
-             ("moe", f"{dense.name} + {variant.name}", estimate(mixed, setup))]
+             ("moe", f"{dense.name} + {variant.name}" + (" (frozen experts)" if variant.freeze_experts else ""),
+              estimate(mixed, setup, frozen_experts=variant.freeze_experts))]
     print(text_table(memory_table(table, device), left=2, indent="  "))
     print("  assumptions:")
     for a in ASSUMPTIONS:

@@ -46,6 +46,9 @@ ASSUMPTIONS = (
     "fsdp: autocast's bfloat16 copies of the weights matmuls read, held for the backward pass",
     "activations: what the model saves for the backward pass of one micro-batch (counted per token and "
     "layer from the model's code); the LM loss's peak on top (whole float32 logits, or one chunk of them)",
+    "frozen experts (mix variants with freeze_experts): no gradients or optimizer state for the stacked "
+    "expert tensors; their activations still count, since the routers and earlier layers need the gradient "
+    "through them",
     "not counted: the allocator's fragmentation and caching, CUDA context and library workspaces "
     "(typically 1-3 GB per GPU), data loader buffers",
 )
@@ -170,18 +173,24 @@ def activation_bytes(cfg: ModelConfig, setup: MemorySetup) -> int:
     return blocks + final_norm + 8 * n + loss_bytes(cfg, setup)[0]
 
 
-def estimate(cfg: ModelConfig, setup: MemorySetup) -> MemoryEstimate:
-    """Bytes per device of training ``cfg`` as ``setup`` describes (see :data:`ASSUMPTIONS`)."""
+def estimate(cfg: ModelConfig, setup: MemorySetup, *, frozen_experts: bool = False) -> MemoryEstimate:
+    """Bytes per device of training ``cfg`` as ``setup`` describes (see :data:`ASSUMPTIONS`);
+    ``frozen_experts``: the expert tensors get no gradients or optimizer state (``freeze_experts``)."""
     counts = count_params(cfg)
     total = counts.total
-    share = math.ceil(total / setup.world_size) if setup.sharded else total
+    frozen_per_block = counts.per_layer.experts if frozen_experts else 0
+    trainable = total - cfg.n_layers * frozen_per_block
+
+    def share(n: int) -> int:
+        return math.ceil(n / setup.world_size) if setup.sharded else n
+
     p = setup.param_bytes
-    params, grads, optimizer = p * share, p * share, 2 * p * share
+    params, grads, optimizer = p * share(total), p * share(trainable), 2 * p * share(trainable)
     working = loss_bytes(cfg, setup)[1]
     if setup.sharded:
         root = counts.embedding + counts.final_norm
         block = counts.per_layer.total
-        working += setup.compute_bytes * (root + 2 * block) + 4 * (root + block)
+        working += setup.compute_bytes * (root + 2 * block) + 4 * (root + block - frozen_per_block)
     else:
         if setup.precision in ("bf16-mixed", "16-mixed"):
             working += autocast_weight_bytes(cfg)
