@@ -1,6 +1,7 @@
 """stage=downstream on the smoke run: stage=all ran the offline suite after eval for every model
 (BTM skipped with its reason), wrote downstream/results.json and put the Table 3 analogue in the
-report; a second run reuses every cached (model, task) result; a subset of models and tasks; the
+report; a second run reuses every cached (model, task) result; one model again keeps the others'
+rows; a subset of models and tasks; the
 numbers are lm-eval's over our LM; without lm-eval, stage=downstream is one line and stage=all goes on."""
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def test_a_second_run_reuses_the_cache_and_a_subset_runs_only_what_it_names(smok
     assert "[downstream] reused cached results for: seed, branch/code" in r.out and "evaluated:" not in r.out
     again = json.loads((run / "downstream" / "results.json").read_text())
     assert again["rows"] == res["rows"]
+    # one model again: the others' rows stay in results.json (same tasks and settings, same artifacts)
+    r = cli_here(smoke_copy, "stage=downstream", "downstream.models=[moe/bam]", check=True)
+    assert "kept the earlier results (same tasks and settings, same artifact) of: seed, branch/code" in r.out
+    one = json.loads((run / "downstream" / "results.json").read_text())
+    assert one["rows"] == res["rows"] and "moe/bam" not in one["kept"]
+    for row in one["rows"]:  # as if the seed had been retrained since its rows were scored
+        if row["model"] == "seed":
+            row["artifact_hash"] = "0" * 64
+    (run / "downstream" / "results.json").write_text(json.dumps(one))
+    cli_here(smoke_copy, "stage=downstream", "downstream.models=[moe/bam]", check=True)
+    stale = json.loads((run / "downstream" / "results.json").read_text())
+    assert "seed" not in stale["kept"] and [x for x in stale["rows"] if x["model"] != "seed"] == \
+        [x for x in res["rows"] if x["model"] != "seed"]
     r = cli_here(smoke_copy, "stage=downstream", "downstream.models=[seed,moe/bam,btm]",
                  "downstream.tasks=[bam_next_passage_law]", check=True)
     subset = json.loads((run / "downstream" / "results.json").read_text())

@@ -4,7 +4,9 @@ held-out test documents (``downstream=offline``, the default) or on the paper's 
 (``downstream=paper``, online; HumanEval and MBPP only with ``downstream.allow_code_execution``).
 
 Results go to ``stages/<run>/downstream/results.json`` and, when the run has been evaluated, into
-its report (rebuilt). Each (model, task) result is cached in ``downstream/cache/`` under the hash of
+its report (rebuilt). A run on some of the models (``downstream.models``) keeps the other models'
+rows of the file it replaces where they scored the same tasks with the same settings and their
+artifacts are unchanged. Each (model, task) result is cached in ``downstream/cache/`` under the hash of
 the model artifact, the task's configuration (the offline items themselves, or the paper task's
 name, shots and limit) and the settings that change numbers; only what changed runs again.
 
@@ -199,9 +201,12 @@ def run_downstream(ctx: RunContext) -> Path | None:
                                 "limit": spec.limit, "allow_code_execution": spec.allow_code_execution},
                    "tasks": {t: {k: v for k, v in configs[t].items() if k != "yaml"} for t in tasks},
                    "rows": rows, "skipped": skipped, "reused": reused, "evaluated": evaluated}
+        kept = _keep_earlier_rows(ctx, prepared, results, {a.label for a in arts})
         write_json(layout.downstream_results, results)
     if reused:
         print(f"[downstream] reused cached results for: {', '.join(reused)}")
+    if kept:
+        print(f"[downstream] kept the earlier results (same tasks and settings, same artifact) of: {', '.join(kept)}")
     if evaluated:
         print(f"[downstream] evaluated: {', '.join(evaluated)} ({time.perf_counter() - t0:.0f} s)")
     for x in skipped:
@@ -216,6 +221,42 @@ def run_downstream(ctx: RunContext) -> Path | None:
     else:
         print(f"the run has no eval results yet; `{ctx.cmd('stage=eval')}` writes the report with this table")
     return layout.downstream_results
+
+
+def _keep_earlier_rows(ctx: RunContext, prepared: PreparedData, results: dict[str, Any], selected: set[str]
+                       ) -> list[str]:
+    """Add to ``results`` the rows of models outside this selection from the results.json it replaces,
+    where those were measured on the same suite, tasks and settings and the model's artifact is still
+    the one they scored; so evaluating one new model keeps the others in the table and the report.
+    Rows are put in the run's model order. Returns the labels kept."""
+    path = ctx.layout.downstream_results
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        earlier = None
+    same = ("suite", "settings", "tasks")
+    if not isinstance(earlier, dict) or any(earlier.get(k) != results[k] for k in same):
+        return []
+    current: dict[str, str | None] = {}
+    kept_rows = []
+    for row in earlier.get("rows", []):
+        label = row.get("model")
+        if label in selected:
+            continue
+        if label not in current:
+            try:
+                current[label] = model_artifact(ctx, label, prepared).hash
+            except BamError:  # gone, or made with another tokenizer since
+                current[label] = None
+        if current[label] is not None and current[label] == row.get("artifact_hash"):
+            kept_rows.append(row)
+    order = {a.label: i for i, a in enumerate(find_model_artifacts(ctx.layout))}
+    tasks = list(results["tasks"])
+    results["rows"] = sorted([*results["rows"], *kept_rows],
+                             key=lambda r: (order.get(r["model"], len(order)), tasks.index(r["task"])))
+    kept = list(dict.fromkeys(r["model"] for r in kept_rows))
+    results["kept"] = kept
+    return kept
 
 
 @contextmanager
