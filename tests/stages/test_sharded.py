@@ -81,3 +81,29 @@ def test_two_sharded_processes_train_like_one_and_resume_after_sigkill(smoke_run
             assert abs(rank[key] - want) <= 0.01 * want, (key, rank[key], want)
     if trainer == "fsdp2_cpu":
         assert sharding["mesh"] == {"data_parallel": 2, "tensor_parallel": 1}
+
+
+@pytest.mark.slow  # ~35 s
+def test_frozen_experts_stay_bit_identical_under_fsdp_and_the_plan_holds(smoke_run, tmp_path):
+    """bam_frozen's moe stage on two fsdp_cpu processes: every stacked expert tensor published as the
+    upcycled mixture had it, the routers trained, and each rank's gradients and AdamW state as the
+    planner says with the experts frozen."""
+    root = _moe_inputs(smoke_run, tmp_path)
+    cli(root, "stage=mix", "mix=bam_frozen", check=True)
+    cli(root, "stage=moe", "mix=bam_frozen", "budget.moe.tokens=16384", "train.val_every=8", "trainer=fsdp_cpu",
+        "train.batch_size=4", check=True, timeout=600)
+    art = read_artifact(root / "smoke" / "moe" / "bam_frozen")
+    art.verify()
+    before = load_file(str(root / "smoke" / "mix" / "bam_frozen" / "model.safetensors"))
+    after = load_file(str(art.path / "model.safetensors"))
+    experts = [k for k in before if k.endswith(("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2",
+                                                "ffn.w3")) and before[k].shape[0] > 1]
+    assert len(experts) == 2 * 7
+    for k in experts:
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["layers.0.ffn.router.weight"], before["layers.0.ffn.router.weight"])
+    planned = estimate(read_model_config(art), MemorySetup(4, 64, 2, "fsdp", "32-true", False, None),
+                       frozen_experts=True)
+    for rank in art.manifest["sharding"]["per_rank"]:
+        for key, want in (("grads_bytes", planned.grads), ("optimizer_bytes", planned.optimizer)):
+            assert abs(rank[key] - want) <= 0.01 * want, (key, rank[key], want)
