@@ -94,12 +94,12 @@ def app(cfg: DictConfig) -> None:
         ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices, overrides=tuple(hydra_cfg.overrides.task))
         stage.run(ctx)
         finish_distributed()
-    except BamError as e:
-        fail(str(e), e.exit_code)
     except Exception as e:
-        stop = preemption.stop_behind(e)
+        stop = preemption.stop_behind(e)  # a stop signal another handler turned into this error
         if stop is not None:
             fail(str(stop), stop.exit_code)
+        if isinstance(e, BamError):
+            fail(str(e), e.exit_code)
         report_unexpected(e)
 
 

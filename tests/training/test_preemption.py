@@ -54,3 +54,19 @@ def test_the_stop_itself_is_not_reported_twice(handlers):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert preemption.stop_behind(caught.value) is None
+
+
+def test_a_stop_one_of_our_handlers_turned_into_a_user_error_is_still_the_stop(handlers):
+    """data/tokenizer.py's ``except Exception`` names a malformed file; a signal landing inside it is not that."""
+    from bam_pipeline.errors import BamError
+
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Exception as e:
+            raise BamError(f"malformed tokenizer file: {e}") from e
+    except BamError as e:
+        error = e
+    stop = preemption.stop_behind(error)
+    assert stop is not None and stop.exit_code == 143

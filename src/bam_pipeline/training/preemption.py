@@ -61,12 +61,14 @@ def _stopped(signum: int) -> Stopped:
 
 
 def stop_behind(error: BaseException) -> Stopped | None:
-    """The stop signal behind an unexpected ``error``, if one was raised in this process.
+    """The stop signal behind ``error``, if one was raised in this process and ``error`` is not it.
 
     The handler raises :class:`Stopped` wherever the program happens to be. Inside a library's bare
     ``except:`` it turns into another error: dill, imported lazily while data is published, catches it
-    and falls back to ``from version import ...``, a ``ModuleNotFoundError``. The command was still
-    stopped by the signal (publishing is atomic either way), so it is reported as the stop it was."""
+    and falls back to ``from version import ...``, a ``ModuleNotFoundError``. Inside one of our own
+    ``except Exception`` handlers that name a cause (a malformed tokenizer file, say) it would become
+    that handler's message. The command was still stopped by the signal (publishing is atomic either
+    way), so it is reported as the stop it was."""
     signum = _state["raised"]
     if isinstance(error, Stopped) or signum is None:
         return None
