@@ -147,10 +147,15 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # (A,) assignments grouped by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = routing.counts()  # (E,)
-        x_assign = x[:, None, :].expand(B * T, k, D).reshape(B * T * k, D)  # (A, D) token row per assignment
+        # (A, D) token row per assignment; top-1 (BAM) is x itself: its expand/reshape and the sum over
+        # one slot below would each cost a pass over the activations, forward or backward
+        x_assign = x if k == 1 else x[:, None, :].expand(B * T, k, D).reshape(B * T * k, D)
         xs = permute_rows(x_assign, order, inverse)  # (A, D) in expert order
         ys = permute_rows(self._experts(xs, counts), inverse, order)  # (A, D) back in assignment order
-        out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
+        if k == 1:
+            out = ys * gates.to(ys.dtype)  # (N, D) * (N, 1)
+        else:
+            out = (ys.view(B * T, k, D) * gates.to(ys.dtype)[..., None]).sum(1)  # (N, D)
         lb, z = self._aux(routing, counts, decides)
         return MoEOutput(out.view(B, T, D), routing, counts, lb, z)
 
