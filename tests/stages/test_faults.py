@@ -3,6 +3,7 @@ of one stage at once, killed publishes, and retraining that must not make the ru
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from cli_runner import SEED_ARGS, checkpointed, cli, cli_here, signal_when, start
 from safetensors.torch import load_file
 
-from bam_pipeline.store.artifacts import read_artifact, read_train_log
+from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
+from bam_pipeline.store.layout import RunLayout
 
 
 def _data_only(smoke_run, root: Path) -> Path:
@@ -127,7 +129,7 @@ def test_a_stale_stage_names_only_what_changed(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "train.grad_clip=0.5", "pipeline.on_stale=refuse")
     assert r.returncode == 2
     line = _one_error_line(r.out)
-    assert "seed is stale (config changed: train); re-run with pipeline.on_stale=rebuild" in line, line
+    assert "seed is stale (config changed: optim); re-run with pipeline.on_stale=rebuild" in line, line
 
 
 def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
@@ -135,3 +137,37 @@ def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
     r = cli_here(smoke_copy, "stage=mix", "mix=bam", "train.seed=0", "experiment=smoke")
     assert "run `python -m bam_pipeline stage=branch domain=law train.seed=0 experiment=smoke logger=none` first" \
         in _one_error_line(r.out)
+
+
+def test_consumers_leave_out_or_refuse_models_the_config_no_longer_builds(smoke_copy):
+    """A changed moe setting makes every moe/* stale: eval leaves them out and lists them, generate and
+    export refuse them in one line; a changed data config stops eval before anything is scored."""
+    stale_moe = "train.moe_lr_scale=0.5"
+    r = cli_here(smoke_copy, "stage=generate", "artifact=moe/bam", stale_moe, "generate.prompt=The",
+                 "generate.max_new_tokens=4")
+    assert r.returncode == 2
+    line = _one_error_line(r.out)
+    assert "artifact=moe/bam is stale (config changed: optim)" in line, line
+    assert f"`python -m bam_pipeline stage=all {stale_moe}" in line, line
+    exports = sorted((smoke_copy / "smoke").rglob("export*"))
+    r = cli_here(smoke_copy, "stage=export", "artifact=moe/btx", stale_moe)
+    assert r.returncode == 2 and "artifact=moe/btx is stale" in _one_error_line(r.out)
+    assert sorted((smoke_copy / "smoke").rglob("export*")) == exports
+
+    r = cli_here(smoke_copy, "stage=eval", stale_moe, check=True)
+    metrics = json.loads((smoke_copy / "smoke" / "eval" / "metrics.json").read_text())
+    scored = {row["model"] for row in metrics["rows"]}
+    skipped = {x["name"]: x["reason"] for x in metrics["skipped"] if x["kind"] == "model"}
+    moe = {a.label for a in find_model_artifacts(RunLayout(smoke_copy / "smoke")) if a.stage == "moe"}
+    assert moe and set(skipped) == moe and not scored & moe, (scored, skipped)
+    assert {"seed", "branch/code", "mix/bam"} <= scored
+    assert all(why.startswith("stale (config changed: optim)") for why in skipped.values()), skipped
+    assert "[eval] skip moe/bam: stale (config changed: optim)" in r.out
+
+    cli_here(smoke_copy, "stage=downstream", stale_moe, check=True)
+    results = json.loads((smoke_copy / "smoke" / "downstream" / "results.json").read_text())
+    assert not {row["model"] for row in results["rows"]} & moe
+    assert {x["name"] for x in results["skipped"] if x["reason"].startswith("stale (")} == moe
+
+    r = cli_here(smoke_copy, "stage=eval", "data.split.test=0.2")
+    assert r.returncode == 2 and "the data config or sources changed" in _one_error_line(r.out)

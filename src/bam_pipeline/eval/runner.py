@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -256,11 +256,13 @@ def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
 
 
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
-             chunking: LossChunking | None = None) -> Path:
+             chunking: LossChunking | None = None, stale: Mapping[str, str] | None = None,
+             rebuild: str = "") -> Path:
     """Evaluate every finished model artifact of the run; returns the path of metrics.json.
 
     ``general`` names the general source (the report's first column); ``chunking`` is the LM
-    loss's chunking rule (training's)."""
+    loss's chunking rule (training's). ``stale``: label -> why, models that are no longer what the
+    run's config builds; they are left out and listed as skipped, with ``rebuild`` saying how."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
@@ -298,7 +300,13 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         return result
 
     good = []
+    stale = stale or {}
     for art in arts:
+        if art.label in stale:
+            reason = f"stale ({stale[art.label]}); {rebuild}".rstrip("; ")
+            print(f"[eval] skip {art.label}: {reason}")
+            skipped.append({"kind": "model", "name": art.label, "reason": reason})
+            continue
         try:
             read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
             art.verify()

@@ -22,7 +22,8 @@ from bam_pipeline.eval.names import about
 from bam_pipeline.interop.hf_export import ExportResult, ExportTokenizer, ModelCard, choose_format, push_to_hub
 from bam_pipeline.interop.hf_export import write_export
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.inputs import model_artifact, open_data
+from bam_pipeline.stages.inputs import open_data
+from bam_pipeline.stages.status import current_model
 from bam_pipeline.store.artifacts import Artifact, load_state, publish, read_model_config, remove_dead_temporaries
 from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero
@@ -131,7 +132,7 @@ def run_export(ctx: RunContext) -> ExportResult | None:
     """stage=export: the export of ``artifact=``; uploaded with ``export.push_to_hub``."""
     text = require_artifact(ctx, "export")
     prepared = open_data(ctx)
-    art = model_artifact(ctx, text, prepared)
+    art = current_model(ctx, text, prepared)
     if not is_rank_zero():
         return None
     result = export_artifact(ctx, art, prepared)

@@ -20,7 +20,8 @@ from bam_pipeline.eval.runner import resolve_device
 from bam_pipeline.model.generation import GenerateSpec, TextGeneration, generate_text
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.export import require_artifact
-from bam_pipeline.stages.inputs import model_artifact, open_data
+from bam_pipeline.stages.inputs import open_data
+from bam_pipeline.stages.status import current_model
 from bam_pipeline.store.artifacts import load_model
 from bam_pipeline.store.files import write_text
 from bam_pipeline.training.ranks import is_rank_zero
@@ -84,7 +85,7 @@ def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
     spec = ctx.generate
     prompts = read_prompts(spec)
     prepared = open_data(ctx)
-    art = model_artifact(ctx, text, prepared)
+    art = current_model(ctx, text, prepared)
     if not is_rank_zero():
         return None
     model, cfg = load_model(art, device=str(resolve_device(ctx.eval.device)))
