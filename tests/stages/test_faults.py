@@ -129,7 +129,7 @@ def test_a_stale_stage_names_only_what_changed(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "train.grad_clip=0.5", "pipeline.on_stale=refuse")
     assert r.returncode == 2
     line = _one_error_line(r.out)
-    assert "seed is stale (config changed: optim); re-run with pipeline.on_stale=rebuild" in line, line
+    assert "seed is stale (config changed: train); re-run with pipeline.on_stale=rebuild" in line, line
 
 
 def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
