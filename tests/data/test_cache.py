@@ -37,7 +37,7 @@ def test_changed_config_or_sources_rebuild(fresh, tmp_path, capsys):
     cfg, first = fresh
     changed = dict(cfg, split={"val": 0.2, "test": 0.1})
     again = prepare_data(read_data_spec(changed), first.dir, progress=True)
-    assert "rebuilding" in capsys.readouterr().out
+    assert "data config changed: split since it was prepared; preparing it again" in capsys.readouterr().out
     assert again.config_hash != first.config_hash
     assert again.stats["code"]["val"]["documents"] > first.stats["code"]["val"]["documents"]
     with open(tmp_path / "src" / "law" / "docs.jsonl", "a") as f:

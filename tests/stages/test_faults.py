@@ -170,4 +170,4 @@ def test_consumers_leave_out_or_refuse_models_the_config_no_longer_builds(smoke_
     assert {x["name"] for x in results["skipped"] if x["reason"].startswith("stale (")} == moe
 
     r = cli_here(smoke_copy, "stage=eval", "data.split.test=0.2")
-    assert r.returncode == 2 and "the data config or sources changed" in _one_error_line(r.out)
+    assert r.returncode == 2 and "is not this run's (data config changed: split)" in _one_error_line(r.out)

@@ -233,7 +233,10 @@ def test_tiny_experiment_learns_what_the_method_predicts(tmp_path):
 
 def test_training_on_data_prepared_for_another_config_is_refused(smoke_copy):
     r = cli_here(smoke_copy, "stage=seed", "data.split.val=0.2")
-    assert r.returncode == 2 and "data config or sources changed" in r.out and "stage=data" in r.out
+    assert r.returncode == 2
+    line = next(x for x in r.out.splitlines() if x.startswith("error:"))
+    assert "is not this run's (data config changed: split)" in line, line  # names what changed
+    assert "run `python -m bam_pipeline stage=data data.split.val=0.2 experiment=smoke logger=none`" in line, line
 
 
 def _memory_rows(out: str) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -32,8 +32,15 @@ from bam_pipeline.store.files import canonical_hash, sha256_file, verify_checksu
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
-RUN_HINT = "run `python -m bam_pipeline stage=data`"
-REBUILD_HINT = "run `python -m bam_pipeline stage=data data.rebuild=true` to prepare it again"
+
+
+def bare_command(args: str) -> str:
+    """The command line for ``args`` alone; the stages pass their own, which keeps the user's overrides."""
+    return f"python -m bam_pipeline {args}"
+
+
+def _rebuild_hint(command: Callable[[str], str]) -> str:
+    return f"run `{command('stage=data data.rebuild=true')}` to prepare it again"
 
 
 @dataclass
@@ -85,12 +92,14 @@ def _identity(spec: DataSpec, seed_tokenizer: tk.SeedTokenizer | None = None) ->
 
 
 # ---- public API ------------------------------------------------------------------------------
-def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
-    """The finished data directory at ``out_dir``; BamError if missing, incomplete or corrupt."""
+def open_prepared(out_dir: Path, *, verify: bool = True, command: Callable[[str], str] = bare_command
+                  ) -> PreparedData:
+    """The finished data directory at ``out_dir``; BamError if missing, incomplete or corrupt, saying
+    how to prepare it with ``command`` (the stage's command line for its arguments)."""
     out_dir = Path(out_dir)
     mpath = out_dir / MANIFEST
     if not mpath.is_file():
-        raise BamError(f"no prepared data in {out_dir}; {RUN_HINT} first")
+        raise BamError(f"no prepared data in {out_dir}; run `{command('stage=data')}` first")
     try:
         m = json.loads(mpath.read_text())
         if m.get("stage") != "data":
@@ -101,28 +110,45 @@ def open_prepared(out_dir: Path, *, verify: bool = True) -> PreparedData:
             tokenizer_hash=m["tokenizer_hash"], config_hash=m["config_hash"], stats=m["stats"], manifest=m,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); {REBUILD_HINT}") from None
+        raise BamError(f"prepared data in {out_dir} is corrupt (manifest.json: {e}); "
+                       f"{_rebuild_hint(command)}") from None
     if verify:
-        verify_files(prepared)
+        verify_files(prepared, command)
     return prepared
 
 
-def verify_files(prepared: PreparedData) -> None:
+def verify_files(prepared: PreparedData, command: Callable[[str], str] = bare_command) -> None:
     """Every recorded file present with its checksum; BamError naming the first bad one."""
     verify_checksums(prepared.dir, prepared.manifest.get("files", {}), what="prepared data",
-                     fix=REBUILD_HINT)
+                     fix=_rebuild_hint(command))
+
+
+def changes(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str) -> str:
+    """What differs between prepared data's manifest and the identity ``_identity`` gives now."""
+    old = manifest.get("config", {})
+    keys = sorted(k for k in set(old) | set(hashed) if canonical_hash(old.get(k)) != canonical_hash(hashed.get(k)))
+    parts = [f"data config changed: {', '.join(keys)}"] if keys else []
+    if manifest.get("sources_hash") != sources_hash:
+        parts.append("a source's contents changed")
+    if "tokenizer" in keys and "from_seed_checkpoint" in (old.get("tokenizer") or {}):
+        parts.append("it was prepared with an imported seed checkpoint's tokenizer: give this command the same "
+                     "seed=hf seed.path=... to use it")
+    return "; ".join(parts) or "data config changed"
 
 
 def open_current(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokenizer | None = None,
-                 verify: bool = True) -> PreparedData:
+                 verify: bool = True, command: Callable[[str], str] = bare_command) -> PreparedData:
     """The prepared data at ``out_dir`` if it was made from ``spec`` (and the seed checkpoint's
-    tokenizer, when given) and today's sources, else BamError."""
-    prepared = open_prepared(out_dir, verify=False)
+    tokenizer, when given) and today's sources, else BamError naming what changed and the ``command``
+    that prepares it again."""
+    prepared = open_prepared(out_dir, verify=False, command=command)
     hashed, sources_hash = _identity(spec, seed_tokenizer)
     if prepared.config_hash != canonical_hash(hashed) or prepared.manifest.get("sources_hash") != sources_hash:
-        raise BamError(f"the data config or sources changed since {out_dir} was prepared; {RUN_HINT} again")
+        why = changes(prepared.manifest, hashed, sources_hash)
+        raise BamError(f"the prepared data in {out_dir} is not this run's ({why}); run `{command('stage=data')}` "
+                       "to prepare it for this config")
     if verify:
-        verify_files(prepared)
+        verify_files(prepared, command)
     return prepared
 
 
@@ -139,7 +165,8 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
             verify_files(old)
             _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")
             return old
-        _say(progress, f"data config or sources changed since {out_dir} was prepared; rebuilding")
+        _say(progress, f"{out_dir}: {changes(old.manifest, hashed, sources_hash)} since it was prepared; "
+                       "preparing it again (the models built from it become stale)")
     t0 = time.time()
     skipped: dict[str, str] = {}
     for name, source in spec.resolved.items():

@@ -60,7 +60,8 @@ def open_data(ctx: RunContext, *, verify: bool = True) -> PreparedData:
     """The run's prepared data, refused when it was made from another data config or other sources;
     waits first while another run is preparing it."""
     wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
-    return open_current(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx), verify=verify)
+    return open_current(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx), verify=verify,
+                        command=ctx.cmd)
 
 
 def data_input(prepared: PreparedData) -> Artifact:
