@@ -301,7 +301,8 @@ CASES: dict[str, Case] = {
     "generate_no_file": Case(A, ("stage=generate", "artifact=seed", "generate.prompts_file=/nonexistent/p.txt"),
                              "invalid generate.prompts_file='/nonexistent/p.txt': no such file", needs_run=True),
     "generate_too_long": Case(A, ("stage=generate", "artifact=seed", "generate.prompt=the", "generate.max_new_tokens=999"),
-                              "exceeds the model's context max_seq_len=64", needs_run=True),
+                              "exceeds the model's context max_seq_len=64; shorten the prompt or lower "
+                              "max_new_tokens to at most 62", needs_run=True),
     "generate_unknown": Case(A, ("stage=generate", "artifact=branch/bible", "generate.prompt=the"),
                              "unknown artifact 'branch/bible'", needs_run=True),
     "downstream_unknown_task": Case(A, ("stage=downstream", "downstream.tasks=[arc_easy]"),

@@ -109,6 +109,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq
         raise BamError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
             f"max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens"
+            + (f" to at most {max_seq_len - longest}" if longest < max_seq_len else "")
         )
 
 
