@@ -139,35 +139,47 @@ def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
         in _one_error_line(r.out)
 
 
-def test_consumers_leave_out_or_refuse_models_the_config_no_longer_builds(smoke_copy):
-    """A changed moe setting makes every moe/* stale: eval leaves them out and lists them, generate and
-    export refuse them in one line; a changed data config stops eval before anything is scored."""
-    stale_moe = "train.moe_lr_scale=0.5"
-    r = cli_here(smoke_copy, "stage=generate", "artifact=moe/bam", stale_moe, "generate.prompt=The",
-                 "generate.max_new_tokens=4")
+def test_consumers_leave_out_or_refuse_models_built_from_rebuilt_inputs(smoke_copy):
+    """The seed retrained with another setting: every model built from the old one is outdated. eval and
+    downstream leave them out and list them, generate and export refuse them in one line."""
+    cli_here(smoke_copy, "stage=seed", "train.grad_clip=0.5", check=True)
+    run = smoke_copy / "smoke"
+    built_on_seed = {a.label for a in find_model_artifacts(RunLayout(run))} - {"seed"}
+    r = cli_here(smoke_copy, "stage=generate", "artifact=moe/bam", "generate.prompt=The", "generate.max_new_tokens=4")
     assert r.returncode == 2
     line = _one_error_line(r.out)
-    assert "artifact=moe/bam is stale (config changed: optim)" in line, line
-    assert f"`python -m bam_pipeline stage=all {stale_moe}" in line, line
-    exports = sorted((smoke_copy / "smoke").rglob("export*"))
-    r = cli_here(smoke_copy, "stage=export", "artifact=moe/btx", stale_moe)
-    assert r.returncode == 2 and "artifact=moe/btx is stale" in _one_error_line(r.out)
-    assert sorted((smoke_copy / "smoke").rglob("export*")) == exports
+    assert "artifact=moe/bam is outdated (mix/bam is outdated)" in line, line
+    assert "rebuild it with `python -m bam_pipeline stage=all generate.prompt=The" in line, line
+    exports = sorted(run.rglob("export*"))
+    r = cli_here(smoke_copy, "stage=export", "artifact=branch/code")
+    assert r.returncode == 2
+    assert "artifact=branch/code is outdated (seed was rebuilt since)" in _one_error_line(r.out)
+    assert sorted(run.rglob("export*")) == exports
 
-    r = cli_here(smoke_copy, "stage=eval", stale_moe, check=True)
-    metrics = json.loads((smoke_copy / "smoke" / "eval" / "metrics.json").read_text())
-    scored = {row["model"] for row in metrics["rows"]}
+    r = cli_here(smoke_copy, "stage=eval", check=True)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
     skipped = {x["name"]: x["reason"] for x in metrics["skipped"] if x["kind"] == "model"}
-    moe = {a.label for a in find_model_artifacts(RunLayout(smoke_copy / "smoke")) if a.stage == "moe"}
-    assert moe and set(skipped) == moe and not scored & moe, (scored, skipped)
-    assert {"seed", "branch/code", "mix/bam"} <= scored
-    assert all(why.startswith("stale (config changed: optim)") for why in skipped.values()), skipped
-    assert "[eval] skip moe/bam: stale (config changed: optim)" in r.out
+    assert {row["model"] for row in metrics["rows"]} == {"seed"} and set(skipped) == built_on_seed, skipped
+    assert skipped["mix/bam"].startswith("outdated (") and "seed was rebuilt since)" in skipped["mix/bam"], skipped
+    assert skipped["moe/bam"].startswith("outdated (mix/bam is outdated)"), skipped
+    assert "[eval] skip branch/code: outdated (seed was rebuilt since)" in r.out
 
-    cli_here(smoke_copy, "stage=downstream", stale_moe, check=True)
-    results = json.loads((smoke_copy / "smoke" / "downstream" / "results.json").read_text())
-    assert not {row["model"] for row in results["rows"]} & moe
-    assert {x["name"] for x in results["skipped"] if x["reason"].startswith("stale (")} == moe
+    cli_here(smoke_copy, "stage=downstream", check=True)
+    results = json.loads((run / "downstream" / "results.json").read_text())
+    assert {row["model"] for row in results["rows"]} == {"seed"}
+    assert {x["name"] for x in results["skipped"] if x["reason"].startswith("outdated (")} == built_on_seed
 
-    r = cli_here(smoke_copy, "stage=eval", "data.split.test=0.2")
-    assert r.returncode == 2 and "is not this run's (data config changed: split)" in _one_error_line(r.out)
+
+def test_a_model_trained_with_its_own_settings_is_not_outdated(smoke_copy):
+    """Only rebuilt inputs make a model outdated; a one-off setting of its own (a shorter budget) is recorded
+    in its manifest, and the run's other models keep theirs."""
+    from bam_pipeline.store.artifacts import outdated_models
+
+    cli_here(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", "pipeline.on_stale=rebuild", check=True)
+    data_hash = json.loads((smoke_copy / "smoke" / "data" / "manifest.json").read_text())["hash"]
+    layout = RunLayout(smoke_copy / "smoke")
+    assert outdated_models(layout, data_hash) == {}
+    other_data = outdated_models(layout, "another")  # every model rests on the data, directly or through the seed
+    assert set(other_data) == {a.label for a in find_model_artifacts(layout)}
+    assert other_data["seed"] == "built on other prepared data than the run's" and other_data["mix/dense"] == \
+        "seed is outdated"

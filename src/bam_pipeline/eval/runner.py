@@ -19,7 +19,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +34,7 @@ from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
-from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, read_artifact
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models, read_artifact
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
@@ -256,13 +256,13 @@ def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
 
 
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
-             chunking: LossChunking | None = None, stale: Mapping[str, str] | None = None,
-             rebuild: str = "") -> Path:
+             chunking: LossChunking | None = None, rebuild: str = "rebuild it") -> Path:
     """Evaluate every finished model artifact of the run; returns the path of metrics.json.
 
     ``general`` names the general source (the report's first column); ``chunking`` is the LM
-    loss's chunking rule (training's). ``stale``: label -> why, models that are no longer what the
-    run's config builds; they are left out and listed as skipped, with ``rebuild`` saying how."""
+    loss's chunking rule (training's). Models built from inputs the run has rebuilt since
+    (:func:`~bam_pipeline.store.artifacts.outdated_models`) are left out and listed as skipped, with
+    ``rebuild`` saying how to bring them up to date."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
@@ -300,10 +300,10 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         return result
 
     good = []
-    stale = stale or {}
+    outdated = outdated_models(layout, prepared.manifest["hash"])
     for art in arts:
-        if art.label in stale:
-            reason = f"stale ({stale[art.label]}); {rebuild}".rstrip("; ")
+        if art.label in outdated:
+            reason = f"outdated ({outdated[art.label]}); {rebuild}"
             print(f"[eval] skip {art.label}: {reason}")
             skipped.append({"kind": "model", "name": art.label, "reason": reason})
             continue

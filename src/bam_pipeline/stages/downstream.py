@@ -37,9 +37,8 @@ from bam_pipeline.eval.render import text_table
 from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.eval import _command as command
-from bam_pipeline.stages.inputs import model_artifact, open_data
-from bam_pipeline.stages.status import current_model, rebuild_hint, stale_models
-from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model
+from bam_pipeline.stages.inputs import current_model, model_artifact, open_data, rebuild_hint
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models
 from bam_pipeline.store.files import canonical_hash, sha256_file, write_json
 from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero
@@ -54,21 +53,19 @@ def _lm_eval_version() -> str:
 
 
 def selected_models(ctx: RunContext, prepared: PreparedData) -> tuple[list[Artifact], list[dict[str, str]]]:
-    """The models to evaluate (``downstream.models``, else every current model of the run), each made
-    with the run's tokenizer, and skip records (BTM, stale models; a stale model named is refused)."""
+    """The models to evaluate (``downstream.models``, else every model of the run not outdated), each made
+    with the run's tokenizer, and skip records (BTM, outdated models; an outdated model named is refused)."""
     spec = ctx.downstream
     skipped = []
     btm = "BTM is an eval-time ensemble of the seed and the domain experts (eval/btm.py), not one model: it has no "\
           "lm-eval LM here, so no downstream row"
     if spec.models is None:
-        found, stale = find_model_artifacts(ctx.layout), stale_models(ctx)
+        found, outdated = find_model_artifacts(ctx.layout), outdated_models(ctx.layout, prepared.manifest["hash"])
         if not found:
             raise BamError(f"no trained model in {ctx.layout.run_dir}; run `{ctx.cmd('stage=all')}` first")
-        for label, why in stale.items():
-            skipped.append({"name": label, "reason": f"stale ({why}); {rebuild_hint(ctx)}"})
-        arts = [model_artifact(ctx, a.label, prepared) for a in found if a.label not in stale]
-        if not arts:
-            raise BamError(f"every model of run {ctx.run} is stale; {rebuild_hint(ctx)}")
+        for label, why in outdated.items():
+            skipped.append({"name": label, "reason": f"outdated ({why}); {rebuild_hint(ctx)}"})
+        arts = [model_artifact(ctx, a.label, prepared) for a in found if a.label not in outdated]
         if ctx.layout.metrics.is_file() and any(r["model"] == BTM_LABEL for r in
                                                 json.loads(ctx.layout.metrics.read_text())["rows"]):
             skipped.append({"name": BTM_LABEL, "reason": btm})
@@ -233,7 +230,7 @@ def _keep_earlier_rows(ctx: RunContext, prepared: PreparedData, results: dict[st
                        ) -> list[str]:
     """Add to ``results`` the rows of models outside this selection from the results.json it replaces,
     where those were measured on the same suite, tasks and settings and the model's artifact is still
-    the one they scored and still current; so evaluating one new model keeps the others in the table and
+    the one they scored and not outdated; so evaluating one new model keeps the others in the table and
     the report.
     Rows are put in the run's model order. Returns the labels kept."""
     path = ctx.layout.downstream_results
@@ -244,7 +241,8 @@ def _keep_earlier_rows(ctx: RunContext, prepared: PreparedData, results: dict[st
     same = ("suite", "settings", "tasks")
     if not isinstance(earlier, dict) or any(earlier.get(k) != results[k] for k in same):
         return []
-    current: dict[str, str | None] = dict.fromkeys(stale_models(ctx))  # a stale model's rows are not kept
+    # an outdated model's rows are not kept
+    current: dict[str, str | None] = dict.fromkeys(outdated_models(ctx.layout, prepared.manifest["hash"]))
     kept_rows = []
     for row in earlier.get("rows", []):
         label = row.get("model")

@@ -13,8 +13,7 @@ from bam_pipeline.eval.report import (build_report, build_seeds_report, print_se
 from bam_pipeline.eval.runner import run_eval
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data
-from bam_pipeline.stages.inputs import open_data
-from bam_pipeline.stages.status import rebuild_hint, stale_models
+from bam_pipeline.stages.inputs import open_data, rebuild_hint
 from bam_pipeline.store.locks import StageLock, wait_while_held
 from bam_pipeline.training.loggers import log_report
 from bam_pipeline.training.ranks import is_rank_zero
@@ -25,14 +24,14 @@ def _command() -> str:
 
 
 def run_eval_one(ctx: RunContext) -> None:
-    """Evaluate one run (one training seed), write its report and print its summary. Models that are
-    no longer what the run's config builds (stale: eval never rebuilds) are left out and listed as skipped."""
+    """Evaluate one run (one training seed), write its report and print its summary. Models built from
+    inputs the run has rebuilt since (outdated: eval never rebuilds) are left out and listed as skipped."""
     if not is_rank_zero():
         return
     with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
         wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
         metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
-                                stale=stale_models(ctx), rebuild=rebuild_hint(ctx))
+                                rebuild=rebuild_hint(ctx))
         build_report(ctx.layout, command=_command(), config_hash=ctx.config_hash, train_seed=ctx.train.seed,
                      resamples=ctx.eval.resamples)
     wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),

@@ -22,8 +22,7 @@ from bam_pipeline.eval.names import about
 from bam_pipeline.interop.hf_export import ExportResult, ExportTokenizer, ModelCard, choose_format, push_to_hub
 from bam_pipeline.interop.hf_export import write_export
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.inputs import open_data
-from bam_pipeline.stages.status import current_model
+from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import Artifact, load_state, publish, read_model_config, remove_dead_temporaries
 from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero

@@ -20,8 +20,7 @@ from bam_pipeline.eval.runner import resolve_device
 from bam_pipeline.model.generation import GenerateSpec, TextGeneration, generate_text
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.export import require_artifact
-from bam_pipeline.stages.inputs import open_data
-from bam_pipeline.stages.status import current_model
+from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import load_model
 from bam_pipeline.store.files import write_text
 from bam_pipeline.training.ranks import is_rank_zero

@@ -20,8 +20,8 @@ from bam_pipeline.eval.runner import BTM_LABEL
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, read_artifact,
-                                         remove_dead_temporaries, try_read_artifact)
+from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
+                                         read_artifact, remove_dead_temporaries, try_read_artifact)
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import MODEL_STAGES, label, parse_label
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
@@ -101,6 +101,23 @@ def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: s
         raise BamError(f"unknown {key} {text!r}: run {ctx.run} has no such model ({known}; "
                        "`python -m bam_pipeline stage=status` lists them)")
     return read_artifact(path, tokenizer=prepared.tokenizer_hash)  # a BamError naming it when another tokenizer's
+
+
+def rebuild_hint(ctx: RunContext) -> str:
+    """How to bring outdated models up to date: stage=all rebuilds what is stale and skips what is fresh."""
+    return f"rebuild it with `{ctx.cmd('stage=all')}` (`{ctx.cmd('stage=status')}` says what changed)"
+
+
+def current_model(ctx: RunContext, text: str, prepared: PreparedData, *, key: str = "artifact") -> Artifact:
+    """:func:`model_artifact`, refused in one line when it was built from inputs the run has rebuilt since
+    (:func:`~bam_pipeline.store.artifacts.outdated_models`): exported, generated from or scored, it would
+    not be the model of this run's seed, experts and data."""
+    art = model_artifact(ctx, text, prepared, key=key)
+    why = outdated_models(ctx.layout, prepared.manifest["hash"]).get(art.label)
+    if why is not None:
+        raise BamError(f"{key}={text} is outdated ({why}): it is not built from this run's current models; "
+                       f"{rebuild_hint(ctx)}")
+    return art
 
 
 @contextmanager

@@ -117,6 +117,43 @@ def find_model_artifacts(layout: RunLayout) -> list[Artifact]:
     return found
 
 
+def _input_label(key: str, record: dict[str, Any]) -> str:
+    """The label of a manifest's input: ``data``, ``seed``, ``branch/<d>`` by key; the moe stage's
+    ``mix`` input by the last two parts of its recorded path (``.../mix/<variant>``)."""
+    if key in ("data", "seed") or "/" in key:
+        return key
+    path = Path(str(record.get("path", "")))
+    return label(path.parent.name, path.name)
+
+
+def outdated_models(layout: RunLayout, data_hash: str) -> dict[str, str]:
+    """Label -> why, for every model artifact of the run built from inputs that are not the run's any more:
+    prepared data other than ``data_hash``, or an input artifact rebuilt since (another hash), or an
+    input that is outdated itself. Its own settings may differ from any command's (a shorter budget for
+    one variant): that is a choice its manifest records, not an outdated input. An input deleted since
+    tells nothing and is passed over."""
+    arts = {a.label: a for a in find_model_artifacts(layout)}
+    memo: dict[str, str | None] = {}
+
+    def why(lab: str) -> str | None:
+        if lab not in memo:
+            memo[lab] = None  # a cycle (impossible in a run) stops here
+            reasons = []
+            for key, record in arts[lab].manifest.get("inputs", {}).items():
+                src = _input_label(key, record)
+                if src == "data":
+                    if record.get("hash") != data_hash:
+                        reasons.append("built on other prepared data than the run's")
+                elif src in arts and arts[src].hash != record.get("hash"):
+                    reasons.append(f"{src} was rebuilt since")
+                elif src in arts and why(src) is not None:
+                    reasons.append(f"{src} is outdated")
+            memo[lab] = "; ".join(reasons) or None
+        return memo[lab]
+
+    return {lab: w for lab in arts if (w := why(lab)) is not None}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
