@@ -35,7 +35,8 @@ def test_the_wheel_ships_every_config_and_runs_from_another_directory(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "BAM_STAGES_DIR": str(elsewhere / "stages")}
     code = "import bam_pipeline, sys; print(bam_pipeline.__file__); sys.argv = ['bam-pipeline', *sys.argv[1:]]; " \
            "from bam_pipeline.cli import main; main()"
-    out = subprocess.run([sys.executable, "-c", code, "stage=info", "model=bam-590m", "mix=bam"], cwd=elsewhere,
+    out = subprocess.run([sys.executable, "-c", code, "stage=info", "model=bam-590m", "mix=bam",
+                          "data.tokenizer.vocab_size=256000"], cwd=elsewhere,
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0].startswith(str(site))  # the installed copy ran, not the source tree

@@ -121,7 +121,8 @@ def test_every_other_new_variant_mixes_and_trains(smoke_copy, name, routers):
 
 
 def test_info_prints_ideal_and_implemented_flops_of_topk_attention(tmp_path):
-    r = cli_here(tmp_path, "stage=info", "model=bam-590m", "mix=bam_attn_top2", "experiment=tiny", check=True)
+    r = cli_here(tmp_path, "stage=info", "model=bam-590m", "mix=bam_attn_top2", "experiment=tiny",
+                 "data.tokenizer.vocab_size=256000", check=True)
     ideal = re.search(r"forward FLOPs per token at context 2048: (\S+) ", r.out.split("bam_attn_top2")[1]).group(1)
     implemented = re.search(r"as implemented here \(every attention expert computed.*?\): (\S+) ", r.out).group(1)
     assert (ideal, implemented) == ("801.23M", "901.92M")  # top-2 of 4 vs all 4 attention experts

@@ -158,6 +158,9 @@ PAPER_PARAMS = {
 }
 
 
+PAPER_VOCAB = "data.tokenizer.vocab_size=256000"  # Table 8's; the run's tokenizer sets the model's vocabulary
+
+
 def _params(out: str) -> list[tuple[int, int]]:
     """(total, active) of each model stage=info printed, in order."""
     found = re.findall(r"parameters: total \S+ \(([\d,]+)\), active per token \S+ \(([\d,]+)\)", out)
@@ -166,7 +169,7 @@ def _params(out: str) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("mix", ["bam", "btx", "btx_matched", "btx_e6"])
 def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
-    r = cli_here(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", check=True)
+    r = cli_here(tmp_path, "stage=info", "model=bam-590m", f"mix={mix}", "experiment=tiny", PAPER_VOCAB, check=True)
     (dense, mixed) = _params(r.out)
     assert dense == PAPER_PARAMS["dense"][1] and mixed == PAPER_PARAMS[mix][1]
     for ours, paper in zip(mixed, PAPER_PARAMS[mix][0]):
@@ -273,3 +276,15 @@ def test_info_projects_wall_time_from_measured_speeds(tmp_path):
     # seed: 1,024,000 tokens at 1000 tokens/s + 10 validations of 16,384 tokens at 4000 tokens/s = 1065 s
     seed = next(line for line in r.out.splitlines() if line.strip().startswith("seed ") and "tiny/dense" in line)
     assert seed.split()[-2:] == ["18", "min"] and "measured on test machine" in r.out
+
+
+def test_info_sizes_the_model_with_the_runs_tokenizer(tmp_path, smoke_copy):
+    """The vocabulary comes from the run's tokenizer, never the preset's placeholder: the one the data
+    stage trains before data exists, the prepared one after; stage=info says which."""
+    r = cli_here(tmp_path, "stage=info", "experiment=smoke", check=True)
+    assert r.out.splitlines()[0].startswith("vocabulary: 512 tokens, from data.tokenizer.vocab_size"), r.out[:300]
+    assert "V=512" in r.out
+    prepared = json.loads((smoke_copy / "smoke" / "data" / "manifest.json").read_text())["vocab_size"]
+    r = cli_here(smoke_copy, "stage=info", check=True)
+    assert r.out.splitlines()[0].startswith(f"vocabulary: {prepared:,} tokens, from the run's prepared tokenizer")
+    assert f"V={prepared}" in r.out
