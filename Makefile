@@ -48,7 +48,7 @@ bench-generate: install  ## greedy decoding with vs without the KV cache, and KV
 full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=3: three train seeds, intervals)
 	$(PY) -m bam_pipeline stage=all experiment=tiny $(SEED_ARGS)
 
-ablations: install  ## the open questions (paper Tables 4-6, PAPER.md section 9) on the tiny experiment (SEEDS=3 too)
+ablations: install  ## the open questions (paper Tables 4-6, docs/paper.md section 9) on the tiny experiment (SEEDS=3 too)
 	$(PY) -m bam_pipeline stage=all experiment=ablations $(SEED_ARGS)
 
 clean:  ## remove stage outputs (not the venv)

@@ -1,7 +1,7 @@
 """The paper's three data mixtures as token proportions per source, and exact token allocation.
 
 - seed: ``seed_general`` of general text, the rest spread evenly over the domains;
-- branch for domain d: d plus ``branch_general`` of general text (PAPER.md section 1: 10%);
+- branch for domain d: d plus ``branch_general`` of general text (docs/paper.md section 1: 10%);
 - moe: general and every domain in equal shares (paper: 25% each of four).
 """
 

@@ -57,7 +57,7 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class MixtureShares:
-    """Shares of general text: the seed mixture's, and the branch mixture's (PAPER.md: 10%)."""
+    """Shares of general text: the seed mixture's, and the branch mixture's (docs/paper.md: 10%)."""
 
     seed_general: float
     branch_general: float

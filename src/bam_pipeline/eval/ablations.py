@@ -1,4 +1,4 @@
-"""The questions the paper leaves open (PAPER.md section 9, and its Tables 4-6), each answered from the
+"""The questions the paper leaves open (docs/paper.md section 9, and its Tables 4-6), each answered from the
 models of one run (or several seeds' runs) by paired comparisons against a reference model.
 
 A question names a reference model and the models it is compared with, by label. Its answer is a table

@@ -1,4 +1,4 @@
-"""The ordering claims of PAPER.md section 8, and the comparisons reported beside them, each declared
+"""The ordering claims of docs/paper.md section 8, and the comparisons reported beside them, each declared
 once as a list of paired comparisons "model A beats model B on column c".
 
 A claim is judged two ways from the same declaration:
@@ -51,7 +51,7 @@ class ClaimSpec:
     text: str
     comparisons: tuple[Comparison, ...]
     needs: str
-    in_paper: bool = True  # one of PAPER.md section 8's claims (else a comparison reported beside them)
+    in_paper: bool = True  # one of docs/paper.md section 8's claims (else a comparison reported beside them)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ passage) and ``acc_norm`` (per byte). Each task is a YAML file beside its JSONL 
 paths; the JSON builder of ``datasets`` reads it offline), plus a group ``bam_next_passage`` over
 all of them; ``TaskManager(include_path=suite.dir)`` finds them.
 
-**Paper tasks** (:data:`PAPER_TASKS`): Table 3 of the BAM paper (PAPER.md section 10) as lm-eval
+**Paper tasks** (:data:`PAPER_TASKS`): Table 3 of the BAM paper (docs/paper.md section 10) as lm-eval
 task names and shot counts; QuAC has no lm-eval task; HumanEval and MBPP execute generated code
 and run only when the caller allows it (lm-eval's ``confirm_run_unsafe_code``).
 """

@@ -5,7 +5,7 @@ task): lm-eval's metrics for the task (``acc``, ``acc_stderr``, ``acc_norm``, ..
 has them, every metric in ``metrics``), the number of items, and the model's artifact hash. The
 report's section (:func:`downstream_blocks`) is a table of models x tasks, acc ± standard error
 and acc_norm, with the items-weighted mean over the tasks, and the paper's Table 3 beside it only
-where a task is the paper's own (PAPER.md section 10 quotes the paper's averages over all of its
+where a task is the paper's own (docs/paper.md section 10 quotes the paper's averages over all of its
 tasks, not per-task numbers, so no per-task paper number exists to put beside ours).
 """
 
@@ -96,7 +96,7 @@ def load_results(layout: RunLayout) -> dict[str, Any] | None:
 def _paper_note(results: dict[str, Any]) -> str:
     averages = ", ".join(f"{name} {value:.2f}%" for name, value in TABLE3_AVERAGES.items())
     if results.get("suite") == "paper":
-        same = ("These are the paper's tasks at its shot counts, but the paper's text (PAPER.md section 10) gives only "
+        same = ("These are the paper's tasks at its shot counts, but the paper's text (docs/paper.md section 10) gives only "
                 "its averages over all of them (QuAC included, which lm-eval lacks), not a number per task, so no "
                 "paper number stands beside a task here.")
     else:

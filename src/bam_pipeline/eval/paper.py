@@ -1,6 +1,6 @@
 """The paper's own small-scale Table 1 (perplexity, lower is better), kept as data.
 
-Numbers copied from /work/shared/PAPER.md section 8, which quotes Table 1 of Zhang et al., "BAM! Just
+Numbers copied from /work/shared/docs/paper.md section 8, which quotes Table 1 of Zhang et al., "BAM! Just
 Like That: Simple and Efficient Parameter Upcycling for Mixture of Experts", arXiv 2408.08274
 (NeurIPS 2024). Rows use this project's artifact labels and columns its source names, so the same
 table and claim code reads the paper's numbers and the run's.
@@ -38,7 +38,7 @@ PAPER_ROLES: dict[str, str] = {
     "moe/btx": "mixture", "moe/bam": "mixture", "moe/bam_kv_shared": "mixture", "moe/bam_cm": "mixture",
 }
 
-# The paper's Table 3 (downstream tasks, 2B scale only): PAPER.md section 10 quotes the average over its
+# The paper's Table 3 (downstream tasks, 2B scale only): docs/paper.md section 10 quotes the average over its
 # tasks (GSM8K, MATH, HumanEval, MBPP, LegalBench ICQ, NQ, TriviaQA, ARC-E/C, SIQA, PIQA, WinoGrande, QuAC,
 # MMLU) per model, in percent; no per-task number.
 TABLE3_CITATION = "Zhang et al., arXiv 2408.08274, Table 3, 2B scale"

@@ -245,7 +245,7 @@ def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing
              "above 0 (the column named), otherwise not resolved at this scale.")
     if agg.table.ood:
         intro += " Whether mixing trades specialisation for generalisation is the out-of-domain section above."
-    return [("h", 2, "Open questions (PAPER.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
+    return [("h", 2, "Open questions (docs/paper.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
 
 
 def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],

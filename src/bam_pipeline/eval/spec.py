@@ -19,7 +19,7 @@ class EvalSpec:
     batch_size: int  # sequences per forward pass
     seq_len: Optional[int]  # null: each model's max_seq_len
     device: str  # auto = cuda when available, else cpu
-    btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (PAPER.md section 10)
+    btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (docs/paper.md section 10)
     btm_prior_sequences: int  # validation sequences per source that estimate BTM's prior over its models
     resamples: int = 2000  # bootstrap resamples behind every interval of the report (at least 2000)
     # mixtures (labels, e.g. moe/bam) also scored with their soft attention weights forced uniform: is

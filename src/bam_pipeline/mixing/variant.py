@@ -4,7 +4,7 @@
 its name. Everything else about a variant is derived here, once: which dense models it reads, the
 origin of every expert, the mixture's architecture (:meth:`MixVariant.layout`) and its display name.
 
-Methods (PAPER.md sections 1, 3 and 7):
+Methods (docs/paper.md sections 1, 3 and 7):
 - ``bam``: attention and FFN experts copied from [seed (when ``include_seed``), domain experts...];
   with shared KV the K/V projections are averaged into one set; everything else averaged;
 - ``btx``: FFN experts copied, attention and everything else averaged (one attention expert);
@@ -55,7 +55,7 @@ class MixVariant:
     kv: str = "expert"  # attention K/V (bam): one set per expert, or one shared set (averaged)
     attn_router: RouterConfig = SOFT
     ffn_router: RouterConfig = TOP1
-    include_seed: bool = True  # the seed joins as a generalist expert (PAPER.md section 1)
+    include_seed: bool = True  # the seed joins as a generalist expert (docs/paper.md section 1)
     extra_seed_ffn_experts: int = 0
     router_init: str = "normal"
     router_std: float = 0.02
@@ -196,7 +196,7 @@ class MixVariant:
 
     def function_gaps(self, mixture: ModelConfig) -> list[str]:
         """Why a mixture of identical experts (every expert a copy of the seed) would not compute the
-        seed's function, one reason per router; empty when it would (PAPER.md section 10).
+        seed's function, one reason per router; empty when it would (docs/paper.md section 10).
 
         Averaging identical models and a gated sum whose gates sum to one (soft routing, renormalised
         top-k) are exact; a top-k gate that is the full-softmax probability scales the chosen experts'

@@ -200,7 +200,7 @@ class ModelConfig:
     # Mixture-of-experts FFN (E = 1: plain SwiGLU FFN)
     ffn_experts: int = 1
     ffn_router: RouterConfig = TOP1
-    # Auxiliary loss weights (PAPER.md section 4: not stated by the paper; OLMoE/BTX choices)
+    # Auxiliary loss weights (docs/paper.md section 4: not stated by the paper; OLMoE/BTX choices)
     lb_coef: float = 0.01
     z_coef: float = 0.001
     # Routing layouts of the ablations (module docstring); left out of to_dict at their defaults
@@ -345,7 +345,7 @@ IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "
                   "sliding_window")
 MIXTURE_OPTIONS = ("router_scope", "joint_router", "attn_lb_coef")
 
-# Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as PAPER.md section 5 reads it:
+# Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as docs/paper.md section 5 reads it:
 # hidden width = "FFN dimension" / 2, no biases, one norm per block. Context length is not stated by
 # the paper; 2048 is this project's documented choice.
 PRESETS: dict[str, ModelConfig] = {

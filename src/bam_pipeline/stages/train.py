@@ -71,7 +71,7 @@ def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> Plan:
 
 def parse_moe_name(name: str, match: str) -> tuple[str, str, str]:
     """(variant, match, artifact name) of a moe run: ``<v>_cm`` or match=compute is compute-matched;
-    the dense baseline is compute-matched by definition (PAPER.md section 7) and keeps its name."""
+    the dense baseline is compute-matched by definition (docs/paper.md section 7) and keeps its name."""
     if name.endswith(CM_SUFFIX):
         name, match = name[: -len(CM_SUFFIX)], "compute"
     if name == "dense":

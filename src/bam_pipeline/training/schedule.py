@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up from 0, cosine decay to a fraction of the peak (PAPER.md s.6)."""
+"""Learning-rate schedule: linear warm-up from 0, cosine decay to a fraction of the peak (docs/paper.md s.6)."""
 
 from __future__ import annotations
 
