@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 .PHONY: help install test test-full bench bench-gpu bench-import bench-generate full-run ablations clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv: pinned torch first, then the package with its dev, hf and eval extras
 
