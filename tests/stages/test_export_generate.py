@@ -248,3 +248,9 @@ def test_a_sentencepiece_only_seed_exports_the_converted_tokenizer_json(tmp_path
     assert exported_tok.read_bytes() == (run / "data" / "tokenizer.json").read_bytes()
     want = transformers.AutoTokenizer.from_pretrained(str(ckpt))("the fox jumps").input_ids  # converted by transformers
     assert transformers.AutoTokenizer.from_pretrained(exported_tok.parent)("the fox jumps").input_ids == want
+
+
+def test_generate_prints_control_characters_as_escapes():
+    from bam_pipeline.stages.generate import printable
+
+    assert printable("a\x1b[31mb\bc\nd\te é") == "a\\x1b[31mb\\x08c\nd\te é"

@@ -78,6 +78,12 @@ def _describe(spec: GenerateSpec) -> str:
     return f"{how}, up to {spec.max_new_tokens} new tokens" + ("" if spec.stop_at_eos else ", past end of document")
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters other than newline and tab (a model can emit
+    escape sequences and backspaces) shown as Python escapes; ``generate.output`` keeps the raw text."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
     """stage=generate: print the continuations of the prompts by ``artifact=``'s model."""
     text = require_artifact(ctx, "generate")
@@ -95,7 +101,7 @@ def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
     for i, r in enumerate(results):
         end = " [end of document]" if r.stopped_at_eos else ""
         print(f"--- prompt {i + 1} ({len(r.prompt_ids)} tokens) -> {len(r.tokens)} new tokens{end}")
-        print(f"{r.prompt}{r.text}")
+        print(printable(r.prompt + r.text))
     sets = cfg.kv_experts
     kv = "one K/V set per layer" + (" (shared by the attention experts)" if cfg.attn_experts > 1 else "") \
         if sets == 1 else f"one K/V set per attention expert per layer ({sets})"
