@@ -284,14 +284,18 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
         now = time.perf_counter()
         split = timer.split(total=now - t0, publish=now - t_publish)
+        metrics = _train_metrics(read_jsonl(work / A.TRAIN_LOG))
         A.write_manifest(
             tmp, stage=job.stage, name=job.name, run=job.layout.run, config=stage_config, inputs=inputs,
-            tokenizer_hash=prepared.tokenizer_hash, metrics=_train_metrics(read_jsonl(work / A.TRAIN_LOG)),
+            tokenizer_hash=prepared.tokenizer_hash, metrics=metrics,
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
             wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
             trainer=trainer_spec.to_dict(), sharding=sharding.summary, **describe,
         )
     shutil.rmtree(work, ignore_errors=True)
+    parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in split.items() if k != "total_s")
+    val = "" if metrics["final_val_loss"] is None else f", final validation loss {metrics['final_val_loss']:.4f}"
+    print(f"{job.label}: done in {split['total_s']:.1f} s ({parts}){val} -> {out_dir}")
     trainer.strategy.barrier("published")
     return A.read_artifact(out_dir)
 
