@@ -347,14 +347,14 @@ def _files(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(name, smoke_run, tmp_path):
+def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
     case = CASES[name]
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "afile").write_text("not a directory")
     root = tmp_path / "stages"
-    if case.needs_run or case.category == A:
-        shutil.copytree(smoke_run[0], root)
+    if case.needs_run or case.category == A:  # only these wait for the smoke run (minutes, once per session)
+        shutil.copytree(request.getfixturevalue("smoke_run")[0], root)
     else:
         root.mkdir()
     run = root / "smoke"
