@@ -1,27 +1,34 @@
 """Hydra entry point, ``python -m bam_pipeline stage=<name> [overrides]`` (stages: :data:`bam_pipeline.stages.STAGES`),
-and the error boundary: a user's error (BamError) prints one line and exits 2; a stop signal exits
-128 + its number; anything else is a bug and prints one line pointing at a file with the traceback.
+and the error boundary: a user's error (BamError, or a command line Hydra cannot compose) prints one line and
+exits 2; a stop signal exits 128 + its number; anything else is a bug and prints one line pointing at a file
+with the traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator, Optional
 
 import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bam_pipeline.config.files import PRIMARY, conf_dir
+from bam_pipeline.config.overrides import describe
 from bam_pipeline.errors import BamError
 
 os.environ.setdefault("WANDB_SILENT", "true")
 UNEXPECTED_EXIT = 1
+FULL_ERROR = "HYDRA_FULL_ERROR"  # "1": Hydra raises its errors instead of printing them (and exiting 1)
+_users_full_error: list[Optional[str]] = []  # while main() has set FULL_ERROR: [the user's value (None: unset)]
 
 
 def quiet_lightning() -> None:
@@ -89,22 +96,71 @@ def app(cfg: DictConfig) -> None:
     quiet_lightning()
     preemption.install()
     hydra_cfg = HydraConfig.get()
-    try:
-        stage = stage_named(str(cfg.stage))
-        ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices, overrides=tuple(hydra_cfg.overrides.task))
-        stage.run(ctx)
-        finish_distributed()
-    except Exception as e:
-        stop = preemption.stop_behind(e)  # a stop signal another handler turned into this error
-        if stop is not None:
-            fail(str(stop), stop.exit_code)
-        if isinstance(e, BamError):
-            fail(str(e), e.exit_code)
-        report_unexpected(e)
+    with _users_full_error_for_the_stage():
+        try:
+            stage = stage_named(str(cfg.stage))
+            ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices,
+                                         overrides=tuple(hydra_cfg.overrides.task))
+            stage.run(ctx)
+            finish_distributed()
+        except Exception as e:
+            stop = preemption.stop_behind(e)  # a stop signal another handler turned into this error
+            if stop is not None:
+                fail(str(stop), stop.exit_code)
+            if isinstance(e, BamError):
+                fail(str(e), e.exit_code)
+            report_unexpected(e)
 
 
 def main() -> None:
-    app()
+    """Runs the app; a command line Hydra cannot parse or compose (an unknown group option or key, a bad
+    override) is one error line and exit code 2 instead of Hydra's report. HYDRA_FULL_ERROR=1 set by the user
+    keeps Hydra's full traces."""
+    users = os.environ.get(FULL_ERROR)
+    if users == "1":
+        app()
+        return
+    _users_full_error.append(users)
+    try:
+        with _full_error("1"):  # Hydra raises what it would print, and main() says it in one line
+            app()
+    except Exception as e:
+        message = describe(e, sys.argv[1:])
+        if message is not None:
+            fail(message)
+        from hydra._internal.utils import run_and_report
+
+        run_and_report(functools.partial(_raise, e))  # not the command line's fault: Hydra's own report, as without us
+    finally:
+        _users_full_error.pop()
+
+
+@contextmanager
+def _full_error(value: Optional[str]) -> Iterator[None]:
+    """HYDRA_FULL_ERROR set to ``value`` (None: unset) inside; as it was before, after."""
+    before = os.environ.get(FULL_ERROR)
+    _set_full_error(value)
+    try:
+        yield
+    finally:
+        _set_full_error(before)
+
+
+def _users_full_error_for_the_stage():
+    """The stage (and any process it starts) sees the user's HYDRA_FULL_ERROR, not main()'s; main()'s is back
+    for the next job of a sweep, which Hydra composes after this one."""
+    return _full_error(_users_full_error[-1]) if _users_full_error else nullcontext()
+
+
+def _set_full_error(value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(FULL_ERROR, None)
+    else:
+        os.environ[FULL_ERROR] = value
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 if __name__ == "__main__":

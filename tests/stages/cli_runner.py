@@ -28,12 +28,13 @@ class Result:
         return self
 
 
-def cli(root: Path, *args: str, timeout: float = 300, check: bool = False) -> Result:
-    """Run `python -m bam_pipeline <args> experiment=smoke logger=none` with stages under ``root``."""
-    env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "offline"}
+def cli(root: Path, *args: str, timeout: float = 300, check: bool = False, env: dict[str, str] | None = None) -> Result:
+    """Run `python -m bam_pipeline <args> experiment=smoke logger=none` with stages under ``root`` (and
+    ``env`` added to the environment)."""
+    full_env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_MODE": "offline", **(env or {})}
     cmd = [sys.executable, "-m", "bam_pipeline", *_with_defaults(args)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     r = Result(p.returncode, p.stdout + p.stderr)
     return r.ok() if check else r
 

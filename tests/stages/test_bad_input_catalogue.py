@@ -17,7 +17,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_runner import cli_here
+from cli_runner import cli, cli_here
 
 Setup = Callable[[Path, Path], list[str]]  # (stages root's run dir, scratch dir) -> extra arguments
 
@@ -139,9 +139,23 @@ def _lock(rel: str, host: str | None = None, remove: tuple[str, ...] = ()) -> Se
     return setup
 
 
-C, M, P, S, D, A, K = ("config values", "model overrides", "paths", "source file contents", "devices",
-                       "missing and corrupt artifacts", "concurrency")
+H, C, M, P, S, D, A, K = ("the command line", "config values", "model overrides", "paths", "source file contents",
+                          "devices", "missing and corrupt artifacts", "concurrency")
 CASES: dict[str, Case] = {
+    # ---- the command line: overrides Hydra cannot compose or parse ----
+    "group_option": Case(H, ("domain=physics",), "unknown domain 'physics' in domain=physics: use one of: bible, code, "
+                         "general, law, math (or add domain/physics.yaml to a config directory)"),
+    "group_option_typo": Case(H, ("experiment=smok",), "unknown experiment 'smok' in experiment=smok: did you mean "
+                              "experiment=smoke? (options: ablations, paper_590m"),
+    "group_option_nested": Case(H, ("mix=bamm",), "unknown mix 'bamm' in mix=bamm: did you mean mix=bam?"),
+    "key_typo": Case(H, ("domian=code",), "unknown key 'domian' in domian=code: did you mean domain=code?"),
+    "section_key_typo": Case(H, ("train.batchsize=4",),
+                             "unknown key 'train.batchsize' in train.batchsize=4: did you mean train.batch_size=4?"),
+    "unparsable": Case(H, ("generate.prompt=def add(",), "cannot parse the override 'generate.prompt=def add(' "
+                       "(extraneous input '(' expecting <EOF>): quote the whole override for the shell and the value "
+                       """for Hydra, e.g. 'generate.prompt="def add("'"""),
+    "split_value": Case(H, ("generate.prompt=def", "add(n):"),
+                        "cannot parse the override 'add(n):' (at '(', character 4): an override is key=value; quote"),
     # ---- config values (stage=info: read and checked before anything runs) ----
     "batch_size_0": Case(C, ("train.batch_size=0",), "invalid train.batch_size=0: must be a positive integer"),
     "batch_size_text": Case(C, ("train.batch_size=abc",), "invalid train.batch_size='abc': must be an integer"),
@@ -338,7 +352,7 @@ def test_the_catalogue_covers_every_category():
     for case in CASES.values():
         counts[case.category] = counts.get(case.category, 0) + 1
     assert len(CASES) >= 60 and all(n >= 5 for n in counts.values()), counts
-    assert set(counts) == {C, M, P, S, D, A, K}  # signals: tests/stages/test_faults.py
+    assert set(counts) == {H, C, M, P, S, D, A, K}  # signals: tests/stages/test_faults.py
 
 
 def _files(root: Path) -> set[str]:
@@ -376,3 +390,14 @@ def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
     assert "Traceback" not in r.out and "unexpected" not in errors[0]
     after = _files(root)
     assert after <= before, f"left behind: {sorted(after - before)}"  # no output, no temporary, no lock
+    if case.category == H:  # refused while Hydra composes: before it makes even its log directory
+        assert not any(root.iterdir()), sorted(root.rglob("*"))
+
+
+def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
+    """HYDRA_FULL_ERROR=1, set by the user to debug, still gives Hydra's full trace of a command-line error."""
+    r = cli(tmp_path, "stage=info", "domain=physics", env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode == 1, r.out[-3000:]
+    assert "Traceback" in r.out and "MissingConfigException" in r.out and "Could not find 'domain/physics'" in r.out
+    assert not any(line.startswith("error:") for line in r.out.splitlines())
+    assert not (tmp_path / "smoke").exists()

@@ -1,0 +1,156 @@
+"""The command line's overrides as Hydra composes them, in our one-line errors: an unknown option of a config
+group (``domain=physics``), an unknown key (``train.batchsize=4``), an override Hydra cannot parse. Each is
+found while composing, before any stage runs or any directory is made; the message names the override and
+the fix, with the closest known name (difflib) where there is one."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shlex
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from bam_pipeline.config.files import conf_dir
+
+_ABSENT = object()
+
+
+def describe(error: BaseException, args: Sequence[str]) -> Optional[str]:
+    """The one-line message for an error Hydra raised while reading or composing the command line ``args``
+    (without a leading ``error: ``), or None when it is not one of those."""
+    from hydra.errors import (ConfigCompositionException, MissingConfigException, OverrideParseException,
+                              SearchPathException)
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if isinstance(error, OverrideParseException):
+        return unparsable(error.override, error.message)
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        return _missing_option(error, args)
+    cause = error.__cause__
+    if (isinstance(error, ConfigCompositionException) and str(error).startswith("Could not override")
+            and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key):
+        override = _override_setting(str(cause.full_key), args)
+        return unknown_key(str(cause.full_key), override, cause.parent_node, _groups())
+    if isinstance(error, (ConfigCompositionException, SearchPathException)):
+        return _one_line(error)
+    return None
+
+
+def unparsable(override: str, message: str) -> str:
+    """An override Hydra's grammar rejects, most often a value the shell passed on without its quotes."""
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith("See https://hydra.cc")]
+    if lines and lines[0].startswith("Error parsing override"):
+        lines = lines[1:]
+    why = lines[0].strip() if lines else ""
+    lexer = "LexerNoViableAltException: "
+    if why.startswith(lexer):  # the override, then a caret under the first character the lexer refused
+        at = len(lines[1].rstrip()) - len(lexer) - 1 if len(lines) > 1 else -1
+        why = f"at {override[at]!r}, character {at + 1}" if 0 <= at < len(override) else ""
+    key, sep, value = override.partition("=")
+    if sep and key.strip() and " " not in key:
+        if value[:1] in "\"'" and value[-1:] != value[:1]:
+            value = value[1:]  # an opening quote the shell left, without its closing one
+        example, what = shlex.quote(f"{key}={hydra_quoted(value)}"), ""
+    else:  # no key=value: a piece of a value the shell split at a space
+        example, what = """'generate.prompt="def add(n):"'""", "an override is key=value; "
+    return (f"cannot parse the override {override!r}{f' ({why})' if why else ''}: {what}quote the whole override "
+            f"for the shell and the value for Hydra, e.g. {example}")
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a double-quoted string of Hydra's override grammar (a quote, and backslashes before a quote
+    or the closing quote, escaped with a backslash)."""
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + '"'
+
+
+def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = ()) -> str:
+    """``key`` is not in ``section`` (its parent node); ``groups`` are the config groups, candidates at the top."""
+    parent, _, leaf = key.rpartition(".")
+    keys = [str(k) for k in section.keys()] if isinstance(section, DictConfig) else []
+    if not parent:
+        keys = [k for k in keys if k != "hydra"]
+    groups = [g for g in groups if not parent and g not in keys]
+    value = override.partition("=")[2]
+    rest = override.partition("=")[0].lstrip("+~").split("@")[0][len(key):]  # a.b.c=1 with a.b unknown: .c
+    candidates = [*keys, *groups]
+    if rest and isinstance(section, DictConfig):  # a.b.c=1 with b unknown: the candidates that have .c
+        candidates = [c for c in candidates if OmegaConf.select(section, c + rest, default=_ABSENT) is not _ABSENT]
+    close = closest(leaf, candidates)
+    if close:
+        fixes = " or ".join(f"{parent + '.' if parent else ''}{c}{'' if c in groups else rest}={value}"
+                            for c in close)
+        return f"unknown key '{key}' in {override}: did you mean {fixes}?"
+    where = f"{parent} has" if parent else "the config's top level has"
+    known = ", ".join(keys) or "no keys"
+    also = f"; config groups: {', '.join(groups)}" if groups else ""
+    return f"unknown key '{key}' in {override}: {where} {known}{also}; drop or correct the override"
+
+
+def closest(name: str, candidates: Sequence[str]) -> list[str]:
+    """The candidates nearest to a misspelt ``name`` (difflib's ratio at least 0.6; ties all kept)."""
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates]
+    best = max((r for r, _ in scored), default=0.0)
+    return [c for r, c in scored if r >= 0.6 and r == best]
+
+
+def _missing_option(error: Any, args: Sequence[str]) -> str:
+    """An option of a config group that no search directory has (Hydra lists the ones there are)."""
+    group, _, name = str(error.missing_cfg_file).rpartition("/")
+    options = [str(o) for o in error.options]
+    override = _override_setting(group, args, group=True)
+    first = str(error).splitlines()[0]  # "In '<the config whose defaults list picks it>': Could not find ..."
+    parent = first.split("'")[1] if first.startswith("In '") else ""
+    where = override or (f"config '{parent}'" if parent else "the config")
+    close = closest(name, options)
+    listed = ", ".join(options) or "none"
+    if close:
+        fix = f"did you mean {' or '.join(f'{group}={c}' for c in close)}? (options: {listed})"
+    else:
+        fix = f"use one of: {listed} (or add {group}/{name}.yaml to a config directory)"
+    return f"unknown {group} '{name}' in {where}: {fix}"
+
+
+def _override_setting(key: str, args: Sequence[str], group: bool = False) -> str:
+    """The command-line override that sets ``key`` (or a key under it), as the user wrote it; else ``key``."""
+    for arg in reversed(args):  # the last one is the one Hydra keeps
+        if arg.startswith("-"):
+            continue
+        name = arg.partition("=")[0].lstrip("+~").split("@")[0]
+        if name == key or (not group and name.startswith(key + ".")):
+            return arg
+    return "" if group else key
+
+
+def _groups() -> list[str]:
+    """The config groups at the top level (``model``, ``domain``, ...) of the running app's search path, or of
+    the shipped configs once Hydra has let go of it (an error on the way out)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def top(loader: Any) -> list[str]:
+        return sorted(g for g in loader.list_groups("") if g != "hydra")
+
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return top(GlobalHydra.instance().config_loader())
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return top(GlobalHydra.instance().config_loader())
+    except Exception:  # only suggestions: an error message must not fail in turn
+        return []
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's own message on one line, without the search path it appends."""
+    lines = []
+    for line in str(error).splitlines():
+        if line.strip() in ("Config search path:", "Search path:"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(f"({str(cause).strip().splitlines()[0]})")
+    return " ".join(lines)
