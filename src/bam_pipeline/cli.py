@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from bam_pipeline.config.files import PRIMARY, conf_dir
-from bam_pipeline.config.overrides import describe
+from bam_pipeline.config.overrides import check_appended_keys, describe
 from bam_pipeline.errors import BamError
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -65,6 +65,27 @@ class StagesRootCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         check_stages_root(Path(str(config.paths.root)))
+
+
+class AppendedKeysCheck(Callback):
+    """Refuses a key appended on the command line (``+domian=code``) that the config does not have: no
+    stage would read it. Before Hydra makes a directory for a run, and for each job of a sweep (whose
+    job directory is under the sweep's logs)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _refuse_appended_keys(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            _refuse_appended_keys(config)
+
+
+def _refuse_appended_keys(config: DictConfig) -> None:
+    message = check_appended_keys(config)
+    if message is not None:
+        fail(message)
 
 
 def report_unexpected(error: BaseException) -> None:

@@ -178,6 +178,14 @@ def test_info_prints_the_paper_parameter_counts_without_data(tmp_path, mix):
     assert made <= {"logs"}, made  # no data prepared, no model trained
 
 
+def test_a_sweep_runs_each_job_and_refuses_an_appended_key_the_config_lacks(tmp_path):
+    r = cli_here(tmp_path, "-m", "stage=info", "domain=code,math", check=True)
+    assert r.out.count("parameters: total") >= 2  # one stage=info per job
+    r = cli_here(tmp_path, "-m", "stage=info", "domain=code,math", "+domian=law")
+    errors = [line for line in r.out.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "did you mean domain=law?" in errors[0], r.out
+
+
 def test_hydra_cfg_job_and_help(tmp_path):
     r = cli_here(tmp_path, "--cfg", "job", check=True)
     assert "stage: all" in r.out and "mix_variants" in r.out

@@ -71,7 +71,7 @@ def test_a_user_config_directory_adds_a_variant(smoke_copy, tmp_path):
     ("mix.kv=both", "invalid mix.kv='both': use one of expert, shared"),
     ("budget.moe.match=flops", "invalid budget.moe.match='flops': use one of data, compute"),
     ("pipeline.on_stale=foo", "invalid pipeline.on_stale='foo': use one of rebuild, refuse"),
-    ("+train.batchsize=4", "invalid train.batchsize=4: unknown setting (known: seed, seq_len, batch_size"),
+    ("+train.batchsize=4", "unknown key 'train.batchsize' in +train.batchsize=4: did you mean train.batch_size=4?"),
 ])
 def test_a_bad_value_is_one_error_line_naming_its_key(tmp_path, override, says):
     r = cli_here(tmp_path, "stage=info", override)

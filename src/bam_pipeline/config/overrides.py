@@ -1,5 +1,6 @@
 """The command line's overrides as Hydra composes them, in our one-line errors: an unknown option of a config
-group (``domain=physics``), an unknown key (``train.batchsize=4``), an override Hydra cannot parse. Each is
+group (``domain=physics``), an unknown key (``train.batchsize=4``), a key appended with ``+`` or ``++`` that
+the config does not have (``+domian=code``: no stage would read it), an override Hydra cannot parse. Each is
 found while composing, before any stage runs or any directory is made; the message names the override and
 the fix, with the closest known name (difflib) where there is one."""
 
@@ -12,8 +13,14 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from bam_pipeline.config.files import conf_dir
+from bam_pipeline.config.files import PRIMARY, conf_dir
 
+# Sections whose keys the user names, so that appending one (``+data.sources.code=...``) is how they are
+# used; their readers check those keys (data.sources: a known source, model.overrides: a ModelConfig field,
+# branch: a domain with a checkpoint). A mapping with ``_target_`` (a logger) is open too: its keys are
+# the target's keyword arguments.
+OPEN_SECTIONS = ("data.sources", "model.overrides", "branch")
+_APPENDED_NOTE = "(+ adds a key the config does not have, and no stage reads it)"
 _ABSENT = object()
 
 
@@ -66,7 +73,7 @@ def hydra_quoted(value: str) -> str:
     return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + '"'
 
 
-def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = ()) -> str:
+def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (), appended: bool = False) -> str:
     """``key`` is not in ``section`` (its parent node); ``groups`` are the config groups, candidates at the top."""
     parent, _, leaf = key.rpartition(".")
     keys = [str(k) for k in section.keys()] if isinstance(section, DictConfig) else []
@@ -79,14 +86,46 @@ def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (
     if rest and isinstance(section, DictConfig):  # a.b.c=1 with b unknown: the candidates that have .c
         candidates = [c for c in candidates if OmegaConf.select(section, c + rest, default=_ABSENT) is not _ABSENT]
     close = closest(leaf, candidates)
+    note = f" {_APPENDED_NOTE}" if appended else ""
     if close:
         fixes = " or ".join(f"{parent + '.' if parent else ''}{c}{'' if c in groups else rest}={value}"
                             for c in close)
-        return f"unknown key '{key}' in {override}: did you mean {fixes}?"
+        return f"unknown key '{key}' in {override}: did you mean {fixes}?{note}"
     where = f"{parent} has" if parent else "the config's top level has"
     known = ", ".join(keys) or "no keys"
     also = f"; config groups: {', '.join(groups)}" if groups else ""
-    return f"unknown key '{key}' in {override}: {where} {known}{also}; drop or correct the override"
+    return f"unknown key '{key}' in {override}: {where} {known}{also}; drop or correct the override{note}"
+
+
+def check_appended_keys(config: DictConfig) -> Optional[str]:
+    """The message for the first key appended on the command line (``+key=value``, ``++key=value``) that the
+    config composed without the appended keys does not have (outside :data:`OPEN_SECTIONS`), else None.
+    ``config`` is the composed config with its ``hydra`` node (a callback's); Hydra must be initialized."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    choices = set(config.hydra.runtime.choices)
+    appended = [o for o in parsed if (o.is_add() or o.is_force_add()) and o.key_or_group not in choices
+                and not any(_under(o.key_or_group, s) for s in OPEN_SECTIONS)]
+    if not appended:
+        return None
+    kept = [o.input_line for o in parsed if all(o is not a for a in appended)]
+    searchpath = [o for o in config.hydra.overrides.hydra if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
+    reference = compose(config.hydra.job.config_name or PRIMARY, overrides=[*kept, *searchpath])
+    for o in appended:
+        key = o.key_or_group
+        if OmegaConf.select(reference, key, default=_ABSENT) is not _ABSENT:
+            continue  # ++ on a key the config has: an ordinary override
+        parts = key.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+        known = next((a for a in ancestors if OmegaConf.select(reference, a, default=_ABSENT) is not _ABSENT), "")
+        node = OmegaConf.select(reference, known) if known else reference
+        if any(isinstance(n, DictConfig) and "_target_" in n for n in _nodes(reference, known)):
+            continue  # keyword arguments of an instantiated class (a logger): its class checks them
+        missing = ".".join(parts[:len(known.split(".")) + 1]) if known else parts[0]
+        return unknown_key(missing, o.input_line, node, _groups(), appended=True)
+    return None
 
 
 def closest(name: str, candidates: Sequence[str]) -> list[str]:
@@ -94,6 +133,16 @@ def closest(name: str, candidates: Sequence[str]) -> list[str]:
     scored = [(difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates]
     best = max((r for r, _ in scored), default=0.0)
     return [c for r, c in scored if r >= 0.6 and r == best]
+
+
+def _under(key: str, section: str) -> bool:
+    return key == section or key.startswith(section + ".")
+
+
+def _nodes(cfg: DictConfig, dotted: str) -> list[Any]:
+    """The nodes from ``cfg`` down to ``dotted`` (an existing key; "" for the root alone)."""
+    parts = dotted.split(".") if dotted else []
+    return [cfg, *(OmegaConf.select(cfg, ".".join(parts[:i + 1])) for i in range(len(parts)))]
 
 
 def _missing_option(error: Any, args: Sequence[str]) -> str:
