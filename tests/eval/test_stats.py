@@ -140,3 +140,50 @@ def test_inputs_are_checked():
         DocLosses(np.ones((1, 2)), np.array([[1, 0]]))
     with pytest.raises(BamError, match="not finite"):
         DocLosses(np.array([[1.0, np.nan]]), np.ones((1, 2), dtype=int))
+
+
+def test_one_document_gives_a_zero_width_interval_and_no_verdict():
+    # the smoke experiment's Code column: one scored test document, BAM a little worse than BTX on it
+    tokens = np.array([[1984]])
+    a, b = DocLosses(tokens * 5.6002, tokens), DocLosses(tokens * 5.6000, tokens)
+    iv = paired_difference(a, b, rng=np.random.default_rng(0))
+    assert iv.zero_width and iv.low > 0  # every resample is that one document: a "confident" +0.0002
+    v = claim_verdict({"Code": iv})
+    assert v.status == NOT_RESOLVED and v.status not in (HOLDS, FAILS)
+    assert v.reason.startswith("Code has 1 test document: fewer than eval.min_documents=5")
+    assert "data.split.test" in v.reason and not v.above and not v.below
+
+
+def source_iv(low, high, **scored):
+    docs = tuple(stats.SourceDocs(s, n, 60) for s, n in scored.items())
+    return Interval((low + high) / 2, low, high, 1, sum(scored.values()), DOCUMENTS_ONLY, 0.95, 2000, docs)
+
+
+def test_a_verdict_needs_the_minimum_of_documents_in_every_source_behind_it():
+    clear = {"General": source_iv(-0.3, -0.1, general=40), "Code": source_iv(-0.3, -0.1, code=5)}
+    assert claim_verdict(clear).status == HOLDS
+    # an Average with plenty of documents in all but one of its sources
+    few = {**clear, "Average": source_iv(0.1, 0.3, general=40, code=5, law=4)}
+    v = claim_verdict(few)
+    assert (v.status, v.column) == (NOT_RESOLVED, "Average")
+    assert v.reason.startswith("Law has 4 test documents (of 60 in its split): fewer than eval.min_documents=5")
+    assert "eval.max_tokens_per_source" in v.reason and "data.split.test" not in v.reason
+    assert claim_verdict(few, min_documents=4).status == FAILS  # eval.min_documents is the threshold
+    # without per-source counts, the interval's own document count is checked
+    assert "has 3 test documents" in claim_verdict({"c": Interval(-0.2, -0.3, -0.1, 1, 3, DOCUMENTS_ONLY, 0.95,
+                                                                  2000)}).reason
+
+
+def test_a_zero_width_interval_is_no_evidence_whatever_the_number_of_documents():
+    tokens = np.random.default_rng(1).integers(20, 400, size=(1, 50))
+    b = DocLosses(tokens * np.random.default_rng(2).normal(3.0, 0.5, size=(1, 50)), tokens)
+    a = DocLosses(b.nll + 0.01 * tokens, tokens)  # exactly 0.01 nats per token worse on every document
+    iv = paired_difference(a, b, rng=np.random.default_rng(3))
+    assert iv.n_docs == 50 and iv.zero_width
+    v = claim_verdict({"law": iv, "code": source_iv(0.1, 0.2, code=50)})
+    assert v.status == NOT_RESOLVED and "zero width" in v.reason and v.column == "law"
+
+
+def test_a_verdict_names_the_columns_on_each_side_of_zero():
+    v = claim_verdict({"code": iv(-0.5, -0.2), "law": iv(0.01, 0.3), "math": iv(-0.1, 0.1)})
+    assert (v.status, v.below, v.above, v.reason) == (FAILS, ("code",), ("law",), "")

@@ -191,6 +191,7 @@ CASES: dict[str, Case] = {
     "seeds_repeated": Case(C, ("pipeline.seeds=[0,0]",), "invalid pipeline.seeds=[0, 0]: use distinct non-negative"),
     "seeds_negative": Case(C, ("pipeline.seeds=[-1]",), "invalid pipeline.seeds=[-1]: use distinct non-negative"),
     "resamples": Case(C, ("eval.resamples=100",), "invalid eval.resamples=100: use at least 2000"),
+    "min_documents": Case(C, ("eval.min_documents=1",), "invalid eval.min_documents=1: use at least 2"),
     "stage": Case(C, ("stage=bogus",), "unknown stage 'bogus'; choose one of: data, seed"),
     "mix_kv": Case(C, ("mix.kv=both",), "invalid mix.kv='both': use one of expert, shared"),
     "mix_k": Case(C, ("mix.ffn_router.k=9",), "invalid mix.ffn_router.k=9: must be at most the number of experts (4)"),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from bam_pipeline.errors import ConfigError
+from bam_pipeline.eval.stats import MIN_DOCUMENTS
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -22,6 +23,9 @@ class EvalSpec:
     btm: bool  # also score BTM: the seed and the domain experts ensembled at eval (docs/paper.md section 10)
     btm_prior_sequences: int  # validation sequences per source that estimate BTM's prior over its models
     resamples: int = 2000  # bootstrap resamples behind every interval of the report (at least 2000)
+    # scored test documents a source needs before any verdict (claim, open question, out of domain) rests on
+    # it: fewer and the verdict is "not resolved", naming the source (bam_pipeline.eval.stats explains 5)
+    min_documents: int = MIN_DOCUMENTS
     # mixtures (labels, e.g. moe/bam) also scored with their soft attention weights forced uniform: is
     # soft attention routing more than averaging the attention experts?
     uniform_attention: tuple[str, ...] = ()
@@ -37,6 +41,9 @@ class EvalSpec:
             raise ConfigError("btm_prior_sequences", self.btm_prior_sequences, "must be a positive integer")
         if self.resamples < 2000:
             raise ConfigError("resamples", self.resamples, "use at least 2000 bootstrap resamples for 95% intervals")
+        if self.min_documents < 2:
+            raise ConfigError("min_documents", self.min_documents,
+                              "use at least 2: one document gives a bootstrap interval of zero width")
         object.__setattr__(self, "uniform_attention", tuple(self.uniform_attention))
         for label in self.uniform_attention:
             if not str(label).startswith(("moe/", "mix/")):
