@@ -17,12 +17,16 @@ ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/b
 
 
 def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0,
-                  roles=None):
+                  roles=None, scored=None):
     """A run directory with metrics.json and documents.json whose per-token losses have known effects:
     every model's loss on a source is a document's difficulty plus the model's offset ``shift[model][source]``
-    plus small per-(model, document) noise and a per-seed effect."""
+    plus small per-(model, document) noise and a per-seed effect. ``scored[source]``: only that many of the
+    source's test documents scored, the others with 0 tokens (as eval writes the documents past
+    eval.max_tokens_per_source)."""
     rng = np.random.default_rng(100 + seed)
     tokens = np.random.default_rng(tokens_seed).integers(20, 300, size=(len(SOURCES), n_docs))
+    for i, src in enumerate(SOURCES):
+        tokens[i, (scored or {}).get(src, n_docs):] = 0
     difficulty = np.random.default_rng(tokens_seed + 1).normal(3.0, 0.5, size=(len(SOURCES), n_docs))
     seed_effect = rng.normal(0, 0.01)
     rows, docs = [], {}

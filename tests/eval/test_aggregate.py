@@ -88,6 +88,31 @@ def test_models_missing_from_a_seed_are_left_out_with_why(tmp_path):
     assert "moe/btx" not in agg.table.labels and "r1" in agg.left_out["moe/btx"]
 
 
+def test_a_source_with_one_scored_document_gives_no_claim_a_verdict(tmp_path):
+    # the smoke experiment: eval.max_tokens_per_source covers one Code document of the split's 60
+    run = fake_eval_run(tmp_path, "r0", 0, shift=SHIFT, scored={"code": 1})
+    agg = aggregate([run], resamples=2000)
+    assert agg.thin_sources() == [("code", 1, 60)]
+    claims = {c.key: c for c in agg.claims()}
+    for key in ("experts_beat_seed", "mixtures_beat_singles", "bam_beats_btx", "mixtures_beat_dense"):
+        assert claims[key].status == NOT_RESOLVED, key  # each rests on Code (its column, or the Average)
+        assert claims[key].reason.startswith("Code has 1 test document (of 60 in its split): fewer than "
+                                             "eval.min_documents=5; raise eval.max_tokens_per_source"), key
+        assert claims[key].verdict.startswith("not resolved at this scale: Code has 1 test document")
+    # the claims that rest on Code only through the intervals that decided them before: with one
+    # document its interval has zero width, a "confident" verdict the old code gave
+    code = next(iv for name, iv in claims["bam_beats_btx"].intervals.items() if name.endswith("Code"))
+    assert code.zero_width and code.documents[0].scored == 1
+    # the threshold is eval.min_documents: with 1 allowed, the zero-width interval still decides nothing
+    lenient = {c.key: c for c in aggregate([run], resamples=2000, min_documents=1).claims()}
+    assert lenient["bam_beats_btx"].status == NOT_RESOLVED and "zero width" in lenient["bam_beats_btx"].reason
+    # enough documents everywhere: verdicts as in the synthetic truth
+    full = {c.key: c for c in aggregate([fake_eval_run(tmp_path, "r1", 0, shift=SHIFT, scored={"code": 5})],
+                                         resamples=2000).claims()}
+    assert full["experts_beat_seed"].status == HOLDS and full["mixtures_beat_dense"].status == FAILS
+    assert full["experts_beat_seed"].reason == ""
+
+
 def test_seeds_on_different_data_are_refused(tmp_path):
     runs = [fake_eval_run(tmp_path, "r0", 0, shift=SHIFT), fake_eval_run(tmp_path, "r1", 1, shift=SHIFT, data_hash="other")]
     with pytest.raises(BamError, match="different prepared data"):

@@ -20,7 +20,7 @@ import numpy as np
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.claims import IntervalClaim, LossColumns, judge_with_intervals
-from bam_pipeline.eval.stats import DocLosses, Interval, interval_of, joint_mean_losses
+from bam_pipeline.eval.stats import MIN_DOCUMENTS, DocLosses, Interval, interval_of, joint_mean_losses
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_from_rows
 from bam_pipeline.store.layout import RunLayout
 
@@ -54,13 +54,19 @@ class Aggregate:
     losses: LossColumns
     left_out: dict[str, str] = field(default_factory=dict)
     level: float = 0.95
+    min_documents: int = MIN_DOCUMENTS  # eval.min_documents: scored test documents per source a verdict needs
 
     @property
     def covers(self) -> str:
         return next((iv.covers for row in self.cells.values() for iv in row.values()), "")
 
     def claims(self) -> list[IntervalClaim]:
-        return judge_with_intervals(self.table, self.losses, self.level)
+        return judge_with_intervals(self.table, self.losses, self.level, min_documents=self.min_documents)
+
+    def thin_sources(self) -> list[tuple[str, int, int]]:
+        """(source, scored test documents, documents in its test split) of every source, in-domain or not,
+        with fewer scored documents than ``min_documents``: no verdict rests on them."""
+        return [(d.source, d.scored, d.in_split) for d in self.losses.all_documents() if d.scored < self.min_documents]
 
     def per_seed_average(self, label: str) -> list[float] | None:
         """The row's Average perplexity in each seed (point values), or None when a column is missing."""
@@ -78,8 +84,10 @@ def _doc_losses(runs: Sequence[RunEval], label: str, source: str, keep: np.ndarr
     return DocLosses(nll, tokens)
 
 
-def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, rng_seed: int = 0) -> Aggregate:
-    """The table with intervals over ``runs`` (one per training seed, all scored on one prepared data)."""
+def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, rng_seed: int = 0,
+              min_documents: int = MIN_DOCUMENTS) -> Aggregate:
+    """The table with intervals over ``runs`` (one per training seed, all scored on one prepared data);
+    its verdicts need ``min_documents`` scored test documents per source."""
     if not runs:
         raise BamError("nothing to aggregate: no evaluated run")
     first = runs[0].metrics
@@ -121,7 +129,8 @@ def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, r
     estimates = {lab: {s: x.mean_loss for s, x in row.items()} for lab, row in losses.items()}
     per_seed = {lab: {s: x.nll.sum(1) / x.tokens.sum(1) for s, x in row.items()} for lab, row in losses.items()}
     n_docs = {s: int((ref[0] > 0).sum()) for s, ref in reference.items()}
-    loss_cols = LossColumns(estimates, reps, per_seed, columns, len(runs), n_docs)
+    split_docs = {s: int(ref.shape[1]) for s, ref in reference.items()}
+    loss_cols = LossColumns(estimates, reps, per_seed, columns, len(runs), n_docs, split_docs)
     n_seeds = len(runs)
     cells: dict[str, dict[str, Interval]] = {}
     for lab in labels:
@@ -136,7 +145,7 @@ def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, r
              for lab in labels for s, iv in cells[lab].items() if s != AVERAGE
              for meta in [_meta(first["rows"], lab)]]
     table = table_from_rows(point, labels, columns, ood=ood)
-    return Aggregate(tuple(r.seed for r in runs), table, cells, loss_cols, left_out, level)
+    return Aggregate(tuple(r.seed for r in runs), table, cells, loss_cols, left_out, level, min_documents)
 
 
 def _meta(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:

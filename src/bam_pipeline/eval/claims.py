@@ -8,9 +8,10 @@ A claim is judged two ways from the same declaration:
   loss (the log of perplexity) between the two models on the same test tokens, with its paired
   bootstrap interval over seeds and test documents (:mod:`bam_pipeline.eval.stats`). The claim holds
   when every interval lies below 0, fails when one lies above 0, and is not resolved at this scale
-  otherwise (:func:`~bam_pipeline.eval.stats.claim_verdict`). The Average column compares the mean
-  over the in-domain sources of each source's mean loss: every domain weighs the same, as in the
-  paper's Average.
+  otherwise, or whenever a source behind it has fewer than ``eval.min_documents`` test documents or an
+  interval has zero width (:func:`~bam_pipeline.eval.stats.claim_verdict`). The Average column compares
+  the mean over the in-domain sources of each source's mean loss: every domain weighs the same, as in
+  the paper's Average.
 
 Claim (b) is the paper's: trained mixtures against the seed and the domain experts. The continued
 dense model is its own comparison (``mixtures_beat_dense``), as is the BTM ensemble (``bam_beats_btm``);
@@ -25,13 +26,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from bam_pipeline.eval.names import column_name
-from bam_pipeline.eval.stats import FAILS, HOLDS, NOT_RESOLVED, Interval, claim_verdict, interval_of
+from bam_pipeline.eval.stats import (FAILS, HOLDS, MIN_DOCUMENTS, NOT_RESOLVED, Interval, SourceDocs, Verdict,
+                                     claim_verdict, interval_of)
 from bam_pipeline.eval.table import AVERAGE, PplTable
 from bam_pipeline.store.layout import CM_SUFFIX, parse_label
 
 UNMEASURABLE = "not measurable"
 __all__ = ["HOLDS", "FAILS", "NOT_RESOLVED", "UNMEASURABLE", "Comparison", "ClaimSpec", "Claim", "claim_specs",
-           "check_claims", "judge_with_intervals", "IntervalClaim"]
+           "check_claims", "judge_with_intervals", "IntervalClaim", "LossColumns"]
 
 
 @dataclass(frozen=True)
@@ -139,21 +141,48 @@ class IntervalClaim:
     n_seeds: int
     intervals: dict[str, Interval]
     in_paper: bool
+    reason: str = ""  # why it is not resolved whatever its intervals say (few documents)
+
+    @property
+    def verdict(self) -> str:
+        """The status with its reason, as the report and the summary print it."""
+        return f"{self.status}: {self.reason}" if self.reason else self.status
 
 
 class LossColumns:
     """Mean losses per (model, column) of one aggregate: the estimate, its bootstrap resamples and its value
-    per training seed, with the Average column derived from the in-domain ones."""
+    per training seed, with the Average column derived from the in-domain ones; ``n_docs`` the scored test
+    documents per source, ``split_docs`` the documents of its test split (default: as many)."""
 
     def __init__(self, estimates: Mapping[str, Mapping[str, float]], resamples: Mapping[str, Mapping[str, np.ndarray]],
                  per_seed: Mapping[str, Mapping[str, np.ndarray]], columns: Sequence[str], n_seeds: int,
-                 n_docs: Mapping[str, int]) -> None:
+                 n_docs: Mapping[str, int], split_docs: Mapping[str, int] | None = None) -> None:
         self.estimates, self.resamples, self.per_seed = estimates, resamples, per_seed
         self.columns, self.n_seeds, self._n_docs = tuple(columns), n_seeds, dict(n_docs)
+        self._split_docs = {**self._n_docs, **(split_docs or {})}
+
+    def sources(self, column: str) -> tuple[str, ...]:
+        """The sources behind a column (every in-domain one for the Average)."""
+        return self.columns if column == AVERAGE else (column,)
 
     def n_docs(self, column: str) -> int:
         """Test documents behind a column (every in-domain source's for the Average)."""
-        return sum(self._n_docs[c] for c in self.columns) if column == AVERAGE else self._n_docs[column]
+        return sum(self._n_docs[s] for s in self.sources(column))
+
+    def documents(self, column: str) -> tuple[SourceDocs, ...]:
+        """The scored and test-split documents of every source behind a column."""
+        return tuple(SourceDocs(s, self._n_docs[s], self._split_docs[s]) for s in self.sources(column))
+
+    def all_documents(self) -> tuple[SourceDocs, ...]:
+        """The scored and test-split documents of every source with losses, in-domain or not."""
+        return tuple(SourceDocs(s, n, self._split_docs[s]) for s, n in self._n_docs.items())
+
+    def difference(self, better: str, worse: str, column: str, level: float = 0.95) -> Interval:
+        """The paired interval of (mean loss of ``better``) minus (that of ``worse``) on ``column``: every
+        paired interval of the report (claims, the open questions, out of domain) is this one."""
+        return interval_of(self.estimate(better, column) - self.estimate(worse, column),
+                           self.resampled(better, column) - self.resampled(worse, column), n_seeds=self.n_seeds,
+                           n_docs=self.n_docs(column), level=level, documents=self.documents(column))
 
     def has(self, model: str, column: str) -> bool:
         row = self.estimates.get(model, {})
@@ -174,9 +203,11 @@ class LossColumns:
         return self._get(self.per_seed, model, column)
 
 
-def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95) -> list[IntervalClaim]:
+def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95, *,
+                         min_documents: int = MIN_DOCUMENTS) -> list[IntervalClaim]:
     """Every claim of ``t``'s models judged with the paired intervals of ``losses`` (comparisons whose
-    models lack losses are left out; a claim left with none is not measurable)."""
+    models lack losses are left out; a claim left with none is not measurable), each by
+    :func:`~bam_pipeline.eval.stats.claim_verdict` with ``min_documents``."""
     out = []
     for spec in claim_specs(t):
         comps = [c for c in spec.comparisons if losses.has(c.better, c.column) and losses.has(c.worse, c.column)]
@@ -187,12 +218,9 @@ def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95) 
         intervals, seed_ok = {}, np.ones(losses.n_seeds, dtype=bool)
         for c in comps:
             name = f"{t.name(c.better)} vs {t.name(c.worse)}, {column_name(c.column)}"
-            diff = losses.estimate(c.better, c.column) - losses.estimate(c.worse, c.column)
-            reps = losses.resampled(c.better, c.column) - losses.resampled(c.worse, c.column)
-            intervals[name] = interval_of(diff, reps, n_seeds=losses.n_seeds, n_docs=losses.n_docs(c.column),
-                                          level=level)
+            intervals[name] = losses.difference(c.better, c.worse, c.column, level)
             seed_ok &= (losses.seed_values(c.better, c.column) - losses.seed_values(c.worse, c.column)) < 0
-        v = claim_verdict(intervals)
+        v: Verdict = claim_verdict(intervals, min_documents=min_documents)
         out.append(IntervalClaim(spec.key, spec.text, v.status, v.column, v.interval, int(seed_ok.sum()),
-                                 losses.n_seeds, intervals, spec.in_paper))
+                                 losses.n_seeds, intervals, spec.in_paper, v.reason))
     return out

@@ -28,8 +28,8 @@ from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTER_KINDS
-from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_RESAMPLES, Interval, claim_verdict,
-                                     interval_of)
+from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
+                                     claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
 from bam_pipeline.store.artifacts import find_model_artifacts, publish, read_train_log
 from bam_pipeline.store.files import write_json
@@ -47,7 +47,14 @@ VERDICT_NOTE = (
     "direction) between two models on the same test tokens, with a {level:.0%} paired bootstrap interval over "
     "{covers} ({resamples} resamples). A claim holds when every interval lies below 0, fails when one lies "
     "above 0, and is not resolved at this scale otherwise; the interval shown is the one that decides it. "
-    "Average compares the mean over the in-domain sources of each source's mean loss."
+    "Average compares the mean over the in-domain sources of each source's mean loss. No claim holds or fails "
+    "on a source with fewer than {min_documents} scored test documents (`eval.min_documents`) or on an interval "
+    "of zero width: it is not resolved, and says why."
+)
+FEW_DOCUMENTS_NOTE = (
+    "**Too few test documents for a document bootstrap:** {sources} (scored of those in the test split; at "
+    "least {min_documents} needed, `eval.min_documents`). Intervals resting on them are too narrow (one "
+    "document gives an interval of zero width), so no verdict here rests on them. {fix}"
 )
 ONE_SEED_NOTE = ("One training seed: these intervals cover test documents only, not training variance; run "
                  "several seeds (`make full-run SEEDS=3`, or `pipeline.seeds=[0,1,2]`) to include it.")
@@ -76,7 +83,8 @@ OOD_WORDS = {HOLDS: "gains", FAILS: "loses"}
 def ood_rows(agg: Aggregate) -> list[list[str]]:
     """Header + one row per (trained mixture, out-of-domain source): does mixing keep, gain or lose on
     data no stage trained on, against the seed and the best single expert? Each answer is decided by the
-    paired interval of the difference in mean loss ("no clear change" when it contains 0)."""
+    paired interval of the difference in mean loss ("no clear change" when it contains 0; "not resolved" with
+    too few test documents)."""
     table, losses = agg.table, agg.losses
     out = [["mixture", "out-of-domain source", "perplexity", "against the seed", "against the best expert"]]
     experts = [lab for lab in table.labels if table.role(lab) == "expert"]
@@ -90,10 +98,9 @@ def ood_rows(agg: Aggregate) -> list[list[str]]:
                 if other is None or not losses.has(other, src):
                     cells.append("-")
                     continue
-                iv = interval_of(losses.estimate(lab, src) - losses.estimate(other, src),
-                                 losses.resampled(lab, src) - losses.resampled(other, src),
-                                 n_seeds=losses.n_seeds, n_docs=losses.n_docs(src), level=agg.level)
-                word = OOD_WORDS.get(claim_verdict({src: iv}).status, "no clear change")
+                iv = losses.difference(lab, other, src, agg.level)
+                v = claim_verdict({src: iv}, min_documents=agg.min_documents)
+                word = f"not resolved ({v.reason})" if v.reason else OOD_WORDS.get(v.status, "no clear change")
                 who = "" if other == "seed" else f" ({table.name(other)})"
                 cells.append(f"{word}{who}: {_diff(iv)}")
             out.append(cells)
@@ -199,7 +206,7 @@ def _claim_rows(run: PplTable, judged: list[IntervalClaim], n_seeds: int) -> lis
     out = [header + (["seeds where it held"] if n_seeds > 1 else []) + ["perplexities compared"]]
     for c in judged:
         row = [c.text + ("" if c.in_paper else " (not in the paper)"),
-               paper[c.key].status if c.in_paper else "-", f"**{c.status}**",
+               paper[c.key].status if c.in_paper else "-", f"**{c.status}**" + (f": {c.reason}" if c.reason else ""),
                c.deciding, "-" if c.interval is None else _diff(c.interval)]
         if n_seeds > 1:
             row.append("-" if c.status == UNMEASURABLE else f"{c.seeds_holding} of {c.n_seeds}")
@@ -207,11 +214,30 @@ def _claim_rows(run: PplTable, judged: list[IntervalClaim], n_seeds: int) -> lis
     return out
 
 
+def few_documents_note(agg: Aggregate) -> str | None:
+    """A warning naming every source with fewer scored test documents than ``agg.min_documents``, and how to
+    score more (None when there is none)."""
+    thin = agg.thin_sources()
+    if not thin:
+        return None
+    fix = []
+    if any(n < split for _, n, split in thin):
+        fix.append("Raise `eval.max_tokens_per_source` (null: the whole test split) to score more of the split.")
+    if any(split < agg.min_documents for _, _, split in thin):
+        fix.append("A split with fewer documents than that needs a larger one: `data.split.test`, "
+                   "`data.max_bytes_per_source` (or a larger experiment).")
+    sources = ", ".join(f"{column_name(s)} {n} of {split}" for s, n, split in thin)
+    return FEW_DOCUMENTS_NOTE.format(sources=sources, min_documents=agg.min_documents, fix=" ".join(fix))
+
+
 def _claim_blocks(run: PplTable, agg: Aggregate, resamples: int) -> list[Block]:
-    note = VERDICT_NOTE.format(level=agg.level, covers=agg.covers or DOCUMENTS_ONLY, resamples=resamples)
+    note = VERDICT_NOTE.format(level=agg.level, covers=agg.covers or DOCUMENTS_ONLY, resamples=resamples,
+                               min_documents=agg.min_documents)
     blocks: list[Block] = [("p", SCALE_NOTE), ("p", note)]
     if len(agg.seeds) == 1:
         blocks.append(("p", ONE_SEED_NOTE))
+    if few := few_documents_note(agg):
+        blocks.append(("p", few))
     return blocks + [("table", _claim_rows(run, agg.claims(), len(agg.seeds)))]
 
 
@@ -313,8 +339,10 @@ def claims_json(agg: Aggregate) -> list[dict[str, Any]]:
     """The verdicts, machine-readable: status, deciding comparison and every comparison's interval."""
     def iv(i: Interval) -> dict[str, Any]:
         return {"estimate": i.estimate, "low": i.low, "high": i.high, "covers": i.covers, "level": i.level,
-                "resamples": i.resamples, "n_seeds": i.n_seeds, "n_docs": i.n_docs}
-    return [{"key": c.key, "claim": c.text, "in_paper": c.in_paper, "status": c.status, "decided_by": c.deciding,
+                "resamples": i.resamples, "n_seeds": i.n_seeds, "n_docs": i.n_docs,
+                "documents": {d.source: {"scored": d.scored, "in_split": d.in_split} for d in i.documents}}
+    return [{"key": c.key, "claim": c.text, "in_paper": c.in_paper, "status": c.status, "reason": c.reason,
+             "decided_by": c.deciding,
              "interval": None if c.interval is None else iv(c.interval), "seeds_holding": c.seeds_holding,
              "n_seeds": c.n_seeds, "comparisons": {k: iv(v) for k, v in c.intervals.items()}}
             for c in agg.claims()]
@@ -335,11 +363,12 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
 
 
 def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
-                 resamples: int = MIN_RESAMPLES) -> Path:
+                 resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS) -> Path:
     """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path.
-    Claims get intervals over the run's test documents (``resamples`` bootstrap resamples)."""
+    Claims get intervals over the run's test documents (``resamples`` bootstrap resamples) and a verdict
+    where every source behind them has ``min_documents`` scored test documents."""
     metrics, routing = load_eval(layout)
-    agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples)
+    agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples, min_documents=min_documents)
     skipped_models = {x["name"] for x in metrics.get("skipped", []) if x.get("kind") == "model"}
     logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped_models}
     table = run_table(metrics)
@@ -385,7 +414,8 @@ def _print_claims(directory: Path) -> None:
         iv = c["interval"]
         where = "" if iv is None else (f"  [{c['decided_by']}: {iv['estimate']:+.4f} "
                                        f"({iv['low']:+.4f}, {iv['high']:+.4f})]")
-        print(f"{c['status']:>26}: {c['claim']}{where}")
+        why = f" ({c['reason']})" if c.get("reason") else ""
+        print(f"{c['status']:>26}: {c['claim']}{why}{where}")
 
 
 def print_summary(layout: RunLayout) -> None:
@@ -421,11 +451,11 @@ def _seed_rows(agg: Aggregate) -> list[list[str]]:
     return out
 
 
-def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES
-                       ) -> Path:
+def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES,
+                       min_documents: int = MIN_DOCUMENTS) -> Path:
     """The aggregate of several training seeds' runs, ``base.seeds_report`` (report.md, report.html, claims.json,
     table.json, PNGs), written atomically; returns report.md's path."""
-    agg = aggregate(runs, resamples=resamples)
+    agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
     s = runs[0].metrics["settings"]
     routing = json.loads(runs[0].layout.routing.read_text()) if runs[0].layout.routing.is_file() else {}
     with publish(base.seeds_report) as tmp:

@@ -219,7 +219,8 @@ def run_downstream(ctx: RunContext) -> Path | None:
     if layout.metrics.is_file():
         with StageLock(layout.lock("eval", "report"), "the eval report"):
             path = build_report(layout, command=command(), config_hash=ctx.config_hash,
-                                train_seed=ctx.train.seed, resamples=ctx.eval.resamples)
+                                train_seed=ctx.train.seed, resamples=ctx.eval.resamples,
+                                min_documents=ctx.eval.min_documents)
         print(f"report (with the downstream table): {path}")
     else:
         print(f"the run has no eval results yet; `{ctx.cmd('stage=eval')}` writes the report with this table")

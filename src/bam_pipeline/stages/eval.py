@@ -33,7 +33,7 @@ def run_eval_one(ctx: RunContext) -> None:
         metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
                                 rebuild=rebuild_hint(ctx))
         build_report(ctx.layout, command=_command(), config_hash=ctx.config_hash, train_seed=ctx.train.seed,
-                     resamples=ctx.eval.resamples)
+                     resamples=ctx.eval.resamples, min_documents=ctx.eval.min_documents)
     wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),
                            metrics_rows=json.loads(metrics_path.read_text())["rows"])
     if wandb_dir is not None:
@@ -47,7 +47,8 @@ def run_seeds_report(ctx: RunContext) -> None:
         return
     runs = [RunEval.read(ctx.for_seed(s).layout, s) for s in ctx.seeds]
     with StageLock(ctx.layout.lock("eval", "seeds"), "the report over seeds"):
-        build_seeds_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples)
+        build_seeds_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples,
+                           min_documents=ctx.eval.min_documents)
     print_seeds_summary(ctx.layout)
 
 
