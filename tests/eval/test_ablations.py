@@ -1,9 +1,11 @@
 """The open questions answered by paired comparisons against a reference, on synthetic runs with known effects."""
 
+import pytest
 from eval_runs import ROLES, fake_eval_run
 
 from bam_pipeline.eval import ablations
 from bam_pipeline.eval.aggregate import aggregate
+from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.report import _question_blocks
 from bam_pipeline.eval.render import to_markdown
 
@@ -46,3 +48,36 @@ def test_report_sections_only_for_questions_with_their_models(tmp_path):
     assert "moe/bam_frozen is worse than moe/bam (on" in text
     assert "moe/bam_hash is better than moe/bam on every column" in text
     assert "moe/bam_router_joint is not distinguishable from moe/bam" in text
+
+
+# BTX better than BAM on Code alone (the smoke report's case, with enough documents to decide it)
+TABLE4 = {"seed": {"code": 0.3, "law": 0.3}, "moe/bam": {"general": -0.2, "code": -0.1, "law": -0.2},
+          "moe/btx": {"general": -0.2, "code": -0.2, "law": -0.2}}
+
+
+def test_table_4_and_the_claim_bam_beats_btx_decide_from_the_same_intervals(tmp_path):
+    agg = aggregate([fake_eval_run(tmp_path, "r0", 0, shift=TABLE4, models=tuple(ROLES))], resamples=2000)
+    claim = next(c for c in agg.claims() if c.key == "bam_beats_btx")
+    q = next(x for x in ablations.QUESTIONS if x.key == "parameters")
+    row = ablations.answer_row(agg, q, "moe/btx")
+    assert claim.status == "fails" and claim.deciding == "moe/bam vs moe/btx, Code"
+    # the row is the same comparison the other way round: every column's interval mirrored exactly
+    for c, iv in row.intervals.items():
+        mirrored = claim.intervals[f"moe/bam vs moe/btx, {column_name(c)}"]
+        assert (iv.estimate, iv.low, iv.high) == pytest.approx((-mirrored.estimate, -mirrored.high, -mirrored.low))
+    # and it names the columns where BTX is better: exactly those on which the claim fails
+    failing = {name.split(", ")[1] for name, iv in claim.intervals.items() if iv.low > 0}
+    assert "Code" in failing and {column_name(c) for c in row.better_on} == failing and not row.worse_on
+    assert row.verdict == ablations.UNRESOLVED and "better on Code" in row.cell()
+    assert "moe/btx is not distinguishable from moe/bam on at least one column" in ablations.sentence(q, agg)
+    assert "better on Code" in ablations.sentence(q, agg)
+
+
+def test_table_4_and_the_claims_give_no_verdict_on_one_document_alike(tmp_path):
+    run = fake_eval_run(tmp_path, "r0", 0, shift=TABLE4, models=tuple(ROLES), scored={"code": 1})
+    agg = aggregate([run], resamples=2000)
+    claim = next(c for c in agg.claims() if c.key == "bam_beats_btx")
+    row = ablations.answer_row(agg, next(x for x in ablations.QUESTIONS if x.key == "parameters"), "moe/btx")
+    assert claim.status == row.verdict == ablations.UNRESOLVED
+    assert claim.reason == row.reason and row.reason.startswith("Code has 1 test document (of 60 in its split)")
+    assert not row.better_on and row.cell().startswith("**not resolved at this scale**: Code has 1 test document")

@@ -3,10 +3,15 @@ models of one run (or several seeds' runs) by paired comparisons against a refer
 
 A question names a reference model and the models it is compared with, by label. Its answer is a table
 (each model's perplexity per column with its interval, parameters, and the difference in mean loss
-against the reference on average, with its paired interval) and one sentence per model: better on every
-column, worse on some column, or not resolved at this scale, each decided by the paired intervals exactly
-like a claim (:func:`~bam_pipeline.eval.stats.claim_verdict`). A question whose reference or models
-this run did not train is left out of the report.
+against the reference on average, with its paired interval) and one sentence per model. Each answer is the
+verdict of :func:`~bam_pipeline.eval.stats.claim_verdict` on the claim "the model beats the reference on
+every column", from the same paired intervals (:meth:`~bam_pipeline.eval.claims.LossColumns.difference`) and
+the same document minimum as the ordering claims, with the columns on each side named: better on every
+column; worse where some interval lies above 0 and none below; mixed (better on some columns, worse on
+others); otherwise not resolved at this scale, naming the columns where it is better, or, with too few test
+documents, why. So a row and the claim over the same two models (Table 4's BTX row and "BAM beats BTX")
+state the same columns on the same side: the claim fails on the columns where the row is better. A question
+whose reference or models this run did not train is left out of the report.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from bam_pipeline.eval.aggregate import Aggregate
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.runner import probed_label
-from bam_pipeline.eval.stats import FAILS, HOLDS, Interval, claim_verdict, interval_of
+from bam_pipeline.eval.stats import HOLDS, Interval, claim_verdict
 from bam_pipeline.eval.table import AVERAGE
 
 
@@ -100,16 +105,33 @@ QUESTIONS: tuple[Question, ...] = (
              "Table 6", TABLE6, ("general", "code", "law", "math")),
 )
 
-BETTER, WORSE, UNRESOLVED = "better", "worse", "not resolved at this scale"
+BETTER, WORSE, MIXED, UNRESOLVED = "better", "worse", "mixed", "not resolved at this scale"
 
 
 @dataclass(frozen=True)
 class RowAnswer:
     label: str
-    verdict: str  # BETTER (every column's interval below 0), WORSE (some column above 0), UNRESOLVED
+    verdict: str  # BETTER (every column below 0), WORSE (some above, none below), MIXED (some each), UNRESOLVED
     deciding: str  # the column that decides it
     average: Interval  # the difference in mean loss against the reference on Average
     intervals: dict[str, Interval]
+    better_on: tuple[str, ...] = ()  # columns whose interval lies below 0
+    worse_on: tuple[str, ...] = ()  # columns whose interval lies above 0
+    reason: str = ""  # why no side is taken whatever the intervals say (too few test documents)
+
+    def cell(self) -> str:
+        """The verdict as the question's table shows it."""
+        cols = lambda cs: ", ".join(column_name(c) for c in cs)  # noqa: E731
+        if self.reason:
+            return f"**{self.verdict}**: {self.reason}"
+        if self.verdict == BETTER:
+            return f"**{BETTER}**"
+        if self.verdict == WORSE:
+            return f"**{WORSE}** ({cols(self.worse_on)})"
+        if self.verdict == MIXED:
+            return f"**{MIXED}**: better on {cols(self.better_on)}, worse on {cols(self.worse_on)}"
+        return f"**{UNRESOLVED}** ({column_name(self.deciding)})" + (
+            f"; better on {cols(self.better_on)}" if self.better_on else "")
 
 
 def present(q: Question, agg: Aggregate) -> list[str]:
@@ -127,15 +149,17 @@ def answer_row(agg: Aggregate, q: Question, label: str) -> RowAnswer:
     """``label`` against the question's reference: the paired interval of the difference in mean loss per
     column, and the verdict they give."""
     lc = agg.losses
-    intervals = {}
-    for c in _columns(agg):
-        if lc.has(label, c) and lc.has(q.reference, c):
-            intervals[c] = interval_of(lc.estimate(label, c) - lc.estimate(q.reference, c),
-                                       lc.resampled(label, c) - lc.resampled(q.reference, c),
-                                       n_seeds=lc.n_seeds, n_docs=lc.n_docs(c), level=agg.level)
-    v = claim_verdict(intervals)
-    verdict = {HOLDS: BETTER, FAILS: WORSE}.get(v.status, UNRESOLVED)
-    return RowAnswer(label, verdict, v.column, intervals.get(AVERAGE, v.interval), intervals)
+    intervals = {c: lc.difference(label, q.reference, c, agg.level) for c in _columns(agg)
+                 if lc.has(label, c) and lc.has(q.reference, c)}
+    v = claim_verdict(intervals, min_documents=agg.min_documents)
+    if v.status == HOLDS:
+        verdict = BETTER
+    elif v.above:
+        verdict = MIXED if v.below else WORSE
+    else:
+        verdict = UNRESOLVED
+    return RowAnswer(label, verdict, v.column, intervals.get(AVERAGE, v.interval), intervals, v.below, v.above,
+                     v.reason)
 
 
 def _params(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
@@ -179,7 +203,7 @@ def question_table(q: Question, agg: Aggregate, metrics_rows: Sequence[Mapping[s
             row += ["reference", "-"]
         else:
             a = answer_row(agg, q, lab)
-            row += [_diff(a.average), f"**{a.verdict}**" + ("" if a.verdict == BETTER else f" ({column_name(a.deciding)})")]
+            row += [_diff(a.average), a.cell()]
         out.append(row)
     return out
 
@@ -200,13 +224,22 @@ def sentence(q: Question, agg: Aggregate) -> str:
     """What this run says, one clause per compared model, with the Average interval."""
     t = agg.table
     parts = []
+    cols = lambda cs: ", ".join(column_name(c) for c in cs)  # noqa: E731
     for lab in present(q, agg):
         a = answer_row(agg, q, lab)
-        what = {BETTER: "better than", WORSE: "worse than", UNRESOLVED: "not distinguishable from"}[a.verdict]
-        where = "on every column" if a.verdict == BETTER else (
-            f"(on {column_name(a.deciding)})" if a.verdict == WORSE else "on at least one column")
-        parts.append(f"{t.name(lab)} is {what} {t.name(q.reference)} {where}; on Average its mean loss differs by "
-                     f"{_diff(a.average)} nats per token")
+        ref = t.name(q.reference)
+        if a.reason:
+            said = f"is not judged against {ref} ({a.reason})"
+        elif a.verdict == BETTER:
+            said = f"is better than {ref} on every column"
+        elif a.verdict == WORSE:
+            said = f"is worse than {ref} (on {cols(a.worse_on)})"
+        elif a.verdict == MIXED:
+            said = f"is better than {ref} on {cols(a.better_on)} and worse on {cols(a.worse_on)}"
+        else:
+            said = f"is not distinguishable from {ref} on at least one column ({column_name(a.deciding)})" + (
+                f", better on {cols(a.better_on)}" if a.better_on else "")
+        parts.append(f"{t.name(lab)} {said}; on Average its mean loss differs by {_diff(a.average)} nats per token")
     return "; ".join(parts) + f" ({agg.level:.0%} paired intervals over {agg.covers})."
 
 

@@ -267,8 +267,12 @@ def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing
     if not blocks:
         return []
     intro = ("Each model is compared with the reference named in its table by the paired interval of the difference "
-             "in mean per-token loss on every column: better when every interval lies below 0, worse when one lies "
-             "above 0 (the column named), otherwise not resolved at this scale.")
+             "in mean per-token loss on every column, decided exactly as the ordering claims are (the claim \"the "
+             "model beats the reference on every column\", the same intervals and document minimum): better when "
+             "every interval lies below 0; worse when one lies above 0 and none below (the columns named); mixed "
+             "when some lie on each side; otherwise not resolved at this scale (the column furthest from better "
+             "named, and any where it is better). A claim \"the reference beats the model\" fails exactly on the "
+             "columns where the model is better.")
     if agg.table.ood:
         intro += " Whether mixing trades specialisation for generalisation is the out-of-domain section above."
     return [("h", 2, "Open questions (docs/paper.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
