@@ -17,12 +17,12 @@ ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/b
 
 
 def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0,
-                  roles=None, scored=None):
+                  roles=None, scored=None, skipped=()):
     """A run directory with metrics.json and documents.json whose per-token losses have known effects:
     every model's loss on a source is a document's difficulty plus the model's offset ``shift[model][source]``
     plus small per-(model, document) noise and a per-seed effect. ``scored[source]``: only that many of the
     source's test documents scored, the others with 0 tokens (as eval writes the documents past
-    eval.max_tokens_per_source)."""
+    eval.max_tokens_per_source); ``skipped``: models eval skipped (could not load)."""
     rng = np.random.default_rng(100 + seed)
     tokens = np.random.default_rng(tokens_seed).integers(20, 300, size=(len(SOURCES), n_docs))
     for i, src in enumerate(SOURCES):
@@ -43,7 +43,9 @@ def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES)
     layout.eval.mkdir(parents=True)
     layout.metrics.write_text(json.dumps({"run": name, "sources": list(SOURCES), "ood_sources": [],
                                           "general_source": "general", "rows": rows, "data_hash": data_hash,
-                                          "settings": {}}))
+                                          "settings": {},
+                                          "skipped": [{"kind": "model", "name": m, "reason": "checksum mismatch"}
+                                                      for m in skipped]}))
     layout.documents.write_text(json.dumps({"models": docs}))
     return RunEval(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))
 

@@ -11,7 +11,7 @@ from eval_runs import ROLES, SOURCES, fake_eval_run
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import aggregate
-from bam_pipeline.eval.claims import FAILS, HOLDS, NOT_RESOLVED, UNMEASURABLE
+from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, NOT_RESOLVED, UNMEASURABLE
 from bam_pipeline.eval.report import build_seeds_report, interval_cells
 from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses, paired_difference
 from bam_pipeline.eval.table import AVERAGE
@@ -111,6 +111,27 @@ def test_a_source_with_one_scored_document_gives_no_claim_a_verdict(tmp_path):
                                          resamples=2000).claims()}
     assert full["experts_beat_seed"].status == HOLDS and full["mixtures_beat_dense"].status == FAILS
     assert full["experts_beat_seed"].reason == ""
+
+
+def test_a_claim_with_an_expert_missing_or_skipped_is_incomplete(tmp_path):
+    models = tuple(m for m in ROLES if m != "branch/law")  # branch/law never built: only its domain says it should be
+    claims = {c.key: c for c in aggregate([fake_eval_run(tmp_path, "r0", 0, shift=SHIFT, models=models)],
+                                          resamples=2000).claims()}
+    assert claims["experts_beat_seed"].status == INCOMPLETE  # the code expert's comparison alone holds
+    assert claims["experts_beat_seed"].verdict == "incomplete: missing branch/law"
+    assert claims["mixtures_beat_singles"].status == INCOMPLETE
+    assert claims["bam_beats_btx"].status == NOT_RESOLVED and claims["mixtures_beat_dense"].status == FAILS
+    # a model eval skipped (a bad checksum), and one a seed lacks, are missing too
+    every = (*ROLES, "moe/bam_kv_shared")
+    runs = [fake_eval_run(tmp_path, "s0", 0, shift=SHIFT, models=tuple(m for m in every if m != "moe/bam"),
+                          skipped=("moe/bam",)),
+            fake_eval_run(tmp_path, "s1", 1, shift=SHIFT, models=tuple(m for m in every if m != "moe/btx"))]
+    agg = aggregate(runs, resamples=2000)
+    assert agg.table.missing == ("moe/bam", "moe/btx")
+    claims = {c.key: c for c in agg.claims()}
+    assert claims["mixtures_beat_singles"].verdict == "incomplete: missing moe/bam, moe/btx"  # shared KV's alone
+    assert claims["experts_beat_seed"].status == HOLDS
+    assert claims["bam_beats_btx"].status == UNMEASURABLE  # neither is there: not measurable, as before
 
 
 def test_seeds_on_different_data_are_refused(tmp_path):

@@ -2,7 +2,7 @@
 
 import math
 
-from bam_pipeline.eval.claims import FAILS, HOLDS, UNMEASURABLE, check_claims, claim_specs
+from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, UNMEASURABLE, check_claims, claim_specs
 from bam_pipeline.eval.report import paper_table as paper
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
 
@@ -83,3 +83,35 @@ def test_incomplete_row_has_no_average():
     t = PplTable(("a",), ("x", "y"), {"a": {"x": 1.0}})
     assert t.get("a", AVERAGE) is None
     assert table_cells(t)[1] == ["a", "**1.00**", "-", "-"]
+
+
+def test_a_claim_over_every_expert_with_experts_missing_is_incomplete_not_holds():
+    # only branch/code was built: its expert beats the seed, and the math and law experts do not exist
+    values = {"seed": {"general": 10.0, "code": 10.0, "math": 10.0, "law": 10.0},
+              "branch/code": {"general": 12.0, "code": 8.0, "math": 11.0, "law": 11.0},
+              "moe/bam": {"general": 9.0, "code": 7.0, "math": 9.0, "law": 9.0}}
+    t = PplTable(tuple(values), ("general", "code", "math", "law"), values, general="general")
+    claims = {c.key: c for c in check_claims(t)}
+    assert claims["experts_beat_seed"].status == INCOMPLETE
+    assert claims["experts_beat_seed"].detail.startswith("missing branch/math, branch/law; ")
+    assert claims["mixtures_beat_singles"].status == INCOMPLETE  # against every expert: two are missing
+    assert claims["bam_beats_btx"].status == UNMEASURABLE  # no BTX at all: nothing to compare
+    # the same run with every expert is judged as before; a table that does not know its general source
+    # (so not its domains) expects nothing more than it has
+    values |= {"branch/math": {"general": 12.0, "code": 11.0, "math": 8.0, "law": 11.0},
+               "branch/law": {"general": 12.0, "code": 11.0, "math": 11.0, "law": 8.0}}
+    assert status(PplTable(tuple(values), ("general", "code", "math", "law"), values, general="general"))[
+        "experts_beat_seed"] == HOLDS
+    del values["branch/law"]
+    assert status(PplTable(tuple(values), ("general", "code", "math", "law"), values))["experts_beat_seed"] == HOLDS
+
+
+def test_skipped_models_and_missing_cells_make_a_claim_incomplete():
+    values = {"seed": {"g": 5.0, "c": 5.0}, "branch/c": {"g": 6.0, "c": 4.0}, "moe/bam": {"g": 4.0},
+              "moe/btx": {"g": 4.5, "c": 4.5}}
+    t = PplTable(tuple(values), ("g", "c"), values, general="g", missing=("moe/bam_cm",))
+    claims = {c.key: c for c in check_claims(t)}
+    assert claims["bam_beats_btx"].status == INCOMPLETE and claims["bam_beats_btx"].detail.startswith(
+        "missing moe/bam on C, moe/bam on Average; ")
+    assert claims["dm_beats_cm"].status == UNMEASURABLE  # moe/bam_cm was skipped: no comparison to make
+    assert claims["experts_beat_seed"].status == HOLDS

@@ -50,6 +50,8 @@ def test_report_content(reported):
     assert "some of the paper's orderings may not hold here" in text
     # with no trained mixture, BAM-vs-BTX is not measurable here but holds in the paper
     assert re.search(r"\| BAM beats BTX on every column \| holds \| \*\*not measurable\*\* \|", text)
+    # branch/law was skipped (bad checksum): the claim over every expert is incomplete, not decided by code's
+    assert "| each expert beats the seed in its own domain | holds | **incomplete**: missing branch/law" in text
     # untrained mixture of identical seed copies: same perplexity as the seed on every domain
     table1 = text.split("## Perplexity per domain")[1].split("Bits per byte")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in table1.splitlines() if line.startswith("| ")}
@@ -75,6 +77,7 @@ def test_print_summary(reported, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["model", "General", "Code", "Law", "Average"]
     assert "not measurable: BAM beats BTX on every column" in out
+    assert "incomplete: each expert beats the seed in its own domain (missing branch/law" in out
     assert f"report: {run / 'report' / 'report.md'}" in out
 
 

@@ -6,7 +6,8 @@ the models every seed has, and resamples seeds and test documents jointly
 difference come from the same draws. A cell's estimate is the perplexity of the mean per-token loss over
 the seeds (the geometric mean of the seeds' perplexities: every seed is scored on the same tokens); the
 Average column is the arithmetic mean of a row's in-domain perplexities, as in the paper's Table 1.
-With one seed the intervals cover test documents only.
+With one seed the intervals cover test documents only. Models a run skipped (eval could not load them) or
+that some seed lacks are the table's ``missing`` models: the claims over them are incomplete.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def _doc_losses(runs: Sequence[RunEval], label: str, source: str, keep: np.ndarr
     return DocLosses(nll, tokens)
 
 
+def skipped_models(metrics: dict[str, Any]) -> dict[str, str | None]:
+    """The model artifacts eval skipped (could not load), with their role where recorded; eval-time probes
+    of a model are left out (they are not models of the run)."""
+    return {x["name"]: x.get("role") for x in metrics.get("skipped", [])
+            if x.get("kind") == "model" and x.get("role", "") != "probe" and "+" not in x["name"]}
+
+
 def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, rng_seed: int = 0,
               min_documents: int = MIN_DOCUMENTS) -> Aggregate:
     """The table with intervals over ``runs`` (one per training seed, all scored on one prepared data);
@@ -144,7 +152,9 @@ def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, r
     point = [{**meta, "model": lab, "domain": s, "perplexity": iv.estimate}
              for lab in labels for s, iv in cells[lab].items() if s != AVERAGE
              for meta in [_meta(first["rows"], lab)]]
-    table = table_from_rows(point, labels, columns, ood=ood)
+    missing = {lab: role for r in runs for lab, role in skipped_models(r.metrics).items()}
+    missing.update({lab: _meta(first["rows"], lab).get("role") for lab in left_out if lab not in labels})
+    table = table_from_rows(point, labels, columns, ood=ood, general=first.get("general_source"), missing=missing)
     return Aggregate(tuple(r.seed for r in runs), table, cells, loss_cols, left_out, level, min_documents)
 
 

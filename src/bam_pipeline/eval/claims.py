@@ -1,7 +1,10 @@
 """The ordering claims of docs/paper.md section 8, and the comparisons reported beside them, each declared
 once as a list of paired comparisons "model A beats model B on column c".
 
-A claim is judged two ways from the same declaration:
+A claim is declared over the models the run should have, not only those it has: "each expert beats the
+seed" names an expert for every domain of the table (``PplTable.domains``), and every claim names the
+models eval skipped or an aggregate left out (``PplTable.missing``). It is judged two ways from the same
+declaration:
 - on point values of a :class:`PplTable` (the paper's Table 1, or a run's): it holds when every
   comparison does, fails when one does not, and is not measurable when a model it needs is missing;
 - with intervals (:func:`judge_with_intervals`): each comparison is the difference in mean per-token
@@ -12,6 +15,9 @@ A claim is judged two ways from the same declaration:
   interval has zero width (:func:`~bam_pipeline.eval.stats.claim_verdict`). The Average column compares
   the mean over the in-domain sources of each source's mean loss: every domain weighs the same, as in
   the paper's Average.
+Either way, a claim some of whose comparisons cannot be made (a model or a cell missing) while others can
+is ``incomplete``, naming what is missing, whatever the others say: a claim about every expert or every
+column is not shown to hold by the ones at hand. With none that can be made it is not measurable.
 
 Claim (b) is the paper's: trained mixtures against the seed and the domain experts. The continued
 dense model is its own comparison (``mixtures_beat_dense``), as is the BTM ensemble (``bam_beats_btm``);
@@ -32,8 +38,9 @@ from bam_pipeline.eval.table import AVERAGE, PplTable
 from bam_pipeline.store.layout import CM_SUFFIX, parse_label
 
 UNMEASURABLE = "not measurable"
-__all__ = ["HOLDS", "FAILS", "NOT_RESOLVED", "UNMEASURABLE", "Comparison", "ClaimSpec", "Claim", "claim_specs",
-           "check_claims", "judge_with_intervals", "IntervalClaim", "LossColumns"]
+INCOMPLETE = "incomplete"
+__all__ = ["HOLDS", "FAILS", "NOT_RESOLVED", "UNMEASURABLE", "INCOMPLETE", "Comparison", "ClaimSpec", "Claim",
+           "claim_specs", "check_claims", "judge_with_intervals", "IntervalClaim", "LossColumns"]
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,30 @@ class Claim:
     detail: str
 
 
-def _pairs(t: PplTable, pairs: Sequence[tuple[str, str]]) -> tuple[Comparison, ...]:
-    return tuple(Comparison(a, b, c) for a, b in pairs if a in t.labels and b in t.labels for c in t.claim_columns)
+def expected_labels(t: PplTable) -> list[str]:
+    """The models the claims are declared over: ``t``'s rows, the models it misses (``t.missing``), and,
+    where ``t`` knows its domains, the seed and a branch expert per domain (``branch/<domain>``) it lacks."""
+    out = list(dict.fromkeys([*t.labels, *t.missing]))
+    if t.domains:
+        have = {parse_label(lab)[1] for lab in out if t.role(lab) == "expert"}
+        out += [lab for lab in ("seed",) if not any(t.role(x) == "seed" for x in out)]
+        out += [f"branch/{d}" for d in t.domains if d not in have]
+    return out
+
+
+def _pairs(labels: Sequence[str], t: PplTable, pairs: Sequence[tuple[str, str]]) -> tuple[Comparison, ...]:
+    return tuple(Comparison(a, b, c) for a, b in pairs if a in labels and b in labels for c in t.claim_columns)
 
 
 def claim_specs(t: PplTable) -> list[ClaimSpec]:
-    """Every claim's comparisons among the models of ``t`` (by label and role)."""
-    by_role = {r: [lab for lab in t.labels if t.role(lab) == r] for r in ("seed", "expert", "mixture", "dense")}
+    """Every claim's comparisons among the models ``t`` has or should have (:func:`expected_labels`), by
+    label and role; comparisons with a model ``t`` lacks make the claim incomplete where it is judged."""
+    labels = expected_labels(t)
+    by_role = {r: [lab for lab in labels if t.role(lab) == r] for r in ("seed", "expert", "mixture", "dense")}
     seed = by_role["seed"][:1]
     experts = [(lab, parse_label(lab)[1]) for lab in by_role["expert"]]
     singles = seed + by_role["expert"]
-    moe = {parse_label(lab)[1] for lab in t.labels if parse_label(lab)[0] == "moe"}
+    moe = {parse_label(lab)[1] for lab in labels if parse_label(lab)[0] == "moe"}
     cm_pairs = sorted((f"moe/{v[: -len(CM_SUFFIX)]}", f"moe/{v}") for v in moe if v.endswith(CM_SUFFIX))
     return [
         ClaimSpec("experts_beat_seed", "each expert beats the seed in its own domain",
@@ -85,17 +105,18 @@ def claim_specs(t: PplTable) -> list[ClaimSpec]:
         ClaimSpec("mixtures_beat_singles", "every trained mixture beats the seed and every expert on average",
                   tuple(Comparison(m, s, AVERAGE) for m in by_role["mixture"] for s in singles),
                   "a trained mixture and the seed or an expert"),
-        ClaimSpec("bam_beats_btx", "BAM beats BTX on every column", _pairs(t, [("moe/bam", "moe/btx")]),
+        ClaimSpec("bam_beats_btx", "BAM beats BTX on every column", _pairs(labels, t, [("moe/bam", "moe/btx")]),
                   "moe/bam and moe/btx"),
         ClaimSpec("expert_kv_beats_shared", "expert KV beats shared KV on every column",
-                  _pairs(t, [("moe/bam", "moe/bam_kv_shared")]), "moe/bam and moe/bam_kv_shared"),
+                  _pairs(labels, t, [("moe/bam", "moe/bam_kv_shared")]), "moe/bam and moe/bam_kv_shared"),
         ClaimSpec("dm_beats_cm", "data-matched beats compute-matched on every column",
-                  _pairs(t, cm_pairs or [("moe/bam", "moe/bam_cm")]), "moe/bam and moe/bam_cm"),
+                  _pairs(labels, t, cm_pairs or [("moe/bam", "moe/bam_cm")]), "moe/bam and moe/bam_cm"),
         ClaimSpec("mixtures_beat_dense", "every trained mixture beats the dense model trained as long on average",
                   tuple(Comparison(m, d, AVERAGE) for m in by_role["mixture"] for d in by_role["dense"]),
                   "a trained mixture and the dense baseline (moe/dense)", in_paper=False),
         ClaimSpec("bam_beats_btm", "BAM beats the BTM ensemble of its own dense models on every column",
-                  _pairs(t, [("moe/bam", "btm")]), "moe/bam and the BTM row (eval.btm=true)", in_paper=False),
+                  _pairs(labels, t, [("moe/bam", "btm")]), "moe/bam and the BTM row (eval.btm=true)",
+                  in_paper=False),
     ]
 
 
@@ -113,17 +134,42 @@ def _summary(lines: list[tuple[bool, str]]) -> str:
     return f"{sum(ok for ok, _ in lines)} of {len(lines)} comparisons hold; " + "; ".join(shown)
 
 
+def missing_text(comparisons: Sequence[Comparison], has_model: Callable[[str], bool],
+                 has_cell: Callable[[str, str], bool]) -> str:
+    """What the comparisons that cannot be made lack, e.g. ``missing branch/math, branch/law`` (models
+    without any value) or ``missing moe/bam on Law`` (a model without that column); empty when none."""
+    models, cells = [], []
+    for c in comparisons:
+        for lab in (c.better, c.worse):
+            if not has_model(lab):
+                models.append(lab)
+            elif not has_cell(lab, c.column):
+                cells.append(f"{lab} on {column_name(c.column)}")
+    missing = list(dict.fromkeys(models + cells))
+    return "missing " + ", ".join(missing) if missing else ""
+
+
+def _split(spec: ClaimSpec, has: Callable[[str, str], bool]) -> tuple[list[Comparison], list[Comparison]]:
+    """(the comparisons that can be made, those that cannot)."""
+    ok = [c for c in spec.comparisons if has(c.better, c.column) and has(c.worse, c.column)]
+    return ok, [c for c in spec.comparisons if c not in ok]
+
+
 def check_claims(t: PplTable) -> list[Claim]:
-    """Every claim judged on the point values of ``t`` (comparisons whose cells are missing are left out)."""
+    """Every claim judged on the point values of ``t``; incomplete when some comparison lacks a value."""
     out = []
+    has = lambda lab, col: t.get(lab, col) is not None  # noqa: E731
     for spec in claim_specs(t):
-        comps = [c for c in spec.comparisons if t.get(c.better, c.column) is not None
-                 and t.get(c.worse, c.column) is not None]
+        comps, lacking = _split(spec, has)
+        missing = missing_text(lacking, lambda lab: bool(t.values.get(lab)), has)
         if not comps:
             out.append(Claim(spec.key, spec.text, UNMEASURABLE, f"needs {spec.needs}"))
             continue
         lines = [(t.get(c.better, c.column) < t.get(c.worse, c.column), _describe(t, c, t.get)) for c in comps]
-        out.append(Claim(spec.key, spec.text, HOLDS if all(ok for ok, _ in lines) else FAILS, _summary(lines)))
+        if missing:
+            out.append(Claim(spec.key, spec.text, INCOMPLETE, f"{missing}; {_summary(lines)}"))
+        else:
+            out.append(Claim(spec.key, spec.text, HOLDS if all(ok for ok, _ in lines) else FAILS, _summary(lines)))
     return out
 
 
@@ -141,7 +187,7 @@ class IntervalClaim:
     n_seeds: int
     intervals: dict[str, Interval]
     in_paper: bool
-    reason: str = ""  # why it is not resolved whatever its intervals say (few documents)
+    reason: str = ""  # why it is incomplete or not resolved whatever its intervals say (missing models, few documents)
 
     @property
     def verdict(self) -> str:
@@ -205,12 +251,13 @@ class LossColumns:
 
 def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95, *,
                          min_documents: int = MIN_DOCUMENTS) -> list[IntervalClaim]:
-    """Every claim of ``t``'s models judged with the paired intervals of ``losses`` (comparisons whose
-    models lack losses are left out; a claim left with none is not measurable), each by
-    :func:`~bam_pipeline.eval.stats.claim_verdict` with ``min_documents``."""
+    """Every claim of ``t``'s models judged with the paired intervals of ``losses``: not measurable when no
+    comparison can be made, incomplete when some cannot (their models or cells lack losses), else the
+    verdict of :func:`~bam_pipeline.eval.stats.claim_verdict` (with ``min_documents``)."""
     out = []
     for spec in claim_specs(t):
-        comps = [c for c in spec.comparisons if losses.has(c.better, c.column) and losses.has(c.worse, c.column)]
+        comps, lacking = _split(spec, losses.has)
+        missing = missing_text(lacking, lambda lab: bool(losses.estimates.get(lab)), losses.has)
         if not comps:
             out.append(IntervalClaim(spec.key, spec.text, UNMEASURABLE, f"needs {spec.needs}", None, 0,
                                      losses.n_seeds, {}, spec.in_paper))
@@ -221,6 +268,8 @@ def judge_with_intervals(t: PplTable, losses: LossColumns, level: float = 0.95, 
             intervals[name] = losses.difference(c.better, c.worse, c.column, level)
             seed_ok &= (losses.seed_values(c.better, c.column) - losses.seed_values(c.worse, c.column)) < 0
         v: Verdict = claim_verdict(intervals, min_documents=min_documents)
-        out.append(IntervalClaim(spec.key, spec.text, v.status, v.column, v.interval, int(seed_ok.sum()),
-                                 losses.n_seeds, intervals, spec.in_paper, v.reason))
+        status = INCOMPLETE if missing else v.status  # the comparisons at hand cannot decide a claim over all
+        reason = "; ".join(x for x in (missing, v.reason) if x)
+        out.append(IntervalClaim(spec.key, spec.text, status, v.column, v.interval, int(seed_ok.sum()),
+                                 losses.n_seeds, intervals, spec.in_paper, reason))
     return out

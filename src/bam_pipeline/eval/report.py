@@ -20,7 +20,7 @@ from typing import Any
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval import ablations
-from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate
+from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate, skipped_models
 from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.downstream_table import downstream_blocks
 from bam_pipeline.eval.names import column_name
@@ -49,7 +49,8 @@ VERDICT_NOTE = (
     "above 0, and is not resolved at this scale otherwise; the interval shown is the one that decides it. "
     "Average compares the mean over the in-domain sources of each source's mean loss. No claim holds or fails "
     "on a source with fewer than {min_documents} scored test documents (`eval.min_documents`) or on an interval "
-    "of zero width: it is not resolved, and says why."
+    "of zero width: it is not resolved, and says why. A claim over every expert, mixture or column that lacks "
+    "some of them is incomplete, naming what is missing."
 )
 FEW_DOCUMENTS_NOTE = (
     "**Too few test documents for a document bootstrap:** {sources} (scored of those in the test split; at "
@@ -69,12 +70,14 @@ def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
-    """The run's Table 1 analogue: rows in artifact order, general source first, out-of-domain last."""
+    """The run's Table 1 analogue: rows in artifact order, general source first, out-of-domain last; the
+    models eval skipped are its missing ones."""
     labels = list(dict.fromkeys(r["model"] for r in metrics["rows"]))
     ood = [s for s in metrics["sources"] if s in metrics.get("ood_sources", [])]
     in_domain = [s for s in metrics["sources"] if s not in ood]
-    return table_from_rows(metrics["rows"], labels, order_columns(in_domain, metrics.get("general_source")), key,
-                           ood=ood)
+    general = metrics.get("general_source")
+    return table_from_rows(metrics["rows"], labels, order_columns(in_domain, general), key, ood=ood,
+                           general=general, missing=skipped_models(metrics))
 
 
 OOD_WORDS = {HOLDS: "gains", FAILS: "loses"}

@@ -312,7 +312,8 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
             art.verify()
         except BamError as e:
             print(f"[eval] skip {art.label}: {e}")
-            skipped.append({"kind": "model", "name": art.label, "reason": str(e)})
+            # its role: the claims over every expert (or mixture) it belongs to are incomplete without it
+            skipped.append({"kind": "model", "name": art.label, "role": about(art).role, "reason": str(e)})
             continue
         good.append(art)
         result = scored(art.label, art.stage, art.name, art.hash,
@@ -327,7 +328,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
                    lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device,
                                                   probe=UNIFORM_ATTENTION, chunking=chunking))
     missing = sorted(set(spec.uniform_attention) - {a.label for a in good})
-    skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION),
+    skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
                  "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
                 for m in missing]
     singles = [a for a in good if a.stage in ("seed", "branch")]

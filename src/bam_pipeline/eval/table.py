@@ -9,7 +9,7 @@ in the paper's Table 1; a row missing a column has no average.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from bam_pipeline.eval.names import STAGE_ROLES, column_name
 from bam_pipeline.store.layout import parse_label
@@ -28,6 +28,10 @@ class PplTable:
     names: dict[str, str] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     ood: tuple[str, ...] = ()  # out-of-domain columns: after the average, not in it
+    general: str | None = None  # the general source among ``columns`` (None: not known); the others are domains
+    # models the run has (or should have) but this table has no values of: skipped by eval (a bad checksum),
+    # left out of an aggregate over seeds; a claim over them is incomplete (bam_pipeline.eval.claims)
+    missing: tuple[str, ...] = ()
 
     def name(self, label: str) -> str:
         """The model's display name (its label when none is given)."""
@@ -36,6 +40,12 @@ class PplTable:
     def role(self, label: str) -> str:
         """The model's role; without one given, its stage's role."""
         return self.roles.get(label) or STAGE_ROLES.get(parse_label(label)[0], "")
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The in-domain sources other than the general one (each has a branch expert); empty when the
+        general source is not known."""
+        return tuple(c for c in self.columns if c != self.general) if self.general in self.columns else ()
 
     @property
     def claim_columns(self) -> tuple[str, ...]:
@@ -69,9 +79,11 @@ def order_columns(sources: Iterable[str], general: str | None) -> tuple[str, ...
 
 
 def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: Iterable[str],
-                    key: str = "perplexity", ood: Iterable[str] = ()) -> PplTable:
+                    key: str = "perplexity", ood: Iterable[str] = (), general: str | None = None,
+                    missing: Mapping[str, str | None] | None = None) -> PplTable:
     """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``, and the
-    model's ``display`` and ``role`` where given)."""
+    model's ``display`` and ``role`` where given); ``missing``: the models without rows it should have, with
+    their role where known."""
     values: dict[str, dict[str, float]] = {}
     names, roles = {}, {}
     for r in rows:
@@ -80,7 +92,11 @@ def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: 
             names[r["model"]] = r["display"]
         if r.get("role"):
             roles[r["model"]] = r["role"]
-    return PplTable(tuple(labels), tuple(columns), values, names, roles, tuple(ood))
+    for lab, role in (missing or {}).items():
+        if role:
+            roles.setdefault(lab, role)
+    return PplTable(tuple(labels), tuple(columns), values, names, roles, tuple(ood), general,
+                    tuple(m for m in (missing or {}) if m not in values))
 
 
 def table_cells(table: PplTable, *, mark_best: str = "**", among: Iterable[str] | None = None) -> list[list[str]]:
