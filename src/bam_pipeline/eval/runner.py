@@ -299,21 +299,22 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         documents[label] = result["documents"]
         return result
 
+    def skip(art: Artifact, reason: str) -> None:
+        print(f"[eval] skip {art.label}: {reason}")
+        # its role: the claims over every expert (or mixture) it belongs to are incomplete without it
+        skipped.append({"kind": "model", "name": art.label, "role": about(art).role, "reason": reason})
+
     good = []
     outdated = outdated_models(layout, prepared.manifest["hash"])
     for art in arts:
         if art.label in outdated:
-            reason = f"outdated ({outdated[art.label]}); {rebuild}"
-            print(f"[eval] skip {art.label}: {reason}")
-            skipped.append({"kind": "model", "name": art.label, "reason": reason})
+            skip(art, f"outdated ({outdated[art.label]}); {rebuild}")
             continue
         try:
             read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
             art.verify()
         except BamError as e:
-            print(f"[eval] skip {art.label}: {e}")
-            # its role: the claims over every expert (or mixture) it belongs to are incomplete without it
-            skipped.append({"kind": "model", "name": art.label, "role": about(art).role, "reason": str(e)})
+            skip(art, str(e))
             continue
         good.append(art)
         result = scored(art.label, art.stage, art.name, art.hash,
