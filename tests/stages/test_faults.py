@@ -149,7 +149,7 @@ def test_consumers_leave_out_or_refuse_models_built_from_rebuilt_inputs(smoke_co
     assert r.returncode == 2
     line = _one_error_line(r.out)
     assert "artifact=moe/bam is outdated (mix/bam is outdated)" in line, line
-    assert "rebuild it with `python -m bam_pipeline stage=all generate.prompt=The" in line, line
+    assert "rebuild it with `python -m bam_pipeline stage=moe mix=bam generate.prompt=The" in line, line
     exports = sorted(run.rglob("export*"))
     r = cli_here(smoke_copy, "stage=export", "artifact=branch/code")
     assert r.returncode == 2

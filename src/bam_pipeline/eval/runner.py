@@ -256,13 +256,14 @@ def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
 
 
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
-             chunking: LossChunking | None = None, rebuild: str = "rebuild it") -> Path:
+             chunking: LossChunking | None = None,
+             rebuild: Callable[[str], str] = lambda label: "rebuild it") -> Path:
     """Evaluate every finished model artifact of the run; returns the path of metrics.json.
 
     ``general`` names the general source (the report's first column); ``chunking`` is the LM
     loss's chunking rule (training's). Models built from inputs the run has rebuilt since
     (:func:`~bam_pipeline.store.artifacts.outdated_models`) are left out and listed as skipped, with
-    ``rebuild`` saying how to bring them up to date."""
+    ``rebuild(label)`` saying how to bring one up to date."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
@@ -305,16 +306,16 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         skipped.append({"kind": "model", "name": art.label, "role": about(art).role, "reason": reason})
 
     good = []
-    outdated = outdated_models(layout, prepared.manifest["hash"])
+    outdated = outdated_models(layout, prepared.manifest["hash"], arts)
     for art in arts:
-        if art.label in outdated:
-            skip(art, f"outdated ({outdated[art.label]}); {rebuild}")
-            continue
         try:
             read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
             art.verify()
         except BamError as e:
             skip(art, str(e))
+            continue
+        if art.label in outdated:
+            skip(art, f"outdated ({outdated[art.label]}); {rebuild(art.label)}")
             continue
         good.append(art)
         result = scored(art.label, art.stage, art.name, art.hash,

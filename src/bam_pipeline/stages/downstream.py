@@ -60,12 +60,18 @@ def selected_models(ctx: RunContext, prepared: PreparedData) -> tuple[list[Artif
     btm = "BTM is an eval-time ensemble of the seed and the domain experts (eval/btm.py), not one model: it has no "\
           "lm-eval LM here, so no downstream row"
     if spec.models is None:
-        found, outdated = find_model_artifacts(ctx.layout), outdated_models(ctx.layout, prepared.manifest["hash"])
+        found = find_model_artifacts(ctx.layout)
+        outdated = outdated_models(ctx.layout, prepared.manifest["hash"], found)
         if not found:
             raise BamError(f"no trained model in {ctx.layout.run_dir}; run `{ctx.cmd('stage=all')}` first")
+        arts = [model_artifact(ctx, a.label, prepared) for a in found]  # another tokenizer's: refused first
         for label, why in outdated.items():
-            skipped.append({"name": label, "reason": f"outdated ({why}); {rebuild_hint(ctx)}"})
-        arts = [model_artifact(ctx, a.label, prepared) for a in found if a.label not in outdated]
+            skipped.append({"name": label, "reason": f"outdated ({why}); {rebuild_hint(ctx, label)}"})
+        arts = [a for a in arts if a.label not in outdated]
+        if not arts:
+            raise BamError(f"every model of run {ctx.run} is outdated ({', '.join(outdated)}: built from inputs "
+                           f"rebuilt since); rebuild them from the seed on (`{ctx.cmd('stage=all')}` for the "
+                           "variants the run lists), then run this command again")
         if ctx.layout.metrics.is_file() and any(r["model"] == BTM_LABEL for r in
                                                 json.loads(ctx.layout.metrics.read_text())["rows"]):
             skipped.append({"name": BTM_LABEL, "reason": btm})

@@ -31,7 +31,7 @@ def run_eval_one(ctx: RunContext) -> None:
     with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
         wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
         metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
-                                rebuild=rebuild_hint(ctx))
+                                rebuild=lambda label: rebuild_hint(ctx, label))
         build_report(ctx.layout, command=_command(), config_hash=ctx.config_hash, train_seed=ctx.train.seed,
                      resamples=ctx.eval.resamples, min_documents=ctx.eval.min_documents)
     wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),

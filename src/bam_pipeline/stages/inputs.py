@@ -22,8 +22,8 @@ from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
                                          read_artifact, remove_dead_temporaries, try_read_artifact)
-from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.store.layout import MODEL_STAGES, label, parse_label
+from bam_pipeline.store.files import canonical_hash, changed_keys
+from bam_pipeline.store.layout import CM_SUFFIX, MODEL_STAGES, label, parse_label
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -50,8 +50,7 @@ class Plan:
         old_inputs = art.manifest.get("inputs", {})
         changed = [k for k, a in self.inputs.items() if old_inputs.get(k, {}).get("hash") != a.hash]
         old_cfg = art.manifest.get("config", {})
-        keys = sorted(k for k in set(old_cfg) | set(self.config)
-                      if k != "inputs" and canonical_hash(old_cfg.get(k)) != canonical_hash(self.config.get(k)))
+        keys = changed_keys(old_cfg, self.config, ignore=("inputs",))
         return "; ".join(filter(None, [f"inputs changed: {', '.join(changed)}" if changed else "",
                                        f"config changed: {', '.join(keys)}" if keys else ""])) or "config changed"
 
@@ -103,9 +102,21 @@ def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: s
     return read_artifact(path, tokenizer=prepared.tokenizer_hash)  # a BamError naming it when another tokenizer's
 
 
-def rebuild_hint(ctx: RunContext) -> str:
-    """How to bring outdated models up to date: stage=all rebuilds what is stale and skips what is fresh."""
-    return f"rebuild it with `{ctx.cmd('stage=all')}` (`{ctx.cmd('stage=status')}` says what changed)"
+def producer(ctx: RunContext, text: str) -> str:
+    """The command that (re)builds the model artifact ``text`` names (its own stage, not stage=all, which
+    builds only the variants ``pipeline`` lists): ``seed``, ``branch/<d>``, ``mix/<v>``, ``moe/<v>[_cm]``."""
+    stage, name = parse_label(text)
+    if stage == "branch":
+        return ctx.cmd(f"stage=branch domain={name}")
+    if stage in ("mix", "moe"):
+        variant = name.removesuffix(CM_SUFFIX)
+        return ctx.cmd(f"stage={stage} mix={variant}" + (" budget.moe.match=compute" if variant != name else ""))
+    return ctx.cmd(f"stage={stage}")
+
+
+def rebuild_hint(ctx: RunContext, text: str) -> str:
+    """How to bring an outdated model ``text`` up to date: its producer, after what it is built from."""
+    return f"rebuild it with `{producer(ctx, text)}` once its inputs are current, or delete it"
 
 
 def current_model(ctx: RunContext, text: str, prepared: PreparedData, *, key: str = "artifact") -> Artifact:
@@ -116,7 +127,7 @@ def current_model(ctx: RunContext, text: str, prepared: PreparedData, *, key: st
     why = outdated_models(ctx.layout, prepared.manifest["hash"]).get(art.label)
     if why is not None:
         raise BamError(f"{key}={text} is outdated ({why}): it is not built from this run's current models; "
-                       f"{rebuild_hint(ctx)}")
+                       f"{rebuild_hint(ctx, art.label)}")
     return art
 
 

@@ -126,13 +126,13 @@ def _input_label(key: str, record: dict[str, Any]) -> str:
     return label(path.parent.name, path.name)
 
 
-def outdated_models(layout: RunLayout, data_hash: str) -> dict[str, str]:
+def outdated_models(layout: RunLayout, data_hash: str, found: list[Artifact] | None = None) -> dict[str, str]:
     """Label -> why, for every model artifact of the run built from inputs that are not the run's any more:
     prepared data other than ``data_hash``, or an input artifact rebuilt since (another hash), or an
     input that is outdated itself. Its own settings may differ from any command's (a shorter budget for
     one variant): that is a choice its manifest records, not an outdated input. An input deleted since
-    tells nothing and is passed over."""
-    arts = {a.label: a for a in find_model_artifacts(layout)}
+    tells nothing and is passed over. ``found``: the run's model artifacts when the caller has read them."""
+    arts = {a.label: a for a in (find_model_artifacts(layout) if found is None else found)}
     memo: dict[str, str | None] = {}
 
     def why(lab: str) -> str | None:
@@ -140,6 +140,8 @@ def outdated_models(layout: RunLayout, data_hash: str) -> dict[str, str]:
             memo[lab] = None  # a cycle (impossible in a run) stops here
             reasons = []
             for key, record in arts[lab].manifest.get("inputs", {}).items():
+                if not isinstance(record, dict):
+                    continue  # not a manifest this package wrote
                 src = _input_label(key, record)
                 if src == "data":
                     if record.get("hash") != data_hash:
