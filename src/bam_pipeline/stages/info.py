@@ -15,7 +15,8 @@ from bam_pipeline.model.counting import describe
 from bam_pipeline.stages.checkpoints import checkpoint_model_config
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.inputs import open_data
+from bam_pipeline.data.prepare import open_current
+from bam_pipeline.data.tokenizer import load_tokenizer
 from bam_pipeline.stages.train import parse_moe_name
 from bam_pipeline.training.budget import plan_budget
 from bam_pipeline.training.memory import ASSUMPTIONS, MemoryEstimate, MemorySetup, estimate, format_bytes
@@ -123,15 +124,14 @@ def run_vocabulary(ctx: RunContext) -> tuple[int, str]:
     prepared tokenizer when its data is prepared for this config, else the tokenizer the data stage
     would load (``data.tokenizer.path``) or train (``data.tokenizer.vocab_size``). The model preset's
     own vocab_size is a placeholder the pipeline never builds with."""
-    try:
-        return open_data(ctx, verify=False).vocab_size, f"the run's prepared tokenizer ({ctx.layout.data})"
+    try:  # not open_data: planning never waits for another run's data stage
+        return open_current(ctx.data, ctx.layout.data, verify=False).vocab_size, \
+            f"the run's prepared tokenizer ({ctx.layout.data})"
     except BamError:
         pass
     tok = ctx.data.tokenizer
     if tok.path is not None:
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(Path(tok.path).expanduser())).get_vocab_size(), f"data.tokenizer.path={tok.path}"
+        return load_tokenizer(tok.path, tok.eos_token).get_vocab_size(), f"data.tokenizer.path={tok.path}"
     return tok.vocab_size, "data.tokenizer.vocab_size, the tokenizer the data stage trains (no data prepared yet)"
 
 
@@ -145,7 +145,8 @@ def run_info(ctx: RunContext) -> None:
         vocab, source = dense.vocab_size, f"the seed checkpoint {ctx.seed.checkpoint.path}"
     preset_vocab = ctx.model.dense_config().vocab_size
     note = f"; the {dense.name} preset was sized with {preset_vocab:,}: add data.tokenizer.vocab_size={preset_vocab} " \
-           "to plan with that" if ctx.seed.kind == "pretrain" and vocab != preset_vocab else ""
+           "to plan with that" if ctx.seed.kind == "pretrain" and vocab != preset_vocab and ctx.data.tokenizer.path is None \
+        else ""
     print(f"vocabulary: {vocab:,} tokens, from {source}{note}")
     n_domains = len(ctx.data.domains)
     rows = info_rows(dense, variant, n_domains=n_domains, seq_len=ctx.model.seq_len)
