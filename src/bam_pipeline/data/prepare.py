@@ -28,7 +28,7 @@ from bam_pipeline.data.spec import DataSpec
 from bam_pipeline.data.splits import SPLITS, dedupe_and_split
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.artifacts import MANIFEST, publish, write_manifest
-from bam_pipeline.store.files import canonical_hash, sha256_file, verify_checksums
+from bam_pipeline.store.files import canonical_hash, changed_keys, sha256_file, verify_checksums
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -126,7 +126,7 @@ def verify_files(prepared: PreparedData, command: Callable[[str], str] = bare_co
 def changes(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str) -> str:
     """What differs between prepared data's manifest and the identity ``_identity`` gives now."""
     old = manifest.get("config", {})
-    keys = sorted(k for k in set(old) | set(hashed) if canonical_hash(old.get(k)) != canonical_hash(hashed.get(k)))
+    keys = changed_keys(old, hashed)
     parts = [f"data config changed: {', '.join(keys)}"] if keys else []
     if manifest.get("sources_hash") != sources_hash:
         parts.append("a source's contents changed")
@@ -166,7 +166,7 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
             _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")
             return old
         _say(progress, f"{out_dir}: {changes(old.manifest, hashed, sources_hash)} since it was prepared; "
-                       "preparing it again (the models built from it become stale)")
+                       "preparing it again (the models built from it become outdated)")
     t0 = time.time()
     skipped: dict[str, str] = {}
     for name, source in spec.resolved.items():

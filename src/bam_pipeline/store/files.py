@@ -30,6 +30,12 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def changed_keys(old: dict[str, Any], new: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The top-level keys whose values differ (by canonical hash) between two configs, sorted."""
+    return sorted(k for k in set(old) | set(new)
+                  if k not in ignore and canonical_hash(old.get(k)) != canonical_hash(new.get(k)))
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write; renamed onto ``path`` on success, removed on error."""
