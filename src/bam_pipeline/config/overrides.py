@@ -56,6 +56,9 @@ def unparsable(override: str, message: str) -> str:
         at = len(lines[1].rstrip()) - len(lexer) - 1 if len(lines) > 1 else -1
         why = f"at {override[at]!r}, character {at + 1}" if 0 <= at < len(override) else ""
     key, sep, value = override.partition("=")
+    if sep and value[:1] in "[{":  # a list or a dict: quoting it would make it a string
+        return (f"cannot parse the override {override!r}{f' ({why})' if why else ''}: close its brackets and quote "
+                f"the whole override for the shell, e.g. '{key}=[a,b]'")
     if sep and key.strip() and " " not in key:
         if value[:1] in "\"'" and value[-1:] != value[:1]:
             value = value[1:]  # an opening quote the shell left, without its closing one

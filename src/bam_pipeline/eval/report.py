@@ -376,8 +376,8 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
     where every source behind them has ``min_documents`` scored test documents."""
     metrics, routing = load_eval(layout)
     agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples, min_documents=min_documents)
-    skipped_models = {x["name"] for x in metrics.get("skipped", []) if x.get("kind") == "model"}
-    logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped_models}
+    skipped = skipped_models(metrics)
+    logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped}
     table = run_table(metrics)
     with publish(layout.report) as tmp:
         images: dict[str, str] = {}
