@@ -8,7 +8,7 @@ import json
 import pytest
 from cli_runner import cli, cli_here
 
-from bam_pipeline.eval.claims import FAILS, HOLDS, NOT_RESOLVED, UNMEASURABLE
+from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, NOT_RESOLVED, UNMEASURABLE
 from bam_pipeline.eval.stats import SEEDS_AND_DOCUMENTS
 
 SEEDS = ("stage=all", "pipeline.seeds=[0,1]", "pipeline.mix_variants=[bam]", "pipeline.moe_runs=[bam]")
@@ -36,7 +36,11 @@ def test_two_seeds_share_the_data_reuse_seed_0_and_report_over_both(smoke_copy):
     assert table["seeds"] == [0, 1] and table["covers"] == SEEDS_AND_DOCUMENTS
     assert {row["model"] for row in table["rows"]} >= {"seed", "branch/code", "moe/bam", "btm"}
     claims = json.loads((report / "claims.json").read_text())["claims"]
-    assert {c["status"] for c in claims} <= {HOLDS, FAILS, NOT_RESOLVED, UNMEASURABLE}
+    assert {c["status"] for c in claims} <= {HOLDS, FAILS, NOT_RESOLVED, UNMEASURABLE, INCOMPLETE}
+    # seed 1 trains only BAM's mixture: the claim over every mixture lacks the others in one seed, and says so
+    mixtures = next(c for c in claims if c["key"] == "mixtures_beat_singles")
+    assert mixtures["status"] == INCOMPLETE, mixtures
+    assert mixtures["reason"].startswith("missing moe/bam_cm, moe/bam_kv_shared, moe/btx"), mixtures["reason"]
     measured = [c for c in claims if c["status"] != UNMEASURABLE]
     assert measured and all(c["n_seeds"] == 2 and c["interval"]["low"] <= c["interval"]["high"] for c in measured)
     assert "over train seeds [0, 1]" in r.out and "report over" not in r.out.split("==== train seed 1")[0]
