@@ -61,10 +61,10 @@ def selected_models(ctx: RunContext, prepared: PreparedData) -> tuple[list[Artif
           "lm-eval LM here, so no downstream row"
     if spec.models is None:
         found = find_model_artifacts(ctx.layout)
-        outdated = outdated_models(ctx.layout, prepared.manifest["hash"], found)
         if not found:
             raise BamError(f"no trained model in {ctx.layout.run_dir}; run `{ctx.cmd('stage=all')}` first")
         arts = [model_artifact(ctx, a.label, prepared) for a in found]  # another tokenizer's: refused first
+        outdated = outdated_models(ctx.layout, prepared.manifest["hash"], found)
         for label, why in outdated.items():
             skipped.append({"name": label, "reason": f"outdated ({why}); {rebuild_hint(ctx, label)}"})
         arts = [a for a in arts if a.label not in outdated]

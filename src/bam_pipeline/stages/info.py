@@ -8,15 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bam_pipeline.data.prepare import open_current
+from bam_pipeline.data.tokenizer import load_tokenizer
+from bam_pipeline.errors import BamError
 from bam_pipeline.eval.render import text_table
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import describe
 from bam_pipeline.stages.checkpoints import checkpoint_model_config
-from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.data.prepare import open_current
-from bam_pipeline.data.tokenizer import load_tokenizer
 from bam_pipeline.stages.train import parse_moe_name
 from bam_pipeline.training.budget import plan_budget
 from bam_pipeline.training.memory import ASSUMPTIONS, MemoryEstimate, MemorySetup, estimate, format_bytes

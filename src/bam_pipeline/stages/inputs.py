@@ -69,20 +69,21 @@ def data_input(prepared: PreparedData) -> Artifact:
                                          "files": {}})
 
 
-def require(ctx: RunContext, stage: str, name: str, producer: str, prepared: PreparedData) -> Artifact:
+def require(ctx: RunContext, stage: str, name: str, prepared: PreparedData) -> Artifact:
     """The finished upstream artifact ``<stage>/<name>``, made with the run's tokenizer, or a BamError
-    naming the command that (re)produces it (or the run that is building it right now)."""
+    naming the command that (re)produces it (:func:`producer`; or the run that is building it right now)."""
     path = ctx.layout.artifact(stage, name)
+    command = producer(ctx, label(stage, name))
     if not (path / MANIFEST).is_file():
         holder = read_holder(ctx.layout.lock(stage, name))
         if holder is not None and stale_reason(holder) is None:
             raise BamError(f"input {label(stage, name)} is being built by another run ({holder.describe()}); wait "
                            "for it to finish, then run this command again")
-        raise BamError(f"missing input {path}: run `{producer}` first")
+        raise BamError(f"missing input {path}: run `{command}` first")
     try:
         return read_artifact(path, tokenizer=prepared.tokenizer_hash)
     except BamError as e:
-        raise BamError(f"{e} (`{producer}`)") from None
+        raise BamError(f"{e} (`{command}`)") from None
 
 
 

@@ -32,10 +32,10 @@ def plan_mix(ctx: RunContext, prepared: PreparedData, name: str) -> Plan:
     variant copies from them."""
     variant = ctx.variant(name)
     domains = list(ctx.data.domains)
-    inputs = {"seed": require(ctx, "seed", "main", ctx.cmd("stage=seed"), prepared)}
+    inputs = {"seed": require(ctx, "seed", "main", prepared)}
     if variant.uses_branches:
         for d in domains:
-            inputs[f"branch/{d}"] = require(ctx, "branch", d, ctx.cmd(f"stage=branch domain={d}"), prepared)
+            inputs[f"branch/{d}"] = require(ctx, "branch", d, prepared)
     if variant.reads_data:
         inputs["data"] = data_input(prepared)
     config = {"mix": variant.to_dict(), "domains": domains, "inputs": {k: a.hash for k, a in inputs.items()}}

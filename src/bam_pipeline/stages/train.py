@@ -54,7 +54,7 @@ def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
 
 def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> Plan:
     proportions = stage_mixture("branch", ctx.data, domain)
-    seed = require(ctx, "seed", "main", ctx.cmd("stage=seed"), prepared)
+    seed = require(ctx, "seed", "main", prepared)
     about = {"display": f"{domain.capitalize()} expert", "role": "expert", "domain": domain}
     if domain in ctx.branch.imports:
         return plan_import(ctx, "branch", domain, ctx.branch.imports[domain], ctx.seed.dtype, {"seed": seed}, about)
@@ -83,7 +83,7 @@ def parse_moe_name(name: str, match: str) -> tuple[str, str, str]:
 def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
     variant_name, match, art_name = parse_moe_name(name, ctx.budget.moe.match)
     variant = ctx.variant(variant_name)
-    mix = require(ctx, "mix", variant_name, ctx.cmd(f"stage=mix mix={variant_name}"), prepared)
+    mix = require(ctx, "mix", variant_name, prepared)
     model_cfg = read_model_config(mix)
     reference = None
     if match == "compute":  # the model whose FLOPs set the budget (budget.moe.reference, default btx)
