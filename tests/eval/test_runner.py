@@ -2,6 +2,7 @@
 function-preserving mixture = seed, routing fractions, skips, cache reuse."""
 
 import json
+import shutil
 import math
 
 import pytest
@@ -160,9 +161,11 @@ def test_checksum_mismatch_is_skipped(run_copy, capsys, eval_cfg):
     assert [s["name"] for s in metrics["skipped"] if s["kind"] == "model"] == ["branch/law"]
 
 
-def test_no_model_is_a_bam_error(tmp_path, eval_cfg):
+def test_no_model_is_a_bam_error(run_copy, eval_cfg):
+    for stage in ("seed", "branch", "mix"):
+        shutil.rmtree(run_copy / stage)
     with pytest.raises(BamError, match=r"no trained model in .*stage=seed"):
-        run_eval(eval_cfg(), RunLayout(tmp_path), general="general")
+        run_eval(eval_cfg(), RunLayout(run_copy), general="general")
 
 
 def test_seq_len_longer_than_the_model_is_a_bam_error(run_copy, eval_cfg):

@@ -36,6 +36,9 @@ from bam_pipeline.store.files import write_json
 from bam_pipeline.store.layout import RunLayout
 
 REPORT_MD, REPORT_HTML, CLAIMS_JSON = "report.md", "report.html", "claims.json"
+# Part of the identity of eval's results, the report and the seeds report (stages.eval): bump it whenever
+# this package's code changes what any of them holds, so that a finished run's next rerun redoes them.
+REPORT_VERSION = 1
 
 SCALE_NOTE = (
     "This run is far smaller than the paper's (tiny models, a few hundred thousand tokens per stage), so "
@@ -370,10 +373,12 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
 
 
 def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
-                 resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS) -> Path:
+                 resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS,
+                 identity: dict[str, Any] | None = None) -> Path:
     """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path.
     Claims get intervals over the run's test documents (``resamples`` bootstrap resamples) and a verdict
-    where every source behind them has ``min_documents`` scored test documents."""
+    where every source behind them has ``min_documents`` scored test documents. ``identity``: the record of
+    what the report is made from, published with it (``identity.json``)."""
     metrics, routing = load_eval(layout)
     agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples, min_documents=min_documents)
     skipped = skipped_models(metrics)
@@ -397,6 +402,8 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
         blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
         (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {layout.run}"))
+        if identity is not None:
+            write_json(RunLayout.identity(tmp), identity)
     return layout.report / REPORT_MD
 
 
@@ -459,9 +466,9 @@ def _seed_rows(agg: Aggregate) -> list[list[str]]:
 
 
 def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES,
-                       min_documents: int = MIN_DOCUMENTS) -> Path:
+                       min_documents: int = MIN_DOCUMENTS, identity: dict[str, Any] | None = None) -> Path:
     """The aggregate of several training seeds' runs, ``base.seeds_report`` (report.md, report.html, claims.json,
-    table.json, PNGs), written atomically; returns report.md's path."""
+    table.json, PNGs, and ``identity``'s record when given), written atomically; returns report.md's path."""
     agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
     s = runs[0].metrics["settings"]
     routing = json.loads(runs[0].layout.routing.read_text()) if runs[0].layout.routing.is_file() else {}
@@ -511,6 +518,8 @@ def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, re
         ]
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
         (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {base.run}, {len(runs)} seeds"))
+        if identity is not None:
+            write_json(RunLayout.identity(tmp), identity)
     return base.seeds_report / REPORT_MD
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -255,19 +256,64 @@ def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
     return speeds[probed_label(row["model"])]["tokens_per_s"]
 
 
-def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
-             chunking: LossChunking | None = None,
-             rebuild: Callable[[str], str] = lambda label: "rebuild it") -> Path:
-    """Evaluate every finished model artifact of the run; returns the path of metrics.json.
+@dataclass(frozen=True)
+class ModelSelection:
+    """The models eval scores and the skip records of those it leaves out (another tokenizer's, built
+    from inputs the run has rebuilt since), decided from manifests alone: no weights are read."""
 
-    ``general`` names the general source (the report's first column); ``chunking`` is the LM
-    loss's chunking rule (training's). Models built from inputs the run has rebuilt since
-    (:func:`~bam_pipeline.store.artifacts.outdated_models`) are left out and listed as skipped, with
-    ``rebuild(label)`` saying how to bring one up to date."""
+    models: list[Artifact]
+    skipped: list[dict[str, Any]]
+    causes: dict[str, str]  # label -> why each was left out (the skip record's reason less its command hint)
+
+    def identity(self) -> dict[str, Any]:
+        """Labels -> artifact hashes of the models scored, labels -> why of those left out."""
+        return {"models": {a.label: a.hash for a in self.models}, "skipped": dict(self.causes)}
+
+
+def skip_record(art: Artifact, reason: str) -> dict[str, Any]:
+    """A model left out of eval, with its role: the claims over every expert (or mixture) it belongs to are
+    incomplete without it."""
+    return {"kind": "model", "name": art.label, "role": about(art).role, "reason": reason}
+
+
+def select_models(layout: RunLayout, prepared: Any,
+                  rebuild: Callable[[str], str] = lambda label: "rebuild it") -> ModelSelection:
+    """Every finished model artifact of the run that eval would score: made with the run's tokenizer and
+    not outdated (:func:`~bam_pipeline.store.artifacts.outdated_models`; ``rebuild(label)`` says how to
+    bring one up to date). A BamError when the run has no model at all."""
     arts = find_model_artifacts(layout)
     if not arts:
         raise BamError(f"no trained model in {layout.run_dir}; run `python -m bam_pipeline stage=seed` first")
+    outdated = outdated_models(layout, prepared.manifest["hash"], arts)
+    models, skipped, causes = [], [], {}
+    for art in arts:
+        try:
+            read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
+        except BamError as e:
+            causes[art.label] = str(e)
+            skipped.append(skip_record(art, str(e)))
+            continue
+        if art.label in outdated:
+            causes[art.label] = f"outdated ({outdated[art.label]})"
+            skipped.append(skip_record(art, f"{causes[art.label]}; {rebuild(art.label)}"))
+            continue
+        models.append(art)
+    return ModelSelection(models, skipped, causes)
+
+
+def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
+             chunking: LossChunking | None = None,
+             rebuild: Callable[[str], str] = lambda label: "rebuild it",
+             selection: ModelSelection | None = None) -> Path:
+    """Evaluate every finished model artifact of the run; returns the path of metrics.json.
+
+    ``general`` names the general source (the report's first column); ``chunking`` is the LM
+    loss's chunking rule (training's). ``selection``: the models to score and those left out
+    (:func:`select_models`, with ``rebuild`` naming how to rebuild an outdated one, when not given).
+    A model whose weights fail their checksums is left out too."""
     prepared = open_prepared(layout.data)
+    if selection is None:
+        selection = select_models(layout, prepared, rebuild)
     sources, skipped = sources_with_test_split(prepared)
     for s in skipped:
         print(f"[eval] skip {s['name']}: {s['reason']}")
@@ -300,22 +346,18 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         documents[label] = result["documents"]
         return result
 
-    def skip(art: Artifact, reason: str) -> None:
-        print(f"[eval] skip {art.label}: {reason}")
-        # its role: the claims over every expert (or mixture) it belongs to are incomplete without it
-        skipped.append({"kind": "model", "name": art.label, "role": about(art).role, "reason": reason})
+    def skip(record: dict[str, Any]) -> None:
+        print(f"[eval] skip {record['name']}: {record['reason']}")
+        skipped.append(record)
 
+    for record in selection.skipped:
+        skip(record)
     good = []
-    outdated = outdated_models(layout, prepared.manifest["hash"], arts)
-    for art in arts:
+    for art in selection.models:
         try:
-            read_artifact(art.path, tokenizer=prepared.tokenizer_hash)  # scored on these tokens: same tokenizer
             art.verify()
         except BamError as e:
-            skip(art, str(e))
-            continue
-        if art.label in outdated:
-            skip(art, f"outdated ({outdated[art.label]}); {rebuild(art.label)}")
+            skip(skip_record(art, str(e)))
             continue
         good.append(art)
         result = scored(art.label, art.stage, art.name, art.hash,

@@ -29,6 +29,7 @@ class EvalSpec:
     # mixtures (labels, e.g. moe/bam) also scored with their soft attention weights forced uniform: is
     # soft attention routing more than averaging the attention experts?
     uniform_attention: tuple[str, ...] = ()
+    rebuild: bool = False  # redo eval and the report even when what they are made from is unchanged
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_source is not None and self.max_tokens_per_source <= 0:
@@ -80,6 +81,7 @@ class DownstreamSpec:
     threads: Optional[int] = 1  # torch CPU threads while scoring (null: torch's default)
     seed: int = 0  # suite item order, few-shot sampling and generation
     in_all: bool = True  # stage=all runs this stage after eval
+    rebuild: bool = False  # run the tasks again even when what the results are made from is unchanged
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,14 +33,14 @@ from bam_pipeline.eval.downstream import PAPER_TASKS
 from bam_pipeline.eval.downstream_table import results_table, task_row
 from bam_pipeline.eval.harness import harness_lm, require_lm_eval
 from bam_pipeline.eval.names import about
-from bam_pipeline.eval.report import build_report
 from bam_pipeline.eval.render import text_table
 from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.eval import _command as command
-from bam_pipeline.stages.inputs import current_model, model_artifact, open_data, rebuild_hint
+from bam_pipeline.stages.eval import write_report
+from bam_pipeline.stages.inputs import OutputIdentity, current_model, model_artifact, open_data, rebuild_hint
 from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models
 from bam_pipeline.store.files import canonical_hash, sha256_file, write_json
+from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.store.locks import StageLock
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -170,8 +171,13 @@ def run_downstream(ctx: RunContext) -> Path | None:
         return None
     layout = ctx.layout
     device = resolve_device(spec.device)
+    identity = downstream_identity(ctx, prepared, arts, skipped, tasks, device)
+    if identity.fresh(rebuild=spec.rebuild, hint="downstream.rebuild=true"):
+        _report(ctx)
+        return layout.downstream_results
     t0 = time.perf_counter()
     with StageLock(layout.lock("downstream", "results"), "the downstream results"), _cpu_threads(spec.threads, device):
+        identity.forget()
         if spec.suite == "offline":
             suite_dir, configs = _offline_task_configs(ctx, prepared, tasks)
         else:
@@ -212,6 +218,7 @@ def run_downstream(ctx: RunContext) -> Path | None:
                    "rows": rows, "skipped": skipped, "reused": reused, "evaluated": evaluated}
         kept = _keep_earlier_rows(ctx, prepared, results, {a.label for a in arts})
         write_json(layout.downstream_results, results)
+        identity.write()
     if reused:
         print(f"[downstream] reused cached results for: {', '.join(reused)}")
     if kept:
@@ -222,15 +229,29 @@ def run_downstream(ctx: RunContext) -> Path | None:
         print(f"[downstream] skip {x['name']}: {x['reason']}")
     print(text_table(results_table(results)))
     print(f"[downstream] {len(rows)} (model, task) rows -> {layout.downstream_results}")
-    if layout.metrics.is_file():
-        with StageLock(layout.lock("eval", "report"), "the eval report"):
-            path = build_report(layout, command=command(), config_hash=ctx.config_hash,
-                                train_seed=ctx.train.seed, resamples=ctx.eval.resamples,
-                                min_documents=ctx.eval.min_documents)
-        print(f"report (with the downstream table): {path}")
+    _report(ctx)
+    return layout.downstream_results
+
+
+def downstream_identity(ctx: RunContext, prepared: PreparedData, arts: list[Artifact], skipped: list[dict[str, str]],
+                        tasks: list[str], device: torch.device) -> OutputIdentity:
+    """What ``downstream/results.json`` is made from: the models scored (labels and hashes) and those left
+    out, the prepared data, the tasks, the settings that change numbers, the device and lm-eval's version."""
+    settings = asdict(ctx.downstream)
+    for key in ("models", "tasks", "threads", "in_all", "rebuild"):  # the selection is named below; the rest
+        settings.pop(key)                                            # changes no number
+    return OutputIdentity("downstream", RunLayout.identity(ctx.layout.downstream), {
+        "version": CACHE_SCHEMA, "models": {a.label: a.hash for a in arts},
+        "skipped": {x["name"]: "skipped" for x in skipped}, "data": prepared.manifest["hash"], "tasks": tasks,
+        "downstream": settings, "device": str(device), "lm_eval": _lm_eval_version()})
+
+
+def _report(ctx: RunContext) -> None:
+    """The run's report with the downstream table (rebuilt when either changed), once the run has eval results."""
+    if ctx.layout.metrics.is_file():
+        write_report(ctx)
     else:
         print(f"the run has no eval results yet; `{ctx.cmd('stage=eval')}` writes the report with this table")
-    return layout.downstream_results
 
 
 def _keep_earlier_rows(ctx: RunContext, prepared: PreparedData, results: dict[str, Any], selected: set[str]

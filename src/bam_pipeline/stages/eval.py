@@ -1,54 +1,141 @@
 """stage=eval: score every model of the run, then write and print the report; with ``pipeline.seeds``,
-every seed's run and then the report over the seeds."""
+every seed's run and then the report over the seeds.
+
+Eval, the report and the seeds report each have an identity (:class:`~bam_pipeline.stages.inputs.OutputIdentity`)
+and are skipped when it is unchanged, like a fresh artifact (``eval.rebuild=true`` redoes them):
+- eval: the labels and hashes of the models it scores, the labels and reasons of those it leaves out, the
+  prepared data's hash, the ``eval`` settings that change numbers, the device, the loss chunking and
+  :data:`~bam_pipeline.eval.report.REPORT_VERSION`;
+- the report: the identity of the eval it reads, the hash of ``downstream/results.json``, the report's
+  own settings (resamples, min_documents, the general source, the train seed) and ``REPORT_VERSION``;
+- the seeds report: the identity of every seed's eval and report, its settings and ``REPORT_VERSION``.
+Whenever eval runs, it measures every model's speed afresh (:mod:`bam_pipeline.eval.runner`).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
+from typing import Any
 
+from bam_pipeline.data.prepare import PreparedData, open_prepared
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import RunEval
-from bam_pipeline.eval.report import (build_report, build_seeds_report, print_seeds_summary, print_summary,
-                                      report_files)
-from bam_pipeline.eval.runner import run_eval
+from bam_pipeline.eval.report import (REPORT_VERSION, build_report, build_seeds_report, print_seeds_summary,
+                                      print_summary, report_files)
+from bam_pipeline.eval.runner import ModelSelection, data_hash, resolve_device, run_eval, select_models
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data
-from bam_pipeline.stages.inputs import open_data, rebuild_hint
+from bam_pipeline.stages.inputs import OutputIdentity, open_data, rebuild_hint
+from bam_pipeline.store.files import sha256_file
+from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.store.locks import StageLock, wait_while_held
 from bam_pipeline.training.loggers import log_report
 from bam_pipeline.training.ranks import is_rank_zero
+
+REBUILD_HINT = "eval.rebuild=true"
 
 
 def _command() -> str:
     return "python -m bam_pipeline " + " ".join(sys.argv[1:])
 
 
-def run_eval_one(ctx: RunContext) -> None:
-    """Evaluate one run (one training seed), write its report and print its summary. Models built from
-    inputs the run has rebuilt since (outdated: eval never rebuilds) are left out and listed as skipped."""
-    if not is_rank_zero():
+def eval_settings(ctx: RunContext) -> dict[str, Any]:
+    """The ``eval`` settings that change what eval writes (all but ``rebuild``, and the report's own)."""
+    spec = asdict(ctx.eval)
+    for key in ("rebuild", "resamples", "min_documents"):
+        spec.pop(key)
+    return spec
+
+
+def eval_identity(ctx: RunContext, prepared: PreparedData, selection: ModelSelection) -> OutputIdentity:
+    """What the run's eval results (``eval/``) are made from (the module docstring)."""
+    return OutputIdentity("eval", RunLayout.identity(ctx.layout.eval), {
+        "version": REPORT_VERSION, **selection.identity(), "data": data_hash(prepared),
+        "eval": eval_settings(ctx), "device": str(resolve_device(ctx.eval.device)),
+        "loss_chunking": asdict(ctx.train.loss_chunking)})
+
+
+def report_identity(ctx: RunContext) -> OutputIdentity:
+    """What the run's report is made from: the eval results it reads (by their recorded identity), the
+    downstream results and the report's own settings."""
+    layout = ctx.layout
+    recorded = OutputIdentity("eval", RunLayout.identity(layout.eval), {}).recorded()
+    results = layout.downstream_results
+    return OutputIdentity("report", RunLayout.identity(layout.report), {
+        "version": REPORT_VERSION, "eval": None if recorded is None else recorded["hash"],
+        "downstream": sha256_file(results) if results.is_file() else None,
+        "resamples": ctx.eval.resamples, "min_documents": ctx.eval.min_documents, "general": ctx.data.general,
+        "train_seed": ctx.train.seed})
+
+
+def selection_for(ctx: RunContext) -> tuple[PreparedData, ModelSelection]:
+    """The run's prepared data (checksums not read) and the models eval would score and leave out."""
+    prepared = open_prepared(ctx.layout.data, verify=False)
+    return prepared, select_models(ctx.layout, prepared, rebuild=lambda label: rebuild_hint(ctx, label))
+
+
+def write_report(ctx: RunContext) -> None:
+    """The run's report, unless its identity is unchanged (it reads eval's results and downstream's table)."""
+    identity = report_identity(ctx)
+    if identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
         return
     with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
-        wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
-        metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
-                                rebuild=lambda label: rebuild_hint(ctx, label))
         build_report(ctx.layout, command=_command(), config_hash=ctx.config_hash, train_seed=ctx.train.seed,
-                     resamples=ctx.eval.resamples, min_documents=ctx.eval.min_documents)
-    wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),
-                           metrics_rows=json.loads(metrics_path.read_text())["rows"])
-    if wandb_dir is not None:
-        print(f"report logged to wandb ({wandb_dir})")
+                     resamples=ctx.eval.resamples, min_documents=ctx.eval.min_documents,
+                     identity=identity.as_record())
+    print(f"report: {ctx.layout.report}")
+
+
+def run_eval_one(ctx: RunContext) -> None:
+    """Evaluate one run (one training seed), write its report and print its summary; each skipped when its
+    identity is unchanged. Models built from inputs the run has rebuilt since (outdated: eval never
+    rebuilds) are left out and listed as skipped."""
+    if not is_rank_zero():
+        return
+    wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
+    prepared, selection = selection_for(ctx)
+    identity = eval_identity(ctx, prepared, selection)
+    if not identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
+        with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
+            identity.forget()
+            metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general,
+                                    chunking=ctx.train.loss_chunking, selection=selection)
+            identity.write()
+        write_report(ctx)
+        wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),
+                               metrics_rows=json.loads(metrics_path.read_text())["rows"])
+        if wandb_dir is not None:
+            print(f"report logged to wandb ({wandb_dir})")
+    else:
+        write_report(ctx)  # the downstream table, or the report's code, may have changed alone
     print_summary(ctx.layout)
 
 
+def seeds_identity(ctx: RunContext) -> OutputIdentity:
+    """What the report over the training seeds is made from: every seed's recorded eval and report identity."""
+    per_seed = {}
+    for s in ctx.seeds:
+        layout = ctx.for_seed(s).layout
+        per_seed[str(s)] = [(OutputIdentity(what, RunLayout.identity(d), {}).recorded() or {}).get("hash")
+                            for what, d in (("eval", layout.eval), ("report", layout.report))]
+    return OutputIdentity("seeds report", RunLayout.identity(ctx.layout.seeds_report), {
+        "version": REPORT_VERSION, "seeds": per_seed, "resamples": ctx.eval.resamples,
+        "min_documents": ctx.eval.min_documents})
+
+
 def run_seeds_report(ctx: RunContext) -> None:
-    """The report over the training seeds of ``pipeline.seeds``, from each seed's evaluated run."""
+    """The report over the training seeds of ``pipeline.seeds``, from each seed's evaluated run; skipped
+    when every seed's eval and report are what it was made from."""
     if not is_rank_zero():
         return
-    runs = [RunEval.read(ctx.for_seed(s).layout, s) for s in ctx.seeds]
-    with StageLock(ctx.layout.lock("eval", "seeds"), "the report over seeds"):
-        build_seeds_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples,
-                           min_documents=ctx.eval.min_documents)
+    identity = seeds_identity(ctx)
+    if not identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
+        runs = [RunEval.read(ctx.for_seed(s).layout, s) for s in ctx.seeds]
+        with StageLock(ctx.layout.lock("eval", "seeds"), "the report over seeds"):
+            build_seeds_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples,
+                               min_documents=ctx.eval.min_documents, identity=identity.as_record())
     print_seeds_summary(ctx.layout)
 
 

@@ -10,6 +10,7 @@ building is waited for.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
                                          read_artifact, remove_dead_temporaries, try_read_artifact)
-from bam_pipeline.store.files import canonical_hash, changed_keys
+from bam_pipeline.store.files import canonical_hash, changed_keys, write_json
 from bam_pipeline.store.layout import CM_SUFFIX, MODEL_STAGES, label, parse_label
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
 from bam_pipeline.training.ranks import is_rank_zero
@@ -158,3 +159,71 @@ def fresh_artifact(plan: Plan, on_stale: str) -> Artifact | None:
         raise BamError(f"{plan.label} is stale ({why}); re-run with pipeline.on_stale=rebuild to rebuild it")
     print(f"{plan.label}: stale ({why}), rebuilding")
     return None
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """The identity of an output derived from the run's models rather than trained (eval, the report,
+    downstream, the seeds report): what it was made from, recorded in ``record`` (``identity.json``
+    beside it) once it is complete. A rerun whose identity equals the record skips it, like a fresh
+    artifact; ``models`` and ``skipped`` map model labels to artifact hashes and to skip reasons, so a
+    stale reason names the models that changed."""
+
+    what: str  # how messages name it: "eval", "report", "downstream", "seeds report"
+    record: Path
+    config: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return canonical_hash(self.config)
+
+    def recorded(self) -> dict[str, Any] | None:
+        """The identity the output was last made with (None: never made, or made before outputs had one)."""
+        try:
+            old = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return None
+        return old if isinstance(old, dict) and isinstance(old.get("config"), dict) else None
+
+    def stale_reason(self) -> str | None:
+        """None when the output was made with this identity, else what changed (the models by label)."""
+        old = self.recorded()
+        if old is None:
+            return "not built yet" if not self.record.parent.is_dir() else "no record of what it was made from"
+        if old.get("hash") == self.hash:
+            return None
+        before = old["config"]
+        parts = []
+        for key, what in (("models", "models changed"), ("skipped", "models skipped")):
+            a, b = before.get(key) or {}, self.config.get(key) or {}
+            labels = [lab for lab in dict.fromkeys([*b, *a]) if a.get(lab) != b.get(lab)]
+            if labels:
+                parts.append(f"{what}: {', '.join(labels)}")
+        keys = changed_keys(before, self.config, ignore=("models", "skipped"))
+        if keys:
+            parts.append(f"config changed: {', '.join(keys)}")
+        return "; ".join(parts) or "changed"
+
+    def fresh(self, *, rebuild: bool, hint: str) -> bool:
+        """Whether to skip the output (its identity is unchanged and ``rebuild`` is off); says which."""
+        why = self.stale_reason()
+        if why is None and not rebuild:
+            print(f"{self.what}: up to date in {self.record.parent}, skipping ({hint} to redo it)")
+            return True
+        if why is None:
+            print(f"{self.what}: up to date, redoing it ({hint})")
+        elif why != "not built yet":
+            print(f"{self.what}: stale ({why}), redoing it")
+        return False
+
+    def forget(self) -> None:
+        """Drop the record before the output is rewritten: a run cut short leaves it stale, never fresh."""
+        self.record.unlink(missing_ok=True)
+
+    def as_record(self) -> dict[str, Any]:
+        """The record's content (what a publish that writes it itself puts at ``record``'s name)."""
+        return {"what": self.what, "hash": self.hash, "config": self.config}
+
+    def write(self) -> None:
+        """Record the identity once the output is complete."""
+        write_json(self.record, self.as_record())

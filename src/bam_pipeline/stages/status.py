@@ -1,5 +1,6 @@
-"""stage=status: every artifact the run's config asks for, with fresh, stale or missing and why, and
-the names that ``artifact=``, ``domain=`` and ``mix=`` accept. Reads manifests only: no weights."""
+"""stage=status: every artifact the run's config asks for, then eval, downstream and the report, with
+fresh, stale or missing and why, and the names that ``artifact=``, ``domain=`` and ``mix=`` accept.
+Reads manifests and identity records only: no weights."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from bam_pipeline.config.files import group_options
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.inputs import Plan, open_data
+from bam_pipeline.eval.harness import require_lm_eval
+from bam_pipeline.eval.runner import resolve_device, select_models
+from bam_pipeline.stages.downstream import downstream_identity, selected_models, selected_tasks
+from bam_pipeline.stages.eval import eval_identity, report_identity
+from bam_pipeline.stages.inputs import OutputIdentity, Plan, open_data
 from bam_pipeline.stages.mix import plan_mix
 from bam_pipeline.stages.train import parse_moe_name, plan_branch, plan_moe, plan_seed
 from bam_pipeline.store.artifacts import find_model_artifacts, try_read_artifact
-from bam_pipeline.store.layout import label, parse_label
+from bam_pipeline.store.layout import RunLayout, label, parse_label
 
 FRESH, STALE, MISSING = "fresh", "stale", "missing"
 
@@ -57,7 +62,45 @@ def artifact_states(ctx: RunContext) -> list[tuple[str, str, str]]:
         else:
             why = plan.stale_reason(art)
             states[lab] = (FRESH, "") if why is None else (STALE, why)
-    return [(lab, state, detail) for lab, (state, detail) in states.items()]
+    rows = [(lab, state, detail) for lab, (state, detail) in states.items()]
+    return rows + derived_states(ctx, prepared, [lab for lab, state, _ in rows if state != FRESH])
+
+
+def _state(identity: OutputIdentity, behind: list[str]) -> tuple[str, str]:
+    why = identity.stale_reason()
+    if why == "not built yet":
+        return MISSING, f"needs {', '.join(behind)} first" if behind else why
+    if why is not None:
+        return STALE, why
+    return (STALE, f"{', '.join(behind)} will be redone first") if behind else (FRESH, "")
+
+
+def derived_states(ctx: RunContext, prepared: PreparedData | None, behind: list[str]) -> list[tuple[str, str, str]]:
+    """(label, state, detail) of eval, downstream and the report: fresh when what each is made from (its
+    :class:`~bam_pipeline.stages.inputs.OutputIdentity`) is unchanged and nothing before it is rebuilt."""
+    layout = ctx.layout
+    if prepared is None:
+        return [(lab, STALE if RunLayout.identity(d).is_file() else MISSING, "the prepared data is not current")
+                for lab, d in (("eval", layout.eval), ("downstream", layout.downstream), ("report", layout.report))]
+    rows = []
+    try:
+        ev = _state(eval_identity(ctx, prepared, select_models(layout, prepared)), behind)
+    except BamError as e:  # no model yet
+        ev = (MISSING, str(e))
+    rows.append(("eval", *ev))
+    try:
+        require_lm_eval()
+        arts, skipped = selected_models(ctx, prepared)
+        tasks = selected_tasks(ctx, prepared)
+        ds = _state(downstream_identity(ctx, prepared, arts, skipped, tasks, resolve_device(ctx.downstream.device)),
+                    behind)
+    except BamError as e:
+        ds = (MISSING, str(e))
+    rows.append(("downstream", *ds))
+    first = [f"{lab} ({why})" for lab, (state, why) in (("eval", ev), ("downstream", ds)) if state != FRESH
+             and (lab == "eval" or ctx.downstream.in_all)]  # what the report reads, and why it is redone
+    rows.append(("report", *_state(report_identity(ctx), first)))
+    return rows
 
 
 def run_status(ctx: RunContext) -> None:

@@ -9,14 +9,17 @@ stages/<run>/
   moe/<variant>[_cm]/
   .work/<stage>/<name>/      a training stage's checkpoints and growing train log (resume)
   .locks/<stage>/<name>.lock who is building an output right now (store.locks)
-  eval/                      metrics.json, routing.json, documents.json, heatmaps, cache/
-  report/                    report.md, report.html, claims.json, plots
+  eval/                      metrics.json, routing.json, documents.json, heatmaps, cache/, identity.json
+  report/                    report.md, report.html, claims.json, plots, identity.json
   export/<stage>/<name>/     stage=export: a Hugging Face model directory of a model artifact (not scanned as one)
-  downstream/                stage=downstream: results.json, suite/ (the offline tasks), cache/
-  seeds/                     with pipeline.seeds: the aggregate over the seeds' runs (report.md, table.json, ...)
+  downstream/                stage=downstream: results.json, suite/ (the offline tasks), cache/, identity.json
+  seeds/                     with pipeline.seeds: the aggregate over the seeds' runs (report.md, table.json, ...,
+                             identity.json)
   logs/                      Hydra and logger output
   data.json                  a run that reads another run's prepared data (a seed of pipeline.seeds): its path
 ```
+``identity.json`` in eval/, report/, downstream/ and seeds/ records what that output was made from
+(``stages.inputs.OutputIdentity``): a rerun with the same identity skips it.
 A model artifact's label is ``seed`` or ``<stage>/<name>`` (``branch/code``, ``moe/bam_cm``).
 
 Training seed ``s`` of ``pipeline.seeds`` other than the run's own ``train.seed`` is the run
@@ -46,6 +49,7 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 DATA_REF = "data.json"
+IDENTITY = "identity.json"  # what eval, the report, downstream and the seeds report were made from
 
 
 def seed_run_name(run: str, seed: int) -> str:
@@ -148,6 +152,11 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.run_dir / "report"
+
+    @staticmethod
+    def identity(output_dir: Path) -> Path:
+        """The identity record of a derived output directory (eval, report, downstream, seeds)."""
+        return Path(output_dir) / IDENTITY
 
     @property
     def seeds_report(self) -> Path:
