@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
-# a seed long enough to stop mid-way: 256 steps, a checkpoint every 8
-SEED_ARGS = ("stage=seed", "budget.seed.tokens=65536", "train.val_every=8")
+HERE = Path(__file__).resolve().parent  # on the subprocesses' PYTHONPATH: pause_callback for `paused`
+# a seed to stop mid-way (:func:`paused` holds it at its first checkpoint): 32 steps, a checkpoint every 4
+SEED_ARGS = ("stage=seed", "budget.seed.tokens=8192", "train.val_every=4")
 
 
 @dataclass
@@ -31,12 +32,17 @@ class Result:
 def cli(root: Path, *args: str, timeout: float = 300, check: bool = False, env: dict[str, str] | None = None) -> Result:
     """Run `python -m bam_pipeline <args> experiment=smoke logger=none` with stages under ``root`` (and
     ``env`` added to the environment)."""
-    full_env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "WANDB_MODE": "offline", **(env or {})}
     cmd = [sys.executable, "-m", "bam_pipeline", *_with_defaults(args)]
-    p = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=REPO, env=_env(root, env), capture_output=True, text=True, timeout=timeout)
     r = Result(p.returncode, p.stdout + p.stderr)
     return r.ok() if check else r
+
+
+def _env(root: Path, env: dict[str, str] | None) -> dict[str, str]:
+    """A CLI subprocess's environment: stages under ``root``, hubs and wandb offline, ``env`` added."""
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "WANDB_MODE": "offline", "PYTHONPATH": path, **(env or {})}
 
 
 def _with_defaults(args: tuple[str, ...]) -> list[str]:
@@ -78,10 +84,18 @@ def cli_here(root: Path, *args: str, env: dict[str, str] | None = None, check: b
 
 def start(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the CLI in its own process group (output captured as text), without waiting."""
-    full_env = {**os.environ, "BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "bam_pipeline", *_with_defaults(args)], cwd=REPO, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "bam_pipeline", *_with_defaults(args)], cwd=REPO,
+                            env=_env(root, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def paused(scratch: Path, *, go: Path | None = None) -> tuple[str, Callable[[], bool]]:
+    """The override that holds a training stage at its first complete checkpoint until a stop signal (or
+    ``go`` appears), and the test of whether it got there (tests/stages/pause_callback.py)."""
+    ready = scratch / "paused-at-checkpoint"
+    ready.unlink(missing_ok=True)
+    extra = "" if go is None else f",go:'{go}'"
+    return f"+callbacks.pause={{_target_:pause_callback.PauseAfterCheckpoint,ready:'{ready}'{extra}}}", ready.exists
 
 
 def checkpointed(work: Path) -> Callable[[], bool]:
@@ -94,7 +108,8 @@ def checkpointed(work: Path) -> Callable[[], bool]:
 
 def signal_when(p: subprocess.Popen, ready: Callable[[], bool], sig: int, *, settle_s: float = 0.3,
                 timeout_s: float = 300) -> Result:
-    """Send ``sig`` to the process group of ``p`` once ``ready()`` (then ``settle_s`` later); wait."""
+    """Send ``sig`` to the process group of ``p`` once ``ready()`` (then ``settle_s`` later); wait. With
+    :func:`paused`'s test as ``ready`` the process waits for the signal: give ``settle_s=0``."""
     import time
 
     deadline = time.time() + timeout_s
@@ -111,7 +126,8 @@ def signal_when(p: subprocess.Popen, ready: Callable[[], bool], sig: int, *, set
 
 def kill_when_checkpointed(root: Path, args: list[str], stage_dir: str) -> None:
     """Start the CLI, SIGKILL its whole process group once the stage wrote its first complete
-    checkpoint; the stage must not look finished."""
-    r = signal_when(start(root, *args), checkpointed(root / "smoke" / ".work" / stage_dir), signal.SIGKILL)
+    checkpoint (held there by :func:`paused`); the stage must not look finished."""
+    hold, ready = paused(root.parent)
+    r = signal_when(start(root, *args, hold), ready, signal.SIGKILL, settle_s=0)
     assert r.returncode == -signal.SIGKILL
     assert not (root / "smoke" / stage_dir).exists(), "a killed stage must not look finished"

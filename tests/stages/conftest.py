@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_runner import SEED_ARGS, Result, cli
+from cli_runner import SEED_ARGS, Result, cli, cli_here
 
 
 @pytest.fixture(scope="session")
@@ -30,5 +30,5 @@ def reference_seed(smoke_run, tmp_path_factory) -> Path:
     """The weights file of SEED_ARGS trained without interruption (what every resumed run must equal)."""
     root = tmp_path_factory.mktemp("reference")
     shutil.copytree(smoke_run[0] / "smoke" / "data", root / "smoke" / "data")
-    cli(root, *SEED_ARGS, check=True)
+    cli_here(root, *SEED_ARGS, check=True)
     return root / "smoke" / "seed" / "main" / "model.safetensors"

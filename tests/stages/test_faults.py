@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import SEED_ARGS, checkpointed, cli, cli_here, signal_when, start
+from cli_runner import SEED_ARGS, cli_here, paused, signal_when, start
 from safetensors.torch import load_file
 
 from bam_pipeline.store.artifacts import find_model_artifacts, read_artifact, read_train_log
@@ -33,12 +33,13 @@ def _one_error_line(out: str) -> str:
 def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(smoke_run, reference_seed,
                                                                                      tmp_path, sig):
     root = _data_only(smoke_run, tmp_path / "stopped")
-    r = signal_when(start(root, *SEED_ARGS), checkpointed(root / "smoke" / ".work" / "seed" / "main"), sig)
+    hold, ready = paused(tmp_path)
+    r = signal_when(start(root, *SEED_ARGS, hold), ready, sig, settle_s=0)
     assert r.returncode == 128 + sig, r.out[-2000:]
     line = _one_error_line(r.out)
-    assert f"seed: stopped by {signal.Signals(sig).name} after step" in line and "run the same command again" in line
+    assert signal.Signals(sig).name in line and "after step 5 of 32" in line, line  # held at step 4, stopped at the next step end
     assert not (root / "smoke" / "seed" / "main").exists() and not list((root / "smoke" / ".locks").rglob("*.lock"))
-    resumed = cli(root, *SEED_ARGS, check=True)
+    resumed = cli_here(root, *SEED_ARGS, check=True)  # the resume itself needs no signal: in this process
     assert "resuming from" in resumed.out
     want = load_file(str(reference_seed))
     got = load_file(str(root / "smoke" / "seed" / "main" / "model.safetensors"))
@@ -49,15 +50,17 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weig
 
 
 @pytest.mark.parametrize("stage,args,work", [
-    ("branch", ("stage=branch", "domain=code", "budget.branch.tokens=65536", "train.val_every=8"),
+    ("branch", ("stage=branch", "domain=code", "budget.branch.tokens=8192", "train.val_every=8"),
      ".work/branch/code"),
-    ("moe", ("stage=moe", "mix=bam", "budget.moe.tokens=32768", "train.val_every=8"),
+    ("moe", ("stage=moe", "mix=bam", "budget.moe.tokens=8192", "train.val_every=8"),
      ".work/moe/bam"),
 ])
-def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, stage, args, work):
-    r = signal_when(start(smoke_copy, *args), checkpointed(smoke_copy / "smoke" / work), signal.SIGTERM)
+def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, tmp_path, stage, args, work):
+    hold, ready = paused(tmp_path)
+    r = signal_when(start(smoke_copy, *args, hold), ready, signal.SIGTERM, settle_s=0)
     assert r.returncode == 143, r.out[-2000:]
-    assert "stopped by SIGTERM after step" in _one_error_line(r.out)
+    line = _one_error_line(r.out)
+    assert "SIGTERM" in line and "after step 9 of" in line and str(smoke_copy / "smoke" / work) in line, line
     assert read_artifact(smoke_copy / "smoke" / stage / ("code" if stage == "branch" else "bam")).hash  # old one kept
 
 
@@ -77,26 +80,30 @@ def test_a_stop_signal_while_publishing_data_leaves_nothing(tmp_path):
     assert p.returncode == 143, out[-2000:]
     assert "stopped by SIGTERM" in _one_error_line(out)
     assert not (run / "data").exists() and not list(run.glob("data.*")), "half-written data left"
-    cli(root, "stage=data", check=True)  # and a rerun prepares it
+    cli_here(root, "stage=data", check=True)  # and a rerun prepares it
 
 
 # ---- two runs of one stage --------------------------------------------------------------------
 def test_a_second_run_of_a_stage_stops_at_once_and_the_first_publishes_one_log(smoke_run, tmp_path):
     root = _data_only(smoke_run, tmp_path / "stages")
-    lock = root / "smoke" / ".locks" / "seed" / "main.lock"
-    first = start(root, *SEED_ARGS)
+    go = tmp_path / "go"
+    hold, ready = paused(tmp_path, go=go)  # the first run holds its lock, mid-stage, until the second has run
+    first = start(root, *SEED_ARGS, hold)
     import time
 
-    deadline = time.time() + 120
-    while not lock.exists() and time.time() < deadline:
+    deadline = time.time() + 300
+    while not ready() and time.time() < deadline and first.poll() is None:
         time.sleep(0.02)
-    second = cli(root, *SEED_ARGS)
+    assert ready(), first.communicate()[0][-2000:]
+    second = cli_here(root, *SEED_ARGS)
+    go.touch()
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-2000:]
     assert second.returncode == 2
-    assert f"seed is being built by another run (pid {first.pid} on " in _one_error_line(second.out)
+    line = _one_error_line(second.out)
+    assert "seed" in line and f"pid {first.pid}" in line, line
     steps = [row["step"] for row in read_train_log(read_artifact(root / "smoke" / "seed" / "main")) if "loss" in row]
-    assert steps == sorted(set(steps)) and steps[-1] == 256  # one run's log, not two interleaved
+    assert steps == sorted(set(steps)) and steps[-1] == 32  # one run's log, not two interleaved
 
 
 # ---- what a re-run finds ----------------------------------------------------------------------

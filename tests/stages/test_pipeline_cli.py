@@ -64,13 +64,44 @@ def test_smoke_pipeline_publishes_every_stage_with_verified_manifests(smoke_run)
     assert "pipeline finished" in result.out
 
 
-def test_second_run_skips_every_stage(smoke_copy):
+def _states(out: str) -> dict[str, tuple[str, str]]:
+    """stage=status's rows: label -> (state, detail)."""
+    rows = [line.split(None, 2) for line in out.splitlines() if line.startswith("  ")]
+    return {cells[0]: (cells[1], cells[2] if len(cells) > 2 else "") for cells in rows}
+
+
+def test_second_run_skips_every_stage_eval_the_report_and_downstream(smoke_copy):
+    run = smoke_copy / "smoke"
+    before = {p: p.stat().st_mtime_ns for d in ("eval", "report", "downstream") for p in (run / d).rglob("*")}
     r = cli_here(smoke_copy, "stage=all", check=True)
     assert "training" not in r.out
     for label in ["seed", *(f"branch/{d}" for d in DOMAINS), *(f"mix/{v}" for v in MOE_RUNS),
-                  *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm"]:
+                  *(f"moe/{v}" for v in MOE_RUNS), "moe/bam_cm", "eval", "report", "downstream"]:
         assert f"{label}: up to date" in r.out
-    assert "reusing prepared data" in r.out
+    assert "reusing prepared data" in r.out and "[eval]" not in r.out and "[downstream]" not in r.out
+    assert "| Seed" in r.out or "Seed " in r.out  # the Table 1 analogue is still printed
+    after = {p: p.stat().st_mtime_ns for d in ("eval", "report", "downstream") for p in (run / d).rglob("*")}
+    assert after == before  # nothing rewritten
+    states = _states(cli_here(smoke_copy, "stage=status", check=True).out)
+    assert [states[k][0] for k in ("eval", "downstream", "report")] == ["fresh"] * 3
+
+
+def test_eval_report_and_downstream_go_stale_naming_a_retrained_mixture(smoke_copy):
+    cli_here(smoke_copy, "stage=moe", "mix=btx", "budget.moe.tokens=1024", check=True)  # a one-off budget
+    states = _states(cli_here(smoke_copy, "stage=status", check=True).out)
+    for output in ("eval", "downstream", "report"):
+        assert states[output][0] == "stale" and "moe/btx" in states[output][1], states[output]
+    r = cli_here(smoke_copy, "stage=eval", check=True)
+    assert "eval: stale" in r.out and "moe/btx" in r.out.split("eval: stale")[1].splitlines()[0]
+    assert "[eval] evaluated: moe/btx" in r.out and "speed of" in r.out  # scored anew; every speed measured
+    states = _states(cli_here(smoke_copy, "stage=status", check=True).out)
+    # eval scored the model there is; stage=all would still retrain moe/btx at the run's budget first
+    assert states["eval"] == ("stale", "moe/btx will be redone first")
+    assert states["downstream"][0] == "stale" and "moe/btx" in states["downstream"][1]
+    r = cli_here(smoke_copy, "stage=eval", check=True)
+    assert "eval: up to date" in r.out and "[eval]" not in r.out
+    r = cli_here(smoke_copy, "stage=eval", "eval.rebuild=true", check=True)
+    assert "eval: up to date, redoing it (eval.rebuild=true)" in r.out and "speed of" in r.out
 
 
 def test_changed_config_rebuilds_and_says_why_or_refuses(smoke_copy):
@@ -203,7 +234,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
     shutil.copytree(root / "smoke" / "data", killed_root / "smoke" / "data")
     kill_when_checkpointed(killed_root, list(SEED_ARGS), "seed/main")
 
-    r = cli(killed_root, *SEED_ARGS, check=True)
+    r = cli_here(killed_root, *SEED_ARGS, check=True)  # the resume needs no signal: in this process
     assert "resuming from" in r.out
     ref, res = load_file(str(reference_seed)), _seed_weights(killed_root / "smoke")
     for k in ref:

@@ -17,9 +17,9 @@ from bam_pipeline.config.files import PRIMARY, conf_dir
 
 # Sections whose keys the user names, so that appending one (``+data.sources.code=...``) is how they are
 # used; their readers check those keys (data.sources: a known source, model.overrides: a ModelConfig field,
-# branch: a domain with a checkpoint). A mapping with ``_target_`` (a logger) is open too: its keys are
+# branch: a domain with a checkpoint, callbacks: a named Lightning callback). A mapping with ``_target_`` (a logger) is open too: its keys are
 # the target's keyword arguments.
-OPEN_SECTIONS = ("data.sources", "model.overrides", "branch")
+OPEN_SECTIONS = ("data.sources", "model.overrides", "branch", "callbacks")
 _APPENDED_NOTE = "(+ adds a key the config does not have, and no stage reads it)"
 _ABSENT = object()
 

@@ -176,6 +176,7 @@ class RunContext:
     info: InfoSpec
     trainer: TrainerSpec  # devices, strategy, precision (training.parallel builds Lightning's strategy)
     logger: Optional[dict[str, Any]]  # a Hydra-instantiable Lightning logger, or None
+    callbacks: dict[str, dict[str, Any]]  # name -> a Hydra-instantiable Lightning callback (`callbacks:`)
     domain: Optional[str]  # `domain=<name>`: the branch to train
     mix_name: str  # `mix=<name>`: the selected variant
     mix_node: Any  # its config, with the command's overrides
@@ -211,6 +212,7 @@ class RunContext:
             info=read_section(InfoSpec, cfg.info, "info"),
             trainer=read_section(TrainerSpec, cfg.trainer, "trainer"),
             logger=plain(cfg.logger) if cfg.get("logger") else None,
+            callbacks=read_callbacks(cfg.get("callbacks")),
             domain=domain_name or choices.get("domain"),
             mix_name=str(choices.get("mix") or "bam"),
             mix_node=cfg.get("mix"),
@@ -314,6 +316,19 @@ class RunContext:
         if not self.overrides and self.experiment:
             own = [f"experiment={self.experiment}"]
         return " ".join(["python -m bam_pipeline", args, *own])
+
+
+def read_callbacks(node: Any) -> dict[str, dict[str, Any]]:
+    """The ``callbacks:`` section: name -> a node with ``_target_``; a null entry is switched off."""
+    data = plain(node) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("callbacks", data, "must map names to callbacks, e.g. "
+                                             "+callbacks.lr={_target_: lightning.pytorch.callbacks.LearningRateMonitor}")
+    for name, entry in data.items():
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("_target_"), str)):
+            raise ConfigError(f"callbacks.{name}", entry, "must name a Lightning callback class as _target_, "
+                                                          f"or be null to switch it off")
+    return {name: entry for name, entry in data.items() if entry is not None}
 
 
 def require_domain(ctx: RunContext) -> str:

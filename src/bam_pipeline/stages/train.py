@@ -106,7 +106,7 @@ def train(ctx: RunContext, plan: TrainPlan, prepared: PreparedData) -> Artifact 
     with building(ctx, plan):
         print(f"{plan.label}: training {job.budget.tokens:,} tokens ({job.budget.steps} steps, "
               f"{job.budget.match}-matched) on {', '.join(f'{k} {v:.0%}' for k, v in job.proportions.items())}")
-        return train_and_publish(job, prepared=prepared, trainer_spec=ctx.trainer, logger_cfg=ctx.logger,
+        return train_and_publish(job, prepared=prepared, trainer_spec=ctx.trainer, logger_cfg=ctx.logger, callback_cfgs=ctx.callbacks,
                                  inputs=plan.inputs, describe={"about": plan.about})
 
 

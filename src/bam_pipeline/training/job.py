@@ -192,16 +192,38 @@ def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
         )
 
 
+def extra_callbacks(cfgs: dict[str, dict[str, Any]]) -> list[Callback]:
+    """The ``callbacks:`` section's Lightning callbacks, instantiated; a BamError naming one that cannot be."""
+    from hydra.utils import instantiate
+
+    out = []
+    for name, cfg in cfgs.items():
+        try:
+            cb = instantiate(cfg, _convert_="all")
+        except Exception as e:  # hydra wraps the import or constructor error
+            cause = " ".join(str(e.__cause__ or e).split())[:200]
+            raise BamError(f"callbacks.{name}: cannot build {cfg['_target_']} ({cause}); fix its _target_ and "
+                           f"arguments, or switch it off with callbacks.{name}=null") from None
+        if not isinstance(cb, Callback):
+            raise BamError(f"callbacks.{name}: {cfg['_target_']} is not a Lightning Callback; name a subclass of "
+                           "lightning.pytorch.callbacks.Callback")
+        out.append(cb)
+    return out
+
+
 def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, logger_cfg: dict | None,
-                      inputs: dict[str, A.Artifact], describe: dict[str, Any]) -> A.Artifact | None:
+                      inputs: dict[str, A.Artifact], describe: dict[str, Any],
+                      callback_cfgs: dict[str, dict[str, Any]] | None = None) -> A.Artifact | None:
     """Train ``job`` (resuming when possible) and publish the model artifact (rank 0).
 
-    ``describe`` adds the model's description (display name, role) to the manifest. Returns the
-    artifact on rank 0 and None on other ranks.
+    ``describe`` adds the model's description (display name, role) to the manifest; ``callback_cfgs``
+    are the ``callbacks:`` section's extra Lightning callbacks. Returns the artifact on rank 0 and None
+    on other ranks.
     """
     from bam_pipeline.data.datamodule import MixtureDataModule
 
     t = job.train
+    extra = extra_callbacks(callback_cfgs or {})  # a bad one refused before any work
     stage_config = job.identity(inputs)
     init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
     # the artifact keeps its input's dtype (a bfloat16 import stays bfloat16); training runs in float32
@@ -246,7 +268,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
         callbacks=[timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
-                   TokensProgressBar()],
+                   TokensProgressBar(), *extra],
         enable_model_summary=False,
         default_root_dir=str(work),
     )
