@@ -20,11 +20,20 @@ def files_source(path):
     return sources.resolve_source("x", {"x": {"source": {"type": "files", "path": str(path)}}})
 
 
+def error_of(call, *facts: str) -> str:
+    """The BamError ``call()`` raises, which must name every one of ``facts`` (keys, values, files, commands)."""
+    with pytest.raises(BamError) as e:
+        call()
+    missing = [f for f in facts if f not in str(e.value)]
+    assert not missing, f"the error does not name {missing}: {e.value}"
+    return str(e.value)
+
+
 def test_unknown_domain_lists_the_known_ones(tmp_path, make_cfg):
     cfg = make_cfg(tmp_path, n_docs=20)
     cfg["domains"] = ["code", "biology"]
-    with pytest.raises(BamError, match=r"unknown domain 'biology'; known domains: bible, code, general, law, math"):
-        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
+    known = error_of(lambda: prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False), "'biology'")
+    assert set(known.partition("'biology'")[2].replace(",", " ").split()) >= {"bible", "code", "general", "law", "math"}
     assert not (tmp_path / "data").exists()
 
 
@@ -36,8 +45,7 @@ def test_unknown_domain_lists_the_known_ones(tmp_path, make_cfg):
 def test_missing_source_package_names_the_install_command(monkeypatch, domain, module, install):
     real = sources.importlib.util.find_spec
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
-    with pytest.raises(BamError, match=f"which is not installed; run `{install}`"):
-        next(sources.iter_documents(sources.resolve_source(domain), 1000))
+    error_of(lambda: next(sources.iter_documents(sources.resolve_source(domain), 1000)), install)
 
 
 def test_empty_source_is_refused(tmp_path, make_cfg):
@@ -45,8 +53,8 @@ def test_empty_source_is_refused(tmp_path, make_cfg):
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"id": "a", "text": "   "}) + "\n")
     cfg["sources"]["law"] = {"source": {"type": "files", "path": str(empty)}}
-    with pytest.raises(BamError, match=r"source 'law' \(files\) yielded no documents"):
-        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
+    error_of(lambda: prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False), "'law'", "files",
+             "documents")
     assert not (tmp_path / "data").exists()
 
 
@@ -55,19 +63,19 @@ def test_empty_split_is_refused(tmp_path, make_cfg):
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"id": f"d{i}", "text": f"pqrs{i}"}) + "\n" for i in range(3)))
     cfg["sources"]["law"] = {"source": {"type": "files", "path": str(few)}}
-    with pytest.raises(BamError, match=r"source 'law': the (val|test) split is empty \(3 documents"):
-        prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
+    said = error_of(lambda: prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False), "'law'", "split",
+                    "3 documents", "max_bytes", "data.split")
+    assert "val" in said or "test" in said, said  # the empty split
 
 
 def test_missing_files_path_and_bad_type_are_refused(tmp_path):
-    with pytest.raises(BamError, match="does not exist; point data.sources.x.source.path"):
-        next(sources.iter_documents(files_source(tmp_path / "nope"), None))
-    with pytest.raises(BamError, match=r"invalid sources.code.source.type='web': use one of"):
-        sources.resolve_source("code", {"code": {"source": {"type": "web"}}})
+    error_of(lambda: next(sources.iter_documents(files_source(tmp_path / "nope"), None)), str(tmp_path / "nope"),
+             "data.sources.x.source.path")
+    error_of(lambda: sources.resolve_source("code", {"code": {"source": {"type": "web"}}}),
+             "sources.code.source.type='web'", *sources.SOURCE_TYPES)
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(BamError, match="has no field 'text'"):
-        next(sources.iter_documents(files_source(bad), None))
+    error_of(lambda: next(sources.iter_documents(files_source(bad), None)), str(bad), "'text'", "source.text_field")
 
 
 HUB_SCRIPT = """
@@ -95,5 +103,5 @@ def test_hub_source_offline_fails_at_once_with_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
-    assert "Hugging Face Hub unreachable for source 'code' (bigcode/starcoderdata): HF_DATASETS_OFFLINE is set" in lines[0]
-    assert "type: files" in lines[0]
+    assert all(fact in lines[0] for fact in ("'code'", "bigcode/starcoderdata", "HF_DATASETS_OFFLINE")), lines[0]
+    assert "type: files" in lines[0]  # what to use offline instead

@@ -37,7 +37,8 @@ def test_changed_config_or_sources_rebuild(fresh, tmp_path, capsys):
     cfg, first = fresh
     changed = dict(cfg, split={"val": 0.2, "test": 0.1})
     again = prepare_data(read_data_spec(changed), first.dir, progress=True)
-    assert "data config changed: split since it was prepared; preparing it again" in capsys.readouterr().out
+    line = next(line for line in capsys.readouterr().out.splitlines() if str(first.dir) in line)
+    assert "split" in line.replace(str(first.dir), ""), line  # the setting that changed; prepared again below
     assert again.config_hash != first.config_hash
     assert again.stats["code"]["val"]["documents"] > first.stats["code"]["val"]["documents"]
     with open(tmp_path / "src" / "law" / "docs.jsonl", "a") as f:
@@ -76,8 +77,9 @@ def test_altered_file_is_reported_as_corrupt(fresh):
     data[len(data) // 2] ^= 0xFF
     arrow.write_bytes(bytes(data))
     rel = str(arrow.relative_to(prepared.dir))
-    with pytest.raises(BamError, match=f"checksum mismatch for .*{rel} \\(prepared data: file changed or corrupt\\); run .*data.rebuild=true"):
+    with pytest.raises(BamError) as e:
         prepare_data(read_data_spec(cfg), prepared.dir, progress=False)
+    assert all(fact in str(e.value) for fact in ("checksum", rel, "stage=data data.rebuild=true")), e.value
     with pytest.raises(BamError, match="corrupt"):
         open_prepared(prepared.dir)
     rebuilt = prepare_data(read_data_spec(dict(cfg, rebuild=True)), prepared.dir, progress=False)
@@ -89,8 +91,9 @@ def test_truncated_manifest_is_reported_as_corrupt(fresh):
     cfg, prepared = fresh
     mpath = prepared.dir / "manifest.json"
     mpath.write_text(mpath.read_text()[:100])
-    with pytest.raises(BamError, match="is corrupt .manifest.json"):
+    with pytest.raises(BamError) as e:
         prepare_data(read_data_spec(cfg), prepared.dir, progress=False)
+    assert all(fact in str(e.value) for fact in ("manifest.json", "stage=data data.rebuild=true")), e.value
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch, make_cfg):
@@ -109,5 +112,6 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkey
         prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("data.")]
-    with pytest.raises(BamError, match=r"no prepared data in .*; run `python -m bam_pipeline stage=data` first"):
+    with pytest.raises(BamError) as e:
         open_prepared(tmp_path / "data")
+    assert str(tmp_path / "data") in str(e.value) and "stage=data" in str(e.value), e.value

@@ -114,8 +114,10 @@ def test_an_unavailable_out_of_domain_source_is_skipped_with_a_line(tmp_path, mo
     cfg["ood"] = ["bible"]
     prepared = prepare_data(read_data_spec(cfg), tmp_path / "data", progress=True)
     assert "bible" not in prepared.sources and prepared.ood == []
-    assert "out-of-domain source 'bible' skipped: Debian package sword-text-web needs apt-get" in capsys.readouterr().out
+    line = next(line for line in capsys.readouterr().out.splitlines() if "'bible'" in line)  # skipped, and why
+    assert "sword-text-web" in line and "apt-get" in line, line
     cfg["domains"] = ["code", "bible"]
     cfg["ood"] = []
-    with pytest.raises(BamError, match="needs apt-get and dpkg-deb"):  # a trained source must exist
+    with pytest.raises(BamError) as e:  # a trained source must exist
         prepare_data(read_data_spec(cfg), tmp_path / "data2", progress=False)
+    assert all(tool in str(e.value) for tool in ("sword-text-web", "apt-get", "dpkg-deb")), e.value

@@ -9,7 +9,7 @@ import pytest
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.layout import RunLayout
-from bam_pipeline.eval.report import build_report, print_summary, report_files
+from bam_pipeline.eval.report import SCALE_NOTE, build_report, print_summary, report_files
 from bam_pipeline.eval.runner import run_eval
 
 
@@ -47,11 +47,12 @@ def test_report_content(reported):
     assert "| BAM DM expert KV |" not in text and "| BAM (expert KV) | 24.02 |" in text  # paper table, our names
     assert "2408.08274" in text
     assert "branch/law: checksum mismatch" in text
-    assert "some of the paper's orderings may not hold here" in text
+    assert SCALE_NOTE in text  # this run is far smaller than the paper's
     # with no trained mixture, BAM-vs-BTX is not measurable here but holds in the paper
     assert re.search(r"\| BAM beats BTX on every column \| holds \| \*\*not measurable\*\* \|", text)
     # branch/law was skipped (bad checksum): the claim over every expert is incomplete, not decided by code's
-    assert "| each expert beats the seed in its own domain | holds | **incomplete**: missing branch/law" in text
+    experts = _claim_cells(text, _claim(run, "experts_beat_seed")["claim"])  # claim | in the paper | here
+    assert experts[1] == "holds" and "incomplete" in experts[2] and "branch/law" in experts[2], experts
     # untrained mixture of identical seed copies: same perplexity as the seed on every domain
     table1 = text.split("## Perplexity per domain")[1].split("Bits per byte")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in table1.splitlines() if line.startswith("| ")}
@@ -60,6 +61,17 @@ def test_report_content(reported):
     # routing table: 1 mixture x 2 router kinds x 3 domains
     routing = re.findall(r"^\| Untrained BAM \(renormalised\) \| (attn|ffn) \| (\w+) \|", text, re.M)
     assert routing == [(k, d) for k in ("attn", "ffn") for d in ("General", "Code", "Law")]
+
+
+def _claim(run, key: str) -> dict:
+    """The claim ``key`` of the run's claims.json (its text names it in the report and the summary)."""
+    return next(c for c in json.loads((run / "report" / "claims.json").read_text())["claims"] if c["key"] == key)
+
+
+def _claim_cells(text: str, claim: str) -> list[str]:
+    """The cells of the claims table's row of ``claim``."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| {claim} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
 
 
 def test_html_is_self_contained(reported):
@@ -76,8 +88,11 @@ def test_print_summary(reported, capsys):
     print_summary(RunLayout(run))
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["model", "General", "Code", "Law", "Average"]
-    assert "not measurable: BAM beats BTX on every column" in out
-    assert "incomplete: each expert beats the seed in its own domain (missing branch/law" in out
+    lines = out.splitlines()
+    bam_btx = next(line for line in lines if _claim(run, "bam_beats_btx")["claim"] in line)
+    experts = next(line for line in lines if _claim(run, "experts_beat_seed")["claim"] in line)
+    assert "not measurable" in bam_btx, bam_btx
+    assert "incomplete" in experts and "branch/law" in experts, experts
     assert f"report: {run / 'report' / 'report.md'}" in out
 
 

@@ -83,7 +83,11 @@ def test_a_changed_data_input_makes_a_data_reading_mixture_stale(smoke_copy):
     m["hash"] = "0" * 64  # the prepared data as another run of stage=data would have made it
     manifest.write_text(json.dumps(m))
     r = cli_here(smoke_copy, "stage=mix", "mix=bam_router_hidden", "pipeline.on_stale=refuse")
-    assert r.returncode == 2 and "mix/bam_router_hidden is stale (inputs changed: data)" in r.out
+    errors = [line for line in r.out.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.out[-2000:]
+    # the stale mixture, the input that changed, and the override that rebuilds it
+    assert "mix/bam_router_hidden" in errors[0] and re.search(r"\bdata\b", errors[0]), errors[0]
+    assert "pipeline.on_stale=rebuild" in errors[0], errors[0]
     assert "up to date" in cli_here(smoke_copy, "stage=mix", "mix=bam", check=True).out  # reads no data
 
 

@@ -108,9 +108,10 @@ def test_every_model_of_the_run_is_exported_outside_the_model_scan(exported):
         assert f"artifact `{label}`" in card and "config hash of that command" in card
         if label in evaluated:  # its rows of the eval table
             assert "| test source | perplexity |" in card and "| code |" in card
-            assert "- downstream (offline) `bam_next_passage_code`: acc" in card
-        else:  # a mix variant built after stage=all's eval
-            assert "The run's eval has not scored this model" in card and "| test source |" not in card
+            downstream = next(line for line in card.splitlines() if "bam_next_passage_code" in line)
+            assert "offline" in downstream and "acc" in downstream, downstream  # the suite, the task, its accuracy
+        else:  # a mix variant built after stage=all's eval: no eval rows, and the command that scores it
+            assert "| test source |" not in card and "stage=eval" in card
         assert not list(path.parent.glob("*.tmp-*"))
     status = cli_here(run.parent, "stage=status", check=True).out
     assert "export" not in status.split("artifact= accepts:")[1]
@@ -150,7 +151,8 @@ def test_generate_prints_the_continuations_and_the_measured_cache_per_token(expo
     assert per_token["seed"] == per_token["moe/bam_kv_shared"] == per_token["moe/btx"] == one_set
     assert per_token["moe/bam"] == per_token["mix/bam_attn_top1"] == 4 * one_set  # one K/V set per expert
     out = printed["moe/bam"]
-    assert "greedy, up to 32 new tokens, past end of document" in out
+    settings = next(line for line in out.splitlines() if "greedy" in line)  # greedy, 32 tokens, not stopped at eos
+    assert re.search(rf"\b{NEW_TOKENS}\b", settings) and "end of document" in settings, settings
     for row in generated["moe/bam"]:
         assert f"{row['prompt']}{row['text']}" in out
 
@@ -183,8 +185,7 @@ def test_overwrite_replaces_an_export_atomically_and_the_hub_upload_offline_is_o
     r = cli_here(run.parent, "stage=export", "artifact=branch/law", "export.push_to_hub=someone/bam-law")
     errors = [line for line in r.out.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1, r.out[-2000:]
-    assert "cannot push" in errors[0] and "offline (HF_HUB_OFFLINE=1)" in errors[0] and "hf upload someone/bam-law" \
-        in errors[0]
+    assert "HF_HUB_OFFLINE=1" in errors[0] and "hf upload someone/bam-law" in errors[0], errors[0]  # why, and the fix
     assert (run / "export" / "branch" / "law" / "model.safetensors").is_file()  # the export itself is complete
 
 
@@ -206,7 +207,8 @@ def llama_run(tmp_path_factory):
 def test_a_sequential_seed_exports_to_llama_and_loads_without_remote_code(llama_run, tmp_path):
     run, out = llama_run
     path = run / "export" / "seed" / "main"
-    assert "LlamaForCausalLM (a stock transformers class)" in out
+    line = next(line for line in out.splitlines() if "LlamaForCausalLM" in line)
+    assert "stock" in line and "custom" not in line and "trust_remote_code" not in out, out
     assert not list(path.glob("*.py")) and "auto_map" not in json.loads((path / "config.json").read_text())
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # no trust_remote_code
     assert type(theirs).__module__.startswith("transformers.models.llama")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -71,7 +72,8 @@ def test_the_pipeline_runs_on_an_imported_seed_and_identical_experts_preserve_it
     r = cli_here(root, "stage=all", "seed=hf", f"seed.path={ckpt}", "budget.branch.tokens=0",
                  "mix.ffn_router.renormalize=true", check=True)
     run = root / "smoke"
-    assert "tokenising with the seed checkpoint's tokenizer (eos '</s>' = 2)" in r.out
+    line = next(line for line in r.out.splitlines() if "'</s>'" in line)  # tokenised with the checkpoint's tokenizer
+    assert "tokenizer" in line and re.search(r"\b2\b", line), line  # its end of document '</s>', id 2
     data = json.loads((run / "data" / "manifest.json").read_text())
     seed = read_artifact(run / "seed" / "main")
     assert data["eos_id"] == EOS_ID and data["tokenizer_hash"] == seed.manifest["tokenizer_hash"]
@@ -100,20 +102,30 @@ def test_an_imported_expert_must_match_the_seed(tmp_path):
     cli_here(root, "stage=data", *args, f"branch.code.path={expert_ckpt}", check=True)
     cli_here(root, "stage=seed", *args, f"branch.code.path={expert_ckpt}", check=True)
     r = cli_here(root, "stage=branch", "domain=code", *args, f"branch.code.path={expert_ckpt}", check=True)
-    assert "branch/code: imported LlamaForCausalLM" in r.out
+    line = next(line for line in r.out.splitlines() if "LlamaForCausalLM" in line)
+    assert "branch/code" in line and str(expert_ckpt) in line, line
     expert = bam_pipeline.load(root / "smoke" / "branch" / "code")
     with torch.no_grad():
         assert (expert(compare_ids()) - load_hf(expert_ckpt)(compare_ids()).logits).abs().max() <= 1e-5
     wide = _checkpoint(tmp_path, seed=2, hidden_size=48)
     r = cli_here(root, "stage=branch", "domain=math", *args, f"branch.math.path={wide}")
-    assert r.returncode == 2 and "has another architecture than the seed" in r.out
+    error = _error_line(r)  # the expert, what differs (its hidden size 48) and nothing half-built
+    assert str(wide) in error and "architecture" in error and re.search(r"\b48\b", error), error
     other_tok = _checkpoint(tmp_path, seed=3)
     tok = tiny_tokenizer()
     tok.add_tokens(["zz"])
     tok.save(str(other_tok / "tokenizer.json"))
     r = cli_here(root, "stage=branch", "domain=law", *args, f"branch.law.path={other_tok}")
-    assert r.returncode == 2 and "has another tokenizer" in r.out
+    error = _error_line(r)
+    assert str(other_tok) in error and "tokenizer" in error.replace(str(other_tok), ""), error
     assert not (root / "smoke" / "branch" / "math").exists() and not (root / "smoke" / "branch" / "law").exists()
+
+
+def _error_line(r) -> str:
+    """The one ``error:`` line of a command that exited with code 2."""
+    errors = [line for line in r.out.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.out[-2000:]
+    return errors[0]
 
 
 def _no_config(ck):
@@ -153,23 +165,23 @@ def _small_vocab(ck):
     (ck / "config.json").write_text(json.dumps(cfg))
 
 
-BAD = {
-    "missing_directory": (None, "does not exist; pass a local directory or a hub id"),
-    "no_config": (_no_config, "config.json"),
-    "unsupported_architecture": (_arch("GPTNeoXForCausalLM"), "GPTNeoXForCausalLM"),
-    "gemma": (_arch("GemmaForCausalLM"), "GemmaForCausalLM"),
-    "bin_only": (_bin_only, "pickle"),
-    "truncated_shard": (_truncate, "model-"),
-    "missing_shard": (_drop_shard, "model-"),
-    "no_tokenizer": (_no_tokenizer, "has no tokenizer.json"),
-    "vocabulary": (_small_vocab, "has no row in the model's 16-row embedding"),
-    "offline_hub_id": ("someorg/somemodel", "offline"),
+BAD = {  # the change, and what the one error line names (case-insensitive)
+    "missing_directory": (None, ("nowhere", "org/name")),  # the path given, and the hub id form it could be
+    "no_config": (_no_config, ("config.json",)),
+    "unsupported_architecture": (_arch("GPTNeoXForCausalLM"), ("GPTNeoXForCausalLM",)),
+    "gemma": (_arch("GemmaForCausalLM"), ("GemmaForCausalLM",)),
+    "bin_only": (_bin_only, ("pickle",)),
+    "truncated_shard": (_truncate, ("model-",)),
+    "missing_shard": (_drop_shard, ("model-",)),
+    "no_tokenizer": (_no_tokenizer, ("tokenizer.json",)),
+    "vocabulary": (_small_vocab, ("31", "16")),  # the tokenizer's largest id, the checkpoint's embedding rows
+    "offline_hub_id": ("someorg/somemodel", ("someorg/somemodel", "offline")),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_a_bad_checkpoint_is_one_line_and_leaves_nothing(name, tmp_path):
-    change, says = BAD[name]
+    change, facts = BAD[name]
     ckpt = save_checkpoint(hf_model(hf_config("llama")), tmp_path / "ckpt", max_shard_size="30KB")
     if change is None:
         path = str(tmp_path / "nowhere")
@@ -182,7 +194,9 @@ def test_a_bad_checkpoint_is_one_line_and_leaves_nothing(name, tmp_path):
     r = cli_here(root, "stage=seed", "seed=hf", f"seed.path={path}")
     errors = [line for line in r.out.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.out, r.out[-2000:]
-    assert says.lower() in errors[0].lower(), errors[0]
+    named = lambda f: re.search(rf"\b{f}\b", errors[0]) if f.isdigit() else f.lower() in errors[0].lower()  # noqa: E731
+    missing = [f for f in facts if not named(f)]
+    assert not missing, f"the error line does not name {missing}: {errors[0]}"
     assert not (root / "smoke" / "seed").exists() or not any((root / "smoke" / "seed").iterdir())
     shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
 
