@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import cli, kill_when_checkpointed
+from cli_runner import cli, cli_here, kill_when_checkpointed
 from safetensors.torch import load_file
 
 from bam_pipeline.store.artifacts import Artifact, read_artifact, read_model_config, read_train_log
@@ -31,7 +31,7 @@ def _moe_inputs(smoke_run, root: Path) -> Path:
 def one_process(smoke_run, tmp_path_factory) -> Artifact:
     """moe/bam trained by one process on the global batch of 8 sequences."""
     root = _moe_inputs(smoke_run, tmp_path_factory.mktemp("one_process"))
-    cli(root, *MOE_ARGS, "trainer=cpu", "train.batch_size=8", check=True)
+    cli_here(root, *MOE_ARGS, "trainer=cpu", "train.batch_size=8", check=True)  # one process: this one
     return read_artifact(root / "smoke" / "moe" / "bam")
 
 
