@@ -12,7 +12,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist runs a worker per core (`-n auto` in pyproject.toml): one torch thread each, or they oversubscribe
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the shared smoke pipeline first: the worker that meets one first builds it (the run's
+    one `stage=all`, a minute or more) while the other workers go on with the tests that need none of it."""
+    def needs_smoke(item) -> bool:
+        return "smoke_run" in getattr(item, "fixturenames", ())
+
+    first = next((i for i, item in enumerate(items) if needs_smoke(item)), None)
+    if first is not None:
+        items.insert(0, items.pop(first))
 
 
 @pytest.fixture(scope="module")
