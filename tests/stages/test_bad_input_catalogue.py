@@ -227,6 +227,8 @@ CASES: dict[str, Case] = {
     "downstream_suite": Case(C, ("downstream.suite=web",), ("downstream.suite='web'", "downstream=offline",
                                                             "downstream=paper")),
     "downstream_models_empty": Case(C, ("downstream.models=[]",), "downstream.models=[]"),
+    "callback_no_target": Case(C, ("+callbacks.lr={{logging_interval:step}}",),
+                               ("callbacks.lr={'logging_interval': 'step'}", "_target_", "null")),
     # ---- model overrides ----
     "n_heads": Case(M, ("+model.overrides.n_heads=7",), ("model.overrides.d_model=32", "n_heads=7")),
     "d_model_0": Case(M, ("+model.overrides.d_model=0",), "model.overrides.d_model=0"),
@@ -323,6 +325,9 @@ CASES: dict[str, Case] = {
     "branch_other_tokenizer": Case(A, ("stage=branch", "domain=code"),
                                    ("seed", "tokenizer", "stage=seed data.tokenizer.vocab_size=400"),
                                    needs_run=True, setup=_other_tokenizer),
+    "callback_unknown_class": Case(A, ("stage=seed", "+callbacks.lr={{_target_:lightning.pytorch.callbacks.NoSuch}}"),
+                                   ("callbacks.lr", "lightning.pytorch.callbacks.NoSuch", "callbacks.lr=null"),
+                                   setup=_remove("seed"), needs_run=True),
     "eval_seq_len": Case(A, ("stage=eval", "eval.seq_len=128"), ("eval.seq_len=128", "seed", "max_seq_len=64"),
                          needs_run=True),
     # ---- stage=export / generate / downstream on the finished run ----
