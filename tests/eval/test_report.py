@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import re
 import shutil
 
@@ -34,6 +35,24 @@ def test_report_files_written(reported):
     for p in report_files(RunLayout(run)):
         assert p.stat().st_size > 0
     assert not list(run.glob("report.tmp-*"))
+
+
+def test_report_heatmaps_are_evals_own_unless_older_than_its_routing(reported, tmp_path):
+    """The report copies the heatmaps eval drew from the same routing.json; one older than routing.json (an
+    eval cut short after writing it) is drawn anew from routing.json."""
+    run = tmp_path / reported[0].name
+    shutil.copytree(reported[0], run)
+    layout = RunLayout(run)
+    for kind in ("attn", "ffn"):
+        assert (run / "report" / f"routing_mix_bam_{kind}.png").read_bytes() == \
+            layout.heatmap("mix/bam", kind).read_bytes()
+    evals = layout.heatmap("mix/bam", "ffn")
+    evals.write_bytes(b"an older eval's picture")
+    older = layout.routing.stat().st_mtime_ns - 10**9
+    os.utime(evals, ns=(older, older))
+    build_report(layout, command="python -m bam_pipeline stage=eval run=t", config_hash="abc123")
+    drawn = (run / "report" / "routing_mix_bam_ffn.png").read_bytes()
+    assert drawn.startswith(b"\x89PNG") and drawn != evals.read_bytes()
 
 
 def test_report_content(reported):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
-from bam_pipeline.eval.routing import ROUTER_KINDS
+from bam_pipeline.eval.routing import ROUTER_KINDS, heatmap_values
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -372,6 +373,18 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
         images["claims.png"] = "Every claim's comparisons: difference in mean loss with its paired interval"
 
 
+def _heatmap(layout: RunLayout, label: str, entry: dict[str, Any], kind: str, path: Path) -> bool:
+    """One routing heatmap of the report: a copy of the one eval drew from the same routing.json (drawing
+    dozens of them again cost seconds a report), drawn anew where eval's is missing or older than it."""
+    if not heatmap_values(entry, kind)[1]:
+        return False  # the model has no router of this kind
+    drawn = layout.heatmap(label, kind)
+    if drawn.is_file() and drawn.stat().st_mtime_ns >= layout.routing.stat().st_mtime_ns:
+        shutil.copyfile(drawn, path)
+        return True
+    return routing_heatmap(entry, kind, path) is not None
+
+
 def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
                  resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS,
                  identity: dict[str, Any] | None = None) -> Path:
@@ -396,7 +409,7 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
         for label, entry in routing.items():
             for kind in ROUTER_KINDS:
                 path = layout.heatmap(label, kind, tmp)
-                if routing_heatmap(entry, kind, path):
+                if _heatmap(layout, label, entry, kind, path):
                     images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"
         _write_claims(agg, tmp, images)
         blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)

@@ -8,7 +8,7 @@ import time
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data, run_data
 from bam_pipeline.stages.downstream import run_downstream_in_all
-from bam_pipeline.stages.eval import run_eval_one, run_seeds_report
+from bam_pipeline.stages.eval import report, run_seeds_report, score
 from bam_pipeline.stages.mix import run_mix
 from bam_pipeline.stages.train import run_branch, run_moe, run_seed
 
@@ -23,8 +23,9 @@ def run_one_seed(ctx: RunContext) -> None:
         run_mix(ctx, v)
     for name in ctx.pipeline.moe_runs:
         run_moe(ctx, name)
-    run_eval_one(ctx)
-    run_downstream_in_all(ctx)  # lm-eval tasks of every model; the report gets their table
+    scored = score(ctx)
+    run_downstream_in_all(ctx)  # lm-eval tasks of every model, before the report: it is written once, with their table
+    report(ctx, scored)
 
 
 def run_all(ctx: RunContext) -> None:

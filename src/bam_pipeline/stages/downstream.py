@@ -159,8 +159,9 @@ def _run(lm: Any, ctx: RunContext, tasks: list[str], configs: dict[str, dict[str
     return rows
 
 
-def run_downstream(ctx: RunContext) -> Path | None:
-    """stage=downstream: write ``downstream/results.json`` (and the report's section); returns its path."""
+def run_downstream(ctx: RunContext, *, with_report: bool = True) -> Path | None:
+    """stage=downstream: write ``downstream/results.json`` (and, ``with_report``, the report's section);
+    returns its path."""
     spec = ctx.downstream
     require_lm_eval()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines; warnings still show
@@ -173,7 +174,8 @@ def run_downstream(ctx: RunContext) -> Path | None:
     device = resolve_device(spec.device)
     identity = downstream_identity(ctx, prepared, arts, skipped, tasks, device)
     if identity.fresh(rebuild=spec.rebuild, hint="downstream.rebuild=true"):
-        _report(ctx)
+        if with_report:
+            _report(ctx)
         return layout.downstream_results
     t0 = time.perf_counter()
     with StageLock(layout.lock("downstream", "results"), "the downstream results"), _cpu_threads(spec.threads, device):
@@ -229,7 +231,8 @@ def run_downstream(ctx: RunContext) -> Path | None:
         print(f"[downstream] skip {x['name']}: {x['reason']}")
     print(text_table(results_table(results)))
     print(f"[downstream] {len(rows)} (model, task) rows -> {layout.downstream_results}")
-    _report(ctx)
+    if with_report:
+        _report(ctx)
     return layout.downstream_results
 
 
@@ -305,8 +308,8 @@ def _cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
 
 
 def run_downstream_in_all(ctx: RunContext) -> None:
-    """The downstream stage as part of stage=all (``downstream.in_all``); lm-eval is an optional extra,
-    so without it this says so in one line and the pipeline goes on."""
+    """The downstream stage as part of stage=all (``downstream.in_all``), which writes the report after it;
+    lm-eval is an optional extra, so without it this says so in one line and the pipeline goes on."""
     if not ctx.downstream.in_all:
         return
     try:
@@ -314,5 +317,5 @@ def run_downstream_in_all(ctx: RunContext) -> None:
     except BamError as e:
         print(f"[downstream] skipped: {e}")
         return
-    run_downstream(ctx)
+    run_downstream(ctx, with_report=False)
 

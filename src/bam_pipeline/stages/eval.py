@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from bam_pipeline.data.prepare import PreparedData, open_prepared
@@ -88,29 +89,42 @@ def write_report(ctx: RunContext) -> None:
     print(f"report: {ctx.layout.report}")
 
 
-def run_eval_one(ctx: RunContext) -> None:
-    """Evaluate one run (one training seed), write its report and print its summary; each skipped when its
-    identity is unchanged. Models built from inputs the run has rebuilt since (outdated: eval never
-    rebuilds) are left out and listed as skipped."""
+def score(ctx: RunContext) -> Path | None:
+    """Eval's results of one run (one training seed), skipped when their identity is unchanged: the path of
+    metrics.json when eval ran, None when it was up to date (or on another rank). Models built from inputs
+    the run has rebuilt since (outdated: eval never rebuilds) are left out and listed as skipped."""
     if not is_rank_zero():
-        return
+        return None
     wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
     prepared, selection = selection_for(ctx)
     identity = eval_identity(ctx, prepared, selection)
-    if not identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
-        with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
-            identity.forget()
-            metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general,
-                                    chunking=ctx.train.loss_chunking, selection=selection)
-            identity.write()
-        write_report(ctx)
+    if identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
+        return None
+    with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
+        identity.forget()
+        metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
+                                selection=selection)
+        identity.write()
+    return metrics_path
+
+
+def report(ctx: RunContext, scored: Path | None) -> None:
+    """The run's report (unless its identity is unchanged), logged to the logger when eval ran, and its summary."""
+    if not is_rank_zero():
+        return
+    write_report(ctx)
+    if scored is not None:
         wandb_dir = log_report(ctx.logger, run=ctx.run, files=report_files(ctx.layout),
-                               metrics_rows=json.loads(metrics_path.read_text())["rows"])
+                               metrics_rows=json.loads(scored.read_text())["rows"])
         if wandb_dir is not None:
             print(f"report logged to wandb ({wandb_dir})")
-    else:
-        write_report(ctx)  # the downstream table, or the report's code, may have changed alone
     print_summary(ctx.layout)
+
+
+def run_eval_one(ctx: RunContext) -> None:
+    """Evaluate one run (one training seed), write its report and print its summary; each skipped when its
+    identity is unchanged."""
+    report(ctx, score(ctx))
 
 
 def seeds_identity(ctx: RunContext) -> OutputIdentity:
