@@ -17,14 +17,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that read the shared smoke pipeline first: the worker that meets one first builds it (the run's
-    one `stage=all`, a minute or more) while the other workers go on with the tests that need none of it."""
-    def needs_smoke(item) -> bool:
-        return "smoke_run" in getattr(item, "fixturenames", ())
-
-    first = next((i for i, item in enumerate(items) if needs_smoke(item)), None)
-    if first is not None:
-        items.insert(0, items.pop(first))
+    """Under pytest-xdist, one test that reads the shared smoke pipeline first and the others last: the worker
+    that meets it builds the pipeline (the run's one `stage=all`, a minute) while the other workers run the
+    tests that need none of it, and by the time those are done it is there for every worker."""
+    smoke = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
+    if smoke:
+        later = set(smoke)
+        items[:] = [smoke[0], *(item for item in items if item not in later), *smoke[1:]]
 
 
 @pytest.fixture(scope="module")
