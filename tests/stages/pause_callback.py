@@ -1,10 +1,13 @@
 """A Lightning callback that makes stop-signal tests deterministic (given to a CLI subprocess with
 ``+callbacks.pause=...``, :func:`cli_runner.paused`): once the stage's first complete checkpoint exists it
 writes ``ready`` and holds training at that step until the process receives a stop signal (or ``go``
-appears), so a signal or a kill always lands mid-stage, at a known step, however fast or loaded the machine."""
+appears), so a signal or a kill always lands mid-stage, at a known step, however fast or loaded the machine;
+or sends the signal itself (``send``), for a stage stopped inside the test's process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -15,8 +18,12 @@ from bam_pipeline.training.job import CKPT_DIR, complete_checkpoint
 
 
 class PauseAfterCheckpoint(Callback):
-    def __init__(self, ready: str, go: str | None = None, timeout_s: float = 300.0) -> None:
+    """``send``: a signal's name (SIGTERM) the process sends itself once paused, for a stage stopped in the
+    test's own process."""
+
+    def __init__(self, ready: str, go: str | None = None, send: str | None = None, timeout_s: float = 300.0) -> None:
         self.ready, self.go, self.timeout_s = Path(ready), None if go is None else Path(go), timeout_s
+        self.send = None if send is None else signal.Signals[send]
         self.paused = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -26,6 +33,8 @@ class PauseAfterCheckpoint(Callback):
             return
         self.paused = True
         self.ready.write_text(str(trainer.global_step))
+        if self.send is not None:
+            os.kill(os.getpid(), self.send)
         deadline = time.monotonic() + self.timeout_s
         while preemption._state["received"] is None and not (self.go is not None and self.go.exists()):
             if time.monotonic() > deadline:

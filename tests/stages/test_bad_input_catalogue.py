@@ -9,11 +9,13 @@ reworded message passes, a message naming the wrong key or leaving out the fix d
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +118,23 @@ def _flip_byte(path: str, remove: tuple[str, ...] = ()) -> Setup:
     return setup
 
 
+OTHER_VOCAB = "data.tokenizer.vocab_size=400"
+_OTHER_DATA: list[Path] = []  # the smoke data prepared with OTHER_VOCAB once, for every case that needs it
+
+
 def _other_tokenizer(run: Path, scratch: Path) -> list[str]:
-    """Prepare the run's data again with another vocabulary: every model now has another tokenizer."""
-    r = cli_here(run.parent, "stage=data", "data.tokenizer.vocab_size=400")
-    assert r.returncode == 0, r.out[-2000:]
-    return ["data.tokenizer.vocab_size=400"]
+    """Prepare the run's data again with another vocabulary (stage=data, the first time; a copy of that after):
+    every model now has another tokenizer."""
+    if not _OTHER_DATA:
+        root = Path(tempfile.mkdtemp(prefix="other-tokenizer-"))
+        atexit.register(shutil.rmtree, root, True)
+        shutil.copytree(run / "data", root / run.name / "data")
+        r = cli_here(root, "stage=data", OTHER_VOCAB)
+        assert r.returncode == 0, r.out[-2000:]
+        _OTHER_DATA.append(root / run.name / "data")
+    shutil.rmtree(run / "data")
+    shutil.copytree(_OTHER_DATA[0], run / "data")
+    return [OTHER_VOCAB]
 
 
 def _existing_export(run: Path, scratch: Path) -> list[str]:

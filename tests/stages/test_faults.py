@@ -56,9 +56,11 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weig
      ".work/moe/bam"),
 ])
 def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, tmp_path, stage, args, work):
-    hold, ready = paused(tmp_path)
-    r = signal_when(start(smoke_copy, *args, hold), ready, signal.SIGTERM, settle_s=0)
-    assert r.returncode == 143, r.out[-2000:]
+    """In this process, the stage sending itself SIGTERM at its first checkpoint (the seed's tests above send
+    it from outside, to a CLI process)."""
+    hold, ready = paused(tmp_path, send="SIGTERM")
+    r = cli_here(smoke_copy, *args, hold)
+    assert ready() and r.returncode == 143, r.out[-2000:]
     line = _one_error_line(r.out)
     assert "SIGTERM" in line and "after step 9 of" in line and str(smoke_copy / "smoke" / work) in line, line
     assert read_artifact(smoke_copy / "smoke" / stage / ("code" if stage == "branch" else "bam")).hash  # old one kept
