@@ -17,13 +17,18 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, one test that reads the shared smoke pipeline first and the others last: the worker
-    that meets it builds the pipeline (the run's one `stage=all`, a minute) while the other workers run the
-    tests that need none of it, and by the time those are done it is there for every worker."""
-    smoke = [item for item in items if "smoke_run" in getattr(item, "fixturenames", ())]
-    if smoke:
-        later = set(smoke)
-        items[:] = [smoke[0], *(item for item in items if item not in later), *smoke[1:]]
+    """Under pytest-xdist: one test that reads the shared smoke pipeline first, the others after every test that
+    needs none of it, and the bad-input catalogue's many short cases last. The worker that meets the first
+    builds the pipeline (the run's one `stage=all`, most of a minute) while the others go on; by the time they
+    reach the rest it is there; and the short cases even out when the workers finish."""
+    def needs_smoke(item) -> bool:
+        return "smoke_run" in getattr(item, "fixturenames", ())
+
+    def rank(item) -> int:
+        return 2 if item.path.name == "test_bad_input_catalogue.py" else 1 if needs_smoke(item) else 0
+
+    first = next((item for item in items if needs_smoke(item)), None)
+    items.sort(key=lambda item: -1 if item is first else rank(item))  # stable: file order within each part
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,17 @@ def test_heatmaps_written(evaluated, fake_run):
     assert (fake_run / "eval" / "routing_mix_bam_ffn.png").stat().st_size > 0
 
 
+def test_a_rerun_keeps_the_heatmaps_of_unchanged_routing_and_redraws_the_rest(run_copy, eval_cfg):
+    layout = RunLayout(run_copy)
+    run_eval(eval_cfg(), layout, general="general")
+    png = layout.heatmap("mix/bam", "ffn")
+    png.write_bytes(b"kept")  # a marker: redrawn, it would be a PNG again
+    run_eval(eval_cfg(), layout, general="general")  # the same routing: kept, touched
+    assert png.read_bytes() == b"kept" and png.stat().st_mtime_ns >= layout.routing.stat().st_mtime_ns
+    run_eval(eval_cfg(max_tokens_per_source=512), layout, general="general")  # other tokens: other routing
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
 def test_rerun_reuses_the_cache_and_reevaluates_what_changed(run_copy, capsys, eval_cfg):
     first = json.loads(run_eval(eval_cfg(), RunLayout(run_copy), general="general").read_text())
     assert first["reused"] == [] and set(first["evaluated"]) == set(MODELS)

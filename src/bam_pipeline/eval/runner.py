@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +302,15 @@ def select_models(layout: RunLayout, prepared: Any,
     return ModelSelection(models, skipped, causes)
 
 
+def _read_routing(path: Path) -> dict[str, Any]:
+    """An earlier routing.json, or nothing where there is none (or it cannot be read)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
              chunking: LossChunking | None = None,
              rebuild: Callable[[str], str] = lambda label: "rebuild it",
@@ -402,10 +412,16 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     write_json(layout.documents, {
         "sources": {src: list(prepared.stream(src, TEST_SPLIT).dataset["id"]) for src in sources},
         "models": documents})
+    drawn_from = _read_routing(layout.routing)  # what the heatmaps on disk were drawn from
     write_json(layout.routing, routing)
     for label, entry in routing.items():
+        same = label in drawn_from and canonical_hash(drawn_from[label]) == canonical_hash(entry)
         for kind in ROUTER_KINDS:
-            routing_heatmap(entry, kind, layout.heatmap(label, kind))
+            path = layout.heatmap(label, kind)
+            if same and path.is_file():
+                os.utime(path)  # the same picture, kept: no older than routing.json (the report copies it)
+            else:
+                routing_heatmap(entry, kind, path)
     write_json(layout.metrics, {
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": dhash,
         "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
