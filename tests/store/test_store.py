@@ -146,3 +146,35 @@ def test_waiting_for_an_input_ends_when_its_builder_does(tmp_path, sleeper):
     with pytest.raises(BamError, match="waited 0 s for the prepared data, which pid .* is building; raise "
                                        "pipeline.wait_s"):
         wait_while_held(path, "the prepared data", timeout_s=0.2, poll_s=0.05, say=lines.append)
+
+
+class _Stop(BaseException):
+    """What a stop signal's handler raises, wherever the program is."""
+
+
+@pytest.mark.parametrize("where", ["mkdir", "body", "second rename"])
+def test_a_stop_anywhere_in_a_publish_leaves_the_previous_output_and_no_temporary(tmp_path, monkeypatch, where):
+    final = tmp_path / "seed" / "main"
+    final.mkdir(parents=True)
+    (final / "weights").write_text("previous")
+    real_mkdir, real_rename = type(final).mkdir, type(final).rename
+
+    def mkdir(self, *args, **kwargs):  # the directory made, the stop landing before the next statement
+        real_mkdir(self, *args, **kwargs)
+        if where == "mkdir" and ".tmp-" in self.name:
+            raise _Stop()
+
+    def rename(self, target):
+        if where == "second rename" and ".tmp-" in self.name:
+            raise _Stop()  # the previous output moved aside, the new one not yet in place
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(final), "mkdir", mkdir)
+    monkeypatch.setattr(type(final), "rename", rename)
+    with pytest.raises(_Stop):
+        with publish(final) as tmp:
+            (tmp / "weights").write_text("new")
+            if where == "body":
+                raise _Stop()
+    assert (final / "weights").read_text() == "previous"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["main"]

@@ -193,20 +193,21 @@ def publish(final_dir: Path) -> Iterator[Path]:
     for p in remove_dead_temporaries(final_dir):
         print(f"removed {p}, left by a run that was killed while publishing")
     tmp = final_dir.parent / f"{final_dir.name}.tmp-{os.getpid()}"
+    old = final_dir.parent / f"{final_dir.name}.old-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    try:  # from the temporary's first moment: a stop signal may land anywhere, even between two statements
+        tmp.mkdir()
         yield tmp
+        if final_dir.exists():
+            final_dir.rename(old)
+        tmp.rename(final_dir)
     except BaseException:
+        if old.exists() and not final_dir.exists():
+            old.rename(final_dir)  # stopped between the two renames: the previous output stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final_dir.parent / f"{final_dir.name}.old-{os.getpid()}"
-    if final_dir.exists():
-        final_dir.rename(old)
-    tmp.rename(final_dir)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(out_dir: Path, *, stage: str, name: str, config: dict[str, Any],
