@@ -28,7 +28,7 @@ from bam_pipeline.eval.report import (REPORT_VERSION, build_report, build_seeds_
 from bam_pipeline.eval.runner import ModelSelection, data_hash, resolve_device, run_eval, select_models
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data
-from bam_pipeline.stages.inputs import OutputIdentity, open_data, rebuild_hint
+from bam_pipeline.stages.inputs import OutputIdentity, open_data, rebuild_hint, recorded_hash
 from bam_pipeline.store.files import sha256_file
 from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.store.locks import StageLock, wait_while_held
@@ -62,10 +62,9 @@ def report_identity(ctx: RunContext) -> OutputIdentity:
     """What the run's report is made from: the eval results it reads (by their recorded identity), the
     downstream results and the report's own settings."""
     layout = ctx.layout
-    recorded = OutputIdentity("eval", RunLayout.identity(layout.eval), {}).recorded()
     results = layout.downstream_results
     return OutputIdentity("report", RunLayout.identity(layout.report), {
-        "version": REPORT_VERSION, "eval": None if recorded is None else recorded["hash"],
+        "version": REPORT_VERSION, "eval": recorded_hash(layout.eval),
         "downstream": sha256_file(results) if results.is_file() else None,
         "resamples": ctx.eval.resamples, "min_documents": ctx.eval.min_documents, "general": ctx.data.general,
         "train_seed": ctx.train.seed})
@@ -132,8 +131,7 @@ def seeds_identity(ctx: RunContext) -> OutputIdentity:
     per_seed = {}
     for s in ctx.seeds:
         layout = ctx.for_seed(s).layout
-        per_seed[str(s)] = [(OutputIdentity(what, RunLayout.identity(d), {}).recorded() or {}).get("hash")
-                            for what, d in (("eval", layout.eval), ("report", layout.report))]
+        per_seed[str(s)] = [recorded_hash(layout.eval), recorded_hash(layout.report)]
     return OutputIdentity("seeds report", RunLayout.identity(ctx.layout.seeds_report), {
         "version": REPORT_VERSION, "seeds": per_seed, "resamples": ctx.eval.resamples,
         "min_documents": ctx.eval.min_documents})

@@ -24,7 +24,7 @@ from bam_pipeline.stages.context import RunContext
 from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
                                          read_artifact, remove_dead_temporaries, try_read_artifact)
 from bam_pipeline.store.files import canonical_hash, changed_keys, write_json
-from bam_pipeline.store.layout import CM_SUFFIX, MODEL_STAGES, label, parse_label
+from bam_pipeline.store.layout import CM_SUFFIX, MODEL_STAGES, RunLayout, label, parse_label
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -161,6 +161,20 @@ def fresh_artifact(plan: Plan, on_stale: str) -> Artifact | None:
     return None
 
 
+def read_identity(record: Path) -> dict[str, Any] | None:
+    """An output's identity record (``what``, ``hash``, ``config``), or None where there is none readable."""
+    try:
+        old = json.loads(Path(record).read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and isinstance(old.get("config"), dict) else None
+
+
+def recorded_hash(output_dir: Path) -> str | None:
+    """The hash of the identity an output directory (eval, report, ...) was last made with, if any."""
+    return (read_identity(RunLayout.identity(output_dir)) or {}).get("hash")
+
+
 @dataclass(frozen=True)
 class OutputIdentity:
     """The identity of an output derived from the run's models rather than trained (eval, the report,
@@ -179,11 +193,7 @@ class OutputIdentity:
 
     def recorded(self) -> dict[str, Any] | None:
         """The identity the output was last made with (None: never made, or made before outputs had one)."""
-        try:
-            old = json.loads(self.record.read_text())
-        except (OSError, ValueError):
-            return None
-        return old if isinstance(old, dict) and isinstance(old.get("config"), dict) else None
+        return read_identity(self.record)
 
     def stale_reason(self) -> str | None:
         """None when the output was made with this identity, else what changed (the models by label)."""
