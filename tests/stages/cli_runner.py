@@ -61,7 +61,7 @@ def cli_here(root: Path, *args: str, env: dict[str, str] | None = None, check: b
     from bam_pipeline.cli import main
 
     saved_env, saved_argv = dict(os.environ), sys.argv
-    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     os.environ.update({"BAM_STAGES_DIR": str(root), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                        **(env or {})})
     sys.argv = ["bam_pipeline", *_with_defaults(args)]

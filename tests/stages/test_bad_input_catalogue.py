@@ -10,6 +10,7 @@ reworded message passes, a message naming the wrong key or leaving out the fix d
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import json
 import re
 import shutil
@@ -40,6 +41,9 @@ class Case:
     needs_run: bool = False  # start from a copy of the finished smoke run
     env: dict[str, str] = field(default_factory=dict)
     code: int = 2
+    # what a refused run may leave, as globs under the stages root: a stage that trained and then refused keeps
+    # its resumable checkpoints in .work (never a published output)
+    may_leave: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.facts, str):
@@ -175,6 +179,8 @@ def _lock(rel: str, host: str | None = None, remove: tuple[str, ...] = ()) -> Se
 
 H, C, M, P, S, D, A, K = ("the command line", "config values", "model overrides", "paths", "source file contents",
                           "devices", "missing and corrupt artifacts", "concurrency")
+N, L, X, I, W, G = ("numerical failure", "import layouts", "cross-source data", "interrupts", "sweeps",
+                    "paths and manifest integrity")
 CASES: dict[str, Case] = {
     # ---- the command line: overrides Hydra cannot compose or parse, keys the config does not have ----
     "group_option": Case(H, ("domain=physics",), ("domain=physics", "bible", "code", "general", "law", "math",
@@ -397,6 +403,18 @@ CASES: dict[str, Case] = {
                         setup=_lock("eval/report", remove=("eval",))),  # eval has work: it is not up to date
     "mix_locked": Case(K, ("stage=mix", "mix=bam"), ("mix/bam", "{pid}", "{run}/.locks/mix/bam.lock"), needs_run=True,
                        setup=_lock("mix/bam", remove=("mix/bam",))),
+    # ---- numerical failure: a model that is not finite is never published, evaluated, exported or sampled ----
+
+    # ---- import layouts: a Hugging Face checkpoint we would read otherwise than transformers does ----
+
+    # ---- cross-source data: one document in two sources or two splits ----
+
+    # ---- interrupts: Ctrl-C (SIGINT) in every stage ----
+
+    # ---- sweeps: one bad job of a multirun ----
+
+    # ---- paths and manifest integrity ----
+
 }
 
 
@@ -405,7 +423,7 @@ def test_the_catalogue_covers_every_category():
     for case in CASES.values():
         counts[case.category] = counts.get(case.category, 0) + 1
     assert len(CASES) >= 60 and all(n >= 5 for n in counts.values()), counts
-    assert set(counts) == {H, C, M, P, S, D, A, K}  # signals: tests/stages/test_faults.py
+    assert set(counts) == {H, C, M, P, S, D, A, K, N, L, X, I, W, G}  # SIGTERM: tests/stages/test_faults.py
 
 
 def _files(root: Path) -> set[str]:
@@ -445,7 +463,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
     missing = [f for f in facts if not _names(errors[0], f)]
     assert not missing, f"the error line does not name {missing}: {errors[0]}"
     assert "Traceback" not in r.out and "unexpected" not in errors[0]
-    after = _files(root)
+    after = {f for f in _files(root) if not any(fnmatch.fnmatch(f, g) for g in case.may_leave)}
     assert after <= before, f"left behind: {sorted(after - before)}"  # no output, no temporary, no lock
     if case.category == H:  # refused while Hydra composes: before it makes even its log directory
         assert not any(root.iterdir()), sorted(root.rglob("*"))
