@@ -1,6 +1,6 @@
 """Hydra entry point, ``python -m bam_pipeline stage=<name> [overrides]`` (stages: :data:`bam_pipeline.stages.STAGES`),
 and the error boundary: a user's error (BamError, or a command line Hydra cannot compose) prints one line and
-exits 2; a stop signal exits 128 + its number; anything else is a bug and prints one line pointing at a file
+exits 2; a stop signal exits 128 + its number (Ctrl-C: 130); anything else is a bug and prints one line pointing at a file
 with the traceback.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -145,6 +146,9 @@ def main() -> None:
     try:
         with _full_error("1"):  # Hydra raises what it would print, and main() says it in one line
             app()
+    except KeyboardInterrupt:  # Ctrl-C before the stage installed its handler (while Hydra composes, say)
+        fail("stopped by SIGINT before the stage started; nothing was written; re-run the same command",
+             128 + signal.SIGINT)
     except Exception as e:
         message = describe(e, sys.argv[1:])
         if message is not None:

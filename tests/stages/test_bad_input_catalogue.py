@@ -10,10 +10,15 @@ reworded message passes, a message naming the wrong key or leaving out the fix d
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fnmatch
+import functools
+import importlib
+import os
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +30,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_runner import cli, cli_here
+from cli_runner import SEED_ARGS, cli, cli_here
 
 Setup = Callable[[Path, Path], list[str]]  # (stages root's run dir, scratch dir) -> extra arguments
 
@@ -41,9 +46,12 @@ class Case:
     needs_run: bool = False  # start from a copy of the finished smoke run
     env: dict[str, str] = field(default_factory=dict)
     code: int = 2
-    # what a refused run may leave, as globs under the stages root: a stage that trained and then refused keeps
+    # what a refused run may leave, as globs under the run's directory: a stage that trained and then refused keeps
     # its resumable checkpoints in .work (never a published output)
     may_leave: tuple[str, ...] = ()
+    # "module:function": the command sends itself SIGINT (Ctrl-C) when that function returns, or once inside the
+    # block when it makes a context (publish): a stop at a known point, in this process
+    interrupt: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.facts, str):
@@ -146,6 +154,31 @@ def _existing_export(run: Path, scratch: Path) -> list[str]:
     (run / "export" / "moe" / "bam").mkdir(parents=True)
     (run / "export" / "moe" / "bam" / "README.md").write_text("an earlier export")
     return []
+
+
+def _interrupting(fn: Callable) -> Callable:
+    """``fn``, sending this process SIGINT when it returns, or inside the ``with`` block of the context it makes."""
+    def ctrl_c() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs (and raises) before the next line does
+
+    @contextlib.contextmanager
+    def inside(cm):
+        with cm as value:
+            ctrl_c()
+            yield value
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if hasattr(out, "__enter__"):
+            return inside(out)
+        ctrl_c()
+        return out
+    return wrapper
+
+
+# a training stage held at its first checkpoint, where it presses Ctrl-C itself (tests/stages/pause_callback.py)
+CTRL_C_AT_CHECKPOINT = "+callbacks.pause={{_target_:pause_callback.PauseAfterCheckpoint,ready:'{scratch}/ready',send:SIGINT}}"
 
 
 def _prompts_file(scratch: Path, name: str, text: str) -> list[str]:
@@ -409,7 +442,31 @@ CASES: dict[str, Case] = {
 
     # ---- cross-source data: one document in two sources or two splits ----
 
-    # ---- interrupts: Ctrl-C (SIGINT) in every stage ----
+    # ---- interrupts: Ctrl-C (SIGINT) in every stage: one line, exit 130, nothing half-written (a training stage
+    # keeps its resumable checkpoint in .work), and the rerun resumes (tests/stages/test_faults.py) ----
+    "ctrl_c_data": Case(I, ("stage=data",), ("SIGINT", "re-run the same command"), code=130,
+                        interrupt="bam_pipeline.data.prepare:publish"),
+    "ctrl_c_seed": Case(I, (*SEED_ARGS, CTRL_C_AT_CHECKPOINT), ("SIGINT", "after step 5 of 32",
+                                                               "{run}/.work/seed/main/checkpoints"),
+                        code=130, needs_run=True, setup=_remove("seed"), may_leave=(".work/seed/main/*",)),
+    "ctrl_c_branch": Case(I, ("stage=branch", "domain=code", "budget.branch.tokens=8192", "train.val_every=8",
+                              CTRL_C_AT_CHECKPOINT), ("SIGINT", "after step 9", "{run}/.work/branch/code/checkpoints"),
+                          code=130, needs_run=True, may_leave=(".work/branch/code/*",)),
+    "ctrl_c_mix": Case(I, ("stage=mix", "mix=bam"), ("SIGINT", "re-run the same command"), code=130, needs_run=True,
+                       setup=_remove("mix/bam"), interrupt="bam_pipeline.stages.mix:publish"),
+    "ctrl_c_moe": Case(I, ("stage=moe", "mix=bam", "budget.moe.tokens=8192", "train.val_every=8",
+                           CTRL_C_AT_CHECKPOINT), ("SIGINT", "after step 9", "{run}/.work/moe/bam/checkpoints"),
+                       code=130, needs_run=True, may_leave=(".work/moe/bam/*",)),
+    "ctrl_c_eval": Case(I, ("stage=eval",), ("SIGINT", "re-run the same command"), code=130, needs_run=True,
+                        setup=_remove("eval"), interrupt="bam_pipeline.eval.runner:evaluate_model"),
+    "ctrl_c_export": Case(I, ("stage=export", "artifact=moe/bam"), ("SIGINT", "re-run the same command"), code=130,
+                          needs_run=True, interrupt="bam_pipeline.stages.export:publish"),
+    "ctrl_c_generate": Case(I, ("stage=generate", "artifact=seed", "generate.prompt=the"),
+                            ("SIGINT", "re-run the same command"), code=130, needs_run=True,
+                            interrupt="bam_pipeline.stages.generate:generate_text"),
+    "ctrl_c_downstream": Case(I, ("stage=downstream",), ("SIGINT", "re-run the same command"), code=130,
+                              needs_run=True, setup=_remove("downstream"),  # the suite: rebuilt by every run
+                              interrupt="bam_pipeline.stages.downstream:run_tasks", may_leave=("downstream/suite/*",)),
 
     # ---- sweeps: one bad job of a multirun ----
 
@@ -443,6 +500,10 @@ def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
     else:
         root.mkdir()
     run = root / "smoke"
+    if case.interrupt:
+        module, name = case.interrupt.split(":")
+        target = importlib.import_module(module)
+        request.getfixturevalue("monkeypatch").setattr(target, name, _interrupting(getattr(target, name)))
     try:
         extra = case.setup(run, scratch) if case.setup else []
         before = _files(root)
@@ -463,7 +524,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
     missing = [f for f in facts if not _names(errors[0], f)]
     assert not missing, f"the error line does not name {missing}: {errors[0]}"
     assert "Traceback" not in r.out and "unexpected" not in errors[0]
-    after = {f for f in _files(root) if not any(fnmatch.fnmatch(f, g) for g in case.may_leave)}
+    after = {f for f in _files(root) if not any(fnmatch.fnmatch(f, f"{run.name}/{g}") for g in case.may_leave)}
     assert after <= before, f"left behind: {sorted(after - before)}"  # no output, no temporary, no lock
     if case.category == H:  # refused while Hydra composes: before it makes even its log directory
         assert not any(root.iterdir()), sorted(root.rglob("*"))

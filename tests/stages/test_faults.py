@@ -29,7 +29,7 @@ def _one_error_line(out: str) -> str:
 
 
 # ---- signals ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(smoke_run, reference_seed,
                                                                                      tmp_path, sig):
     root = _data_only(smoke_run, tmp_path / "stopped")

@@ -1,8 +1,9 @@
-"""Preemption: SIGTERM (what SLURM sends on preemption and at the time limit) and SIGUSR1.
+"""Stop signals: SIGTERM (what SLURM sends on preemption and at the time limit), SIGUSR1, and SIGINT
+(Ctrl-C in a terminal, sent to the whole foreground process group).
 
-Outside training, either signal stops the command at once with one line and exit code 128 + the
-signal's number (143 for SIGTERM), leaving nothing half-written (publishing is atomic). While a
-stage trains, the signal is only recorded: Lightning stops at the end of the current step,
+Outside training, any of them stops the command at once with one line and exit code 128 + the
+signal's number (143 for SIGTERM, 130 for Ctrl-C), leaving nothing half-written (publishing is
+atomic). While a stage trains, the signal is only recorded: Lightning stops at the end of the current step,
 :class:`CheckpointOnStop` saves a resumable ``stop-step=<n>.ckpt``, and the job ends with the same
 one line and exit code; running the same command again resumes from it.
 
@@ -76,10 +77,12 @@ def stop_behind(error: BaseException) -> Stopped | None:
 
 
 def install() -> None:
-    """Make SIGTERM (and SIGUSR1, unless Lightning's SLURM requeue owns it) stop with one line."""
+    """Make SIGTERM, SIGINT (a :class:`KeyboardInterrupt` no more) and SIGUSR1 (unless Lightning's SLURM
+    requeue owns it) stop with one line."""
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
     if not slurm_requeues():
         signal.signal(signal.SIGUSR1, _handler)
 
