@@ -8,11 +8,12 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.store import locks
+from bam_pipeline.store import artifacts, locks
 from bam_pipeline.store.artifacts import Artifact, publish, read_artifact, remove_dead_temporaries, write_manifest
 from bam_pipeline.store.locks import Holder, StageLock, read_holder, stale_reason, wait_while_held
 
@@ -35,6 +36,22 @@ def test_the_hash_covers_content_and_inputs_not_the_train_log(tmp_path):
     (b.path / "train_log.jsonl").write_text("edited")
     with pytest.raises(BamError, match="checksum mismatch .*train_log.jsonl"):
         b.verify()
+
+
+def test_a_file_the_manifest_does_not_list_is_refused_not_read_unchecked(tmp_path):
+    """Tampered weights whose name was taken out of the manifest's file list (and a file added after publishing)
+    would otherwise load without a checksum."""
+    art = _artifact(tmp_path / "seed", b"weights", "")
+    m = json.loads((art.path / "manifest.json").read_text())
+    del m["files"]["model.safetensors"]
+    (art.path / "manifest.json").write_text(json.dumps(m))
+    (art.path / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(BamError, match="holds model.safetensors, which its manifest's file list does not name"):
+        read_artifact(art.path).verify()
+    other = _artifact(tmp_path / "other", b"weights", "")
+    (other.path / "extra.safetensors").write_bytes(b"added later")
+    with pytest.raises(BamError, match=f"{other.path} holds extra.safetensors.*delete {other.path}"):
+        other.verify()
 
 
 def test_opening_for_a_run_checks_the_tokenizer(tmp_path):
@@ -171,6 +188,8 @@ def test_a_stop_anywhere_in_a_publish_leaves_the_previous_output_and_no_temporar
 
     monkeypatch.setattr(type(final), "mkdir", mkdir)
     monkeypatch.setattr(type(final), "rename", rename)
+    if where == "second rename":  # only where the OS cannot swap two directories in one step
+        monkeypatch.setattr(artifacts, "exchange", lambda a, b: False)
     with pytest.raises(_Stop):
         with publish(final) as tmp:
             (tmp / "weights").write_text("new")
@@ -178,3 +197,46 @@ def test_a_stop_anywhere_in_a_publish_leaves_the_previous_output_and_no_temporar
                 raise _Stop()
     assert (final / "weights").read_text() == "previous"
     assert sorted(p.name for p in final.parent.iterdir()) == ["main"]
+
+
+def test_replacing_an_output_never_leaves_a_moment_without_it(tmp_path, monkeypatch):
+    """export.overwrite=true while a server loads the export: after every filesystem step of the replace the
+    output is there, whole (the old one, then the new one)."""
+    final = tmp_path / "export" / "moe" / "bam"
+    with publish(final) as tmp:
+        (tmp / "model.safetensors").write_text("old")
+    seen = []
+    real_rename, real_rmtree, real_exchange = Path.rename, artifacts.shutil.rmtree, getattr(artifacts, "exchange", None)
+
+    def look():
+        seen.append((final / "model.safetensors").read_text() if final.is_dir() else None)
+
+    def rename(self, target):
+        out = real_rename(self, target)
+        look()
+        return out
+
+    def exchange(a, b):
+        out = real_exchange(a, b)
+        look()
+        return out
+
+    monkeypatch.setattr(Path, "rename", rename)
+    if real_exchange is not None:
+        monkeypatch.setattr(artifacts, "exchange", exchange)
+    monkeypatch.setattr(artifacts.shutil, "rmtree", lambda *a, **k: (real_rmtree(*a, **k), look()))
+    with publish(final) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert seen and None not in seen and seen[-1] == "new", seen
+    assert sorted(p.name for p in final.parent.iterdir()) == ["bam"]  # the old one removed, no temporary left
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("a")
+    (b / "f").write_text("b")
+    if not artifacts.exchange(a, b):
+        pytest.skip("this OS or filesystem cannot swap two directories in one step")
+    assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"

@@ -14,10 +14,13 @@ run's tokenizer (:func:`read_artifact`), so every consumer refuses a mismatch th
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,7 +77,7 @@ class Artifact:
     def verify(self) -> None:
         """Check every file's checksum against the manifest; BamError naming the first bad file."""
         verify_checksums(self.path, self.manifest.get("files", {}), what=f"artifact {self.label}",
-                         fix=f"delete {self.path} and re-run its stage")
+                         fix=f"delete {self.path} and re-run its stage", exclude=(MANIFEST,))
 
 
 def read_artifact(path: Path, *, tokenizer: str | None = None) -> Artifact:
@@ -180,13 +183,36 @@ def remove_dead_temporaries(final_dir: Path) -> list[Path]:
     return removed
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # linux/fcntl.h, linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``, glibc 2.28+);
+    False where the OS, libc or filesystem cannot, and nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def publish(final_dir: Path) -> Iterator[Path]:
     """Write a stage's output atomically.
 
     Yields a temporary sibling directory; on normal exit it replaces ``final_dir`` by rename, on
     an exception it is removed, so a half-written artifact never exists under the final name.
-    Temporaries of killed earlier attempts are removed first.
+    An existing output is swapped with the new one in one step (:func:`exchange`), so a concurrent
+    reader finds the old output or the new one, never none (an export overwritten while a server
+    loads it). Temporaries of killed earlier attempts are removed first.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +225,10 @@ def publish(final_dir: Path) -> Iterator[Path]:
     try:  # from the temporary's first moment: a stop signal may land anywhere, even between two statements
         tmp.mkdir()
         yield tmp
-        if final_dir.exists():
+        if final_dir.exists() and exchange(tmp, final_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous output: a reader never found none
+            return
+        if final_dir.exists():  # where the OS or filesystem cannot swap: a moment without the output
             final_dir.rename(old)
         tmp.rename(final_dir)
     except BaseException:
