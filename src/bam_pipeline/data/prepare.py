@@ -120,7 +120,7 @@ def open_prepared(out_dir: Path, *, verify: bool = True, command: Callable[[str]
 def verify_files(prepared: PreparedData, command: Callable[[str], str] = bare_command) -> None:
     """Every recorded file present with its checksum; BamError naming the first bad one."""
     verify_checksums(prepared.dir, prepared.manifest.get("files", {}), what="prepared data",
-                     fix=_rebuild_hint(command))
+                     fix=_rebuild_hint(command), exclude=(MANIFEST,))
 
 
 def changes(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str) -> str:

@@ -49,6 +49,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def file_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file by :func:`write_text` (None: it can): it is a directory, or a
+    folder on its way is a file. Asked before the work whose result goes there, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"is a directory; name a file in it, e.g. {path / 'continuations.jsonl'}"
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"cannot be made: {blocker} is a file, not a directory"
+    return None
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace ``path``'s content atomically."""
     with atomic_path(path) as tmp:
@@ -76,16 +88,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def checksums(directory: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """sha256 of every file below ``directory`` (relative POSIX path -> digest), sorted."""
     directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.relative_to(directory).as_posix() not in exclude}
+    return {rel: sha256_file(directory / rel) for rel in relative_files(directory) if rel not in exclude}
 
 
-def verify_checksums(directory: Path, files: dict[str, str], *, what: str, fix: str) -> None:
-    """Every file of ``files`` present below ``directory`` with its digest; else a BamError naming the
-    first bad file, ``what`` it belongs to and the ``fix``."""
+def verify_checksums(directory: Path, files: dict[str, str], *, what: str, fix: str,
+                     exclude: tuple[str, ...] = ()) -> None:
+    """Every file of ``files`` present below ``directory`` with its digest, and every other file below it (but
+    ``exclude``, the manifest) listed in ``files``: a file the list leaves out would be read unchecked. Else a
+    BamError naming the first bad file, ``what`` it belongs to and the ``fix``."""
+    directory = Path(directory)
+    unlisted = [rel for rel in relative_files(directory) if rel not in files and rel not in exclude]
+    if unlisted:
+        raise BamError(f"{what} in {directory} holds {unlisted[0]}, which its manifest's file list does not name "
+                       f"(its checksum cannot be checked: the manifest or the directory was changed); {fix}")
     for rel, digest in files.items():
-        f = Path(directory) / rel
+        f = directory / rel
         if not f.is_file():
             raise BamError(f"{what} in {directory} is missing {rel}; {fix}")
         if sha256_file(f) != digest:
             raise BamError(f"checksum mismatch for {f} ({what}: file changed or corrupt); {fix}")
+
+
+def relative_files(directory: Path) -> list[str]:
+    """Every file below ``directory`` as a relative POSIX path, sorted."""
+    directory = Path(directory)
+    return [p.relative_to(directory).as_posix() for p in sorted(directory.rglob("*")) if p.is_file()]
