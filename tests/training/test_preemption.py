@@ -7,14 +7,16 @@ import signal
 import time
 
 import pytest
+import torch
 
+from bam_pipeline.errors import BamError
 from bam_pipeline.training import preemption
 
 
 @pytest.fixture
 def handlers(monkeypatch):
     """preemption's handlers installed for one test, then the previous ones back."""
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     monkeypatch.setitem(preemption._state, "raised", None)
     monkeypatch.setitem(preemption._state, "training", False)
     preemption.install()
@@ -37,12 +39,19 @@ def _signal_inside_a_bare_except(sig: int) -> BaseException:
     raise AssertionError("the handler did not raise")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_a_library_turned_into_another_error_is_still_the_stop(handlers, sig):
     error = _signal_inside_a_bare_except(sig)
     stop = preemption.stop_behind(error)
     assert stop is not None and stop.exit_code == 128 + sig
     assert str(stop).startswith(f"stopped by {signal.Signals(sig).name};")
+
+
+def test_ctrl_c_is_a_stop_not_a_keyboard_interrupt(handlers):
+    with pytest.raises(preemption.Stopped) as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert caught.value.exit_code == 130 and str(caught.value).startswith("stopped by SIGINT;")
 
 
 def test_an_error_without_a_stop_signal_stays_unexpected(handlers):
@@ -70,3 +79,53 @@ def test_a_stop_one_of_our_handlers_turned_into_a_user_error_is_still_the_stop(h
         error = e
     stop = preemption.stop_behind(error)
     assert stop is not None and stop.exit_code == 143
+
+
+# ---- resuming: a checkpoint that cannot be read ------------------------------------------------
+def _work(tmp_path, *names_and_contents):
+    """A stage's work dir of config hash "h" with checkpoints written oldest first."""
+    from bam_pipeline.store.files import write_json
+    from bam_pipeline.training.job import CKPT_DIR, FINGERPRINT
+
+    work = tmp_path / "work"
+    (work / CKPT_DIR).mkdir(parents=True)
+    write_json(work / FINGERPRINT, {"config_hash": "h"})
+    for i, (name, write) in enumerate(names_and_contents):
+        write(work / CKPT_DIR / name)
+        os.utime(work / CKPT_DIR / name, ns=(10**18 + i, 10**18 + i))
+    return work
+
+
+def _good(path):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 4}, path)
+
+
+def _tampered(path):  # needs unpickling an object: never loaded
+    import argparse
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper": argparse.Namespace(x=1)}, path)
+
+
+def _cut(path):
+    _good(path)
+    path.write_bytes(path.read_bytes()[:50])
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    from bam_pipeline.training.job import _prepare_work_dir
+
+    work = _work(tmp_path, ("step=4.ckpt", _good), ("step=8.ckpt", _cut), ("stop-step=9.ckpt", _tampered))
+    assert _prepare_work_dir(work, "h") == work / "checkpoints" / "step=4.ckpt"
+    out = capsys.readouterr().out
+    assert "stop-step=9.ckpt: it holds objects other than tensors" in out and "step=8.ckpt: truncated or corrupt" in out
+    assert "weights_only" not in out  # torch's advice to unpickle anyway is not passed on
+
+
+@pytest.mark.parametrize("bad", [_cut, _tampered])
+def test_no_readable_checkpoint_is_one_line_naming_the_directory_to_delete(tmp_path, bad):
+    from bam_pipeline.training.job import _prepare_work_dir
+
+    work = _work(tmp_path, ("step=4.ckpt", bad))
+    with pytest.raises(BamError, match=f"no readable checkpoint to resume from in {work} .*delete {work} to train"):
+        _prepare_work_dir(work, "h")
+    assert (work / "checkpoints" / "step=4.ckpt").exists()  # nothing deleted behind the user's back

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 import signal
 import time
@@ -178,7 +179,30 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
     work.mkdir(parents=True, exist_ok=True)
     write_json(fp, {"config_hash": config_hash})
     found = [p for p in [*(work / CKPT_DIR).glob("*.ckpt"), *work.glob("hpc_ckpt_*.ckpt")] if complete_checkpoint(p)]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    newest_first = sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in newest_first:
+        why = unreadable_checkpoint(path)
+        if why is None:
+            return path
+        print(f"not resuming from {path}: {why}; trying an older checkpoint")
+    if newest_first:
+        raise BamError(f"no readable checkpoint to resume from in {work} (the newest, {newest_first[0].name}: "
+                       f"{unreadable_checkpoint(newest_first[0])}); delete {work} to train this stage from the start")
+    return None
+
+
+def unreadable_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint file ``path`` cannot be resumed from (None: it can), read as Lightning will: tensors
+    and plain values only, never unpickling an object (a sharded checkpoint directory is left to its loader)."""
+    if not path.is_file():
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return "it holds objects other than tensors and plain values, which are never unpickled (changed or tampered)"
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... for a cut or garbled file
+        return f"truncated or corrupt ({type(e).__name__})"
+    return None
 
 
 def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
