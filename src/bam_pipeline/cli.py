@@ -59,13 +59,23 @@ def check_stages_root(root: Path) -> None:
 
 
 class StagesRootCheck(Callback):
-    """Checks the stages root before Hydra creates its own output directory inside it."""
+    """Checks the stages root and the run's name before Hydra creates its own output directory in the run."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        check_stages_root(Path(str(config.paths.root)))
+        _check_root_and_run(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        check_stages_root(Path(str(config.paths.root)))
+        _check_root_and_run(config)
+
+
+def _check_root_and_run(config: DictConfig) -> None:
+    from bam_pipeline.store.layout import check_run_name
+
+    try:
+        check_run_name(str(config.run))
+    except BamError as e:
+        fail(str(e))
+    check_stages_root(Path(str(config.paths.root)))
 
 
 class AppendedKeysCheck(Callback):

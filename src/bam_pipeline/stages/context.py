@@ -25,7 +25,7 @@ from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig, preset
 from bam_pipeline.model.generation import GenerateSpec
 from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, seed_run_name
+from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, check_run_name, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
 from bam_pipeline.training.memory import InfoSpec
 from bam_pipeline.training.parallel import TrainerSpec
@@ -195,6 +195,7 @@ class RunContext:
                     ) -> "RunContext":
         """Read every section of the composed config. ``choices`` are Hydra's group choices
         (``HydraConfig.get().runtime.choices``); ``overrides`` the command line's task overrides."""
+        check_run_name(str(cfg.run))
         domain = cfg.get("domain")
         domain_name = None if domain is None else str(domain.get("name") if isinstance(domain, DictConfig) else domain)
         ctx = cls(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.runner import resolve_device
 from bam_pipeline.model.generation import GenerateSpec, TextGeneration, generate_text
@@ -22,7 +22,7 @@ from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.export import require_artifact
 from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import load_model
-from bam_pipeline.store.files import write_text
+from bam_pipeline.store.files import file_path_problem, write_text
 from bam_pipeline.training.ranks import is_rank_zero
 
 
@@ -88,6 +88,8 @@ def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
     """stage=generate: print the continuations of the prompts by ``artifact=``'s model."""
     text = require_artifact(ctx, "generate")
     spec = ctx.generate
+    if spec.output and (problem := file_path_problem(Path(spec.output))):
+        raise ConfigError("generate.output", spec.output, problem)  # before the model runs, not after
     prompts = read_prompts(spec)
     prepared = open_data(ctx)
     art = current_model(ctx, text, prepared)

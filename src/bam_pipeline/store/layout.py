@@ -32,6 +32,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from bam_pipeline.errors import ConfigError
+
 MODEL_STAGES = ("seed", "branch", "mix", "moe")
 SEED_NAME = "main"
 CM_SUFFIX = "_cm"  # moe/<variant>_cm: the compute-matched run of a variant
@@ -50,6 +52,14 @@ def parse_label(text: str) -> tuple[str, str]:
 
 DATA_REF = "data.json"
 IDENTITY = "identity.json"  # what eval, the report, downstream and the seeds report were made from
+
+
+def check_run_name(run: str) -> None:
+    """``run`` names one directory under the stages root: a single path component, so a run never writes
+    outside the root (``run=../x``) or into another run's directory (``run=a/b``)."""
+    if run in ("", ".", "..") or any(c in run for c in ("/", "\\", "\0")):
+        raise ConfigError("run", run, "a run is one directory name under the stages root, not a path; use "
+                          "run=<name> (no '/'), and point BAM_STAGES_DIR (paths.root) at the folder to write in")
 
 
 def seed_run_name(run: str, seed: int) -> str:
