@@ -141,6 +141,19 @@ def test_a_stale_stage_names_only_what_changed(smoke_copy):
     assert "seed is stale (config changed: train); re-run with pipeline.on_stale=rebuild" in line, line
 
 
+def test_the_training_precision_is_part_of_a_stages_identity(smoke_copy):
+    """bf16 trains other weights than float32; "32" is Lightning's alias of the default "32-true" (the smoke
+    run's artifacts, trained in 32-true, keep their hashes)."""
+    def seed_status(*args: str) -> str:
+        out = cli_here(smoke_copy, "stage=status", *args, check=True).out
+        return next(line for line in out.splitlines() if line.split()[:1] == ["seed"])
+
+    assert "fresh" in seed_status() and "fresh" in seed_status("trainer.precision=32")
+    assert "stale    config changed: precision" in seed_status("trainer.precision=bf16-mixed")
+    r = cli_here(smoke_copy, "stage=seed", "trainer.precision=bf16-mixed", "pipeline.on_stale=refuse")
+    assert "seed is stale (config changed: precision)" in _one_error_line(r.out)
+
+
 def test_a_hint_keeps_the_users_own_overrides(smoke_copy):
     shutil.rmtree(smoke_copy / "smoke" / "branch" / "law")
     r = cli_here(smoke_copy, "stage=mix", "mix=bam", "train.seed=0", "experiment=smoke")

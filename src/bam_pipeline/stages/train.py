@@ -48,7 +48,8 @@ def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
         return plan_import(ctx, "seed", "main", ctx.seed.checkpoint, ctx.seed.dtype, {}, about)
     model_cfg = ctx.model.dense_config(prepared.vocab_size)
     job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
-                   _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train)
+                   _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train,
+                   precision=ctx.trainer.precision)
     return _plan(ctx, job, {"data": data_input(prepared)}, {"display": "Seed", "role": "seed"})
 
 
@@ -65,7 +66,7 @@ def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> Plan:
     model_cfg = read_model_config(seed)
     job = TrainJob("branch", domain, ctx.layout, model_cfg, seed, proportions,
                    _budget(ctx, ctx.budget.branch.tokens, model_cfg), ctx.train.lr * ctx.train.branch_lr_scale,
-                   ctx.train)
+                   ctx.train, precision=ctx.trainer.precision)
     return _plan(ctx, job, {"data": data_input(prepared), "seed": seed}, about)
 
 
@@ -90,7 +91,8 @@ def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
         reference = ctx.variant(ctx.budget.moe.reference).layout(model_cfg.dense(), len(ctx.data.domains))
     budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference)
     job = TrainJob("moe", art_name, ctx.layout, model_cfg, mix, stage_mixture("moe", ctx.data), budget,
-                   ctx.train.lr * ctx.train.moe_lr_scale, ctx.train, freeze_experts=variant.freeze_experts)
+                   ctx.train.lr * ctx.train.moe_lr_scale, ctx.train, freeze_experts=variant.freeze_experts,
+                   precision=ctx.trainer.precision)
     about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
              "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
              "experts": (mix.manifest.get("about") or {}).get("experts")}

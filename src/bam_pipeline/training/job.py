@@ -49,6 +49,15 @@ FINGERPRINT = "fingerprint.json"
 CKPT_DIR = "checkpoints"
 
 
+FULL_PRECISION = "32-true"
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
+
+
+def precision_name(precision: str | int) -> str:
+    """Lightning's full name of a ``trainer.precision`` value (``32`` and ``32-true`` train alike)."""
+    return _PRECISION_ALIASES.get(str(precision), str(precision))
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """One stage's training, resolved from its inputs and the typed settings."""
@@ -63,6 +72,7 @@ class TrainJob:
     lr: float  # the stage's peak learning rate
     train: TrainSettings
     freeze_experts: bool = False  # train routers and averaged weights only (mix variant's freeze_experts)
+    precision: str = FULL_PRECISION  # trainer.precision: what the forward and backward compute in
 
     @property
     def label(self) -> str:
@@ -90,6 +100,10 @@ class TrainJob:
             "data_order": "seed,stage,source",
             "inputs": {k: a.hash for k, a in inputs.items()},
             **({"freeze_experts": True} if self.freeze_experts else {}),
+            # other weights: a stage trained in bf16 is not the one trained in float32. Recorded when not the
+            # default, so artifacts trained in float32 before it was recorded keep their identity
+            **({"precision": precision_name(self.precision)} if precision_name(self.precision) != FULL_PRECISION
+               else {}),
         }
 
 
