@@ -181,6 +181,49 @@ def _interrupting(fn: Callable) -> Callable:
 CTRL_C_AT_CHECKPOINT = "+callbacks.pause={{_target_:pause_callback.PauseAfterCheckpoint,ready:'{scratch}/ready',send:SIGINT}}"
 
 
+def _unlisted(artifact: str, file: str, remove: tuple[str, ...] = ()) -> Setup:
+    """``file`` of ``artifact`` taken off its manifest's file list, and then changed: it would load unchecked."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        m = json.loads((run / artifact / "manifest.json").read_text())
+        del m["files"][file]
+        (run / artifact / "manifest.json").write_text(json.dumps(m))
+        _flip_byte(f"{artifact}/{file}")(run, scratch)
+        for p in remove:
+            shutil.rmtree(run / p)
+        return []
+    return setup
+
+
+def _bad_checkpoint(write: Callable[[Path], None]) -> Setup:
+    """The seed's work dir as a stopped run of the same config left it, its one checkpoint written by ``write``."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        from bam_pipeline.store.files import canonical_hash
+
+        config = json.loads((run / "seed" / "main" / "manifest.json").read_text())["config"]
+        shutil.rmtree(run / "seed")
+        work = run / ".work" / "seed" / "main"
+        (work / "checkpoints").mkdir(parents=True)
+        (work / "fingerprint.json").write_text(json.dumps({"config_hash": canonical_hash(config)}))
+        write(work / "checkpoints" / "step=4.ckpt")
+        return []
+    return setup
+
+
+def _cut_checkpoint(path: Path) -> None:
+    import torch
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 4}, path)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _tampered_checkpoint(path: Path) -> None:
+    import argparse
+
+    import torch
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": argparse.Namespace(run="x")}, path)
+
+
 def _prompts_file(scratch: Path, name: str, text: str) -> list[str]:
     (scratch / name).write_text(text)
     return [f"generate.prompts_file={scratch / name}"]
@@ -471,6 +514,26 @@ CASES: dict[str, Case] = {
     # ---- sweeps: one bad job of a multirun ----
 
     # ---- paths and manifest integrity ----
+    "run_outside_root": Case(G, ("run=../x",), ("run='../x'", "BAM_STAGES_DIR")),
+    "run_nested": Case(G, ("run=a/b",), ("run='a/b'", "BAM_STAGES_DIR")),
+    "run_dot": Case(G, ("run=.",), ("run='.'",)),
+    "weights_off_the_list": Case(G, ("stage=branch", "domain=code"), ("{run}/seed/main", "model.safetensors",
+                                                                     "delete {run}/seed/main"),
+                                 setup=_unlisted("seed/main", "model.safetensors", ("branch/code",)), needs_run=True),
+    "data_off_the_list": Case(G, ("stage=seed",), ("{run}/data", "tokenizer.json", "stage=data data.rebuild=true"),
+                              setup=_unlisted("data", "tokenizer.json", ("seed",)), needs_run=True),
+    "checkpoint_cut": Case(G, ("stage=seed",), ("{run}/.work/seed/main", "step=4.ckpt", "delete {run}/.work/seed/main"),
+                           setup=_bad_checkpoint(_cut_checkpoint), needs_run=True),
+    "checkpoint_tampered": Case(G, ("stage=seed",), ("{run}/.work/seed/main", "step=4.ckpt",
+                                                     "delete {run}/.work/seed/main"),
+                                setup=_bad_checkpoint(_tampered_checkpoint), needs_run=True),
+    "generate_output_folder": Case(G, ("stage=generate", "artifact=seed", "generate.prompt=the",
+                                       "generate.output={scratch}"), ("generate.output='{scratch}'",
+                                                                     "{scratch}/continuations.jsonl"), needs_run=True),
+    "generate_output_under_file": Case(G, ("stage=generate", "artifact=seed", "generate.prompt=the",
+                                           "generate.output={scratch}/afile/out.jsonl"),
+                                       ("generate.output='{scratch}/afile/out.jsonl'", "{scratch}/afile"),
+                                       needs_run=True),
 
 }
 
