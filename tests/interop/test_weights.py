@@ -145,7 +145,7 @@ def test_tolerated_extras_stored_head_of_a_tied_model_and_old_rotary_buffers(tmp
 
 def test_dtypes(llama):
     _edit_weights(llama, lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].bfloat16()}))
-    with pytest.raises(BamError, match="mixes dtypes"):
+    with pytest.raises(BamError, match="mixes bfloat16 and float32 tensors"):
         import_checkpoint(llama)
     assert import_checkpoint(llama, dtype=torch.float32).state_dict["norm.weight"].dtype == torch.float32
     _edit_weights(llama, lambda sd: sd.update({"model.norm.weight": torch.ones(32, dtype=torch.int8)}))

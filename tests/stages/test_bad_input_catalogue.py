@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runner import SEED_ARGS, cli, cli_here
+from hf_layouts import also_single_file, config_field, edit_tensors, hf_checkpoint, stored_twice
 
 Setup = Callable[[Path, Path], list[str]]  # (stages root's run dir, scratch dir) -> extra arguments
 
@@ -482,6 +483,40 @@ CASES: dict[str, Case] = {
     # ---- numerical failure: a model that is not finite is never published, evaluated, exported or sampled ----
 
     # ---- import layouts: a Hugging Face checkpoint we would read otherwise than transformers does ----
+    # ({scratch}/ckpt: a tiny sharded bfloat16 Llama, untied, changed by the setup; see tests/interop/hf_layouts.py)
+    "layout_two_layouts": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                               ("{scratch}/ckpt", "model.safetensors", "model.safetensors.index.json"),
+                               setup=hf_checkpoint(also_single_file)),
+    "layout_float16_overflow": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt", "seed.dtype=float16"),
+                                    ("seed.dtype='float16'", "model.layers.1.mlp.up_proj.weight", "98304", "65504",
+                                     "bfloat16", "float32"),
+                                    setup=hf_checkpoint(edit_tensors("model.layers.1.mlp.up_proj.weight", lambda sd: sd[
+                                        "model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), 98304.0)))),
+    "layout_nan_weight": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                              ("model.layers.0.self_attn.q_proj.weight", "{scratch}/ckpt", "nan"),
+                              setup=hf_checkpoint(edit_tensors("model.layers.0.self_attn.q_proj.weight", lambda sd: sd[
+                                  "model.layers.0.self_attn.q_proj.weight"].__setitem__((1, 2), float("nan"))))),
+    "layout_untied_without_head": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                                       ("tie_word_embeddings=false", "lm_head.weight", "tie_word_embeddings=true"),
+                                       setup=hf_checkpoint(edit_tensors("lm_head.weight",
+                                                                        lambda sd: sd.pop("lm_head.weight")))),
+    "layout_head_renamed": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                                ("output.weight", "config.json"),
+                                setup=hf_checkpoint(edit_tensors("lm_head.weight", lambda sd: sd.update(
+                                    {"output.weight": sd.pop("lm_head.weight")})))),
+    "layout_tensor_twice": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                                ("model.norm.weight", "model-00001-of-00002.safetensors",
+                                 "model-00002-of-00002.safetensors", "{scratch}/ckpt"),
+                                setup=hf_checkpoint(stored_twice("model.norm.weight"))),
+    "layout_weights_file_in_config": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                                          ("transformers_weights='consolidated.safetensors'", "model.safetensors",
+                                           "model.safetensors.index.json"),
+                                          setup=hf_checkpoint(config_field(
+                                              transformers_weights="consolidated.safetensors"))),
+    "layout_mixed_dtypes": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/ckpt"),
+                                ("seed.dtype=None", "float32", "bfloat16", "float16"),
+                                setup=hf_checkpoint(edit_tensors("model.norm.weight", lambda sd: sd.update(
+                                    {"model.norm.weight": sd["model.norm.weight"].float()})))),
 
     # ---- cross-source data: one document in two sources or two splits ----
 

@@ -66,6 +66,21 @@ def test_an_imported_seed_computes_what_transformers_does(case, tmp_path):
     assert weights == {save.get("dtype", torch.float32)}  # seed.dtype=null keeps the checkpoint's dtype
 
 
+def test_a_tied_config_storing_its_own_head_is_published_untied_as_transformers_loads_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _checkpoint(tmp_path, tie_word_embeddings=True)
+    sd = load_file(ckpt / "model.safetensors")
+    sd["lm_head.weight"] = torch.randn(sd["model.embed_tokens.weight"].shape) * 0.2  # a head of its own
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+    root = tmp_path / "stages"
+    cli_here(root, "stage=seed", "seed=hf", f"seed.path={ckpt}", check=True)
+    ours = bam_pipeline.load(root / "smoke" / "seed" / "main")
+    assert not ours.config.tie_embeddings
+    with torch.no_grad():
+        assert (ours(compare_ids()) - load_hf(ckpt)(compare_ids()).logits).abs().max() <= 1e-5
+
+
 def test_the_pipeline_runs_on_an_imported_seed_and_identical_experts_preserve_it(tmp_path):
     ckpt = _checkpoint(tmp_path)
     root = tmp_path / "stages"

@@ -19,12 +19,12 @@ from bam_pipeline.interop.hf_export import (
 )
 from bam_pipeline.interop.hf_config import HFModelConfig, read_config_file, to_model_config
 from bam_pipeline.interop.hf_tokenizer import CheckpointTokenizer, encode_documents, load_checkpoint_tokenizer
-from bam_pipeline.interop.hf_weights import read_state_dict, weight_files
+from bam_pipeline.interop.hf_weights import read_weights, weight_files
 from bam_pipeline.interop.hub import CheckpointSource, resolve_checkpoint
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "CheckpointSource", "CheckpointTokenizer", "ExportResult", "ExportTokenizer",
     "HFCheckpoint", "HFModelConfig", "ModelCard", "StockClass", "choose_format", "encode_documents",
-    "import_checkpoint", "load_checkpoint_tokenizer", "push_to_hub", "read_config_file", "read_state_dict",
+    "import_checkpoint", "load_checkpoint_tokenizer", "push_to_hub", "read_config_file", "read_weights",
     "resolve_checkpoint", "to_model_config", "weight_files", "write_export",
 ]

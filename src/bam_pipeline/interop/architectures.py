@@ -61,6 +61,8 @@ _COMMON_REFUSED: Mapping[str, tuple[Any, ...]] = {
     # top-level copy of the pretraining length: 5.x lets it override rope_parameters, 4.x ignores it
     "original_max_position_embeddings": (None,),
     "quantization_config": (None,),
+    # 5.x: the weights file to load instead of model.safetensors / its index (save_pretrained never writes it)
+    "transformers_weights": (None,),
 }
 
 # Why a refused field's other values are refused (the second half of the one-line error).
@@ -80,6 +82,10 @@ REFUSAL_REASONS: Mapping[str, str] = {
     ),
     "quantization_config": (
         "quantised weights cannot be trained as they are; import a float16/bfloat16/float32 checkpoint"
+    ),
+    "transformers_weights": (
+        "transformers loads the weights file it names, bam-pipeline model.safetensors or "
+        "model.safetensors.index.json; rename the file it names to one of those and remove the field"
     ),
 }
 

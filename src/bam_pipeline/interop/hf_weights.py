@@ -11,15 +11,20 @@ on q/k rows first. Everything else is copied as is. Each transform has a named i
 
 Reading is tensor by tensor: every file's header is checked first (names, shapes, dtypes) so a
 bad checkpoint fails before any weight is read, then each tensor is read, transformed and copied
-once into a new tensor of the requested dtype. Pickled ``.bin`` checkpoints are refused: we never
-unpickle weights.
+once into a new tensor of the requested dtype, which must be finite. Pickled ``.bin`` checkpoints
+are refused: we never unpickle weights.
+
+Where a checkpoint's files could be read two ways, the import reads them as transformers 5.x does
+or refuses: the head (:func:`head_table`, :func:`read_weights`) is tied or not as transformers
+ties it, and a directory holding both weight layouts (a single file and an index) is refused,
+since transformers' choice there (the single file) is as likely to be the stale one.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -29,13 +34,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.interop.architectures import Architecture
 from bam_pipeline.mixing.upcycle import StateDict, expected_shapes
 from bam_pipeline.model.config import ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Buffers old transformers versions saved and every version skips on load.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -166,8 +172,14 @@ class WeightFiles:
 
 def weight_files(model_dir: Path) -> WeightFiles:
     """Where each tensor lies, as the checkpoint's index (or its single file) says; refuses
-    pickled and missing weights and a missing shard."""
-    index = model_dir / INDEX_FILE
+    pickled and missing weights, a missing shard, and both layouts in one directory."""
+    index, single = model_dir / INDEX_FILE, model_dir / WEIGHTS_FILE
+    if index.is_file() and single.is_file():
+        # save_pretrained keeps model.safetensors when it re-saves sharded (it deletes only stale shards), and
+        # the index when it re-saves unsharded: either may be the stale copy, and transformers reads the single file
+        raise BamError(f"{model_dir} holds two weight layouts, {WEIGHTS_FILE} and {INDEX_FILE}: transformers reads "
+                       f"{WEIGHTS_FILE} and ignores the index, but save_pretrained leaves either behind when it "
+                       "re-saves in the other layout; delete the stale one (with its shards)")
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -179,7 +191,6 @@ def weight_files(model_dir: Path) -> WeightFiles:
                 raise BamError(f"shard {shard.name} named by {INDEX_FILE} is missing from {model_dir}; "
                                "re-download the checkpoint")
         return WeightFiles(locations, index)
-    single = model_dir / WEIGHTS_FILE
     if single.is_file():
         with _open(single) as f:
             return WeightFiles({name: single for name in f.keys()}, None)
@@ -203,60 +214,127 @@ def _open(path: Path) -> Iterator[safe_open]:
         yield f
 
 
-def _check_headers(files: WeightFiles, table: dict[str, TensorMapping], arch: Architecture,
-                   tied: bool) -> set[torch.dtype]:
-    """Every file's tensor names, shapes and dtypes against the table; returns the dtypes found."""
-    found: dict[str, Path] = {}
-    dtypes = set()
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as a file's header describes it."""
+
+    shard: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _read_headers(files: WeightFiles) -> dict[str, StoredTensor]:
+    """Every tensor the checkpoint stores, from its files' headers; refuses a tensor stored twice and
+    an index that places a tensor in a shard that does not hold it."""
+    stored: dict[str, StoredTensor] = {}
     for shard in files.shards:
         with _open(shard) as f:
             for name in f.keys():
-                found[name] = shard
-                if name not in table:
-                    continue
+                if name in stored:
+                    raise BamError(f"tensor {name} is stored twice, in {stored[name].shard.name} and {shard.name} "
+                                   f"of {shard.parent}; re-download the checkpoint")
                 sl = f.get_slice(name)
-                shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != table[name].shape:
-                    raise BamError(f"tensor {name} in {shard.name} has shape {shape}, but config.json implies "
-                                   f"{table[name].shape}; the weights do not belong to this config.json")
-                if dtype not in FLOAT_DTYPES:
-                    raise BamError(f"tensor {name} in {shard.name} is {dtype}; bam-pipeline imports float32, "
-                                   "bfloat16 and float16 weights (quantised checkpoints are not supported)")
-                dtypes.add(FLOAT_DTYPES[dtype])
+                stored[name] = StoredTensor(shard, tuple(sl.get_shape()), sl.get_dtype())
     for name, shard in files.locations.items():
-        if found.get(name) != shard:
+        if name not in stored or stored[name].shard != shard:
             raise BamError(f"{INDEX_FILE} places {name} in {shard.name}, which does not hold it; "
                            "re-download the checkpoint")
-    missing = sorted(set(table) - set(found))
-    if missing:
-        raise BamError(f"{arch.name} checkpoint lacks tensor {missing[0]} (and {len(missing) - 1} more); "
-                       "the weights are incomplete or belong to another architecture")
-    # transformers ties lm_head to the embedding and skips a stored copy
-    extra = sorted(n for n in set(found) - set(table) if not _IGNORED.fullmatch(n)
-                   and not (tied and n == "lm_head.weight"))
+    return stored
+
+
+def head_table(cfg: ModelConfig, arch: Architecture, stored: Iterable[str]) -> dict[str, TensorMapping]:
+    """:func:`tensor_table` for the head as the checkpoint stores it, read as transformers 5.x reads it.
+
+    With ``tie_word_embeddings`` (``cfg.tie_embeddings``) transformers ties ``lm_head.weight`` to the
+    embedding unless the checkpoint stores both with different values; so both are read when both are
+    stored (:func:`read_weights` compares them), and a head stored without the embedding is the
+    embedding. Without it the table has the head, stored or not (:func:`_check_headers` refuses a
+    missing one, which transformers would draw at random).
+    """
+    stored = set(stored)
+    if not cfg.tie_embeddings:
+        return tensor_table(cfg, arch)
+    table = tensor_table(cfg.replace(tie_embeddings=False), arch)
+    if HEAD not in stored:
+        del table[HEAD]
+    elif EMBEDDING not in stored:
+        table[HEAD] = table.pop(EMBEDDING)
+    return table
+
+
+def _check_headers(stored: dict[str, StoredTensor], table: dict[str, TensorMapping],
+                   arch: Architecture) -> set[torch.dtype]:
+    """The stored tensors' names, shapes and dtypes against the table; returns the dtypes found."""
+    dtypes = set()
+    for name, t in stored.items():
+        if name not in table:
+            continue
+        if t.shape != table[name].shape:
+            raise BamError(f"tensor {name} in {t.shard.name} has shape {t.shape}, but config.json implies "
+                           f"{table[name].shape}; the weights do not belong to this config.json")
+        if t.dtype not in FLOAT_DTYPES:
+            raise BamError(f"tensor {name} in {t.shard.name} is {t.dtype}; bam-pipeline imports float32, "
+                           "bfloat16 and float16 weights (quantised checkpoints are not supported)")
+        dtypes.add(FLOAT_DTYPES[t.dtype])
+    extra = sorted(n for n in set(stored) - set(table) if not _IGNORED.fullmatch(n))
     if extra:
         raise BamError(f"{arch.name} checkpoint has tensor {extra[0]} that config.json does not explain "
                        f"(and {len(extra) - 1} more); it is another architecture or config.json is wrong")
+    missing = sorted(set(table) - set(stored))
+    if missing == [HEAD]:  # the head of an untied config (a tied one's is in the table only when stored)
+        raise BamError(f"config.json sets tie_word_embeddings=false, but the {arch.name} checkpoint stores no "
+                       f"{HEAD} (transformers would draw a random head); re-download the checkpoint, or set "
+                       "tie_word_embeddings=true in config.json if its head is the embedding")
+    if missing:
+        raise BamError(f"{arch.name} checkpoint lacks tensor {missing[0]} (and {len(missing) - 1} more); "
+                       "the weights are incomplete or belong to another architecture")
     return dtypes
 
 
-def read_state_dict(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
-                    dtype: torch.dtype | None = None) -> StateDict:
-    """Our dense state dict (docs/architecture.md layout) from the checkpoint's safetensors files.
+def _finite(name: str, shard: Path, stored: Tensor, converted: Tensor) -> Tensor:
+    """``converted`` (``stored`` in the import's dtype) if every value is finite; else a one-line refusal
+    naming the tensor: non-finite in the checkpoint itself, or beyond the range of the dtype asked for."""
+    if bool(torch.isfinite(converted).all()):
+        return converted
+    nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
+    if nan or inf:
+        raise BamError(f"tensor {name} in {shard} is not finite ({nan} nan, {inf} inf values): the checkpoint is "
+                       "broken; re-download it, or fix the model that wrote it")
+    largest = stored.float().abs().max().item()
+    wider = [str(d).removeprefix("torch.") for d in (torch.bfloat16, torch.float32)
+             if d != converted.dtype and torch.finfo(d).max >= largest]
+    dtype = str(converted.dtype).removeprefix("torch.")
+    raise ConfigError("dtype", dtype, f"tensor {name} in {shard} holds {largest:g}, beyond {dtype}'s largest "
+                      f"{torch.finfo(converted.dtype).max:g}, and would become inf; import in {' or '.join(wider)}")
 
-    ``dtype`` is the dtype of the result (default: the checkpoint's, which must then be one dtype).
-    Tensors are read one at a time, each converted into its final tensor before the next is read.
+
+def read_weights(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
+                 dtype: torch.dtype | None = None) -> tuple[ModelConfig, StateDict]:
+    """Our dense config and state dict (docs/architecture.md layout) from the checkpoint's safetensors files.
+
+    ``cfg`` is ``config.json``'s mapping; the result's is untied where transformers unties the head: a
+    tied config whose checkpoint stores a head with other values than the embedding (see
+    :func:`head_table`). ``dtype`` is the dtype of the result (default: the checkpoint's, which must
+    then be one dtype); a value it cannot hold is refused. Tensors are read one at a time, each
+    converted into its final tensor before the next is read.
     """
-    table = tensor_table(cfg, arch)
-    dtypes = _check_headers(files, table, arch, cfg.tie_embeddings)
+    stored = _read_headers(files)
+    table = head_table(cfg, arch, stored)
+    dtypes = _check_headers(stored, table, arch)
     if dtype is None:
         if len(dtypes) > 1:
-            raise BamError(f"the checkpoint mixes dtypes {sorted(map(str, dtypes))}; choose the dtype to import in")
+            mixed = " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            raise ConfigError("dtype", None, f"the checkpoint mixes {mixed} tensors; choose the dtype to import "
+                                             "in: float32, bfloat16 or float16")
         dtype = dtypes.pop()
     state: StateDict = {}
     for shard in files.shards:
         with _open(shard) as f:
             for name in f.keys():
                 if name in table:
-                    state[table[name].ours] = table[name].convert(f.get_tensor(name), dtype)
-    return {key: state[key] for key in expected_shapes(cfg)}
+                    t = f.get_tensor(name)
+                    state[table[name].ours] = _finite(name, shard, t, table[name].convert(t, dtype))
+    if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
+                                                                           state["tok_emb.weight"]):
+        cfg = cfg.replace(tie_embeddings=False)  # transformers: both stored, with different values: not tied
+    return cfg, {key: state[key] for key in expected_shapes(cfg)}

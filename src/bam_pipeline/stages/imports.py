@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.interop.checkpoint import import_checkpoint
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.stages.checkpoints import checkpoint_tokenizer, fingerprint, resolve, short_name, source_record
@@ -46,8 +46,11 @@ def run_import(ctx: RunContext, plan: Plan, ref: CheckpointRef, dtype: str | Non
         if theirs != tokenizer:
             raise BamError(f"{ref.path} has another tokenizer ({theirs[:12]}) than the run ({tokenizer[:12]}); "
                            "an imported expert must share the seed's tokenizer")
-        ckpt = import_checkpoint(src.path, dtype=getattr(torch, dtype) if dtype else None,
-                                 max_seq_len=ctx.model.seq_len, name=short_name(ref))
+        try:
+            ckpt = import_checkpoint(src.path, dtype=getattr(torch, dtype) if dtype else None,
+                                     max_seq_len=ctx.model.seq_len, name=short_name(ref))
+        except ConfigError as e:  # the import's dtype: seed.dtype, for the seed and every imported expert
+            raise e.under("seed") from None
         if like is not None and ckpt.config.replace(name=like.name) != like:
             raise BamError(f"{ref.path} has another architecture than the seed ({ckpt.config.to_dict()} vs "
                            f"{like.to_dict()}); import experts fine-tuned from the seed checkpoint")
