@@ -653,3 +653,12 @@ def test_hydra_full_error_keeps_hydras_own_report(tmp_path):
     assert "Traceback" in r.out and "MissingConfigException" in r.out and "Could not find 'domain/physics'" in r.out
     assert not any(line.startswith("error:") for line in r.out.splitlines())
     assert not (tmp_path / "smoke").exists()
+
+
+def test_a_run_named_as_a_path_writes_nothing_outside_the_stages_root(tmp_path):
+    """run=../x would put the run (and Hydra's logs) beside the stages root: refused before any directory."""
+    root = tmp_path / "stages"
+    root.mkdir()
+    r = cli_here(root, "stage=info", "run=../x")
+    assert r.returncode == 2 and "run='../x'" in r.out, r.out[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stages"] and not any(root.iterdir())
