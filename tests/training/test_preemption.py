@@ -58,6 +58,15 @@ def test_an_error_without_a_stop_signal_stays_unexpected(handlers):
     assert preemption.stop_behind(ValueError("a real bug")) is None
 
 
+def test_a_stop_in_one_command_is_not_blamed_for_the_next_commands_error(handlers):
+    """Commands run one after another in one process (a sweep, the test suite): the next one starts clean."""
+    with pytest.raises(preemption.Stopped):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    preemption.install()  # what cli.main does first
+    assert preemption.stop_behind(BamError("a bad input")) is None
+
+
 def test_the_stop_itself_is_not_reported_twice(handlers):
     with pytest.raises(preemption.Stopped) as caught:
         os.kill(os.getpid(), signal.SIGTERM)

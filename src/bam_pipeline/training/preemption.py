@@ -79,6 +79,7 @@ def stop_behind(error: BaseException) -> Stopped | None:
 def install() -> None:
     """Make SIGTERM, SIGINT (a :class:`KeyboardInterrupt` no more) and SIGUSR1 (unless Lightning's SLURM
     requeue owns it) stop with one line."""
+    _state.update(training=False, received=None, raised=None)  # a new command: no stop seen yet
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _handler)
