@@ -565,6 +565,10 @@ CASES: dict[str, Case] = {
     "generate_output_folder": Case(G, ("stage=generate", "artifact=seed", "generate.prompt=the",
                                        "generate.output={scratch}"), ("generate.output='{scratch}'",
                                                                      "{scratch}/continuations.jsonl"), needs_run=True),
+    "generate_output_in_artifact": Case(G, ("stage=generate", "artifact=seed", "generate.prompt=the",
+                                            "generate.output={run}/seed/main/out.jsonl"),
+                                        ("generate.output='{run}/seed/main/out.jsonl'", "{run}/seed/main"),
+                                        needs_run=True),
     "generate_output_under_file": Case(G, ("stage=generate", "artifact=seed", "generate.prompt=the",
                                            "generate.output={scratch}/afile/out.jsonl"),
                                        ("generate.output='{scratch}/afile/out.jsonl'", "{scratch}/afile"),
@@ -606,7 +610,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, request, tmp_path):
         extra = case.setup(run, scratch) if case.setup else []
         before = _files(root)
         env = {k: v.format(scratch=scratch) for k, v in case.env.items()}
-        args = tuple(a.format(scratch=scratch) for a in case.args)
+        args = tuple(a.format(scratch=scratch, run=run) for a in case.args)
         r = cli_here(Path(env.get("BAM_STAGES_DIR", root)), *(args if "stage=" in " ".join(args) else
                                                                ("stage=info", *args)), *extra, env=env)
     finally:

@@ -21,7 +21,7 @@ from bam_pipeline.model.generation import GenerateSpec, TextGeneration, generate
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.export import require_artifact
 from bam_pipeline.stages.inputs import current_model, open_data
-from bam_pipeline.store.artifacts import load_model
+from bam_pipeline.store.artifacts import artifact_containing, load_model
 from bam_pipeline.store.files import file_path_problem, write_text
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -84,11 +84,19 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
+def output_problem(path: Path) -> str | None:
+    """Why the continuations cannot go to ``path`` (None: they can)."""
+    inside = artifact_containing(path)
+    if inside is not None:
+        return f"is inside {inside}, a stage's output whose checksums it would break; write it elsewhere"
+    return file_path_problem(path)
+
+
 def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
     """stage=generate: print the continuations of the prompts by ``artifact=``'s model."""
     text = require_artifact(ctx, "generate")
     spec = ctx.generate
-    if spec.output and (problem := file_path_problem(Path(spec.output))):
+    if spec.output and (problem := output_problem(Path(spec.output))):
         raise ConfigError("generate.output", spec.output, problem)  # before the model runs, not after
     prompts = read_prompts(spec)
     prepared = open_data(ctx)

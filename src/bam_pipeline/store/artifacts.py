@@ -101,6 +101,13 @@ def read_artifact(path: Path, *, tokenizer: str | None = None) -> Artifact:
     return art
 
 
+def artifact_containing(path: Path) -> Path | None:
+    """The published artifact or prepared data (a directory with a manifest) that ``path`` lies in, if any: a
+    file written there would break its checksums."""
+    path = Path(path).expanduser().absolute()
+    return next((p for p in path.parents if (p / MANIFEST).is_file()), None)
+
+
 def try_read_artifact(path: Path) -> Artifact | None:
     """The artifact at ``path`` if it is finished and readable, else None."""
     try:
