@@ -157,3 +157,15 @@ def test_seeds_report_files(tmp_path):
     assert {c["key"]: c["status"] for c in verdicts["claims"]}["mixtures_beat_dense"] == FAILS
     table = json.loads((out / "table.json").read_text())
     assert len(table["rows"]) == len(ROLES) * 4 and table["covers"] == SEEDS_AND_DOCUMENTS
+
+
+def test_losses_that_are_not_finite_name_the_run_and_how_to_score_it_again(tmp_path):
+    """documents.json from an eval that wrote NaN (an older version): the message names the model, the source,
+    the file and the command that scores the run afresh (eval.rebuild=true: an unchanged eval is skipped)."""
+    runs = [fake_eval_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(2)]
+    runs[1].documents["models"]["moe/bam"]["law"]["nll"][3] = math.nan
+    with pytest.raises(BamError) as err:
+        aggregate(runs, resamples=2000)
+    msg = str(err.value)
+    assert f"moe/bam's test losses on law in {runs[1].layout.documents}" in msg
+    assert "stage=eval eval.rebuild=true run=r1 train.seed=1" in msg

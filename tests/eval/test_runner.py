@@ -251,3 +251,46 @@ def test_uniform_attention_probe_averages_the_attention_experts(run_copy, eval_c
     assert set(documents[probe]) == set(SOURCES)
     assert any(x["name"] == "moe/nope+uniform_attn" and "not trained" in x["reason"] for x in metrics["skipped"])
 
+
+
+def _republish(run, stage, name, change) -> None:
+    """Publish ``stage/name`` again with ``change`` applied to its weights (a consistent manifest: only its
+    weights are wrong, as an older version or an import would have published them)."""
+    art = read_artifact(run / stage / name)
+    cfg, state = load_state(art)
+    change(state)
+    save_artifact(run, stage, name, cfg, state, open_prepared(run / "data", verify=False))
+
+
+def test_weights_that_are_not_finite_are_refused_by_name_before_any_model_is_scored(run_copy, eval_cfg):
+    _republish(run_copy, "branch", "law", lambda s: s["layers.0.ffn.w1"].view(-1)[:3].fill_(math.nan))
+    with pytest.raises(BamError) as err:
+        run_eval(eval_cfg(), RunLayout(run_copy), general="general")
+    msg = str(err.value)
+    assert msg.startswith(f"branch/law ({run_copy / 'branch' / 'law'}) has weights that are not finite: 3 ")
+    assert "`stage=branch domain=law`" in msg
+    assert not (run_copy / "eval" / "cache").exists() and not (run_copy / "eval" / "metrics.json").exists()
+
+
+def test_a_loss_that_is_not_finite_is_refused_and_never_cached(run_copy, eval_cfg):
+    """Finite weights whose forward pass overflows; and a NaN row an older version cached, removed."""
+    layout = RunLayout(run_copy)
+    run_eval(eval_cfg(), layout, general="general")
+    cached = sorted((run_copy / "eval" / "cache").glob("seed-main-*.json"))
+    assert len(cached) == 1
+    row = json.loads(cached[0].read_text())
+    row["rows"][1]["loss"] = math.nan
+    cached[0].write_text(json.dumps(row))
+    metrics = (run_copy / "eval" / "metrics.json").read_text()
+    with pytest.raises(BamError, match=r"^seed gives a test loss of nan on code though its weights are finite"):
+        run_eval(eval_cfg(), layout, general="general")
+    assert not cached[0].exists() and (run_copy / "eval" / "metrics.json").read_text() == metrics
+
+    _republish(run_copy, "branch", "code", lambda s: s["norm.weight"].fill_(3e38))
+    before = set((run_copy / "eval" / "cache").glob("branch-code-*.json"))  # its results before the change
+    with pytest.raises(BamError) as err:
+        run_eval(eval_cfg(), layout, general="general")
+    assert str(err.value).startswith("branch/code gives a test loss of nan on general though its weights are finite")
+    assert "none of its results is cached or written" in str(err.value)
+    assert set((run_copy / "eval" / "cache").glob("branch-code-*.json")) == before
+    assert (run_copy / "eval" / "metrics.json").read_text() == metrics

@@ -158,3 +158,13 @@ def test_bad_requests_are_one_line_errors():
     model(torch.tensor([[1, 2, 3]]), cache=cache)
     with pytest.raises(BamError, match="capacity of 4"):
         model(torch.tensor([[1, 2]]), cache=cache)
+
+
+def test_logits_that_are_not_finite_stop_generation():
+    """Finite weights whose forward pass overflows (a huge final norm): no token is drawn from NaN logits."""
+    model = random_model(SMOKE)
+    with torch.no_grad():
+        model.norm.weight.fill_(3e38)
+    for sampling in (GREEDY, Sampling(temperature=1.0)):
+        with pytest.raises(BamError, match="logits are not finite.*train.lr"):
+            generate(model, PROMPTS, max_new_tokens=4, sampling=sampling, generator=torch.Generator().manual_seed(0))

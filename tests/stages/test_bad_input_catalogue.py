@@ -131,6 +131,34 @@ def _flip_byte(path: str, remove: tuple[str, ...] = ()) -> Setup:
     return setup
 
 
+def _weights_set(artifact: str, value: float, remove: tuple[str, ...] = ()) -> Setup:
+    """``artifact``'s final norm weights set to ``value`` (NaN, or a finite value so large that its logits
+    overflow) and its manifest made to match (checksum and hash): a model an older version published, which only
+    the check of the weights themselves can tell."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        from safetensors.torch import load_file, save_file
+
+        from bam_pipeline.store.artifacts import RECORDS, WEIGHTS
+        from bam_pipeline.store.files import canonical_hash, sha256_file
+
+        art = run / artifact
+        state = load_file(str(art / WEIGHTS))
+        state["norm.weight"].fill_(value)
+        save_file(state, str(art / WEIGHTS))
+        m = json.loads((art / "manifest.json").read_text())
+        m["files"][WEIGHTS] = sha256_file(art / WEIGHTS)
+        m["hash"] = canonical_hash({"files": {f: d for f, d in m["files"].items() if f not in RECORDS},
+                                    "inputs": {k: i["hash"] for k, i in m["inputs"].items()}})
+        (art / "manifest.json").write_text(json.dumps(m))
+        for p in remove:
+            shutil.rmtree(run / p)
+        return []
+    return setup
+
+
+NAN = float("nan")
+DIVERGE = ("train.lr=1e30", "train.warmup_frac=0")  # two steps at this rate: every weight NaN
+WORK = ("smoke/.work/*",)  # a training stage that refuses keeps its work directory (train log, good checkpoints)
 OTHER_VOCAB = "data.tokenizer.vocab_size=400"
 _OTHER_DATA: list[Path] = []  # the smoke data prepared with OTHER_VOCAB once, for every case that needs it
 
@@ -481,6 +509,34 @@ CASES: dict[str, Case] = {
     "mix_locked": Case(K, ("stage=mix", "mix=bam"), ("mix/bam", "{pid}", "{run}/.locks/mix/bam.lock"), needs_run=True,
                        setup=_lock("mix/bam", remove=("mix/bam",))),
     # ---- numerical failure: a model that is not finite is never published, evaluated, exported or sampled ----
+    "nan_seed_lr": Case(N, ("stage=seed", *DIVERGE, "budget.seed.tokens=512"),
+                        ("seed", "train.lr", "train.warmup_frac=0", "{run}/.work/seed/main"), needs_run=True,
+                        may_leave=WORK),
+    "nan_branch_lr": Case(N, ("stage=branch", "domain=code", *DIVERGE, "budget.branch.tokens=512"),
+                          ("branch/code", "train.lr", "train.branch_lr_scale", "{run}/.work/branch/code"),
+                          setup=_remove("branch/code"), needs_run=True, may_leave=WORK),
+    "nan_moe_lr": Case(N, ("stage=moe", "mix=bam", *DIVERGE, "budget.moe.tokens=512"),
+                       ("moe/bam", "train.lr", "train.moe_lr_scale", "{run}/.work/moe/bam"), needs_run=True,
+                       may_leave=WORK),
+    "nan_branch_from_seed": Case(N, ("stage=branch", "domain=code"), ("seed", "{run}/seed/main", "stage=seed",
+                                                                      "train.lr"),
+                                 setup=_weights_set("seed/main", NAN, ("branch/code",)), needs_run=True),
+    "nan_mix_from_branch": Case(N, ("stage=mix", "mix=bam"), ("branch/law", "{run}/branch/law",
+                                                              "stage=branch domain=law", "train.lr"),
+                                setup=_weights_set("branch/law", NAN, ("mix/bam",)), needs_run=True),
+    "nan_eval": Case(N, ("stage=eval",), ("moe/bam", "{run}/moe/bam", "stage=moe mix=bam", "train.lr"),
+                     setup=_weights_set("moe/bam", NAN), needs_run=True),
+    "nan_eval_overflow": Case(N, ("stage=eval",), ("moe/bam", "{run}/moe/bam", "stage=moe mix=bam", "nan"),
+                              setup=_weights_set("moe/bam", 3e38), needs_run=True),
+    "nan_generate": Case(N, ("stage=generate", "artifact=moe/bam", "generate.prompt=the"),
+                         ("moe/bam", "{run}/moe/bam", "stage=moe mix=bam", "train.lr"),
+                         setup=_weights_set("moe/bam", NAN), needs_run=True),
+    "nan_export": Case(N, ("stage=export", "artifact=moe/bam"),
+                       ("moe/bam", "{run}/moe/bam", "stage=moe mix=bam", "train.lr"),
+                       setup=_weights_set("moe/bam", NAN), needs_run=True),
+    "nan_downstream": Case(N, ("stage=downstream", "downstream.models=[moe/bam]"),
+                           ("moe/bam", "{run}/moe/bam", "stage=moe mix=bam", "train.lr"),
+                           setup=_weights_set("moe/bam", NAN), needs_run=True),
 
     # ---- import layouts: a Hugging Face checkpoint we would read otherwise than transformers does ----
     # ({scratch}/ckpt: a tiny sharded bfloat16 Llama, untied, changed by the setup; see tests/interop/hf_layouts.py)

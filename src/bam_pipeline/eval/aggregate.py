@@ -79,8 +79,15 @@ class Aggregate:
 
 
 def _doc_losses(runs: Sequence[RunEval], label: str, source: str, keep: np.ndarray) -> DocLosses:
+    """One model's per-document test losses on one source in every run; a BamError naming the run whose
+    documents.json holds losses that are not finite (an older version's eval wrote them) and how to redo it."""
     per = [r.documents["models"][label][source] for r in runs]
     nll = np.array([p["nll"] for p in per], dtype=np.float64)[:, keep]
+    for r, row in zip(runs, nll):
+        if not np.isfinite(row).all():
+            raise BamError(f"{label}'s test losses on {source} in {r.layout.documents} are not finite; score the run "
+                           f"again (`python -m bam_pipeline stage=eval eval.rebuild=true run={r.layout.run} "
+                           f"train.seed={r.seed}`), which names a model it cannot score")
     tokens = np.array([p["tokens"] for p in per], dtype=np.int64)[:, keep]
     return DocLosses(nll, tokens)
 

@@ -36,7 +36,8 @@ from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
-from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models, read_artifact
+from bam_pipeline.store.artifacts import (Artifact, find_model_artifacts, load_model, load_state, nonfinite_fix,
+                                         outdated_models, read_artifact)
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
@@ -302,6 +303,19 @@ def select_models(layout: RunLayout, prepared: Any,
     return ModelSelection(models, skipped, causes)
 
 
+def require_finite_losses(label: str, result: dict[str, Any], fix: str, cache_file: Path | None = None) -> None:
+    """A BamError naming ``label`` and the source when a row of its ``result`` (:func:`evaluate_model`) has a loss
+    that is not finite (its weights are finite, checked when loaded: the forward pass overflows); a cached
+    ``result`` (an older version wrote it) is removed from the cache. ``fix``: how to replace the model."""
+    bad = next((r for r in result["rows"] if not math.isfinite(r["loss"])), None)
+    if bad is None:
+        return
+    if cache_file is not None:
+        cache_file.unlink(missing_ok=True)
+    raise BamError(f"{label} gives a test loss of {bad['loss']} on {bad['domain']} though its weights are finite: its "
+                   f"forward pass overflows; none of its results is cached or written; {fix}")
+
+
 def _read_routing(path: Path) -> dict[str, Any]:
     """An earlier routing.json, or nothing where there is none (or it cannot be read)."""
     try:
@@ -337,17 +351,20 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
     rows, routing, reused, evaluated, used_cache, documents = [], {}, [], [], set(), {}
 
-    def scored(label: str, stage: str, name: str, identity: Any, compute) -> dict[str, Any]:
-        """A model's results: from the cache when its identity, the data and the settings are unchanged."""
+    def scored(label: str, stage: str, name: str, identity: Any, compute, fix: str) -> dict[str, Any]:
+        """A model's results: from the cache when its identity, the data and the settings are unchanged;
+        refused (``fix``: how to replace the model) when a loss is not finite, and never cached."""
         key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": dhash,
                               "settings": spec.cache_key(), "sources": sources,
                               "device": str(device)})  # scores computed on this device
         cache_file = layout.eval_cache / f"{stage}-{name}-{key[:16]}.json"
         if cache_file.is_file():
             result = json.loads(cache_file.read_text())
+            require_finite_losses(label, result, fix, cache_file)
             reused.append(label)
         else:
             result = compute()
+            require_finite_losses(label, result, fix)
             write_json(cache_file, result)
             evaluated.append(label)
         used_cache.add(cache_file.name)
@@ -370,8 +387,12 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
             skip(skip_record(art, str(e)))
             continue
         good.append(art)
+    for art in good:  # a model whose weights are not finite is refused by name before any model is scored
+        load_state(art, verify=False)
+    for art in good:
         result = scored(art.label, art.stage, art.name, art.hash,
-                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device, chunking=chunking))
+                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device, chunking=chunking),
+                        nonfinite_fix(art))
         if result["routing"]:
             info = about(art)
             routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
@@ -380,15 +401,17 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
             scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage, f"{art.name}+{UNIFORM_ATTENTION}",
                    {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
                    lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device,
-                                                  probe=UNIFORM_ATTENTION, chunking=chunking))
+                                                  probe=UNIFORM_ATTENTION, chunking=chunking), nonfinite_fix(art))
     missing = sorted(set(spec.uniform_attention) - {a.label for a in good})
     skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
                  "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
                 for m in missing]
     singles = [a for a in good if a.stage in ("seed", "branch")]
     if spec.btm and len(singles) >= 2 and singles[0].stage == "seed":
+        members = ", ".join(a.label for a in singles)
         scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],
-               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device, chunking))
+               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device, chunking),
+               f"leave BTM out (eval.btm=false) or replace the member that overflows ({members})")
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")

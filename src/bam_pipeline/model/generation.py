@@ -87,7 +87,11 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token (B,) int64 of each row of ``logits`` (B, V) under ``sampling``."""
+    """The next token (B,) int64 of each row of ``logits`` (B, V) under ``sampling``; a BamError when a logit
+    is not finite (weights that are not finite are refused when a model is loaded: its forward pass overflows)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise BamError("the model's next-token logits are not finite though its weights are: its forward pass "
+                       "overflows, and it cannot generate; train it again with a lower train.lr")
     if sampling.greedy:
         return logits.argmax(-1)
     probs = F.softmax(logits.float() / sampling.temperature, dim=-1)  # (B, V)

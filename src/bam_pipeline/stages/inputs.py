@@ -24,7 +24,7 @@ from bam_pipeline.stages.context import RunContext
 from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
                                          read_artifact, remove_dead_temporaries, try_read_artifact)
 from bam_pipeline.store.files import canonical_hash, changed_keys, write_json
-from bam_pipeline.store.layout import CM_SUFFIX, MODEL_STAGES, RunLayout, label, parse_label
+from bam_pipeline.store.layout import MODEL_STAGES, RunLayout, label, parse_label, stage_args
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
 from bam_pipeline.training.ranks import is_rank_zero
 
@@ -105,15 +105,9 @@ def model_artifact(ctx: RunContext, text: str, prepared: PreparedData, *, key: s
 
 
 def producer(ctx: RunContext, text: str) -> str:
-    """The command that (re)builds the model artifact ``text`` names (its own stage, not stage=all, which
-    builds only the variants ``pipeline`` lists): ``seed``, ``branch/<d>``, ``mix/<v>``, ``moe/<v>[_cm]``."""
-    stage, name = parse_label(text)
-    if stage == "branch":
-        return ctx.cmd(f"stage=branch domain={name}")
-    if stage in ("mix", "moe"):
-        variant = name.removesuffix(CM_SUFFIX)
-        return ctx.cmd(f"stage={stage} mix={variant}" + (" budget.moe.match=compute" if variant != name else ""))
-    return ctx.cmd(f"stage={stage}")
+    """The command that (re)builds the model artifact ``text`` names (:func:`~bam_pipeline.store.layout.stage_args`
+    and this command's own overrides)."""
+    return ctx.cmd(stage_args(text))
 
 
 def rebuild_hint(ctx: RunContext, text: str) -> str:

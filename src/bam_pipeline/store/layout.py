@@ -50,6 +50,19 @@ def parse_label(text: str) -> tuple[str, str]:
     return stage, name or SEED_NAME
 
 
+def stage_args(text: str) -> str:
+    """The overrides that select the stage (re)building the model artifact a label names (its own stage, not
+    stage=all): ``stage=seed``, ``stage=branch domain=<d>``, ``stage=mix mix=<v>``, ``stage=moe mix=<v>``
+    (a ``_cm`` name adds ``budget.moe.match=compute``)."""
+    stage, name = parse_label(text)
+    if stage == "branch":
+        return f"stage=branch domain={name}"
+    if stage in ("mix", "moe"):
+        variant = name.removesuffix(CM_SUFFIX)
+        return f"stage={stage} mix={variant}" + (" budget.moe.match=compute" if variant != name else "")
+    return f"stage={stage}"
+
+
 DATA_REF = "data.json"
 IDENTITY = "identity.json"  # what eval, the report, downstream and the seeds report were made from
 

@@ -161,11 +161,17 @@ class TokensProgressBar(TQDMProgressBar):
 
 
 class TimedCheckpoint(ModelCheckpoint):
-    """Lightning's periodic checkpoint, its writing time added to a :class:`PhaseTimer`."""
+    """Lightning's periodic checkpoint, its writing time added to a :class:`PhaseTimer`; none is written while
+    a weight is not finite, so the previous one, the last good checkpoint, stays (Lightning removes it only
+    once its successor is written) and a rerun never resumes from weights that are not finite."""
 
     def __init__(self, timer: PhaseTimer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.timer = timer
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if trainer.lightning_module.weights_finite():  # every rank decides alike
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         t0 = time.perf_counter()
@@ -192,6 +198,12 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json(fp, {"config_hash": config_hash})
+    return newest_checkpoint(work)
+
+
+def newest_checkpoint(work: Path) -> Path | None:
+    """The newest complete checkpoint of a work directory (periodic, saved on a stop signal, or Lightning's
+    SLURM one), or None."""
     found = [p for p in [*(work / CKPT_DIR).glob("*.ckpt"), *work.glob("hpc_ckpt_*.ckpt")] if complete_checkpoint(p)]
     newest_first = sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
     for path in newest_first:
@@ -331,20 +343,27 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     t_publish = time.perf_counter()
     # a collective under fsdp/fsdp2 (full weights gathered from the shards): every rank calls it
     full_state = full_state_dict(trainer)
+    state, metrics, refusal = {}, {}, None
+    if trainer.is_global_zero:
+        # floating tensors in the artifact's dtype; integer buffers (a hash router's table) as they are
+        state = {k.removeprefix("model."): (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
+                 for k, v in full_state.items()}
+        metrics = _train_metrics(read_jsonl(work / A.TRAIN_LOG))
+        refusal = nonfinite_refusal(job, state, metrics["final_val_loss"], master=full_state,
+                                    precision=trainer_spec.precision, steps=trainer.global_step, work=work)
+    refusal = trainer.strategy.broadcast(refusal)  # every rank stops, or none
+    if refusal is not None:
+        raise NonFiniteModel(refusal)
     if not trainer.is_global_zero:
         trainer.strategy.barrier("published")  # wait until rank 0 has published the artifact
         return None
     out_dir = job.layout.artifact(job.stage, job.name)
     with A.publish(out_dir) as tmp:
-        # floating tensors in the artifact's dtype; integer buffers (a hash router's table) as they are
-        state = {k.removeprefix("model."): (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu()
-                 for k, v in full_state.items()}
         A.save_model(tmp, job.model_cfg, state)
         if (work / A.TRAIN_LOG).exists():
             shutil.copy(work / A.TRAIN_LOG, tmp / A.TRAIN_LOG)
         now = time.perf_counter()
         split = timer.split(total=now - t0, publish=now - t_publish)
-        metrics = _train_metrics(read_jsonl(work / A.TRAIN_LOG))
         A.write_manifest(
             tmp, stage=job.stage, name=job.name, run=job.layout.run, config=stage_config, inputs=inputs,
             tokenizer_hash=prepared.tokenizer_hash, metrics=metrics,
@@ -358,6 +377,46 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     print(f"{job.label}: done in {split['total_s']:.1f} s ({parts}){val} -> {out_dir}")
     trainer.strategy.barrier("published")
     return A.read_artifact(out_dir)
+
+
+class NonFiniteModel(BamError):
+    """A training stage's final weights or validation loss are not finite: nothing is published."""
+
+
+LR_SCALE = {"branch": "train.branch_lr_scale", "moe": "train.moe_lr_scale"}  # the stage's lr = train.lr x this
+FULL_PRECISION = ("32", "32-true", "64", "64-true")
+
+
+def nonfinite_refusal(job: TrainJob, state: dict[str, torch.Tensor], val_loss: float | None, *,
+                      master: dict[str, torch.Tensor], precision: str, steps: int, work: Path) -> str | None:
+    """Why ``job``'s trained model is not published, or None when every tensor of ``state`` (the artifact's,
+    in its dtype) and the final validation loss are finite: what is not finite, the settings that change
+    it, and what stays in the work directory ``work``. ``master``: the float32 weights ``state`` was cast
+    from; when they are finite, the cast to the artifact's dtype made the values that are not."""
+    bad = A.nonfinite_values(state)
+    loss_bad = val_loss is not None and not math.isfinite(val_loss)
+    if not bad and not loss_bad:
+        return None
+    what, fix = [], ""
+    if bad:
+        dtype = str(next(v.dtype for k, v in state.items() if k in bad)).removeprefix("torch.")
+        cast = not A.nonfinite_values(master)  # the float32 weights are finite: the cast made the values that are not
+        what.append(f"its weights hold {A.describe_nonfinite(bad)}" + (f" once cast to {dtype}" if cast else ""))
+        if cast:
+            fix = (f"the trained weights outgrow {dtype}, the dtype of its input: import the seed in a wider dtype "
+                   "(seed.dtype=bfloat16 or float32), or lower train.lr")
+    if loss_bad:
+        what.append(f"its final validation loss is {val_loss}")
+    if not fix:
+        scale = f" or {LR_SCALE[job.stage]}" if job.stage in LR_SCALE else ""
+        fix = (f"lower train.lr{scale} (this stage's peak learning rate is {job.lr:g}) or warm up for longer "
+               f"(train.warmup_frac={job.train.warmup_frac:g})")
+        if precision not in FULL_PRECISION:
+            fix += f", or train in float32 (trainer.precision=32-true instead of {precision})"
+    kept = newest_checkpoint(work)
+    keeps = f"its newest checkpoint with finite weights ({kept.name})" if kept else "no checkpoint with finite weights"
+    return (f"{job.label}: not published: after {steps} steps {' and '.join(what)}; {fix}. {work} keeps its train "
+            f"log and {keeps}")
 
 
 def _trainer(trainer_kwargs: dict, **settings: Any) -> L.Trainer:

@@ -19,7 +19,7 @@ from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.model.transformer import BAMTransformer
 from bam_pipeline.training.compile import compile_blocks
-from bam_pipeline.training.parallel import TrainerSpec, clean_name, clip_gradients, configure_model
+from bam_pipeline.training.parallel import TrainerSpec, clean_name, clip_gradients, configure_model, local_tensor
 from bam_pipeline.training.schedule import lr_at
 
 
@@ -94,6 +94,11 @@ class LMModule(L.LightningModule):
             configure_model(self.model, self.trainer.strategy, self.options.trainer)
         if self.options.compile:
             compile_blocks(self.model)
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite on every process (each checks its own shards; one host sync)."""
+        local = torch.stack([torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all()
+        return self.trainer.strategy.reduce_boolean_decision(bool(local), all=True)
 
     # ---- steps ---------------------------------------------------------------------------
     def _lm_loss(self, batch: torch.Tensor):

@@ -172,13 +172,13 @@ def full_state_dict(trainer: Any) -> dict[str, torch.Tensor]:
     return get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard, or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _bytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors if t is not None)
+    return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors if t is not None)
 
 
 WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
