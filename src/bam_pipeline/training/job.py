@@ -204,8 +204,7 @@ def _prepare_work_dir(work: Path, config_hash: str) -> Path | None:
 def newest_checkpoint(work: Path) -> Path | None:
     """The newest complete checkpoint of a work directory (periodic, saved on a stop signal, or Lightning's
     SLURM one), or None."""
-    found = [p for p in [*(work / CKPT_DIR).glob("*.ckpt"), *work.glob("hpc_ckpt_*.ckpt")] if complete_checkpoint(p)]
-    newest_first = sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    newest_first = checkpoints_newest_first(work)
     for path in newest_first:
         why = unreadable_checkpoint(path)
         if why is None:
@@ -215,6 +214,13 @@ def newest_checkpoint(work: Path) -> Path | None:
         raise BamError(f"no readable checkpoint to resume from in {work} (the newest, {newest_first[0].name}: "
                        f"{unreadable_checkpoint(newest_first[0])}); delete {work} to train this stage from the start")
     return None
+
+
+def checkpoints_newest_first(work: Path) -> list[Path]:
+    """The complete checkpoints of a work directory (periodic, saved on a stop signal, or Lightning's SLURM one),
+    the newest first."""
+    found = [p for p in [*(work / CKPT_DIR).glob("*.ckpt"), *work.glob("hpc_ckpt_*.ckpt")] if complete_checkpoint(p)]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
 def unreadable_checkpoint(path: Path) -> str | None:
@@ -384,7 +390,7 @@ class NonFiniteModel(BamError):
 
 
 LR_SCALE = {"branch": "train.branch_lr_scale", "moe": "train.moe_lr_scale"}  # the stage's lr = train.lr x this
-FULL_PRECISION = ("32", "32-true", "64", "64-true")
+WIDE_PRECISIONS = (FULL_PRECISION, "64-true")  # no mixed-precision overflow to blame
 
 
 def nonfinite_refusal(job: TrainJob, state: dict[str, torch.Tensor], val_loss: float | None, *,
@@ -411,9 +417,9 @@ def nonfinite_refusal(job: TrainJob, state: dict[str, torch.Tensor], val_loss: f
         scale = f" or {LR_SCALE[job.stage]}" if job.stage in LR_SCALE else ""
         fix = (f"lower train.lr{scale} (this stage's peak learning rate is {job.lr:g}) or warm up for longer "
                f"(train.warmup_frac={job.train.warmup_frac:g})")
-        if precision not in FULL_PRECISION:
+        if precision_name(precision) not in WIDE_PRECISIONS:
             fix += f", or train in float32 (trainer.precision=32-true instead of {precision})"
-    kept = newest_checkpoint(work)
+    kept = next((p for p in checkpoints_newest_first(work) if unreadable_checkpoint(p) is None), None)
     keeps = f"its newest checkpoint with finite weights ({kept.name})" if kept else "no checkpoint with finite weights"
     return (f"{job.label}: not published: after {steps} steps {' and '.join(what)}; {fix}. {work} keeps its train "
             f"log and {keeps}")
