@@ -105,3 +105,53 @@ def test_hub_source_offline_fails_at_once_with_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert all(fact in lines[0] for fact in ("'code'", "bigcode/starcoderdata", "HF_DATASETS_OFFLINE")), lines[0]
     assert "type: files" in lines[0]  # what to use offline instead
+
+
+@pytest.mark.parametrize("row,field", [(b'{"text": "ok"}\n{"text": "half \\ud800 a pair"}\n', "'text'"),
+                                       (b'{"text": "ok", "key": "a"}\n{"text": "b", "key": "\\udc00"}\n', "'key'")])
+def test_a_lone_surrogate_in_a_record_names_the_file_line_and_field(tmp_path, row, field):
+    """JSON can escape half of a UTF-16 pair ("\\ud800") where no character is; such a text cannot be stored
+    (UTF-8), so the record is refused in one line naming where it is and what to write instead."""
+    (tmp_path / "docs.jsonl").write_bytes(row)
+    spec = sources.resolve_source("x", {"x": {"source": {"type": "files", "path": str(tmp_path / "docs.jsonl"),
+                                                          "id_field": "key" if "key" in row.decode() else None}}})
+    error_of(lambda: list(sources.iter_documents(spec, None)), "docs.jsonl line 2", field, "surrogate",
+             "the character itself")
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    (tmp_path / os.fsdecode(b"caf\xe9.txt")).write_text("a document")
+    said = error_of(lambda: list(sources.iter_documents(files_source(tmp_path), None)), "not UTF-8", "0xe9",
+                    str(tmp_path), "rename")
+    said.encode("utf-8")  # the line itself prints (no undecodable byte in it)
+
+
+def test_two_sources_reading_one_corpus_are_refused_before_reading(tmp_path, make_cfg):
+    """Two sources reading the same files (the same path, also by another spelling or a link) or the same
+    embedded corpus, however it is cut into documents, would hold the same texts: refused when the config is
+    read, naming both."""
+    cfg = make_cfg(tmp_path, n_docs=20)
+    (tmp_path / "link").symlink_to(tmp_path / "src" / "code")
+    for other in (str(tmp_path / "src" / "code") + "/", str(tmp_path / "link"), f"{tmp_path}/src/../src/code"):
+        cfg["sources"]["math"] = {"source": {"type": "files", "path": other}}
+        error_of(lambda: read_data_spec(cfg), "data.sources.code.source", "data.sources.math.source", other)
+    cfg = make_cfg(tmp_path, n_docs=20)
+    cfg["sources"]["general"] = {"source": {"type": "shakespeare", "section_bytes": 4000}}
+    cfg["sources"]["law"] = {"source": {"type": "shakespeare", "section_bytes": 9000}}
+    error_of(lambda: read_data_spec(cfg), "data.sources.law.source", "data.sources.general.source", "shakespeare")
+    cfg["sources"]["law"] = {"source": {"type": "shakespeare", "folio": True}}  # another text: fine
+    assert read_data_spec(cfg).dedupe_order == ["code", "math", "law", "general"]
+
+
+def test_a_source_that_only_repeats_an_earlier_one_names_both(tmp_path, make_cfg):
+    """math's every text is one of code's, under other file names: math would be empty after duplicates are
+    removed across sources; refused naming math, code (which keeps them) and the setting to change."""
+    cfg = make_cfg(tmp_path, n_docs=20)
+    code = [json.loads(line) for line in (tmp_path / "src" / "code" / "docs.jsonl").read_text().splitlines()]
+    (tmp_path / "copies").mkdir()
+    for i, row in enumerate(code[:12]):
+        (tmp_path / "copies" / f"m{i}.txt").write_text(row["text"])
+    cfg["sources"]["math"] = {"source": {"type": "files", "path": str(tmp_path / "copies")}}
+    error_of(lambda: prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False), "'math'",
+             "12 in 'code'", "data.sources.math.source")
+    assert not (tmp_path / "data").exists()

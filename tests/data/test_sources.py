@@ -121,3 +121,16 @@ def test_an_unavailable_out_of_domain_source_is_skipped_with_a_line(tmp_path, mo
     with pytest.raises(BamError) as e:  # a trained source must exist
         prepare_data(read_data_spec(cfg), tmp_path / "data2", progress=False)
     assert all(tool in str(e.value) for tool in ("sword-text-web", "apt-get", "dpkg-deb")), e.value
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 byte-order mark (what some Windows editors write first) is the file's encoding: a .txt document
+    does not start with it, and a JSONL or JSON file that starts with one reads like one without."""
+    bom = "\ufeff".encode()
+    (tmp_path / "a.txt").write_bytes(bom + "first line\n".encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "c.json").write_bytes(bom + b'[{"text": "three"}]')
+    assert {d.id: d.text for d in _read(tmp_path)} == {"a.txt": "first line\n", "b.jsonl:0": "one", "b.jsonl:1": "two",
+                                                       "c.json:0": "three"}
+    (tmp_path / "d.txt").write_bytes("first line\n".encode())  # the same text without the mark: a duplicate
+    assert _read(tmp_path / "a.txt") == _read(tmp_path / "d.txt")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from bam_pipeline.data.sources import Document
-from bam_pipeline.data.splits import SPLITS, dedupe_and_split, split_of
+from bam_pipeline.data.splits import SPLITS, dedupe_and_split, split_of, text_key
 
 IDS = [f"pkg/module_{i}.py" for i in range(5000)]
 SCRIPT = "import json,sys; from bam_pipeline.data.splits import split_of; print(json.dumps([split_of(i, 0.05, 0.05) for i in json.load(sys.stdin)]))"
@@ -33,11 +33,52 @@ def test_split_fractions_match_the_config():
 
 def test_exact_duplicates_are_removed_before_splitting():
     docs = [Document(f"d{i}", f"text {i % 7}") for i in range(50)]
-    out, dups = dedupe_and_split(docs, 0.2, 0.2)
-    assert dups == 43
-    kept = [d for s in SPLITS for d in out[s]]
+    [out] = dedupe_and_split([("code", docs)], 0.2, 0.2)
+    assert (out.duplicates, out.kept_elsewhere) == (43, {})
+    kept = [d for s in SPLITS for d in out.splits[s]]
+    assert sorted(d.id for d in kept) == [f"d{i}" for i in range(7)]  # the first copy of each text
     assert sorted(d.text for d in kept) == sorted({f"text {i}" for i in range(7)})
-    assert all(split_of(d.id, 0.2, 0.2) == s for s in SPLITS for d in out[s])
+    assert all(split_of(d.id, 0.2, 0.2) == s for s in SPLITS for d in out.splits[s])
+
+
+def test_a_text_in_several_sources_is_kept_once_by_the_first_source_in_order():
+    """The same texts under other ids in three sources: each text is kept by the first source that reads it
+    (in its id's split), removed from the later ones and counted there, per source that keeps it."""
+    shared = [f"shared {i}" for i in range(40)]
+    code = [Document(f"code/{i}.py", t) for i, t in enumerate(shared[:30])] + [Document("code/own", "own code")]
+    math = [Document(f"math-{i}", t) for i, t in enumerate(shared[10:])] + [Document("math/own", "own math")]
+    general = [Document(f"web{i}", t) for i, t in enumerate(shared)] + [Document("web/dup", "own math"),
+                                                                         Document("web/own", "own web")] * 2
+    code_out, math_out, general_out = dedupe_and_split([("code", code), ("math", math), ("general", general)],
+                                                       0.3, 0.3)
+    kept = {s.source: [d for split in SPLITS for d in s.splits[split]] for s in (code_out, math_out, general_out)}
+    assert sorted(d.text for d in kept["code"]) == sorted(d.text for d in code)  # the first source loses nothing
+    assert sorted(d.text for d in kept["math"]) == sorted(shared[30:] + ["own math"])
+    assert [d.text for d in kept["general"]] == ["own web"]
+    assert (code_out.kept_elsewhere, math_out.kept_elsewhere) == ({}, {"code": 20})
+    assert general_out.kept_elsewhere == {"code": 30, "math": 12}  # 10 shared + "own math" twice
+    assert (general_out.duplicates, general_out.cross_source_duplicates, general_out.documents) == (1, 42, 1)
+    texts = [d.text for docs in kept.values() for d in docs]
+    assert len(texts) == len(set(texts))  # every text once: in one split of one source
+    assert all(split_of(d.id, 0.3, 0.3) == split for s in (code_out, math_out, general_out)
+               for split in SPLITS for d in s.splits[split])
+
+
+def test_sources_without_common_text_split_as_each_alone():
+    """Disjoint sources keep every document, each in its id's split: the splits a source had when duplicates
+    were removed within it alone."""
+    a = [Document(f"a{i}", f"alpha {i}") for i in range(300)]
+    b = [Document(f"a{i}", f"beta {i}") for i in range(300)]  # the same ids, other texts
+    together = list(dedupe_and_split([("a", a), ("b", b)], 0.1, 0.1))
+    alone = [next(dedupe_and_split([(name, docs)], 0.1, 0.1)) for name, docs in (("a", a), ("b", b))]
+    assert [s.splits for s in together] == [s.splits for s in alone]
+    assert all(s.duplicates == s.cross_source_duplicates == 0 for s in together)
+
+
+def test_one_rule_makes_two_texts_duplicates():
+    """Exactly equal texts are duplicates; a space, a newline or a case change makes another text."""
+    assert text_key("def f():\n    pass\n") == text_key("def f():\n    pass\n")
+    assert len({text_key(t) for t in ("a b", "a  b", "a b\n", "A b", "a b ")}) == 5
 
 
 def test_prepared_splits_are_disjoint(synthetic):

@@ -294,3 +294,23 @@ def test_a_loss_that_is_not_finite_is_refused_and_never_cached(run_copy, eval_cf
     assert "none of its results is cached or written" in str(err.value)
     assert set((run_copy / "eval" / "cache").glob("branch-code-*.json")) == before
     assert (run_copy / "eval" / "metrics.json").read_text() == metrics
+
+
+def test_an_eval_budget_below_one_sequence_names_the_minimum_before_scoring(run_copy, eval_cfg):
+    """Each scored position needs the token after it: one eval sequence of seq_len positions takes seq_len + 1
+    tokens. A smaller eval.max_tokens_per_source is refused in one line naming that minimum, before any model
+    is scored or cached (not a per-source skip blaming the test split, which holds thousands of tokens)."""
+    with pytest.raises(BamError) as e:  # the models' max_seq_len (64, the smoke preset) with eval.seq_len=null
+        run_eval(eval_cfg(seq_len=None, max_tokens_per_source=64), RunLayout(run_copy), general="general")
+    assert "eval.max_tokens_per_source=64" in str(e.value) and "at least 65" in str(e.value), e.value
+    assert not (run_copy / "eval").exists()
+    with pytest.raises(BamError) as e:  # eval.seq_len given: refused where the config is read
+        eval_cfg(seq_len=SEQ_LEN, max_tokens_per_source=SEQ_LEN)
+    assert "max_tokens_per_source=32" in str(e.value) and f"at least {SEQ_LEN + 1}" in str(e.value), e.value
+    eval_cfg(seq_len=SEQ_LEN, max_tokens_per_source=SEQ_LEN + 1)  # one sequence is enough to start
+
+
+def test_a_capped_split_names_the_cap_not_the_split_size(fake_run):
+    with pytest.raises(BamError) as e:
+        load_split_sequences(open_prepared(fake_run / "data"), "code", "test", SEQ_LEN, max_tokens=SEQ_LEN)
+    assert f"at most {SEQ_LEN} tokens" in str(e.value) and f"at least {SEQ_LEN + 1}" in str(e.value), e.value

@@ -16,6 +16,7 @@ import functools
 import importlib
 import os
 import json
+import os
 import re
 import shutil
 import signal
@@ -68,14 +69,15 @@ def _names(line: str, fact: str) -> bool:
     return re.search(left + re.escape(fact) + right, line) is not None
 
 
-def _files_source(run: Path, scratch: Path, name: str, content: bytes | None = None, **extra) -> list[str]:
-    """Make `code` a files source reading ``scratch/<name>`` (written with ``content`` when given), as a
-    user adds one on the command line."""
+def _files_source(run: Path, scratch: Path, name: str, content: bytes | None = None, *, source: str = "code",
+                  **extra) -> list[str]:
+    """Make ``source`` (`code`) a files source reading ``scratch/<name>`` (written with ``content`` when given), as
+    a user adds one on the command line."""
     path = scratch / name
     if content is not None:
         path.write_bytes(content)
     opts = ",".join(f"{k}:{v}" for k, v in {"type": "files", "path": f"'{path}'", **extra}.items())
-    return [f"+data.sources.code={{source:{{{opts}}}}}"]
+    return [f"+data.sources.{source}={{source:{{{opts}}}}}"]
 
 
 def jsonl(*rows) -> bytes:
@@ -91,6 +93,31 @@ def _binary_only_folder(run: Path, scratch: Path) -> list[str]:
 def _parquet(run: Path, scratch: Path) -> list[str]:
     pq.write_table(pa.table({"body": ["a", "b"]}), scratch / "docs.parquet")
     return _files_source(run, scratch, "docs.parquet")
+
+
+def _shared_texts(copies: int, own: int = 0, link: bool = False) -> Setup:
+    """`code` reads a folder of 40 texts; `math` a folder holding ``copies`` of them under other file names and
+    ``own`` texts of its own (``link``: `math` reads a link to `code`'s folder instead)."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        (scratch / "code").mkdir()
+        (scratch / "math").mkdir()
+        texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(40)]
+        for i, text in enumerate(texts):
+            (scratch / "code" / f"f{i}.py.txt").write_text(text)
+        for i, text in enumerate(texts[:copies] + [f"lemma {i}: {i} + {i} = {2 * i}" for i in range(own)]):
+            (scratch / "math" / f"m{i}.txt").write_text(text)
+        if link:
+            (scratch / "link").symlink_to(scratch / "code")
+        return [*_files_source(run, scratch, "code"), *_files_source(run, scratch, "link" if link else "math",
+                                                                      source="math")]
+    return setup
+
+
+def _file_name_not_utf8(run: Path, scratch: Path) -> list[str]:
+    (scratch / "docs").mkdir()
+    (scratch / "docs" / "ok.txt").write_text("a document")
+    (scratch / "docs" / os.fsdecode(b"caf\xe9.txt")).write_text("another document")
+    return _files_source(run, scratch, "docs")
 
 
 def _remove(*parts: str) -> Setup:
@@ -575,6 +602,25 @@ CASES: dict[str, Case] = {
                                     {"model.norm.weight": sd["model.norm.weight"].float()})))),
 
     # ---- cross-source data: one document in two sources or two splits ----
+    "xsrc_same_path": Case(X, ("stage=data",), ("data.sources.code.source", "data.sources.math.source",
+                                                "{scratch}/docs.jsonl"),
+                           setup=lambda r, s: [*_files_source(r, s, "docs.jsonl", jsonl({"text": "a"})),
+                                               *_files_source(r, s, "docs.jsonl", source="math")]),
+    "xsrc_linked_path": Case(X, ("stage=data",), ("data.sources.code.source", "data.sources.math.source",
+                                                  "{scratch}/link"), setup=_shared_texts(0, link=True)),
+    "xsrc_domain_is_general": Case(X, ("stage=data", "+data.sources.law={{source:{{type:shakespeare}}}}"),
+                                   ("data.sources.law.source", "data.sources.general.source", "shakespeare")),
+    "xsrc_only_copies": Case(X, ("stage=data",), ("'math'", "12 in 'code'", "data.sources.math.source"),
+                             setup=_shared_texts(12)),
+    "xsrc_split_emptied": Case(X, ("stage=data",), ("'math'", "split", "2 documents", "40 in 'code'", "data.split"),
+                               setup=_shared_texts(40, own=2)),
+    "xsrc_lone_surrogate": Case(X, ("stage=data",), ("docs.jsonl", "line 2", "'text'", "\\ud800", "surrogate"),
+                                setup=lambda r, s: _files_source(r, s, "docs.jsonl",
+                                                                 b'{"text": "a"}\n{"text": "b \\ud800 c"}\n')),
+    "xsrc_file_name_not_utf8": Case(X, ("stage=data",), ("{scratch}/docs", "UTF-8", "0xe9",
+                                                         "data.sources.code.source.path"), setup=_file_name_not_utf8),
+    "xsrc_eval_budget": Case(X, ("stage=eval", "eval.max_tokens_per_source=1"),
+                             ("eval.max_tokens_per_source=1", "65"), needs_run=True),
 
     # ---- interrupts: Ctrl-C (SIGINT) in every stage: one line, exit 130, nothing half-written (a training stage
     # keeps its resumable checkpoint in .work), and the rerun resumes (tests/stages/test_faults.py) ----

@@ -1,4 +1,5 @@
-"""The data stage: read every source, dedupe, split, train or load the tokenizer, tokenise, store, record.
+"""The data stage: read every source, dedupe (within and across sources), split, train or load the tokenizer,
+tokenise, store, record.
 
 ``prepare_data`` writes ``<out_dir>/`` atomically (a temporary sibling renamed into place) with
 ``tokenizer.json``, ``tokens/<source>/<split>/`` (Arrow) and ``manifest.json`` (config hash, source
@@ -25,12 +26,18 @@ from bam_pipeline.data import storage
 from bam_pipeline.data import tokenizer as tk
 from bam_pipeline.data.mixtures import stage_mixture
 from bam_pipeline.data.spec import DataSpec
-from bam_pipeline.data.splits import SPLITS, dedupe_and_split
+from bam_pipeline.data.splits import SPLITS, SourceSplits, dedupe_and_split
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.artifacts import MANIFEST, publish, write_manifest
 from bam_pipeline.store.files import canonical_hash, changed_keys, sha256_file, verify_checksums
 
 FORMAT_VERSION = 1
+# Revision of the rules that turn sources into documents. It is recorded in the manifest, outside the config
+# hash: data prepared under older rules is prepared again, and where the files come out the same (sources
+# with no text in common, no byte-order marks) the data's hash and everything made from it stay as they were.
+# 2: exact duplicates removed across sources, not only within each (data/splits.py); a file's byte-order mark
+# is not part of its text.
+REVISION = 2
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -123,6 +130,12 @@ def verify_files(prepared: PreparedData, command: Callable[[str], str] = bare_co
                      fix=_rebuild_hint(command), exclude=(MANIFEST,))
 
 
+def is_current(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str) -> bool:
+    """Whether prepared data's manifest records the identity ``_identity`` gives now, under today's rules."""
+    return (manifest.get("config_hash") == canonical_hash(hashed) and manifest.get("sources_hash") == sources_hash
+            and manifest.get("revision", 1) == REVISION)
+
+
 def changes(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str) -> str:
     """What differs between prepared data's manifest and the identity ``_identity`` gives now."""
     old = manifest.get("config", {})
@@ -130,6 +143,9 @@ def changes(manifest: dict[str, Any], hashed: dict[str, Any], sources_hash: str)
     parts = [f"data config changed: {', '.join(keys)}"] if keys else []
     if manifest.get("sources_hash") != sources_hash:
         parts.append("a source's contents changed")
+    if manifest.get("revision", 1) != REVISION:
+        parts.append(f"the data stage's rules changed (revision {manifest.get('revision', 1)}, now {REVISION}: exact "
+                     "duplicates removed across sources too, byte-order marks dropped)")
     if "tokenizer" in keys and "from_seed_checkpoint" in (old.get("tokenizer") or {}):
         parts.append("it was prepared with an imported seed checkpoint's tokenizer: give this command the same "
                      "seed=hf seed.path=... to use it")
@@ -143,7 +159,7 @@ def open_current(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
     that prepares it again."""
     prepared = open_prepared(out_dir, verify=False, command=command)
     hashed, sources_hash = _identity(spec, seed_tokenizer)
-    if prepared.config_hash != canonical_hash(hashed) or prepared.manifest.get("sources_hash") != sources_hash:
+    if not is_current(prepared.manifest, hashed, sources_hash):
         why = changes(prepared.manifest, hashed, sources_hash)
         raise BamError(f"the prepared data in {out_dir} is not this run's ({why}); run `{command('stage=data')}` "
                        "to prepare it for this config")
@@ -161,12 +177,12 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
     config_hash = canonical_hash(hashed)
     if (out_dir / MANIFEST).is_file() and not spec.rebuild:
         old = open_prepared(out_dir, verify=False)  # a corrupt manifest says how to rebuild
-        if old.config_hash == config_hash and old.manifest.get("sources_hash") == sources_hash:
+        if is_current(old.manifest, hashed, sources_hash):
             verify_files(old)
             _say(progress, f"reusing prepared data in {out_dir} (config {config_hash[:12]})")
             return old
         _say(progress, f"{out_dir}: {changes(old.manifest, hashed, sources_hash)} since it was prepared; "
-                       "preparing it again (the models built from it become outdated)")
+                       "preparing it again (the models made from it stay up to date if its files come out the same)")
     t0 = time.time()
     skipped: dict[str, str] = {}
     for name, source in spec.resolved.items():
@@ -177,15 +193,14 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
                 raise
             skipped[name] = str(e)
             _say(progress, f"out-of-domain source {name!r} skipped: {e}")
-    docs: dict[str, dict[str, list[src.Document]]] = {}
-    dups: dict[str, int] = {}
-    for name, source in spec.resolved.items():
-        if name in skipped:
-            continue
-        cap = spec.cap(name)
-        read = tqdm(src.iter_documents(source, cap), desc=f"reading {name}", unit=" docs", disable=not progress)
-        docs[name], dups[name] = dedupe_and_split(read, spec.split.val, spec.split.test)
-        _check_nonempty(source, docs[name], cap)
+    reading = ((name, tqdm(src.iter_documents(spec.resolved[name], spec.cap(name)), desc=f"reading {name}",
+                           unit=" docs", disable=not progress))
+               for name in spec.dedupe_order if name not in skipped)
+    deduped: dict[str, SourceSplits] = {}
+    for result in dedupe_and_split(reading, spec.split.val, spec.split.test):
+        _check_nonempty(spec.resolved[result.source], result, spec.cap(result.source))
+        deduped[result.source] = result
+    docs = {name: deduped[name].splits for name in spec.resolved if name in deduped}  # general, domains, ood
     if seed_tokenizer is not None:
         tok, eos, eos_token, encode = (seed_tokenizer.tokenizer, seed_tokenizer.eos_id, seed_tokenizer.eos_token,
                                        seed_tokenizer.encode)
@@ -215,8 +230,10 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
                 }
         write_manifest(
             tmp, stage="data", name="data", config=hashed, settings=spec.to_dict(), sources_hash=sources_hash,
-            sources=list(docs), ood=[s for s in spec.ood if s in docs], skipped_sources=skipped,
-            duplicates_removed=dups, tokenizer_hash=tk.tokenizer_hash(tok),
+            revision=REVISION, sources=list(docs), ood=[s for s in spec.ood if s in docs], skipped_sources=skipped,
+            duplicates_removed={n: r.duplicates for n, r in deduped.items()},
+            cross_source_duplicates_removed={n: r.kept_elsewhere for n, r in deduped.items()},
+            tokenizer_hash=tk.tokenizer_hash(tok),
             vocab_size=vocab, eos_id=eos, eos_token=eos_token, stats=stats,
             wall_time_s=round(time.time() - t0, 2),
         )
@@ -236,7 +253,16 @@ def print_stats_table(prepared: PreparedData, file: TextIO | None = None) -> Non
     print(f"{'source':<12} {'split':<6} {'documents':>10} {'MB':>9} {'tokens':>12}", file=out)
     for name, split, n, mb, tokens in rows:
         print(f"{name:<12} {split:<6} {n:>10,} {mb:>9.2f} {tokens:>12,}", file=out)
+    print(f"exact duplicates removed: {duplicates_summary(prepared.manifest)}", file=out)
     print(f"data in {prepared.dir} (tokenizer {prepared.tokenizer_hash[:12]}, vocab {prepared.vocab_size})", file=out)
+
+
+def duplicates_summary(manifest: dict[str, Any]) -> str:
+    """The duplicates a data manifest records as removed, within each source and across sources, in words."""
+    parts = [f"{n:,} within {name}" for name, n in manifest.get("duplicates_removed", {}).items() if n]
+    parts += [f"{n:,} from {name} also in {other} (kept there)"
+              for name, kept in manifest.get("cross_source_duplicates_removed", {}).items() for other, n in kept.items()]
+    return "; ".join(parts) or "none"
 
 
 # ---- steps -----------------------------------------------------------------------------------
@@ -245,14 +271,21 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _check_nonempty(source: src.SourceSpec, by_split: dict[str, list[src.Document]], cap: int | None) -> None:
-    total = sum(len(v) for v in by_split.values())
+def _check_nonempty(source: src.SourceSpec, result: SourceSplits, cap: int | None) -> None:
+    """Every split of a source holds a document after duplicate removal; else a BamError saying why not."""
+    total, name = result.documents, source.name
+    elsewhere = ", ".join(f"{n} in {other!r}" for other, n in result.kept_elsewhere.items())
+    if total == 0 and elsewhere:
+        raise BamError(f"every document of source {name!r} ({source.type}) is also in an earlier source, which keeps "
+                       f"it ({elsewhere}; a text is kept by one source, the domains first, in data.domains order, "
+                       f"then data.general, then data.ood); give data.sources.{name}.source data of its own")
     if total == 0:
-        raise BamError(f"source {source.name!r} ({source.type}) yielded no documents; check its source settings")
+        raise BamError(f"source {name!r} ({source.type}) yielded no documents; check its source settings")
+    removed = f"; {result.cross_source_duplicates} more were removed as duplicates ({elsewhere})" if elsewhere else ""
     for split in SPLITS:
-        if not by_split[split]:
+        if not result.splits[split]:
             raise BamError(
-                f"source {source.name!r}: the {split} split is empty ({total} documents, max_bytes={cap}); "
+                f"source {name!r}: the {split} split is empty ({total} documents, max_bytes={cap}{removed}); "
                 "give the source more data (raise max_bytes) or raise data.split fractions"
             )
 

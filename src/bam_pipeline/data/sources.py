@@ -151,6 +151,20 @@ class SourceSpec:
                 "source": {"type": self.type, **dataclasses.asdict(self.options)}}
 
 
+# Options that only cut a corpus into documents or name them: two sources differing in these alone read the
+# same text (shakespeare cut at 4000 or 16000 bytes), so they are one corpus (:func:`corpus_of`).
+SHAPE_OPTIONS = ("section_bytes", "id_field")
+
+
+def corpus_of(spec: SourceSpec) -> tuple[Any, ...]:
+    """What a source reads, without the options that only cut or name its documents: two sources with the
+    same corpus would hold the same text (a files source's path is compared resolved)."""
+    options = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in SHAPE_OPTIONS}
+    if spec.type == "files":
+        options["path"] = str(Path(os.path.expanduser(options["path"])).resolve())
+    return spec.type, json.dumps(options, sort_keys=True, default=str)
+
+
 def known_sources(overrides: dict[str, Any] | None = None) -> list[str]:
     """Names with a domain config (``conf/domain/<name>.yaml``), plus names fully defined in ``data.sources``."""
     names = set(group_options("domain"))
@@ -370,10 +384,14 @@ def sword_debian(spec: SourceSpec) -> Iterator[Document]:
 
 
 # ---- generic sources --------------------------------------------------------------------------
+BOM = "\ufeff"  # the byte-order mark some editors write first in a UTF-8 file: a file's encoding, not its text
+
+
 def _utf8(raw: bytes, where: str) -> str:
-    """``raw`` decoded as UTF-8, or a BamError naming the first bad byte."""
+    """``raw`` (a file, or a line of one) decoded as UTF-8 without a leading byte-order mark, or a BamError
+    naming the first bad byte."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         raise BamError(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason}); "
                        "convert the file to UTF-8 or leave it out of source.path") from None
@@ -429,7 +447,31 @@ def _records(path: Path, rel: str, text_field: str, id_field: str | None) -> Ite
         if id_field and id_field not in row:
             raise BamError(f"{where} has no field {id_field!r} (fields: {sorted(row)}); set source.id_field or drop it")
         doc_id = str(row[id_field]) if id_field else f"{rel}:{i}"
+        for key in (text_field, id_field) if id_field else (text_field,):
+            _check_no_surrogates(str(row[key]), f"{where}: field {key!r}")
         yield Document(doc_id, row[text_field])
+
+
+def _check_utf8_name(rel: str, root: Path, source: str) -> None:
+    """BamError when a file's name (its document id) is not UTF-8: Python holds its bad bytes as surrogates."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = os.fsencode(rel).decode("utf-8", "replace")
+        raise BamError(f"source {source!r}: the file name {shown!r} under {root} is not UTF-8 (byte "
+                       f"0x{ord(rel[e.start]) - 0xdc00:02x}); rename it in UTF-8 or move it out of "
+                       f"data.sources.{source}.source.path") from None
+
+
+def _check_no_surrogates(text: str, where: str) -> None:
+    """BamError when ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"`` escape, half of a pair),
+    which is no character: UTF-8 cannot store it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BamError(f"{where} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}, half "
+                       "of a UTF-16 pair and no character; write the character itself (or both halves of its "
+                       "escape) or leave the record out") from None
 
 
 def files(spec: SourceSpec) -> Iterator[Document]:
@@ -443,6 +485,7 @@ def files(spec: SourceSpec) -> Iterator[Document]:
     text_field, id_field = opts.text_field, opts.id_field
     for p in paths:
         rel = p.name if p == root else str(p.relative_to(root))
+        _check_utf8_name(rel, root, spec.name)
         if p.suffix in RECORD_SUFFIXES:
             yield from _records(p, rel, text_field, id_field)
         else:

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bam_pipeline.config.reading import read_section
-from bam_pipeline.data.sources import SourceSpec, known_sources, resolve_source
-from bam_pipeline.errors import ConfigError
+from bam_pipeline.data.sources import SourceSpec, corpus_of, known_sources, resolve_source
+from bam_pipeline.errors import BamError, ConfigError
 
 BPE_MIN_VOCAB = 259  # 256 byte symbols + the 2 special tokens + at least one merge
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Document-level split fractions (by sha1 of the document id)."""
+    """Document-level split fractions (by sha1 of the document id; duplicates removed first: data/splits.py)."""
 
     val: float
     test: float
@@ -102,6 +102,21 @@ class DataSpec:
                               f"names no domain (known: {', '.join(known_sources(self.sources))}) and defines "
                               "no source.type")
         assert self.resolved  # every source resolves now, not when it is first read
+        self._check_distinct_corpora()
+
+    def _check_distinct_corpora(self) -> None:
+        """Two sources reading one corpus would hold the same texts: the later one in the dedupe order would
+        lose every document to the other (splits.py), so it is refused here, before anything is read."""
+        first: dict[tuple[Any, ...], str] = {}
+        for name in self.dedupe_order:
+            spec = self.resolved[name]
+            other = first.setdefault(corpus_of(spec), name)
+            if other != name:
+                what = {"files": "path", "hub": "dataset"}.get(spec.type)
+                corpus = f"{spec.type} {what}={getattr(spec.options, what)}" if what else spec.type
+                raise BamError(f"data.sources.{other}.source and data.sources.{name}.source read the same corpus "
+                               f"({corpus}): every document of {name!r} would be a duplicate of one that {other!r} "
+                               "keeps; point one of them at other data")
 
     @cached_property
     def resolved(self) -> dict[str, SourceSpec]:
@@ -112,6 +127,14 @@ class DataSpec:
     def source_names(self) -> list[str]:
         """The general source, the domains, then the out-of-domain sources."""
         return list(dict.fromkeys([self.general, *self.domains, *self.ood]))
+
+    @property
+    def dedupe_order(self) -> list[str]:
+        """The order in which sources claim texts found in several of them (data/splits.py): the domains (in
+        ``domains`` order), then the general source, then the out-of-domain sources. The most specific
+        source keeps a text (code found in web text stays code), and a text any stage trains on is never
+        scored as out-of-domain."""
+        return list(dict.fromkeys([*self.domains, self.general, *self.ood]))
 
     def cap(self, source: str) -> int | None:
         """Bytes of text read from ``source``: its own ``max_bytes``, else ``max_bytes_per_source``."""

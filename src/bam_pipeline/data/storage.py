@@ -117,6 +117,9 @@ def load_split_sequences(
     stream = TokenStream(prepared.dir, source, split)
     avail = len(stream) if max_tokens is None else min(len(stream), int(max_tokens))
     n = avail // (seq_len + 1)
+    if n == 0 and len(stream) > seq_len:  # the split holds a sequence; the cap does not
+        raise BamError(f"at most {max_tokens} tokens of {source}/{split} asked for, fewer than one sequence of "
+                       f"{seq_len + 1}; ask for at least {seq_len + 1}")
     if n == 0:
         raise BamError(
             f"{source}/{split} has {len(stream)} tokens, fewer than one sequence of {seq_len + 1}; "

@@ -37,7 +37,7 @@ from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.store.artifacts import (Artifact, find_model_artifacts, load_model, load_state, nonfinite_fix,
-                                         outdated_models, read_artifact)
+                                         outdated_models, read_artifact, read_model_config)
 from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
@@ -346,6 +346,12 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
                        f"splits enabled")
     skipped += [{"kind": "source", "name": name, "reason": f"out-of-domain source unavailable: {why}"}
                 for name, why in prepared.manifest.get("skipped_sources", {}).items()]
+    for art in selection.models if spec.max_tokens_per_source is not None else ():  # before any model is scored
+        try:
+            max_seq_len = read_model_config(art).max_seq_len
+        except BamError:
+            continue  # left out below, with its reason
+        spec.check_budget(_seq_len(spec, art, max_seq_len))
     dhash = data_hash(prepared)
     device = resolve_device(spec.device)
     seqs = _Sequences(prepared, spec.max_tokens_per_source)

@@ -38,6 +38,8 @@ class EvalSpec:
             raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError("seq_len", self.seq_len, "must be positive or null (the model's max_seq_len)")
+        if self.seq_len is not None:
+            self.check_budget(self.seq_len, key="max_tokens_per_source")
         if self.btm_prior_sequences < 1:
             raise ConfigError("btm_prior_sequences", self.btm_prior_sequences, "must be a positive integer")
         if self.resamples < 2000:
@@ -52,6 +54,17 @@ class EvalSpec:
                                   "name mixtures by label, e.g. [moe/bam]")
         if not DEVICE.match(self.device):
             raise ConfigError("device", self.device, "use auto, cpu, cuda, cuda:<index> or mps")
+
+    def check_budget(self, seq_len: int, key: str = "eval.max_tokens_per_source") -> None:
+        """ConfigError unless ``max_tokens_per_source`` holds one eval sequence of ``seq_len`` positions: those
+        and the token after the last, ``seq_len + 1`` tokens (each position is scored on the token after it)."""
+        need = seq_len + 1
+        if self.max_tokens_per_source is not None and self.max_tokens_per_source < need:
+            where = "eval.seq_len" if self.seq_len is not None else "the models' max_seq_len; eval.seq_len is null"
+            raise ConfigError(key, self.max_tokens_per_source,
+                              f"fewer than one eval sequence: {seq_len} positions ({where}) and the token after "
+                              f"the last, {need} tokens; set eval.max_tokens_per_source to at least {need}, or null "
+                              "for the whole test split")
 
     def cache_key(self) -> dict[str, Any]:
         """The settings that change results (part of the eval cache key; the device is added apart)."""
