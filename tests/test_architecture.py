@@ -22,6 +22,7 @@ LAYERS = {
     "training": 6,
     "eval": 6,
     "stages": 7,
+    "sweeps": 7,
     "cli": 8,
     "loading": 8,
     "__main__": 9,

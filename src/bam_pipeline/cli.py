@@ -1,7 +1,8 @@
 """Hydra entry point, ``python -m bam_pipeline stage=<name> [overrides]`` (stages: :data:`bam_pipeline.stages.STAGES`),
 and the error boundary: a user's error (BamError, or a command line Hydra cannot compose) prints one line and
-exits 2; a stop signal exits 128 + its number (Ctrl-C: 130); anything else is a bug and prints one line pointing at a file
-with the traceback.
+exits 2; a stop signal exits 128 + its number (Ctrl-C: 130); anything else is a bug and prints one line pointing at a
+file with the traceback. In a sweep (``-m``) a job's error fails that job only: the sweep goes on, and at its end
+prints one line per failed job (:mod:`bam_pipeline.sweeps`); a stop signal still stops the whole sweep.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Iterator, Optional
 
 import hydra
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bam_pipeline.config.files import PRIMARY, conf_dir
 from bam_pipeline.config.overrides import check_appended_keys, describe
 from bam_pipeline.errors import BamError
+from bam_pipeline.sweeps import JobFailed, SweepFailed, announce
 
 os.environ.setdefault("WANDB_SILENT", "true")
 UNEXPECTED_EXIT = 1
@@ -41,6 +43,19 @@ def quiet_lightning() -> None:
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def fail_job(message: str, code: int = 2) -> None:
+    """:func:`fail`, except in a job of a sweep: there the job fails (Hydra records the raised
+    :class:`JobFailed`), and the sweep goes on to its next job and names this one when it ends."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        fail(message, code)
+    announce(int(hydra_cfg.job.num), message)
+    raise JobFailed(message, code)
 
 
 def check_stages_root(root: Path) -> None:
@@ -80,23 +95,13 @@ def _check_root_and_run(config: DictConfig) -> None:
 
 class AppendedKeysCheck(Callback):
     """Refuses a key appended on the command line (``+domian=code``) that the config does not have: no
-    stage would read it. Before Hydra makes a directory for a run, and for each job of a sweep (whose
-    job directory is under the sweep's logs)."""
+    stage would read it. Before Hydra makes a directory for a run; each job of a sweep is checked by
+    :func:`app` (an error raised here would end the sweep instead of failing the job)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _refuse_appended_keys(config)
-
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        from hydra.types import RunMode
-
-        if config.hydra.mode == RunMode.MULTIRUN:
-            _refuse_appended_keys(config)
-
-
-def _refuse_appended_keys(config: DictConfig) -> None:
-    message = check_appended_keys(config)
-    if message is not None:
-        fail(message)
+        message = check_appended_keys(config)
+        if message is not None:
+            fail(message)
 
 
 def report_unexpected(error: BaseException) -> None:
@@ -113,13 +118,14 @@ def report_unexpected(error: BaseException) -> None:
             f.write(text)
             path = Path(f.name)
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    fail(f"unexpected {type(error).__name__}{': ' + first if first else ''} (a bug in bam-pipeline, not in your "
-         f"input; the traceback is in {path}; please report it)", UNEXPECTED_EXIT)
+    fail_job(f"unexpected {type(error).__name__}{': ' + first if first else ''} (a bug in bam-pipeline, not in your "
+             f"input; the traceback is in {path}; please report it)", UNEXPECTED_EXIT)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=PRIMARY)
 def app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from bam_pipeline.stages import RunContext, stage_named
     from bam_pipeline.training import preemption
@@ -130,6 +136,10 @@ def app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     with _users_full_error_for_the_stage():
         try:
+            if hydra_cfg.mode == RunMode.MULTIRUN:  # a single run's were checked before Hydra made its directory
+                appended = check_appended_keys(OmegaConf.create({"hydra": hydra_cfg}))
+                if appended is not None:
+                    raise BamError(appended)
             stage = stage_named(str(cfg.stage))
             ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices,
                                          overrides=tuple(hydra_cfg.overrides.task))
@@ -139,8 +149,10 @@ def app(cfg: DictConfig) -> None:
             stop = preemption.stop_behind(e)  # a stop signal another handler turned into this error
             if stop is not None:
                 fail(str(stop), stop.exit_code)
+            if isinstance(e, preemption.Stopped):
+                fail(str(e), e.exit_code)  # a stop signal stops a whole sweep too
             if isinstance(e, BamError):
-                fail(str(e), e.exit_code)
+                fail_job(str(e), e.exit_code)
             report_unexpected(e)
 
 
@@ -150,11 +162,12 @@ def main() -> None:
     keeps Hydra's full traces."""
     users = os.environ.get(FULL_ERROR)
     if users == "1":
-        app()
+        with _failed_jobs_reported():
+            app()
         return
     _users_full_error.append(users)
     try:
-        with _full_error("1"):  # Hydra raises what it would print, and main() says it in one line
+        with _full_error("1"), _failed_jobs_reported():  # Hydra raises what it would print; main() says it in one line
             app()
     except KeyboardInterrupt:  # Ctrl-C before the stage installed its handler (while Hydra composes, say)
         fail("stopped by SIGINT before the stage started; nothing was written; re-run the same command",
@@ -168,6 +181,18 @@ def main() -> None:
         run_and_report(functools.partial(_raise, e))  # not the command line's fault: Hydra's own report, as without us
     finally:
         _users_full_error.pop()
+
+
+@contextmanager
+def _failed_jobs_reported() -> Iterator[None]:
+    """A sweep whose jobs did not all succeed: one ``error:`` line per failed job, and its exit code."""
+    try:
+        yield
+    except SweepFailed as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        for line in e.lines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 @contextmanager

@@ -649,6 +649,25 @@ CASES: dict[str, Case] = {
                               interrupt="bam_pipeline.stages.downstream:run_tasks", may_leave=("downstream/suite/*",)),
 
     # ---- sweeps: one bad job of a multirun ----
+    # The others run (and publish what they would alone: may_leave); the sweep's one error line names the bad job
+    # by number and overrides (tests/stages/test_sweeps.py checks the other jobs' outputs).
+    "sweep_bad_value": Case(W, ("-m", "stage=info", "train.batch_size=4,0"), ("job 1", "train.batch_size=0")),
+    "sweep_unknown_option": Case(W, ("-m", "stage=info", "domain=code,physics"),
+                                 ("job 1", "domain=physics", "code", "domain/physics.yaml")),
+    "sweep_unknown_key": Case(W, ("-m", "stage=info", "logger=wandb,csv", "logger.project=x"),
+                              ("job 1", "logger=csv", "logger.project=x", "save_dir")),
+    "sweep_missing_checkpoint": Case(W, ("-m", "stage=info", "seed=pretrain,hf"), ("job 1", "seed=hf", "seed.path")),
+    "sweep_mix_k": Case(W, ("-m", "stage=mix", "mix=bam_attn_top1", "mix.ffn_router.k=1,9"),
+                        ("job 1", "mix=bam_attn_top1", "mix.ffn_router.k=9", "4"), needs_run=True,
+                        may_leave=("smoke/mix/bam_attn_top1/*",)),
+    "sweep_branch_domain": Case(W, ("-m", "stage=branch", "domain=code,bible"),
+                                ("job 1", "domain=bible", "code, math, law"), needs_run=True),
+    "sweep_unknown_artifact": Case(W, ("-m", "stage=export", "artifact=seed,moe/bamm"),
+                                   ("job 1", "artifact=moe/bamm", "moe/bam", "stage=status"), needs_run=True,
+                                   may_leave=("smoke/export/seed/*",)),
+    "sweep_generate_tokens": Case(W, ("-m", "stage=generate", "artifact=seed", "generate.prompt=def",
+                                      "generate.max_new_tokens=4,0"), ("job 1", "generate.max_new_tokens=0"),
+                                  needs_run=True),
 
     # ---- paths and manifest integrity ----
     "run_outside_root": Case(G, ("run=../x",), ("run='../x'", "BAM_STAGES_DIR")),
