@@ -185,7 +185,7 @@ def _weights_set(artifact: str, value: float, remove: tuple[str, ...] = ()) -> S
 
 NAN = float("nan")
 DIVERGE = ("train.lr=1e30", "train.warmup_frac=0")  # two steps at this rate: every weight NaN
-WORK = ("smoke/.work/*",)  # a training stage that refuses keeps its work directory (train log, good checkpoints)
+WORK = (".work/*",)  # a training stage that refuses keeps its work directory (train log, good checkpoints)
 OTHER_VOCAB = "data.tokenizer.vocab_size=400"
 _OTHER_DATA: list[Path] = []  # the smoke data prepared with OTHER_VOCAB once, for every case that needs it
 
@@ -659,12 +659,12 @@ CASES: dict[str, Case] = {
     "sweep_missing_checkpoint": Case(W, ("-m", "stage=info", "seed=pretrain,hf"), ("job 1", "seed=hf", "seed.path")),
     "sweep_mix_k": Case(W, ("-m", "stage=mix", "mix=bam_attn_top1", "mix.ffn_router.k=1,9"),
                         ("job 1", "mix=bam_attn_top1", "mix.ffn_router.k=9", "4"), needs_run=True,
-                        may_leave=("smoke/mix/bam_attn_top1/*",)),
+                        may_leave=("mix/bam_attn_top1/*",)),
     "sweep_branch_domain": Case(W, ("-m", "stage=branch", "domain=code,bible"),
                                 ("job 1", "domain=bible", "code, math, law"), needs_run=True),
     "sweep_unknown_artifact": Case(W, ("-m", "stage=export", "artifact=seed,moe/bamm"),
                                    ("job 1", "artifact=moe/bamm", "moe/bam", "stage=status"), needs_run=True,
-                                   may_leave=("smoke/export/seed/*",)),
+                                   may_leave=("export/seed/*",)),
     "sweep_generate_tokens": Case(W, ("-m", "stage=generate", "artifact=seed", "generate.prompt=def",
                                       "generate.max_new_tokens=4,0"), ("job 1", "generate.max_new_tokens=0"),
                                   needs_run=True),

@@ -61,7 +61,8 @@ def test_weights_that_are_not_finite_name_the_settings_to_change(tmp_path, stage
 
 def test_a_loss_that_is_not_finite_alone_is_refused_and_the_kept_checkpoint_named(tmp_path):
     (tmp_path / CKPT_DIR).mkdir()
-    (tmp_path / CKPT_DIR / "step=4.ckpt").write_bytes(b"a complete checkpoint file")
+    torch.save({"global_step": 4, "state_dict": _state()}, tmp_path / CKPT_DIR / "step=4.ckpt")
+    (tmp_path / CKPT_DIR / "step=8.ckpt").write_bytes(b"cut sho")  # unreadable: never named as the one kept
     state = _state()
     msg = nonfinite_refusal(_job(tmp_path, "seed"), state, math.inf, master=state, precision="32-true", steps=8,
                             work=tmp_path)
