@@ -138,3 +138,19 @@ def test_no_readable_checkpoint_is_one_line_naming_the_directory_to_delete(tmp_p
     with pytest.raises(BamError, match=f"no readable checkpoint to resume from in {work} .*delete {work} to train"):
         _prepare_work_dir(work, "h")
     assert (work / "checkpoints" / "step=4.ckpt").exists()  # nothing deleted behind the user's back
+
+
+def test_a_stop_never_checkpoints_weights_that_are_not_finite(tmp_path):
+    """A stop signal right after an update that made a weight NaN: no stop checkpoint, so the rerun resumes from
+    the last good periodic one (a stop checkpoint of finite weights is saved as before)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    saved = []
+    trainer = SimpleNamespace(global_step=7, save_checkpoint=saved.append)
+    on_stop = preemption.CheckpointOnStop(tmp_path)
+    on_stop.on_exception(trainer, SimpleNamespace(weights_finite=lambda: False), SIGTERMException())
+    assert saved == [] and on_stop.saved_at is None
+    on_stop.on_exception(trainer, SimpleNamespace(weights_finite=lambda: True), SIGTERMException())
+    assert saved == [tmp_path / "stop-step=7.ckpt"] and on_stop.saved_at == 7

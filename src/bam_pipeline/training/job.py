@@ -340,7 +340,13 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     except SIGTERMException:
         signum = received()
-        raise Stopped(signum, f"{job.label}: stopped by {signal.Signals(signum).name} after step {on_stop.saved_at} of "
+        name = signal.Signals(signum).name
+        if on_stop.saved_at is None:  # the weights were not finite: no checkpoint of them (CheckpointOnStop)
+            raise Stopped(signum, f"{job.label}: stopped by {name} at step {trainer.global_step} of {job.budget.steps}, "
+                                  "whose weights are not finite, so none was saved there; run the same command again "
+                                  f"to resume from the last good checkpoint in {work / CKPT_DIR}, or lower train.lr"
+                          ) from None
+        raise Stopped(signum, f"{job.label}: stopped by {name} after step {on_stop.saved_at} of "
                               f"{job.budget.steps}; a resumable checkpoint is in {work / CKPT_DIR}; run the same "
                               "command again to resume") from None
     finally:

@@ -117,6 +117,7 @@ class CheckpointOnStop(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         defer(False)
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")
+        finite = getattr(pl_module, "weights_finite", lambda: True)
+        if isinstance(exception, SIGTERMException) and finite():  # weights that are not finite: the rerun
+            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")  # resumes from an older one
             self.saved_at = trainer.global_step
