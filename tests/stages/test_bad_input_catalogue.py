@@ -403,6 +403,8 @@ CASES: dict[str, Case] = {
     "paths_root_file": Case(P, ("stage=info", "paths.root={scratch}/afile"), ("{scratch}/afile", "paths.root")),
     "tokenizer_path": Case(P, ("data.tokenizer.path=/nonexistent/tokenizer.json",),
                            "data.tokenizer.path='/nonexistent/tokenizer.json'"),
+    "tokenizer_path_folder": Case(P, ("data.tokenizer.path={scratch}",), ("data.tokenizer.path", "{scratch}",
+                                                                          "a directory")),
     "source_path": Case(P, ("stage=data",), ("{scratch}/missing", "data.sources.code.source.path"),
                         setup=lambda run, scratch: _files_source(run, scratch, "missing")),
     "source_suffix": Case(P, ("stage=data",), ("{scratch}/docs.csv", ".txt", ".jsonl", ".json", ".parquet",

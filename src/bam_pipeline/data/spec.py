@@ -46,7 +46,8 @@ class TokenizerSpec:
 
     def __post_init__(self) -> None:
         if self.path is not None and not Path(self.path).expanduser().is_file():
-            raise ConfigError("path", self.path, "no such file; give a tokenizer.json or null to train one")
+            what = "a directory, not a file" if Path(self.path).expanduser().is_dir() else "no such file"
+            raise ConfigError("path", self.path, f"{what}; give a tokenizer.json or null to train one")
         if self.path is None and self.vocab_size < BPE_MIN_VOCAB:
             raise ConfigError("vocab_size", self.vocab_size, f"byte-level BPE needs at least {BPE_MIN_VOCAB}")
         if self.train_bytes <= 0:
