@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.kv_cache import LayerKV
-from bam_pipeline.model.layers import RotaryEmbedding
-from bam_pipeline.model.routing import Router, Routing
+from ..errors import BamError
+from .config import ModelConfig
+from .kv_cache import LayerKV
+from .layers import RotaryEmbedding
+from .routing import Router, Routing
 
 
 class AttentionOutput(NamedTuple):

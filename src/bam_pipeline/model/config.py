@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bam_pipeline.errors import ConfigError
+from ..errors import ConfigError
 
 KV_MODES = ("expert", "shared")
 ROUTER_KINDS = ("soft", "topk", "hash", "expert_choice")

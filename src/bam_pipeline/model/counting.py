@@ -36,8 +36,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import ModelConfig
+from ..errors import BamError
+from .config import ModelConfig
 
 TRAINING_FLOPS_MULTIPLIER = 3
 

@@ -26,9 +26,9 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.model.kv_cache import KVCache
-from bam_pipeline.model.transformer import BAMTransformer
+from ..errors import BamError, ConfigError
+from .kv_cache import KVCache
+from .transformer import BAMTransformer
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import ModelConfig
+from ..errors import BamError
+from .config import ModelConfig
 
 
 class DecodeStep(NamedTuple):

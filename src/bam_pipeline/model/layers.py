@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import NO_ROPE_SCALING, ModelConfig, RopeScaling
+from ..errors import BamError
+from .config import NO_ROPE_SCALING, ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bam_pipeline.errors import ConfigError
+from ..errors import ConfigError
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum")

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.layers import matmul_dtype, swiglu
-from bam_pipeline.model.routing import Router, Routing, global_counts, load_balancing_loss, router_z_loss
+from ..errors import BamError
+from .config import ModelConfig
+from .layers import matmul_dtype, swiglu
+from .routing import Router, Routing, global_counts, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
 

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.config import RouterConfig
+from ..errors import BamError
+from .config import RouterConfig
 
 
 class Routing(NamedTuple):

@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bam_pipeline.errors import BamError
-from bam_pipeline.model.attention import MixtureOfAttention
-from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.kv_cache import KVCache, LayerKV
-from bam_pipeline.model.layers import make_norm, matmul_dtype
-from bam_pipeline.model.loss import LossChunking, chunked_next_token_nll, next_token_nll
-from bam_pipeline.model.moe import MoEFeedForward
-from bam_pipeline.model.routing import Router, Routing, global_counts, load_balancing_loss, route, router_logits
+from ..errors import BamError
+from .attention import MixtureOfAttention
+from .config import ModelConfig
+from .kv_cache import KVCache, LayerKV
+from .layers import make_norm, matmul_dtype
+from .loss import LossChunking, chunked_next_token_nll, next_token_nll
+from .moe import MoEFeedForward
+from .routing import Router, Routing, global_counts, load_balancing_loss, route, router_logits
 
 
 @dataclass
