@@ -15,7 +15,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.interop import ARCHITECTURES, import_checkpoint
 from bam_pipeline.interop import hf_weights
 from bam_pipeline.interop.hf_weights import interleaved_to_half_split, linear_bias, linear_weight, tensor_table
-from bam_pipeline.mixing.upcycle import expected_shapes
+from bam_pipeline.model.state_dict import expected_shapes
 from bam_pipeline.model import preset
 from bam_pipeline.model.layers import apply_rotary, rotary_tables
 

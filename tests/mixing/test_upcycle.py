@@ -9,9 +9,10 @@ from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.mixing.hidden import hidden_means
-from bam_pipeline.mixing.upcycle import expected_shapes, upcycle
+from bam_pipeline.mixing.upcycle import upcycle
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import preset
+from bam_pipeline.model.state_dict import expected_shapes
 from bam_pipeline.model.transformer import BAMTransformer
 
 CFG = preset("smoke")  # V=256, D=32, L=2, H=4, KV=2, F=64, untied

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from bam_pipeline.errors import ConfigError
-from bam_pipeline.mixing.upcycle import expected_shapes
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
 from bam_pipeline.model.config import IMPORT_OPTIONS, PRESETS, RopeScaling
 from bam_pipeline.model.counting import architecture_summary, count_params, flops_per_token
 from bam_pipeline.model.layers import LayerNorm, RMSNorm, rope_inverse_frequencies, rotary_tables
+from bam_pipeline.model.state_dict import expected_shapes
 
 BASE = preset("smoke", tie_embeddings=False)  # V=256, D=32, L=2, H=4, KV=2, hd=8, F=64
 # ModelConfig's keys before the import options existed: native configs must serialise exactly so

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from bam_pipeline.store.artifacts import Artifact, read_artifact, read_model_config, read_train_log
 from bam_pipeline.training.memory import MemorySetup, estimate
-from bam_pipeline.training.module import EXPERT_TENSORS
+from bam_pipeline.model.state_dict import EXPERT_TENSORS
 
 # the BAM mixture for 16 steps of 512 tokens (a checkpoint every 8): one process with 8 sequences a
 # step, or two with 4 each

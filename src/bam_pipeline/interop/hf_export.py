@@ -54,9 +54,9 @@ from bam_pipeline.interop.architectures import ARCHITECTURES
 from bam_pipeline.interop.hf_config import CONFIG_FILE
 from bam_pipeline.interop.hf_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_FILE, check_vocabulary
 from bam_pipeline.interop.hf_weights import INDEX_FILE, WEIGHTS_FILE, tensor_table
-from bam_pipeline.mixing.upcycle import StateDict, expected_shapes
 from bam_pipeline.model.config import ModelConfig, RouterConfig
 from bam_pipeline.model.counting import architecture_summary, count_params
+from bam_pipeline.model.state_dict import StateDict, expected_shapes
 
 FORMATS = ("auto", "stock", "custom")
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.interop.architectures import Architecture
-from bam_pipeline.mixing.upcycle import StateDict, expected_shapes
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.state_dict import StateDict, expected_shapes
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

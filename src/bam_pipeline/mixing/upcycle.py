@@ -1,6 +1,6 @@
 """Upcycling: dense state dicts in, one mixture state dict (and its ModelConfig) out.
 
-Pure functions over the state-dict layout of docs/architecture.md. Dense models have E = 1, so an
+Pure functions over the model's state-dict layout (:mod:`~bam_pipeline.model.state_dict`). Dense models have E = 1, so an
 expert tensor ``(1, ...)`` of each source model is concatenated along the expert dim; tensors that
 are not experts are uniformly averaged; routers are freshly initialised from a seeded generator.
 Which model each expert comes from, and which models are averaged, is the variant's declaration
@@ -28,52 +28,11 @@ from torch import Tensor
 from bam_pipeline.errors import BamError
 from bam_pipeline.mixing.variant import SEED, MixVariant
 from bam_pipeline.model.config import ModelConfig
+from bam_pipeline.model.state_dict import (
+    ATTN_EXPERT_TENSORS, FFN_EXPERT_TENSORS, KV_TENSORS, StateDict, expected_shapes,
+)
 
-StateDict = dict[str, Tensor]
-
-_ATTN_EXPERT_KEYS = ("wq", "wo", "bq")
-_KV_KEYS = ("wk", "wv", "bk", "bv")
-_FFN_KEYS = ("w1", "w2", "w3")
 _VOCAB_KEYS = ("tok_emb.weight", "lm_head.weight")
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The state-dict layout of docs/architecture.md for ``cfg``: key -> shape, in the model's order."""
-    d, q, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
-    ea, ekv, ef = cfg.attn_experts, cfg.kv_experts, cfg.ffn_experts
-    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "norm.weight"] = (d,)
-        shapes[p + "attn.wq"] = (ea, d, q)
-        shapes[p + "attn.wk"] = (ekv, d, kv)
-        shapes[p + "attn.wv"] = (ekv, d, kv)
-        shapes[p + "attn.wo"] = (ea, q, d)
-        if cfg.qkv_bias:
-            shapes[p + "attn.bq"] = (ea, q)
-            shapes[p + "attn.bk"] = (ekv, kv)
-            shapes[p + "attn.bv"] = (ekv, kv)
-        own = cfg.routes_at(i) and not cfg.joint_router  # the attention and FFN hold their own routers
-        if ea > 1 and own:
-            shapes[p + "attn.router.weight"] = (ea, d)
-        if not cfg.parallel_residual:
-            shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "ffn.w1"] = (ef, d, f)
-        shapes[p + "ffn.w3"] = (ef, d, f)
-        shapes[p + "ffn.w2"] = (ef, f, d)
-        if ef > 1 and own:
-            if cfg.ffn_router.kind == "hash":
-                shapes[p + "ffn.router.table"] = (cfg.vocab_size,)
-            else:
-                shapes[p + "ffn.router.weight"] = (ef, d)
-            if cfg.ffn_router.kind == "expert_choice":
-                shapes[p + "ffn.router.threshold"] = (ef,)
-        if cfg.joint_router and cfg.routes_at(i):
-            shapes[p + "router.weight"] = (ea, d)
-    shapes["norm.weight"] = (d,)
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    return shapes
 
 
 def check_mixable(models: Sequence[Mapping[str, Tensor]], labels: Sequence[str], dense_cfg: ModelConfig) -> None:
@@ -220,7 +179,6 @@ def assemble_mixture(
     dtype = backbone["tok_emb.weight"].dtype
     out: StateDict = {}
     for key, shape in expected_shapes(mix_cfg).items():
-        module, _, name = key.rpartition(".")
         if key.endswith("router.weight") and routers is not None and key in routers:
             out[key] = routers[key]
         elif key.endswith("router.weight"):
@@ -231,12 +189,12 @@ def assemble_mixture(
             out[key] = table.to(torch.int64).clone()
         elif key.endswith("router.threshold"):
             out[key] = torch.full(shape, float("nan"), dtype=dtype)
-        elif module.endswith("attn") and name in _ATTN_EXPERT_KEYS:
+        elif key.endswith(ATTN_EXPERT_TENSORS):
             out[key] = stack_experts([s[key] for s in attn_sources])
-        elif module.endswith("attn") and name in _KV_KEYS:
+        elif key.endswith(KV_TENSORS):
             kvs = [s[key] for s in attn_sources]
             out[key] = stack_experts(kvs) if mix_cfg.attn_kv == "expert" else average(kvs)
-        elif module.endswith("ffn") and name in _FFN_KEYS:
+        elif key.endswith(FFN_EXPERT_TENSORS):
             out[key] = stack_experts([s[key] for s in ffn_sources])
         else:
             out[key] = backbone[key].clone()

@@ -17,6 +17,7 @@ import torch
 from bam_pipeline.errors import BamError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.loss import LossChunking
+from bam_pipeline.model.state_dict import EXPERT_TENSORS
 from bam_pipeline.model.transformer import BAMTransformer
 from bam_pipeline.training.compile import compile_blocks
 from bam_pipeline.training.parallel import TrainerSpec, clean_name, clip_gradients, configure_model, local_tensor
@@ -35,10 +36,6 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-
-
-EXPERT_TENSORS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "attn.bq", "attn.bk", "attn.bv",
-                  "ffn.w1", "ffn.w2", "ffn.w3")
 
 
 def freeze_expert_tensors(model: torch.nn.Module) -> list[str]:
