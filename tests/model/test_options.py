@@ -10,7 +10,7 @@ import torch
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
-from bam_pipeline.model.config import IMPORT_OPTIONS, PRESETS, RopeScaling
+from bam_pipeline.model.config import OMIT_AT_DEFAULT, PRESETS, RopeScaling, RouterConfig
 from bam_pipeline.model.counting import architecture_summary, count_params, flops_per_token
 from bam_pipeline.model.layers import LayerNorm, RMSNorm, rope_inverse_frequencies, rotary_tables
 from bam_pipeline.model.state_dict import expected_shapes
@@ -58,7 +58,7 @@ def test_default_rope_tables_are_the_plain_formula():
 
 def test_every_option_round_trips_through_to_dict():
     d = ALL_OPTIONS.to_dict()
-    assert set(IMPORT_OPTIONS) <= set(d)
+    assert set(d) == {f.name for f in dataclasses.fields(ModelConfig)} - {"router_scope", "joint_router", "attn_lb_coef"}
     assert d["rope_scaling"] == {"kind": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_seq_len": 16}
     back = ModelConfig.from_dict(d)
@@ -202,5 +202,7 @@ def test_bad_option_values_name_their_key(changes, key):
     assert str(err.value).startswith(f"invalid {key}=")
 
 
-def test_import_options_are_fields():
-    assert set(IMPORT_OPTIONS) <= {f.name for f in dataclasses.fields(ModelConfig)}
+def test_the_first_hashed_fields_are_always_written_and_every_later_one_is_declared_added_later():
+    for cls, first in ((ModelConfig, PRE_IMPORT_KEYS), (RouterConfig, {"kind", "k", "renormalize"})):
+        later = {f.name for f in dataclasses.fields(cls) if f.metadata.get(OMIT_AT_DEFAULT)}
+        assert {f.name for f in dataclasses.fields(cls)} - later == first

@@ -4,12 +4,14 @@ the named presets.
 A dense model is the special case ``attn_experts == ffn_experts == 1``. A mixture is the same
 backbone with more experts and a :class:`RouterConfig` for each kind of router.
 
+**Serialisation** (:func:`config_dict`, behind every ``to_dict``): the fields that existed when configs
+were first hashed are always written; every field added later is declared with :func:`added_later`
+(``omit_at_default`` in its field metadata) and written only when it differs from its default, so a
+config that does not use it serialises, and hashes, as before. A new option is one such field.
+
 The backbone options beyond BAM's own block (an explicit head width, q/k/v biases, LayerNorm,
 a logit scale, scaled RoPE and its precision, a sliding-window bound) exist so that imported checkpoints map onto
-the model exactly (:mod:`bam_pipeline.interop`). At their defaults they are left out of
-:meth:`ModelConfig.to_dict`, so configs that do not use them serialise, and hash, as before.
-
-The routing options of the ablations are left out the same way (``MIXTURE_OPTIONS``):
+the model exactly (:mod:`bam_pipeline.interop`). The routing options of the ablations:
 - ``router_scope``: ``layer`` (every MoE layer routes its own tokens) or ``model`` (one routing
   decision for the whole model: layer 0's routers decide, every later layer reuses its gates and
   experts and has no router of its own);
@@ -30,7 +32,7 @@ from typing import Any
 from ..errors import ConfigError
 
 KV_MODES = ("expert", "shared")
-ROUTER_KINDS = ("soft", "topk", "hash", "expert_choice")
+ROUTER_RULES = ("soft", "topk", "hash", "expert_choice")  # the gating rules a RouterConfig.kind names
 FFN_ONLY_KINDS = ("hash", "expert_choice")  # router kinds that only the MoE FFN implements
 ROUTER_SCOPES = ("layer", "model")
 NORM_KINDS = ("rmsnorm", "layernorm")
@@ -41,6 +43,26 @@ ROPE_SCALINGS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
 }
+
+OMIT_AT_DEFAULT = "omit_at_default"  # field metadata: written only when it differs from its default
+
+
+def added_later(default: Any) -> Any:
+    """A config field added after configs were first hashed: :func:`config_dict` leaves it out at its
+    ``default``, so configs that do not use it keep their serialisation and hash."""
+    return field(default=default, metadata={OMIT_AT_DEFAULT: True})
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """The config dataclass ``config`` as a JSON-ready dict in field order, nested configs as their
+    dicts; a field declared :func:`added_later` only when it differs from its default."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get(OMIT_AT_DEFAULT) and value == f.default:
+            continue
+        out[f.name] = config_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,19 +78,19 @@ class RouterConfig:
       with the highest softmax probability for it (Zhou et al. 2022), gate = that probability; in
       eval mode a token goes to expert e iff its probability reaches the expert's threshold, a
       running estimate (momentum ``threshold_momentum``) of the capacity-th score seen in training.
-    ``capacity`` and ``threshold_momentum`` apply to ``expert_choice`` only; :meth:`to_dict` leaves
-    them out at their defaults, so routers that do not use them serialise (and hash) as before.
+    ``capacity`` and ``threshold_momentum`` apply to ``expert_choice`` only (added later: written when
+    not at their defaults).
     """
 
     kind: str = "topk"
     k: int = 1
     renormalize: bool = False
-    capacity: float = 1.0
-    threshold_momentum: float = 0.9
+    capacity: float = added_later(1.0)
+    threshold_momentum: float = added_later(0.9)
 
     def __post_init__(self) -> None:
-        if self.kind not in ROUTER_KINDS:
-            raise ConfigError("kind", self.kind, f"use one of {', '.join(ROUTER_KINDS)}")
+        if self.kind not in ROUTER_RULES:
+            raise ConfigError("kind", self.kind, f"use one of {', '.join(ROUTER_RULES)}")
         if self.k < 1:
             raise ConfigError("k", self.k, "must be at least 1")
         if self.kind in FFN_ONLY_KINDS and self.k != 1:
@@ -79,9 +101,10 @@ class RouterConfig:
         if not 0.0 <= self.threshold_momentum < 1.0:
             raise ConfigError("threshold_momentum", self.threshold_momentum, "must be in [0, 1)")
         if self.kind != "expert_choice":
-            for name in _EXPERT_CHOICE_FIELDS:
-                if getattr(self, name) != _ROUTER_DEFAULTS[name]:
-                    raise ConfigError(name, getattr(self, name), f"applies to kind=expert_choice only, not {self.kind}")
+            for f in dataclasses.fields(self):
+                if f.name in EXPERT_CHOICE_ONLY and getattr(self, f.name) != f.default:
+                    raise ConfigError(f.name, getattr(self, f.name),
+                                      f"applies to kind=expert_choice only, not {self.kind}")
 
     @property
     def learned(self) -> bool:
@@ -107,16 +130,11 @@ class RouterConfig:
         return f"top-{self.k}" + (" renormalised" if self.renormalize else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, except the expert-choice fields at their defaults."""
-        out = dataclasses.asdict(self)
-        for name in _EXPERT_CHOICE_FIELDS:
-            if out[name] == _ROUTER_DEFAULTS[name]:
-                del out[name]
-        return out
+        """:func:`config_dict`: every field, the expert-choice ones only away from their defaults."""
+        return config_dict(self)
 
 
-_EXPERT_CHOICE_FIELDS = ("capacity", "threshold_momentum")
-_ROUTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RouterConfig)}
+EXPERT_CHOICE_ONLY = ("capacity", "threshold_momentum")  # RouterConfig fields only kind=expert_choice reads
 
 
 SOFT = RouterConfig(kind="soft")
@@ -203,18 +221,18 @@ class ModelConfig:
     # Auxiliary loss weights (docs/paper.md section 4: not stated by the paper; OLMoE/BTX choices)
     lb_coef: float = 0.01
     z_coef: float = 0.001
-    # Routing layouts of the ablations (module docstring); left out of to_dict at their defaults
-    router_scope: str = "layer"
-    joint_router: bool = False
-    attn_lb_coef: float = 0.0
-    # Backbone options of imported checkpoints (module docstring); left out of to_dict at their defaults
-    head_dim_override: int | None = None
-    qkv_bias: bool = False
-    norm_kind: str = "rmsnorm"
-    logit_scale: float = 1.0
-    rope_scaling: RopeScaling = NO_ROPE_SCALING
-    rope_precision: str = "float64"
-    sliding_window: int | None = None
+    # Routing layouts of the ablations (module docstring)
+    router_scope: str = added_later("layer")
+    joint_router: bool = added_later(False)
+    attn_lb_coef: float = added_later(0.0)
+    # Backbone options of imported checkpoints (module docstring)
+    head_dim_override: int | None = added_later(None)
+    qkv_bias: bool = added_later(False)
+    norm_kind: str = added_later("rmsnorm")
+    logit_scale: float = added_later(1.0)
+    rope_scaling: RopeScaling = added_later(NO_ROPE_SCALING)
+    rope_precision: str = added_later("float64")
+    sliding_window: int | None = added_later(None)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -305,14 +323,9 @@ class ModelConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Every field, except the backbone options of imported checkpoints and the routing options
-        of the ablations at their defaults."""
-        out = dataclasses.asdict(self)
-        for f in dataclasses.fields(self):
-            if f.name in IMPORT_OPTIONS + MIXTURE_OPTIONS and getattr(self, f.name) == f.default:
-                del out[f.name]
-        out["attn_router"], out["ffn_router"] = self.attn_router.to_dict(), self.ffn_router.to_dict()
-        return out
+        """:func:`config_dict`: every field, those added later (the backbone options of imported
+        checkpoints, the routing options of the ablations) only away from their defaults."""
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -339,11 +352,6 @@ class ModelConfig:
         """How many blocks hold routers: every block, or block 0 alone (``router_scope=model``)."""
         return self.n_layers if self.router_scope == "layer" else 1
 
-
-# Fields that to_dict leaves out at their defaults (added after configs were first hashed).
-IMPORT_OPTIONS = ("head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling", "rope_precision",
-                  "sliding_window")
-MIXTURE_OPTIONS = ("router_scope", "joint_router", "attn_lb_coef")
 
 # Named presets. ``bam-590m`` and ``bam-2b`` are paper Table 8 as docs/paper.md section 5 reads it:
 # hidden width = "FFN dimension" / 2, no biases, one norm per block. Context length is not stated by
