@@ -13,6 +13,8 @@ stage trains them (an EMA over training-mode batches), under which tokens get 0.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
 import json
 import os
@@ -33,14 +35,15 @@ from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
 from bam_pipeline.interop import ARCHITECTURES, import_checkpoint
 from bam_pipeline.interop.hf_export import (
-    ExportTokenizer, ModelCard, choose_format, push_to_hub, write_export,
+    ERRORS_FILE, FORWARD_PASS, STOCK_MODEL_FIELDS, STOCK_ROUTER_FIELDS, ExportTokenizer, ModelCard, choose_format,
+    forward_pass_files, push_to_hub, write_export,
 )
 from bam_pipeline.interop.hf_weights import tensor_table
 from bam_pipeline.mixing.hidden import hidden_means
 from bam_pipeline.mixing.upcycle import upcycle
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model import BAMTransformer, ModelConfig, RouterConfig, preset
-from bam_pipeline.model.config import RopeScaling
+from bam_pipeline.model.config import RopeScaling, added_later
 from bam_pipeline.model.generation import generate
 
 transformers = pytest.importorskip("transformers")
@@ -92,6 +95,8 @@ TRAINED = {"bam_expert_choice_trained": "bam_expert_choice",
 # exports loaded again with one tensor taken out: it alone is initialised, the router buffers beside it are loaded
 PARTIAL = {"bam_expert_choice_trained": "model.layers.0.ffn.router.weight",
            "bam_hash": "model.layers.1.ffn.router.table"}
+# custom exports that also run beam search (compared with the stock class computing the same model)
+BEAMS = ("llama_forced_custom",)
 # at least one hash, expert-choice, shared-layer and joint-router layout among the custom exports
 ROUTING_LAYOUTS = ("bam_hash", "bam_expert_choice", "bam_expert_choice_trained", "bam_router_shared_layers",
                    "bam_router_joint", *[n for n in CUSTOM_EXTRA if n.startswith("sequential_btx")])
@@ -198,6 +203,7 @@ def export(tmp_path: Path, name: str, cfg: ModelConfig, state, tokenizer, **kwar
 
 # ---- custom code, loaded where bam_pipeline cannot be imported ---------------------------------------
 LOAD_ELSEWHERE = WITHOUT_BAM_PIPELINE + textwrap.dedent("""
+    import dataclasses
     dirs, ids, prompts = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2])), json.loads(sys.argv[3])
     new = int(sys.argv[4])
     out = {}
@@ -216,8 +222,14 @@ LOAD_ELSEWHERE = WITHOUT_BAM_PIPELINE + textwrap.dedent("""
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         batched = model.generate(padded, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[:, width:].tolist()
+        with torch.no_grad():  # the left-padded batch in one forward, no cache
+            padded_logits = model(padded, attention_mask=mask).logits
+        beams = None if name not in json.loads(sys.argv[6]) else model.generate(
+            padded, attention_mask=mask, num_beams=3, max_new_tokens=new, do_sample=False, eos_token_id=None,
+            pad_token_id=0)[:, width:].tolist()
         out[name] = {"logits": logits, "alone": alone, "batched": batched, "class": type(model).__name__,
-                     "module": type(model).__module__, "buffers": buffers,
+                     "padded_logits": padded_logits, "beams": beams,
+                     "module": type(model).__module__, "buffers": buffers, "config": dataclasses.asdict(model.model.cfg),
                      "loading": {k: sorted(map(str, v)) for k, v in info.items()}}
         if any(k.endswith("threshold") for k in buffers):  # expert choice in training mode: one batch
             with torch.no_grad():
@@ -254,7 +266,7 @@ def custom_exports(tmp_path_factory, tokenizer):
     out = root / "theirs.pt"
     env = {**os.environ, "HF_MODULES_CACHE": str(root / "modules"), "PYTHONPATH": ""}
     run = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, json.dumps(dirs), json.dumps(compare_ids().tolist()),
-                          json.dumps(PROMPTS), str(NEW_TOKENS), str(out)], env=env, cwd=root,
+                          json.dumps(PROMPTS), str(NEW_TOKENS), str(out), json.dumps(BEAMS)], env=env, cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return dirs, ours, torch.load(out)
@@ -278,6 +290,35 @@ def test_custom_export_computes_our_logits_and_greedy_continuations(custom_expor
     assert got["batched"] == ours[name]["greedy"]  # left-padded batch, attention_mask
     assert len({tuple(t) for t in got["alone"]}) == len(PROMPTS)
     assert got["loading"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+
+
+@pytest.mark.parametrize("name", [*group_options("mix"), *CUSTOM_EXTRA, *TRAINED])
+def test_custom_export_computes_each_prompts_logits_in_a_left_padded_batch_without_a_cache(custom_exports, name):
+    _, ours, theirs = custom_exports
+    model = model_of(ours[name]["cfg"], ours[name]["state"])
+    width = max(map(len, PROMPTS))
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0]  # (T, V) the prompt alone
+        got = theirs[name]["padded_logits"][row, width - len(prompt):]
+        assert (got - want).abs().max().item() <= TOLERANCE
+
+
+def test_beam_search_over_the_custom_code_finds_the_stock_classes_beams(custom_exports, tmp_path, tokenizer):
+    """transformers' beam search reorders the custom code's own KV cache (``_reorder_cache``): the same
+    model exported as custom code and as LlamaForCausalLM gives the same beams of a left-padded batch."""
+    _, ours, theirs = custom_exports
+    name, = BEAMS
+    stock = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path, name, ours[name]["cfg"], ours[name]["state"], tokenizer).path).eval()
+    assert type(stock).__name__ == "LlamaForCausalLM"
+    width = max(map(len, PROMPTS))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = (torch.arange(width) >= width - torch.tensor([[len(p)] for p in PROMPTS])).long()
+    want = stock.generate(padded, attention_mask=mask, num_beams=3, max_new_tokens=NEW_TOKENS, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+    assert theirs[name]["beams"] == want
+    assert want != theirs[name]["batched"]  # beam search chose other continuations than greedy decoding
 
 
 def test_the_routing_layouts_are_among_the_custom_exports(custom_exports):
@@ -350,17 +391,64 @@ def test_loading_initialises_a_missing_tensor_and_keeps_the_router_buffers_loade
 def test_custom_export_directory_is_complete_and_self_contained(custom_exports):
     dirs, _, _ = custom_exports
     path = Path(dirs["bam_kv_shared"])
-    assert sorted(p.name for p in path.iterdir()) == sorted([
-        "README.md", "config.json", "configuration_bam.py", "generation_config.json", "model.safetensors",
-        "modeling_bam.py", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
-    for code in ("configuration_bam.py", "modeling_bam.py"):
-        assert "bam_pipeline" not in (path / code).read_text()
+    assert sorted(p.name for p in path.iterdir() if p.suffix != ".py") == sorted([
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json"])
+    code = {p.name for p in path.glob("*.py")}
+    assert code == {"configuration_bam.py", "modeling_bam.py", *forward_pass_files()}
+    assert {"transformer.py", "attention.py", "moe.py", "errors.py"} <= code  # the forward pass and what it imports
+    assert not {"__init__.py", "generation.py", "counting.py"} & code  # not what it does not import
+    for name in ("configuration_bam.py", "modeling_bam.py"):
+        assert "bam_pipeline" not in (path / name).read_text()
+    for name in code:
+        imported = [n for n in ast.walk(ast.parse((path / name).read_text())) if isinstance(n, ast.ImportFrom | ast.Import)]
+        assert not [n for n in imported if isinstance(n, ast.ImportFrom) and n.level > 1], name  # flat: siblings only
+        assert not [n for n in imported if "bam_pipeline" in str(getattr(n, "module", "")) + str(
+            [a.name for a in n.names])], name
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bam.BamForCausalLM"
-    assert config["attn_kv"] == "shared" and config["attn_experts"] == 4 and config["eos_token_id"] == EOS_ID
+    assert config["model"]["attn_kv"] == "shared" and config["model"]["attn_experts"] == 4
+    assert config["eos_token_id"] == EOS_ID
     sharded = Path(dirs["bam"])
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (sharded / "model.safetensors").exists()
+
+
+def test_the_custom_export_runs_the_code_training_runs(custom_exports):
+    """Each model file of the export is the package's own, its one ``errors`` import made a sibling's."""
+    dirs, _, _ = custom_exports
+    path = Path(dirs["bam"])
+    for name in forward_pass_files():
+        ours = (ERRORS_FILE if name == "errors.py" else FORWARD_PASS.with_name(name)).read_text()
+        assert name == "errors.py" or ours.count("from ..errors import") == 1, name
+        assert (path / name).read_text() == ours.replace("from ..errors import", "from .errors import"), name
+
+
+@pytest.mark.parametrize("name", [*group_options("mix"), *CUSTOM_EXTRA, *TRAINED])
+def test_the_custom_export_carries_every_model_config_field(custom_exports, name):
+    """config.json holds every ModelConfig field, and the model transformers builds from it, in a process
+    without bam_pipeline, has our config, field for field."""
+    dirs, ours, theirs = custom_exports
+    cfg = ours[name]["cfg"]
+    written = json.loads((Path(dirs[name]) / "config.json").read_text())["model"]
+    assert list(written) == [f.name for f in dataclasses.fields(ModelConfig)]
+    assert ModelConfig.from_dict(written) == cfg and theirs[name]["config"] == dataclasses.asdict(cfg)
+
+
+def test_a_model_option_the_stock_classes_do_not_know_is_exported_as_custom_code():
+    """An option added to ModelConfig (here a stand-in: ModelConfig grown by one field) is inert at its
+    default; away from it no stock class is known to compute it: auto takes the custom code, stock refuses."""
+    grown = dataclasses.make_dataclass("GrownModelConfig", [("new_option", float, added_later(0.5))],
+                                       bases=(ModelConfig,), frozen=True)
+    cfg = grown(**{f.name: getattr(SEQUENTIAL, f.name) for f in dataclasses.fields(ModelConfig)})
+    assert choose_format(cfg, "auto").name == "LlamaForCausalLM"
+    moved = cfg.replace(new_option=0.25)
+    assert choose_format(moved, "auto") is None
+    with pytest.raises(BamError, match="no stock transformers class is known to compute new_option=0.25") as e:
+        choose_format(moved, "stock")
+    assert "\n" not in str(e.value) and "export.format=custom" in str(e.value)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}, {f.name for f in dataclasses.fields(RouterConfig)}
+    assert set(STOCK_MODEL_FIELDS) <= known[0] and set(STOCK_ROUTER_FIELDS) <= known[1]  # no stale or misspelt name
 
 
 # ---- stock classes ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from bam_pipeline.errors import ConfigError
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
 from bam_pipeline.model.config import OMIT_AT_DEFAULT, PRESETS, RopeScaling, RouterConfig
 from bam_pipeline.model.counting import architecture_summary, count_params, flops_per_token
-from bam_pipeline.model.layers import LayerNorm, RMSNorm, rope_inverse_frequencies, rotary_tables
+from bam_pipeline.model.layers import LayerNorm, RMSNorm, RotaryEmbedding, rope_inverse_frequencies, rotary_tables
 from bam_pipeline.model.state_dict import expected_shapes
 
 BASE = preset("smoke", tie_embeddings=False)  # V=256, D=32, L=2, H=4, KV=2, hd=8, F=64
@@ -46,6 +46,16 @@ def test_native_presets_serialise_as_before_and_use_no_option(name):
     model = BAMTransformer(cfg.replace(vocab_size=64, n_layers=1)) if cfg.d_model <= 256 else None
     if model is not None:
         assert type(model.norm) is RMSNorm and model.layers[0].attn.bq is None
+
+
+def test_rope_tables_are_computed_again_into_emptied_buffers_exactly():
+    """A loader that allocates the (never saved) tables empty, as transformers does, gets them back bit for bit."""
+    rope = RotaryEmbedding(24, 16, 500.0, ALL_OPTIONS.rope_scaling, torch.float32)
+    want = rope.cos.clone(), rope.sin.clone()
+    rope.cos.zero_()
+    rope.sin.fill_(float("nan"))
+    rope.reset_tables()
+    assert torch.equal(rope.cos, want[0]) and torch.equal(rope.sin, want[1])
 
 
 def test_default_rope_tables_are_the_plain_formula():

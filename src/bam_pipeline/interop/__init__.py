@@ -5,8 +5,8 @@ weights streamed into our state-dict layout (:mod:`~bam_pipeline.interop.hf_weig
 checkpoint's tokenizer and end-of-document token (:mod:`~bam_pipeline.interop.hf_tokenizer`),
 hub ids resolved to local directories (:mod:`~bam_pipeline.interop.hub`), and one call that
 converts a directory (:mod:`~bam_pipeline.interop.checkpoint`). And back out: a model directory
-transformers loads, in a stock class or with self-contained custom code
-(:mod:`~bam_pipeline.interop.remote_code`), and its upload (:mod:`~bam_pipeline.interop.hf_export`).
+transformers loads, in a stock class or as custom code (the model's own forward-pass modules with the
+adapter of :mod:`~bam_pipeline.interop.remote_code`), and its upload (:mod:`~bam_pipeline.interop.hf_export`).
 
 Needs torch, safetensors and tokenizers only; huggingface_hub for hub ids and uploads, and
 transformers for SentencePiece-only tokenizers and stock-class exports, are imported when used.

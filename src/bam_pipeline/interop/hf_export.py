@@ -16,12 +16,15 @@ function, with our weights moved by the import's own table run backwards
   permuted to its interleaved RoPE layout).
 Everything else (every Mixture of Attention, expert or shared KV, soft or top-k; every other
 parallel-attention model; and, checked first, every routing the stock mixtures cannot compute: hash
-or expert-choice FFN routing, one routing for all layers (``router_scope=model``), a joint router)
-gets the **custom** format: ``configuration_bam.py`` and ``modeling_bam.py``
-(:mod:`~bam_pipeline.interop.remote_code`, torch and transformers only) copied into the directory,
-``auto_map`` in ``config.json``, and our state dict under ``model.`` (the LM head as
-``lm_head.weight``), the routers' buffers included (a hash table in its int64, expert-choice
-thresholds in the export dtype), which the custom code holds as persistent buffers.
+or expert-choice FFN routing, one routing for all layers (``router_scope=model``), a joint router;
+and any model option the stock-class choice does not know (:data:`STOCK_MODEL_FIELDS`) away from
+its default) gets the **custom** format, which runs the code training runs: ``model/transformer.py`` and
+every model module it imports, found by walking their imports (:func:`forward_pass_files`), and
+``errors.py``, copied flat into the directory; beside them the transformers adapter
+(:mod:`~bam_pipeline.interop.remote_code`: ``configuration_bam.py``, ``modeling_bam.py``);
+``auto_map`` and every ``ModelConfig`` field (under ``model``) in ``config.json``; and our state dict
+under ``model.``, the routers' buffers included (a hash table in its int64, expert-choice thresholds
+in the export dtype). All of it needs torch and transformers only.
 ``format="stock"`` for a model no stock class holds is refused with the reason; ``auto`` takes the
 stock class when there is one.
 
@@ -38,6 +41,8 @@ writes it aside and renames it into place (``store.artifacts.publish``).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -54,11 +59,14 @@ from bam_pipeline.interop.architectures import ARCHITECTURES
 from bam_pipeline.interop.hf_config import CONFIG_FILE
 from bam_pipeline.interop.hf_tokenizer import GENERATION_CONFIG_FILE, TOKENIZER_FILE, check_vocabulary
 from bam_pipeline.interop.hf_weights import INDEX_FILE, WEIGHTS_FILE, tensor_table
-from bam_pipeline.model.config import ModelConfig, RouterConfig
+from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import architecture_summary, count_params
 from bam_pipeline.model.state_dict import StateDict, expected_shapes
 
 FORMATS = ("auto", "stock", "custom")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+FORWARD_PASS = PACKAGE_DIR / "model" / "transformer.py"  # the custom export ships it and every model module it imports
+ERRORS_FILE = PACKAGE_DIR / "errors.py"
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 REMOTE_CODE_FILES = ("configuration_bam.py", "modeling_bam.py")
 CUSTOM_CLASS = "BamForCausalLM"
@@ -164,10 +172,39 @@ def _routing_no_stock_class_computes(cfg: ModelConfig) -> str:
     return ""
 
 
+# The ModelConfig fields the stock-class choice reads (each honoured, or refused where no class computes its value)
+# or knows not to change the function (initialisation, training losses, the name), and those of the FFN router. Any
+# other field (a model option added since) away from its default is refused: no stock class is known to compute it.
+STOCK_MODEL_FIELDS = (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "rope_theta", "norm_eps",
+    "tie_embeddings", "parallel_residual", "attn_experts", "attn_kv", "attn_router", "ffn_experts", "ffn_router",
+    "router_scope", "joint_router", "head_dim_override", "qkv_bias", "norm_kind", "logit_scale", "rope_scaling",
+    "rope_precision", "sliding_window", "init_std", "lb_coef", "z_coef", "attn_lb_coef", "name")
+STOCK_ROUTER_FIELDS = ("kind", "k", "renormalize", "capacity", "threshold_momentum")
+
+
+def _option_no_stock_class_knows(cfg: ModelConfig) -> str:
+    """A field of ``cfg``, or of its FFN router where it has one, that the stock-class choice does not know
+    (:data:`STOCK_MODEL_FIELDS`, :data:`STOCK_ROUTER_FIELDS`) away from its default, as ``name=value``;
+    empty when there is none."""
+    configs = [("", cfg, STOCK_MODEL_FIELDS)]
+    if cfg.ffn_experts > 1:
+        configs.append(("ffn_router.", cfg.ffn_router, STOCK_ROUTER_FIELDS))
+    for prefix, config, known in configs:
+        for f in dataclasses.fields(config):
+            if f.name not in known and getattr(config, f.name) != f.default:
+                return f"{prefix}{f.name}={getattr(config, f.name)!r}"
+    return ""
+
+
 def stock_class(cfg: ModelConfig) -> StockClass:
     """The stock transformers class computing ``cfg``'s function (module docstring), or a BamError
     saying why there is none."""
     custom = "; use export.format=custom (or auto)"
+    option = _option_no_stock_class_knows(cfg)
+    if option:
+        raise BamError(f"no stock transformers class is known to compute {option} (a model option the stock-class "
+                       f"export does not map){custom}")
     routing = _routing_no_stock_class_computes(cfg)
     if routing:
         raise BamError(f"no stock transformers class computes {routing} (Mixtral and Qwen2-MoE route every layer's "
@@ -269,8 +306,25 @@ def stock_tensors(cfg: ModelConfig, state: StateDict, stock: StockClass) -> dict
 
 
 def custom_tensors(state: StateDict) -> dict[str, Tensor]:
-    """Our state dict under ``model.``, the LM head as ``lm_head.weight`` (modeling_bam.py's names)."""
-    return {k if k == "lm_head.weight" else f"model.{k}": v for k, v in state.items()}
+    """Our state dict under ``model.``, the adapter's attribute holding our model (modeling_bam.py)."""
+    return {f"model.{k}": v for k, v in state.items()}
+
+
+def forward_pass_files() -> dict[str, str]:
+    """File name -> source of the custom export's model code: ``model/transformer.py`` and every model module
+    it imports, found by walking their relative imports, and ``errors.py``, as one flat directory (each
+    module's ``from ..errors import`` becomes ``from .errors import``)."""
+    files: dict[str, str] = {}
+    todo = [FORWARD_PASS]
+    while todo:
+        path = todo.pop()
+        if path.name in files:
+            continue
+        source = path.read_text()
+        todo += [path.with_name(f"{n.module}.py") for n in ast.walk(ast.parse(source))
+                 if isinstance(n, ast.ImportFrom) and n.level == 1]
+        files[path.name] = source.replace("from ..errors import", "from .errors import")
+    return {**dict(sorted(files.items())), ERRORS_FILE.name: ERRORS_FILE.read_text()}
 
 
 def write_safetensors(out_dir: Path, tensors: Mapping[str, Tensor], max_shard_bytes: int) -> list[str]:
@@ -335,34 +389,11 @@ def stock_config(cfg: ModelConfig, stock: StockClass, ids: Mapping[str, int | No
     return json.loads(config.to_json_string(use_diff=True))
 
 
-def _router_fields(router: RouterConfig) -> dict[str, Any]:
-    fields = {"kind": router.kind, "k": router.k, "renormalize": router.renormalize}
-    if router.kind == "expert_choice":
-        fields.update(capacity=router.capacity, threshold_momentum=router.threshold_momentum)
-    return fields
-
-
 def custom_config(cfg: ModelConfig, ids: Mapping[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
-    """``config.json`` of the custom format: the fields ``configuration_bam.BamConfig`` takes."""
-    s = cfg.rope_scaling
-    scaling = {"kind": s.kind, **{k: getattr(s, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                              "original_max_seq_len") if s.kind != "none"}}
-    return {
-        "architectures": [CUSTOM_CLASS], "model_type": "bam", "auto_map": AUTO_MAP,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-        "rotary": {"theta": cfg.rope_theta, "precision": cfg.rope_precision, "scaling": scaling},
-        "norm_kind": cfg.norm_kind, "norm_eps": cfg.norm_eps, "parallel_residual": cfg.parallel_residual,
-        "qkv_bias": cfg.qkv_bias, "logit_scale": cfg.logit_scale,
-        "attn_experts": cfg.attn_experts, "attn_kv": cfg.attn_kv, "attn_router": _router_fields(cfg.attn_router),
-        "ffn_experts": cfg.ffn_experts, "ffn_router": _router_fields(cfg.ffn_router),
-        "router_scope": cfg.router_scope, "joint_router": cfg.joint_router,
-        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
-        "dtype": DTYPE_NAMES[dtype], **ids,
-    }
-
-
+    """``config.json`` of the custom format: every ``ModelConfig`` field under ``model``
+    (``configuration_bam.BamConfig``)."""
+    return {"architectures": [CUSTOM_CLASS], "model_type": "bam", "auto_map": AUTO_MAP,
+            "model": dataclasses.asdict(cfg), "dtype": DTYPE_NAMES[dtype], **ids}
 
 
 def tokenizer_files(tokenizer: ExportTokenizer, max_seq_len: int) -> dict[str, dict[str, Any]]:
@@ -398,8 +429,9 @@ def render_card(card: ModelCard, cfg: ModelConfig, architecture: str, custom: bo
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))", "```", "",
     ]
     if custom:
-        lines += ["`trust_remote_code=True` runs `modeling_bam.py` from this directory (torch and transformers "
-                  "only); read it before loading a copy from an untrusted source.", ""]
+        lines += ["`trust_remote_code=True` runs the Python files of this directory: bam-pipeline's model code and "
+                  "`modeling_bam.py`, its transformers adapter (torch and transformers only); read them before "
+                  "loading a copy from an untrusted source.", ""]
     if card.provenance:
         lines += ["## Provenance", "", card.provenance.strip(), ""]
     lines += ["## Evaluation", ""]
@@ -451,10 +483,12 @@ def write_export(out_dir: str | Path, cfg: ModelConfig, state: StateDict, *, tok
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    code: dict[str, str] = {}
     if stock is None:
         config, tensors, architecture = custom_config(cfg, ids, dtype), custom_tensors(state), CUSTOM_CLASS
-        for name in REMOTE_CODE_FILES:
-            shutil.copyfile(REMOTE_CODE_DIR / name, out_dir / name)
+        code = {**forward_pass_files(), **{name: (REMOTE_CODE_DIR / name).read_text() for name in REMOTE_CODE_FILES}}
+        for name, source in code.items():
+            (out_dir / name).write_text(source)
     else:
         config, tensors, architecture = stock_config(cfg, stock, ids, dtype), stock_tensors(cfg, state, stock), \
             stock.name
@@ -468,7 +502,7 @@ def write_export(out_dir: str | Path, cfg: ModelConfig, state: StateDict, *, tok
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
     shutil.copyfile(tokenizer.path, out_dir / TOKENIZER_FILE)
     (out_dir / CARD_FILE).write_text(render_card(card, cfg, architecture, stock is None))
-    written = [*files, *documents, TOKENIZER_FILE, CARD_FILE, *(REMOTE_CODE_FILES if stock is None else ())]
+    written = [*files, *documents, TOKENIZER_FILE, CARD_FILE, *code]
     return ExportResult(out_dir, "custom" if stock is None else "stock", architecture, tuple(sorted(written)))
 
 

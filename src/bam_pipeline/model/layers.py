@@ -130,9 +130,17 @@ class RotaryEmbedding(nn.Module):
                  precision: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        cos, sin = rotary_tables(head_dim, max_seq_len, theta, scaling, precision)
+        self._table_args = (head_dim, max_seq_len, theta, scaling, precision)
+        cos, sin = rotary_tables(*self._table_args)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Compute the tables into the buffers again: for a loader that allocates buffers empty and fills
+        only the state dict (transformers does, for the exported model)."""
+        for buffer, table in zip((self.cos, self.sin), rotary_tables(*self._table_args)):
+            buffer.copy_(table)
 
     def tables(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (seq_len, hd) for positions ``0 .. seq_len-1``; refuses too long a sequence."""
