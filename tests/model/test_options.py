@@ -216,17 +216,3 @@ def test_the_first_hashed_fields_are_always_written_and_every_later_one_is_decla
     for cls, first in ((ModelConfig, PRE_IMPORT_KEYS), (RouterConfig, {"kind", "k", "renormalize"})):
         later = {f.name for f in dataclasses.fields(cls) if f.metadata.get(OMIT_AT_DEFAULT)}
         assert {f.name for f in dataclasses.fields(cls)} - later == first
-
-
-def test_embedding_scale_multiplies_the_token_embeddings():
-    cfg = BASE.replace(embedding_scale=2.0)
-    assert cfg.to_dict()["embedding_scale"] == 2.0 and "embedding_scale" not in BASE.to_dict()
-    torch.manual_seed(0)
-    scaled = BAMTransformer(cfg).eval()
-    plain = BAMTransformer(BASE).eval()
-    state = scaled.state_dict()
-    plain.load_state_dict({**state, "tok_emb.weight": state["tok_emb.weight"] * 2.0})  # untied: the head keeps its own
-    with torch.no_grad():
-        torch.testing.assert_close(scaled(IDX).logits, plain(IDX).logits)
-    with pytest.raises(ConfigError, match="embedding_scale"):
-        BASE.replace(embedding_scale=0.0)

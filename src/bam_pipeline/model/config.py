@@ -233,7 +233,6 @@ class ModelConfig:
     rope_scaling: RopeScaling = added_later(NO_ROPE_SCALING)
     rope_precision: str = added_later("float64")
     sliding_window: int | None = added_later(None)
-    embedding_scale: float = added_later(1.0)  # the token embeddings are multiplied by it (Gemma: sqrt(d_model))
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -262,8 +261,6 @@ class ModelConfig:
             raise ConfigError("rope_precision", self.rope_precision, f"use one of {', '.join(ROPE_PRECISIONS)}")
         if self.norm_kind not in NORM_KINDS:
             raise ConfigError("norm_kind", self.norm_kind, f"use one of {', '.join(NORM_KINDS)}")
-        if not (math.isfinite(self.embedding_scale) and self.embedding_scale > 0):
-            raise ConfigError("embedding_scale", self.embedding_scale, "must be a positive number")
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
             raise ConfigError("logit_scale", self.logit_scale, "must be a positive number")
         if self.sliding_window is not None and self.max_seq_len > self.sliding_window:

@@ -153,8 +153,6 @@ class BAMTransformer(nn.Module):
         """The final normed hidden states (B, T, D) of ``idx`` (B, T), the aux loss and the routing;
         ``cache``, ``valid`` and ``last_only`` as in :meth:`forward`."""
         x = self.tok_emb(idx)  # (B, T, D)
-        if self.cfg.embedding_scale != 1.0:
-            x = x * self.cfg.embedding_scale
         step = None
         if cache is not None:
             step = cache.advance(torch.ones_like(idx, dtype=torch.bool) if valid is None else valid)
