@@ -229,7 +229,8 @@ LOAD_ELSEWHERE = WITHOUT_BAM_PIPELINE + textwrap.dedent("""
             pad_token_id=0)[:, width:].tolist()
         out[name] = {"logits": logits, "alone": alone, "batched": batched, "class": type(model).__name__,
                      "padded_logits": padded_logits, "beams": beams,
-                     "module": type(model).__module__, "buffers": buffers, "config": dataclasses.asdict(model.model.cfg),
+                     "module": type(model).__module__, "buffers": buffers,
+                     "config": dataclasses.asdict(model.model.cfg),
                      "loading": {k: sorted(map(str, v)) for k, v in info.items()}}
         if any(k.endswith("threshold") for k in buffers):  # expert choice in training mode: one batch
             with torch.no_grad():
@@ -401,7 +402,8 @@ def test_custom_export_directory_is_complete_and_self_contained(custom_exports):
     for name in ("configuration_bam.py", "modeling_bam.py"):
         assert "bam_pipeline" not in (path / name).read_text()
     for name in code:
-        imported = [n for n in ast.walk(ast.parse((path / name).read_text())) if isinstance(n, ast.ImportFrom | ast.Import)]
+        imported = [n for n in ast.walk(ast.parse((path / name).read_text()))
+                    if isinstance(n, ast.ImportFrom | ast.Import)]
         assert not [n for n in imported if isinstance(n, ast.ImportFrom) and n.level > 1], name  # flat: siblings only
         assert not [n for n in imported if "bam_pipeline" in str(getattr(n, "module", "")) + str(
             [a.name for a in n.names])], name

@@ -60,7 +60,8 @@ GrownModelConfig, GrownRouterConfig = grown(ModelConfig), grown(RouterConfig)
 def regrow(cfg: ModelConfig, **new) -> ModelConfig:
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     for key in ("attn_router", "ffn_router"):
-        fields[key] = GrownRouterConfig(**{f.name: getattr(fields[key], f.name) for f in dataclasses.fields(RouterConfig)})
+        router = fields[key]
+        fields[key] = GrownRouterConfig(**{f.name: getattr(router, f.name) for f in dataclasses.fields(RouterConfig)})
     return GrownModelConfig(**fields, **new)
 
 

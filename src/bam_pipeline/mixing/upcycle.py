@@ -1,10 +1,10 @@
 """Upcycling: dense state dicts in, one mixture state dict (and its ModelConfig) out.
 
-Pure functions over the model's state-dict layout (:mod:`~bam_pipeline.model.state_dict`). Dense models have E = 1, so an
-expert tensor ``(1, ...)`` of each source model is concatenated along the expert dim; tensors that
-are not experts are uniformly averaged; routers are freshly initialised from a seeded generator.
-Which model each expert comes from, and which models are averaged, is the variant's declaration
-(:class:`~bam_pipeline.mixing.variant.MixVariant`).
+Pure functions over the model's state-dict layout (:mod:`~bam_pipeline.model.state_dict`). Dense
+models have E = 1, so an expert tensor ``(1, ...)`` of each source model is concatenated along the
+expert dim; tensors that are not experts are uniformly averaged; routers are freshly initialised
+from a seeded generator. Which model each expert comes from, and which models are averaged, is the
+variant's declaration (:class:`~bam_pipeline.mixing.variant.MixVariant`).
 
 Routers are returned in the dtype of the dense models, so a mixture state dict has one dtype
 (floating tensors; a hash router's table is int64).

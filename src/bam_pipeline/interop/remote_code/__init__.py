@@ -1,2 +1,1 @@
-"""The transformers adapter of a custom-format export, copied into the directory beside the model's own
-code (:func:`bam_pipeline.interop.hf_export.forward_pass_files`); bam_pipeline never imports it."""
+"""The transformers adapter a custom export copies beside the model's own files; bam_pipeline never imports it."""

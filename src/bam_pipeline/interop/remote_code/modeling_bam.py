@@ -66,7 +66,8 @@ class BamForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, past_key_values: KVCache | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                labels: torch.LongTensor | None = None, logits_to_keep: int = 0, **kwargs: Any
+                ) -> CausalLMOutputWithPast:
         """Logits (B, T, V) of ``input_ids`` (B, T) after the tokens in ``cache`` (the last ``logits_to_keep``
         when positive); ``attention_mask`` (B, S) is 0 at left padding. ``use_cache``: return the cache (a new
         one for the whole context unless passed). ``labels`` (B, T): the next-token loss (-100 ignored)."""
