@@ -79,8 +79,8 @@ SEED_KINDS = ("pretrain", "hf")
 
 
 @dataclass(frozen=True)
-class CheckpointRef:
-    """A Hugging Face checkpoint: a local directory or a hub id, at a revision."""
+class HFModelRef:
+    """A Hugging Face model directory as the config names it: a local path or a hub id, at a revision."""
 
     path: Optional[str]
     revision: Optional[str] = None
@@ -88,12 +88,12 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class SeedSpec:
-    """The ``seed:`` section: pretrain the seed, or import a Hugging Face checkpoint as the seed."""
+    """The ``seed:`` section: pretrain the seed, or import a Hugging Face model as the seed."""
 
     kind: str
     path: Optional[str]
     revision: Optional[str]
-    dtype: Optional[str]  # the imported weights' dtype; null: the checkpoint's own
+    dtype: Optional[str]  # the imported weights' dtype; null: the stored one
 
     def __post_init__(self) -> None:
         if self.kind not in SEED_KINDS:
@@ -107,8 +107,8 @@ class SeedSpec:
             raise ConfigError("dtype", self.dtype, f"use one of {', '.join(DTYPES)} or null (the checkpoint's)")
 
     @property
-    def checkpoint(self) -> CheckpointRef:
-        return CheckpointRef(self.path, self.revision)
+    def hf_model(self) -> HFModelRef:
+        return HFModelRef(self.path, self.revision)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class BranchSpec:
     """The ``branch:`` section: train every domain expert, or import some (``branch.<domain>.path``)."""
 
     kind: str
-    imports: dict[str, CheckpointRef]  # domain -> checkpoint, for the imported domains
+    imports: dict[str, HFModelRef]  # domain -> its Hugging Face model, for the imported domains
 
     @classmethod
     def read(cls, node: Any) -> "BranchSpec":
@@ -127,7 +127,7 @@ class BranchSpec:
         imports = {}
         for domain, ref in data.items():
             if domain != "kind":
-                ref = read_section(CheckpointRef, ref, f"branch.{domain}")
+                ref = read_section(HFModelRef, ref, f"branch.{domain}")
                 if ref.path:
                     imports[domain] = ref
         if kind == "hf" and not imports:
