@@ -3,7 +3,7 @@ weights plus the interpreter's baseline (target: at most 1.5x).
 
 Builds a random ~100M-parameter ``LlamaForCausalLM`` with transformers, saves it with
 ``save_pretrained`` (bfloat16 and float32, one file and shards), then imports each save in a fresh
-process with :func:`bam_pipeline.interop.import_checkpoint`, in the training dtype of the row.
+process with :func:`bam_pipeline.interop.import_hf_model`, in the training dtype of the row.
 
 safetensors memory-maps its files and the pages it touches count in RSS until the file is closed.
 The measured peak is therefore RSS *minus the file-backed pages*: ``RssAnon + RssShmem`` from
@@ -56,7 +56,7 @@ def measure(path: str, dtype_name: str) -> dict[str, float]:
     """In this (fresh) process: baseline, then import with a sampler thread; sizes in MB."""
     import torch
 
-    from bam_pipeline.interop import import_checkpoint
+    from bam_pipeline.interop import import_hf_model
 
     def anon() -> int:
         s = _status_kb("RssAnon", "RssShmem")
@@ -74,16 +74,16 @@ def measure(path: str, dtype_name: str) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    ck = import_checkpoint(path, dtype=getattr(torch, dtype_name))
+    imported = import_hf_model(path, dtype=getattr(torch, dtype_name))
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     peak[0] = max(peak[0], anon())
-    weights = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
+    weights = sum(t.numel() * t.element_size() for t in imported.state_dict.values())
     kb = 1024
-    return {"params": sum(t.numel() for t in ck.state_dict.values()), "weights_mb": weights / kb**2,
+    return {"params": sum(t.numel() for t in imported.state_dict.values()), "weights_mb": weights / kb**2,
             "baseline_mb": baseline / kb, "peak_mb": peak[0] / kb, "hwm_mb": _status_kb("VmHWM")["VmHWM"] / kb,
-            "seconds": seconds, "files": len(ck.files) - 1}
+            "seconds": seconds, "files": len(imported.files) - 1}
 
 
 def build(root: Path) -> dict[tuple[str, str | None], Path]:

@@ -1,5 +1,6 @@
 """``bam_pipeline.load``: any stage artifact (seed, branch, mix, moe) as a ready model, with the
-tokenizer it was made with."""
+tokenizer it was made with. The model is :func:`bam_pipeline.store.artifacts.load_model`'s, the one
+loader every stage uses; this public entry adds the run's tokenizer and text generation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bam_pipeline.interop import hf_tokenizer
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.generation import Sampling, TextGeneration, generate_text
 from bam_pipeline.model.transformer import BAMTransformer
-from bam_pipeline.store.artifacts import Artifact, load_state, read_artifact
+from bam_pipeline.store.artifacts import Artifact, load_model, read_artifact
 from bam_pipeline.store.layout import RunLayout
 
 
@@ -92,8 +93,6 @@ def load(artifact_dir: str | Path, *, device: str | torch.device = "cpu", dtype:
     """The model of the stage artifact at ``artifact_dir`` (e.g. ``stages/tiny/moe/bam``), in eval mode on
     ``device`` in ``dtype``, checksums verified first; a BamError in one line when it cannot."""
     art = read_artifact(Path(artifact_dir))
-    cfg, state = load_state(art, verify=verify)
-    model = BAMTransformer(cfg)
-    model.load_state_dict(state, strict=True)
+    model, _ = load_model(art, verify=verify, device=device, dtype=dtype)
     tokenizer, eos_id = _tokenizer(art)
-    return LoadedModel(model.to(device=device, dtype=dtype).eval(), tokenizer, art, eos_id)
+    return LoadedModel(model, tokenizer, art, eos_id)

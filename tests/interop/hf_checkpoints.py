@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 transformers = pytest.importorskip("transformers")
 
-from bam_pipeline.interop import import_checkpoint  # noqa: E402
+from bam_pipeline.interop import import_hf_model  # noqa: E402
 from bam_pipeline.model import BAMTransformer  # noqa: E402
 
 # The start of a script run in a fresh interpreter where bam_pipeline cannot be imported: what an
@@ -101,7 +101,7 @@ def load_hf(path: Path):
 
 
 def ours(path: Path, **kwargs: Any) -> BAMTransformer:
-    ck = import_checkpoint(path, **kwargs)
+    ck = import_hf_model(path, **kwargs)
     model = BAMTransformer(ck.config).eval()
     model.load_state_dict(ck.state_dict, strict=True)
     return model

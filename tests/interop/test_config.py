@@ -11,7 +11,7 @@ import transformers
 
 from hf_checkpoints import TINY
 from bam_pipeline.errors import BamError
-from bam_pipeline.interop import ARCHITECTURES, import_checkpoint, read_config_file, to_model_config
+from bam_pipeline.interop import ARCHITECTURES, import_hf_model, read_config_file, to_model_config
 from bam_pipeline.interop.architectures import REFUSAL_REASONS
 from bam_pipeline.model.config import RopeScaling
 
@@ -129,7 +129,7 @@ def test_unsupported_architectures_are_refused_by_name(config_class, arch, tmp_p
     cfg.save_pretrained(tmp_path)
     with pytest.raises(BamError, match=f"unsupported architecture {arch}: bam-pipeline imports LlamaForCausalLM, "
                                        "MistralForCausalLM, Qwen2ForCausalLM, CohereForCausalLM"):
-        import_checkpoint(tmp_path)
+        import_hf_model(tmp_path)
 
 
 def test_architecture_is_found_from_model_type_when_architectures_is_absent():

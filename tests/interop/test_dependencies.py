@@ -38,9 +38,9 @@ def test_an_import_runs_without_transformers(tmp_path):
     path = save_checkpoint(hf_model(hf_config("qwen2")), tmp_path / "qwen2")
     script = (
         "import sys; sys.modules['transformers'] = None\n"
-        "from bam_pipeline.interop import import_checkpoint, load_checkpoint_tokenizer\n"
-        f"ck = import_checkpoint({str(path)!r})\n"
-        f"tok = load_checkpoint_tokenizer(ck.path, ck.config.vocab_size)\n"
+        "from bam_pipeline.interop import import_hf_model, load_hf_model_tokenizer\n"
+        f"ck = import_hf_model({str(path)!r})\n"
+        f"tok = load_hf_model_tokenizer(ck.hf_model_dir, ck.config.vocab_size)\n"
         "assert 'transformers' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
         "print(ck.architecture, tok.eos_id)\n"
     )

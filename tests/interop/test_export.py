@@ -33,7 +33,7 @@ from hf_checkpoints import EOS_ID, VOCAB_ROWS, WITHOUT_BAM_PIPELINE, tiny_tokeni
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
-from bam_pipeline.interop import ARCHITECTURES, import_checkpoint
+from bam_pipeline.interop import ARCHITECTURES, import_hf_model
 from bam_pipeline.interop.hf_export import (
     ERRORS_FILE, FORWARD_PASS, STOCK_MODEL_FIELDS, STOCK_ROUTER_FIELDS, ExportTokenizer, ModelCard, choose_format,
     forward_pass_files, push_to_hub, write_export,
@@ -497,7 +497,7 @@ def shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def test_the_import_reads_a_dense_stock_export_back_exactly(name, tmp_path, tokenizer):
     cfg, _ = STOCK[name]
     state = random_state(cfg, 4)
-    back = import_checkpoint(export(tmp_path, name, cfg, state, tokenizer).path, max_seq_len=cfg.max_seq_len)
+    back = import_hf_model(export(tmp_path, name, cfg, state, tokenizer).path, max_seq_len=cfg.max_seq_len)
     assert back.config.replace(rope_precision=cfg.rope_precision, name=cfg.name) == cfg
     assert back.state_dict.keys() == state.keys()
     assert all(torch.equal(back.state_dict[k], state[k]) for k in state)  # the inverse table is exact

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, processors
 
 from hf_checkpoints import BOS_ID, EOS_ID, VOCAB_ROWS, tiny_tokenizer
 from bam_pipeline.errors import BamError
-from bam_pipeline.interop import encode_documents, load_checkpoint_tokenizer
+from bam_pipeline.interop import encode_documents, load_hf_model_tokenizer
 from bam_pipeline.interop.hf_tokenizer import check_vocabulary, end_of_document_id, load_tokenizer
 
 
@@ -26,7 +26,7 @@ def checkpoint(tmp_path, *, config=None, generation=None, tokenizer: Tokenizer |
 
 
 def test_tokenizer_json_is_used_as_is_with_eos_from_config(tmp_path):
-    ck = load_checkpoint_tokenizer(checkpoint(tmp_path, config={"eos_token_id": EOS_ID}), VOCAB_ROWS)
+    ck = load_hf_model_tokenizer(checkpoint(tmp_path, config={"eos_token_id": EOS_ID}), VOCAB_ROWS)
     assert ck.tokenizer.to_str() == tiny_tokenizer().to_str()
     assert (ck.eos_id, ck.eos_token, ck.eos_source, ck.converted_from_sentencepiece) == \
         (EOS_ID, "</s>", "config.json", False)
@@ -49,7 +49,7 @@ def test_eos_is_the_first_of_a_list_and_falls_back_to_generation_config(tmp_path
 
 def test_eos_outside_the_tokenizer_is_refused(tmp_path):
     with pytest.raises(BamError, match="eos_token_id=90 from config.json is not a token of the checkpoint's tokenizer"):
-        load_checkpoint_tokenizer(checkpoint(tmp_path, config={"eos_token_id": 90}), VOCAB_ROWS)
+        load_hf_model_tokenizer(checkpoint(tmp_path, config={"eos_token_id": 90}), VOCAB_ROWS)
 
 
 def test_embedding_rows_may_exceed_the_tokenizer_but_not_fall_short():
@@ -109,12 +109,12 @@ def test_sentencepiece_only_is_converted_by_transformers_or_refused_in_one_line(
     if importlib.util.find_spec("sentencepiece") is None:
         with pytest.raises(BamError, match="transformers could not convert .*tokenizer.model .*install sentencepiece") \
                 as err:
-            load_checkpoint_tokenizer(tmp_path, 64)
+            load_hf_model_tokenizer(tmp_path, 64)
         assert "\n" not in str(err.value)
         return
     from transformers import AutoTokenizer
 
-    ck = load_checkpoint_tokenizer(tmp_path, 64)
+    ck = load_hf_model_tokenizer(tmp_path, 64)
     assert ck.converted_from_sentencepiece and ck.eos_token == "</s>"
     assert ck.files == (tmp_path / "tokenizer.model", tmp_path / "config.json")
     want = AutoTokenizer.from_pretrained(str(tmp_path))("the fox jumps", add_special_tokens=True).input_ids

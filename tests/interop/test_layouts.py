@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import compare_ids, hf_config, hf_model, load_hf, max_logit_difference, ours, save_checkpoint
 from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.interop import import_checkpoint
+from bam_pipeline.interop import import_hf_model
 
 TOLERANCE = 1e-5
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -49,7 +49,7 @@ def test_a_tied_config_storing_another_head_imports_untied_as_transformers_does(
     edit_weights(path, other_head)
     hf = load_hf(path)
     assert not is_tied(hf) and torch.equal(hf.lm_head.weight, load_file(path / "model.safetensors")[HEAD])
-    ck = import_checkpoint(path)
+    ck = import_hf_model(path)
     assert not ck.config.tie_embeddings and torch.equal(ck.state_dict["lm_head.weight"], hf.lm_head.weight)
     assert max_logit_difference(hf, ours(path)) <= TOLERANCE
 
@@ -59,7 +59,7 @@ def test_a_tied_config_storing_an_equal_head_stays_tied(tmp_path):
     edit_weights(path, lambda sd: sd.update({HEAD: sd[EMBEDDING].clone()}))
     hf = load_hf(path)
     assert is_tied(hf)
-    ck = import_checkpoint(path)
+    ck = import_hf_model(path)
     assert ck.config.tie_embeddings and "lm_head.weight" not in ck.state_dict
     assert max_logit_difference(hf, ours(path)) <= TOLERANCE
 
@@ -69,7 +69,7 @@ def test_a_tied_config_storing_only_the_head_uses_it_as_the_embedding(tmp_path):
     edit_weights(path, lambda sd: sd.update({HEAD: sd.pop(EMBEDDING)}))
     hf = load_hf(path)
     assert is_tied(hf) and torch.equal(hf.model.embed_tokens.weight, load_file(path / "model.safetensors")[HEAD])
-    assert import_checkpoint(path).config.tie_embeddings
+    assert import_hf_model(path).config.tie_embeddings
     assert max_logit_difference(hf, ours(path)) <= TOLERANCE
 
 
@@ -80,7 +80,7 @@ def test_an_untied_config_without_a_head_is_refused_where_transformers_draws_one
     assert not is_tied(first) and (logits(first) - logits(second)).abs().max() > 1e-3  # a random head each time
     with pytest.raises(BamError, match="tie_word_embeddings=false, but the LlamaForCausalLM checkpoint stores no "
                                        r"lm_head\.weight .*set tie_word_embeddings=true"):
-        import_checkpoint(path)
+        import_hf_model(path)
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_two_weight_layouts_in_one_directory_are_refused(two_models, tmp_path):
     assert (logits(load_hf(both)) - logits(load_hf(sharded))).abs().max() > 1e-3
     with pytest.raises(BamError, match=f"{both} holds two weight layouts, model.safetensors and "
                                        "model.safetensors.index.json: .*delete the stale one"):
-        import_checkpoint(both)
+        import_hf_model(both)
 
 
 def test_save_pretrained_leaves_a_stale_single_file_behind(two_models, tmp_path):
@@ -117,7 +117,7 @@ def test_save_pretrained_leaves_a_stale_single_file_behind(two_models, tmp_path)
     assert (resaved / "model.safetensors").is_file() and (resaved / "model.safetensors.index.json").is_file()
     assert (logits(load_hf(resaved)) - logits(new)).abs().max() > 1e-3  # transformers: the stale weights
     with pytest.raises(BamError, match="two weight layouts"):
-        import_checkpoint(resaved)
+        import_hf_model(resaved)
 
 
 def test_pickled_weights_beside_safetensors_are_ignored_as_transformers_does(two_models):
@@ -138,7 +138,7 @@ def test_a_tensor_stored_in_two_shards_is_refused(two_models):
                  shards[0].name)
     with pytest.raises(BamError, match=f"tensor {name} is stored twice, in {shards[0].name} and {shards[-1].name} "
                                        f"of {sharded}"):
-        import_checkpoint(sharded)
+        import_hf_model(sharded)
 
 
 def test_a_weights_file_named_by_config_json_is_refused(two_models):
@@ -153,7 +153,7 @@ def test_a_weights_file_named_by_config_json_is_refused(two_models):
     (single / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "other.safetensors.index.json"}))
     assert torch.equal(logits(load_hf(single)), logits(load_hf(sharded)))  # not model.safetensors
     with pytest.raises(BamError, match="transformers_weights='other.safetensors.index.json'.*rename the file"):
-        import_checkpoint(single)
+        import_hf_model(single)
 
 
 BIG = "model.layers.1.mlp.up_proj.weight"
@@ -166,10 +166,10 @@ def test_a_weight_beyond_the_range_of_the_dtype_asked_for_is_refused(tmp_path):
     assert torch.isinf(f16.model.layers[1].mlp.up_proj.weight).any()  # transformers: inf, without a word
     with pytest.raises(ConfigError, match=rf"invalid dtype='float16': tensor {BIG} in .*model.safetensors holds "
                                           r"98304, beyond float16's largest 65504.*import in bfloat16 or float32$"):
-        import_checkpoint(path, dtype=torch.float16)
+        import_hf_model(path, dtype=torch.float16)
     hf = load_hf(path).model.layers[1].mlp.up_proj.weight
     for dtype in (torch.float32, None):  # float32, and the checkpoint's own bfloat16, hold it
-        assert torch.equal(import_checkpoint(path, dtype=dtype).state_dict["layers.1.ffn.w3"][0].float(), hf.t())
+        assert torch.equal(import_hf_model(path, dtype=dtype).state_dict["layers.1.ffn.w3"][0].float(), hf.t())
 
 
 def transformers_model(path, dtype):
@@ -186,12 +186,12 @@ def test_a_weight_not_finite_in_the_checkpoint_is_refused(value, tmp_path):
     assert not torch.isfinite(load_hf(path).model.layers[1].mlp.up_proj.weight).all()  # transformers loads it
     counts = "0 nan, 32 inf" if value > 0 else "32 nan, 0 inf"
     with pytest.raises(BamError, match=rf"tensor {BIG} in {path / shard} is not finite \({counts} values\)"):
-        import_checkpoint(path, dtype=torch.float32)
+        import_hf_model(path, dtype=torch.float32)
 
 
 def test_a_checkpoint_of_mixed_dtypes_needs_a_dtype(tmp_path):
     path = save_checkpoint(hf_model(hf_config("llama")), tmp_path / "ckpt", tokenizer=False)
     edit_weights(path, lambda sd: sd.update({BIG: sd[BIG].bfloat16()}))
     with pytest.raises(ConfigError, match="invalid dtype=None: the checkpoint mixes bfloat16 and float32 tensors"):
-        import_checkpoint(path)
+        import_hf_model(path)
     assert max_logit_difference(load_hf(path), ours(path, dtype=torch.float32)) <= TOLERANCE

@@ -12,7 +12,7 @@ import torch
 from hf_checkpoints import (
     SEQ, hf_config, hf_model, load_hf, max_logit_difference, ours, rewrite_config, save_checkpoint,
 )
-from bam_pipeline.interop import import_checkpoint
+from bam_pipeline.interop import import_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -70,9 +70,9 @@ def test_converted_logits_match_transformers(case, tmp_path):
 
 def test_default_dtype_is_the_checkpoints_and_a_requested_one_is_honoured(tmp_path):
     path = save_checkpoint(hf_model(hf_config("llama")), tmp_path / "bf16", dtype=torch.bfloat16)
-    ck = import_checkpoint(path)
+    ck = import_hf_model(path)
     assert {t.dtype for t in ck.state_dict.values()} == {torch.bfloat16}
-    assert {t.dtype for t in import_checkpoint(path, dtype=torch.float16).state_dict.values()} == {torch.float16}
+    assert {t.dtype for t in import_hf_model(path, dtype=torch.float16).state_dict.values()} == {torch.float16}
     assert all(t.is_contiguous() for t in ck.state_dict.values())
     assert ck.files == (path / "config.json", path / "model.safetensors")
 
@@ -84,12 +84,12 @@ def test_4x_and_5x_spellings_map_to_the_same_config(tmp_path):
     rewrite_config(v4, to_4x_spelling)
     cfg4 = json.loads((v4 / "config.json").read_text())
     assert "rope_parameters" not in cfg4 and cfg4["rope_scaling"]["type"] == "llama3"
-    assert import_checkpoint(v4).config == import_checkpoint(v5).config
+    assert import_hf_model(v4).config == import_hf_model(v5).config
 
 
 def test_context_defaults_to_max_position_embeddings_and_can_be_shorter(tmp_path):
     path = save_checkpoint(hf_model(hf_config("llama")), tmp_path / "m", tokenizer=False)
-    assert import_checkpoint(path).config.max_seq_len == 64
+    assert import_hf_model(path).config.max_seq_len == 64
     short = ours(path, max_seq_len=SEQ)
     assert short.cfg.max_seq_len == SEQ
     assert max_logit_difference(load_hf(path), short) <= TOLERANCE
@@ -97,14 +97,14 @@ def test_context_defaults_to_max_position_embeddings_and_can_be_shorter(tmp_path
 
 def test_the_whole_path_a_stage_will_take(tmp_path):
     """Directory -> resolve -> import -> tokenizer and documents -> our logits == transformers'."""
-    from bam_pipeline.interop import encode_documents, load_checkpoint_tokenizer, resolve_checkpoint
+    from bam_pipeline.interop import encode_documents, load_hf_model_tokenizer, resolve_hf_model_dir
     from bam_pipeline.model import BAMTransformer
 
     reference = hf_model(hf_config("qwen2", tie_word_embeddings=True))
     path = save_checkpoint(reference, tmp_path / "qwen2", dtype=torch.bfloat16)
-    source = resolve_checkpoint(str(path))
-    ck = import_checkpoint(source.path, dtype=torch.float32, max_seq_len=SEQ)
-    tok = load_checkpoint_tokenizer(source.path, ck.config.vocab_size)
+    source = resolve_hf_model_dir(str(path))
+    ck = import_hf_model(source.path, dtype=torch.float32, max_seq_len=SEQ)
+    tok = load_hf_model_tokenizer(source.path, ck.config.vocab_size)
     docs = encode_documents(tok.tokenizer, ["the fox sleeps.", "a lazy dog"], tok.eos_id)
     ids = torch.tensor([[i for doc in docs for i in doc]])  # documents packed into one row
     assert ids[0, 0].item() == 1 and (ids == tok.eos_id).sum() == 2

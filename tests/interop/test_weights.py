@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import compare_ids, hf_config, hf_model, load_hf, max_logit_difference, ours, save_checkpoint
 from bam_pipeline.errors import BamError
-from bam_pipeline.interop import ARCHITECTURES, import_checkpoint
+from bam_pipeline.interop import ARCHITECTURES, import_hf_model
 from bam_pipeline.interop import hf_weights
 from bam_pipeline.interop.hf_weights import interleaved_to_half_split, linear_bias, linear_weight, tensor_table
 from bam_pipeline.model.state_dict import expected_shapes
@@ -86,10 +86,10 @@ def _edit_weights(path, change):
 def test_pickled_only_checkpoint_is_refused_unread(llama):
     (llama / "model.safetensors").rename(llama / "pytorch_model.bin")
     with pytest.raises(BamError, match="only pickled weights .pytorch_model.bin.: bam-pipeline never unpickles"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
     (llama / "pytorch_model.bin").unlink()
     with pytest.raises(BamError, match="has no model.safetensors or model.safetensors.index.json"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
 
 
 def test_missing_and_corrupt_shards(tmp_path):
@@ -98,16 +98,16 @@ def test_missing_and_corrupt_shards(tmp_path):
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
     with pytest.raises(BamError, match=f"cannot read {shards[1].name} .*re-download"):
-        import_checkpoint(path)
+        import_hf_model(path)
     shards[1].write_bytes(b"\xff" * 64)
     with pytest.raises(BamError, match=f"cannot read {shards[1].name}"):
-        import_checkpoint(path)
+        import_hf_model(path)
     shards[1].unlink()
     with pytest.raises(BamError, match=f"shard {shards[1].name} named by model.safetensors.index.json is missing"):
-        import_checkpoint(path)
+        import_hf_model(path)
     (path / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(BamError, match="is not a safetensors index"):
-        import_checkpoint(path)
+        import_hf_model(path)
 
 
 def test_index_that_misplaces_a_tensor_is_refused(tmp_path):
@@ -117,23 +117,23 @@ def test_index_that_misplaces_a_tensor_is_refused(tmp_path):
     wm["model.norm.weight"] = next(s for s in sorted(set(wm.values())) if s != wm["model.norm.weight"])
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(BamError, match="places model.norm.weight in .*which does not hold it"):
-        import_checkpoint(path)
+        import_hf_model(path)
 
 
 def test_missing_extra_and_misshapen_tensors(llama):
     _edit_weights(llama, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(BamError, match="lacks tensor model.layers.1.mlp.up_proj.weight"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
     _edit_weights(llama, lambda sd: sd.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(48, 32),
                                                "model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
     with pytest.raises(BamError, match="has tensor model.layers.0.self_attn.q_proj.bias that config.json does not"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
     _edit_weights(llama, lambda sd: sd.pop("model.layers.0.self_attn.q_proj.bias"))
     cfg = json.loads((llama / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 40}))
     with pytest.raises(BamError, match=r"mlp\.\w+_proj\.weight in model.safetensors has shape \((32, 48|48, 32)\), "
                                        r"but config.json implies \((32, 40|40, 32)\); the weights do not belong"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
 
 
 def test_tolerated_extras_stored_head_of_a_tied_model_and_old_rotary_buffers(tmp_path):
@@ -146,11 +146,11 @@ def test_tolerated_extras_stored_head_of_a_tied_model_and_old_rotary_buffers(tmp
 def test_dtypes(llama):
     _edit_weights(llama, lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].bfloat16()}))
     with pytest.raises(BamError, match="mixes bfloat16 and float32 tensors"):
-        import_checkpoint(llama)
-    assert import_checkpoint(llama, dtype=torch.float32).state_dict["norm.weight"].dtype == torch.float32
+        import_hf_model(llama)
+    assert import_hf_model(llama, dtype=torch.float32).state_dict["norm.weight"].dtype == torch.float32
     _edit_weights(llama, lambda sd: sd.update({"model.norm.weight": torch.ones(32, dtype=torch.int8)}))
     with pytest.raises(BamError, match="is I8; bam-pipeline imports float32, bfloat16 and float16"):
-        import_checkpoint(llama, dtype=torch.float32)
+        import_hf_model(llama, dtype=torch.float32)
 
 
 def test_nothing_is_read_before_every_header_is_checked(llama, monkeypatch):
@@ -159,5 +159,5 @@ def test_nothing_is_read_before_every_header_is_checked(llama, monkeypatch):
     original = hf_weights.TensorMapping.convert
     monkeypatch.setattr(hf_weights.TensorMapping, "convert", lambda self, *a: calls.append(1) or original(self, *a))
     with pytest.raises(BamError, match="lacks tensor model.norm.weight"):
-        import_checkpoint(llama)
+        import_hf_model(llama)
     assert calls == []

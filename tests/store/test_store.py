@@ -63,6 +63,32 @@ def test_opening_for_a_run_checks_the_tokenizer(tmp_path):
                               "(bbbbbbbbbbbb); re-run its stage so the whole run shares one tokenizer")
 
 
+def test_the_model_loader_casts_floating_weights_to_the_dtype_asked_and_keeps_integer_buffers(tmp_path):
+    """store.artifacts.load_model is the one loader (bam_pipeline.load calls it): float32 as built by
+    default, or every floating tensor in ``dtype``; the hash table stays int64 either way."""
+    import torch
+
+    from bam_pipeline.model import BAMTransformer, RouterConfig, preset
+    from bam_pipeline.store.artifacts import load_model, save_model
+
+    cfg = preset("smoke").replace(ffn_experts=2, ffn_router=RouterConfig("hash"))
+    state = BAMTransformer(cfg).state_dict()
+    with publish(tmp_path / "mix" / "hash") as tmp:
+        save_model(tmp, cfg, state)
+        write_manifest(tmp, stage="mix", name="hash", config={})
+    art = read_artifact(tmp_path / "mix" / "hash")
+    model, got = load_model(art)
+    assert got == cfg and not model.training
+    assert all(torch.equal(model.state_dict()[k], state[k]) and model.state_dict()[k].dtype == state[k].dtype
+               for k in state)
+    half = load_model(art, dtype=torch.bfloat16)[0].state_dict()
+    assert half["layers.0.ffn.router.table"].dtype == torch.int64
+    assert torch.equal(half["layers.0.ffn.router.table"], state["layers.0.ffn.router.table"])
+    floating = [k for k in state if state[k].is_floating_point()]
+    assert floating and all(torch.equal(half[k], state[k].to(torch.bfloat16)) for k in floating)
+    assert all(half[k].dtype == torch.bfloat16 for k in floating)
+
+
 def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     final = tmp_path / "seed" / "main"
     final.parent.mkdir()

@@ -1,18 +1,17 @@
 """The memory planner: two configurations computed by hand, its activation count against the tensors
-autograd saves, every preset x mix variant, sizes and the info section."""
+autograd saves, every preset x mix variant, and device sizes."""
 
 import pytest
 import torch
 
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import read_section
-from bam_pipeline.errors import ConfigError
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model import BAMTransformer, RouterConfig, preset
 from bam_pipeline.model.config import PRESETS
 from bam_pipeline.model.counting import count_params
 from bam_pipeline.model.loss import LossChunking
-from bam_pipeline.training.memory import (InfoSpec, MemorySetup, activation_bytes, autocast_weight_bytes, estimate,
+from bam_pipeline.training.memory import (MemorySetup, activation_bytes, autocast_weight_bytes, estimate,
                                           parse_bytes)
 
 
@@ -116,11 +115,8 @@ def test_every_preset_and_mix_variant_has_a_plan(strategy, world):
                 assert m.params == 4 * -(-count_params(cfg).total // world)
 
 
-def test_sizes_and_the_info_section():
+def test_sizes():
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("1.5TB") == 1.5e12
-    assert InfoSpec("141GB", "speeds.json").device_bytes == 141 * 10**9
-    with pytest.raises(ConfigError, match="device_memory='80 gigs'"):
-        InfoSpec("80 gigs", "speeds.json")
 
 
 @pytest.mark.parametrize("layout", ["bam", "bam_shared_kv", "btx_top2", "bias"])

@@ -6,7 +6,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.transformer import Block
-from bam_pipeline.training.parallel import CPUFSDPStrategy, TrainerSpec, build_strategy, clean_name
+from bam_pipeline.training.parallel import CPUFSDPStrategy, build_strategy, clean_name
+from bam_pipeline.training.settings import TrainerSpec
 
 
 def spec(**changes) -> TrainerSpec:

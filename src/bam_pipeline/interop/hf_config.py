@@ -27,7 +27,7 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 @dataclass(frozen=True)
 class HFModelConfig:
-    """A checkpoint's architecture and the :class:`ModelConfig` it maps onto."""
+    """A Hugging Face model's architecture and the :class:`ModelConfig` it maps onto."""
 
     architecture: Architecture
     model: ModelConfig
@@ -142,7 +142,7 @@ def rope_settings(hf: Mapping[str, Any], arch: Architecture) -> tuple[float, Rop
 
 
 def attention_window(hf: Mapping[str, Any], arch: Architecture, n_layers: int) -> int | None:
-    """The sliding window some layer of the checkpoint applies, or None when every layer is full.
+    """The sliding window some layer of the model applies, or None when every layer is full.
 
     Mistral: ``sliding_window`` for every layer. Qwen2: with ``use_sliding_window``, the layers
     ``layer_types`` marks ``sliding_attention`` (5.x), or without it those from

@@ -1,8 +1,8 @@
-"""A checkpoint's own tokenizer: ``tokenizer.json`` (or a SentencePiece ``tokenizer.model``
+"""A Hugging Face model directory's own tokenizer: ``tokenizer.json`` (or a SentencePiece ``tokenizer.model``
 converted by transformers), its end-of-document id, the check that every id has an embedding
 row, and per-document encoding with the tokenizer's own post-processor.
 
-The tokenizer is exactly the checkpoint's ``tokenizer.json``: its normaliser, pre-tokeniser and
+The tokenizer is exactly the directory's ``tokenizer.json``: its normaliser, pre-tokeniser and
 post-processor (e.g. Llama 3's BOS at the start of every document) are applied as the file says.
 The end-of-document id is ``eos_token_id`` from ``config.json``, else from
 ``generation_config.json``; when it is a list, its first element.
@@ -29,8 +29,8 @@ EOS_SOURCES = (CONFIG_FILE, GENERATION_CONFIG_FILE)
 
 
 @dataclass(frozen=True)
-class CheckpointTokenizer:
-    """The tokenizer and the end-of-document token a checkpoint defines."""
+class HFModelTokenizer:
+    """The tokenizer and the end-of-document token a Hugging Face model directory defines."""
 
     tokenizer: Tokenizer
     eos_id: int
@@ -66,7 +66,7 @@ def _convert_sentencepiece(model_dir: Path) -> Tokenizer:
 
 
 def load_tokenizer(model_dir: Path) -> tuple[Tokenizer, bool]:
-    """The checkpoint's tokenizer, and whether it was converted from SentencePiece."""
+    """The directory's tokenizer, and whether it was converted from SentencePiece."""
     path = model_dir / TOKENIZER_FILE
     if path.is_file():
         try:
@@ -108,8 +108,8 @@ def check_vocabulary(tokenizer: Tokenizer, embedding_rows: int) -> None:
                        "the tokenizer does not belong to this checkpoint")
 
 
-def load_checkpoint_tokenizer(model_dir: Path, embedding_rows: int) -> CheckpointTokenizer:
-    """The checkpoint's tokenizer and end-of-document token, checked against ``embedding_rows``."""
+def load_hf_model_tokenizer(model_dir: Path, embedding_rows: int) -> HFModelTokenizer:
+    """The directory's tokenizer and end-of-document token, checked against ``embedding_rows``."""
     tokenizer, converted = load_tokenizer(model_dir)
     check_vocabulary(tokenizer, embedding_rows)
     eos_id, source = end_of_document_id(model_dir)
@@ -119,7 +119,7 @@ def load_checkpoint_tokenizer(model_dir: Path, embedding_rows: int) -> Checkpoin
                        "the tokenizer does not belong to this checkpoint")
     read = (SENTENCEPIECE_FILE, *SENTENCEPIECE_SIDE_FILES, CONFIG_FILE) if converted else (TOKENIZER_FILE,)
     files = tuple(model_dir / f for f in dict.fromkeys((*read, source)) if (model_dir / f).is_file())
-    return CheckpointTokenizer(tokenizer, eos_id, token, source, converted, files)
+    return HFModelTokenizer(tokenizer, eos_id, token, source, converted, files)
 
 
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], eos_id: int) -> list[list[int]]:

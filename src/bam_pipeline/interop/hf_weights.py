@@ -1,20 +1,20 @@
-"""Checkpoint weights: a table from transformers' tensor names to our state-dict layout, the named
+"""A Hugging Face model's weights: a table from transformers' tensor names to our state-dict layout, the named
 transforms it applies, and a streaming reader over single or sharded safetensors files.
 
 The table maps each tensor of ``tensor_table(cfg, arch)`` to our key, its shape in the
-checkpoint and its transforms: :func:`linear_weight` (transformers' ``(out, in)`` Linear weight
+Hugging Face model and its transforms: :func:`linear_weight` (transformers' ``(out, in)`` Linear weight
 to our ``(1, in, out)`` one-expert stack), :func:`linear_bias` (``(out,)`` to ``(1, out)``) and,
-for checkpoints that rotate q/k in interleaved pairs (Cohere), :func:`interleaved_to_half_split`
+for models that rotate q/k in interleaved pairs (Cohere), :func:`interleaved_to_half_split`
 on q/k rows first. Everything else is copied as is. Each transform has a named inverse
-(:data:`INVERSES`), so the same table also writes our tensors back into the checkpoint's layout
+(:data:`INVERSES`), so the same table also writes our tensors back into the Hugging Face layout
 (:meth:`TensorMapping.export`, used by :mod:`~bam_pipeline.interop.hf_export`).
 
 Reading is tensor by tensor: every file's header is checked first (names, shapes, dtypes) so a
-bad checkpoint fails before any weight is read, then each tensor is read, transformed and copied
-once into a new tensor of the requested dtype, which must be finite. Pickled ``.bin`` checkpoints
+bad directory fails before any weight is read, then each tensor is read, transformed and copied
+once into a new tensor of the requested dtype, which must be finite. Pickled ``.bin`` weights
 are refused: we never unpickle weights.
 
-Where a checkpoint's files could be read two ways, the import reads them as transformers 5.x does
+Where a directory's files could be read two ways, the import reads them as transformers 5.x does
 or refuses: the head (:func:`head_table`, :func:`read_weights`) is tied or not as transformers
 ties it, and a directory holding both weight layouts (a single file and an index) is refused,
 since transformers' choice there (the single file) is as likely to be the stale one.
@@ -105,7 +105,7 @@ def inverse(f: Transform) -> Transform:
 
 @dataclass(frozen=True)
 class TensorMapping:
-    """Where one checkpoint tensor goes: our key, its shape in the checkpoint, transforms in order."""
+    """Where one Hugging Face tensor goes: our key, its shape as stored, transforms in order."""
 
     ours: str
     shape: tuple[int, ...]
@@ -118,7 +118,7 @@ class TensorMapping:
         return torch.empty(t.shape, dtype=dtype).copy_(t)
 
     def export(self, t: Tensor) -> Tensor:
-        """Our tensor ``t`` back in the checkpoint's layout: the inverse transforms in reverse order
+        """Our tensor ``t`` back in the Hugging Face layout: the inverse transforms in reverse order
         (views where they can be)."""
         for f in reversed(self.transforms):
             t = inverse(f)(t)
@@ -126,7 +126,7 @@ class TensorMapping:
 
 
 def tensor_table(cfg: ModelConfig, arch: Architecture) -> dict[str, TensorMapping]:
-    """Checkpoint tensor name -> :class:`TensorMapping`, for every tensor the dense ``cfg`` needs."""
+    """Hugging Face tensor name -> :class:`TensorMapping`, for every tensor the dense ``cfg`` needs."""
     D, F, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
 
@@ -155,7 +155,7 @@ def tensor_table(cfg: ModelConfig, arch: Architecture) -> dict[str, TensorMappin
 
 @dataclass(frozen=True)
 class WeightFiles:
-    """A checkpoint's safetensors files: tensor name -> file, and the index when it is sharded."""
+    """A Hugging Face model directory's safetensors files: tensor name -> file, and the index when it is sharded."""
 
     locations: dict[str, Path]
     index: Path | None
@@ -171,7 +171,7 @@ class WeightFiles:
 
 
 def weight_files(model_dir: Path) -> WeightFiles:
-    """Where each tensor lies, as the checkpoint's index (or its single file) says; refuses
+    """Where each tensor lies, as the directory's index (or its single file) says; refuses
     pickled and missing weights, a missing shard, and both layouts in one directory."""
     index, single = model_dir / INDEX_FILE, model_dir / WEIGHTS_FILE
     if index.is_file() and single.is_file():
@@ -224,7 +224,7 @@ class StoredTensor:
 
 
 def _read_headers(files: WeightFiles) -> dict[str, StoredTensor]:
-    """Every tensor the checkpoint stores, from its files' headers; refuses a tensor stored twice and
+    """Every tensor the directory stores, from its files' headers; refuses a tensor stored twice and
     an index that places a tensor in a shard that does not hold it."""
     stored: dict[str, StoredTensor] = {}
     for shard in files.shards:
@@ -243,10 +243,10 @@ def _read_headers(files: WeightFiles) -> dict[str, StoredTensor]:
 
 
 def head_table(cfg: ModelConfig, arch: Architecture, stored: Iterable[str]) -> dict[str, TensorMapping]:
-    """:func:`tensor_table` for the head as the checkpoint stores it, read as transformers 5.x reads it.
+    """:func:`tensor_table` for the head as the directory stores it, read as transformers 5.x reads it.
 
     With ``tie_word_embeddings`` (``cfg.tie_embeddings``) transformers ties ``lm_head.weight`` to the
-    embedding unless the checkpoint stores both with different values; so both are read when both are
+    embedding unless the directory stores both with different values; so both are read when both are
     stored (:func:`read_weights` compares them), and a head stored without the embedding is the
     embedding. Without it the table has the head, stored or not (:func:`_check_headers` refuses a
     missing one, which transformers would draw at random).
@@ -293,7 +293,7 @@ def _check_headers(stored: dict[str, StoredTensor], table: dict[str, TensorMappi
 
 def _finite(name: str, shard: Path, stored: Tensor, converted: Tensor) -> Tensor:
     """``converted`` (``stored`` in the import's dtype) if every value is finite; else a one-line refusal
-    naming the tensor: non-finite in the checkpoint itself, or beyond the range of the dtype asked for."""
+    naming the tensor: non-finite as stored, or beyond the range of the dtype asked for."""
     if bool(torch.isfinite(converted).all()):
         return converted
     nan, inf = int(stored.isnan().sum()), int(stored.isinf().sum())
@@ -310,11 +310,11 @@ def _finite(name: str, shard: Path, stored: Tensor, converted: Tensor) -> Tensor
 
 def read_weights(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
                  dtype: torch.dtype | None = None) -> tuple[ModelConfig, StateDict]:
-    """Our dense config and state dict (docs/architecture.md layout) from the checkpoint's safetensors files.
+    """Our dense config and state dict (docs/architecture.md layout) from the directory's safetensors files.
 
     ``cfg`` is ``config.json``'s mapping; the result's is untied where transformers unties the head: a
-    tied config whose checkpoint stores a head with other values than the embedding (see
-    :func:`head_table`). ``dtype`` is the dtype of the result (default: the checkpoint's, which must
+    tied config whose directory stores a head with other values than the embedding (see
+    :func:`head_table`). ``dtype`` is the dtype of the result (default: the stored one, which must
     then be one dtype); a value it cannot hold is refused. Tensors are read one at a time, each
     converted into its final tensor before the next is read.
     """

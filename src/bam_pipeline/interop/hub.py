@@ -1,5 +1,5 @@
-"""A checkpoint given as a local directory or a Hugging Face hub id (``org/name``), resolved to a
-local directory and, for hub ids, the commit it was downloaded at (for a manifest).
+"""A Hugging Face model given as a local directory or a hub id (``org/name``), resolved to a local
+model directory and, for hub ids, the commit it was downloaded at (for a manifest).
 
 Hub ids download through ``huggingface_hub.snapshot_download`` (only the files an import reads);
 under ``HF_HUB_OFFLINE=1`` it serves the local cache. Every failure ends in one line that says
@@ -25,22 +25,23 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
-class CheckpointSource:
-    """Where a checkpoint lies. ``repo_id``/``revision`` (the commit) are set for hub downloads."""
+class HFModelDir:
+    """A Hugging Face model directory on this machine. ``repo_id``/``revision`` (the commit) are set for
+    hub downloads."""
 
     path: Path
     repo_id: str | None = None
     revision: str | None = None
 
 
-def resolve_checkpoint(source: str, revision: str | None = None) -> CheckpointSource:
+def resolve_hf_model_dir(source: str, revision: str | None = None) -> HFModelDir:
     """A local directory as is; a hub id downloaded (or found in the cache) at ``revision``
     (default: the repository's main branch), returned with the commit it resolved to."""
     path = Path(source).expanduser()
     if path.is_dir():
         if revision is not None:
             raise BamError(f"revision={revision!r} applies to hub ids, but {source} is a local directory; drop it")
-        return CheckpointSource(path.resolve())
+        return HFModelDir(path.resolve())
     if source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):
         raise BamError(f"checkpoint directory {source} does not exist; pass a local directory or a hub id (org/name)")
     try:
@@ -76,4 +77,4 @@ def resolve_checkpoint(source: str, revision: str | None = None) -> CheckpointSo
         raise BamError(f"downloading {at} failed ({' '.join(str(e).split())[:200]}); retry, or pass a "
                        "local directory") from None
     commit = local.name if _COMMIT.fullmatch(local.name) else revision
-    return CheckpointSource(local, source, commit)
+    return HFModelDir(local, source, commit)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import BamError, ConfigError
+from ..errors import BamError
 from .kv_cache import KVCache
 from .transformer import BAMTransformer
 
@@ -215,41 +215,3 @@ def generate_text(model: BAMTransformer, tokenizer: TextTokenizer, prompts: Sequ
             shown = tokens[:-1] if stopped else tokens  # the end-of-document token is not text
             out.append(TextGeneration(prompts[start + j], chunk[j], tokens, tokenizer.decode(shown), stopped))
     return out, cache_bytes
-
-
-@dataclass(frozen=True)
-class GenerateSpec:
-    """The ``generate:`` config section (``stage=generate``; defaults in ``conf/generate/default.yaml``).
-
-    One of ``prompt`` (a text) and ``prompts_file`` (a text file, one prompt per line, or a ``.jsonl``
-    file, one JSON string or ``{"prompt": ...}`` object per line)."""
-
-    prompt: Optional[str] = None
-    prompts_file: Optional[str] = None
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0  # seeds sampling (one generator for the whole command)
-    stop_at_eos: bool = True  # stop a continuation at the end-of-document token
-    batch_size: int = 8  # prompts decoded together (left-padded)
-    output: Optional[str] = None  # also write the continuations (ids and text) to this JSONL file
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens", self.max_new_tokens, "must be a positive number of tokens")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
-        if self.seed < 0:
-            raise ConfigError("seed", self.seed, "must be a non-negative integer")
-        try:
-            self.sampling
-        except BamError:
-            key, value = (("temperature", self.temperature) if not (math.isfinite(self.temperature)
-                                                                    and self.temperature >= 0)
-                          else ("top_p", self.top_p))
-            why = "must be a number >= 0 (0 is greedy)" if key == "temperature" else "must be in (0, 1] (1: every token)"
-            raise ConfigError(key, value, why) from None
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p)

@@ -1,6 +1,12 @@
 """The run as the stages see it: every config section read once into its typed spec, the run's
 layout, the selected domain and mixture variant, and the command hints of error messages.
 
+A section's spec lives in the package that acts on it, in that package's spec module or in the
+module named for the section: ``data.spec`` (data), ``eval.spec`` (eval, downstream),
+``training.settings`` (train, trainer), ``training.budget`` (budget), ``interop.hf_export``
+(export). The sections only the stages read (model, seed, branch, pipeline, info, generate) have
+their specs here.
+
 :meth:`RunContext.from_config` is the config boundary: a bad value anywhere ends here, in one
 :class:`~bam_pipeline.errors.ConfigError` line, before any stage does work.
 """
@@ -8,6 +14,7 @@ layout, the selected domain and mixture variant, and the command hints of error 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,14 +30,13 @@ from bam_pipeline.eval.spec import DownstreamSpec, EvalSpec
 from bam_pipeline.interop.hf_export import ExportSpec
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig, preset
-from bam_pipeline.model.generation import GenerateSpec
+from bam_pipeline.model.generation import Sampling
 from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, check_run_name, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
-from bam_pipeline.training.memory import InfoSpec
-from bam_pipeline.training.parallel import TrainerSpec
+from bam_pipeline.training.memory import parse_bytes
 from bam_pipeline.training.ranks import check_trainer
-from bam_pipeline.training.settings import TrainSettings
+from bam_pipeline.training.settings import TrainerSpec, TrainSettings
 
 ON_STALE = ("rebuild", "refuse")
 TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
@@ -79,8 +85,8 @@ SEED_KINDS = ("pretrain", "hf")
 
 
 @dataclass(frozen=True)
-class CheckpointRef:
-    """A Hugging Face checkpoint: a local directory or a hub id, at a revision."""
+class HFModelRef:
+    """A Hugging Face model directory as the config names it: a local path or a hub id, at a revision."""
 
     path: Optional[str]
     revision: Optional[str] = None
@@ -88,12 +94,12 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class SeedSpec:
-    """The ``seed:`` section: pretrain the seed, or import a Hugging Face checkpoint as the seed."""
+    """The ``seed:`` section: pretrain the seed, or import a Hugging Face model as the seed."""
 
     kind: str
     path: Optional[str]
     revision: Optional[str]
-    dtype: Optional[str]  # the imported weights' dtype; null: the checkpoint's own
+    dtype: Optional[str]  # the imported weights' dtype; null: the stored one
 
     def __post_init__(self) -> None:
         if self.kind not in SEED_KINDS:
@@ -107,8 +113,8 @@ class SeedSpec:
             raise ConfigError("dtype", self.dtype, f"use one of {', '.join(DTYPES)} or null (the checkpoint's)")
 
     @property
-    def checkpoint(self) -> CheckpointRef:
-        return CheckpointRef(self.path, self.revision)
+    def hf_model(self) -> HFModelRef:
+        return HFModelRef(self.path, self.revision)
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class BranchSpec:
     """The ``branch:`` section: train every domain expert, or import some (``branch.<domain>.path``)."""
 
     kind: str
-    imports: dict[str, CheckpointRef]  # domain -> checkpoint, for the imported domains
+    imports: dict[str, HFModelRef]  # domain -> its Hugging Face model, for the imported domains
 
     @classmethod
     def read(cls, node: Any) -> "BranchSpec":
@@ -127,7 +133,7 @@ class BranchSpec:
         imports = {}
         for domain, ref in data.items():
             if domain != "kind":
-                ref = read_section(CheckpointRef, ref, f"branch.{domain}")
+                ref = read_section(HFModelRef, ref, f"branch.{domain}")
                 if ref.path:
                     imports[domain] = ref
         if kind == "hf" and not imports:
@@ -157,6 +163,64 @@ class PipelineSpec:
             raise ConfigError("on_stale", self.on_stale, f"use one of {', '.join(ON_STALE)}")
         if not self.wait_s > 0:
             raise ConfigError("wait_s", self.wait_s, "must be a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class InfoSpec:
+    """The ``info:`` section: the device memory ``stage=info`` checks a configuration against, and
+    the file of speeds ``make bench`` measured on this machine (projected wall times)."""
+
+    device_memory: str
+    speeds: str
+
+    def __post_init__(self) -> None:
+        try:
+            if parse_bytes(self.device_memory) <= 0:
+                raise ValueError(self.device_memory)
+        except ValueError:
+            raise ConfigError("device_memory", self.device_memory, "use a size such as 80GB, 141GB or 24GiB") from None
+
+    @property
+    def device_bytes(self) -> int:
+        return parse_bytes(self.device_memory)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """The ``generate:`` config section (``stage=generate``; defaults in ``conf/generate/default.yaml``).
+
+    One of ``prompt`` (a text) and ``prompts_file`` (a text file, one prompt per line, or a ``.jsonl``
+    file, one JSON string or ``{"prompt": ...}`` object per line)."""
+
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # seeds sampling (one generator for the whole command)
+    stop_at_eos: bool = True  # stop a continuation at the end-of-document token
+    batch_size: int = 8  # prompts decoded together (left-padded)
+    output: Optional[str] = None  # also write the continuations (ids and text) to this JSONL file
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens", self.max_new_tokens, "must be a positive number of tokens")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", self.batch_size, "must be a positive integer")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be a non-negative integer")
+        try:
+            self.sampling
+        except BamError:
+            key, value = (("temperature", self.temperature) if not (math.isfinite(self.temperature)
+                                                                    and self.temperature >= 0)
+                          else ("top_p", self.top_p))
+            why = "must be a number >= 0 (0 is greedy)" if key == "temperature" else "must be in (0, 1] (1: every token)"
+            raise ConfigError(key, value, why) from None
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import os
 
 from bam_pipeline.data.prepare import PreparedData, prepare_data, print_stats_table
 from bam_pipeline.errors import BamError
-from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.hf_model_dirs import seed_tokenizer
 from bam_pipeline.stages.inputs import open_data
 from bam_pipeline.store.artifacts import remove_dead_temporaries
 from bam_pipeline.store.files import write_json

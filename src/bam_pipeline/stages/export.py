@@ -4,7 +4,7 @@ atomically, with a model card holding its provenance and its rows of the eval ta
 ``export.push_to_hub=<repo id>``, uploaded.
 
 The tokenizer exported is the run's prepared ``data/tokenizer.json``: the one every artifact was
-made with (for an imported checkpoint with only a SentencePiece ``tokenizer.model``, the
+made with (for an imported Hugging Face model with only a SentencePiece ``tokenizer.model``, the
 ``tokenizer.json`` transformers converted it to when the data was prepared).
 """
 

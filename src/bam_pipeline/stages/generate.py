@@ -17,8 +17,8 @@ from pathlib import Path
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.runner import resolve_device
-from bam_pipeline.model.generation import GenerateSpec, TextGeneration, generate_text
-from bam_pipeline.stages.context import RunContext
+from bam_pipeline.model.generation import TextGeneration, generate_text
+from bam_pipeline.stages.context import GenerateSpec, RunContext
 from bam_pipeline.stages.export import require_artifact
 from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import artifact_containing, load_model

@@ -1,4 +1,4 @@
-"""Importing a Hugging Face checkpoint as a stage's artifact, with no training: the seed under
+"""Importing a Hugging Face model directory as a stage's artifact, with no training: the seed under
 ``seed=hf`` and the domain experts ``branch=hf`` names (the BTX use case: mixing experts someone
 else fine-tuned). An import's identity is its source (path or hub id, the commit it resolved to),
 its files' sizes and modification times, the dtype and the context it runs at; its manifest records
@@ -13,16 +13,16 @@ from typing import Any
 import torch
 
 from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.interop.checkpoint import import_checkpoint
+from bam_pipeline.interop.hf_import import import_hf_model
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.stages.checkpoints import checkpoint_tokenizer, fingerprint, resolve, short_name, source_record
-from bam_pipeline.stages.context import CheckpointRef, RunContext
+from bam_pipeline.stages.context import HFModelRef, RunContext
+from bam_pipeline.stages.hf_model_dirs import fingerprint, hf_model_tokenizer, resolve, short_name, source_record
 from bam_pipeline.stages.inputs import Plan, building, fresh_artifact
 from bam_pipeline.store.artifacts import Artifact, publish, read_artifact, save_model, write_manifest
 from bam_pipeline.store.files import sha256_file
 
 
-def plan_import(ctx: RunContext, stage: str, name: str, ref: CheckpointRef, dtype: str | None,
+def plan_import(ctx: RunContext, stage: str, name: str, ref: HFModelRef, dtype: str | None,
                 inputs: dict[str, Artifact], about: dict[str, Any]) -> Plan:
     """The plan of importing ``ref`` as artifact ``<stage>/<name>``."""
     src = resolve(ref)
@@ -32,34 +32,34 @@ def plan_import(ctx: RunContext, stage: str, name: str, ref: CheckpointRef, dtyp
     return Plan(stage, name, ctx.layout.artifact(stage, name), config, inputs, about)
 
 
-def run_import(ctx: RunContext, plan: Plan, ref: CheckpointRef, dtype: str | None, *, tokenizer: str,
+def run_import(ctx: RunContext, plan: Plan, ref: HFModelRef, dtype: str | None, *, tokenizer: str,
                like: ModelConfig | None = None) -> Artifact:
     """Import ``ref`` as ``plan``'s artifact (skipped when fresh). ``tokenizer``: the run's tokenizer hash,
-    which the checkpoint's tokenizer must have; ``like``: the architecture it must have (an expert's: the
+    which the imported model's tokenizer must have; ``like``: the architecture it must have (an expert's: the
     seed's)."""
     done = fresh_artifact(plan, ctx.pipeline.on_stale)
     if done is not None:
         return done
     with building(ctx, plan):
         src = resolve(ref)
-        theirs = checkpoint_tokenizer(ref).hash
+        theirs = hf_model_tokenizer(ref).hash
         if theirs != tokenizer:
             raise BamError(f"{ref.path} has another tokenizer ({theirs[:12]}) than the run ({tokenizer[:12]}); "
                            "an imported expert must share the seed's tokenizer")
         try:
-            ckpt = import_checkpoint(src.path, dtype=getattr(torch, dtype) if dtype else None,
-                                     max_seq_len=ctx.model.seq_len, name=short_name(ref))
+            imported = import_hf_model(src.path, dtype=getattr(torch, dtype) if dtype else None,
+                                       max_seq_len=ctx.model.seq_len, name=short_name(ref))
         except ConfigError as e:  # the import's dtype: seed.dtype, for the seed and every imported expert
             raise e.under("seed") from None
-        if like is not None and ckpt.config.replace(name=like.name) != like:
-            raise BamError(f"{ref.path} has another architecture than the seed ({ckpt.config.to_dict()} vs "
+        if like is not None and imported.config.replace(name=like.name) != like:
+            raise BamError(f"{ref.path} has another architecture than the seed ({imported.config.to_dict()} vs "
                            f"{like.to_dict()}); import experts fine-tuned from the seed checkpoint")
         with publish(plan.out) as tmp:
-            save_model(tmp, ckpt.config, ckpt.state_dict)
+            save_model(tmp, imported.config, imported.state_dict)
             write_manifest(tmp, stage=plan.stage, name=plan.name, run=ctx.run, config=plan.config,
                            inputs=plan.inputs, tokenizer_hash=tokenizer, metrics={}, tokens=0, flops=0.0,
-                           source=source_record(ref, src), architecture=ckpt.architecture,
-                           checkpoint_files={p.name: sha256_file(p) for p in ckpt.files}, about=plan.about)
-    print(f"{plan.label}: imported {ckpt.architecture} from {ref.path}"
+                           source=source_record(ref, src), architecture=imported.architecture,
+                           checkpoint_files={p.name: sha256_file(p) for p in imported.files}, about=plan.about)
+    print(f"{plan.label}: imported {imported.architecture} from {ref.path}"
           f"{f' at {src.revision}' if src.revision else ''} -> {plan.out}")
     return read_artifact(plan.out)

@@ -15,8 +15,8 @@ from bam_pipeline.eval.render import text_table
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import describe
-from bam_pipeline.stages.checkpoints import checkpoint_model_config
 from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.hf_model_dirs import hf_dense_config
 from bam_pipeline.stages.train import parse_moe_name
 from bam_pipeline.training.budget import plan_budget
 from bam_pipeline.training.memory import ASSUMPTIONS, MemoryEstimate, MemorySetup, estimate, format_bytes
@@ -141,8 +141,8 @@ def run_info(ctx: RunContext) -> None:
         vocab, source = run_vocabulary(ctx)
         dense = ctx.model.dense_config(vocab)
     else:
-        dense = checkpoint_model_config(ctx.seed.checkpoint, ctx.model.seq_len)
-        vocab, source = dense.vocab_size, f"the seed checkpoint {ctx.seed.checkpoint.path}"
+        dense = hf_dense_config(ctx.seed.hf_model, ctx.model.seq_len)
+        vocab, source = dense.vocab_size, f"the seed checkpoint {ctx.seed.hf_model.path}"
     preset_vocab = ctx.model.dense_config().vocab_size
     note = f"; the {dense.name} preset was sized with {preset_vocab:,}: add data.tokenizer.vocab_size={preset_vocab} " \
            "to plan with that" if ctx.seed.kind == "pretrain" and vocab != preset_vocab and ctx.data.tokenizer.path is None \

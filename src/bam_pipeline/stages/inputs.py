@@ -19,8 +19,8 @@ from typing import Any, Iterator
 from bam_pipeline.data.prepare import PreparedData, open_current
 from bam_pipeline.eval.runner import BTM_LABEL
 from bam_pipeline.errors import BamError
-from bam_pipeline.stages.checkpoints import seed_tokenizer
 from bam_pipeline.stages.context import RunContext
+from bam_pipeline.stages.hf_model_dirs import seed_tokenizer
 from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_model_artifacts, outdated_models,
                                          read_artifact, remove_dead_temporaries, try_read_artifact)
 from bam_pipeline.store.files import canonical_hash, changed_keys, write_json

@@ -1,7 +1,7 @@
 """The training stages, planned apart and trained by one shared path (:func:`train`).
 
 seed   : random init -> trained on the seed mixture               -> seed/main
-         (seed=hf: a Hugging Face checkpoint imported instead, :mod:`~bam_pipeline.stages.imports`)
+         (seed=hf: a Hugging Face model imported instead, :mod:`~bam_pipeline.stages.imports`)
 branch : seed -> trained on <domain> + general text               -> branch/<domain>
          (budget.branch.tokens=0: a copy of the seed; branch=hf: an imported expert)
 moe    : mix/<variant> -> trained on the moe mixture              -> moe/<variant>[_cm]
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from bam_pipeline.data.mixtures import stage_mixture
 from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.stages.checkpoints import seed_tokenizer, short_name
 from bam_pipeline.stages.context import RunContext, require_domain
+from bam_pipeline.stages.hf_model_dirs import seed_tokenizer, short_name
 from bam_pipeline.stages.imports import plan_import, run_import
 from bam_pipeline.stages.inputs import Plan, building, data_input, fresh_artifact, open_data, require
 from bam_pipeline.store.artifacts import MODEL_CONFIG, WEIGHTS, Artifact, publish, read_artifact, read_model_config
@@ -44,8 +44,8 @@ def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: di
 
 def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
     if ctx.seed.kind == "hf":
-        about = {"display": f"Seed ({short_name(ctx.seed.checkpoint)})", "role": "seed"}
-        return plan_import(ctx, "seed", "main", ctx.seed.checkpoint, ctx.seed.dtype, {}, about)
+        about = {"display": f"Seed ({short_name(ctx.seed.hf_model)})", "role": "seed"}
+        return plan_import(ctx, "seed", "main", ctx.seed.hf_model, ctx.seed.dtype, {}, about)
     model_cfg = ctx.model.dense_config(prepared.vocab_size)
     job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
                    _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train,
@@ -129,8 +129,8 @@ def copy_seed(ctx: RunContext, plan: Plan, prepared: PreparedData) -> Artifact:
 
 
 def run_seed(ctx: RunContext) -> Artifact | None:
-    if ctx.seed.kind == "hf":  # an import needs no prepared data: its tokenizer is the checkpoint's
-        return run_import(ctx, plan_seed(ctx, None), ctx.seed.checkpoint, ctx.seed.dtype,
+    if ctx.seed.kind == "hf":  # an import needs no prepared data: its tokenizer is the imported model's
+        return run_import(ctx, plan_seed(ctx, None), ctx.seed.hf_model, ctx.seed.dtype,
                           tokenizer=seed_tokenizer(ctx).hash)
     prepared = open_data(ctx)
     return train(ctx, plan_seed(ctx, prepared), prepared)

@@ -26,11 +26,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.files import canonical_hash, checksums, read_jsonl, verify_checksums
 from bam_pipeline.store.layout import MODEL_STAGES, RunLayout, label, stage_args
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -361,14 +364,17 @@ def load_state(art: Artifact, *, verify: bool = True):
     return cfg, state
 
 
-def load_model(art: Artifact, *, verify: bool = True, device: str = "cpu"):
-    """A ready model (eval mode) and its config from a model artifact."""
+def load_model(art: Artifact, *, verify: bool = True, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None):
+    """A ready model (eval mode) on ``device`` and its config from a model artifact: the one model
+    loader (``bam_pipeline.load`` adds the run's tokenizer to it). ``dtype``: cast the floating-point
+    parameters to it (default: float32, as built; buffers such as the hash table keep theirs)."""
     from bam_pipeline.model.transformer import BAMTransformer
 
     cfg, state = load_state(art, verify=verify)
     model = BAMTransformer(cfg)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), cfg
+    return model.to(device=device, dtype=dtype).eval(), cfg
 
 
 def read_train_log(art: Artifact) -> list[dict[str, Any]]:

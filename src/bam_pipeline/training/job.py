@@ -39,10 +39,10 @@ from bam_pipeline.training.budget import Budget
 from bam_pipeline.training.host_memory import keep_freed_memory
 from bam_pipeline.training.loggers import close_logger, make_logger
 from bam_pipeline.training.module import LMModule, OptimConfig, StepOptions
-from bam_pipeline.training.parallel import ShardingReport, TrainerSpec, full_state_dict, trainer_kwargs
+from bam_pipeline.training.parallel import ShardingReport, full_state_dict, trainer_kwargs
 from bam_pipeline.training.preemption import CheckpointOnStop, Stopped, defer, received
 from bam_pipeline.training.schedule import warmup_steps_for
-from bam_pipeline.training.settings import TrainSettings
+from bam_pipeline.training.settings import TrainerSpec, TrainSettings
 from bam_pipeline.training.throughput import PhaseTimer, peak_tflops
 
 FINGERPRINT = "fingerprint.json"

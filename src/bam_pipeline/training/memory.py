@@ -26,7 +26,6 @@ import math
 import re
 from dataclasses import dataclass
 
-from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.counting import count_params
 
@@ -210,26 +209,6 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise ValueError(text)
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
-
-
-@dataclass(frozen=True)
-class InfoSpec:
-    """The ``info:`` section: the device memory ``stage=info`` checks a configuration against, and
-    the file of speeds ``make bench`` measured on this machine (projected wall times)."""
-
-    device_memory: str
-    speeds: str
-
-    def __post_init__(self) -> None:
-        try:
-            if parse_bytes(self.device_memory) <= 0:
-                raise ValueError(self.device_memory)
-        except ValueError:
-            raise ConfigError("device_memory", self.device_memory, "use a size such as 80GB, 141GB or 24GiB") from None
-
-    @property
-    def device_bytes(self) -> int:
-        return parse_bytes(self.device_memory)
 
 
 def format_bytes(n: float) -> str:

@@ -20,8 +20,9 @@ from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.model.state_dict import EXPERT_TENSORS
 from bam_pipeline.model.transformer import BAMTransformer
 from bam_pipeline.training.compile import compile_blocks
-from bam_pipeline.training.parallel import TrainerSpec, clean_name, clip_gradients, configure_model, local_tensor
+from bam_pipeline.training.parallel import clean_name, clip_gradients, configure_model, local_tensor
 from bam_pipeline.training.schedule import lr_at
+from bam_pipeline.training.settings import TrainerSpec
 
 
 class NonFiniteLoss(BamError):

@@ -1,4 +1,5 @@
-"""The ``trainer:`` config section as a typed spec, and the Lightning strategy it names.
+"""The Lightning strategy the ``trainer:`` section names (its spec is
+:class:`~bam_pipeline.training.settings.TrainerSpec`).
 
 - ``auto``, ``ddp``: Lightning's own, by name.
 - ``fsdp``: Lightning's ``FSDPStrategy`` with one FSDP unit per transformer block
@@ -26,8 +27,6 @@ they already live there, so CPU runs gather without that offload.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,46 +35,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.transformer import BAMTransformer, Block
-from bam_pipeline.training.ranks import check_trainer, world_size
-
-STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")
-SHARDED = ("fsdp", "fsdp2")
-FSDP2_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
-
-
-@dataclass(frozen=True)
-class TrainerSpec:
-    """The ``trainer:`` section: devices, processes, precision, strategy and per-block checkpointing."""
-
-    accelerator: str
-    devices: Any  # an integer, a list or comma-separated string of device ids, or auto / -1
-    num_nodes: int
-    strategy: str
-    precision: str
-    activation_checkpointing: bool
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
-        check_trainer(self.flags(), here=False)
-        if self.strategy == "fsdp2" and self.precision not in FSDP2_PRECISIONS:
-            raise ConfigError("precision", self.precision, f"use one of {', '.join(FSDP2_PRECISIONS)} with fsdp2")
-
-    def flags(self) -> dict[str, Any]:
-        """The Lightning Trainer flags that need no object: accelerator, devices, nodes, precision."""
-        return {k: getattr(self, k) for k in ("accelerator", "devices", "num_nodes", "precision")}
-
-    @property
-    def world_size(self) -> int:
-        return world_size(self.flags())
-
-    @property
-    def sharded(self) -> bool:
-        """Parameters, gradients and optimizer state sharded over the processes (fsdp, fsdp2)."""
-        return self.strategy in SHARDED
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from bam_pipeline.training.settings import TrainerSpec
 
 
 class CPUFSDPStrategy(FSDPStrategy):

@@ -1,13 +1,17 @@
-"""The ``train:`` config section as one typed, validated spec (defaults live in ``conf/config.yaml``)."""
+"""The ``train:`` and ``trainer:`` config sections as typed, validated specs (defaults live in
+``conf/config.yaml`` and ``conf/trainer/``); :mod:`~bam_pipeline.training.parallel` builds the
+Lightning strategy a :class:`TrainerSpec` names."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.loss import LossChunking
+from bam_pipeline.training.ranks import check_trainer, world_size
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,43 @@ class TrainSettings:
     def sequences_per_step(self) -> int:
         """Sequences per optimizer step on one device."""
         return self.batch_size * self.accumulate
+
+
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")
+SHARDED = ("fsdp", "fsdp2")
+FSDP2_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """The ``trainer:`` section: devices, processes, precision, strategy and per-block checkpointing."""
+
+    accelerator: str
+    devices: Any  # an integer, a list or comma-separated string of device ids, or auto / -1
+    num_nodes: int
+    strategy: str
+    precision: str
+    activation_checkpointing: bool
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        check_trainer(self.flags(), here=False)
+        if self.strategy == "fsdp2" and self.precision not in FSDP2_PRECISIONS:
+            raise ConfigError("precision", self.precision, f"use one of {', '.join(FSDP2_PRECISIONS)} with fsdp2")
+
+    def flags(self) -> dict[str, Any]:
+        """The Lightning Trainer flags that need no object: accelerator, devices, nodes, precision."""
+        return {k: getattr(self, k) for k in ("accelerator", "devices", "num_nodes", "precision")}
+
+    @property
+    def world_size(self) -> int:
+        return world_size(self.flags())
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters, gradients and optimizer state sharded over the processes (fsdp, fsdp2)."""
+        return self.strategy in SHARDED
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
