@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from bootstrap_oracles import paired_difference
 from eval_runs import ROLES, SOURCES, fake_eval_run
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import aggregate
 from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, NOT_RESOLVED, UNMEASURABLE
 from bam_pipeline.eval.report import build_seeds_report, interval_cells
-from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses, paired_difference
+from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses
 from bam_pipeline.eval.table import AVERAGE
 
 
