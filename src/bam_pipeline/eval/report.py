@@ -28,7 +28,7 @@ from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
 from bam_pipeline.eval.render import Block, to_html, to_markdown
-from bam_pipeline.eval.routing import ROUTER_KINDS, heatmap_values
+from bam_pipeline.eval.routing import ROUTED_BLOCKS, heatmap_values
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -164,7 +164,7 @@ def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
     layers (1.00 = uniform averaging), the largest mean share and the expert holding it."""
     out = [["model", "router", "domain", "entropy / ln E", "top expert", "top share"]]
     for label, entry in routing.items():
-        for kind in ROUTER_KINDS:
+        for kind in ROUTED_BLOCKS:
             names = entry.get("experts", {}).get(kind, [])
             for domain, stats in entry["domains"].items():
                 if kind not in stats or len(names) < 2:
@@ -407,7 +407,7 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
         if entropy_curves(logs, table.names, tmp / "routing_entropy_training.png"):
             images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
         for label, entry in routing.items():
-            for kind in ROUTER_KINDS:
+            for kind in ROUTED_BLOCKS:
                 path = layout.heatmap(label, kind, tmp)
                 if _heatmap(layout, label, entry, kind, path):
                     images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"

@@ -32,7 +32,7 @@ from bam_pipeline.eval.btm import ensemble_flops_per_token, ensemble_log_probs, 
 from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_tokens_per_s, sequence_nll, token_nll
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.plots import routing_heatmap
-from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
+from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
@@ -228,7 +228,7 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
 def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
     """Expert names per router kind present in ``routing`` (one model's per-domain stats)."""
     out = {}
-    for kind in ROUTER_KINDS:
+    for kind in ROUTED_BLOCKS:
         stats = next((r[kind] for r in routing.values() if kind in r), None)
         if stats is not None:
             out[kind] = expert_names(info, kind, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
@@ -445,7 +445,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     write_json(layout.routing, routing)
     for label, entry in routing.items():
         same = label in drawn_from and canonical_hash(drawn_from[label]) == canonical_hash(entry)
-        for kind in ROUTER_KINDS:
+        for kind in ROUTED_BLOCKS:
             path = layout.heatmap(label, kind)
             if same and path.is_file():
                 os.utime(path)  # the same picture, kept: no older than routing.json (the report copies it)
