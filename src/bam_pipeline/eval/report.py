@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval import ablations
@@ -26,9 +25,11 @@ from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.downstream_table import downstream_blocks
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
-from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
+from bam_pipeline.eval.heatmaps import report_heatmaps
+from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars
 from bam_pipeline.eval.render import Block, to_html, to_markdown
-from bam_pipeline.eval.routing import ROUTED_BLOCKS, heatmap_values
+from bam_pipeline.eval.routing import ROUTED_BLOCKS
+from bam_pipeline.eval.scores import ScoreRow, rows_of
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -74,13 +75,14 @@ def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
-    """The run's Table 1 analogue: rows in artifact order, general source first, out-of-domain last; the
-    models eval skipped are its missing ones."""
-    labels = list(dict.fromkeys(r["model"] for r in metrics["rows"]))
+    """The run's Table 1 analogue of ``key`` (a ScoreRow field): rows in artifact order, general source first,
+    out-of-domain last; the models eval skipped are its missing ones."""
+    rows = rows_of(metrics)
+    labels = list(dict.fromkeys(r.model for r in rows))
     ood = [s for s in metrics["sources"] if s in metrics.get("ood_sources", [])]
     in_domain = [s for s in metrics["sources"] if s not in ood]
     general = metrics.get("general_source")
-    return table_from_rows(metrics["rows"], labels, order_columns(in_domain, general), key, ood=ood,
+    return table_from_rows(rows, labels, order_columns(in_domain, general), key, ood=ood,
                            general=general, missing=skipped_models(metrics))
 
 
@@ -135,26 +137,25 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
-def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
     """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), eval
     tokens/s (measured afresh, interleaved), and for trained models the training tokens/s over the
     training steps alone and the stage's wall time split into train / validation / checkpoint / publish."""
-    per: dict[str, dict[str, Any]] = {}
-    for r in metrics["rows"]:
-        per.setdefault(r["model"], r)
-    seed_flops = per.get("seed", {}).get("flops_per_token")
+    per: dict[str, ScoreRow] = {}
+    for r in rows:
+        per.setdefault(r.model, r)
+    seed_flops = per["seed"].flops_per_token if "seed" in per else None
     out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "eval tokens/s",
             "tokens trained", "train tokens/s", "wall s: train / val / ckpt / publish"]]
-    for lab, p in per.items():
-        wall = p.get("wall_time") or {}
-        trained = p.get("tokens_trained")
+    for p in per.values():
+        wall = (p.timing and p.timing.wall_time) or {}
+        trained = p.tokens_trained
         train_rate = f"{trained / wall['train_s']:,.0f}" if trained and wall.get("train_s") else "-"
         split = " / ".join(f"{wall.get(k, 0):.0f}" for k in ("train_s", "validation_s", "checkpoint_s", "publish_s")) \
             if wall else "-"
-        out.append([p.get("display", lab), _si(p["params_total"]), _si(p["params_active"]),
-                    _si(p["flops_per_token"]),
-                    f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
-                    f"{p.get('tokens_per_s', math.nan):,.0f}",
+        out.append([p.display, _si(p.params_total), _si(p.params_active), _si(p.flops_per_token),
+                    f"{p.flops_per_token / seed_flops:.2f}x" if seed_flops else "-",
+                    f"{p.timing.tokens_per_s if p.timing else math.nan:,.0f}",
                     "-" if trained is None else _si(trained), train_rate, split])
     return out
 
@@ -258,13 +259,13 @@ def _ood_blocks(agg: Aggregate) -> list[Block]:
             ("table", ood_rows(agg))]
 
 
-def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing: dict[str, Any]) -> list[Block]:
+def _question_blocks(agg: Aggregate, rows: Sequence[ScoreRow], routing: dict[str, Any]) -> list[Block]:
     """One section per open question this run trained the models of (eval.ablations.QUESTIONS)."""
     blocks: list[Block] = []
     for q in ablations.QUESTIONS:
         if not ablations.present(q, agg):
             continue
-        blocks += [("h", 3, q.question), ("p", q.how), ("table", ablations.question_table(q, agg, metrics_rows))]
+        blocks += [("h", 3, q.question), ("p", q.how), ("table", ablations.question_table(q, agg, rows))]
         if q.paper_rows:
             blocks += [("p", f"The paper's {q.paper} (590M models; compare orderings, not magnitudes):"),
                        ("table", ablations.paper_table(q))]
@@ -313,13 +314,13 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("h", 2, "Ordering claims"),
         *_claim_blocks(ppl, agg, resamples),
         *_ood_blocks(agg),
-        *_question_blocks(agg, metrics["rows"], routing),
+        *_question_blocks(agg, rows_of(metrics), routing),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s of the forward pass measured by this evaluation on the device "
               "above, every model afresh in one process, interleaved (the median of "
               f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
-        ("table", cost_rows(metrics)),
+        ("table", cost_rows(rows_of(metrics))),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),
     ]
@@ -373,18 +374,6 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
         images["claims.png"] = "Every claim's comparisons: difference in mean loss with its paired interval"
 
 
-def _heatmap(layout: RunLayout, label: str, entry: dict[str, Any], kind: str, path: Path) -> bool:
-    """One routing heatmap of the report: a copy of the one eval drew from the same routing.json (drawing
-    dozens of them again cost seconds a report), drawn anew where eval's is missing or older than it."""
-    if not heatmap_values(entry, kind)[1]:
-        return False  # the model has no router of this kind
-    drawn = layout.heatmap(label, kind)
-    if drawn.is_file() and drawn.stat().st_mtime_ns >= layout.routing.stat().st_mtime_ns:
-        shutil.copyfile(drawn, path)
-        return True
-    return routing_heatmap(entry, kind, path) is not None
-
-
 def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
                  resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS,
                  identity: dict[str, Any] | None = None) -> Path:
@@ -406,11 +395,7 @@ def build_report(layout: RunLayout, *, command: str, config_hash: str, train_see
             images["training_loss.png"] = "Training loss against tokens, every stage"
         if entropy_curves(logs, table.names, tmp / "routing_entropy_training.png"):
             images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
-        for label, entry in routing.items():
-            for kind in ROUTED_BLOCKS:
-                path = layout.heatmap(label, kind, tmp)
-                if _heatmap(layout, label, entry, kind, path):
-                    images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"
+        images.update(report_heatmaps(layout, routing, tmp))
         _write_claims(agg, tmp, images)
         blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
@@ -519,7 +504,7 @@ def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, re
             ("h", 2, "Ordering claims"),
             *_claim_blocks(agg.table, agg, resamples),
             *_ood_blocks(agg),
-            *_question_blocks(agg, runs[0].metrics["rows"], routing),
+            *_question_blocks(agg, runs[0].rows, routing),
             ("h", 2, "Plots"),
             *[("img", name, caption) for name, caption in images.items()],
             ("h", 2, "Every comparison"),
