@@ -5,7 +5,7 @@ artifact's train_log.jsonl (and ``downstream/results.json`` when present). Secti
 analogue beside the paper's, ordering claims on both (this run's with intervals over test documents),
 out-of-domain verdicts, cost table, downstream tasks, routing summary, plots, and what was skipped and why.
 
-With several training seeds (``pipeline.seeds``) :func:`build_seeds_report` writes the aggregate,
+With several training seeds (``pipeline.seeds``) the same :func:`build_report` writes the aggregate,
 ``stages/<run>/seeds/``: every cell's mean and 95% interval over seeds and test documents, and every
 claim's verdict from paired comparisons (per seed, and the paired bootstrap).
 """
@@ -66,12 +66,20 @@ ONE_SEED_NOTE = ("One training seed: these intervals cover test documents only, 
                  "several seeds (`make full-run SEEDS=3`, or `pipeline.seeds=[0,1,2]`) to include it.")
 
 
-def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics.json, routing.json) of a run; BamError when eval has not run."""
+def _require_eval(layout: RunLayout) -> None:
     if not layout.metrics.is_file():
         raise BamError(f"no eval results in {layout.eval}; run `python -m bam_pipeline stage=eval` first")
-    routing = json.loads(layout.routing.read_text()) if layout.routing.is_file() else {}
-    return json.loads(layout.metrics.read_text()), routing
+
+
+def _routing(layout: RunLayout) -> dict[str, Any]:
+    """The run's routing.json (empty when eval wrote none)."""
+    return json.loads(layout.routing.read_text()) if layout.routing.is_file() else {}
+
+
+def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics.json, routing.json) of a run; BamError when eval has not run."""
+    _require_eval(layout)
+    return json.loads(layout.metrics.read_text()), _routing(layout)
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
@@ -286,8 +294,10 @@ def _question_blocks(agg: Aggregate, rows: Sequence[ScoreRow], routing: dict[str
     return [("h", 2, "Open questions (docs/paper.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
 
 
-def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
-            command: str, config_hash: str, agg: Aggregate, resamples: int) -> list[Block]:
+def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], command: str, config_hash: str | None,
+                agg: Aggregate, resamples: int) -> list[Block]:
+    """The sections of one run's report."""
+    layout, metrics = run.layout, run.metrics
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
     paper_cells = table_cells(paper_table())
     paper_cells[0] = ["model", "General (Pretrain)", *paper_cells[0][2:]]
@@ -314,13 +324,13 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("h", 2, "Ordering claims"),
         *_claim_blocks(ppl, agg, resamples),
         *_ood_blocks(agg),
-        *_question_blocks(agg, rows_of(metrics), routing),
+        *_question_blocks(agg, run.rows, routing),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s of the forward pass measured by this evaluation on the device "
               "above, every model afresh in one process, interleaved (the median of "
               f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
-        ("table", cost_rows(rows_of(metrics))),
+        ("table", cost_rows(run.rows)),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),
     ]
@@ -374,35 +384,62 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
         images["claims.png"] = "Every claim's comparisons: difference in mean loss with its paired interval"
 
 
-def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
-                 resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS,
-                 identity: dict[str, Any] | None = None) -> Path:
-    """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path.
-    Claims get intervals over the run's test documents (``resamples`` bootstrap resamples) and a verdict
-    where every source behind them has ``min_documents`` scored test documents. ``identity``: the record of
-    what the report is made from, published with it (``identity.json``)."""
-    metrics, routing = load_eval(layout)
-    agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples, min_documents=min_documents)
-    skipped = skipped_models(metrics)
-    logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped}
+def _run_plots(run: RunEval, routing: dict[str, Any], directory: Path) -> dict[str, str]:
+    """One run's plots in ``directory``, file name -> caption: perplexity per domain, training loss and router
+    entropy over training, and the routing heatmaps."""
+    metrics, skipped = run.metrics, skipped_models(run.metrics)
+    logs = {a.label: read_train_log(a) for a in find_model_artifacts(run.layout) if a.label not in skipped}
     table = run_table(metrics)
-    with publish(layout.report) as tmp:
-        images: dict[str, str] = {}
-        if metrics["rows"]:
-            perplexity_bars(table, tmp / "perplexity.png")
-            images["perplexity.png"] = "Perplexity per domain per model"
-        if loss_curves(logs, table.names, tmp / "training_loss.png"):
-            images["training_loss.png"] = "Training loss against tokens, every stage"
-        if entropy_curves(logs, table.names, tmp / "routing_entropy_training.png"):
-            images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
-        images.update(report_heatmaps(layout, routing, tmp))
+    images: dict[str, str] = {}
+    if metrics["rows"]:
+        perplexity_bars(table, directory / "perplexity.png")
+        images["perplexity.png"] = "Perplexity per domain per model"
+    if loss_curves(logs, table.names, directory / "training_loss.png"):
+        images["training_loss.png"] = "Training loss against tokens, every stage"
+    if entropy_curves(logs, table.names, directory / "routing_entropy_training.png"):
+        images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
+    images.update(report_heatmaps(run.layout, routing, directory))
+    return images
+
+
+def build_report(layout: RunLayout, runs: Sequence[RunEval] | None = None, *, command: str,
+                 config_hash: str | None = None, train_seed: int = 0, resamples: int = MIN_RESAMPLES,
+                 min_documents: int = MIN_DOCUMENTS, identity: dict[str, Any] | None = None) -> Path:
+    """Write a report directory atomically; returns its report.md's path. Without ``runs``: the report of
+    ``layout``'s run (``layout.report``), from its evaluation with train seed ``train_seed``, under its config's
+    hash ``config_hash``. With ``runs`` (one evaluated run per training seed): the report over those seeds
+    (``layout.seeds_report``).
+
+    Either is built from the aggregate of its runs (one run's is the aggregate of one): claims.json, the claims'
+    plot and the claims with intervals over the seeds and test documents (``resamples`` bootstrap resamples;
+    a verdict where every source behind it has ``min_documents`` scored test documents), the out-of-domain
+    answers and the open questions, in report.md and a self-contained report.html. One run's report adds what
+    its own files hold (bits per byte, the paper's table, cost, downstream tasks, routing, training curves,
+    what eval skipped); the report over seeds adds each seed's average, every comparison, the models left out
+    and table.json. ``identity``: the record of what the report is made from, published with it
+    (``identity.json``)."""
+    one_run = runs is None
+    if one_run:
+        _require_eval(layout)
+        runs = [RunEval.read(layout, train_seed)]
+    directory = layout.report if one_run else layout.seeds_report
+    agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
+    routing = _routing(runs[0].layout)
+    with publish(directory) as tmp:
+        images = _run_plots(runs[0], routing, tmp) if one_run else _seeds_plots(agg, tmp)
         _write_claims(agg, tmp, images)
-        blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)
+        if one_run:
+            blocks = _run_blocks(runs[0], routing, images, command, config_hash, agg, resamples)
+            title = f"BAM report: {layout.run}"
+        else:
+            _write_table(agg, resamples, tmp)
+            blocks = _seeds_blocks(layout, runs, routing, images, command, agg, resamples)
+            title = f"BAM report: {layout.run}, {len(runs)} seeds"
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
-        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {layout.run}"))
+        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, title))
         if identity is not None:
             write_json(RunLayout.identity(tmp), identity)
-    return layout.report / REPORT_MD
+    return directory / REPORT_MD
 
 
 def report_files(layout: RunLayout) -> list[Path]:
@@ -463,62 +500,61 @@ def _seed_rows(agg: Aggregate) -> list[list[str]]:
     return out
 
 
-def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES,
-                       min_documents: int = MIN_DOCUMENTS, identity: dict[str, Any] | None = None) -> Path:
-    """The aggregate of several training seeds' runs, ``base.seeds_report`` (report.md, report.html, claims.json,
-    table.json, PNGs, and ``identity``'s record when given), written atomically; returns report.md's path."""
-    agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
+def _seeds_plots(agg: Aggregate, directory: Path) -> dict[str, str]:
+    """The report over seeds' plot in ``directory``: every cell's estimate and interval, one panel per column."""
+    panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
+                               if c in agg.cells[lab]] for c in agg.table.all_columns}
+    images: dict[str, str] = {}
+    if interval_panels(panels, directory / "perplexity_intervals.png", xlabel="perplexity",
+                       title=f"Perplexity over {len(agg.seeds)} seeds with {agg.level:.0%} intervals"):
+        images["perplexity_intervals.png"] = "Perplexity per column: estimate and interval over seeds and documents"
+    return images
+
+
+def _write_table(agg: Aggregate, resamples: int, directory: Path) -> None:
+    """table.json: every cell over the seeds with its interval, and the models left out."""
+    write_json(directory / "table.json", {
+        "seeds": list(agg.seeds), "covers": agg.covers, "level": agg.level, "resamples": resamples,
+        "rows": [{"model": lab, "display": agg.table.name(lab), "column": c, "perplexity": iv.estimate,
+                  "low": iv.low, "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()],
+        "left_out": agg.left_out})
+
+
+def _seeds_blocks(base: RunLayout, runs: Sequence[RunEval], routing: dict[str, Any], images: dict[str, str],
+                  command: str, agg: Aggregate, resamples: int) -> list[Block]:
+    """The sections of the report over seeds."""
     s = runs[0].metrics["settings"]
-    routing = json.loads(runs[0].layout.routing.read_text()) if runs[0].layout.routing.is_file() else {}
-    with publish(base.seeds_report) as tmp:
-        images: dict[str, str] = {}
-        panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
-                                   if c in agg.cells[lab]] for c in agg.table.all_columns}
-        if interval_panels(panels, tmp / "perplexity_intervals.png", xlabel="perplexity",
-                           title=f"Perplexity over {len(runs)} seeds with {agg.level:.0%} intervals"):
-            images["perplexity_intervals.png"] = "Perplexity per column: estimate and interval over seeds and documents"
-        _write_claims(agg, tmp, images)
-        write_json(tmp / "table.json", {
-            "seeds": list(agg.seeds), "covers": agg.covers, "level": agg.level, "resamples": resamples,
-            "rows": [{"model": lab, "display": agg.table.name(lab), "column": c, "perplexity": iv.estimate,
-                      "low": iv.low, "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()],
-            "left_out": agg.left_out})
-        blocks: list[Block] = [
-            ("h", 1, f"BAM pipeline report: run {base.run} over {len(runs)} training seeds"),
-            ("h", 2, "Provenance"),
-            ("p", "Command:"), ("code", command),
-            ("list", [f"train seed {r.seed}: `{r.layout.run_dir}`" for r in runs]
-             + [f"data hash (shared by every seed): `{runs[0].metrics.get('data_hash', '-')}`",
-                f"eval: up to {s.get('max_tokens_per_source')} test tokens per source, seq_len "
-                f"{s.get('seq_len') or 'model max'}, device {s.get('device')}",
-                f"bootstrap: {resamples} resamples of seeds and test documents, paired across models",
-                f"generated {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
-            ("h", 2, "Perplexity per domain over seeds (this run's Table 1)"),
-            ("p", f"Each cell: the perplexity of the mean per-token loss over the {len(runs)} seeds (the geometric mean "
-                  f"of the seeds' perplexities) and its {agg.level:.0%} interval from a hierarchical bootstrap over "
-                  "seeds and test documents. Average = arithmetic mean of the row's in-domain perplexities, as in "
-                  "the paper. Best estimate per column in bold."),
-            ("table", interval_cells(agg)),
-            ("h", 3, "Average perplexity in each seed"),
-            ("table", _seed_rows(agg)),
-            ("h", 2, "Ordering claims"),
-            *_claim_blocks(agg.table, agg, resamples),
-            *_ood_blocks(agg),
-            *_question_blocks(agg, runs[0].rows, routing),
-            ("h", 2, "Plots"),
-            *[("img", name, caption) for name, caption in images.items()],
-            ("h", 2, "Every comparison"),
-            ("list", [f"{c.text}: {name}: {_diff(iv)}" for c in agg.claims() for name, iv in c.intervals.items()]
-             or ["no claim was measurable"]),
-            ("h", 2, "Left out"),
-            ("list", [f"{lab}: {why}" for lab, why in agg.left_out.items()]) if agg.left_out
-            else ("p", "Every model was evaluated in every seed."),
-        ]
-        (tmp / REPORT_MD).write_text(to_markdown(blocks))
-        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {base.run}, {len(runs)} seeds"))
-        if identity is not None:
-            write_json(RunLayout.identity(tmp), identity)
-    return base.seeds_report / REPORT_MD
+    return [
+        ("h", 1, f"BAM pipeline report: run {base.run} over {len(runs)} training seeds"),
+        ("h", 2, "Provenance"),
+        ("p", "Command:"), ("code", command),
+        ("list", [f"train seed {r.seed}: `{r.layout.run_dir}`" for r in runs]
+         + [f"data hash (shared by every seed): `{runs[0].metrics.get('data_hash', '-')}`",
+            f"eval: up to {s.get('max_tokens_per_source')} test tokens per source, seq_len "
+            f"{s.get('seq_len') or 'model max'}, device {s.get('device')}",
+            f"bootstrap: {resamples} resamples of seeds and test documents, paired across models",
+            f"generated {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
+        ("h", 2, "Perplexity per domain over seeds (this run's Table 1)"),
+        ("p", f"Each cell: the perplexity of the mean per-token loss over the {len(runs)} seeds (the geometric mean "
+              f"of the seeds' perplexities) and its {agg.level:.0%} interval from a hierarchical bootstrap over "
+              "seeds and test documents. Average = arithmetic mean of the row's in-domain perplexities, as in "
+              "the paper. Best estimate per column in bold."),
+        ("table", interval_cells(agg)),
+        ("h", 3, "Average perplexity in each seed"),
+        ("table", _seed_rows(agg)),
+        ("h", 2, "Ordering claims"),
+        *_claim_blocks(agg.table, agg, resamples),
+        *_ood_blocks(agg),
+        *_question_blocks(agg, runs[0].rows, routing),
+        ("h", 2, "Plots"),
+        *[("img", name, caption) for name, caption in images.items()],
+        ("h", 2, "Every comparison"),
+        ("list", [f"{c.text}: {name}: {_diff(iv)}" for c in agg.claims() for name, iv in c.intervals.items()]
+         or ["no claim was measurable"]),
+        ("h", 2, "Left out"),
+        ("list", [f"{lab}: {why}" for lab, why in agg.left_out.items()]) if agg.left_out
+        else ("p", "Every model was evaluated in every seed."),
+    ]
 
 
 def _triple(iv: Interval) -> tuple[float, float, float]:
