@@ -52,7 +52,7 @@ def identical_mixture(dense_state: dict, n: int) -> dict:
         expert = any(k.endswith(s) for s in (".wq", ".wk", ".wv", ".wo", ".w1", ".w2", ".w3"))
         out[k] = v.repeat(n, *([1] * (v.dim() - 1))) if expert else v.clone()  # (E, in, out)
     d = dense_state["tok_emb.weight"].shape[1]
-    layers = {k.split(".")[1] for k in dense_state if k.startswith("layers.")}
+    layers = sorted({int(k.split(".")[1]) for k in dense_state if k.startswith("layers.")})  # in order: the same routers in every process
     for i in layers:
         for kind in ("attn", "ffn"):
             out[f"layers.{i}.{kind}.router.weight"] = torch.randn(n, d, generator=g)  # (E, D), peaked enough to route

@@ -8,12 +8,23 @@ from pathlib import Path
 import numpy as np
 
 from bam_pipeline.eval.aggregate import RunEval
+from bam_pipeline.eval.scores import ScoreRow
 from bam_pipeline.store.artifacts import publish, save_model, write_manifest
 from bam_pipeline.store.layout import RunLayout
 
 SOURCES = ("general", "code", "law")
 ROLES = {"seed": "seed", "branch/code": "expert", "branch/law": "expert", "moe/bam": "mixture", "moe/btx": "mixture",
          "moe/dense": "dense"}
+
+
+EMPTY_ROW = {"stage": "", "name": "", "display": "", "role": "", "artifact_hash": "", "tokens": 0, "bytes": 0.0,
+             "loss": 0.0, "perplexity": 0.0, "bits_per_byte": 0.0, "params_total": 0, "params_active": 0,
+             "flops_per_token": 0.0, "seq_len": 0, "device": "cpu", "tokens_trained": None}
+
+
+def score_row(model: str, domain: str, **fields) -> ScoreRow:
+    """A score row of ``model`` on ``domain`` with ``fields``, every other field empty (no display name, no role)."""
+    return ScoreRow(model=model, domain=domain, **{**EMPTY_ROW, **fields})
 
 
 def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES), data_hash="d0", tokens_seed=0,
@@ -37,8 +48,8 @@ def fake_eval_run(tmp_path, name, seed, *, shift, n_docs=60, models=tuple(ROLES)
             nll = per_token * tokens[i]
             docs[m][src] = {"nll": nll.tolist(), "tokens": tokens[i].tolist()}
             loss = nll.sum() / tokens[i].sum()
-            rows.append({"model": m, "domain": src, "perplexity": math.exp(loss), "loss": loss, "role": (roles or ROLES).get(m, "mixture"),
-                         "display": m, "params_total": 1000, "params_active": 500})
+            rows.append(score_row(m, src, perplexity=math.exp(loss), loss=loss, role=(roles or ROLES).get(m, "mixture"),
+                                  display=m, params_total=1000, params_active=500).to_dict())
     layout = RunLayout(tmp_path / name)
     layout.eval.mkdir(parents=True)
     layout.metrics.write_text(json.dumps({"run": name, "sources": list(SOURCES), "ood_sources": [],

@@ -42,7 +42,7 @@ def test_each_model_is_judged_against_the_reference_on_every_column(tmp_path):
 
 def test_report_sections_only_for_questions_with_their_models(tmp_path):
     agg, runs = _agg(tmp_path)
-    text = to_markdown(_question_blocks(agg, runs[0].metrics["rows"], {}))
+    text = to_markdown(_question_blocks(agg, runs[0].rows, {}))
     assert "Would frozen experts keep their specialisation?" in text
     assert "Is BAM's edge over BTX just more parameters? (paper Table 4)" in text
     assert "The paper's Table 4" in text and "3.44" in text

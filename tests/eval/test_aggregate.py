@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from bootstrap_oracles import paired_difference
 from eval_runs import ROLES, SOURCES, fake_eval_run
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import aggregate
 from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, NOT_RESOLVED, UNMEASURABLE
-from bam_pipeline.eval.report import build_seeds_report, interval_cells
-from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses, paired_difference
+from bam_pipeline.eval.report import build_report, interval_cells
+from bam_pipeline.eval.stats import DOCUMENTS_ONLY, SEEDS_AND_DOCUMENTS, DocLosses, joint_mean_losses
 from bam_pipeline.eval.table import AVERAGE
 
 
@@ -147,7 +148,7 @@ def test_too_few_resamples_are_refused(tmp_path):
 
 def test_seeds_report_files(tmp_path):
     runs = [fake_eval_run(tmp_path, f"r{s}", s, shift=SHIFT) for s in range(2)]
-    md = build_seeds_report(runs[0].layout, runs, command="python -m bam_pipeline stage=all pipeline.seeds=[0,1]")
+    md = build_report(runs[0].layout, runs, command="python -m bam_pipeline stage=all pipeline.seeds=[0,1]")
     out = md.parent
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "claims.json", "table.json", "claims.png",
                                                 "perplexity_intervals.png"}

@@ -2,6 +2,8 @@
 
 import math
 
+from eval_runs import score_row
+
 from bam_pipeline.eval.claims import FAILS, HOLDS, INCOMPLETE, UNMEASURABLE, check_claims, claim_specs
 from bam_pipeline.eval.report import paper_table as paper
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -68,7 +70,7 @@ def test_names_and_roles_come_with_the_table():
 
 
 def test_table_from_rows_orders_general_first_and_marks_best():
-    rows = [{"model": m, "domain": d, "perplexity": p, "display": name} for m, d, p, name in
+    rows = [score_row(m, d, perplexity=p, display=name) for m, d, p, name in
             [("seed", "code", 4.0, "Seed"), ("seed", "general", 2.0, "Seed"), ("moe/bam", "code", 3.0, "BAM (expert KV)"),
              ("moe/bam", "general", 2.5, "BAM (expert KV)")]]
     cols = order_columns(["code", "general"], "general")

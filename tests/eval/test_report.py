@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+from eval_runs import score_row
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.layout import RunLayout
@@ -130,14 +131,15 @@ def test_metrics_rows_feed_the_table(reported):
 
 def test_cost_table_shows_training_speed_over_training_steps_and_the_wall_time_split():
     from bam_pipeline.eval.report import cost_rows
+    from bam_pipeline.eval.scores import Timing
 
-    row = {"model": "moe/bam", "display": "BAM", "params_total": 2e6, "params_active": 1e6, "flops_per_token": 4e6,
-           "tokens_per_s": 1000.0, "tokens_trained": 200_000,
-           "wall_time": {"train_s": 40.0, "validation_s": 5.0, "checkpoint_s": 2.0, "publish_s": 1.0,
-                         "other_s": 3.0, "total_s": 51.0}}
-    untrained = {"model": "mix/bam", "display": "Untrained BAM", "params_total": 2e6, "params_active": 1e6,
-                 "flops_per_token": 4e6, "tokens_per_s": 1100.0, "tokens_trained": None, "wall_time": None}
-    header, trained, mix = cost_rows({"rows": [row, untrained]})
+    row = score_row("moe/bam", "code", display="BAM", params_total=2e6, params_active=1e6, flops_per_token=4e6,
+                    tokens_trained=200_000,
+                    timing=Timing(1000.0, {"train_s": 40.0, "validation_s": 5.0, "checkpoint_s": 2.0, "publish_s": 1.0,
+                                           "other_s": 3.0, "total_s": 51.0}))
+    untrained = score_row("mix/bam", "code", display="Untrained BAM", params_total=2e6, params_active=1e6,
+                          flops_per_token=4e6, tokens_trained=None, timing=Timing(1100.0, None))
+    header, trained, mix = cost_rows([row, untrained])
     assert header[-2:] == ["train tokens/s", "wall s: train / val / ckpt / publish"]
     assert trained[-2:] == ["5,000", "40 / 5 / 2 / 1"]  # 200k tokens over 40 s of training steps, not 51 s
     assert mix[-2:] == ["-", "-"]

@@ -314,3 +314,28 @@ def test_a_capped_split_names_the_cap_not_the_split_size(fake_run):
     with pytest.raises(BamError) as e:
         load_split_sequences(open_prepared(fake_run / "data"), "code", "test", SEQ_LEN, max_tokens=SEQ_LEN)
     assert f"at most {SEQ_LEN} tokens" in str(e.value) and f"at least {SEQ_LEN + 1}" in str(e.value), e.value
+
+
+def test_score_rows_and_cache_entries_write_back_the_json_they_were_read_from(evaluated, fake_run):
+    """metrics.json's rows and the eval cache's entries, read as ScoreRow / ModelScores, serialise to the same
+    JSON, keys in order: the BTM keys on BTM's rows only, the timing keys only where measured (not cached)."""
+    from bam_pipeline.eval.scores import ModelScores, ScoreRow
+
+    metrics, _ = evaluated
+    for r in metrics["rows"]:
+        assert list(ScoreRow.from_dict(r).to_dict().items()) == list(r.items())
+    plain = ["model", "stage", "name", "display", "role", "artifact_hash", "domain", "tokens", "bytes", "loss",
+             "perplexity", "bits_per_byte", "params_total", "params_active", "flops_per_token", "seq_len", "device",
+             "tokens_trained"]
+    rows = rows_by(metrics)
+    assert list(rows[("seed", "code")]) == [*plain, "tokens_per_s", "wall_time"]
+    assert list(rows[("btm", "code")]) == [*plain, "btm_models", "btm_prior", "tokens_per_s", "wall_time"]
+    entries = sorted((fake_run / "eval" / "cache").glob("*.json"))
+    assert len(entries) == len(MODELS)
+    for entry in entries:
+        text = entry.read_text()
+        scores = ModelScores.from_dict(json.loads(text))
+        assert all(r.timing is None for r in scores.rows)
+        assert json.dumps(scores.to_dict(), indent=2) + "\n" == text
+    with pytest.raises(BamError, match=r"score the run again .*eval\.rebuild=true"):
+        ScoreRow.from_dict({**metrics["rows"][0], "loss_nats": 1.0})

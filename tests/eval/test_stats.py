@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
+from bootstrap_oracles import paired_difference, perplexity_interval, unpaired_difference
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval import stats
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, NOT_RESOLVED, SEEDS_AND_DOCUMENTS, DocLosses,
-                                     Interval, claim_verdict, paired_difference, perplexity_interval,
-                                     unpaired_difference)
+                                     Interval, claim_verdict)
 
 
 def synthetic(rng, *, seeds, docs, delta, seed_sd=0.0, doc_sd=0.0, noise_sd=0.0, difficulty_sd=0.8):

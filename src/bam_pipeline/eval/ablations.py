@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 from bam_pipeline.eval.aggregate import Aggregate
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.runner import probed_label
+from bam_pipeline.eval.scores import ScoreRow
 from bam_pipeline.eval.stats import HOLDS, Interval, claim_verdict
 from bam_pipeline.eval.table import AVERAGE
 
@@ -162,12 +163,11 @@ def answer_row(agg: Aggregate, q: Question, label: str) -> RowAnswer:
                      v.reason)
 
 
-def _params(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+def _params(rows: Sequence[ScoreRow]) -> dict[str, tuple[int, int]]:
     out = {}
     for r in rows:
-        base = probed_label(r["model"])
-        out.setdefault(r["model"], (r.get("params_total", 0), r.get("params_active", 0)))
-        out.setdefault(base, out[r["model"]])
+        out.setdefault(r.model, (r.params_total, r.params_active))
+        out.setdefault(probed_label(r.model), out[r.model])
     return out
 
 
@@ -186,13 +186,13 @@ def _diff(iv: Interval) -> str:
     return f"{iv.estimate:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
 
 
-def question_table(q: Question, agg: Aggregate, metrics_rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+def question_table(q: Question, agg: Aggregate, rows: Sequence[ScoreRow]) -> list[list[str]]:
     """Header + the reference's row + one row per compared model: perplexity per column (the paper's column
     order) with its interval, parameters, and the difference in mean loss against the reference."""
     t = agg.table
     cols = [c for c in q.paper_columns if c in t.columns] + [c for c in t.columns if c not in q.paper_columns]
     cols.append(AVERAGE)
-    params = _params(metrics_rows)
+    params = _params(rows)
     out = [["model", *(column_name(c) for c in cols), "total params", "active params",
             f"vs {t.name(q.reference)}: mean loss, Average [interval]", "verdict (every column)"]]
     for lab in [q.reference, *present(q, agg)]:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.claims import IntervalClaim, LossColumns, judge_with_intervals
+from bam_pipeline.eval.scores import ScoreRow, rows_of
 from bam_pipeline.eval.stats import MIN_DOCUMENTS, DocLosses, Interval, interval_of, joint_mean_losses
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_from_rows
 from bam_pipeline.store.layout import RunLayout
@@ -42,6 +43,11 @@ class RunEval:
             raise BamError(f"run {layout.run} (train seed {seed}) has no {missing[0].name}; run its eval "
                            f"(`python -m bam_pipeline stage=eval run={layout.run} train.seed={seed}`)")
         return cls(seed, layout, json.loads(layout.metrics.read_text()), json.loads(layout.documents.read_text()))
+
+    @property
+    def rows(self) -> list[ScoreRow]:
+        """The score rows of its metrics.json."""
+        return rows_of(self.metrics)
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,11 @@ def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, r
     if len(set(hashes.values())) > 1:
         raise BamError(f"the seeds' runs were evaluated on different prepared data ({hashes}); seeds share one data "
                        "directory: re-run them with pipeline.seeds so they do")
+    first_rows = {(r.model, r.domain): r for r in runs[0].rows}
     sources = list(first["sources"])
     ood = [s for s in sources if s in first.get("ood_sources", [])]
     columns = order_columns([s for s in sources if s not in ood], first.get("general_source"))
-    labels = list(dict.fromkeys(row["model"] for row in first["rows"]))
+    labels = list(dict.fromkeys(model for model, _ in first_rows))
     left_out: dict[str, str] = {}
     for r in runs[1:]:
         theirs = r.documents.get("models", {})
@@ -156,15 +163,11 @@ def aggregate(runs: Sequence[RunEval], *, resamples: int, level: float = 0.95, r
             row[AVERAGE] = interval_of(sum(row[c].estimate for c in columns) / len(columns), avg, n_seeds=n_seeds,
                                        n_docs=sum(n_docs[c] for c in columns), level=level)
         cells[lab] = row
-    point = [{**meta, "model": lab, "domain": s, "perplexity": iv.estimate}
-             for lab in labels for s, iv in cells[lab].items() if s != AVERAGE
-             for meta in [_meta(first["rows"], lab)]]
+    point = [replace(first_rows[(lab, s)], perplexity=iv.estimate)  # the first run's row: its model's name and role
+             for lab in labels for s, iv in cells[lab].items() if s != AVERAGE]
     missing = {lab: role for r in runs for lab, role in skipped_models(r.metrics).items()}
-    missing.update({lab: _meta(first["rows"], lab).get("role") for lab in left_out if lab not in labels})
+    role = {model: r.role for (model, _), r in first_rows.items()}  # every row of a model has its role
+    missing.update({lab: role[lab] for lab in left_out if lab not in labels})
     table = table_from_rows(point, labels, columns, ood=ood, general=first.get("general_source"), missing=missing)
     return Aggregate(tuple(r.seed for r in runs), table, cells, loss_cols, left_out, level, min_documents)
 
-
-def _meta(rows: list[dict[str, Any]], label: str) -> dict[str, Any]:
-    row = next(r for r in rows if r["model"] == label)
-    return {k: row[k] for k in ("display", "role") if row.get(k)}

@@ -14,8 +14,6 @@ from typing import Any
 from bam_pipeline.store.artifacts import Artifact
 from bam_pipeline.store.layout import parse_label
 
-ROLES = ("seed", "expert", "untrained", "mixture", "dense", "ensemble", "probe")
-SINGLE_MODEL_ROLES = ("seed", "expert", "dense")
 STAGE_ROLES = {"seed": "seed", "branch": "expert", "mix": "untrained", "moe": "mixture"}
 
 

@@ -5,7 +5,7 @@ artifact's train_log.jsonl (and ``downstream/results.json`` when present). Secti
 analogue beside the paper's, ordering claims on both (this run's with intervals over test documents),
 out-of-domain verdicts, cost table, downstream tasks, routing summary, plots, and what was skipped and why.
 
-With several training seeds (``pipeline.seeds``) :func:`build_seeds_report` writes the aggregate,
+With several training seeds (``pipeline.seeds``) the same :func:`build_report` writes the aggregate,
 ``stages/<run>/seeds/``: every cell's mean and 95% interval over seeds and test documents, and every
 claim's verdict from paired comparisons (per seed, and the paired bootstrap).
 """
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval import ablations
@@ -26,9 +25,11 @@ from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.downstream_table import downstream_blocks
 from bam_pipeline.eval.names import column_name
 from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
-from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars, routing_heatmap
+from bam_pipeline.eval.heatmaps import report_heatmaps
+from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars
 from bam_pipeline.eval.render import Block, to_html, to_markdown
-from bam_pipeline.eval.routing import ROUTER_KINDS, heatmap_values
+from bam_pipeline.eval.routing import ROUTED_BLOCKS
+from bam_pipeline.eval.scores import ScoreRow, rows_of
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -65,22 +66,31 @@ ONE_SEED_NOTE = ("One training seed: these intervals cover test documents only, 
                  "several seeds (`make full-run SEEDS=3`, or `pipeline.seeds=[0,1,2]`) to include it.")
 
 
-def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics.json, routing.json) of a run; BamError when eval has not run."""
+def _require_eval(layout: RunLayout) -> None:
     if not layout.metrics.is_file():
         raise BamError(f"no eval results in {layout.eval}; run `python -m bam_pipeline stage=eval` first")
-    routing = json.loads(layout.routing.read_text()) if layout.routing.is_file() else {}
-    return json.loads(layout.metrics.read_text()), routing
+
+
+def _routing(layout: RunLayout) -> dict[str, Any]:
+    """The run's routing.json (empty when eval wrote none)."""
+    return json.loads(layout.routing.read_text()) if layout.routing.is_file() else {}
+
+
+def load_eval(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics.json, routing.json) of a run; BamError when eval has not run."""
+    _require_eval(layout)
+    return json.loads(layout.metrics.read_text()), _routing(layout)
 
 
 def run_table(metrics: dict[str, Any], key: str = "perplexity") -> PplTable:
-    """The run's Table 1 analogue: rows in artifact order, general source first, out-of-domain last; the
-    models eval skipped are its missing ones."""
-    labels = list(dict.fromkeys(r["model"] for r in metrics["rows"]))
+    """The run's Table 1 analogue of ``key`` (a ScoreRow field): rows in artifact order, general source first,
+    out-of-domain last; the models eval skipped are its missing ones."""
+    rows = rows_of(metrics)
+    labels = list(dict.fromkeys(r.model for r in rows))
     ood = [s for s in metrics["sources"] if s in metrics.get("ood_sources", [])]
     in_domain = [s for s in metrics["sources"] if s not in ood]
     general = metrics.get("general_source")
-    return table_from_rows(metrics["rows"], labels, order_columns(in_domain, general), key, ood=ood,
+    return table_from_rows(rows, labels, order_columns(in_domain, general), key, ood=ood,
                            general=general, missing=skipped_models(metrics))
 
 
@@ -135,26 +145,25 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
-def cost_rows(metrics: dict[str, Any]) -> list[list[str]]:
+def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
     """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), eval
     tokens/s (measured afresh, interleaved), and for trained models the training tokens/s over the
     training steps alone and the stage's wall time split into train / validation / checkpoint / publish."""
-    per: dict[str, dict[str, Any]] = {}
-    for r in metrics["rows"]:
-        per.setdefault(r["model"], r)
-    seed_flops = per.get("seed", {}).get("flops_per_token")
+    per: dict[str, ScoreRow] = {}
+    for r in rows:
+        per.setdefault(r.model, r)
+    seed_flops = per["seed"].flops_per_token if "seed" in per else None
     out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "eval tokens/s",
             "tokens trained", "train tokens/s", "wall s: train / val / ckpt / publish"]]
-    for lab, p in per.items():
-        wall = p.get("wall_time") or {}
-        trained = p.get("tokens_trained")
+    for p in per.values():
+        wall = (p.timing and p.timing.wall_time) or {}
+        trained = p.tokens_trained
         train_rate = f"{trained / wall['train_s']:,.0f}" if trained and wall.get("train_s") else "-"
         split = " / ".join(f"{wall.get(k, 0):.0f}" for k in ("train_s", "validation_s", "checkpoint_s", "publish_s")) \
             if wall else "-"
-        out.append([p.get("display", lab), _si(p["params_total"]), _si(p["params_active"]),
-                    _si(p["flops_per_token"]),
-                    f"{p['flops_per_token'] / seed_flops:.2f}x" if seed_flops else "-",
-                    f"{p.get('tokens_per_s', math.nan):,.0f}",
+        out.append([p.display, _si(p.params_total), _si(p.params_active), _si(p.flops_per_token),
+                    f"{p.flops_per_token / seed_flops:.2f}x" if seed_flops else "-",
+                    f"{p.timing.tokens_per_s if p.timing else math.nan:,.0f}",
                     "-" if trained is None else _si(trained), train_rate, split])
     return out
 
@@ -164,7 +173,7 @@ def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
     layers (1.00 = uniform averaging), the largest mean share and the expert holding it."""
     out = [["model", "router", "domain", "entropy / ln E", "top expert", "top share"]]
     for label, entry in routing.items():
-        for kind in ROUTER_KINDS:
+        for kind in ROUTED_BLOCKS:
             names = entry.get("experts", {}).get(kind, [])
             for domain, stats in entry["domains"].items():
                 if kind not in stats or len(names) < 2:
@@ -258,13 +267,13 @@ def _ood_blocks(agg: Aggregate) -> list[Block]:
             ("table", ood_rows(agg))]
 
 
-def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing: dict[str, Any]) -> list[Block]:
+def _question_blocks(agg: Aggregate, rows: Sequence[ScoreRow], routing: dict[str, Any]) -> list[Block]:
     """One section per open question this run trained the models of (eval.ablations.QUESTIONS)."""
     blocks: list[Block] = []
     for q in ablations.QUESTIONS:
         if not ablations.present(q, agg):
             continue
-        blocks += [("h", 3, q.question), ("p", q.how), ("table", ablations.question_table(q, agg, metrics_rows))]
+        blocks += [("h", 3, q.question), ("p", q.how), ("table", ablations.question_table(q, agg, rows))]
         if q.paper_rows:
             blocks += [("p", f"The paper's {q.paper} (590M models; compare orderings, not magnitudes):"),
                        ("table", ablations.paper_table(q))]
@@ -285,8 +294,10 @@ def _question_blocks(agg: Aggregate, metrics_rows: list[dict[str, Any]], routing
     return [("h", 2, "Open questions (docs/paper.md section 9, paper Tables 4-6)"), ("p", intro), *blocks]
 
 
-def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any], images: dict[str, str],
-            command: str, config_hash: str, agg: Aggregate, resamples: int) -> list[Block]:
+def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], command: str, config_hash: str | None,
+                agg: Aggregate, resamples: int) -> list[Block]:
+    """The sections of one run's report."""
+    layout, metrics = run.layout, run.metrics
     ppl, bpb = run_table(metrics), run_table(metrics, "bits_per_byte")
     paper_cells = table_cells(paper_table())
     paper_cells[0] = ["model", "General (Pretrain)", *paper_cells[0][2:]]
@@ -313,13 +324,13 @@ def _blocks(layout: RunLayout, metrics: dict[str, Any], routing: dict[str, Any],
         ("h", 2, "Ordering claims"),
         *_claim_blocks(ppl, agg, resamples),
         *_ood_blocks(agg),
-        *_question_blocks(agg, metrics["rows"], routing),
+        *_question_blocks(agg, run.rows, routing),
         ("h", 2, "Cost (cf. paper Tables 7 and 9)"),
         ("p", "Parameters and forward FLOPs per token from the model config "
               "(bam_pipeline.model.counting); tokens/s of the forward pass measured by this evaluation on the device "
               "above, every model afresh in one process, interleaved (the median of "
               f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
-        ("table", cost_rows(metrics)),
+        ("table", cost_rows(run.rows)),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),
     ]
@@ -373,51 +384,62 @@ def _write_claims(agg: Aggregate, directory: Path, images: dict[str, str]) -> No
         images["claims.png"] = "Every claim's comparisons: difference in mean loss with its paired interval"
 
 
-def _heatmap(layout: RunLayout, label: str, entry: dict[str, Any], kind: str, path: Path) -> bool:
-    """One routing heatmap of the report: a copy of the one eval drew from the same routing.json (drawing
-    dozens of them again cost seconds a report), drawn anew where eval's is missing or older than it."""
-    if not heatmap_values(entry, kind)[1]:
-        return False  # the model has no router of this kind
-    drawn = layout.heatmap(label, kind)
-    if drawn.is_file() and drawn.stat().st_mtime_ns >= layout.routing.stat().st_mtime_ns:
-        shutil.copyfile(drawn, path)
-        return True
-    return routing_heatmap(entry, kind, path) is not None
-
-
-def build_report(layout: RunLayout, *, command: str, config_hash: str, train_seed: int = 0,
-                 resamples: int = MIN_RESAMPLES, min_documents: int = MIN_DOCUMENTS,
-                 identity: dict[str, Any] | None = None) -> Path:
-    """Write the run's report directory (report.md, report.html, PNGs) atomically; returns report.md's path.
-    Claims get intervals over the run's test documents (``resamples`` bootstrap resamples) and a verdict
-    where every source behind them has ``min_documents`` scored test documents. ``identity``: the record of
-    what the report is made from, published with it (``identity.json``)."""
-    metrics, routing = load_eval(layout)
-    agg = aggregate([RunEval.read(layout, train_seed)], resamples=resamples, min_documents=min_documents)
-    skipped = skipped_models(metrics)
-    logs = {a.label: read_train_log(a) for a in find_model_artifacts(layout) if a.label not in skipped}
+def _run_plots(run: RunEval, routing: dict[str, Any], directory: Path) -> dict[str, str]:
+    """One run's plots in ``directory``, file name -> caption: perplexity per domain, training loss and router
+    entropy over training, and the routing heatmaps."""
+    metrics, skipped = run.metrics, skipped_models(run.metrics)
+    logs = {a.label: read_train_log(a) for a in find_model_artifacts(run.layout) if a.label not in skipped}
     table = run_table(metrics)
-    with publish(layout.report) as tmp:
-        images: dict[str, str] = {}
-        if metrics["rows"]:
-            perplexity_bars(table, tmp / "perplexity.png")
-            images["perplexity.png"] = "Perplexity per domain per model"
-        if loss_curves(logs, table.names, tmp / "training_loss.png"):
-            images["training_loss.png"] = "Training loss against tokens, every stage"
-        if entropy_curves(logs, table.names, tmp / "routing_entropy_training.png"):
-            images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
-        for label, entry in routing.items():
-            for kind in ROUTER_KINDS:
-                path = layout.heatmap(label, kind, tmp)
-                if _heatmap(layout, label, entry, kind, path):
-                    images[path.name] = f"{entry['display']}: {kind} routing per domain and layer"
+    images: dict[str, str] = {}
+    if metrics["rows"]:
+        perplexity_bars(table, directory / "perplexity.png")
+        images["perplexity.png"] = "Perplexity per domain per model"
+    if loss_curves(logs, table.names, directory / "training_loss.png"):
+        images["training_loss.png"] = "Training loss against tokens, every stage"
+    if entropy_curves(logs, table.names, directory / "routing_entropy_training.png"):
+        images["routing_entropy_training.png"] = "Router entropy per layer over the mixture phase's training"
+    images.update(report_heatmaps(run.layout, routing, directory))
+    return images
+
+
+def build_report(layout: RunLayout, runs: Sequence[RunEval] | None = None, *, command: str,
+                 config_hash: str | None = None, train_seed: int = 0, resamples: int = MIN_RESAMPLES,
+                 min_documents: int = MIN_DOCUMENTS, identity: dict[str, Any] | None = None) -> Path:
+    """Write a report directory atomically; returns its report.md's path. Without ``runs``: the report of
+    ``layout``'s run (``layout.report``), from its evaluation with train seed ``train_seed``, under its config's
+    hash ``config_hash``. With ``runs`` (one evaluated run per training seed): the report over those seeds
+    (``layout.seeds_report``).
+
+    Either is built from the aggregate of its runs (one run's is the aggregate of one): claims.json, the claims'
+    plot and the claims with intervals over the seeds and test documents (``resamples`` bootstrap resamples;
+    a verdict where every source behind it has ``min_documents`` scored test documents), the out-of-domain
+    answers and the open questions, in report.md and a self-contained report.html. One run's report adds what
+    its own files hold (bits per byte, the paper's table, cost, downstream tasks, routing, training curves,
+    what eval skipped); the report over seeds adds each seed's average, every comparison, the models left out
+    and table.json. ``identity``: the record of what the report is made from, published with it
+    (``identity.json``)."""
+    one_run = runs is None
+    if one_run:
+        _require_eval(layout)
+        runs = [RunEval.read(layout, train_seed)]
+    directory = layout.report if one_run else layout.seeds_report
+    agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
+    routing = _routing(runs[0].layout)
+    with publish(directory) as tmp:
+        images = _run_plots(runs[0], routing, tmp) if one_run else _seeds_plots(agg, tmp)
         _write_claims(agg, tmp, images)
-        blocks = _blocks(layout, metrics, routing, images, command, config_hash, agg, resamples)
+        if one_run:
+            blocks = _run_blocks(runs[0], routing, images, command, config_hash, agg, resamples)
+            title = f"BAM report: {layout.run}"
+        else:
+            _write_table(agg, resamples, tmp)
+            blocks = _seeds_blocks(layout, runs, routing, images, command, agg, resamples)
+            title = f"BAM report: {layout.run}, {len(runs)} seeds"
         (tmp / REPORT_MD).write_text(to_markdown(blocks))
-        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {layout.run}"))
+        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, title))
         if identity is not None:
             write_json(RunLayout.identity(tmp), identity)
-    return layout.report / REPORT_MD
+    return directory / REPORT_MD
 
 
 def report_files(layout: RunLayout) -> list[Path]:
@@ -478,62 +500,61 @@ def _seed_rows(agg: Aggregate) -> list[list[str]]:
     return out
 
 
-def build_seeds_report(base: RunLayout, runs: list[RunEval], *, command: str, resamples: int = MIN_RESAMPLES,
-                       min_documents: int = MIN_DOCUMENTS, identity: dict[str, Any] | None = None) -> Path:
-    """The aggregate of several training seeds' runs, ``base.seeds_report`` (report.md, report.html, claims.json,
-    table.json, PNGs, and ``identity``'s record when given), written atomically; returns report.md's path."""
-    agg = aggregate(runs, resamples=resamples, min_documents=min_documents)
+def _seeds_plots(agg: Aggregate, directory: Path) -> dict[str, str]:
+    """The report over seeds' plot in ``directory``: every cell's estimate and interval, one panel per column."""
+    panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
+                               if c in agg.cells[lab]] for c in agg.table.all_columns}
+    images: dict[str, str] = {}
+    if interval_panels(panels, directory / "perplexity_intervals.png", xlabel="perplexity",
+                       title=f"Perplexity over {len(agg.seeds)} seeds with {agg.level:.0%} intervals"):
+        images["perplexity_intervals.png"] = "Perplexity per column: estimate and interval over seeds and documents"
+    return images
+
+
+def _write_table(agg: Aggregate, resamples: int, directory: Path) -> None:
+    """table.json: every cell over the seeds with its interval, and the models left out."""
+    write_json(directory / "table.json", {
+        "seeds": list(agg.seeds), "covers": agg.covers, "level": agg.level, "resamples": resamples,
+        "rows": [{"model": lab, "display": agg.table.name(lab), "column": c, "perplexity": iv.estimate,
+                  "low": iv.low, "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()],
+        "left_out": agg.left_out})
+
+
+def _seeds_blocks(base: RunLayout, runs: Sequence[RunEval], routing: dict[str, Any], images: dict[str, str],
+                  command: str, agg: Aggregate, resamples: int) -> list[Block]:
+    """The sections of the report over seeds."""
     s = runs[0].metrics["settings"]
-    routing = json.loads(runs[0].layout.routing.read_text()) if runs[0].layout.routing.is_file() else {}
-    with publish(base.seeds_report) as tmp:
-        images: dict[str, str] = {}
-        panels = {column_name(c): [(agg.table.name(lab), *_triple(agg.cells[lab][c])) for lab in agg.table.labels
-                                   if c in agg.cells[lab]] for c in agg.table.all_columns}
-        if interval_panels(panels, tmp / "perplexity_intervals.png", xlabel="perplexity",
-                           title=f"Perplexity over {len(runs)} seeds with {agg.level:.0%} intervals"):
-            images["perplexity_intervals.png"] = "Perplexity per column: estimate and interval over seeds and documents"
-        _write_claims(agg, tmp, images)
-        write_json(tmp / "table.json", {
-            "seeds": list(agg.seeds), "covers": agg.covers, "level": agg.level, "resamples": resamples,
-            "rows": [{"model": lab, "display": agg.table.name(lab), "column": c, "perplexity": iv.estimate,
-                      "low": iv.low, "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()],
-            "left_out": agg.left_out})
-        blocks: list[Block] = [
-            ("h", 1, f"BAM pipeline report: run {base.run} over {len(runs)} training seeds"),
-            ("h", 2, "Provenance"),
-            ("p", "Command:"), ("code", command),
-            ("list", [f"train seed {r.seed}: `{r.layout.run_dir}`" for r in runs]
-             + [f"data hash (shared by every seed): `{runs[0].metrics.get('data_hash', '-')}`",
-                f"eval: up to {s.get('max_tokens_per_source')} test tokens per source, seq_len "
-                f"{s.get('seq_len') or 'model max'}, device {s.get('device')}",
-                f"bootstrap: {resamples} resamples of seeds and test documents, paired across models",
-                f"generated {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
-            ("h", 2, "Perplexity per domain over seeds (this run's Table 1)"),
-            ("p", f"Each cell: the perplexity of the mean per-token loss over the {len(runs)} seeds (the geometric mean "
-                  f"of the seeds' perplexities) and its {agg.level:.0%} interval from a hierarchical bootstrap over "
-                  "seeds and test documents. Average = arithmetic mean of the row's in-domain perplexities, as in "
-                  "the paper. Best estimate per column in bold."),
-            ("table", interval_cells(agg)),
-            ("h", 3, "Average perplexity in each seed"),
-            ("table", _seed_rows(agg)),
-            ("h", 2, "Ordering claims"),
-            *_claim_blocks(agg.table, agg, resamples),
-            *_ood_blocks(agg),
-            *_question_blocks(agg, runs[0].metrics["rows"], routing),
-            ("h", 2, "Plots"),
-            *[("img", name, caption) for name, caption in images.items()],
-            ("h", 2, "Every comparison"),
-            ("list", [f"{c.text}: {name}: {_diff(iv)}" for c in agg.claims() for name, iv in c.intervals.items()]
-             or ["no claim was measurable"]),
-            ("h", 2, "Left out"),
-            ("list", [f"{lab}: {why}" for lab, why in agg.left_out.items()]) if agg.left_out
-            else ("p", "Every model was evaluated in every seed."),
-        ]
-        (tmp / REPORT_MD).write_text(to_markdown(blocks))
-        (tmp / REPORT_HTML).write_text(to_html(blocks, tmp, f"BAM report: {base.run}, {len(runs)} seeds"))
-        if identity is not None:
-            write_json(RunLayout.identity(tmp), identity)
-    return base.seeds_report / REPORT_MD
+    return [
+        ("h", 1, f"BAM pipeline report: run {base.run} over {len(runs)} training seeds"),
+        ("h", 2, "Provenance"),
+        ("p", "Command:"), ("code", command),
+        ("list", [f"train seed {r.seed}: `{r.layout.run_dir}`" for r in runs]
+         + [f"data hash (shared by every seed): `{runs[0].metrics.get('data_hash', '-')}`",
+            f"eval: up to {s.get('max_tokens_per_source')} test tokens per source, seq_len "
+            f"{s.get('seq_len') or 'model max'}, device {s.get('device')}",
+            f"bootstrap: {resamples} resamples of seeds and test documents, paired across models",
+            f"generated {time.strftime('%Y-%m-%d %H:%M:%S %z')}"]),
+        ("h", 2, "Perplexity per domain over seeds (this run's Table 1)"),
+        ("p", f"Each cell: the perplexity of the mean per-token loss over the {len(runs)} seeds (the geometric mean "
+              f"of the seeds' perplexities) and its {agg.level:.0%} interval from a hierarchical bootstrap over "
+              "seeds and test documents. Average = arithmetic mean of the row's in-domain perplexities, as in "
+              "the paper. Best estimate per column in bold."),
+        ("table", interval_cells(agg)),
+        ("h", 3, "Average perplexity in each seed"),
+        ("table", _seed_rows(agg)),
+        ("h", 2, "Ordering claims"),
+        *_claim_blocks(agg.table, agg, resamples),
+        *_ood_blocks(agg),
+        *_question_blocks(agg, runs[0].rows, routing),
+        ("h", 2, "Plots"),
+        *[("img", name, caption) for name, caption in images.items()],
+        ("h", 2, "Every comparison"),
+        ("list", [f"{c.text}: {name}: {_diff(iv)}" for c in agg.claims() for name, iv in c.intervals.items()]
+         or ["no claim was measurable"]),
+        ("h", 2, "Left out"),
+        ("list", [f"{lab}: {why}" for lab, why in agg.left_out.items()]) if agg.left_out
+        else ("p", "Every model was evaluated in every seed."),
+    ]
 
 
 def _triple(iv: Interval) -> tuple[float, float, float]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-ROUTER_KINDS = ("attn", "ffn")
+ROUTED_BLOCKS = ("attn", "ffn")  # the blocks a router can route: attention and the FFN
 
 
 def entropy_sum(probs: torch.Tensor) -> float:
@@ -60,7 +60,7 @@ class RoutingStats:
 
     def _agreement(self, routing: list[Any]) -> None:
         tops = {kind: [None if p is None else p.argmax(-1) for p in
-                       (getattr(layer, f"{kind}_probs") for layer in routing)] for kind in ROUTER_KINDS}
+                       (getattr(layer, f"{kind}_probs") for layer in routing)] for kind in ROUTED_BLOCKS}
         for kind, per_layer in tops.items():
             for i, top in enumerate(per_layer):
                 if top is not None:

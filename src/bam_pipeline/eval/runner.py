@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,11 @@ from bam_pipeline.data.prepare import open_prepared
 from bam_pipeline.data.storage import EvalSequences, load_eval_sequences, load_split_sequences
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.btm import ensemble_flops_per_token, ensemble_log_probs, estimate_log_prior
+from bam_pipeline.eval.heatmaps import write_routing
 from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_tokens_per_s, sequence_nll, token_nll
 from bam_pipeline.eval.names import About, about, expert_names
-from bam_pipeline.eval.plots import routing_heatmap
-from bam_pipeline.eval.routing import ROUTER_KINDS, RoutingStats
+from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
+from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
@@ -125,7 +125,7 @@ def _seq_len(spec: EvalSpec, art: Artifact, max_seq_len: int) -> int:
 
 def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
                    device: torch.device, *, probe: str | None = None, chunking: LossChunking | None = None
-                   ) -> dict[str, Any]:
+                   ) -> ModelScores:
     """Rows (one per source), routing stats per source and per-source skip records for one model;
     with ``probe`` (UNIFORM_ATTENTION), of the model changed by that probe, as its own row."""
     model, mcfg = load_model(art, verify=False, device=str(device))
@@ -154,16 +154,16 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
         documents[source] = {"nll": res.doc_nll.tolist(), "tokens": res.doc_tokens.astype(int).tolist()}
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
-        rows.append({
-            "model": label, "stage": art.stage, "name": art.name, "display": info.display, "role": info.role,
-            "artifact_hash": art.hash, "domain": source, "tokens": res.tokens, "bytes": nbytes,
-            "loss": res.mean_loss, "perplexity": res.perplexity, "bits_per_byte": bits_per_byte(res.nll, nbytes),
-            "params_total": params.total, "params_active": params.active, "flops_per_token": flops.total,
-            "seq_len": seq_len, "device": str(device), "tokens_trained": art.manifest.get("tokens"),
-        })
+        rows.append(ScoreRow(
+            model=label, stage=art.stage, name=art.name, display=info.display, role=info.role,
+            artifact_hash=art.hash, domain=source, tokens=res.tokens, bytes=nbytes,
+            loss=res.mean_loss, perplexity=res.perplexity, bits_per_byte=bits_per_byte(res.nll, nbytes),
+            params_total=params.total, params_active=params.active, flops_per_token=flops.total,
+            seq_len=seq_len, device=str(device), tokens_trained=art.manifest.get("tokens"),
+        ))
         if summary := stats.summary():
             routing[source] = summary
-    return {"rows": rows, "routing": routing, "skipped": skipped, "documents": documents}
+    return ModelScores(rows, routing, skipped, documents)
 
 
 BTM_LABEL = "btm"
@@ -179,7 +179,7 @@ def _log_probs(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int, devi
 
 
 def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                 device: torch.device, chunking: LossChunking | None = None) -> dict[str, Any]:
+                 device: torch.device, chunking: LossChunking | None = None) -> ModelScores:
     """BTM (Branch-Train-Merge): the seed and the domain experts kept apart; each token's distribution is
     their mixture weighted by the posterior over them given the document so far (reset at document
     boundaries, :mod:`bam_pipeline.eval.btm`), the prior estimated per source on its validation split.
@@ -214,25 +214,32 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
         nll, tokens = float(per_token.sum()), per_token.numel()
         st = prepared.stats[source][TEST_SPLIT]
         nbytes = evaluated_bytes(st["bytes"], st["tokens"], tokens)
-        rows.append({
-            "model": BTM_LABEL, "stage": BTM_LABEL, "name": BTM_LABEL, "display": display, "role": "ensemble",
-            "artifact_hash": canonical_hash([a.hash for a in experts]), "domain": source, "tokens": tokens,
-            "bytes": nbytes, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
-            "bits_per_byte": bits_per_byte(nll, nbytes), "params_total": params, "params_active": params,
-            "flops_per_token": flops, "seq_len": seq_len, "device": str(device), "tokens_trained": None,
-            "btm_models": [a.label for a in experts], "btm_prior": prior.exp().tolist(),
-        })
-    return {"rows": rows, "routing": {}, "skipped": skipped, "documents": documents}
+        rows.append(ScoreRow(
+            model=BTM_LABEL, stage=BTM_LABEL, name=BTM_LABEL, display=display, role="ensemble",
+            artifact_hash=canonical_hash([a.hash for a in experts]), domain=source, tokens=tokens,
+            bytes=nbytes, loss=nll / tokens, perplexity=math.exp(nll / tokens),
+            bits_per_byte=bits_per_byte(nll, nbytes), params_total=params, params_active=params,
+            flops_per_token=flops, seq_len=seq_len, device=str(device), tokens_trained=None,
+            btm_models=[a.label for a in experts], btm_prior=prior.exp().tolist(),
+        ))
+    return ModelScores(rows, {}, skipped, documents)
 
 
 def _experts(info: About, routing: dict[str, Any]) -> dict[str, list[str]]:
-    """Expert names per router kind present in ``routing`` (one model's per-domain stats)."""
+    """Expert names per routed block present in ``routing`` (one model's per-domain stats)."""
     out = {}
-    for kind in ROUTER_KINDS:
-        stats = next((r[kind] for r in routing.values() if kind in r), None)
+    for block in ROUTED_BLOCKS:
+        stats = next((r[block] for r in routing.values() if block in r), None)
         if stats is not None:
-            out[kind] = expert_names(info, kind, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
+            out[block] = expert_names(info, block, len((stats.get("mean_prob") or stats.get("fraction"))[0]))
     return out
+
+
+def routing_entry(art: Artifact, routing: dict[str, Any]) -> dict[str, Any]:
+    """A model's entry of routing.json: its display name, its experts' names per routed block and its
+    router statistics per domain (``routing``)."""
+    info = about(art)
+    return {"display": info.display, "experts": _experts(info, routing), "domains": routing}
 
 
 def measure_speeds(arts: list[Artifact], sample: Callable[[int], torch.Tensor], spec: EvalSpec,
@@ -251,11 +258,11 @@ def measure_speeds(arts: list[Artifact], sample: Callable[[int], torch.Tensor], 
     return {label: {"tokens_per_s": statistics.median(r), "rounds": r} for label, r in rounds.items()}
 
 
-def _row_speed(row: dict[str, Any], speeds: dict[str, dict[str, Any]]) -> float:
+def _row_speed(row: ScoreRow, speeds: dict[str, dict[str, Any]]) -> float:
     """A row's tokens/s from the fresh measurements (module docstring: probes and BTM)."""
-    if row["role"] == "ensemble":
-        return 1.0 / sum(1.0 / speeds[m]["tokens_per_s"] for m in row["btm_models"])
-    return speeds[probed_label(row["model"])]["tokens_per_s"]
+    if row.role == "ensemble":
+        return 1.0 / sum(1.0 / speeds[m]["tokens_per_s"] for m in row.btm_models)
+    return speeds[probed_label(row.model)]["tokens_per_s"]
 
 
 @dataclass(frozen=True)
@@ -303,26 +310,169 @@ def select_models(layout: RunLayout, prepared: Any,
     return ModelSelection(models, skipped, causes)
 
 
-def require_finite_losses(label: str, result: dict[str, Any], fix: str, cache_file: Path | None = None) -> None:
-    """A BamError naming ``label`` and the source when a row of its ``result`` (:func:`evaluate_model`) has a loss
-    that is not finite (its weights are finite, checked when loaded: the forward pass overflows); a cached
-    ``result`` (an older version wrote it) is removed from the cache. ``fix``: how to replace the model."""
-    bad = next((r for r in result["rows"] if not math.isfinite(r["loss"])), None)
+def require_finite_losses(label: str, scores: ModelScores, fix: str, cache_file: Path | None = None) -> None:
+    """A BamError naming ``label`` and the source when a row of its ``scores`` (:func:`evaluate_model`) has a loss
+    that is not finite (its weights are finite, checked when loaded: the forward pass overflows); cached
+    ``scores`` (an older version wrote them) are removed from the cache. ``fix``: how to replace the model."""
+    bad = next((r for r in scores.rows if not math.isfinite(r.loss)), None)
     if bad is None:
         return
     if cache_file is not None:
         cache_file.unlink(missing_ok=True)
-    raise BamError(f"{label} gives a test loss of {bad['loss']} on {bad['domain']} though its weights are finite: its "
+    raise BamError(f"{label} gives a test loss of {bad.loss} on {bad.domain} though its weights are finite: its "
                    f"forward pass overflows; none of its results is cached or written; {fix}")
 
 
-def _read_routing(path: Path) -> dict[str, Any]:
-    """An earlier routing.json, or nothing where there is none (or it cannot be read)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return old if isinstance(old, dict) else {}
+@dataclass(frozen=True)
+class Scored:
+    """The scores of one entry of metrics.json: a model, a probe of one, or BTM."""
+
+    label: str
+    scores: ModelScores
+    cache_file: str  # the name of its entry in the eval cache
+    reused: bool  # read from the cache, not computed
+
+
+@dataclass(frozen=True)
+class ScoreCache:
+    """Eval's cache (``RunLayout.eval_cache``): each entry's scores under the hash of its identity, the data
+    (:func:`data_hash`), the settings, the sources scored and the device."""
+
+    directory: Path
+    data: str
+    spec: EvalSpec
+    sources: list[str]
+    device: torch.device
+
+    def scored(self, label: str, stage: str, name: str, identity: Any, compute: Callable[[], ModelScores],
+               fix: str) -> Scored:
+        """An entry's scores: from the cache when its identity, the data and the settings are unchanged;
+        refused (``fix``: how to replace the model) when a loss is not finite, and never cached."""
+        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": self.data,
+                              "settings": self.spec.cache_key(), "sources": self.sources,
+                              "device": str(self.device)})  # scores computed on this device
+        cache_file = self.directory / f"{stage}-{name}-{key[:16]}.json"
+        if cache_file.is_file():
+            try:
+                scores = ModelScores.from_dict(json.loads(cache_file.read_text()))
+            except BamError:
+                cache_file.unlink()
+                raise
+            require_finite_losses(label, scores, fix, cache_file)
+            return Scored(label, scores, cache_file.name, reused=True)
+        scores = compute()
+        require_finite_losses(label, scores, fix)
+        write_json(cache_file, scores.to_dict())
+        return Scored(label, scores, cache_file.name, reused=False)
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove every entry but those named in ``keep``."""
+        for stale in self.directory.glob("*.json"):
+            if stale.name not in keep:
+                stale.unlink()
+
+
+def eval_sources(prepared: Any, data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The sources eval scores (those with a test split) and the skip records of the others, out-of-domain
+    sources the data stage could not fetch included; a BamError when no source of ``data_dir`` has a test split."""
+    sources, skipped = sources_with_test_split(prepared)
+    for s in skipped:
+        print(f"[eval] skip {s['name']}: {s['reason']}")
+    if not sources:
+        raise BamError(f"no source of {data_dir} has a {TEST_SPLIT} split; re-run `stage=data` with test "
+                       f"splits enabled")
+    unavailable = [{"kind": "source", "name": name, "reason": f"out-of-domain source unavailable: {why}"}
+                   for name, why in prepared.manifest.get("skipped_sources", {}).items()]
+    return sources, skipped + unavailable
+
+
+def check_budgets(spec: EvalSpec, models: list[Artifact]) -> None:
+    """Refuse an ``eval.max_tokens_per_source`` below one sequence of any model, before any model is scored
+    (a model whose config cannot be read is left out later, with its reason)."""
+    if spec.max_tokens_per_source is None:
+        return
+    for art in models:
+        try:
+            max_seq_len = read_model_config(art).max_seq_len
+        except BamError:
+            continue
+        spec.check_budget(_seq_len(spec, art, max_seq_len))
+
+
+def _announced(record: dict[str, Any]) -> dict[str, Any]:
+    print(f"[eval] skip {record['name']}: {record['reason']}")
+    return record
+
+
+def verified_models(selection: ModelSelection) -> tuple[list[Artifact], list[dict[str, Any]]]:
+    """The selected models whose weights match their checksums, and the skip records of the selection and of
+    those that do not; a model whose weights are not finite is refused by name before any model is scored."""
+    skipped = [_announced(record) for record in selection.skipped]
+    good = []
+    for art in selection.models:
+        try:
+            art.verify()
+        except BamError as e:
+            skipped.append(_announced(skip_record(art, str(e))))
+            continue
+        good.append(art)
+    for art in good:
+        load_state(art, verify=False)
+    return good, skipped
+
+
+def score_models(arts: list[Artifact], cache: ScoreCache, spec: EvalSpec,
+                 evaluate: Callable[..., ModelScores]) -> list[list[Scored]]:
+    """Per model: its scores, then those of its uniform attention probe where ``eval.uniform_attention``
+    names it. ``evaluate(art, probe=None)``: :func:`evaluate_model` on the run's sources."""
+    out = []
+    for art in arts:
+        scored = [cache.scored(art.label, art.stage, art.name, art.hash, lambda art=art: evaluate(art),
+                               nonfinite_fix(art))]
+        if art.label in spec.uniform_attention:
+            scored.append(cache.scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage,
+                                       f"{art.name}+{UNIFORM_ATTENTION}",
+                                       {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
+                                       lambda art=art: evaluate(art, probe=UNIFORM_ATTENTION), nonfinite_fix(art)))
+        out.append(scored)
+    return out
+
+
+def missing_probes(spec: EvalSpec, arts: list[Artifact]) -> list[dict[str, Any]]:
+    """Skip records of the probes ``eval.uniform_attention`` asks of models the run has not (or could not load)."""
+    missing = sorted(set(spec.uniform_attention) - {a.label for a in arts})
+    return [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
+             "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
+            for m in missing]
+
+
+def score_btm(arts: list[Artifact], cache: ScoreCache, spec: EvalSpec,
+              evaluate: Callable[[list[Artifact]], ModelScores]) -> list[Scored]:
+    """BTM's scores (``evaluate``: :func:`evaluate_btm` on the run's sources) when ``eval.btm`` and the run has
+    the seed and at least one branch expert; none otherwise."""
+    singles = [a for a in arts if a.stage in ("seed", "branch")]
+    if not (spec.btm and len(singles) >= 2 and singles[0].stage == "seed"):
+        return []
+    members = ", ".join(a.label for a in singles)
+    return [cache.scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles], lambda: evaluate(singles),
+                         f"leave BTM out (eval.btm=false) or replace the member that overflows ({members})")]
+
+
+def timed_rows(rows: list[ScoreRow], arts: list[Artifact], sources: list[str], seqs: _Sequences, spec: EvalSpec,
+               device: torch.device, chunking: LossChunking | None) -> tuple[list[ScoreRow], dict[str, Any]]:
+    """The rows with their timing, and metrics.json's ``speed`` section: every model with a row measured
+    afresh (:func:`measure_speeds`) on ``eval.batch_size`` sequences of the first source with a row; the wall
+    time of a training stage's split from its manifest (``job.py``; None for a probe row and for BTM)."""
+    measured = [a for a in arts if any(r.model == a.label for r in rows)]
+    speed_source = next(s for s in sources if any(r.domain == s for r in rows))
+    speeds = measure_speeds(measured, lambda n: seqs.get(speed_source, n).tokens[: spec.batch_size], spec, device,
+                            chunking)
+    walls = {a.label: a.manifest.get("wall_time") for a in arts}
+    timed = [r.timed(Timing(_row_speed(r, speeds), walls.get(r.model))) for r in rows]
+    print(f"[eval] speed of {len(measured)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
+          f"{spec.batch_size} sequences of {speed_source})")
+    return timed, {"source": speed_source, "rounds": SPEED_ROUNDS, "repeats": SPEED_REPEATS,
+                   "batch_size": spec.batch_size, "models": speeds}
 
 
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
@@ -338,126 +488,42 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     prepared = open_prepared(layout.data)
     if selection is None:
         selection = select_models(layout, prepared, rebuild)
-    sources, skipped = sources_with_test_split(prepared)
-    for s in skipped:
-        print(f"[eval] skip {s['name']}: {s['reason']}")
-    if not sources:
-        raise BamError(f"no source of {layout.data} has a {TEST_SPLIT} split; re-run `stage=data` with test "
-                       f"splits enabled")
-    skipped += [{"kind": "source", "name": name, "reason": f"out-of-domain source unavailable: {why}"}
-                for name, why in prepared.manifest.get("skipped_sources", {}).items()]
-    for art in selection.models if spec.max_tokens_per_source is not None else ():  # before any model is scored
-        try:
-            max_seq_len = read_model_config(art).max_seq_len
-        except BamError:
-            continue  # left out below, with its reason
-        spec.check_budget(_seq_len(spec, art, max_seq_len))
-    dhash = data_hash(prepared)
+    sources, source_skips = eval_sources(prepared, layout.data)
+    check_budgets(spec, selection.models)
+    good, model_skips = verified_models(selection)
     device = resolve_device(spec.device)
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
-    rows, routing, reused, evaluated, used_cache, documents = [], {}, [], [], set(), {}
-
-    def scored(label: str, stage: str, name: str, identity: Any, compute, fix: str) -> dict[str, Any]:
-        """A model's results: from the cache when its identity, the data and the settings are unchanged;
-        refused (``fix``: how to replace the model) when a loss is not finite, and never cached."""
-        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": dhash,
-                              "settings": spec.cache_key(), "sources": sources,
-                              "device": str(device)})  # scores computed on this device
-        cache_file = layout.eval_cache / f"{stage}-{name}-{key[:16]}.json"
-        if cache_file.is_file():
-            result = json.loads(cache_file.read_text())
-            require_finite_losses(label, result, fix, cache_file)
-            reused.append(label)
-        else:
-            result = compute()
-            require_finite_losses(label, result, fix)
-            write_json(cache_file, result)
-            evaluated.append(label)
-        used_cache.add(cache_file.name)
-        rows.extend(result["rows"])
-        skipped.extend(result["skipped"])
-        documents[label] = result["documents"]
-        return result
-
-    def skip(record: dict[str, Any]) -> None:
-        print(f"[eval] skip {record['name']}: {record['reason']}")
-        skipped.append(record)
-
-    for record in selection.skipped:
-        skip(record)
-    good = []
-    for art in selection.models:
-        try:
-            art.verify()
-        except BamError as e:
-            skip(skip_record(art, str(e)))
-            continue
-        good.append(art)
-    for art in good:  # a model whose weights are not finite is refused by name before any model is scored
-        load_state(art, verify=False)
-    for art in good:
-        result = scored(art.label, art.stage, art.name, art.hash,
-                        lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device, chunking=chunking),
-                        nonfinite_fix(art))
-        if result["routing"]:
-            info = about(art)
-            routing[art.label] = {"display": info.display, "experts": _experts(info, result["routing"]),
-                                  "domains": result["routing"]}
-        if art.label in spec.uniform_attention:
-            scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage, f"{art.name}+{UNIFORM_ATTENTION}",
-                   {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
-                   lambda art=art: evaluate_model(art, sources, seqs, prepared, spec, device,
-                                                  probe=UNIFORM_ATTENTION, chunking=chunking), nonfinite_fix(art))
-    missing = sorted(set(spec.uniform_attention) - {a.label for a in good})
-    skipped += [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
-                 "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
-                for m in missing]
-    singles = [a for a in good if a.stage in ("seed", "branch")]
-    if spec.btm and len(singles) >= 2 and singles[0].stage == "seed":
-        members = ", ".join(a.label for a in singles)
-        scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],
-               lambda: evaluate_btm(singles, sources, seqs, prepared, spec, device, chunking),
-               f"leave BTM out (eval.btm=false) or replace the member that overflows ({members})")
+    cache = ScoreCache(layout.eval_cache, data_hash(prepared), spec, sources, device)
+    per_model = score_models(good, cache, spec, lambda art, probe=None: evaluate_model(
+        art, sources, seqs, prepared, spec, device, probe=probe, chunking=chunking))
+    probes_missing = missing_probes(spec, good)
+    btm = score_btm(good, cache, spec, lambda members: evaluate_btm(members, sources, seqs, prepared, spec, device,
+                                                                    chunking))
+    scored = [s for group in per_model for s in group] + btm
+    skipped = [*source_skips, *model_skips, *(x for group in per_model for s in group for x in s.scores.skipped),
+               *probes_missing, *(x for s in btm for x in s.scores.skipped)]
+    rows = [r for s in scored for r in s.scores.rows]
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
-    measured = [a for a in good if any(r["model"] == a.label for r in rows)]
-    speed_source = next(s for s in sources if any(r["domain"] == s for r in rows))
-    speeds = measure_speeds(measured, lambda n: seqs.get(speed_source, n).tokens[: spec.batch_size], spec, device,
-                            chunking)
-    walls = {a.label: a.manifest.get("wall_time") for a in good}  # a training stage's split (job.py), else None
-    for r in rows:
-        r["tokens_per_s"] = _row_speed(r, speeds)
-        r["wall_time"] = walls.get(r["model"])  # None for a probe row and for BTM
-    print(f"[eval] speed of {len(measured)} models measured afresh, interleaved ({SPEED_ROUNDS} rounds, "
-          f"{spec.batch_size} sequences of {speed_source})")
+    rows, speed = timed_rows(rows, good, sources, seqs, spec, device, chunking)
+    reused = [s.label for s in scored if s.reused]
+    evaluated = [s.label for s in scored if not s.reused]
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:
         print(f"[eval] evaluated: {', '.join(evaluated)}")
-    for stale in layout.eval_cache.glob("*.json"):
-        if stale.name not in used_cache:
-            stale.unlink()
+    cache.prune({s.cache_file for s in scored})
     write_json(layout.documents, {
         "sources": {src: list(prepared.stream(src, TEST_SPLIT).dataset["id"]) for src in sources},
-        "models": documents})
-    drawn_from = _read_routing(layout.routing)  # what the heatmaps on disk were drawn from
-    write_json(layout.routing, routing)
-    for label, entry in routing.items():
-        same = label in drawn_from and canonical_hash(drawn_from[label]) == canonical_hash(entry)
-        for kind in ROUTER_KINDS:
-            path = layout.heatmap(label, kind)
-            if same and path.is_file():
-                os.utime(path)  # the same picture, kept: no older than routing.json (the report copies it)
-            else:
-                routing_heatmap(entry, kind, path)
+        "models": {s.label: s.scores.documents for s in scored}})
+    write_routing(layout, {art.label: routing_entry(art, group[0].scores.routing)
+                           for art, group in zip(good, per_model) if group[0].scores.routing})
     write_json(layout.metrics, {
-        "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": dhash,
+        "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": cache.data,
         "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
-        "rows": rows, "skipped": skipped,
-        "reused": reused, "evaluated": evaluated,
-        "speed": {"source": speed_source, "rounds": SPEED_ROUNDS, "repeats": SPEED_REPEATS,
-                  "batch_size": spec.batch_size, "models": speeds},
+        "rows": [r.to_dict() for r in rows], "skipped": skipped,
+        "reused": reused, "evaluated": evaluated, "speed": speed,
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
     return layout.metrics

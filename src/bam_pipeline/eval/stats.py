@@ -139,21 +139,6 @@ def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray
     return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
-def _resampled_sums(rng: np.random.Generator, values: tuple[np.ndarray, ...], resamples: int) -> list[np.ndarray]:
-    """For each array of ``values`` (each (S, D)): its sum over the drawn seeds x drawn documents of
-    every resample, (resamples,) each. Every array sees the same draws."""
-    s, d = values[0].shape
-    seed_w = _draw_counts(rng, s, resamples)  # (R, S)
-    out = [np.empty(resamples) for _ in values]
-    block = max(1, BLOCK_ELEMENTS // d)
-    for start in range(0, resamples, block):
-        stop = min(start + block, resamples)
-        doc_w = _draw_counts(rng, d, stop - start)  # (r, D), shared by every drawn seed
-        for sums, v in zip(out, values):
-            sums[start:stop] = ((doc_w @ v.T) * seed_w[start:stop]).sum(axis=1)  # (r, S) -> (r,)
-    return out
-
-
 def _check(resamples: int, level: float) -> None:
     if resamples < MIN_RESAMPLES:
         raise BamError(f"resamples={resamples} is too few for a 95% percentile interval; use at least {MIN_RESAMPLES}")
@@ -168,46 +153,11 @@ def _interval(estimate: float, reps: np.ndarray, n_seeds: int, n_docs: int, leve
     return Interval(float(estimate), float(low), float(high), n_seeds, n_docs, covers, level, len(reps), documents)
 
 
-def _mean_loss_reps(losses: DocLosses, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    nll, tokens = _resampled_sums(rng, (losses.nll, losses.tokens), resamples)
-    return nll / tokens
-
-
 def _same_tokens(a: DocLosses, b: DocLosses) -> None:
     if a.nll.shape != b.nll.shape or not np.array_equal(a.tokens, b.tokens):
         raise BamError(f"a claim compares two models on the same test tokens, but their per-document token counts "
                        f"differ (shapes {a.nll.shape} and {b.nll.shape}); evaluate both with the same eval.seq_len "
                        "and eval.max_tokens_per_source")
-
-
-def paired_difference(a: DocLosses, b: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
-                      rng: np.random.Generator) -> Interval:
-    """Mean loss of ``a`` minus that of ``b`` (negative: ``a`` is better) on the same test tokens, with
-    its paired hierarchical bootstrap interval (one draw of seeds and documents per resample, applied
-    to both models)."""
-    _check(resamples, level)
-    _same_tokens(a, b)
-    diff, tokens = _resampled_sums(rng, (a.nll - b.nll, a.tokens), resamples)
-    return _interval(a.mean_loss - b.mean_loss, diff / tokens, a.n_seeds, a.n_docs, level)
-
-
-def unpaired_difference(a: DocLosses, b: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
-                        rng: np.random.Generator) -> Interval:
-    """The same difference as :func:`paired_difference`, with each model resampled on its own draws,
-    as if the two had been scored on unrelated documents and seeds."""
-    _check(resamples, level)
-    _same_tokens(a, b)
-    reps = _mean_loss_reps(a, resamples, rng) - _mean_loss_reps(b, resamples, rng)
-    return _interval(a.mean_loss - b.mean_loss, reps, a.n_seeds, a.n_docs, level)
-
-
-def perplexity_interval(losses: DocLosses, *, resamples: int = MIN_RESAMPLES, level: float = 0.95,
-                        rng: np.random.Generator) -> Interval:
-    """One model's perplexity (exp of its token-weighted mean loss over seeds and documents) with its
-    hierarchical bootstrap interval: a cell of the aggregated table."""
-    _check(resamples, level)
-    reps = np.exp(_mean_loss_reps(losses, resamples, rng))
-    return _interval(float(np.exp(losses.mean_loss)), reps, losses.n_seeds, losses.n_docs, level)
 
 
 def _sources(column: str, iv: Interval) -> tuple[SourceDocs, ...]:
@@ -272,8 +222,8 @@ def joint_mean_losses(losses: Mapping[str, Mapping[str, DocLosses]], *, resample
     """Mean loss of every (model, source) of ``losses[model][source]`` in each of ``resamples`` joint
     resamples, (resamples,) each: one draw of the seeds shared by every source and model, and one draw of
     each source's documents shared by every model. Every cell, average and paired difference of a report
-    computed from these resamples is paired with every other (seeds and documents are crossed factors, as
-    in :func:`paired_difference`, which this reproduces for one source and two models).
+    computed from these resamples is paired with every other (seeds and documents are crossed factors; for one
+    source and two models, the paired difference of the module docstring).
 
     Every model has the same seeds, and on one source the same documents and token counts."""
     _check(resamples, 0.95)

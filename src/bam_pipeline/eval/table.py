@@ -1,7 +1,7 @@
 """The perplexity table (the run's analogue of paper Table 1): rows = models, columns = sources + average,
 then the out-of-domain sources (shown, but left out of the average and of the paper's claims).
 
-Pure data: built from metrics.json rows (or the paper's numbers), rendered as rows of strings by
+Pure data: built from eval's score rows (or the paper's numbers), rendered as rows of strings by
 :mod:`bam_pipeline.eval.render`. "Average" is the arithmetic mean of a row's column perplexities, as
 in the paper's Table 1; a row missing a column has no average.
 """
@@ -9,9 +9,10 @@ in the paper's Table 1; a row missing a column has no average.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from bam_pipeline.eval.names import STAGE_ROLES, column_name
+from bam_pipeline.eval.scores import ScoreRow
 from bam_pipeline.store.layout import parse_label
 
 AVERAGE = "average"
@@ -78,20 +79,19 @@ def order_columns(sources: Iterable[str], general: str | None) -> tuple[str, ...
     return tuple([general] + [s for s in sources if s != general]) if general in sources else tuple(sources)
 
 
-def table_from_rows(rows: list[dict[str, Any]], labels: Iterable[str], columns: Iterable[str],
+def table_from_rows(rows: Iterable[ScoreRow], labels: Iterable[str], columns: Iterable[str],
                     key: str = "perplexity", ood: Iterable[str] = (), general: str | None = None,
                     missing: Mapping[str, str | None] | None = None) -> PplTable:
-    """A table of ``key`` (lower is better) from metrics rows (``model``, ``domain``, ``key``, and the
-    model's ``display`` and ``role`` where given); ``missing``: the models without rows it should have, with
-    their role where known."""
+    """A table of the score rows' field ``key`` (lower is better), with the models' display names and roles
+    (where not empty); ``missing``: the models without rows it should have, with their role where known."""
     values: dict[str, dict[str, float]] = {}
     names, roles = {}, {}
     for r in rows:
-        values.setdefault(r["model"], {})[r["domain"]] = float(r[key])
-        if r.get("display"):
-            names[r["model"]] = r["display"]
-        if r.get("role"):
-            roles[r["model"]] = r["role"]
+        values.setdefault(r.model, {})[r.domain] = float(getattr(r, key))
+        if r.display:
+            names[r.model] = r.display
+        if r.role:
+            roles[r.model] = r.role
     for lab, role in (missing or {}).items():
         if role:
             roles.setdefault(lab, role)

@@ -23,8 +23,7 @@ from typing import Any
 from bam_pipeline.data.prepare import PreparedData, open_prepared
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import RunEval
-from bam_pipeline.eval.report import (REPORT_VERSION, build_report, build_seeds_report, print_seeds_summary,
-                                      print_summary, report_files)
+from bam_pipeline.eval.report import REPORT_VERSION, build_report, print_seeds_summary, print_summary, report_files
 from bam_pipeline.eval.runner import ModelSelection, data_hash, resolve_device, run_eval, select_models
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.data import link_shared_data
@@ -146,8 +145,8 @@ def run_seeds_report(ctx: RunContext) -> None:
     if not identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
         runs = [RunEval.read(ctx.for_seed(s).layout, s) for s in ctx.seeds]
         with StageLock(ctx.layout.lock("eval", "seeds"), "the report over seeds"):
-            build_seeds_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples,
-                               min_documents=ctx.eval.min_documents, identity=identity.as_record())
+            build_report(ctx.layout, runs, command=_command(), resamples=ctx.eval.resamples,
+                         min_documents=ctx.eval.min_documents, identity=identity.as_record())
     print_seeds_summary(ctx.layout)
 
 
