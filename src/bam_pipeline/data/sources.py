@@ -291,8 +291,8 @@ class PackageSource(Source):
         package = self.package
         spec = importlib.util.find_spec(package.module)
         if spec is None or not spec.submodule_search_locations:
-            raise BamError(f"source needs the Python package {package.shown or package.dist!r}, which is not installed; "
-                           f"run `pip install {package.install}`")
+            raise BamError(f"source needs the Python package {package.shown or package.dist!r}, which is not "
+                           f"installed; run `pip install {package.install}`")
         return Path(list(spec.submodule_search_locations)[0])
 
     def check_available(self) -> None:
@@ -601,8 +601,8 @@ class Files(Source):
     def units(self) -> list[Path]:
         root, suffixes = self.root, TEXT_SUFFIXES + RECORD_SUFFIXES
         if root.is_file() and root.suffix not in suffixes:
-            raise BamError(f"source {self.name!r}: {root} is not a text, JSONL, JSON or Parquet file (its suffix is not "
-                           f"one of {', '.join(suffixes)}); point source.path at such a file or a folder of them")
+            raise BamError(f"source {self.name!r}: {root} is not a text, JSONL, JSON or Parquet file (its suffix is "
+                           f"not one of {', '.join(suffixes)}); point source.path at such a file or a folder of them")
         return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
 
     def read(self, unit: Path) -> Iterator[Document]:
@@ -640,7 +640,8 @@ class Hub(Source):
     corpus_option = "dataset"
 
     def _local_hint(self) -> str:
-        return f"set data.sources.{self.name}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
+        return (f"set data.sources.{self.name}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use "
+                "local data")
 
     def check_available(self) -> None:
         offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _truthy_env(v)]

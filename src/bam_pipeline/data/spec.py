@@ -114,12 +114,12 @@ class DataSpec:
             other = first.setdefault(spec.corpus(), name)
             if other != name:
                 raise BamError(f"data.sources.{other}.source and data.sources.{name}.source read the same corpus "
-                               f"({spec.corpus_name()}): every document of {name!r} would be a duplicate of one that {other!r} "
-                               "keeps; point one of them at other data")
+                               f"({spec.corpus_name()}): every document of {name!r} would be a duplicate of one that "
+                               f"{other!r} keeps; point one of them at other data")
 
     @cached_property
     def resolved(self) -> dict[str, Source]:
-        """The source of every source of the run: its domain config merged with ``sources``."""
+        """Every source of the run: its domain config merged with ``sources``."""
         return {n: resolve_source(n, self.sources) for n in self.source_names}
 
     @property
