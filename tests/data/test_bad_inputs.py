@@ -72,7 +72,7 @@ def test_missing_files_path_and_bad_type_are_refused(tmp_path):
     error_of(lambda: next(sources.iter_documents(files_source(tmp_path / "nope"), None)), str(tmp_path / "nope"),
              "data.sources.x.source.path")
     error_of(lambda: sources.resolve_source("code", {"code": {"source": {"type": "web"}}}),
-             "sources.code.source.type='web'", *sources.SOURCE_TYPES)
+             "sources.code.source.type='web'", *sources.SOURCES)
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     error_of(lambda: next(sources.iter_documents(files_source(bad), None)), str(bad), "'text'", "source.text_field")

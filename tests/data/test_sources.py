@@ -84,8 +84,8 @@ def test_stdlib_source_leaves_out_generated_data_modules():
 
 def test_stdlib_fingerprint_names_the_adapter_revision():
     """Prepared data from before the generated modules were left out must not be reused."""
-    fp = sources.source_fingerprint(sources.resolve_source("code"))
-    assert fp["adapter"] == sources.STDLIB_ADAPTER_REVISION >= 2
+    fp = sources.resolve_source("code").fingerprint()
+    assert fp["adapter"] == sources.StdlibPython.revision >= 2
 
 
 @pytest.mark.slow  # ~40 s: parses the whole embedded Bible
@@ -93,7 +93,7 @@ def test_the_out_of_domain_bible_is_clean_modern_prose():
     """The World English Bible from its Debian package, footnotes and markup removed."""
     spec = sources.resolve_source("bible")
     try:
-        sources.check_available(spec)
+        spec.check_available()
     except sources.SourceUnavailable as e:
         pytest.skip(f"apt cannot fetch the Debian package here: {e}")
     docs = list(sources.iter_documents(spec, 200_000))
@@ -102,7 +102,7 @@ def test_the_out_of_domain_bible_is_clean_modern_prose():
     assert "<" not in text and "strong:" not in text and "  " not in text
     assert "God created the heavens and the earth" in " ".join(
         d.text for d in sources.iter_documents(spec, None) if d.id.startswith("Genesis#000"))
-    assert sources.source_fingerprint(spec)["version"]
+    assert spec.fingerprint()["version"]
 
 
 def test_an_unavailable_out_of_domain_source_is_skipped_with_a_line(tmp_path, monkeypatch, make_cfg, capsys):
@@ -134,3 +134,71 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
                                                        "c.json:0": "three"}
     (tmp_path / "d.txt").write_bytes("first line\n".encode())  # the same text without the mark: a duplicate
     assert [d.text for d in _read(tmp_path / "a.txt")] == [d.text for d in _read(tmp_path / "d.txt")]
+
+
+def test_a_hub_source_reads_its_data_files_one_unit_each(tmp_path):
+    """A hub dataset's units are its data files: read one after another they give the rows the whole stream
+    gives, in its order, numbered over the split (``<dataset>:<row>``) as the stream numbers them."""
+    import datasets
+
+    files = []
+    for name, rows in (("a", ["a1", "a2"]), ("b", ["b1"]), ("c", ["c1", "c2", "c3"])):
+        files.append(str(tmp_path / f"{name}.jsonl"))
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t, "key": f"k-{t}"}) + "\n" for t in rows))
+    for id_field in (None, "key"):
+        hub = sources.resolve_source("x", {"x": {"source": {"type": "hub", "dataset": "json", "data_files": files,
+                                                            "id_field": id_field}}})
+        assert hub.units() == [0, 1, 2]
+        assert [[d.text for d in hub.read(u)] for u in hub.units()] == [["a1", "a2"], ["b1"], ["c1", "c2", "c3"]]
+        stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+        expected = [(row["key"] if id_field else f"json:{i}", row["text"]) for i, row in enumerate(stream)]
+        assert [(d.id, d.text) for d in hub.read_all()] == expected
+
+
+def test_every_source_reads_its_units_in_reading_order(tmp_path):
+    """read_all is each unit's documents, unit after unit: what the data stage reads and what a reader of one
+    unit at a time would read are the same documents in the same order."""
+    (tmp_path / "a.txt").write_text("plain")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    for source in (files_source(tmp_path), sources.resolve_source("law"),
+                   sources.resolve_source("general", {"general": {"source": {"section_bytes": 4000}}})):
+        units = source.units()
+        assert len(units) >= 2
+        assert [d for u in units for d in source.read(u)] == list(source.read_all())
+
+
+def test_a_source_type_is_one_class(monkeypatch, tmp_path):
+    """A new source type is one subclass of Source: it registers itself under its type, reads its options from
+    ``source:``, and the data spec reads, fingerprints and checks it like the shipped ones."""
+    from dataclasses import dataclass
+
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
+
+    class Repeated(sources.Source):
+        @dataclass(frozen=True)
+        class Options:
+            word: str
+            times: int = 3
+
+        type = "repeated"
+        corpus_option = "word"
+
+        def fingerprint(self):
+            return {"word": self.options.word}
+
+        def units(self):
+            return list(range(self.options.times))
+
+        def read(self, unit):
+            yield sources.Document(f"{self.options.word}#{unit}", f"{self.options.word} " * (unit + 1))
+
+    assert sources.SOURCES["repeated"] is Repeated and "repeated" in sources.SOURCES
+    spec = sources.resolve_source("x", {"x": {"source": {"type": "repeated", "word": "la", "times": 2}}})
+    assert isinstance(spec, Repeated) and spec.to_dict()["source"] == {"type": "repeated", "word": "la", "times": 2}
+    assert [(d.id, d.text) for d in sources.iter_documents(spec, None)] == [("la#0", "la "), ("la#1", "la la ")]
+    with pytest.raises(BamError) as e:
+        sources.resolve_source("x", {"x": {"source": {"type": "repeated", "wrod": "la"}}})
+    assert "sources.x.source.wrod" in str(e.value)
+    twice = {"x": {"source": {"type": "repeated", "word": "la"}}, "y": {"source": {"type": "repeated", "word": "la"}}}
+    assert sources.resolve_source("x", twice).corpus() == sources.resolve_source("y", twice).corpus()
+    assert sources.resolve_source("x", twice).corpus_name() == "repeated word=la"

@@ -95,7 +95,7 @@ def _identity(spec: DataSpec, seed_tokenizer: tk.SeedTokenizer | None = None) ->
         "tokenizer": tokenizer,
         "seed_mixture": stage_mixture("seed", spec),
     }
-    return hashed, canonical_hash({n: src.source_fingerprint(s) for n, s in spec.resolved.items()})
+    return hashed, canonical_hash({n: s.fingerprint() for n, s in spec.resolved.items()})
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def prepare_data(spec: DataSpec, out_dir: Path, *, seed_tokenizer: tk.SeedTokeni
     skipped: dict[str, str] = {}
     for name, source in spec.resolved.items():
         try:
-            src.check_available(source)
+            source.check_available()
         except src.SourceUnavailable as e:
             if name not in spec.ood:
                 raise
@@ -271,7 +271,7 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _check_nonempty(source: src.SourceSpec, result: SourceSplits, cap: int | None) -> None:
+def _check_nonempty(source: src.Source, result: SourceSplits, cap: int | None) -> None:
     """Every split of a source holds a document after duplicate removal; else a BamError saying why not."""
     total, name = result.documents, source.name
     elsewhere = ", ".join(f"{n} in {other!r}" for other, n in result.kept_elsewhere.items())

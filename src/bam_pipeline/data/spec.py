@@ -2,7 +2,7 @@
 
 Defaults live in ``conf/data/default.yaml``; :func:`read_data_spec` reads the section once and
 resolves every source the run uses (``general`` + ``domains``) into a
-:class:`~bam_pipeline.data.sources.SourceSpec`, so a bad value fails before any data is read.
+:class:`~bam_pipeline.data.sources.Source`, so a bad value fails before any data is read.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bam_pipeline.config.reading import read_section
-from bam_pipeline.data.sources import SourceSpec, corpus_of, known_sources, resolve_source
+from bam_pipeline.data.sources import Source, known_sources, resolve_source
 from bam_pipeline.errors import BamError, ConfigError
 
 BPE_MIN_VOCAB = 259  # 256 byte symbols + the 2 special tokens + at least one merge
@@ -111,17 +111,15 @@ class DataSpec:
         first: dict[tuple[Any, ...], str] = {}
         for name in self.dedupe_order:
             spec = self.resolved[name]
-            other = first.setdefault(corpus_of(spec), name)
+            other = first.setdefault(spec.corpus(), name)
             if other != name:
-                what = {"files": "path", "hub": "dataset"}.get(spec.type)
-                corpus = f"{spec.type} {what}={getattr(spec.options, what)}" if what else spec.type
                 raise BamError(f"data.sources.{other}.source and data.sources.{name}.source read the same corpus "
-                               f"({corpus}): every document of {name!r} would be a duplicate of one that {other!r} "
-                               "keeps; point one of them at other data")
+                               f"({spec.corpus_name()}): every document of {name!r} would be a duplicate of one that "
+                               f"{other!r} keeps; point one of them at other data")
 
     @cached_property
-    def resolved(self) -> dict[str, SourceSpec]:
-        """The source spec of every source of the run: its domain config merged with ``sources``."""
+    def resolved(self) -> dict[str, Source]:
+        """Every source of the run: its domain config merged with ``sources``."""
         return {n: resolve_source(n, self.sources) for n in self.source_names}
 
     @property
