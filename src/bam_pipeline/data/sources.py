@@ -172,6 +172,12 @@ def resolve_source(name: str, overrides: dict[str, Any] | None = None) -> Source
             f"(add conf/domain/{name}.yaml or define data.sources.{name}.source)"
         )
     over = plain(overrides.get(name)) or {}
+    if not isinstance(over, dict):
+        raise ConfigError(key, over, "must be a mapping of source settings, e.g. "
+                                     f"+data.sources.{name}={{source:{{type:files,path:...}}}}")
+    if not isinstance(over.get("source") or {}, dict):
+        raise ConfigError(f"{key}.source", over["source"], "must be a mapping with a type and its options, e.g. "
+                                                          f"+data.sources.{name}.source={{type:files,path:...}}")
     new_type = (over.get("source") or {}).get("type")
     if new_type and new_type != (base.get("source") or {}).get("type"):
         base = {k: v for k, v in base.items() if k != "source"}  # another source type: none of the base's options
