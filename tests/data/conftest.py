@@ -46,6 +46,10 @@ def synthetic_cfg(root: Path, n_docs: int = 200, **over: Any) -> dict[str, Any]:
         "tokenizer": {"path": None, "vocab_size": 320, "train_bytes": 100_000, "eos_token": "<|endoftext|>"},
         "mixtures": {"seed_general": 0.7, "branch_general": 0.1},
         "rebuild": False,
+        "num_proc": 1,
+        "parts": 1,
+        "part": None,
+        "shard_bytes": 256_000_000,
     }
     cfg.update(over)
     return cfg

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from bam_pipeline.data import prepare as prep
-from bam_pipeline.data import storage
 from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.prepare import open_prepared, prepare_data, print_stats_table
 from bam_pipeline.errors import BamError
@@ -25,9 +24,10 @@ def _no_work(*args, **kwargs):
 
 def test_second_prepare_reuses_and_does_no_work(fresh, monkeypatch, capsys):
     cfg, first = fresh
-    monkeypatch.setattr(storage, "write_split", _no_work)
+    monkeypatch.setattr(prep, "build_shard", _no_work)
     monkeypatch.setattr(prep.tk, "train_bpe", _no_work)
-    monkeypatch.setattr(prep, "dedupe_and_split", _no_work)
+    monkeypatch.setattr(prep, "_make_setup", _no_work)
+    monkeypatch.setattr(prep, "_merge", _no_work)
     again = prepare_data(read_data_spec(cfg), first.dir, progress=True)
     assert "reusing prepared data in" in capsys.readouterr().out
     assert again.config_hash == first.config_hash and again.tokenizer_hash == first.tokenizer_hash
@@ -97,22 +97,33 @@ def test_truncated_manifest_is_reported_as_corrupt(fresh):
     assert all(fact in str(e.value) for fact in ("manifest.json", "stage=data data.rebuild=true")), e.value
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkeypatch, make_cfg):
+def test_interrupted_prepare_leaves_nothing_that_looks_finished_and_resumes(tmp_path, monkeypatch, make_cfg):
+    """Stopped while preparing its third shard, the stage leaves no data directory, the two shards it finished
+    in its build directory, and a second call prepares only the two shards left, to the same data as a call
+    that was never stopped."""
     cfg = make_cfg(tmp_path, n_docs=40)
-    real = storage.write_split
+    real = prep.build_shard
     calls = []
 
-    def fail_on_third(*args, **kwargs):
-        calls.append(1)
+    def fail_on_third(task):
+        calls.append(task.shard.name)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(task)
 
-    monkeypatch.setattr(storage, "write_split", fail_on_third)
+    monkeypatch.setattr(prep, "build_shard", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
     assert not (tmp_path / "data").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("data.")]
+    [build] = [p for p in tmp_path.iterdir() if p.name.startswith("data.")]
+    assert build.name.startswith("data.build-") and len(list((build / "shards").glob("*/*.json"))) == 2
+    assert not list(build.rglob("*.tmp-*"))  # the shard in flight left no half-written file
     with pytest.raises(BamError) as e:
         open_prepared(tmp_path / "data")
     assert str(tmp_path / "data") in str(e.value) and "stage=data" in str(e.value), e.value
+    calls.clear()
+    monkeypatch.setattr(prep, "build_shard", lambda task: calls.append(task.shard.name) or real(task))
+    resumed = prepare_data(read_data_spec(cfg), tmp_path / "data", progress=False)
+    assert len(calls) == 2 and not build.exists()
+    fresh = prepare_data(read_data_spec(cfg), tmp_path / "again", progress=False)
+    assert resumed.manifest["hash"] == fresh.manifest["hash"]

@@ -36,7 +36,7 @@ def test_data_prepared_under_older_rules_is_prepared_again_and_keeps_its_hash(sy
     del manifest["revision"]  # as the data stage wrote it before revision 2
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert not is_current(manifest, hashed, sources_hash)
-    assert "rules changed (revision 1, now 2" in changes(manifest, hashed, sources_hash)
+    assert f"rules changed (revision 1, now {REVISION}" in changes(manifest, hashed, sources_hash)
     with pytest.raises(BamError, match="stage=data"):
         open_current(spec, old)
     again = prepare_data(spec, old, progress=True)

@@ -64,7 +64,7 @@ def test_embedded_sources_are_real_text(real_prepared):
         for split in SPLITS:
             assert real_prepared.stats[name][split]["documents"] > 0
         assert 140_000 < sum(real_prepared.stats[name][s]["bytes"] for s in SPLITS) < 400_000
-    ids = real_prepared.stream("code", "train").dataset["id"]
+    ids = real_prepared.stream("code", "train").doc_ids()
     assert not any(part in ("test", "tests", "idle_test") for i in ids for part in i.split("/")[:-1])
 
 
@@ -138,7 +138,8 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 
 def test_a_hub_source_reads_its_data_files_one_unit_each(tmp_path):
     """A hub dataset's units are its data files: read one after another they give the rows the whole stream
-    gives, in its order, numbered over the split (``<dataset>:<row>``) as the stream numbers them."""
+    gives, in its order, numbered within their data file (``<dataset>:<file>:<row>``), so that any part of the
+    data stage reads a unit on its own; fewer files than parts is refused, naming the file count."""
     import datasets
 
     files = []
@@ -151,8 +152,13 @@ def test_a_hub_source_reads_its_data_files_one_unit_each(tmp_path):
         assert hub.units() == [0, 1, 2]
         assert [[d.text for d in hub.read(u)] for u in hub.units()] == [["a1", "a2"], ["b1"], ["c1", "c2", "c3"]]
         stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
-        expected = [(row["key"] if id_field else f"json:{i}", row["text"]) for i, row in enumerate(stream)]
+        numbers = [f"{u}:{i}" for u, n in enumerate((2, 1, 3)) for i in range(n)]
+        expected = [(row["key"] if id_field else f"json:{k}", row["text"]) for k, row in zip(numbers, stream)]
         assert [(d.id, d.text) for d in hub.read_all()] == expected
+        hub.check_parts(3)
+        with pytest.raises(BamError, match=r"json has 3 data file\(s\), fewer than data.parts=4; set "
+                                           r"data.sources.x.source.reshard=true .* or use at most data.parts=3"):
+            hub.check_parts(4)
 
 
 def test_every_source_reads_its_units_in_reading_order(tmp_path):

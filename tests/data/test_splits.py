@@ -8,7 +8,54 @@ import subprocess
 import sys
 
 from bam_pipeline.data.sources import Document
-from bam_pipeline.data.splits import SPLITS, dedupe_and_split, split_of, text_key
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bam_pipeline.data.splits import SPLITS, KeptTexts, first_copies, split_of, text_key
+
+
+@dataclass
+class SourceSplits:
+    source: str
+    splits: dict
+    duplicates: int = 0
+    kept_elsewhere: dict = field(default_factory=dict)
+
+    @property
+    def documents(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+    @property
+    def cross_source_duplicates(self) -> int:
+        return sum(self.kept_elsewhere.values())
+
+
+def dedupe_and_split(sources, val, test, shard_size=None):
+    """The data stage's rule, step by step: each shard (``shard_size`` documents of a source, default all of
+    it) drops its own copies, then the merge drops the copies of texts an earlier shard keeps."""
+    kept = KeptTexts()
+    for name, docs in sources:
+        docs = list(docs)
+        size = shard_size or max(len(docs), 1)
+        out = SourceSplits(name, {s: [] for s in SPLITS})
+        elsewhere = Counter()
+        for start in range(0, len(docs), size):
+            copies = []
+            shard = list(first_copies(docs[start:start + size], copies))
+            holders = kept.claim(name, np.array([k for _, k in shard], dtype="S16"))
+            held_by = {k: h for (_, k), h in zip(shard, holders) if h}
+            for holder in [*held_by.values(), *(held_by.get(k, name) for k in copies)]:
+                if holder == name:
+                    out.duplicates += 1
+                else:
+                    elsewhere[holder] += 1
+            for (doc, _), holder in zip(shard, holders):
+                if not holder:
+                    out.splits[split_of(doc.id, val, test)].append(doc)
+        out.kept_elsewhere = dict(sorted(elsewhere.items()))
+        yield out
 
 IDS = [f"pkg/module_{i}.py" for i in range(5000)]
 SCRIPT = "import json,sys; from bam_pipeline.data.splits import split_of; print(json.dumps([split_of(i, 0.05, 0.05) for i in json.load(sys.stdin)]))"
@@ -64,6 +111,27 @@ def test_a_text_in_several_sources_is_kept_once_by_the_first_source_in_order():
                for split in SPLITS for d in s.splits[split])
 
 
+def test_shards_apply_the_same_rule_as_one_pass():
+    """Cut into shards of any size, the sources keep the same documents in the same order: the merge's
+    cross-shard step finishes what each shard's own step started."""
+    shared = [f"shared {i % 13}" for i in range(60)]
+    code = [Document(f"c{i}", t) for i, t in enumerate(shared)]
+    general = [Document(f"g{i}", f"shared {i % 17}") for i in range(40)]
+    whole = [(s.splits, s.duplicates, s.kept_elsewhere) for s in dedupe_and_split([("code", code), ("general", general)], 0.2, 0.2)]
+    for size in (1, 5, 7, 60):
+        cut = [(s.splits, s.duplicates, s.kept_elsewhere)
+               for s in dedupe_and_split([("code", code), ("general", general)], 0.2, 0.2, shard_size=size)]
+        assert cut == whole
+
+
+def test_the_dedupe_index_costs_16_bytes_per_kept_document():
+    kept = KeptTexts()
+    for k in range(5):
+        kept.claim("a", np.array([text_key(f"t{k}-{i}") for i in range(1000)], dtype="S16"))
+    kept.claim("b", np.array([text_key(f"t0-{i}") for i in range(1000)], dtype="S16"))  # all held by "a"
+    assert kept.nbytes == 16 * 5000
+
+
 def test_sources_without_common_text_split_as_each_alone():
     """Disjoint sources keep every document, each in its id's split: the splits a source had when duplicates
     were removed within it alone."""
@@ -84,7 +152,7 @@ def test_one_rule_makes_two_texts_duplicates():
 def test_prepared_splits_are_disjoint(synthetic):
     cfg, prepared = synthetic
     for name in prepared.sources:
-        ids = {s: set(prepared.stream(name, s).dataset["id"]) for s in SPLITS}
+        ids = {s: set(prepared.stream(name, s).doc_ids()) for s in SPLITS}
         assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
         assert sum(len(v) for v in ids.values()) == sum(prepared.stats[name][s]["documents"] for s in SPLITS)
         assert all(split_of(i, 0.1, 0.1) == s for s in SPLITS for i in ids[s])

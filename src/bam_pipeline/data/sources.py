@@ -109,6 +109,28 @@ class Source(ABC):
         for unit in self.units():
             yield from self.read(unit)
 
+    def unit_bytes(self, unit: Any) -> int:
+        """About how many bytes of text a unit holds, to group units into shards of ``data.shard_bytes``
+        (data/shards.py). Here: the unit read and counted; a type whose units are files says their size."""
+        return sum(len(d.text.encode()) for d in self.read(unit))
+
+    def unit_name(self, unit: Any) -> str:
+        """A unit in words (a file's path, a work's name), for the shard records."""
+        return str(unit)
+
+    def check_parts(self, parts: int) -> None:
+        """Fail (BamError) when the data stage cannot split this source into ``parts``; a source with fewer
+        shards than parts is fine: some parts have none of it."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for the data stage's worker processes without what it opened (cached properties: a
+        stream, a Bible module), which each process opens for itself."""
+        cached = {k for klass in type(self).__mro__ for k, v in vars(klass).items() if isinstance(v, cached_property)}
+        return {k: v for k, v in self.__dict__.items() if k not in cached}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def corpus(self) -> tuple[str, str]:
         """What the source reads: two sources with the same corpus would hold the same text."""
         return self.type, json.dumps(self.corpus_options(), sort_keys=True, default=str)
@@ -263,6 +285,12 @@ class StdlibPython(Source):
     def fingerprint(self) -> dict[str, Any]:
         return {"python": sys.version.split()[0], "adapter": self.revision}
 
+    def unit_bytes(self, unit: Path) -> int:
+        return unit.stat().st_size
+
+    def unit_name(self, unit: Path) -> str:
+        return str(unit.relative_to(self.root))
+
     def units(self) -> list[Path]:
         root = self.root
         files = [
@@ -291,6 +319,9 @@ class PackageSource(Source):
     """A corpus shipped in a Python package (``package``), found without importing it."""
 
     package: ClassVar[Package]
+
+    def unit_bytes(self, unit: Path) -> int:
+        return unit.stat().st_size  # its units are the package's files
 
     def package_dir(self) -> Path:
         """The package's directory; BamError with the install line when it is not installed."""
@@ -604,6 +635,12 @@ class Files(Source):
         """The path resolved: another spelling of it, or a link to it, reads the same files."""
         return {**super().corpus_options(), "path": str(self.root.resolve())}
 
+    def unit_bytes(self, unit: Path) -> int:
+        return unit.stat().st_size
+
+    def unit_name(self, unit: Path) -> str:
+        return unit.name if unit == self.root else str(unit.relative_to(self.root))
+
     def units(self) -> list[Path]:
         root, suffixes = self.root, TEXT_SUFFIXES + RECORD_SUFFIXES
         if root.is_file() and root.suffix not in suffixes:
@@ -628,7 +665,9 @@ def _truthy_env(name: str) -> bool:
 
 class Hub(Source):
     """A Hugging Face Hub dataset, streamed. Unit: a data file (a shard of the stream, as ``datasets``
-    counts them); id = a row's ``id_field``, else ``<dataset>:<row>``, rows counted over the whole split."""
+    counts them), or with ``reshard`` a piece of one (a Parquet row group: ``IterableDataset.reshard``); id = a
+    row's ``id_field``, else ``<dataset>:<unit>:<row>``, rows counted within their unit, so that every unit is
+    read on its own (by any part of the data stage)."""
 
     @dataclass(frozen=True)
     class Options:
@@ -640,6 +679,7 @@ class Hub(Source):
         data_dir: Optional[str] = None
         data_files: Any = None
         revision: Optional[str] = None
+        reshard: bool = False  # true: units are the pieces datasets can split its files into (Parquet row groups)
 
     type = "hub"
     shape_options = ("id_field",)
@@ -679,33 +719,41 @@ class Hub(Source):
 
     @cached_property
     def stream(self) -> Any:
-        """The split as a ``datasets`` stream (opened once)."""
+        """The split as a ``datasets`` stream (opened once), resharded when ``reshard`` asks for it."""
         import datasets
 
         opts = self.options
         with self._hub_errors():
-            return datasets.load_dataset(opts.dataset, opts.config, data_dir=opts.data_dir, data_files=opts.data_files,
-                                         split=opts.split, streaming=True, revision=opts.revision)
+            stream = datasets.load_dataset(opts.dataset, opts.config, data_dir=opts.data_dir,
+                                           data_files=opts.data_files, split=opts.split, streaming=True,
+                                           revision=opts.revision)
+            return stream.reshard() if opts.reshard else stream
 
     def units(self) -> list[int]:
-        """The stream's shards by index: one per data file."""
+        """The stream's shards by index: one per data file (or row group, with ``reshard``)."""
         return list(range(self.stream.n_shards))
 
-    def read(self, unit: int, first_row: int = 0) -> Iterator[Document]:
-        """The rows of shard ``unit``; a row without ``id_field`` is ``<dataset>:<first_row + k>``."""
+    def unit_bytes(self, unit: int) -> int:
+        """Unknown without reading it: each data file is a shard of its own (data files are sized by their
+        publisher, typically hundreds of MB)."""
+        return 1 << 62
+
+    def check_parts(self, parts: int) -> None:
+        """BamError when the dataset has fewer units than the data stage has parts."""
+        n = len(self.units())
+        if n < parts:
+            fix = ("" if self.options.reshard else
+                   f"set data.sources.{self.name}.source.reshard=true to split its Parquet files by row group, or ")
+            raise BamError(f"source {self.name!r}: {self.options.dataset} has {n} data file(s), fewer than "
+                           f"data.parts={parts}; {fix}use at most data.parts={n}")
+
+    def read(self, unit: int) -> Iterator[Document]:
+        """The rows of shard ``unit``; a row without ``id_field`` is ``<dataset>:<unit>:<k>``."""
         opts = self.options
         with self._hub_errors():
-            for i, row in enumerate(self.stream.shard(num_shards=self.stream.n_shards, index=unit), start=first_row):
+            for i, row in enumerate(self.stream.shard(num_shards=self.stream.n_shards, index=unit)):
                 if opts.text_field not in row:
                     raise BamError(f"{opts.dataset} has no field {opts.text_field!r} (fields: {sorted(row)}); set "
                                    "source.text_field")
-                yield Document(str(row[opts.id_field]) if opts.id_field else f"{opts.dataset}:{i}",
+                yield Document(str(row[opts.id_field]) if opts.id_field else f"{opts.dataset}:{unit}:{i}",
                                str(row[opts.text_field]))
-
-    def read_all(self) -> Iterator[Document]:
-        """Every shard's rows, numbered over the whole split."""
-        rows = 0
-        for unit in self.units():
-            for doc in self.read(unit, first_row=rows):
-                rows += 1
-                yield doc

@@ -8,6 +8,7 @@ resolves every source the run uses (``general`` + ``domains``) into a
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -82,9 +83,28 @@ class DataSpec:
     tokenizer: TokenizerSpec
     mixtures: MixtureShares
     rebuild: bool
+    # How the data stage works, not what it makes (outside the data's identity: any of them gives the same
+    # token shards): worker processes (None: one per core this process may use), and the share of the shards
+    # this command prepares (part ``part`` of ``parts``; None with parts > 1: check every part and merge them).
+    num_proc: Optional[int]
+    parts: int
+    part: Optional[int]
+    # A shard (one output file per split) closes after about this many bytes of a source's text (part of the
+    # data's identity: it names the files).
+    shard_bytes: int
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(self.domains))
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError("num_proc", self.num_proc, "must be a number of worker processes >= 1, or null for one "
+                                                         "per core")
+        if self.parts < 1:
+            raise ConfigError("parts", self.parts, "must be a number of parts >= 1 (1: prepare everything here)")
+        if self.part is not None and not 0 <= self.part < self.parts:
+            raise ConfigError("part", self.part, f"must be in 0..{self.parts - 1} (data.parts={self.parts}), or null "
+                                                 "to merge the parts")
+        if self.shard_bytes <= 0:
+            raise ConfigError("shard_bytes", self.shard_bytes, "must be a positive number of bytes of text")
         object.__setattr__(self, "ood", tuple(self.ood))
         both = sorted(set(self.ood) & {self.general, *self.domains})
         if both:
@@ -134,6 +154,18 @@ class DataSpec:
         source keeps a text (code found in web text stays code), and a text any stage trains on is never
         scored as out-of-domain."""
         return list(dict.fromkeys([*self.domains, self.general, *self.ood]))
+
+    @property
+    def workers(self) -> int:
+        """The worker processes the data stage uses: ``num_proc``, else the cores this process may run on."""
+        if self.num_proc is not None:
+            return self.num_proc
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    @property
+    def merging(self) -> bool:
+        """Whether this command only checks and merges parts prepared by other commands."""
+        return self.parts > 1 and self.part is None
 
     def cap(self, source: str) -> int | None:
         """Bytes of text read from ``source``: its own ``max_bytes``, else ``max_bytes_per_source``."""

@@ -1,77 +1,156 @@
-"""Arrow storage of tokenised splits and memory-mapped token streams.
+"""Arrow storage of tokenised shards and memory-mapped token streams.
 
-Layout under a prepared-data directory: ``tokens/<source>/<split>/`` is a ``datasets`` dataset
-saved with ``save_to_disk``, one row per document: ``id`` (string) and ``ids`` (token ids,
-uint16 when the vocabulary fits, else int32) ending with the end-of-document token. Reading it
-back memory-maps the Arrow file; the flattened ``ids`` column is the packed token stream.
+Layout under a prepared-data directory: ``tokens/<source>/<split>/<shard>.arrow`` (:func:`shard_file`), one
+Arrow IPC stream file per shard and split (the format ``datasets`` caches in, readable with
+``datasets.Dataset.from_file``), one row per document in reading order: ``id`` (string), ``ids`` (token ids,
+uint16 when the vocabulary fits, else int32, ending with the end-of-document token), ``key`` (the text's
+16-byte key, data/splits.py: what the merge dedupes by) and ``bytes`` (the text's UTF-8 length). A split is
+its shards in order (:class:`TokenStream`); reading it memory-maps each file, and the flattened ``ids``
+columns are the packed token stream.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
+from bam_pipeline.data.splits import KEY_BYTES
 from bam_pipeline.errors import BamError
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from bam_pipeline.data.prepare import PreparedData
 
 TOKENS_DIR = "tokens"
+SHARD_SUFFIX = ".arrow"
 
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "int32"
 
 
-def split_dir(root: Path, source: str, split: str) -> Path:
-    return Path(root) / TOKENS_DIR / source / split
+def shard_file(root: Path, source: str, split: str, shard: int) -> Path:
+    """The file of one shard's documents of one split."""
+    return Path(root) / TOKENS_DIR / source / split / f"{shard:05d}{SHARD_SUFFIX}"
 
 
-def write_split(
-    root: Path,
-    source: str,
-    split: str,
-    ids: list[str],
-    texts: list[str],
-    encode: Callable[[list[str]], list[list[int]]],
-    vocab_size: int,
-    progress: bool,
-) -> int:
-    """Tokenise one split with a batched ``datasets`` map, save it; returns its token count."""
-    import datasets
+def shard_schema(vocab_size: int) -> "pa.Schema":
+    import pyarrow as pa
 
-    features = datasets.Features({"id": datasets.Value("string"), "ids": datasets.List(datasets.Value(token_dtype(vocab_size)))})
-    ds = datasets.Dataset.from_dict({"id": ids, "text": texts})
-    ds = ds.map(
-        lambda batch: {"ids": encode(batch["text"])},
-        batched=True,
-        batch_size=256,
-        remove_columns=["text"],
-        features=features,
-        desc=f"tokenising {source}/{split}",
-    )
-    ds.save_to_disk(str(split_dir(root, source, split)))
-    return int(sum(len(chunk.flatten()) for chunk in ds.data.column("ids").chunks))
+    return pa.schema([("id", pa.string()), ("ids", pa.list_(pa.from_numpy_dtype(np.dtype(token_dtype(vocab_size))))),
+                      ("key", pa.binary(KEY_BYTES)), ("bytes", pa.int64())])
+
+
+@dataclass
+class SplitCounts:
+    """What one shard file holds."""
+
+    documents: int = 0
+    bytes: int = 0
+    tokens: int = 0
+
+    def add(self, other: "SplitCounts") -> None:
+        self.documents += other.documents
+        self.bytes += other.bytes
+        self.tokens += other.tokens
+
+
+class ShardWriter:
+    """Writes one shard file batch by batch (bounded memory) to a temporary sibling, renamed into place by
+    :meth:`close`; :meth:`abort` removes it."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        import pyarrow as pa
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.schema = shard_schema(vocab_size)
+        self._writer = pa.ipc.new_stream(str(self.tmp), self.schema)
+        self.counts = SplitCounts()
+
+    def write(self, ids: Sequence[str], tokens: Sequence[Sequence[int]], keys: Sequence[bytes],
+              nbytes: Sequence[int]) -> None:
+        import pyarrow as pa
+
+        if not ids:
+            return
+        ids_type = self.schema.field("ids").type
+        token_lists = pa.array(tokens, ids_type)  # converted in C, one list per document
+        batch = pa.record_batch([pa.array(ids, pa.string()), token_lists, pa.array(keys, pa.binary(KEY_BYTES)),
+                                 pa.array(nbytes, pa.int64())], schema=self.schema)
+        self._writer.write_batch(batch)
+        self.counts.add(SplitCounts(len(ids), int(sum(nbytes)), len(token_lists.values)))
+
+    def write_table(self, table: "pa.Table") -> None:
+        import pyarrow.compute as pc
+
+        for batch in table.to_batches():
+            self._writer.write_batch(batch)
+        self.counts.add(SplitCounts(table.num_rows, int(pc.sum(table.column("bytes")).as_py() or 0),
+                                    int(pc.sum(pc.list_value_length(table.column("ids"))).as_py() or 0)))
+
+    def close(self) -> SplitCounts:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.counts
+
+    def abort(self) -> None:
+        self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def read_shard(path: Path) -> "pa.Table":
+    """One shard file as an Arrow table memory-mapped from disk (its buffers are the file's pages)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def filter_shard(src: Path, dst: Path, drop: np.ndarray, vocab_size: int) -> SplitCounts:
+    """Write ``src`` without the rows where ``drop`` (a mask) is true to ``dst`` (atomically)."""
+    import pyarrow as pa
+
+    table = read_shard(src)
+    writer = ShardWriter(dst, vocab_size)
+    try:
+        writer.write_table(table.filter(pa.array(~drop)))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class TokenStream:
-    """The concatenated token ids of one stored split, memory-mapped (zero-copy Arrow chunks)."""
+    """The concatenated token ids of one stored split: its shard files in order, memory-mapped (zero-copy
+    Arrow chunks). Pickled (a DataLoader worker started by spawn) as its files, which the copy maps again."""
 
-    def __init__(self, root: Path, source: str, split: str):
-        import datasets
+    def __init__(self, files: Sequence[Path]):
+        self.files = [Path(f) for f in files]
+        self._open()
 
-        path = split_dir(root, source, split)
-        if not path.is_dir():
-            raise BamError(f"no stored tokens for {source}/{split} in {root}; run `python -m bam_pipeline stage=data`")
-        ds = datasets.load_from_disk(str(path))
-        self._chunks = [c.flatten().to_numpy(zero_copy_only=True) for c in ds.data.column("ids").chunks]
-        self._chunks = [c for c in self._chunks if len(c)]
+    def _open(self) -> None:
+        missing = [f for f in self.files if not f.is_file()]
+        if missing:
+            raise BamError(f"no stored tokens at {missing[0]}; run `python -m bam_pipeline stage=data`")
+        self._tables = [read_shard(f) for f in self.files]
+        chunks = [c.flatten().to_numpy(zero_copy_only=True) for t in self._tables for c in t.column("ids").chunks]
+        self._chunks = [c for c in chunks if len(c)]
         self._ends = np.cumsum([len(c) for c in self._chunks], dtype=np.int64)
-        self.dataset = ds
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files}
+
+    def __setstate__(self, state: dict) -> None:
+        self.files = state["files"]
+        self._open()
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -80,8 +159,12 @@ class TokenStream:
         """(D,) int64 stream position just past each stored document, in stored order."""
         import pyarrow.compute as pc
 
-        lengths = pc.list_value_length(self.dataset.data.column("ids")).to_numpy(zero_copy_only=False)
-        return np.cumsum(lengths, dtype=np.int64)
+        lengths = [pc.list_value_length(t.column("ids")).to_numpy(zero_copy_only=False) for t in self._tables]
+        return np.cumsum(np.concatenate(lengths) if lengths else np.zeros(0, np.int64), dtype=np.int64)
+
+    def doc_ids(self) -> list[str]:
+        """The split's document ids, in stored order."""
+        return [i for t in self._tables for i in t.column("id").to_pylist()]
 
     def token_counts(self, vocab_size: int) -> np.ndarray:
         """(V,) int64 occurrences of every token id in the split."""
@@ -114,7 +197,7 @@ def load_split_sequences(
 
     ``N`` = the number of whole chunks that fit (in at most ``max_tokens`` tokens when given).
     """
-    stream = TokenStream(prepared.dir, source, split)
+    stream = prepared.stream(source, split)
     avail = len(stream) if max_tokens is None else min(len(stream), int(max_tokens))
     n = avail // (seq_len + 1)
     if n == 0 and len(stream) > seq_len:  # the split holds a sequence; the cap does not
@@ -135,7 +218,7 @@ def mixture_token_frequencies(prepared: "PreparedData", proportions: dict[str, f
     freq = np.zeros(prepared.vocab_size, dtype=np.float64)
     total = sum(proportions.values())
     for source, share in proportions.items():
-        counts = TokenStream(prepared.dir, source, split).token_counts(prepared.vocab_size)
+        counts = prepared.stream(source, split).token_counts(prepared.vocab_size)
         if counts.sum():
             freq += (share / total) * counts / counts.sum()
     return freq
@@ -154,7 +237,7 @@ def load_eval_sequences(prepared: "PreparedData", source: str, split: str, seq_l
                         max_tokens: int | None = None) -> EvalSequences:
     """:func:`load_split_sequences` with each token's document (for per-document losses)."""
     tokens = load_split_sequences(prepared, source, split, seq_len, max_tokens)
-    stream = TokenStream(prepared.dir, source, split)
+    stream = prepared.stream(source, split)
     positions = np.arange(tokens.numel(), dtype=np.int64)
     documents = np.searchsorted(stream.document_ends(), positions, side="right").reshape(tokens.shape)
-    return EvalSequences(tokens, torch.from_numpy(documents), list(stream.dataset["id"]))
+    return EvalSequences(tokens, torch.from_numpy(documents), stream.doc_ids())

@@ -88,7 +88,42 @@ class SeedTokenizer:
     def hash(self) -> str:
         return tokenizer_hash(self.tokenizer)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        from bam_pipeline.interop.hf_tokenizer import encode_documents
+    def encoder(self) -> "DocumentEncoder":
+        return DocumentEncoder(self.tokenizer.to_str(), self.eos_id, post_process=True)
 
-        return encode_documents(self.tokenizer, texts, self.eos_id)
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.encoder()(texts)
+
+
+@dataclass(frozen=True)
+class DocumentEncoder:
+    """Texts to token ids as the data stage stores them, each document ending with ``eos_id``; picklable (its
+    tokenizer as JSON) for the stage's worker processes, which build the tokenizer once each.
+
+    ``post_process``: an imported checkpoint's tokenizer, whose post-processor adds its special tokens (a
+    BOS); a trained or given tokenizer.json has none to add."""
+
+    tokenizer_json: str
+    eos_id: int
+    post_process: bool = False
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        tok = _run_tokenizer(self.tokenizer_json)
+        if self.post_process:
+            from bam_pipeline.interop.hf_tokenizer import encode_documents
+
+            return encode_documents(tok, texts, self.eos_id)
+        return [e.ids + [self.eos_id] for e in tok.encode_batch(texts)]
+
+
+_BUILT: dict[str, Tokenizer] = {}
+
+
+def _run_tokenizer(tokenizer_json: str) -> Tokenizer:
+    """The run form of a tokenizer given as JSON, built once per process (``encode_special_tokens`` is not
+    part of the JSON, so it is set again: :func:`as_run_tokenizer`)."""
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = as_run_tokenizer(Tokenizer.from_str(tokenizer_json))
+    return _BUILT[key]

@@ -42,7 +42,7 @@ ON_STALE = ("rebuild", "refuse")
 TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
 EVAL_STAGES = ("eval", "all")
 # Overrides that select what a command works on; hints drop them and name their own.
-SELECTORS = ("stage", "domain", "mix", "artifact")
+SELECTORS = ("stage", "domain", "mix", "artifact", "data.part", "data.parts")
 
 
 # ModelConfig fields a model override may not set, and why.

@@ -27,7 +27,14 @@ def link_shared_data(ctx: RunContext, prepared: PreparedData) -> None:
         write_json(ctx.layout.data_ref, ref)
 
 
-def run_data(ctx: RunContext) -> PreparedData:
+def run_data(ctx: RunContext) -> PreparedData | None:
+    """The run's prepared data (prepared here, or waited for); None when this command prepares one part of it
+    (``data.part``), which publishes nothing."""
+    if ctx.data.part is not None and ctx.stage != "data":
+        raise BamError(f"data.part={ctx.data.part} prepares one part of the data and publishes nothing, so "
+                       f"stage={ctx.stage} has no data to go on with; run the parts with `{ctx.cmd(f'stage=data data.parts={ctx.data.parts} data.part=<i>')}`, "
+                       f"merge them with `{ctx.cmd(f'stage=data data.parts={ctx.data.parts}')}`, then run "
+                       f"stage={ctx.stage} without data.part")
     if ctx.layout.shares_data:  # a seed of pipeline.seeds: the data is another run's, prepared there
         prepared = open_data(ctx)
         link_shared_data(ctx, prepared)
@@ -40,15 +47,24 @@ def run_data(ctx: RunContext) -> PreparedData:
                 return None
 
         return wait_for(ready, "the data stage")
-    lock = StageLock(ctx.layout.lock("data"), "the prepared data")
-    if lock.try_acquire() is not None:  # another run prepares it: wait, then use what it made
+    part = ctx.data.part
+    # the parts run at once (a sweep over data.part): each holds its own lock; the merge holds the data's
+    lock = StageLock(ctx.layout.lock("data", "data") if part is None else
+                     ctx.layout.lock("data", f"part{part}-of-{ctx.data.parts}"), "the prepared data")
+    holder = lock.try_acquire()
+    if holder is not None:  # another run prepares it: wait, then use what it made
+        if part is not None:
+            raise BamError(f"part {part} of {ctx.data.parts} of the data is being prepared by {holder.describe()}; "
+                           "wait for it to finish (a second command would prepare the same shards)")
         prepared = open_data(ctx)
     else:
         for p in remove_dead_temporaries(ctx.layout.data):
             print(f"data: removed {p}, left by a run that was killed while publishing")
         try:
-            prepared = prepare_data(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx))
+            prepared = prepare_data(ctx.data, ctx.layout.data, seed_tokenizer=seed_tokenizer(ctx), command=ctx.cmd,
+                                    wait_s=ctx.pipeline.wait_s)
         finally:
             lock.release()
-    print_stats_table(prepared)
+    if prepared is not None:
+        print_stats_table(prepared)
     return prepared

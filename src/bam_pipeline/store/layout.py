@@ -121,8 +121,8 @@ class RunLayout:
 
     def lock(self, stage: str, name: str = SEED_NAME) -> Path:
         """The lock file of one output (``stage="data"`` for the prepared data, beside the data's directory)."""
-        if stage == "data":
-            return self.data.parent / ".locks" / "data.lock"
+        if stage == "data":  # name: "data", or one part of its preparation ("part<i>-of-<n>")
+            return self.data.parent / ".locks" / ("data.lock" if name in ("data", SEED_NAME) else f"data-{name}.lock")
         return self.run_dir / ".locks" / f"{stage}/{name}.lock"
 
     @property
