@@ -108,7 +108,8 @@ def test_per_item_loglikelihoods_match_lm_evals_hf_backend_on_the_export(run, hf
     assert all(abs(g[0] - w[0]) <= TOLERANCE + 1e-6 * abs(w[0]) for g, w in zip(got, want))
     assert [g[1] for g in got] == [w[1] for w in want]
 
-    documents = [prepared.tokenizer().decode(row) for row in prepared.stream("law", "test").dataset["ids"][:2]]
+    law_test = prepared.stream("law", "test")
+    documents = [prepared.tokenizer().decode(law_test.document(i).tolist()) for i in range(2)]
     rolling = [request("loglikelihood_rolling", text) for text in documents]  # longer than the context: windows
     assert all(len(prepared.tokenizer().encode(t).ids) > 2 * models[name].cfg.max_seq_len for t in documents)
     for g, w in zip(ours.loglikelihood_rolling(rolling), theirs.loglikelihood_rolling(rolling)):

@@ -38,7 +38,7 @@ def test_texts_shared_by_two_sources_are_in_one_split_of_one_source(tmp_path):
 
     prepared = open_prepared(tmp_path / "stages" / "smoke" / "data")
     text_of = {(name, file): text for name, docs in corpora.items() for file, text in docs}
-    held = {(name, split): [text_of[name, i] for i in prepared.stream(name, split).dataset["id"]]
+    held = {(name, split): [text_of[name, i] for i in prepared.stream(name, split).doc_ids()]
             for name in corpora for split in SPLITS}
     for (a, split_a), (b, split_b) in itertools.permutations(held, 2):
         if split_a != "train" and split_b == "train":  # the leak: a held-out text trained on elsewhere

@@ -95,7 +95,7 @@ def test_the_pipeline_runs_on_an_imported_seed_and_identical_experts_preserve_it
     assert data["eos_id"] == EOS_ID and data["tokenizer_hash"] == seed.manifest["tokenizer_hash"]
     from bam_pipeline.data.prepare import open_prepared
 
-    first_doc = open_prepared(run / "data").stream("code", "test").dataset[0]["ids"]
+    first_doc = open_prepared(run / "data").stream("code", "test").document(0).tolist()
     assert first_doc[0] == BOS_ID and first_doc[-1] == EOS_ID  # the checkpoint's post-processor, then eos
     for d in ("code", "math", "law"):
         expert = read_artifact(run / "branch" / d)

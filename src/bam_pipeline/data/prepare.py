@@ -459,7 +459,7 @@ def _run_calls(calls: list[Callable[[], Any]], workers: int) -> Iterator[tuple[i
         for i, call in enumerate(calls):
             yield i, call()
         return
-    with ProcessPoolExecutor(workers, initializer=_one_tokenizer_thread) as pool:
+    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
         pending = {pool.submit(_call_in_worker, call): i for i, call in enumerate(calls)}
         try:
             while pending:
@@ -475,8 +475,18 @@ def _run_calls(calls: list[Callable[[], Any]], workers: int) -> Iterator[tuple[i
                 future.cancel()
 
 
-def _one_tokenizer_thread() -> None:
+def _worker_init() -> None:
+    """A worker process: one tokenizer thread; on Linux, killed with the stage's process (a SIGKILLed stage
+    leaves no worker preparing a shard nobody will record)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def _call_in_worker(call: Callable[[], Any]) -> tuple[str, Any]:

@@ -162,6 +162,12 @@ class TokenStream:
         lengths = [pc.list_value_length(t.column("ids")).to_numpy(zero_copy_only=False) for t in self._tables]
         return np.cumsum(np.concatenate(lengths) if lengths else np.zeros(0, np.int64), dtype=np.int64)
 
+    def document(self, i: int) -> np.ndarray:
+        """The token ids of the ``i``-th stored document (int64)."""
+        ends = self.document_ends()
+        start = int(ends[i - 1]) if i else 0
+        return self.take(start, int(ends[i]) - start)
+
     def doc_ids(self) -> list[str]:
         """The split's document ids, in stored order."""
         return [i for t in self._tables for i in t.column("id").to_pylist()]

@@ -515,7 +515,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         print(f"[eval] evaluated: {', '.join(evaluated)}")
     cache.prune({s.cache_file for s in scored})
     write_json(layout.documents, {
-        "sources": {src: list(prepared.stream(src, TEST_SPLIT).dataset["id"]) for src in sources},
+        "sources": {src: prepared.stream(src, TEST_SPLIT).doc_ids() for src in sources},
         "models": {s.label: s.scores.documents for s in scored}})
     write_routing(layout, {art.label: routing_entry(art, group[0].scores.routing)
                            for art, group in zip(good, per_model) if group[0].scores.routing})

@@ -7,13 +7,14 @@ from __future__ import annotations
 from typing import Callable
 
 from bam_pipeline.config.files import group_options
-from bam_pipeline.data.prepare import PreparedData
+from bam_pipeline.data.prepare import PreparedData, build_state
 from bam_pipeline.errors import BamError
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.eval.harness import require_lm_eval
 from bam_pipeline.eval.runner import resolve_device, select_models
 from bam_pipeline.stages.downstream import downstream_identity, selected_models, selected_tasks
 from bam_pipeline.stages.eval import eval_identity, report_identity
+from bam_pipeline.stages.hf_model_dirs import seed_tokenizer
 from bam_pipeline.stages.inputs import OutputIdentity, Plan, open_data
 from bam_pipeline.stages.mix import plan_mix
 from bam_pipeline.stages.train import parse_moe_name, plan_branch, plan_moe, plan_seed
@@ -31,10 +32,12 @@ def artifact_states(ctx: RunContext) -> list[tuple[str, str, str]]:
     """(label, state, detail) for the data and every model artifact the config asks for, in build order."""
     try:
         prepared: PreparedData | None = open_data(ctx, verify=False)
-        states = {"data": (FRESH, "")}
+        states = {"data": (FRESH, f"{prepared.manifest.get('shard_count', '?')} shards")}
     except BamError as e:
         prepared = None
-        states = {"data": (STALE if (ctx.layout.data / "manifest.json").is_file() else MISSING, str(e))}
+        building = build_state(ctx.data, ctx.layout.data, seed_tokenizer(ctx))  # shards done and missing, by part
+        states = {"data": (STALE if (ctx.layout.data / "manifest.json").is_file() else MISSING,
+                           f"{building}; {e}" if building else str(e))}
     planners: list[tuple[str, Callable[[PreparedData], Plan]]] = [("seed", lambda p: plan_seed(ctx, p))]
     planners += [(label("branch", d), lambda p, d=d: plan_branch(ctx, p, d)) for d in ctx.data.domains]
     mixes = dict.fromkeys([*ctx.pipeline.mix_variants, *(a.name for a in find_model_artifacts(ctx.layout)
