@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bam_pipeline.config.files import PRIMARY, conf_dir
-from bam_pipeline.config.overrides import check_appended_keys, describe
+from bam_pipeline.config.overrides import check_appended_keys, describe, merged_assignments
 from bam_pipeline.errors import BamError
 from bam_pipeline.sweeps import JobFailed, SweepFailed, announce
 
@@ -32,6 +32,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 UNEXPECTED_EXIT = 1
 FULL_ERROR = "HYDRA_FULL_ERROR"  # "1": Hydra raises its errors instead of printing them (and exiting 1)
 _users_full_error: list[Optional[str]] = []  # while main() has set FULL_ERROR: [the user's value (None: unset)]
+# while main() respells the command line for Hydra: [(the user's argv, {Hydra's spelling: the user's})]
+_users_argv: list[tuple[list[str], dict[str, str]]] = []
 
 
 def quiet_lightning() -> None:
@@ -134,7 +136,7 @@ def app(cfg: DictConfig) -> None:
     quiet_lightning()
     preemption.install()
     hydra_cfg = HydraConfig.get()
-    with _users_full_error_for_the_stage():
+    with _users_full_error_for_the_stage(), _users_argv_for_the_stage():
         try:
             if hydra_cfg.mode == RunMode.MULTIRUN:  # a single run's were checked before Hydra made its directory
                 appended = check_appended_keys(OmegaConf.create({"hydra": hydra_cfg}))
@@ -142,7 +144,7 @@ def app(cfg: DictConfig) -> None:
                     raise BamError(appended)
             stage = stage_named(str(cfg.stage))
             ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices,
-                                         overrides=tuple(hydra_cfg.overrides.task))
+                                         overrides=tuple(_as_typed(o) for o in hydra_cfg.overrides.task))
             stage.run(ctx)
             finish_distributed()
         except Exception as e:
@@ -159,16 +161,17 @@ def app(cfg: DictConfig) -> None:
 def main() -> None:
     """Runs the app; a command line Hydra cannot parse or compose (an unknown group option or key, a bad
     override) is one error line and exit code 2 instead of Hydra's report. HYDRA_FULL_ERROR=1 set by the user
-    keeps Hydra's full traces."""
+    keeps Hydra's full traces. A mapping assigned to a section whose entries are the user's reaches Hydra as a
+    merge (:func:`~bam_pipeline.config.overrides.merged_assignments`); the stage sees the command as typed."""
     users = os.environ.get(FULL_ERROR)
     if users == "1":
-        with _failed_jobs_reported():
+        with _failed_jobs_reported(), _hydras_argv():
             app()
         return
     _users_full_error.append(users)
     try:
-        with _full_error("1"), _failed_jobs_reported():  # Hydra raises what it would print; main() says it in one line
-            app()
+        with _full_error("1"), _failed_jobs_reported(), _hydras_argv():  # Hydra raises what it would print; main()
+            app()                                                         # says it in one line
     except KeyboardInterrupt:  # Ctrl-C before the stage installed its handler (while Hydra composes, say)
         fail("stopped by SIGINT before the stage started; nothing was written; re-run the same command",
              128 + signal.SIGINT)
@@ -210,6 +213,38 @@ def _users_full_error_for_the_stage():
     """The stage (and any process it starts) sees the user's HYDRA_FULL_ERROR, not main()'s; main()'s is back
     for the next job of a sweep, which Hydra composes after this one."""
     return _full_error(_users_full_error[-1]) if _users_full_error else nullcontext()
+
+
+@contextmanager
+def _hydras_argv() -> Iterator[None]:
+    """sys.argv as Hydra reads it (:func:`merged_assignments`) inside; the user's, after."""
+    users = sys.argv
+    hydras = [users[0], *merged_assignments(users[1:])]
+    _users_argv.append((users, {h: u for h, u in zip(hydras, users) if h != u}))
+    sys.argv = hydras
+    try:
+        yield
+    finally:
+        sys.argv = users
+        _users_argv.pop()
+
+
+@contextmanager
+def _users_argv_for_the_stage() -> Iterator[None]:
+    """The stage sees the command line as the user typed it (commands it prints, provenance it writes)."""
+    if not _users_argv:
+        yield
+        return
+    hydras, sys.argv = sys.argv, _users_argv[-1][0]
+    try:
+        yield
+    finally:
+        sys.argv = hydras
+
+
+def _as_typed(override: str) -> str:
+    """An override of this job as the user typed it, where main() respelt it for Hydra."""
+    return _users_argv[-1][1].get(override, override) if _users_argv else override
 
 
 def _set_full_error(value: Optional[str]) -> None:

@@ -325,6 +325,10 @@ CASES: dict[str, Case] = {
     "appended_key": Case(H, ("+domian=code",), ("+domian=code", "domain=code")),
     "train_unknown_key": Case(H, ("+train.batchsize=4",), ("+train.batchsize=4", "train.batch_size=4")),
     "appended_unknown": Case(H, ("++traning.lr=1",), ("++traning.lr=1", "train.lr=1")),
+    # a key of a section whose entries are yours, not there yet: + adds it (a whole mapping needs none)
+    "source_key_without_plus": Case(H, ("data.sources.code.source.path=x.jsonl",),
+                                    ("data.sources.code.source.path=x.jsonl", "+data.sources.code.source.path=x.jsonl")),
+    "model_override_without_plus": Case(H, ("model.overrides.n_layers=3",), "+model.overrides.n_layers=3"),
     "unparsable": Case(H, ("generate.prompt=def add(",),
                        ("'generate.prompt=def add('", """'generate.prompt="def add("'""")),  # quoted for both
     "split_value": Case(H, ("generate.prompt=def", "add(n):"), ("'add(n):'", """'generate.prompt="def add(n):"'""")),
@@ -352,6 +356,8 @@ CASES: dict[str, Case] = {
                                  ("data.sources.code.source=5", "mapping", "type")),
     "source_settings_not_a_mapping": Case(C, ("stage=data", "+data.sources.code=5"),
                                           ("data.sources.code=5", "mapping")),
+    "source_option_typo_in_mapping": Case(C, ("data.sources={{code:{{source:{{type:files,pth:x.jsonl}}}}}}",),
+                                          ("data.sources.code.source.pth='x.jsonl'", "path", "text_field")),
     "source_typo": Case(C, ("+data.sources.cdoe.max_bytes=5",), ("data.sources.cdoe={'max_bytes': 5}", "code",
                                                                  "source.type")),
     "eval_batch_0": Case(C, ("eval.batch_size=0",), "eval.batch_size=0"),
@@ -389,6 +395,7 @@ CASES: dict[str, Case] = {
     "n_heads": Case(M, ("+model.overrides.n_heads=7",), ("model.overrides.d_model=32", "n_heads=7")),
     "d_model_0": Case(M, ("+model.overrides.d_model=0",), "model.overrides.d_model=0"),
     "unknown_field": Case(M, ("+model.overrides.foo=1",), ("model.overrides.foo=1", "d_model", "n_heads")),
+    "unknown_field_in_mapping": Case(M, ("model.overrides={{n_layer:3}}",), ("model.overrides.n_layer=3", "n_layers")),
     "preset": Case(M, ("model.preset=huge",), ("model.preset='huge'", "smoke", "tiny", "small")),
     "kv_heads": Case(M, ("+model.overrides.n_kv_heads=3",), ("model.overrides.n_kv_heads=3", "n_heads=4")),
     "max_seq_len": Case(M, ("+model.overrides.max_seq_len=32",), ("model.overrides.max_seq_len=32", "model.seq_len")),
@@ -775,6 +782,19 @@ def test_facts_are_matched_as_whole_names():
     assert not _names("error: at most 620", "62") and _names("error: at most 62", "62")
     assert _names("error: /tmp/x/docs.jsonl line 2 is bad", "docs.jsonl") and not _names("line 21", "line 2")
     assert _names("error: invalid data.sources.cdoe={'max_bytes': 5}", "data.sources.cdoe={'max_bytes': 5}")
+
+
+@pytest.mark.parametrize("spelling", ["mapping", "plus"])
+def test_your_own_data_in_either_spelling_is_accepted(spelling, tmp_path):
+    """The good spellings beside the bad ones above (README, "Your own corpus"): a files source for code reading a
+    local JSONL file, and general's byte cap merged into what experiment=smoke sets for it."""
+    (tmp_path / "code.jsonl").write_bytes(jsonl({"text": "def f(x):\n    return x\n"}))
+    code = f"{{source: {{type: files, path: '{tmp_path / 'code.jsonl'}'}}}}"
+    args = ({"mapping": (f"data.sources={{code: {code}, general: {{max_bytes: 1000}}}}", "model.overrides={n_layers: 3}"),
+             "plus": (f"+data.sources.code={code}", "+data.sources.general.max_bytes=1000",
+                      "+model.overrides.n_layers=3")}[spelling])
+    r = cli_here(tmp_path / "stages", "stage=info", *args, check=True)
+    assert "error:" not in r.out and "L=3" in r.out, r.out[-2000:]
 
 
 def test_hydra_full_error_keeps_hydras_own_report(tmp_path):

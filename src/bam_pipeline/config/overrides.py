@@ -2,7 +2,12 @@
 group (``domain=physics``), an unknown key (``train.batchsize=4``), a key appended with ``+`` or ``++`` that
 the config does not have (``+domian=code``: no stage would read it), an override Hydra cannot parse. Each is
 found while composing, before any stage runs or any directory is made; the message names the override and
-the fix, with the closest known name (difflib) where there is one."""
+the fix, with the closest known name (difflib) where there is one.
+
+Sections whose entries are the user's (:data:`OPEN_SECTIONS`) take a whole mapping on the command line as it is
+written (``'data.sources={code: {source: {type: files, path: x.jsonl}}}'``): :func:`merged_assignments` spells it
+``++`` for Hydra, which merges it with the keys it names, and the section's reader checks those. A single key
+such a section does not have yet (``data.sources.code.source.path=x``) is added with ``+``, and the message says so."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from bam_pipeline.config.files import PRIMARY, conf_dir
 # Sections whose keys the user names, so that appending one (``+data.sources.code=...``) is how they are
 # used; their readers check those keys (data.sources: a known source, model.overrides: a ModelConfig field,
 # branch: a domain with a checkpoint, callbacks: a named Lightning callback). A mapping with ``_target_`` (a logger) is open too: its keys are
-# the target's keyword arguments.
+# the target's keyword arguments. A mapping assigned at or under one of them is merged (merged_assignments).
 OPEN_SECTIONS = ("data.sources", "model.overrides", "branch", "callbacks")
 _APPENDED_NOTE = "(+ adds a key the config does not have, and no stage reads it)"
 _ABSENT = object()
@@ -38,8 +43,10 @@ def describe(error: BaseException, args: Sequence[str]) -> Optional[str]:
     cause = error.__cause__
     if (isinstance(error, ConfigCompositionException) and str(error).startswith("Could not override")
             and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key):
-        override = _override_setting(str(cause.full_key), args)
-        return unknown_key(str(cause.full_key), override, cause.parent_node, _groups())
+        key = str(cause.full_key)
+        override = _override_setting(key, args)
+        addable = any(_under(key, s) and key != s for s in OPEN_SECTIONS)
+        return unknown_key(key, override, cause.parent_node, _groups(), addable=addable)
     if isinstance(error, (ConfigCompositionException, SearchPathException)):
         return _one_line(error)
     return None
@@ -76,8 +83,10 @@ def hydra_quoted(value: str) -> str:
     return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + '"'
 
 
-def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (), appended: bool = False) -> str:
-    """``key`` is not in ``section`` (its parent node); ``groups`` are the config groups, candidates at the top."""
+def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (), appended: bool = False,
+                addable: bool = False) -> str:
+    """``key`` is not in ``section`` (its parent node); ``groups`` are the config groups, candidates at the top.
+    ``addable``: ``key`` is a new entry of an open section, which ``+`` adds (the fix says so)."""
     parent, _, leaf = key.rpartition(".")
     keys = [str(k) for k in section.keys()] if isinstance(section, DictConfig) else []
     if not parent:
@@ -90,14 +99,41 @@ def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (
         candidates = [c for c in candidates if OmegaConf.select(section, c + rest, default=_ABSENT) is not _ABSENT]
     close = closest(leaf, candidates)
     note = f" {_APPENDED_NOTE}" if appended else ""
+    add = f"use +{override} to add it (a key the config does not have yet needs +)" if addable else ""
     if close:
         fixes = " or ".join(f"{parent + '.' if parent else ''}{c}{'' if c in groups else rest}={value}"
                             for c in close)
-        return f"unknown key '{key}' in {override}: did you mean {fixes}?{note}"
+        return f"unknown key '{key}' in {override}: did you mean {fixes}?{note}{f' Or {add}' if add else ''}"
     where = f"{parent} has" if parent else "the config's top level has"
     known = ", ".join(keys) or "no keys"
     also = f"; config groups: {', '.join(groups)}" if groups else ""
-    return f"unknown key '{key}' in {override}: {where} {known}{also}; drop or correct the override{note}"
+    return f"unknown key '{key}' in {override}: {where} {known}{also}; {add or 'drop or correct the override'}{note}"
+
+
+def merged_assignments(args: Sequence[str]) -> list[str]:
+    """The command line ``args`` with each mapping assigned at or under an open section (``data.sources={code:
+    {...}}``, ``model.overrides={n_layers: 4}``; a sweep over mappings too) spelt ``++``, argument for argument.
+    Hydra then merges the mapping into the section, adding the keys it names (the section's reader checks them),
+    where a plain assignment is refused for every key the section does not have yet. Every other argument is
+    left as it is (a config group's option, ``branch=hf``, is a name, not a mapping)."""
+    return [_merged(arg) for arg in args]
+
+
+def _merged(arg: str) -> str:
+    key = arg.partition("=")[0]
+    if not any(_under(key, s) for s in OPEN_SECTIONS):
+        return arg  # a flag, an add (+, ++), a deletion (~) or another key
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    from hydra.errors import OverrideParseException
+
+    try:
+        [override] = OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException:
+        return arg  # Hydra says what is wrong with it
+    value = override.value()
+    values = value.list if isinstance(value, ChoiceSweep) else [value]
+    return "++" + arg if values and all(isinstance(v, dict) for v in values) else arg
 
 
 def check_appended_keys(config: DictConfig) -> Optional[str]:
