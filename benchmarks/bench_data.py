@@ -434,4 +434,8 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminate)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("bench_data: interrupted", file=sys.stderr)
+        sys.exit(130)
