@@ -1,11 +1,17 @@
 """The GPU benchmark runs where only torch is installed, measures the mixtures the pipeline builds, and
-runs end to end (on the CPU, a tiny shape)."""
+runs end to end (on the CPU, a tiny shape). The data benchmark's corpus, sampler and table; its run end to end."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
 
 from bam_pipeline.config.files import load_option
 from bam_pipeline.config.reading import read_section
@@ -15,6 +21,7 @@ from bam_pipeline.model import preset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_data  # noqa: E402
 import bench_gpu  # noqa: E402
 
 
@@ -36,3 +43,112 @@ def test_bench_gpu_runs_end_to_end_importing_only_torch_and_the_model(tmp_path):
     sections = sorted(p.name for p in tmp_path.glob("*.md"))
     assert sections == ["A.md", "B.md", "C.md", "D.md", "bench_gpu.md"], sections
     assert "bam_kv_shared" in (tmp_path / "A.md").read_text() and "| chunked" in out
+
+
+# ---- bench_data ----------------------------------------------------------------------------------
+def _pool(n: int = 3000):
+    """Lines of varied length (4-120 bytes), with non-ASCII and JSON-escaped characters."""
+    rng = np.random.default_rng(1)
+    return bench_data.LinePool.of([f"{i} é\t\"q\" " + "x" * int(rng.integers(0, 110)) for i in range(n)])
+
+
+def _texts(root: Path) -> list[str]:
+    return [json.loads(line)["text"] for f in sorted(root.rglob("*.jsonl")) for line in f.open(encoding="utf-8")]
+
+
+def test_bench_data_corpus_is_seeded_sized_and_kept_by_dedupe(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_data, "CHUNK_BYTES", 100_000)
+    monkeypatch.setattr(bench_data, "FILE_BYTES", 200_000)  # several files a source
+    pools = {name: _pool() for name in bench_data.SOURCES}
+    target = 2_000_000
+    a = bench_data.write_corpus(tmp_path / "a", target, pools, seed=0)
+    b = bench_data.write_corpus(tmp_path / "b", target, pools, seed=0)
+    c = bench_data.write_corpus(tmp_path / "c", target, pools, seed=1)
+    files = sorted(p.relative_to(a.root) for p in a.root.rglob("*.jsonl"))
+    assert files == sorted(p.relative_to(b.root) for p in b.root.rglob("*.jsonl")) and len(files) == a.files >= 8
+    assert all((a.root / f).read_bytes() == (b.root / f).read_bytes() for f in files)  # same seed, same corpus
+    texts = _texts(a.root)
+    assert texts != _texts(c.root)
+    sizes = [len(t.encode()) for t in texts]
+    assert sum(sizes) == a.text_bytes and len(texts) == a.documents
+    for name in bench_data.SOURCES:  # a quarter each, over by less than one document
+        got = sum(len(t.encode()) for t in _texts(a.root / name))
+        assert target // 4 <= got < target // 4 + bench_data.DOC_BYTES[1] + 130, (name, got)
+    assert min(sizes) >= bench_data.DOC_BYTES[0] and max(sizes) < bench_data.DOC_BYTES[1] + 130
+    assert np.std(sizes) > 1500  # lengths spread over 200-8000 bytes, not one size
+    assert len(set(texts)) == len(texts)  # nothing for dedupe to remove
+    assert all(t.count("\n") + 1 >= 2 and "é\t\"q\"" in t for t in texts)
+
+
+def test_bench_data_line_pool_reads_an_embedded_corpus():
+    pool = bench_data.line_pool("law")
+    assert len(pool.escaped) == len(pool.nbytes) > 10_000 and all(pool.nbytes > 0)
+
+
+def test_bench_data_sampler_sums_the_process_tree(tmp_path):
+    """A child that starts a grandchild holding 200 MB: the tree's peak holds both, the child's own RSS does not."""
+    hold = ("import subprocess, sys, time; "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(200_000_000); time.sleep(30)']); "
+            "time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", hold])
+    try:
+        sampler = bench_data.PeakTreeRSS(proc.pid, interval=0.05)
+        deadline = time.monotonic() + 20
+        while sampler.peak < 200_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own = psutil.Process(proc.pid).memory_info().rss
+    finally:
+        bench_data._kill_tree(proc)
+    peak = sampler.stop()
+    assert peak >= 200_000_000 > own and sampler.samples >= 2
+    assert bench_data.tree_rss(proc.pid) == 0  # the tree is gone: _kill_tree ended the grandchild too
+
+
+def test_bench_data_table_ratios():
+    rows = [bench_data.Row(0.25, "num_proc=1", 100.0, 1_000_000, 400.0),
+            bench_data.Row(0.25, "num_proc=2", 50.0, 1_000_000, 600.0),
+            bench_data.Row(4.0, "num_proc=1", 1000.0, 16_000_000, 480.0),
+            bench_data.Row(4.0, "num_proc=2", 625.0, 16_000_000, 900.0),
+            bench_data.Row(4.0, bench_data.REFERENCE, skipped="no room")]
+    bench_data.compare(rows)
+    assert [r.tokens_per_s_vs_num_proc_1 for r in rows] == [1.0, 2.0, 1.0, 1.6, None]
+    assert [r.peak_vs_smallest for r in rows] == [1.0, 1.0, 1.2, 1.5, None]
+    out = bench_data.table(rows)
+    assert "peak vs 0.25 GB" in out and "| 1a86aaf | skipped: no room" in out and "25,600" in out
+    assert bench_data.verdicts(rows) == [
+        "num_proc=1: peak at 4 GB / at 0.25 GB = 1.20 (within the 1.25x target)",
+        "num_proc=2: peak at 4 GB / at 0.25 GB = 1.50 (ABOVE the 1.25x target)",
+        "0.25 GB: num_proc=2 / num_proc=1 tokens/s = 2.00 (meets the 1.6x target)",
+        "4 GB: num_proc=2 / num_proc=1 tokens/s = 1.60 (meets the 1.6x target)"]
+
+
+def test_bench_data_leaves_nothing_behind_on_ctrl_c(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_data, "line_pool", lambda name: _pool(200))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_data, "run_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_data.main(["--sizes", "0.001", "--no-reference", "--workdir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_data_extracts_the_reference_code(tmp_path):
+    src, why = bench_data.extract_reference(tmp_path)
+    if src is None:
+        pytest.skip(why)
+    assert (src / "bam_pipeline" / "data" / "prepare.py").is_file()
+    assert "def write_split" in (src / "bam_pipeline" / "data" / "storage.py").read_text()
+
+
+@pytest.mark.slow
+def test_bench_data_end_to_end(tmp_path):
+    """Both of this checkout's variants on 2 MB of text: the same tokens, a table, nothing left behind."""
+    work = tmp_path / "work"
+    subprocess.run([sys.executable, "benchmarks/bench_data.py", "--sizes", "0.002", "--no-reference", "--workdir",
+                    str(work), "--json", str(tmp_path / "rows.json")], cwd=REPO, check=True)
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["num_proc=1", "num_proc=2"]
+    assert rows[0]["tokens"] == rows[1]["tokens"] > 500_000 and all(r["peak_rss_mb"] > 100 for r in rows)
+    assert list(work.iterdir()) == []
