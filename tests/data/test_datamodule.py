@@ -16,12 +16,29 @@ from bam_pipeline.errors import BamError
 SEQ, BATCH = 31, 4
 
 
-def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe", stage="moe", domain=None):
+def _dm(prepared, cfg, seed=0, train_tokens=16 * SEQ, order_key="moe", stage="moe", domain=None, num_workers=0):
     # 16 rows / batch 4 = 4 batches per epoch
     return MixtureDataModule(
         prepared, stage_mixture(stage, read_data_spec(cfg), domain), seq_len=SEQ, batch_size=BATCH, train_tokens=train_tokens,
-        val_tokens=600, seed=seed, order_key=order_key,
+        val_tokens=600, seed=seed, order_key=order_key, num_workers=num_workers,
     )
+
+
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_loader_workers_give_the_batches_of_the_main_process(synthetic, context):
+    """train.num_workers > 0: worker processes read the memory-mapped shards (forked, or spawned: then the
+    streams are pickled as their files and mapped again) and give the same batches, in the same order."""
+    import multiprocessing
+
+    cfg, prepared = synthetic
+    alone = list(_dm(prepared, cfg, seed=3).train_dataloader())
+    dm = _dm(prepared, cfg, seed=3, num_workers=2)
+    loader = dm.train_dataloader()
+    loader.multiprocessing_context = multiprocessing.get_context(context)
+    workers = list(loader)
+    assert len(workers) == len(alone) == 4 and all(torch.equal(x, y) for x, y in zip(workers, alone))
+    val = list(dm.val_dataloader())
+    assert all(torch.equal(x, y) for x, y in zip(val, _dm(prepared, cfg, seed=3).val_dataloader()))
 
 
 def test_batches_are_long_rows_in_a_seeded_order(synthetic):

@@ -37,8 +37,8 @@ def test_every_item_is_its_documents_next_passage_among_three_of_other_documents
     tokenizer = prepared.tokenizer()
     assert suite.tasks == tuple(f"bam_next_passage_{s}" for s in prepared.sources)
     for source, task in zip(prepared.sources, suite.tasks):
-        dataset = prepared.stream(source, "test").dataset
-        texts = {doc_id: tokenizer.decode(ids) for doc_id, ids in zip(dataset["id"], dataset["ids"])}
+        stream = prepared.stream(source, "test")
+        texts = {doc_id: tokenizer.decode(ids) for doc_id, ids in zip(stream.doc_ids(), stream.documents())}
         items = read_items(suite, task)
         assert len(items) == suite.items[task] >= 5
         assert len({i["gold"] for i in items}) > 1  # the true passage is not always in one place

@@ -120,6 +120,49 @@ def _file_name_not_utf8(run: Path, scratch: Path) -> list[str]:
     return _files_source(run, scratch, "docs")
 
 
+def _small_corpus(scratch: Path) -> list[str]:
+    """Four small `files` sources (web the general one), two shards each under these settings."""
+    args = []
+    for name in ("code", "math", "law", "web"):
+        (scratch / name).mkdir()
+        for f in range(2):
+            (scratch / name / f"{f}.jsonl").write_bytes(jsonl(*({"text": f"{name} {f}.{i} " * (20 + i)}
+                                                                for i in range(12))))
+        args.append(f"+data.sources.{name}={{source:{{type:files,path:'{scratch / name}'}}}}")
+    return [*args, "data.general=web", "data.max_bytes_per_source=null", "data.shard_bytes=2000",
+            "data.tokenizer.vocab_size=300"]
+
+
+def _in_parts(done: tuple[int, ...], tamper: Callable[[Path], None] | None = None, other: tuple[int, ...] = ()
+              ) -> Setup:
+    """:func:`_small_corpus` with the parts ``done`` of data.parts=2 prepared (``other``: under another data
+    config); ``tamper(build directory)`` then changes what they left."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        args = _small_corpus(scratch)
+        for part in done:
+            cli_here(run.parent, "stage=data", *args, "data.parts=2", f"data.part={part}", check=True)
+        for part in other:
+            cli_here(run.parent, "stage=data", *args, "data.split.val=0.2", "data.parts=2", f"data.part={part}",
+                     check=True)
+        if tamper:
+            [build] = run.glob("data.build-*")
+            tamper(build)
+        return args
+    return setup
+
+
+def _flip_shard_byte(build: Path) -> None:
+    f = build / "tokens" / "code" / "train" / "00001.arrow"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _other_tokenizer_record(build: Path) -> None:
+    f = build / "shards" / "law" / "00000.json"
+    f.write_text(f.read_text().replace('"tokenizer_hash": "', '"tokenizer_hash": "0'))
+
+
 def _remove(*parts: str) -> Setup:
     def setup(run: Path, scratch: Path) -> list[str]:
         for p in parts:
@@ -313,6 +356,7 @@ H, C, M, P, S, D, A, K = ("the command line", "config values", "model overrides"
                           "devices", "missing and corrupt artifacts", "concurrency")
 N, L, X, I, W, G = ("numerical failure", "import layouts", "cross-source data", "interrupts", "sweeps",
                     "paths and manifest integrity")
+T = "data in shards and parts"
 CASES: dict[str, Case] = {
     # ---- the command line: overrides Hydra cannot compose or parse, keys the config does not have ----
     "group_option": Case(H, ("domain=physics",), ("domain=physics", "bible", "code", "general", "law", "math",
@@ -635,6 +679,22 @@ CASES: dict[str, Case] = {
     "xsrc_eval_budget": Case(X, ("stage=eval", "eval.max_tokens_per_source=1"),
                              ("eval.max_tokens_per_source=1", "65"), needs_run=True),
 
+    # ---- data in shards and parts (data.parts=N data.part=i, then the merge) ----
+    "part_out_of_range": Case(T, ("stage=data", "data.parts=3", "data.part=3"), ("data.part=3", "data.parts=3")),
+    "part_in_stage_all": Case(T, ("stage=all", "data.parts=2", "data.part=0"), ("data.part=0", "stage=all",
+                                                                                 "data.parts=2")),
+    "merge_part_missing": Case(T, ("stage=data", "data.parts=2"), ("part 1", "data.part=1"), setup=_in_parts((0,)),
+                               may_leave=("data.build-*",)),
+    "merge_shard_corrupt": Case(T, ("stage=data", "data.parts=2"), ("code/00001", "corrupt", "data.part=1"),
+                                setup=_in_parts((0, 1), _flip_shard_byte), may_leave=("data.build-*",)),
+    "merge_other_tokenizer": Case(T, ("stage=data", "data.parts=2"), ("law/00000", "another tokenizer", "data.part=0"),
+                                  setup=_in_parts((0, 1), _other_tokenizer_record), may_leave=("data.build-*",)),
+    "merge_part_other_config": Case(T, ("stage=data", "data.parts=2"), ("data.part=0", "another data config"),
+                                    setup=_in_parts((1,), other=(0,)), may_leave=("data.build-*",)),
+    "published_shard_missing": Case(T, ("stage=seed",), ("tokens/law/val/00000.arrow", "stage=data data.rebuild=true"),
+                                    needs_run=True, setup=lambda r, s: (r / "data" / "tokens" / "law" / "val" /
+                                                                        "00000.arrow").unlink() or _remove("seed")(r, s)),
+
     # ---- interrupts: Ctrl-C (SIGINT) in every stage: one line, exit 130, nothing half-written (a training stage
     # keeps its resumable checkpoint in .work), and the rerun resumes (tests/stages/test_faults.py) ----
     "ctrl_c_data": Case(I, ("stage=data",), ("SIGINT", "re-run the same command"), code=130,
@@ -716,7 +776,7 @@ def test_the_catalogue_covers_every_category():
     for case in CASES.values():
         counts[case.category] = counts.get(case.category, 0) + 1
     assert len(CASES) >= 60 and all(n >= 5 for n in counts.values()), counts
-    assert set(counts) == {H, C, M, P, S, D, A, K, N, L, X, I, W, G}  # SIGTERM: tests/stages/test_faults.py
+    assert set(counts) == {H, C, M, P, S, D, A, K, N, L, X, I, W, G, T}  # SIGTERM: tests/stages/test_faults.py
 
 
 def _files(root: Path) -> set[str]:

@@ -517,8 +517,12 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
     if bad:
         parts = "; ".join(f"part {p} ({len(v)} shard(s): {', '.join(v[:3])}{', ...' if len(v) > 3 else ''}): run "
                           f"`{_part_command(command, spec, p)}`" for p, v in sorted(bad.items()))
+        others = sorted(str(b) for b in build.parent.glob(f"{out_dir.name}.build-*")
+                        if b != build and any((b / RECORDS_DIR).glob("*/*.json")))
+        other = (f" ({', '.join(others)} holds shards prepared under another data config or other sources: give "
+                 "every part and the merge the same data settings)") if others else ""
         raise BamError(f"cannot merge the prepared data in {build}: {sum(len(v) for v in bad.values())} shard(s) "
-                       f"not ready: {parts}")
+                       f"not ready: {parts}{other}")
     kept = KeptTexts()
     drops: dict[str, dict[str, np.ndarray]] = {}  # shard -> split -> rows to drop (only where any)
     within: Counter[str] = Counter()

@@ -162,6 +162,10 @@ class TokenStream:
         lengths = [pc.list_value_length(t.column("ids")).to_numpy(zero_copy_only=False) for t in self._tables]
         return np.cumsum(np.concatenate(lengths) if lengths else np.zeros(0, np.int64), dtype=np.int64)
 
+    def documents(self) -> list[list[int]]:
+        """Every stored document's token ids, in stored order (for small splits: it reads them all)."""
+        return [ids for t in self._tables for ids in t.column("ids").to_pylist()]
+
     def document(self, i: int) -> np.ndarray:
         """The token ids of the ``i``-th stored document (int64)."""
         ends = self.document_ends()

@@ -180,9 +180,9 @@ def build_offline_suite(prepared: PreparedData, out_dir: str | Path, *, sources:
 
     tasks, counts = [], {}
     for source in sources or prepared.sources:
-        dataset = prepared.stream(source, TEST_SPLIT).dataset
-        docs = [[int(i) for i in row if int(i) != prepared.eos_id] for row in dataset["ids"]]
-        items = next_passage_items(docs, dataset["id"], decode, starts_word, context_tokens=context_tokens,
+        stream = prepared.stream(source, TEST_SPLIT)
+        docs = [[int(i) for i in row if int(i) != prepared.eos_id] for row in stream.documents()]
+        items = next_passage_items(docs, stream.doc_ids(), decode, starts_word, context_tokens=context_tokens,
                                    passage_tokens=passage_tokens, length_tolerance=length_tolerance,
                                    max_items=max_items, seed=seed)
         if not items:
