@@ -39,7 +39,8 @@ def data_cfg(corpus: Path) -> dict:
         "sources": {n: {"source": {"type": "files", "path": str(corpus / n)}} for n in SOURCES},
         "max_bytes_per_source": None, "split": {"val": 0.2, "test": 0.2},
         "tokenizer": {"path": None, "vocab_size": 300, "train_bytes": 100000, "eos_token": "<|endoftext|>"},
-        "mixtures": {"seed_general": 0.7, "branch_general": 0.1}, "rebuild": False,
+        "mixtures": {"seed_general": 0.7, "branch_general": 0.1}, "rebuild": False, "num_proc": 1, "parts": 1,
+        "part": None, "shard_bytes": 256_000_000,
     }
 
 

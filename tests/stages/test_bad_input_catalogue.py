@@ -698,7 +698,7 @@ CASES: dict[str, Case] = {
     # ---- interrupts: Ctrl-C (SIGINT) in every stage: one line, exit 130, nothing half-written (a training stage
     # keeps its resumable checkpoint in .work), and the rerun resumes (tests/stages/test_faults.py) ----
     "ctrl_c_data": Case(I, ("stage=data",), ("SIGINT", "re-run the same command"), code=130,
-                        interrupt="bam_pipeline.data.prepare:publish"),
+                        interrupt="bam_pipeline.data.prepare:publish", may_leave=("data.build-*/*",)),
     "ctrl_c_seed": Case(I, (*SEED_ARGS, CTRL_C_AT_CHECKPOINT), ("SIGINT", "after step 5 of 32",
                                                                "{run}/.work/seed/main/checkpoints"),
                         code=130, needs_run=True, setup=_remove("seed"), may_leave=(".work/seed/main/*",)),

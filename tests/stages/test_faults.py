@@ -66,23 +66,37 @@ def test_a_stopped_training_stage_says_so_in_one_line(smoke_copy, tmp_path, stag
     assert read_artifact(smoke_copy / "smoke" / stage / ("code" if stage == "branch" else "bam")).hash  # old one kept
 
 
-def test_a_stop_signal_while_publishing_data_leaves_nothing(tmp_path):
-    import os
-    import time
+STOP_AFTER_FIRST_SHARD = """
+import os, signal, sys
+import bam_pipeline.data.prepare as prepare
+prepare.on_shard_published = lambda record: os.kill(os.getpid(), signal.SIGTERM)
+sys.argv = ["bam_pipeline", *sys.argv[1:]]
+from bam_pipeline.cli import main
+main()
+"""
+
+
+def test_a_stop_signal_while_preparing_data_leaves_no_data_and_the_rerun_resumes(tmp_path):
+    """SIGTERM right after the data stage published its first shard (sent from the stage's own hook, not a
+    timer): one line, exit 143, no data directory and no temporary; the finished shard stays in the build
+    directory and the rerun prepares only the others."""
+    import subprocess
+    import sys
+
+    from cli_runner import REPO, _env, _with_defaults
 
     root = tmp_path / "stages"
     run = root / "smoke"
-    p = start(root, "stage=data")
-    deadline = time.time() + 120
-    while not list(run.glob("data.tmp-*")) and time.time() < deadline and p.poll() is None:
-        time.sleep(0.02)
-    assert list(run.glob("data.tmp-*")), "never reached the publish step"
-    os.killpg(p.pid, signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
+    p = subprocess.run([sys.executable, "-c", STOP_AFTER_FIRST_SHARD, *_with_defaults(("stage=data", "data.num_proc=1"))],
+                       cwd=REPO, env=_env(root, None), capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
     assert p.returncode == 143, out[-2000:]
     assert "stopped by SIGTERM" in _one_error_line(out)
-    assert not (run / "data").exists() and not list(run.glob("data.*")), "half-written data left"
-    cli_here(root, "stage=data", check=True)  # and a rerun prepares it
+    assert not (run / "data").exists() and not list(run.glob("data.tmp-*")), "half-written data left"
+    [build] = run.glob("data.build-*")
+    assert len(list((build / "shards").rglob("*.json"))) == 1 and not list(build.rglob("*.tmp-*"))
+    again = cli_here(root, "stage=data", "data.num_proc=1", check=True)
+    assert "1 of 4 shards already prepared" in again.out and not build.exists()
 
 
 # ---- two runs of one stage --------------------------------------------------------------------

@@ -300,8 +300,11 @@ def _setup(spec: DataSpec, build: Path, names: list[str], seed_tokenizer: tk.See
             try:
                 if not plan_path.is_file():
                     _make_setup(spec, build, names, seed_tokenizer, progress)
-            finally:
+            except BaseException:
                 lock.release()
+                shutil.rmtree(build, ignore_errors=True)  # no shard was prepared: nothing to keep
+                raise
+            lock.release()
     if not plan_path.is_file():
         raise BamError(f"the data stage's plan {plan_path} was not written (the command making it stopped); run "
                        "`python -m bam_pipeline stage=data` again")
@@ -326,13 +329,14 @@ def _make_setup(spec: DataSpec, build: Path, names: list[str], seed_tokenizer: t
     read side by side), then make the tokenizer: trained on the sample, given, or the seed checkpoint's."""
     capped = {n: CappedRead(spec.resolved[n], cap, spec.shard_bytes, build / SPILL_DIR / f"{n}{storage.SHARD_SUFFIX}")
               for n in names if (cap := spec.cap(n)) is not None}
-    plans = {n: shards.plan_uncapped(spec.resolved[n], spec.shard_bytes) for n in names if n not in capped}
+    planned = {n: shards.plan_uncapped(spec.resolved[n], spec.shard_bytes) for n in names if n not in capped}
     reads = list(capped.items())
-    bar = tqdm(total=len(reads), desc="reading capped sources", unit=" sources", disable=not progress or not reads)
-    for i, result in _run_calls([call for _, call in reads], spec.workers):
-        plans[reads[i][0]] = result
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(reads), desc="reading capped sources", unit=" sources", disable=not progress or not reads,
+              leave=False) as bar:
+        for i, result in _run_calls([call for _, call in reads], spec.workers):
+            planned[reads[i][0]] = result
+            bar.update(1)
+    plans = {n: planned[n][0] for n in names}
     for name in names:
         if not plans[name]:
             raise BamError(f"source {name!r} ({spec.resolved[name].type}) yielded no documents; check its source "
@@ -358,7 +362,7 @@ def _make_setup(spec: DataSpec, build: Path, names: list[str], seed_tokenizer: t
     with atomic_path(build / TOKENIZER_FILE) as tmp:
         tok.save(str(tmp))
     write_json(build / PLAN_FILE, {  # written last: the set-up is complete
-        "sources": {n: {"units": len(spec.resolved[n].units()), "shards": [sp.to_dict() for sp in plans[n]],
+        "sources": {n: {"units": planned[n][1], "shards": [sp.to_dict() for sp in plans[n]],
                         "spill": str(capped[n].spill.relative_to(build)) if n in capped else None}
                     for n in names},
         "tokenizer_hash": tk.tokenizer_hash(tok), "eos_id": eos, "eos_token": eos_token,
@@ -435,16 +439,14 @@ def _prepare_shards(spec: DataSpec, build: Path, setup: Setup, progress: bool) -
                        setup.spills.get(sp.source))
              for sp in todo]
     workers = min(spec.workers, len(tasks))
-    bar = tqdm(total=len(tasks), desc=f"preparing shards ({workers} process{'es' if workers > 1 else ''})",
-               unit=" shards", disable=not progress)
-    try:
+    with tqdm(total=len(tasks), desc=f"preparing shards ({workers} process{'es' if workers > 1 else ''})",
+              unit=" shards", disable=not progress, leave=False) as bar:
         for _, record in _run_calls([functools.partial(build_shard, t) for t in tasks], workers):
             shard = ShardPlan.from_dict(record["plan"])
             write_json(_record_path(build, shard), record)
             on_shard_published(record)
             bar.update(1)
-    finally:
-        bar.close()
+    _say(progress, f"data: {len(tasks)} shard(s) prepared by {workers} process{'es' if workers > 1 else ''}")
 
 
 def on_shard_published(record: dict[str, Any]) -> None:
@@ -529,7 +531,7 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
     elsewhere: dict[str, Counter[str]] = {n: Counter() for n in setup.plans}
     for name, plans in setup.plans.items():
         for sp in tqdm(plans, desc=f"deduplicating {name} across shards", unit=" shards",
-                       disable=not progress or len(plans) < 2):
+                       disable=not progress or len(plans) < 2, leave=False):
             rec = records[sp.name]
             keys = {s: storage.read_shard(build / rec["splits"][s]["file"]).column("key") for s in SPLITS}
             flat = np.concatenate([np.asarray(keys[s].to_pylist() if len(keys[s]) else [], dtype=f"S{KEY_BYTES}")
@@ -564,8 +566,12 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
                         counts = storage.SplitCounts(f["documents"], f["bytes"], f["tokens"])
                     stats[name][split].add(counts)
         for name in order:
-            _check_nonempty(spec.resolved[name], {s: c.documents for s, c in stats[name].items()},
-                            dict(elsewhere[name]), spec.cap(name))
+            try:
+                _check_nonempty(spec.resolved[name], {s: c.documents for s, c in stats[name].items()},
+                                dict(elsewhere[name]), spec.cap(name))
+            except BamError:
+                shutil.rmtree(build, ignore_errors=True)  # these shards cannot be published under this config
+                raise
         splits = {n: {s: [records[sp.name]["splits"][s]["file"] for sp in setup.plans[n]] for s in SPLITS}
                   for n in order}
         shards = {n: [{"index": sp.index, "units": records[sp.name]["units"], "text_bytes": sp.text_bytes,
@@ -583,6 +589,9 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
             prepared_in_parts=spec.parts, dedupe_index_bytes=kept.nbytes, wall_time_s=round(time.time() - t0, 2),
         )
     shutil.rmtree(build, ignore_errors=True)
+    for other in sorted(build.parent.glob(f"{out_dir.name}.build-*")):  # left by a config given up on
+        shutil.rmtree(other, ignore_errors=True)
+        _say(progress, f"data: removed {other}, shards prepared under another data config")
     return open_prepared(out_dir, verify=False)
 
 

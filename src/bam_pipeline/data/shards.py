@@ -98,9 +98,10 @@ def plan_from_sizes(name: str, sizes: Sequence[int], shard_bytes: int, last_docs
             for j, g in enumerate(groups)]
 
 
-def plan_uncapped(source: Source, shard_bytes: int) -> list[ShardPlan]:
-    """The shards of a source read whole, sized from its units without reading them."""
-    return plan_from_sizes(source.name, [source.unit_bytes(u) for u in source.units()], shard_bytes)
+def plan_uncapped(source: Source, shard_bytes: int) -> tuple[list[ShardPlan], int]:
+    """(the shards of a source read whole, sized from its units without reading them; how many units it lists)."""
+    units = source.units()
+    return plan_from_sizes(source.name, [source.unit_bytes(u) for u in units], shard_bytes), len(units)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class CappedRead:
     shard_bytes: int
     spill: Path
 
-    def __call__(self) -> list[ShardPlan]:
+    def __call__(self) -> tuple[list[ShardPlan], int]:
+        """(its shards, how many units the source lists)."""
         import pyarrow as pa
 
         schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("unit", pa.int64())])
@@ -124,7 +126,8 @@ class CappedRead:
         self.spill.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.spill) as tmp, pa.ipc.new_stream(str(tmp), schema) as out:
             rows: list[tuple[str, str, int]] = []
-            for u, unit in enumerate(self.source.units()):
+            units = self.source.units()
+            for u, unit in enumerate(units):
                 read, size = 0, 0
                 for doc in self.source.read(unit):
                     if total >= self.cap:  # the rule of iter_documents (data/sources.py)
@@ -143,7 +146,7 @@ class CappedRead:
                     break
             if rows:
                 out.write_batch(_spill_batch(rows, schema))
-        return plan_from_sizes(self.source.name, sizes, self.shard_bytes, last_docs)
+        return plan_from_sizes(self.source.name, sizes, self.shard_bytes, last_docs), len(units)
 
 
 def _spill_batch(rows: list[tuple[str, str, int]], schema: Any) -> Any:
@@ -206,11 +209,12 @@ class ShardTask:
     spill: Optional[Path] = None  # a capped source's documents, read once (:class:`CappedRead`)
 
 
-def _documents(task: ShardTask, units: list[Any]) -> Iterator[Document]:
+def _documents(task: ShardTask, units: Optional[list[Any]]) -> Iterator[Document]:
     source, shard = task.source, task.shard
     if task.spill is not None:
         yield from spilled_documents(task.spill, shard.units)
         return
+    assert units is not None
     if len(units) != task.n_units:
         raise BamError(f"source {source.name!r} now has {len(units)} input units, not the {task.n_units} the data "
                        "stage planned with; its files changed while it ran: run `python -m bam_pipeline stage=data` "
@@ -229,7 +233,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     source, shard = task.source, task.shard
     writers = {s: ShardWriter(shard_file(task.root, source.name, s, shard.index), task.vocab_size) for s in SPLITS}
     copies: list[bytes] = []  # keys of the copies this shard dropped (of texts it keeps)
-    units = source.units()
+    units = None if task.spill is not None else source.units()  # a spilled source is not read again
     try:
         batch: list[tuple[str, str, bytes, str]] = []
 
@@ -258,7 +262,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         raise
     return {
         "source": source.name, "index": shard.index, "plan": shard.to_dict(),
-        "units": [source.unit_name(units[u]) for u in dict.fromkeys((shard.units[0], shard.units[-1]))],
+        "units": [f"unit {u}" if units is None else source.unit_name(units[u])
+                  for u in dict.fromkeys((shard.units[0], shard.units[-1]))],
         "tokenizer_hash": task.tokenizer_hash, "duplicates": len(copies),
         "copies": {"file": str(copies_file.relative_to(task.root)), "sha256": sha256_file(copies_file)},
         "splits": {s: {"file": str(shard_file(Path(), source.name, s, shard.index)),
