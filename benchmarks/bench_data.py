@@ -19,7 +19,8 @@ Peak memory: the summed resident memory (RSS) of the stage's process and all its
 and split) over the stage process's wall time (start-up and tokenizer training included). Corpus generation
 is timed apart and is in no row.
 
-    python benchmarks/bench_data.py [--sizes 0.25,1,4] [--no-reference] [--workdir DIR] [--keep] [--json PATH]
+    python benchmarks/bench_data.py [--sizes 0.25,1,4] [--variants num_proc=1,num_proc=2,1a86aaf] [--no-reference]
+                                     [--workdir DIR] [--keep] [--json PATH]
 
 Everything is written under a temporary directory (in ``--workdir``, default the system's), removed at the
 end, on failure and on Ctrl-C unless ``--keep``. Linux (``os.sched_getaffinity``); the reference rows need ``git``.
@@ -376,7 +377,12 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (corpora, logs)")
     parser.add_argument("--json", type=Path, help="also write the rows here as JSON")
     parser.add_argument("--seed", type=int, default=0, help="the corpus generator's seed")
+    parser.add_argument("--variants", type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+                        default=list(VARIANTS), help=f"the rows to run, of {', '.join(VARIANTS)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; use some of {', '.join(VARIANTS)}")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=args.workdir)).resolve()
@@ -386,9 +392,10 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
         pools = {name: line_pool(name) for name in SOURCES}
         print(f"bench_data: line pools of {', '.join(f'{n} {len(p.escaped):,}' for n, p in pools.items())} lines "
               f"read in {time.perf_counter() - start:.1f} s; work directory {work}", flush=True)
-        variants = list(VARIANTS)
-        reference_src, why_not = (None, "--no-reference") if args.no_reference else extract_reference(work / "ref")
-        if reference_src is None:
+        variants = [v for v in VARIANTS if v in args.variants]
+        reference_src, why_not = ((None, "--no-reference") if args.no_reference or REFERENCE not in variants
+                                  else extract_reference(work / "ref"))
+        if reference_src is None and REFERENCE in variants:
             variants.remove(REFERENCE)
             print(f"bench_data: no rows for {REFERENCE} ({why_not})", flush=True)
         for size in args.sizes:

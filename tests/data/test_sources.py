@@ -208,3 +208,19 @@ def test_a_source_type_is_one_class(monkeypatch, tmp_path):
     twice = {"x": {"source": {"type": "repeated", "word": "la"}}, "y": {"source": {"type": "repeated", "word": "la"}}}
     assert sources.resolve_source("x", twice).corpus() == sources.resolve_source("y", twice).corpus()
     assert sources.resolve_source("x", twice).corpus_name() == "repeated word=la"
+
+
+def test_a_hub_parquet_file_resharded_by_row_group_gives_a_unit_per_group(tmp_path):
+    """``reshard: true``: a dataset with fewer data files than the data stage has parts is split where
+    ``datasets`` can, a Parquet file by row group; every row is read once, numbered within its unit."""
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(30)]}), tmp_path / "a.parquet", row_group_size=10)
+    opts = {"type": "hub", "dataset": "parquet", "data_files": [str(tmp_path / "a.parquet")]}
+    whole = sources.resolve_source("x", {"x": {"source": opts}})
+    with pytest.raises(BamError, match=r"1 data file\(s\), fewer than data.parts=3"):
+        whole.check_parts(3)
+    split = sources.resolve_source("x", {"x": {"source": {**opts, "reshard": True}}})
+    assert split.units() == [0, 1, 2]
+    split.check_parts(3)
+    docs = [d for u in split.units() for d in split.read(u)]
+    assert [d.text for d in docs] == [f"row {i}" for i in range(30)]
+    assert [d.id for d in docs][9:11] == ["parquet:0:9", "parquet:1:0"]

@@ -56,7 +56,7 @@ def test_parts_and_processes_equal_one_process(tmp_path):
     cli_here(tmp_path / "one", "stage=data", *args, "data.num_proc=1", check=True)
     cli_here(tmp_path / "two", "stage=data", *args, "data.num_proc=2", check=True)
     parts = tmp_path / "parts"
-    sweep = cli(parts, "-m", "stage=data", *args, "data.parts=3", "data.part=0,2", check=True)
+    cli(parts, "-m", "stage=data", *args, "data.parts=3", "data.part=0,2", check=True)  # a sweep over parts
     status = cli_here(parts, "stage=status", *args, "data.parts=3", check=True)
     assert "8 of 12 shards prepared" in status.out and "part 1: 0 done, 4 missing" in status.out, status.out
     early = cli_here(parts, "stage=data", *args, "data.parts=3")
@@ -123,3 +123,13 @@ def test_a_data_stage_killed_after_its_third_shard_resumes_without_redoing_a_sha
     cli_here(tmp_path / "whole", "stage=data", *args, check=True)
     assert _shard_files(run / "data") == _shard_files(tmp_path / "whole" / "smoke" / "data")
     assert open_prepared(run / "data").manifest["hash"] == open_prepared(tmp_path / "whole" / "smoke" / "data").manifest["hash"]
+
+
+def test_a_part_without_a_shard_of_a_source_says_so_and_goes_on(tmp_path):
+    """With more parts than a source has shards, a part holding none of them names the source and prepares the
+    rest: here part 3 of 4 holds no shard at all (every source has 3)."""
+    args = _corpus(tmp_path)
+    r = cli_here(tmp_path / "stages", "stage=data", *args, "data.parts=4", "data.part=3", check=True)
+    for name in ("code", "math", "law", "web"):
+        assert f"source {name!r} has no shard in part 3 of 4 (it has 3)" in r.out, r.out[-2000:]
+    assert "part 3 of 4 prepared" in r.out and "data.parts=4" in r.out

@@ -34,7 +34,7 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -638,7 +638,9 @@ def print_stats_table(prepared: PreparedData, file: TextIO | None = None) -> Non
     for name, split, n, mb, tokens in rows:
         print(f"{name:<12} {split:<6} {n:>10,} {mb:>9.2f} {tokens:>12,}", file=out)
     print(f"exact duplicates removed: {duplicates_summary(prepared.manifest)}", file=out)
-    print(f"data in {prepared.dir} (tokenizer {prepared.tokenizer_hash[:12]}, vocab {prepared.vocab_size})", file=out)
+    shards = prepared.manifest.get("shard_count", "?")
+    print(f"data in {prepared.dir} ({shards} shards, tokenizer {prepared.tokenizer_hash[:12]}, vocab "
+          f"{prepared.vocab_size})", file=out)
 
 
 def duplicates_summary(manifest: dict[str, Any]) -> str:
