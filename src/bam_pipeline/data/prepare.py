@@ -225,7 +225,7 @@ class Setup:
     eos_id: int
     eos_token: str
 
-    @property
+    @functools.cached_property
     def tokenizer_hash(self) -> str:
         return tk.tokenizer_hash(self.tokenizer)
 
