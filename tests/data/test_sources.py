@@ -40,6 +40,23 @@ def test_byte_cap_stops_reading(tmp_path):
     assert len(list(sources.iter_documents(files_source(tmp_path), 250))) == 3
 
 
+@pytest.mark.parametrize("cap", [1, 250, 1000, 1050, 10_000])
+def test_the_data_stage_caps_a_source_as_iter_documents_does(tmp_path, cap):
+    """The data stage's capped read (spilled once, then shards) takes the documents iter_documents takes: blank
+    documents skipped and uncounted, the last one crossing the cap, a unit cut after it."""
+    from bam_pipeline.data.shards import CappedRead, spilled_documents
+
+    for f in range(3):
+        rows = [{"text": "x" * (50 + 10 * i) if i % 4 else "  "} for i in range(8)]
+        (tmp_path / f"d{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = files_source(tmp_path)
+    expected = [(d.id, d.text) for d in sources.iter_documents(source, cap)]
+    plans, n_units = CappedRead(source, cap, 300, tmp_path / "spill.arrow")()
+    assert [(d.id, d.text) for d in spilled_documents(tmp_path / "spill.arrow")] == expected
+    assert n_units == 3 and sum(p.text_bytes for p in plans) == sum(len(t) for _, t in expected)
+    assert (plans[-1].last_docs is None) == (cap == 10_000)  # a cap that is reached cuts the last unit read
+
+
 def test_shipped_configs_compose_and_paper_points_at_the_hub():
     with initialize_config_dir(config_dir=str(conf_dir() / "data"), version_base="1.3"):
         default = compose(config_name="default")

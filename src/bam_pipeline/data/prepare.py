@@ -394,8 +394,10 @@ def shard_problem(build: Path, shard: ShardPlan, record: dict[str, Any] | None, 
         return "prepared under another plan"
     if record.get("tokenizer_hash") != tokenizer_hash:
         return f"prepared with another tokenizer ({str(record.get('tokenizer_hash'))[:12]}, not {tokenizer_hash[:12]})"
+    if "kept" not in record:
+        return "prepared by an earlier version of the data stage (no kept-keys file)"
     if check_files:
-        for split, f in [*record["splits"].items(), ("copies", record["copies"])]:
+        for split, f in [*record["splits"].items(), ("copies", record["copies"]), ("kept", record["kept"])]:
             path = build / f["file"]
             if not path.is_file():
                 return f"its {split} file {f['file']} is missing"
@@ -533,9 +535,11 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
         for sp in tqdm(plans, desc=f"deduplicating {name} across shards", unit=" shards",
                        disable=not progress or len(plans) < 2, leave=False):
             rec = records[sp.name]
-            keys = {s: storage.read_shard(build / rec["splits"][s]["file"]).column("key") for s in SPLITS}
-            flat = np.concatenate([np.asarray(keys[s].to_pylist() if len(keys[s]) else [], dtype=f"S{KEY_BYTES}")
-                                   for s in SPLITS])
+            flat = np.fromfile(build / rec["kept"]["file"], dtype=f"S{KEY_BYTES}")  # train, val, test
+            bounds = np.cumsum([0] + [rec["splits"][s]["documents"] for s in SPLITS])
+            if len(flat) != bounds[-1]:
+                raise BamError(f"shard {sp.name} in {build} lists {bounds[-1]} documents but keeps {len(flat)} keys: "
+                               f"run `{command('stage=data data.rebuild=true')}`")
             holders = kept.claim(name, flat)
             dropped = holders != ""
             held_by = dict(zip(flat[dropped].tolist(), holders[dropped].tolist()))
@@ -546,7 +550,6 @@ def _merge(spec: DataSpec, out_dir: Path, build: Path, setup: Setup, *, hashed: 
                 else:
                     elsewhere[name][holder] += 1
             if dropped.any():
-                bounds = np.cumsum([0] + [len(keys[s]) for s in SPLITS])
                 drops[sp.name] = {s: dropped[bounds[i]:bounds[i + 1]] for i, s in enumerate(SPLITS)}
     order = [n for n in spec.resolved if n in setup.plans]  # general, domains, ood
     stats = {n: {s: storage.SplitCounts() for s in SPLITS} for n in order}

@@ -17,7 +17,8 @@ it in the dedupe order, whole; in an uncapped one, its sampled head) is left out
 Preparing a shard (:func:`build_shard`) reads its units, drops copies of a text it already holds, assigns
 each document its split (data/splits.py), tokenises in batches and writes the files batch by batch: memory
 holds one batch of text and the keys of the shard's documents, whatever the corpus's size. Copies across
-shards are dropped later, by the merge (data/prepare.py).
+shards are dropped later, by the merge (data/prepare.py), which reads each shard's keys from two raw files of
+16 bytes a key (:func:`kept_path`, :func:`copies_path`), never from the token files.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from bam_pipeline.data.sources import Document, Source
+from bam_pipeline.data.sources import ByteCap, Document, Source
 from bam_pipeline.data.splits import KEY_BYTES, SPLITS, first_copies, split_of, text_key
 from bam_pipeline.data.storage import ShardWriter, shard_file
 from bam_pipeline.data.tokenizer import DocumentEncoder
@@ -67,6 +68,12 @@ class ShardPlan:
 def copies_path(root: Path, shard: ShardPlan) -> Path:
     """The keys of the copies a shard dropped (of texts it keeps): 16 bytes each, in the build directory."""
     return Path(root) / "copies" / shard.source / f"{shard.index:05d}.keys"
+
+
+def kept_path(root: Path, shard: ShardPlan) -> Path:
+    """The keys of the texts a shard keeps, its train, val and test documents in file order one after another:
+    16 bytes each, in the build directory (the merge's dedupe reads these, not the token files)."""
+    return Path(root) / "kept" / shard.source / f"{shard.index:05d}.keys"
 
 
 def part_of(shard: int, parts: int) -> int:
@@ -122,7 +129,7 @@ class CappedRead:
         schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("unit", pa.int64())])
         sizes: list[int] = []
         last_docs: Optional[int] = None
-        total = 0
+        cap = ByteCap(self.cap)
         self.spill.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.spill) as tmp, pa.ipc.new_stream(str(tmp), schema) as out:
             rows: list[tuple[str, str, int]] = []
@@ -130,18 +137,18 @@ class CappedRead:
             for u, unit in enumerate(units):
                 read, size = 0, 0
                 for doc in self.source.read(unit):
-                    if total >= self.cap:  # the rule of iter_documents (data/sources.py)
+                    if cap.reached:
                         break
                     read += 1
-                    if doc.text.strip():
-                        n = len(doc.text.encode())
-                        total, size = total + n, size + n
+                    n = cap.take(doc)
+                    if n:
+                        size += n
                         rows.append((doc.id, doc.text, u))
                         if len(rows) >= BATCH_DOCS:
                             out.write_batch(_spill_batch(rows, schema))
                             rows.clear()
                 sizes.append(size)
-                if total >= self.cap:
+                if cap.reached:
                     last_docs = read
                     break
             if rows:
@@ -233,6 +240,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     source, shard = task.source, task.shard
     writers = {s: ShardWriter(shard_file(task.root, source.name, s, shard.index), task.vocab_size) for s in SPLITS}
     copies: list[bytes] = []  # keys of the copies this shard dropped (of texts it keeps)
+    kept: dict[str, list[bytes]] = {s: [] for s in SPLITS}  # keys of the texts it keeps, by split
     units = None if task.spill is not None else source.units()  # a spilled source is not read again
     try:
         batch: list[tuple[str, str, bytes, str]] = []
@@ -242,6 +250,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
             for split in SPLITS:
                 rows = [i for i, b in enumerate(batch) if b[3] == split]
                 if rows:
+                    kept[split].extend(batch[i][2] for i in rows)
                     writers[split].write([batch[i][0] for i in rows], [tokens[i] for i in rows],
                                          [batch[i][2] for i in rows], [len(batch[i][1].encode()) for i in rows])
             batch.clear()
@@ -253,9 +262,10 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         if batch:
             flush()
         counts = {s: w.close() for s, w in writers.items()}
-        copies_file = copies_path(task.root, shard)
-        with atomic_path(copies_file) as tmp:
-            np.array(copies, dtype=f"S{KEY_BYTES}").tofile(tmp)
+        copies_file, kept_file = copies_path(task.root, shard), kept_path(task.root, shard)
+        for path, keys in ((copies_file, copies), (kept_file, [k for s in SPLITS for k in kept[s]])):
+            with atomic_path(path) as tmp:
+                np.array(keys, dtype=f"S{KEY_BYTES}").tofile(tmp)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -266,6 +276,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                   for u in dict.fromkeys((shard.units[0], shard.units[-1]))],
         "tokenizer_hash": task.tokenizer_hash, "duplicates": len(copies),
         "copies": {"file": str(copies_file.relative_to(task.root)), "sha256": sha256_file(copies_file)},
+        "kept": {"file": str(kept_file.relative_to(task.root)), "sha256": sha256_file(kept_file)},
         "splits": {s: {"file": str(shard_file(Path(), source.name, s, shard.index)),
                        "sha256": sha256_file(shard_file(task.root, source.name, s, shard.index)), **asdict(c)}
                    for s, c in counts.items()},

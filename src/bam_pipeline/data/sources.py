@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, ClassVar, Iterator, NamedTuple, Optional
 
 from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import plain, read_section
@@ -146,20 +146,37 @@ class Source(ABC):
 
 
 def iter_documents(source: Source, max_bytes: int | None) -> Iterator[Document]:
-    """The source's documents, capped at ``max_bytes`` of text (None: all)."""
+    """The source's documents, capped at ``max_bytes`` of text (None: all; the rule: :class:`ByteCap`)."""
     source.check_available()
-    return _capped(source.read_all(), max_bytes)
-
-
-def _capped(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
-    """Yield documents until ``max_bytes`` of text have been yielded (the last one may cross it)."""
-    total = 0
-    for doc in docs:
-        if max_bytes is not None and total >= max_bytes:
+    cap = ByteCap(max_bytes)
+    for doc in source.read_all():
+        if cap.reached:
             return
-        if doc.text.strip():
-            total += len(doc.text.encode())
+        if cap.take(doc):
             yield doc
+
+
+@dataclass
+class ByteCap:
+    """A source's byte cap (``data.sources.<name>.max_bytes``), the one home of its rule: documents are taken in
+    reading order until ``limit`` bytes of UTF-8 text have been taken (the last one may cross it; None: no
+    cap); a blank document is skipped and counts nothing. Ask :attr:`reached` before each document, then
+    :meth:`take` it."""
+
+    limit: int | None
+    taken: int = 0
+
+    @property
+    def reached(self) -> bool:
+        return self.limit is not None and self.taken >= self.limit
+
+    def take(self, doc: Document) -> int:
+        """The bytes of text ``doc`` adds (0: it is blank and skipped)."""
+        if not doc.text.strip():
+            return 0
+        n = len(doc.text.encode())
+        self.taken += n
+        return n
 
 
 # ---- reading a source's settings --------------------------------------------------------------------
