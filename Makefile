@@ -12,7 +12,7 @@ SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-gpu bench-import bench-generate bench-data full-run ablations clean
+.PHONY: help install test test-full bench bench-gpu bench-import bench-generate bench-data bench-sweep full-run ablations clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench-generate: install  ## greedy decoding with vs without the KV cache, and KV
 
 bench-data: install  ## stage=data on 0.25, 1 and 4 GB synthetic corpora: peak memory, tokens/s (num_proc 1, 2, old code)
 	$(PY) benchmarks/bench_data.py $(BENCH_ARGS)
+
+bench-sweep: install  ## two tiny branches under hydra/launcher=local vs the basic launcher: wall-time ratio, identical weights
+	$(PY) benchmarks/bench_sweep.py $(BENCH_ARGS)
 
 full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=3: three train seeds, intervals)
 	$(PY) -m bam_pipeline stage=all experiment=tiny $(SEED_ARGS)

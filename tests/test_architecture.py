@@ -13,6 +13,7 @@ PACKAGE = Path(bam_pipeline.__file__).parent
 # Lowest first. A module may import its own package and any lower layer, nothing at its layer or above.
 LAYERS = {
     "errors": 0,
+    "processes": 0,
     "config": 1,
     "model": 2,
     "mixing": 3,
@@ -24,6 +25,7 @@ LAYERS = {
     "stages": 7,
     "sweeps": 7,
     "cli": 8,
+    "launcher": 8,
     "loading": 8,
     "__main__": 9,
     "__init__": 9,

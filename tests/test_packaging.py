@@ -26,7 +26,8 @@ def test_the_wheel_ships_every_config_and_runs_from_another_directory(tmp_path):
     wheel = next((tmp_path / "dist").glob("bam_pipeline-*.whl"))
     shipped = {f"bam_pipeline/conf/{p.relative_to(conf_dir()).as_posix()}" for p in conf_dir().rglob("*.yaml")}
     assert shipped and shipped <= set(zipfile.ZipFile(wheel).namelist())
-    assert "hydra_plugins/bam_pipeline_sweeper/__init__.py" in zipfile.ZipFile(wheel).namelist()  # the sweeper (-m)
+    assert {"hydra_plugins/bam_pipeline_sweeper/__init__.py",  # the sweeper (-m)
+            "hydra_plugins/bam_pipeline_launcher/__init__.py"} <= set(zipfile.ZipFile(wheel).namelist())  # its launcher
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from bam_pipeline.config.files import PRIMARY, conf_dir
 from bam_pipeline.config.overrides import check_appended_keys, describe, merged_assignments
 from bam_pipeline.errors import BamError
+from bam_pipeline.processes import apply_job_settings
 from bam_pipeline.sweeps import JobFailed, SweepFailed, announce
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -144,7 +145,7 @@ def app(cfg: DictConfig) -> None:
                     raise BamError(appended)
             stage = stage_named(str(cfg.stage))
             ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices,
-                                         overrides=tuple(_as_typed(o) for o in hydra_cfg.overrides.task))
+                                         overrides=tuple(as_typed(o) for o in hydra_cfg.overrides.task))
             stage.run(ctx)
             finish_distributed()
         except Exception as e:
@@ -163,6 +164,7 @@ def main() -> None:
     override) is one error line and exit code 2 instead of Hydra's report. HYDRA_FULL_ERROR=1 set by the user
     keeps Hydra's full traces. A mapping assigned to a section whose entries are the user's reaches Hydra as a
     merge (:func:`~bam_pipeline.config.overrides.merged_assignments`); the stage sees the command as typed."""
+    apply_job_settings()  # a job of hydra/launcher=local: its cores, and dying with the launcher
     users = os.environ.get(FULL_ERROR)
     if users == "1":
         with _failed_jobs_reported(), _hydras_argv():
@@ -188,7 +190,9 @@ def main() -> None:
 
 @contextmanager
 def _failed_jobs_reported() -> Iterator[None]:
-    """A sweep whose jobs did not all succeed: one ``error:`` line per failed job, and its exit code."""
+    """A sweep whose jobs did not all succeed: one ``error:`` line per failed job, and its exit code; an error
+    of the sweep itself (a launcher's setting; a stop signal, which the local launcher raises once its jobs
+    stopped): its line and exit code."""
     try:
         yield
     except SweepFailed as e:
@@ -196,6 +200,8 @@ def _failed_jobs_reported() -> Iterator[None]:
         for line in e.lines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except BamError as e:  # from the sweep's own process (a launcher's setting, a stop signal), not from a job
+        fail(str(e), e.exit_code)
 
 
 @contextmanager
@@ -242,7 +248,7 @@ def _users_argv_for_the_stage() -> Iterator[None]:
         sys.argv = hydras
 
 
-def _as_typed(override: str) -> str:
+def as_typed(override: str) -> str:
     """An override of this job as the user typed it, where main() respelt it for Hydra."""
     return _users_argv[-1][1].get(override, override) if _users_argv else override
 

@@ -89,13 +89,15 @@ def start(root: Path, *args: str, env: dict[str, str] | None = None) -> subproce
                             start_new_session=True)
 
 
-def paused(scratch: Path, *, go: Path | None = None, send: str | None = None) -> tuple[str, Callable[[], bool]]:
+def paused(scratch: Path, *, go: Path | None = None, send: str | None = None, only: str | None = None
+           ) -> tuple[str, Callable[[], bool]]:
     """The override that holds a training stage at its first complete checkpoint until a stop signal (or
     ``go`` appears; or ``send``, a signal's name, which it sends itself there), and the test of whether it got
-    there (tests/stages/pause_callback.py)."""
+    there (tests/stages/pause_callback.py); ``only``: just the stage whose working directory holds it."""
     ready = scratch / "paused-at-checkpoint"
     ready.unlink(missing_ok=True)
-    extra = ("" if go is None else f",go:'{go}'") + ("" if send is None else f",send:{send}")
+    extra = ("" if go is None else f",go:'{go}'") + ("" if send is None else f",send:{send}") + (
+        "" if only is None else f",only:'{only}'")
     return f"+callbacks.pause={{_target_:pause_callback.PauseAfterCheckpoint,ready:'{ready}'{extra}}}", ready.exists
 
 

@@ -19,15 +19,17 @@ from bam_pipeline.training.job import CKPT_DIR, complete_checkpoint
 
 class PauseAfterCheckpoint(Callback):
     """``send``: a signal's name (SIGTERM) the process sends itself once paused, for a stage stopped in the
-    test's own process."""
+    test's own process; ``only``: pause only the stage whose working directory's path holds it (``branch/math``:
+    one job of a sweep)."""
 
-    def __init__(self, ready: str, go: str | None = None, send: str | None = None, timeout_s: float = 300.0) -> None:
-        self.ready, self.go, self.timeout_s = Path(ready), None if go is None else Path(go), timeout_s
+    def __init__(self, ready: str, go: str | None = None, send: str | None = None, timeout_s: float = 300.0,
+                 only: str | None = None) -> None:
+        self.ready, self.go, self.timeout_s, self.only = Path(ready), None if go is None else Path(go), timeout_s, only
         self.send = None if send is None else signal.Signals[send]
         self.paused = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.paused or not trainer.is_global_zero:
+        if self.paused or not trainer.is_global_zero or (self.only and self.only not in str(trainer.default_root_dir)):
             return
         if not any(complete_checkpoint(p) for p in (Path(trainer.default_root_dir) / CKPT_DIR).glob("*.ckpt")):
             return

@@ -741,6 +741,17 @@ CASES: dict[str, Case] = {
     "sweep_generate_tokens": Case(W, ("-m", "stage=generate", "artifact=seed", "generate.prompt=def",
                                       "generate.max_new_tokens=4,0"), ("job 1", "generate.max_new_tokens=0"),
                                   needs_run=True),
+    # hydra/launcher=local: a bad launcher setting ends the sweep before any job; a job that cannot run on this
+    # machine fails without starting (tests/stages/test_launcher.py runs the jobs that can)
+    "local_launcher_threads": Case(W, ("-m", "hydra/launcher=local", "hydra.launcher.threads=0", "stage=info"),
+                                   ("hydra.launcher.threads=0",)),
+    "local_launcher_nodes": Case(W, ("-m", "hydra/launcher=local", "stage=info", "trainer.num_nodes=2"),
+                                 ("job 0", "trainer.num_nodes=2", "hydra/launcher=slurm")),
+    "local_launcher_gpus": Case(W, ("-m", "hydra/launcher=local", "hydra.launcher.devices=[0]", "stage=info",
+                                    "trainer=gpu", "trainer.devices=2"),
+                                ("job 0", "trainer.devices=2", "hydra.launcher.devices", "2", "1")),
+    "local_launcher_device_ids": Case(W, ("-m", "hydra/launcher=local", "stage=info", "trainer=gpu",
+                                          "trainer.devices=[0,1]"), ("job 0", "trainer.devices", "hydra.launcher.devices")),
 
     # ---- paths and manifest integrity ----
     "run_outside_root": Case(G, ("run=../x",), ("run='../x'", "BAM_STAGES_DIR")),

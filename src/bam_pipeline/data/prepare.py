@@ -48,6 +48,7 @@ from bam_pipeline.data import shards
 from bam_pipeline.data.shards import CappedRead, ShardPlan, ShardTask, build_shard, part_of
 from bam_pipeline.data.spec import DataSpec
 from bam_pipeline.data.splits import KEY_BYTES, SPLITS, KeptTexts
+from bam_pipeline.processes import die_with_parent
 from bam_pipeline.errors import BamError
 from bam_pipeline.store.artifacts import MANIFEST, publish, write_manifest
 from bam_pipeline.store.files import (atomic_path, canonical_hash, changed_keys, sha256_file, verify_checksums,
@@ -483,14 +484,7 @@ def _worker_init() -> None:
     """A worker process: one tokenizer thread; on Linux, killed with the stage's process (a SIGKILLed stage
     leaves no worker preparing a shard nobody will record)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    die_with_parent()
 
 
 def _call_in_worker(call: Callable[[], Any]) -> tuple[str, Any]:

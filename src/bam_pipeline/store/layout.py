@@ -15,7 +15,7 @@ stages/<run>/
   downstream/                stage=downstream: results.json, suite/ (the offline tasks), cache/, identity.json
   seeds/                     with pipeline.seeds: the aggregate over the seeds' runs (report.md, table.json, ...,
                              identity.json)
-  logs/                      Hydra and logger output
+  logs/                      Hydra and logger output; sweep/<job>.log: a job of hydra/launcher=local
   data.json                  a run that reads another run's prepared data (a seed of pipeline.seeds): its path
 ```
 ``identity.json`` in eval/, report/, downstream/ and seeds/ records what that output was made from
@@ -175,6 +175,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.run_dir / "report"
+
+    def sweep_log(self, job: str) -> Path:
+        """The log of one job of a sweep run by hydra/launcher=local (``job``: its file name)."""
+        return self.run_dir / "logs" / "sweep" / job
 
     @staticmethod
     def identity(output_dir: Path) -> Path:
