@@ -248,6 +248,17 @@ def _users_argv_for_the_stage() -> Iterator[None]:
         sys.argv = hydras
 
 
+def users_environment() -> dict[str, str]:
+    """This process's environment with the user's HYDRA_FULL_ERROR, not main()'s (for the processes a launcher
+    starts: each is a command of its own)."""
+    env = dict(os.environ)
+    if _users_full_error:
+        env.pop(FULL_ERROR, None)
+        if _users_full_error[-1] is not None:
+            env[FULL_ERROR] = _users_full_error[-1]
+    return env
+
+
 def as_typed(override: str) -> str:
     """An override of this job as the user typed it, where main() respelt it for Hydra."""
     return _users_argv[-1][1].get(override, override) if _users_argv else override

@@ -6,12 +6,14 @@ ranks works inside a job as it does from a shell), as many at once as there are 
 
 - **A slot** is what one job runs on. A GPU job (``trainer.accelerator`` gpu, cuda, or auto on a machine with
   GPUs) gets ``trainer.devices`` GPUs of ``hydra.launcher.devices`` (default: every GPU this process sees) as
-  its ``CUDA_VISIBLE_DEVICES``, and the cores that go with them (the cores shared evenly among the GPUs). A
-  CPU job gets ``threads`` cores for each of its ``trainer.devices`` processes (``threads``: default the cores
-  shared evenly among the batch's processes), pinned to them (``sched_setaffinity``, where the OS has it) and
-  told so (``OMP_NUM_THREADS`` and the like: :func:`bam_pipeline.processes.thread_env`). A job waits for a free
-  slot; jobs start in their sweep order, a later job passing a waiting one only where it fits and the waiting
-  one does not.
+  its ``CUDA_VISIBLE_DEVICES``, and the free cores that go with them, up to the cores shared evenly among the
+  GPUs (a GPU job never waits for cores). A CPU job gets ``threads`` cores for each of its ``trainer.devices``
+  processes (``threads``: default the cores shared evenly among the sweep's CPU processes), pinned to them
+  (``sched_setaffinity``, where the OS has it) and told so (``OMP_NUM_THREADS`` and the like:
+  :func:`bam_pipeline.processes.thread_env`). A job waits for a free slot; jobs start in their sweep order, a
+  later job passing a waiting one only where it fits and the waiting one does not. bam-pipeline's sweeper hands
+  all of a batch's composable jobs over at once (``launch_numbered``), so a job Hydra cannot compose splits
+  nothing.
 - **Logs**: each job's output goes to ``stages/<run>/logs/sweep/<job>.log`` (appended: a rerun adds to it); the
   console has one line per job as it starts, waits, ends or fails, with its time, instead of interleaved
   progress bars.
@@ -21,8 +23,11 @@ ranks works inside a job as it does from a shell), as many at once as there are 
 - **Stop**: SIGINT (Ctrl-C) or SIGTERM to the sweep sends SIGTERM to every running job's process group: each
   checkpoints, as it does alone. No waiting job starts, and the sweep exits with 128 + the signal. A second
   signal kills the jobs (SIGKILL). A job dies with the launcher (Linux's parent-death signal), so a killed
-  launcher leaves no job running. Rerunning the same command reuses every published artifact and resumes the
-  stopped jobs from their checkpoints.
+  launcher leaves no job running; a job's process that ends takes what it left in its process group (ranks,
+  workers) with it before its slot is given again. Rerunning the same command reuses every published artifact
+  and resumes the stopped jobs from their checkpoints.
+- **Inside a SLURM allocation** (a sweep sbatch-ed to one node) a job does not inherit SLURM's task layout, so
+  Lightning starts its ranks as from a shell (:func:`job_environment`).
 
 The stage locks (:mod:`bam_pipeline.store.locks`) hold across these processes as across any others: two jobs
 never write one artifact, and a job that needs the prepared data another job is building waits for it.
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -43,8 +47,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
 from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.processes import CORES_ENV, PARENT_DEATH_ENV, thread_env
+from bam_pipeline.processes import CORES_ENV, PARENT_DEATH_ENV, PARENT_PID_ENV, available_cores, thread_env
 from bam_pipeline.store.layout import RunLayout
+from bam_pipeline.training.ranks import GPU_ACCELERATORS, check_trainer
 from bam_pipeline.sweeps import UNEXPECTED, USER_ERROR, JobFailed, command_line
 
 POLL_S = 0.2  # how often the launcher looks at its jobs
@@ -98,7 +103,7 @@ def _listed(value: Any) -> list[Any]:
 
 def _int(key: str, value: Any, whole: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise ConfigError(key, whole, "must be an integer (or a list of them)")
+        raise ConfigError(key, whole, "must be an integer" + (" (a list of them)" if value is not whole else ""))
     return int(value)
 
 
@@ -151,7 +156,8 @@ def _ranges(ids: Sequence[int]) -> str:
 
 
 class Slots:
-    """The machine's GPUs and cores not in use by a running job."""
+    """The machine's GPUs and cores not in use by a running job. GPUs are a job's own; cores are a CPU job's own,
+    and a GPU job's share of them is soft: a GPU job never waits for cores (it takes those free, up to its share)."""
 
     def __init__(self, gpus: Sequence[str], cores: Sequence[int]) -> None:
         self.gpus, self.cores = tuple(gpus), tuple(sorted(cores))
@@ -159,30 +165,31 @@ class Slots:
 
     def take(self, need: Need) -> Optional[Slot]:
         """The lowest free GPUs and cores for ``need``, taken; None while they are not free."""
-        if len(self._free_gpus) < need.gpus or len(self._free_cores) < need.cores:
+        if len(self._free_gpus) < need.gpus or (need.gpus == 0 and len(self._free_cores) < need.cores):
             return None
-        gpus, cores = self._free_gpus[:need.gpus], self._free_cores[:need.cores]
-        del self._free_gpus[:need.gpus], self._free_cores[:need.cores]
+        n = min(need.cores, len(self._free_cores))
+        gpus, cores = self._free_gpus[:need.gpus], self._free_cores[:n]
+        del self._free_gpus[:need.gpus], self._free_cores[:n]
         return Slot(tuple(gpus), tuple(cores), need.threads)
 
     def give(self, slot: Slot) -> None:
         self._free_gpus = [g for g in self.gpus if g in self._free_gpus or g in slot.gpus]
         self._free_cores = sorted({*self._free_cores, *slot.cores})
 
-    @property
-    def idle(self) -> bool:
-        return len(self._free_gpus) == len(self.gpus) and len(self._free_cores) == len(self.cores)
-
 
 def gpu_job(accelerator: str, machine_gpus: int) -> bool:
     """Whether a job with ``trainer.accelerator`` runs on GPUs (auto: where the launcher has some)."""
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine_gpus > 0)
+    return accelerator in GPU_ACCELERATORS or (accelerator == "auto" and machine_gpus > 0)
 
 
 def job_need(trainer: dict[str, Any], *, gpus: int, cores: int, threads: int) -> Need:
     """What a job of ``trainer`` (its accelerator, devices, num_nodes) needs of a machine with ``gpus`` GPUs and
     ``cores`` cores, its CPU processes given ``threads`` threads each; a BamError for one that cannot run here."""
-    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1) or 1)
+    try:
+        check_trainer(trainer, here=False)  # the values Lightning accepts, as a single run checks them
+    except ConfigError as e:
+        raise e.under("trainer") from None
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     if nodes != 1:
         raise BamError(f"trainer.num_nodes={nodes}: hydra/launcher=local runs jobs on this machine only; use "
                        "hydra/launcher=slurm for jobs across nodes")
@@ -190,10 +197,7 @@ def job_need(trainer: dict[str, Any], *, gpus: int, cores: int, threads: int) ->
         raise BamError(f"trainer.devices={devices!r} names devices, but under hydra/launcher=local the launcher "
                        "chooses them (hydra.launcher.devices): give trainer.devices as a count")
     on_gpu = gpu_job(str(trainer.get("accelerator", "auto")), gpus)
-    if str(devices) in ("auto", "-1"):
-        count = (gpus if on_gpu else 1) if str(devices) == "auto" else (gpus if on_gpu else cores)
-    else:
-        count = int(devices)
+    count = int(devices) if str(devices).isdigit() else (gpus if on_gpu else 1)  # auto, -1: every GPU (as Lightning)
     if on_gpu:
         if gpus == 0:
             raise BamError("a GPU job (trainer.accelerator=gpu), but the launcher has no GPU: none is visible here, "
@@ -227,8 +231,14 @@ class Job:
     started: float = 0.0
     seconds: float = 0.0
     returncode: Optional[int] = None
+    log_from: int = 0  # where this attempt's output starts in its log (a rerun appends)
+    signalled: bool = False  # sent the sweep's stop
     waiting_said: bool = False
     _log_file: Optional[TextIO] = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.returncode is None
 
 
 def distinguishing(overrides: Sequence[str], varying: set[str]) -> list[str]:
@@ -243,29 +253,37 @@ def log_name(number: int, overrides: Sequence[str], varying: set[str]) -> str:
 
 
 def varying_keys(batch: Sequence[Sequence[str]]) -> set[str]:
-    """The keys whose value differs between the jobs of a batch."""
+    """The keys whose value differs between the jobs of a batch (or that some jobs lack)."""
     values: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
     for overrides in batch:
         for o in overrides:
             key, _, value = o.partition("=")
             values.setdefault(key.lstrip("+~"), set()).add(value)
-    return {k for k, v in values.items() if len(v) > 1 or sum(k == o.partition("=")[0].lstrip("+~")
-                                                             for b in batch for o in b) < len(batch)}
+            counts[key.lstrip("+~")] = counts.get(key.lstrip("+~"), 0) + 1
+    return {k for k, v in values.items() if len(v) > 1 or counts[k] < len(batch)}
 
 
 def hydra_quoted(path: Path) -> str:
-    """A path as a Hydra override value (quoted: a path may hold characters Hydra's grammar reads)."""
-    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A path as a Hydra override value, quoted (a path may hold characters Hydra's grammar reads). In Hydra's
+    quoted strings a backslash escapes only a quote or the backslashes before one, or at the end."""
+    text = str(path)
+    quote = "'" if "'" not in text or '"' in text else '"'
+    text = re.sub(r"(\\*)(" + quote + "|$)", lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
+                  text)
+    return quote + text + quote
 
 
-def error_of(log: Path, returncode: int) -> tuple[str, int]:
+def error_of(log: Path, returncode: int, start: int = 0) -> tuple[str, int]:
     """(the one-line error a failed job said, its exit code as a sweep's failed job): the last ``error:`` line of
-    its log, else how it ended."""
+    its log from byte ``start`` on (this attempt's output), else how it ended."""
     said = None
     try:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("error: "):
-                said = line[len("error: "):].strip()
+        with open(log, "rb") as f:
+            f.seek(start)
+            for raw in f:
+                if raw.startswith(b"error: "):
+                    said = raw[len(b"error: "):].decode(errors="replace").strip()
     except OSError:
         pass
     if returncode < 0:
@@ -284,9 +302,20 @@ class Console:
         print(f"[job {job.number}] {what:<8} {job.label}{'  ' + detail if detail else ''}", file=self.out, flush=True)
 
 
+# What a job's process must not inherit from a launcher that runs inside a SLURM allocation: the task layout of
+# the allocation's step, by which Lightning would take the job for ranks SLURM started (and hand SIGUSR1 to its
+# requeue). SLURM_JOB_ID stays: the stage locks record it.
+SLURM_TASK_ENV = re.compile(r"^SLURM_(NTASKS|NTASKS_PER_NODE|TASKS_PER_NODE|PROCID|LOCALID|NODEID|STEP_\w+|SRUN_\w+)$")
+
+
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """The environment every job's process starts from: the launcher's, less SLURM's task layout."""
+    return {k: v for k, v in env.items() if not SLURM_TASK_ENV.match(k)}
+
+
 @dataclass
 class LocalLaunch:
-    """One batch of a sweep run side by side (:func:`launch_batch` drives it)."""
+    """A sweep's jobs run side by side (:func:`launch_batch` drives it)."""
 
     jobs: list[Job]
     slots: Slots
@@ -304,57 +333,59 @@ class LocalLaunch:
                 self._write_log(job, f"error: {job.problem}\n")
                 job.returncode = USER_ERROR
                 self.console.say(job, "failed", f"before starting: {job.problem}")
-        running: list[Job] = []
-        while pending or running:
+        while pending or any(j.running for j in self.jobs):
             if self.stop_signal is None:
-                self._start_what_fits(pending, running)
-            for job in [j for j in running if j.proc is not None and j.proc.poll() is not None]:
-                running.remove(job)
+                self._start_what_fits(pending)
+            for job in [j for j in self.jobs if j.running and j.proc.poll() is not None]:
                 self._finished(job)
             if self.stop_signal is not None and pending:
                 for job in pending:
                     self.console.say(job, "not run", "the sweep was stopped")
                 pending.clear()
-            time.sleep(POLL_S if running else 0)
+            if any(j.running for j in self.jobs):
+                time.sleep(POLL_S)
 
-    def _start_what_fits(self, pending: deque[Job], running: list[Job]) -> None:
+    def _start_what_fits(self, pending: deque[Job]) -> None:
         for job in list(pending):
-            if self.max_parallel is not None and len(running) >= self.max_parallel:
-                break
+            if self.stop_signal is not None:
+                return
             assert job.need is not None
-            slot = self.slots.take(job.need)
+            full = self.max_parallel is not None and sum(j.running for j in self.jobs) >= self.max_parallel
+            slot = None if full else self.slots.take(job.need)
             if slot is None:
-                if not job.waiting_said and running:
+                if not job.waiting_said and any(j.running for j in self.jobs):
                     job.waiting_said = True
-                    self.console.say(job, "waiting", "for a free slot")
+                    self.console.say(job, "waiting", f"for {'a job to end' if full else 'a free slot'}")
                 continue
             pending.remove(job)
             self._start(job, slot)
-            running.append(job)
 
     def _start(self, job: Job, slot: Slot) -> None:
         job.slot, job.started = slot, time.monotonic()
         log = self._write_log(job, f"# {time.strftime('%Y-%m-%d %H:%M:%S')} job {job.number} on "
-                                   f"{slot.describe()}: {shlex.join(job.command)}\n", keep_open=True)
-        env = {**self.env, **slot.env(self.machine_has_gpus), PARENT_DEATH_ENV: "SIGTERM", "PYTHONUNBUFFERED": "1",
-               "TQDM_MININTERVAL": "10"}  # progress bars in a log: a line every 10 s, not every step
+                                   f"{slot.describe()}: {command_line(job.command)}\n", keep_open=True)
+        job.log_from = log.tell()
+        env = {**job_environment(self.env), **slot.env(self.machine_has_gpus), PARENT_DEATH_ENV: "SIGTERM",
+               PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         job.proc = subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, start_new_session=True)  # its own group: the launcher signals it
         self.console.say(job, "running", f"({slot.describe()}; log: {job.log})")
+        if self.stop_signal is not None:  # the stop came while it was starting: it gets it too
+            self._signal(job, signal.SIGTERM)
 
     def _finished(self, job: Job) -> None:
         assert job.proc is not None and job.slot is not None
         job.returncode, job.seconds = job.proc.returncode, time.monotonic() - job.started
+        self._signal(job, signal.SIGKILL)  # what its process left in its group (a rank, a worker) goes with it
         if job._log_file is not None:
             job._log_file.close()
         self.slots.give(job.slot)
         if job.returncode == 0:
             self.console.say(job, "done", f"in {job.seconds:.1f} s")
-        elif self.stop_signal is not None:
-            self.console.say(job, "stopped", f"after {job.seconds:.1f} s (log: {job.log})")
-        else:
-            message, _ = error_of(job.log, job.returncode)
-            self.console.say(job, "failed", f"after {job.seconds:.1f} s: {message} (log: {job.log})")
+            return
+        message, _ = error_of(job.log, job.returncode, job.log_from)
+        what = "stopped" if job.signalled else "failed"
+        self.console.say(job, what, f"after {job.seconds:.1f} s: {message} (log: {job.log})")
 
     def _write_log(self, job: Job, text: str, keep_open: bool = False) -> TextIO:
         job.log.parent.mkdir(parents=True, exist_ok=True)
@@ -367,23 +398,39 @@ class LocalLaunch:
             f.close()
         return f
 
+    @staticmethod
+    def _signal(job: Job, sig: int) -> None:
+        """``sig`` to the job's process group (its process, and every process it started that stayed in it)."""
+        try:
+            os.killpg(job.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def stop(self, signum: int) -> None:
-        """A stop signal to the sweep: SIGTERM to every running job (each checkpoints), SIGKILL on a second."""
+        """A stop signal to the sweep: SIGTERM to every running job (a training stage checkpoints on it), SIGKILL
+        on a second signal."""
         first = self.stop_signal is None
         self.stop_signal = self.stop_signal or signum
-        sig = signal.SIGTERM if first else signal.SIGKILL
         self.killed = self.killed or not first
         for job in self.jobs:
-            if job.proc is not None and job.proc.poll() is None:
-                try:
-                    os.killpg(job.proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            if job.running:
+                job.signalled = True
+                self._signal(job, signal.SIGTERM if first else signal.SIGKILL)
+
+    def abandon(self) -> None:
+        """The launcher itself failed: kill every running job and reap it, its log closed."""
+        for job in self.jobs:
+            if job.running:
+                self._signal(job, signal.SIGKILL)
+                job.proc.wait()
+                job.returncode = job.proc.returncode
+            if job._log_file is not None and not job._log_file.closed:
+                job._log_file.close()
 
 
 def launch_batch(batch: LocalLaunch) -> None:
-    """Run a batch with the sweep's stop signals (SIGINT, SIGTERM) forwarded to its jobs; then, if one came,
-    raise :class:`~bam_pipeline.training.preemption.Stopped`."""
+    """Run the jobs with the sweep's stop signals (SIGINT, SIGTERM) forwarded to them; then, if one came, raise
+    :class:`~bam_pipeline.training.preemption.Stopped`."""
     from bam_pipeline.training.preemption import Stopped
 
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -393,18 +440,18 @@ def launch_batch(batch: LocalLaunch) -> None:
     try:
         batch.run()
     except BaseException:
-        batch.stop(signal.SIGTERM)
-        batch.stop(signal.SIGTERM)  # a launcher failing on its own leaves no job behind: SIGKILL
+        batch.abandon()
         raise
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
     if batch.stop_signal is not None:
         name = signal.Signals(batch.stop_signal).name
-        stopped = sum(1 for j in batch.jobs if j.returncode not in (None, 0))
-        raise Stopped(batch.stop_signal, f"stopped by {name}: {stopped} job(s) stopped "
-                      f"({'killed' if batch.killed else 'each saved a checkpoint'}); re-run the same command to "
-                      "finish what is unfinished")
+        stopped = sum(j.signalled for j in batch.jobs)
+        unstarted = sum(j.proc is None and j.problem is None for j in batch.jobs)
+        how = "killed them (a second signal)" if batch.killed else "sent them SIGTERM, on which training saves a checkpoint"
+        raise Stopped(batch.stop_signal, f"stopped by {name}: {stopped} running job(s) stopped ({how}), {unstarted} "
+                      "not started; re-run the same command to finish what is unfinished")
 
 
 def outcome_of(job: Job) -> tuple[bool, Optional[JobFailed]]:
@@ -413,12 +460,13 @@ def outcome_of(job: Job) -> tuple[bool, Optional[JobFailed]]:
         return True, None
     if job.problem is not None:
         return False, JobFailed(f"{job.problem} (log: {job.log})", USER_ERROR)
-    message, code = error_of(job.log, job.returncode if job.returncode is not None else 1)
+    message, code = error_of(job.log, job.returncode if job.returncode is not None else 1, job.log_from)
     return False, JobFailed(f"{message} (log: {job.log})", code)
 
 
 def machine_gpus(env: dict[str, str]) -> tuple[str, ...]:
-    """The GPU ids this process sees: CUDA_VISIBLE_DEVICES's entries where it is set, else torch's count."""
+    """The GPU ids this process sees, as CUDA_VISIBLE_DEVICES spells them: its entries where it is set, else
+    0 .. torch's count - 1."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return tuple(v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1")
@@ -430,41 +478,62 @@ def machine_gpus(env: dict[str, str]) -> tuple[str, ...]:
         return ()
 
 
-def machine_cores() -> tuple[int, ...]:
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
+def chosen_gpus(spec: LocalLauncherSpec, visible: Sequence[str]) -> tuple[str, ...]:
+    """The GPUs the jobs share: ``hydra.launcher.devices`` (each one this process sees), else every visible one."""
+    if spec.devices is None:
+        return tuple(visible)
+    unseen = [d for d in spec.devices if d not in visible]
+    if unseen:
+        raise ConfigError("hydra.launcher.devices", ",".join(spec.devices), f"{', '.join(unseen)} not among the GPUs "
+                          f"this process sees ({', '.join(visible) or 'none'}; ids as CUDA_VISIBLE_DEVICES spells them)")
+    return spec.devices
 
 
-def plan_jobs(spec: LocalLauncherSpec, batch: Sequence[Sequence[str]], first: int,
+def chosen_cores(spec: LocalLauncherSpec) -> tuple[int, ...]:
+    """The cores the jobs share: ``hydra.launcher.cores`` (each one this process may run on), else all of those."""
+    mine = available_cores()
+    if spec.cores is None:
+        return mine
+    unseen = [c for c in spec.cores if c not in mine]
+    if unseen:
+        raise ConfigError("hydra.launcher.cores", ",".join(map(str, spec.cores)), f"{', '.join(map(str, unseen))} not "
+                          f"among the cores this process may run on ({_ranges(mine)})")
+    return spec.cores
+
+
+def plan_jobs(spec: LocalLauncherSpec, batch: Sequence[tuple[int, Sequence[str]]],
               compose: Callable[[Sequence[str]], Any], extra: Sequence[str], typed: Callable[[str], str],
               gpus: Sequence[str], cores: Sequence[int]) -> list[Job]:
-    """The batch's jobs: each one's command, log and need (``compose``: a job's overrides to its config;
-    ``extra``: Hydra overrides every job's command gets; ``typed``: an override as the user typed it)."""
-    varying = varying_keys(batch)
-    composed = [compose(list(o)) for o in batch]
-    trainers = [dict(_plain(c.trainer)) for c in composed]
-    cpu_processes = 0
-    for t in trainers:
-        try:
-            n = job_need(t, gpus=len(gpus), cores=len(cores), threads=1)
-        except BamError:
-            continue
-        cpu_processes += n.processes if n.gpus == 0 else 0
-    threads = spec.threads or default_threads(cpu_processes, len(cores))
-    jobs = []
-    for number, (overrides, cfg, trainer) in enumerate(zip(batch, composed, trainers), first):
+    """The jobs, (number, overrides) each: each one's command, log and need (``compose``: a job's overrides to
+    its config; ``extra``: what every job's command gets before its overrides, the sweep's own Hydra arguments;
+    ``typed``: an override as the user typed it)."""
+    varying = varying_keys([o for _, o in batch])
+    jobs, trainers = [], []
+    for number, overrides in batch:
+        cfg = compose(list(overrides))
         layout = RunLayout(Path(str(cfg.paths.run_dir)).resolve())
-        sweep_dir = Path(str(cfg.hydra.sweep.dir)).resolve()
-        command = [sys.executable, "-m", "bam_pipeline", *(typed(o) for o in overrides), *extra,
-                   f"hydra.run.dir={hydra_quoted(sweep_dir / str(number))}"]
+        run_dir = Path(str(cfg.hydra.sweep.dir)).resolve() / str(number)
+        command = [sys.executable, "-m", "bam_pipeline", *extra, *(typed(o) for o in overrides),
+                   f"hydra.run.dir={hydra_quoted(run_dir)}"]
         label = command_line(distinguishing(overrides, varying) or overrides)
-        job = Job(number, list(overrides), command, layout.sweep_log(log_name(number, overrides, varying)), label)
+        jobs.append(Job(number, list(overrides), command, layout.sweep_log(log_name(number, overrides, varying)),
+                        label))
+        trainers.append(_plain(cfg.trainer))
+    needs: list[Any] = []
+    for trainer in trainers:  # first with one thread each: how many CPU processes share the cores
         try:
+            needs.append(job_need(trainer, gpus=len(gpus), cores=len(cores), threads=1))
+        except Exception as e:  # a value no job can run with: that job's failure, never the sweep's
+            needs.append(e)
+    cpu_processes = sum(n.processes for n in needs if isinstance(n, Need) and n.gpus == 0)
+    threads = spec.threads or default_threads(cpu_processes, len(cores))
+    for job, trainer, need in zip(jobs, trainers, needs):
+        if isinstance(need, BamError):
+            job.problem = str(need)
+        elif isinstance(need, Exception):
+            job.problem = f"trainer={trainer}: {type(need).__name__}: {need}"
+        else:
             job.need = job_need(trainer, gpus=len(gpus), cores=len(cores), threads=threads)
-        except BamError as e:
-            job.problem = str(e)
-        jobs.append(job)
     return jobs
 
 
@@ -487,34 +556,44 @@ def job_returns(jobs: Sequence[Job], config: Any) -> list[Any]:
     return out
 
 
-def sweep_extra_overrides(config: Any) -> list[str]:
-    """The sweep's Hydra overrides that each job's command keeps (``hydra.verbose=...``), not the launcher's,
-    the sweeper's or the sweep's folder."""
-    return [str(o) for o in config.hydra.overrides.hydra if not NOT_A_JOBS.match(str(o))]
+def sweep_arguments(config: Any) -> list[str]:
+    """What every job's command keeps of the sweep's own Hydra arguments: the primary config and config folder
+    given on the command line (``--config-name``, ``--config-dir``), and Hydra overrides (``hydra.verbose=...``)
+    that are not the launcher's, the sweeper's or the sweep's folder."""
+    from bam_pipeline.config.files import PRIMARY
+
+    args: list[str] = []
+    name = config.hydra.job.get("config_name")
+    if name and name != PRIMARY:
+        args += ["--config-name", str(name)]
+    for source in config.hydra.runtime.get("config_sources") or []:
+        if source.get("provider") == "command-line" and str(source.get("schema")) == "file":
+            args += ["--config-dir", str(source.path).removeprefix("file://")]
+    return args + [str(o) for o in config.hydra.overrides.hydra if not NOT_A_JOBS.match(str(o))]
 
 
-def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
-           typed: Callable[[str], str] = lambda o: o) -> list[Any]:
-    """``Launcher.launch`` of ``hydra/launcher=local`` (``launcher``: its plugin, holding Hydra's context and its
-    settings; ``typed``: an override as the user typed it, where the entry point respelt it for Hydra)."""
+def launch(launcher: Any, jobs: Sequence[tuple[int, Sequence[str]]], *, typed: Callable[[str], str] = lambda o: o,
+           env: Optional[dict[str, str]] = None) -> list[Any]:
+    """Run the sweep's ``jobs`` ((number, overrides) each) side by side: ``hydra/launcher=local``'s launch
+    (``launcher``: its plugin, holding Hydra's context and its settings; ``typed``: an override as the user typed
+    it, where the entry point respelt it for Hydra; ``env``: the environment the jobs start from, the user's)."""
     spec = LocalLauncherSpec.read(launcher.devices, launcher.cores, launcher.threads, launcher.max_parallel)
-    env = dict(os.environ)
-    gpus = spec.devices if spec.devices is not None else machine_gpus(env)
-    cores = spec.cores if spec.cores is not None else machine_cores()
+    env = dict(os.environ) if env is None else env
+    visible = machine_gpus(env)
+    gpus, cores = chosen_gpus(spec, visible), chosen_cores(spec)
     config, loader = launcher.config, launcher.hydra_context.config_loader
-    jobs = plan_jobs(spec, job_overrides, initial_job_idx,
-                     lambda o: loader.load_sweep_config(master_config=config, sweep_overrides=list(o)),
-                     sweep_extra_overrides(config), typed, gpus, cores)
+    planned = plan_jobs(spec, jobs, lambda o: loader.load_sweep_config(master_config=config, sweep_overrides=list(o)),
+                        sweep_arguments(config), typed, gpus, cores)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    print(f"sweep: {describe_batch(jobs, gpus, cores, spec.max_parallel)} (hydra/launcher=local)", flush=True)
-    batch = LocalLaunch(jobs, Slots(gpus, cores), spec.max_parallel, Console(sys.stdout), bool(gpus), env)
+    print(f"sweep: {describe_batch(planned, gpus, cores, spec.max_parallel)} (hydra/launcher=local)", flush=True)
+    batch = LocalLaunch(planned, Slots(gpus, cores), spec.max_parallel, Console(sys.stdout), bool(visible), env)
     launch_batch(batch)
-    return job_returns(jobs, config)
+    return job_returns(planned, config)
 
 
 def describe_batch(jobs: Sequence[Job], gpus: Sequence[str], cores: Sequence[int], max_parallel: Optional[int]
                    ) -> str:
-    """The batch in words: its jobs, the machine they share, CPU threads per process."""
+    """The jobs in words: how many, the machine they share, CPU threads per process."""
     where = (f"GPUs {','.join(gpus)} and " if gpus else "") + f"cores {_ranges(cores)}"
     threads = sorted({j.need.threads for j in jobs if j.need is not None and j.need.gpus == 0})
     per = f", {threads[0]} CPU thread(s) per process" if len(threads) == 1 else ""

@@ -10,8 +10,10 @@ import sys
 
 # What the local launcher gives a job's process, in its environment: the cores it may run on ("0,1,2")
 CORES_ENV = "BAM_JOB_CORES"
-# the signal it gets when the launcher dies ("SIGTERM"), so that no job trains on without a sweep to report to
+# the signal it gets when the launcher dies ("SIGTERM"), so that no job trains on without a sweep to report to,
+# and the launcher's pid (a launcher that died before the job could ask for that signal is noticed)
 PARENT_DEATH_ENV = "BAM_JOB_PARENT_DEATH_SIGNAL"
+PARENT_PID_ENV = "BAM_JOB_PARENT_PID"
 # The environment variables that set how many CPU threads a process's libraries use: torch (OpenMP, MKL),
 # BLAS, and the tokenizers' Rust thread pool
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
@@ -29,6 +31,13 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def available_cores() -> tuple[int, ...]:
+    """The CPU cores this process may run on (its affinity where the OS has one, else every core)."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """The environment that gives a process's libraries ``threads`` CPU threads each."""
     return {name: str(threads) for name in THREAD_ENV}
@@ -43,6 +52,8 @@ def apply_job_settings() -> None:
             os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
         except OSError:  # a core the OS does not let this process use: run where it may
             pass
-    death = os.environ.pop(PARENT_DEATH_ENV, None)
+    death, parent = os.environ.pop(PARENT_DEATH_ENV, None), os.environ.pop(PARENT_PID_ENV, None)
     if death:
         die_with_parent(signal.Signals[death])
+        if parent and os.getppid() != int(parent):  # the launcher died before the line above: as if after it
+            os.kill(os.getpid(), signal.Signals[death])

@@ -9,7 +9,8 @@ A stop signal (SIGTERM, SIGINT) is no failed job: it still stops the whole sweep
 The same code path under every launcher: the sweeper (:func:`sweep_every_job`) runs in the command's
 process and reads each job's outcome from the ``JobReturn`` its launcher hands back (made in this
 process by Hydra's basic launcher, pickled back by submitit for ``submitit_local`` and
-``hydra/launcher=slurm``).
+``hydra/launcher=slurm``, made by ``hydra/launcher=local`` from each job process's exit code and log:
+:mod:`bam_pipeline.launcher`).
 A failed job's app raises :class:`JobFailed` (its message and exit code, picklable), which Hydra's
 ``run_job`` records as that job's return value. Hydra finds the sweeper as a plugin
 (``hydra_plugins.bam_pipeline_sweeper.EveryJobSweeper``, chosen by ``conf/hydra/sweeper/every_job.yaml``).
@@ -121,7 +122,8 @@ def sweep_every_job(sweeper: Any, arguments: List[str]) -> list[Sequence[JobRetu
 
 def _launch(sweeper: Any, batch: Sequence[Sequence[str]], first: int, failed: list[FailedJob]) -> list[JobReturn]:
     """Launches the batch's composable jobs, each run of consecutive ones under its first job's number (one
-    launch after the other: only a job that cannot be composed splits a batch); adds every failed job to
+    launch after the other: only a job that cannot be composed splits a batch; a launcher with
+    ``launch_numbered``, hydra/launcher=local, gets them all at once, numbered); adds every failed job to
     ``failed``."""
     runs: list[tuple[int, list[Sequence[str]]]] = []
     for number, overrides in enumerate(batch, first):
@@ -134,15 +136,16 @@ def _launch(sweeper: Any, batch: Sequence[Sequence[str]], first: int, failed: li
             continue
         announce(number, message)
         failed.append(FailedJob(number, tuple(overrides), message, USER_ERROR))
-    results: list[JobReturn] = []
-    for start, jobs in runs:
-        returned = sweeper.launcher.launch(jobs, initial_job_idx=start)
-        for number, ret in enumerate(returned, start):
-            failure = outcome(ret, number)
-            if failure is not None:
-                failed.append(failure)
-        results.extend(returned)
-    return results
+    numbered = [(start + i, o) for start, jobs in runs for i, o in enumerate(jobs)]
+    if hasattr(sweeper.launcher, "launch_numbered"):  # one launch for them all (hydra/launcher=local: side by side)
+        returned = list(sweeper.launcher.launch_numbered(numbered)) if numbered else []
+    else:
+        returned = [ret for start, jobs in runs for ret in sweeper.launcher.launch(jobs, initial_job_idx=start)]
+    for (number, _), ret in zip(numbered, returned):
+        failure = outcome(ret, number)
+        if failure is not None:
+            failed.append(failure)
+    return returned
 
 
 def _composition_error(sweeper: Any, overrides: Sequence[str]) -> Optional[str]:

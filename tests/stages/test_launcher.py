@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from omegaconf import OmegaConf
@@ -20,7 +22,8 @@ from cli_runner import cli, paused, start
 
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.launcher import (Console, Job, LocalLauncherSpec, LocalLaunch, Need, Slots, default_threads,
-                                   error_of, job_need, launch_batch, log_name, outcome_of, varying_keys)
+                                   error_of, hydra_quoted, job_environment, job_need, launch_batch, log_name,
+                                   outcome_of, sweep_arguments, varying_keys)
 from bam_pipeline.processes import CORES_ENV, thread_env
 from bam_pipeline.store.artifacts import read_artifact
 from bam_pipeline.training.preemption import Stopped
@@ -103,6 +106,8 @@ def test_a_failed_jobs_error_is_its_last_error_line_or_how_it_died(tmp_path):
     assert error_of(log, 2) == ("the data is missing; run stage=data", 2)
     log.write_text("no error line\n")
     assert error_of(log, -signal.SIGKILL) == ("killed by SIGKILL", 1) and error_of(log, 1) == ("exited with code 1", 1)
+    log.write_text("error: the first attempt's\n# rerun\nprogress\n")  # a log appended to by a rerun
+    assert error_of(log, -signal.SIGKILL, start=len("error: the first attempt's\n")) == ("killed by SIGKILL", 1)
 
 
 # ---- scheduling, on stand-in jobs ----------------------------------------------------------------------
@@ -154,8 +159,9 @@ def test_max_parallel_caps_the_jobs_at_once(tmp_path):
     jobs = [_job(tmp_path, i, script, Need(0, 1, 1, 1)) for i in range(3)]
     out = io.StringIO()
     LocalLaunch(jobs, Slots([], range(8)), 1, Console(out), False, dict(os.environ)).run()
-    lines = [line.split()[2] for line in out.getvalue().splitlines()]
+    lines = [line.split()[2] for line in out.getvalue().splitlines() if "waiting" not in line]
     assert lines == ["running", "done"] * 3  # one after the other
+    assert "[job 1] waiting  x=1  for a job to end" in out.getvalue()
 
 
 TRAP = """
@@ -178,10 +184,75 @@ def test_a_stop_signal_stops_every_job_and_starts_no_other(tmp_path):
     launch = LocalLaunch(jobs, Slots([], range(2)), None, Console(out), False, dict(os.environ))
     with pytest.raises(Stopped) as e:
         launch_batch(launch)
-    assert e.value.exit_code == 130 and "stopped by SIGINT: 2 job(s) stopped" in str(e.value)
+    assert e.value.exit_code == 130 and "stopped by SIGINT: 2 running job(s) stopped" in str(e.value)
+    assert "1 not started" in str(e.value)
     assert all((tmp_path / f"job{i}" / "got-sigterm").exists() for i in (0, 1))  # each job got SIGTERM
     assert not (tmp_path / "job2" / "started").exists() and "[job 2] not run" in out.getvalue()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the launcher's handlers are gone
+
+
+def test_a_stop_that_comes_while_a_job_starts_reaches_it(tmp_path):
+    job = _job(tmp_path, 1, TRAP, Need(0, 1, 1, 1))
+    launch = LocalLaunch([job], Slots([], range(2)), None, Console(io.StringIO()), False, dict(os.environ))
+    launch.stop_signal = signal.SIGINT  # as if the handler ran while Popen was starting the job
+    launch._start(job, launch.slots.take(job.need))
+    assert job.proc.wait(60) in (143, -signal.SIGTERM)  # its handler ran, or the signal came before it was set
+
+
+LEAVES_A_CHILD = """
+import subprocess, sys
+from pathlib import Path
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+(Path(sys.argv[1]) / "child").write_text(str(child.pid))
+"""
+
+
+def test_what_a_job_left_in_its_group_goes_before_its_slot_is_given_again(tmp_path):
+    """A job whose process ended while a process it started lives on (a DDP rank, a data worker): that process is
+    killed, so the next job on the slot finds it free."""
+    job = _job(tmp_path, 0, LEAVES_A_CHILD, Need(0, 1, 1, 1))
+    LocalLaunch([job], Slots([], range(1)), None, Console(io.StringIO()), False, dict(os.environ)).run()
+    child = int((tmp_path / "job0" / "child").read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.01)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, awaiting its parent
+    except FileNotFoundError:
+        return False
+
+
+def test_a_job_in_a_slurm_allocation_is_not_taken_for_slurm_ranks():
+    env = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "train", "PATH": "/bin"}
+    assert job_environment(env) == {"SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "train", "PATH": "/bin"}
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    with mock.patch.dict(os.environ, job_environment(env), clear=True):
+        assert not SLURMEnvironment.detect()  # Lightning launches the job's own ranks
+
+
+def test_the_sweeps_own_hydra_arguments_reach_every_job():
+    config = OmegaConf.create({"hydra": {
+        "job": {"config_name": "mine"},
+        "runtime": {"config_sources": [{"path": "pkg://bam_pipeline.conf", "schema": "pkg", "provider": "main"},
+                                       {"path": "file:///x/my conf", "schema": "file", "provider": "command-line"}]},
+        "overrides": {"hydra": ["hydra/launcher=local", "hydra.launcher.threads=1", "hydra.verbose=true",
+                                "hydra.sweep.dir=/s", "hydra.mode=MULTIRUN"]}}})
+    assert sweep_arguments(config) == ["--config-name", "mine", "--config-dir", "/x/my conf", "hydra.verbose=true"]
+
+
+@pytest.mark.parametrize("path", ["/tmp/a b/c", "/tmp/it's", "/tmp/x\\y", "/tmp/end\\"])
+def test_a_path_reaches_the_job_as_hydra_reads_it(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    [override] = OverridesParser.create().parse_overrides([f"hydra.run.dir={hydra_quoted(Path(path))}"])
+    assert override.value() == path
 
 
 def test_a_job_that_cannot_run_fails_without_starting_and_names_its_log(tmp_path):
@@ -214,19 +285,15 @@ def test_a_bad_job_is_named_with_its_log_and_the_other_publishes(smoke_copy):
 def _pids_of(parent: int, needle: str) -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.Process(parent).children(recursive=True) if needle in " ".join(p.cmdline())]
+    return [p.pid for p in psutil.Process(parent).children() if needle in " ".join(p.cmdline())]  # the job processes
 
 
 def test_a_job_killed_mid_sweep_leaves_the_other_and_a_rerun_finishes_only_it(smoke_run, tmp_path):
     """Branches code and math side by side, math held at its first checkpoint and SIGKILLed there: code publishes,
     the sweep names math; the same command again reuses code and resumes math. Code's weights equal code's
     branch trained alone with the same one thread."""
-    import shutil
-
-    root, alone = tmp_path / "stages", tmp_path / "alone"
-    for r in (root, alone):
-        for part in ("data", "seed"):
-            shutil.copytree(smoke_run[0] / "smoke" / part, r / "smoke" / part)
+    root = _with_data_and_seed(smoke_run, tmp_path)
+    alone = _with_data_and_seed(smoke_run, tmp_path / "alone")
     go = tmp_path / "go"
     hold, ready = paused(tmp_path, go=go, only="branch/math")
     args = ("-m", LOCAL, "hydra.launcher.threads=1", "stage=branch", "domain=code,math", "budget.branch.tokens=4096",
@@ -253,8 +320,8 @@ def test_a_job_killed_mid_sweep_leaves_the_other_and_a_rerun_finishes_only_it(sm
     again = cli(root, *args, timeout=300)
     assert again.returncode == 0, again.out[-3000:]
     assert code.stat().st_mtime_ns == before  # not trained again
-    assert "up to date" in (root / "smoke" / "logs" / "sweep" / "0-domain=code.log").read_text().split("# ")[-1]
-    assert "resuming from" in math_log.read_text().split("# ")[-1]
+    assert "up to date" in (root / "smoke" / "logs" / "sweep" / "0-domain=code.log").read_text().split("\n# ")[-1]
+    assert "resuming from" in math_log.read_text().split("\n# ")[-1]
     read_artifact(root / "smoke" / "branch" / "math").verify()
 
     cli(alone, "stage=branch", "domain=code", "budget.branch.tokens=4096", "train.val_every=4", check=True,
@@ -262,12 +329,54 @@ def test_a_job_killed_mid_sweep_leaves_the_other_and_a_rerun_finishes_only_it(sm
     assert (alone / "smoke" / "branch" / "code" / "model.safetensors").read_bytes() == code.read_bytes()
 
 
-def test_two_jobs_of_one_artifact_the_lock_lets_one_write(smoke_run, tmp_path):
+def test_a_stop_to_the_sweep_checkpoints_every_job_and_the_rerun_resumes_them(smoke_run, tmp_path):
+    """SIGTERM to the sweep's process alone (as `kill <pid>`, or Ctrl-C's SIGINT) while both branches are held at
+    a checkpoint: each job gets SIGTERM, saves its stop checkpoint and exits; the sweep exits 143 with one line.
+    The same command again resumes both from their checkpoints."""
+    root = _with_data_and_seed(smoke_run, tmp_path)
+    go, holds, readies = tmp_path / "go", [], []
+    for domain in ("code", "math"):
+        (tmp_path / domain).mkdir()
+        hold, ready = paused(tmp_path / domain, go=go, only=f"branch/{domain}")
+        holds.append(hold.replace("+callbacks.pause=", f"+callbacks.pause_{domain}="))
+        readies.append(ready)
+    args = ("-m", LOCAL, "hydra.launcher.threads=1", "stage=branch", "domain=code,math", "budget.branch.tokens=4096",
+            "train.val_every=4", *holds)
+    p = start(root, *args)
+    deadline = time.monotonic() + 300
+    while not all(r() for r in readies) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert all(r() for r in readies), p.communicate()[0][-3000:]
+    os.kill(p.pid, signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 143, out[-3000:]
+    [line] = _errors(out)
+    assert line.startswith("error: stopped by SIGTERM: 2 running job(s) stopped"), line
+    logs = root / "smoke" / "logs" / "sweep"
+    for domain, log in (("code", "0-domain=code.log"), ("math", "1-domain=math.log")):
+        assert list((root / "smoke" / ".work" / "branch" / domain / "checkpoints").glob("stop-step=*.ckpt"))
+        assert f"branch/{domain}: stopped by SIGTERM after step" in (logs / log).read_text()
+        assert f"[job {'01'[domain == 'math']}] stopped" in out
+    go.touch()
+    again = cli(root, *args, timeout=300)
+    assert again.returncode == 0, again.out[-3000:]
+    for domain, log in (("code", "0-domain=code.log"), ("math", "1-domain=math.log")):
+        assert "resuming from" in (logs / log).read_text().split("\n# ")[-1]  # this attempt's part of the log
+        read_artifact(root / "smoke" / "branch" / domain).verify()
+
+
+def _with_data_and_seed(smoke_run, tmp_path: Path) -> Path:
+    """A stages root holding the smoke run's prepared data and seed only."""
     import shutil
 
     root = tmp_path / "stages"
     for part in ("data", "seed"):
         shutil.copytree(smoke_run[0] / "smoke" / part, root / "smoke" / part)
+    return root
+
+
+def test_two_jobs_of_one_artifact_the_lock_lets_one_write(smoke_run, tmp_path):
+    root = _with_data_and_seed(smoke_run, tmp_path)
     go = tmp_path / "go"
     hold, ready = paused(tmp_path, go=go)
     p = start(root, "-m", LOCAL, "stage=branch", "domain=code,code", "budget.branch.tokens=8192", "train.val_every=4",
@@ -287,15 +396,11 @@ def test_two_jobs_of_one_artifact_the_lock_lets_one_write(smoke_run, tmp_path):
 
 @pytest.mark.slow  # two gloo processes in one job: about 40 s on 2 cores
 def test_a_ddp_job_runs_under_the_launcher(smoke_run, tmp_path):
-    import shutil
-
-    root = tmp_path / "stages"
-    for part in ("data", "seed"):
-        shutil.copytree(smoke_run[0] / "smoke" / part, root / "smoke" / part)
+    root = _with_data_and_seed(smoke_run, tmp_path)
     r = cli(root, "-m", LOCAL, "hydra.launcher.threads=1", "stage=branch", "domain=code", "trainer=ddp_cpu",
             "train.batch_size=2",
             "budget.branch.tokens=4096", timeout=600)
     assert r.returncode == 0, r.out[-3000:]
-    assert "cores 0-1, 1 thread" in r.out  # two processes of one thread
+    assert re.search(r"\[job 0\] running .*cores \S+, 1 thread;", r.out), r.out  # two processes of one thread
     assert [p.name for p in (root / "smoke" / "branch").iterdir()] == ["code"]
     read_artifact(root / "smoke" / "branch" / "code").verify()

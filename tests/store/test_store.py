@@ -154,6 +154,23 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, capsys, why, fields, 
     assert "taking over the lock" in out and (why in out or why == "not written by us")
 
 
+def test_on_one_host_the_holders_process_decides_in_a_slurm_job_too(tmp_path, monkeypatch, sleeper):
+    """The jobs of hydra/launcher=local inside one SLURM allocation share SLURM_JOB_ID: a live sibling's lock
+    holds; a dead one's, or one whose pid now names a process started after the lock, is taken over."""
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    path = tmp_path / "main.lock"
+    _holder_file(path, pid=sleeper, slurm_job="777")
+    with pytest.raises(BamError, match=f"being built by another run \\(pid {sleeper} on .*SLURM job 777"):
+        StageLock(path, "seed").acquire()
+    now = time.time()
+    assert stale_reason(Holder(socket.gethostname(), 2**22 + 12345, "777", now, now)) == \
+        f"its process {2**22 + 12345} is gone"
+    # a lock taken an hour ago by a pid that now names the sleeper, started seconds ago: its holder is gone
+    assert stale_reason(Holder(socket.gethostname(), sleeper, "777", now - 3600, now)) == \
+        f"its process {sleeper} is gone (the pid now names a process started after the lock)"
+
+
 def test_a_slurm_job_that_no_longer_runs_leaves_a_stale_lock(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

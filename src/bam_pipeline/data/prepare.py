@@ -48,8 +48,8 @@ from bam_pipeline.data import shards
 from bam_pipeline.data.shards import CappedRead, ShardPlan, ShardTask, build_shard, part_of
 from bam_pipeline.data.spec import DataSpec
 from bam_pipeline.data.splits import KEY_BYTES, SPLITS, KeptTexts
-from bam_pipeline.processes import die_with_parent
 from bam_pipeline.errors import BamError
+from bam_pipeline.processes import die_with_parent
 from bam_pipeline.store.artifacts import MANIFEST, publish, write_manifest
 from bam_pipeline.store.files import (atomic_path, canonical_hash, changed_keys, sha256_file, verify_checksums,
                                       write_json)

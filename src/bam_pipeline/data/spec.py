@@ -8,7 +8,6 @@ resolves every source the run uses (``general`` + ``domains``) into a
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Optional
 from bam_pipeline.config.reading import read_section
 from bam_pipeline.data.sources import Source, known_sources, resolve_source
 from bam_pipeline.errors import BamError, ConfigError
+from bam_pipeline.processes import available_cores
 
 BPE_MIN_VOCAB = 259  # 256 byte symbols + the 2 special tokens + at least one merge
 
@@ -160,7 +160,7 @@ class DataSpec:
         """The worker processes the data stage uses: ``num_proc``, else the cores this process may run on."""
         if self.num_proc is not None:
             return self.num_proc
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return len(available_cores())
 
     @property
     def merging(self) -> bool:

@@ -4,8 +4,10 @@ A lock is a small JSON file (``RunLayout.lock(stage, name)``) naming its holder:
 SLURM job (when there is one), when it was taken and when it was last renewed. It is created
 atomically (written aside, then hard-linked into place, which fails if it exists) and renewed by a
 background thread while held (a lease). A lock is **stale**, and is taken over, when its process is
-gone on this host, when its SLURM job is this job (a requeued job is never blocked by its own dead
-lock) or no longer runs, or when it was not renewed for :data:`LEASE_S` seconds. Otherwise the
+gone on this host (on this host its process decides, also between the jobs of one SLURM allocation that
+``hydra/launcher=local`` runs side by side), when it was taken on another host by this SLURM job (a requeued
+job is never blocked by its own dead lock) or its SLURM job no longer runs, or when it was not renewed for
+:data:`LEASE_S` seconds. Otherwise the
 second run of a stage stops at once with one line naming the holder, or, for an input another
 process is building (the prepared data, in a parallel sweep), waits for it with a progress line.
 
@@ -68,6 +70,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), where /proc tells (Linux); else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks after boot
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
 def _slurm_job_running(job: str) -> bool | None:
     """Whether SLURM still runs (or queues) ``job``; None where ``squeue`` cannot tell."""
     if shutil.which("squeue") is None:
@@ -85,10 +98,14 @@ def stale_reason(holder: Holder, now: float | None = None) -> str | None:
     """Why the lock ``holder`` left can be taken over, or None while it is held."""
     now = time.time() if now is None else now
     me = Holder.me()
-    if holder.slurm_job and holder.slurm_job == me.slurm_job:
+    if holder.host == me.host:  # its process can be asked: alive or not decides (in a SLURM job too, where the
+        if not _pid_alive(holder.pid):  # jobs of a local sweep share SLURM_JOB_ID)
+            return f"its process {holder.pid} is gone"
+        started = _process_started(holder.pid)
+        if started is not None and started > holder.started + 5.0:
+            return f"its process {holder.pid} is gone (the pid now names a process started after the lock)"
+    elif holder.slurm_job and holder.slurm_job == me.slurm_job:
         return f"it is this SLURM job's own ({holder.slurm_job}), left before a requeue"
-    if holder.host == me.host and not _pid_alive(holder.pid):
-        return f"its process {holder.pid} is gone"
     if holder.slurm_job and _slurm_job_running(holder.slurm_job) is False:
         return f"its SLURM job {holder.slurm_job} no longer runs"
     if now - holder.renewed > LEASE_S:

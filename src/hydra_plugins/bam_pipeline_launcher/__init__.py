@@ -2,7 +2,7 @@
 namespace), chosen by ``hydra/launcher=local`` (``conf/hydra/launcher/local.yaml``). Its work is
 :func:`bam_pipeline.launcher.launch`: a sweep's jobs side by side, each a process in its own device slot."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
@@ -20,7 +20,12 @@ class LocalLauncher(Launcher):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from bam_pipeline.cli import as_typed
+        return self.launch_numbered([(initial_job_idx + i, o) for i, o in enumerate(job_overrides)])
+
+    def launch_numbered(self, jobs: List[Tuple[int, Sequence[str]]]) -> Sequence[JobReturn]:
+        """Jobs with their own numbers, not necessarily consecutive (bam-pipeline's sweeper hands over all the
+        composable jobs of a batch at once, around one it could not compose, so that they run side by side)."""
+        from bam_pipeline.cli import as_typed, users_environment
         from bam_pipeline.launcher import launch
 
-        return launch(self, job_overrides, initial_job_idx, typed=as_typed)
+        return launch(self, jobs, typed=as_typed, env=users_environment())
