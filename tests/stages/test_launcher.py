@@ -282,6 +282,18 @@ def test_a_bad_job_is_named_with_its_log_and_the_other_publishes(smoke_copy):
     assert "[job 1] done" in r.out and "[job 0] failed" in r.out and "Traceback" not in r.out
 
 
+def test_a_job_hydra_cannot_compose_splits_nothing(tmp_path):
+    """mix=bam,bamm,btx: job 1 fails composing; jobs 0 and 2 go to the launcher together, under their numbers."""
+    r = cli(tmp_path, "-m", LOCAL, "stage=info", "mix=bam,bamm,btx")
+    assert r.returncode == 2, r.out[-3000:]
+    assert r.out.count("sweep: 2 job(s)") == 1, r.out[-3000:]  # one launch of both
+    assert "[job 0] done" in r.out and "[job 2] done" in r.out
+    [line] = _errors(r.out)
+    assert line.startswith("error: job 1 (stage=info mix=bamm "), line
+    assert sorted(p.name for p in (tmp_path / "smoke" / "logs" / "sweep").iterdir()) == ["0-mix=bam.log",
+                                                                                        "2-mix=btx.log"]
+
+
 def _pids_of(parent: int, needle: str) -> list[int]:
     import psutil
 

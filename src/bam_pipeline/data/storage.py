@@ -115,13 +115,22 @@ def read_shard(path: Path) -> "pa.Table":
 
 
 def filter_shard(src: Path, dst: Path, drop: np.ndarray, vocab_size: int) -> SplitCounts:
-    """Write ``src`` without the rows where ``drop`` (a mask) is true to ``dst`` (atomically)."""
+    """Write ``src`` without the rows where ``drop`` (a mask) is true to ``dst`` (atomically), one record batch at
+    a time: read from the file, not mapped, so that memory holds one batch whatever the shard's size."""
     import pyarrow as pa
 
-    table = read_shard(src)
     writer = ShardWriter(dst, vocab_size)
+    row = 0
     try:
-        writer.write_table(table.filter(pa.array(~drop)))
+        with pa.OSFile(str(src)) as f:
+            for batch in pa.ipc.open_stream(f):
+                keep = ~drop[row:row + batch.num_rows]
+                row += batch.num_rows
+                if len(keep) == batch.num_rows:
+                    writer.write_table(pa.Table.from_batches([batch.filter(pa.array(keep))], schema=batch.schema))
+        if row != len(drop):
+            raise BamError(f"{src} holds {row} documents, its record {len(drop)}; run `python -m bam_pipeline "
+                           "stage=data data.rebuild=true`")
         return writer.close()
     except BaseException:
         writer.abort()
