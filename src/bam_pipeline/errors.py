@@ -22,3 +22,12 @@ class ConfigError(BamError):
     def under(self, section: str) -> "ConfigError":
         """The same error with its key inside ``section``."""
         return ConfigError(f"{section}.{self.key}" if section else self.key, self.value, self.problem)
+
+
+class Stopped(BamError):
+    """The command was stopped by a signal; exits with 128 + its number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
-from bam_pipeline.errors import BamError, ConfigError
+from bam_pipeline.errors import BamError, ConfigError, Stopped
 from bam_pipeline.processes import CORES_ENV, PARENT_DEATH_ENV, PARENT_PID_ENV, available_cores, thread_env
 from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.training.ranks import GPU_ACCELERATORS, check_trainer
@@ -186,7 +186,7 @@ def job_need(trainer: dict[str, Any], *, gpus: int, cores: int, threads: int) ->
     """What a job of ``trainer`` (its accelerator, devices, num_nodes) needs of a machine with ``gpus`` GPUs and
     ``cores`` cores, its CPU processes given ``threads`` threads each; a BamError for one that cannot run here."""
     try:
-        check_trainer(trainer, here=False)  # the values Lightning accepts, as a single run checks them
+        check_trainer(trainer, here=False, precision=False)  # as a single run checks them; its precision: the job
     except ConfigError as e:
         raise e.under("trainer") from None
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
@@ -430,8 +430,7 @@ class LocalLaunch:
 
 def launch_batch(batch: LocalLaunch) -> None:
     """Run the jobs with the sweep's stop signals (SIGINT, SIGTERM) forwarded to them; then, if one came, raise
-    :class:`~bam_pipeline.training.preemption.Stopped`."""
-    from bam_pipeline.training.preemption import Stopped
+    :class:`~bam_pipeline.errors.Stopped`."""
 
     signals = (signal.SIGINT, signal.SIGTERM)
     before = {s: signal.getsignal(s) for s in signals}
@@ -470,6 +469,8 @@ def machine_gpus(env: dict[str, str]) -> tuple[str, ...]:
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return tuple(v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1")
+    if sys.platform.startswith("linux") and not (Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/kfd").exists()):
+        return ()  # no NVIDIA or ROCm driver: a CPU machine, known without importing torch (seconds before any job)
     try:
         import torch
 

@@ -23,16 +23,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bam_pipeline.errors import BamError
-
-
-class Stopped(BamError):
-    """The command was stopped by a signal; exits with 128 + its number."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
+from bam_pipeline.errors import Stopped
 
 
 _state: dict[str, object] = {"training": False, "received": None, "raised": None}

@@ -55,10 +55,13 @@ def _precisions() -> set[str]:
     return {str(v) for arm in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(arm)}
 
 
-def check_trainer(trainer_cfg: Mapping[str, Any], *, here: bool) -> None:
+def check_trainer(trainer_cfg: Mapping[str, Any], *, here: bool, precision: bool = True) -> None:
     """The ``trainer:`` settings are values Lightning accepts and, when they will run ``here``, name
-    devices this machine has; a ConfigError naming the key otherwise (before any stage does work)."""
-    import torch
+    devices this machine has; a ConfigError naming the key otherwise (before any stage does work).
+    ``precision=False`` leaves the precision to the process that runs the job (checking it imports Lightning,
+    seconds that a sweep's launcher need not spend)."""
+    if here:
+        import torch
 
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator not in ACCELERATORS:
@@ -81,9 +84,9 @@ def check_trainer(trainer_cfg: Mapping[str, Any], *, here: bool) -> None:
     nodes = trainer_cfg.get("num_nodes", 1)
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         raise ConfigError("num_nodes", nodes, "must be a positive integer")
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    if precision not in _precisions():
-        raise ConfigError("precision", precision, f"use one of {', '.join(sorted(_precisions()))}")
+    value = str(trainer_cfg.get("precision", "32-true"))
+    if precision and value not in _precisions():
+        raise ConfigError("precision", value, f"use one of {', '.join(sorted(_precisions()))}")
 
 
 def world_size(trainer_cfg: Mapping[str, Any]) -> int:
