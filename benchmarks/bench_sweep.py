@@ -11,7 +11,7 @@ included. The basic launcher runs with ``OMP_NUM_THREADS=1`` (and the other thre
 ``bam_pipeline.processes.thread_env``); the local one with ``hydra.launcher.threads=1``, which gives each job
 process the same.
 
-    python benchmarks/bench_sweep.py [--pairs 3] [--branch-tokens 120000] [--experiment tiny] [--workdir DIR]
+    python benchmarks/bench_sweep.py [--pairs 3] [--branch-tokens 240000] [--experiment tiny] [--workdir DIR]
                                      [--keep] [--json PATH]
 """
 
@@ -135,7 +135,7 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--branch-tokens", type=int, default=120_000)
+    ap.add_argument("--branch-tokens", type=int, default=240_000)
     ap.add_argument("--seed-tokens", type=int, default=20_000)
     ap.add_argument("--experiment", default="tiny")
     ap.add_argument("--workdir", default=None)
