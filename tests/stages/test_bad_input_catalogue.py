@@ -749,7 +749,11 @@ CASES: dict[str, Case] = {
                                  ("job 0", "trainer.num_nodes=2", "hydra/launcher=slurm")),
     "local_launcher_gpus": Case(W, ("-m", "hydra/launcher=local", "hydra.launcher.devices=[0]", "stage=info",
                                     "trainer=gpu", "trainer.devices=2"),
-                                ("job 0", "trainer.devices=2", "hydra.launcher.devices", "2", "1")),
+                                ("job 0", "trainer.devices=2", "hydra.launcher.devices", "2", "1"),
+                                env={"CUDA_VISIBLE_DEVICES": "0,1"}),  # two GPUs seen, the launcher given one
+    "local_launcher_unseen_gpu": Case(W, ("-m", "hydra/launcher=local", "hydra.launcher.devices=[1,3]", "stage=info"),
+                                      ("hydra.launcher.devices='1,3'", "3", "0, 1", "CUDA_VISIBLE_DEVICES"),
+                                      env={"CUDA_VISIBLE_DEVICES": "0,1"}),
     "local_launcher_device_ids": Case(W, ("-m", "hydra/launcher=local", "stage=info", "trainer=gpu",
                                           "trainer.devices=[0,1]"), ("job 0", "trainer.devices", "hydra.launcher.devices")),
 
