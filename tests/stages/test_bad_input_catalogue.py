@@ -380,6 +380,8 @@ CASES: dict[str, Case] = {
     "batch_size_0": Case(C, ("train.batch_size=0",), "train.batch_size=0"),
     "batch_size_text": Case(C, ("train.batch_size=abc",), "train.batch_size='abc'"),
     "accumulate_0": Case(C, ("train.accumulate=0",), "train.accumulate=0"),
+    "moe_dispatch_unknown": Case(C, ("train.moe_dispatch=fast",), ("train.moe_dispatch='fast'", "auto", "grouped",
+                                                                   "loop")),
     "lr_negative": Case(C, ("train.lr=-1",), "train.lr=-1.0"),
     "val_every_0": Case(C, ("train.val_every=0",), "train.val_every=0"),
     "log_every_0": Case(C, ("train.log_every=0",), "train.log_every=0"),

@@ -17,11 +17,13 @@ into expert order, run the experts, permute the results back to assignment order
 token's k outputs weighted by its gates. The sort is a permutation of the N*k assignments, so both
 directions (and their backwards) are plain row gathers; no scatter-add is needed. The experts run
 either as three grouped matmuls (``grouped_mm``, no host sync) or as a loop over each expert's
-contiguous slice (one host sync for the counts). ``dispatch="auto"`` picks grouped on CUDA where
-``grouped_mm`` supports the tensors in the dtype the matmuls run in (:func:`grouped_mm_supported`,
-:func:`matmul_dtype`: autocast's under ``bf16-mixed``), else the loop: on CPU, torch runs float32
-``grouped_mm`` as a per-expert loop of matmuls, which measured slower than the loop path
-(docs/measurements.md).
+contiguous slice (one host sync for the counts). A layer runs the loop unless told otherwise (an exported or
+loaded model never measures anything); training chooses per stage (``train.moe_dispatch``: a probe of both at
+the layer's shape on the first CUDA step, training/dispatch.py) and sets :attr:`MoEFeedForward.dispatch`.
+``dispatch="auto"`` is the static rule: grouped on CUDA where ``grouped_mm`` supports the tensors in the dtype
+the matmuls run in (:func:`grouped_mm_supported`, :func:`matmul_dtype`: autocast's under ``bf16-mixed``), else
+the loop: on CPU, torch runs float32 ``grouped_mm`` as a per-expert loop of matmuls, which measured slower than
+the loop path (docs/measurements.md).
 
 Routings where a token has 0..E experts (expert choice, :mod:`~bam_pipeline.model.routing`) carry
 a (N, E) mask instead of (N, k) slots: the (expert, token) pairs of the mask, in expert order, are
@@ -68,15 +70,32 @@ class MoEOutput(NamedTuple):
         return self._replace(out=self.out.view(B, T, D))
 
 
+def cuda_grouped_mm_runs(torch_version: str, capability: tuple[int, int]) -> bool:
+    """Whether torch ``torch_version`` implements ``grouped_mm`` on a CUDA device of ``capability``: torch
+    2.8's ``torch._grouped_mm`` on compute capability 9.x only (Hopper; transformers issue 47999 shows the
+    crash on sm_120), 2.9 on 9.x and 10.x (its SM100 kernels), the public ``F.grouped_mm`` of 2.10 on 8.0
+    and above (transformers PR 45001). Whether it is also *faster* than the loop there is for the training
+    dispatch probe to measure (training/dispatch.py)."""
+    major, minor = (int(v) for v in torch_version.split("+")[0].split(".")[:2])
+    if (major, minor) < (2, 8):
+        return False
+    if (major, minor) == (2, 8):
+        return capability[0] == 9
+    if (major, minor) == (2, 9):
+        return capability[0] in (9, 10)
+    return capability >= (8, 0)
+
+
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether ``grouped_mm`` can run these tensors, cast to ``dtype`` (default: ``x.dtype``):
     present in torch; on CPU float32/bfloat16 with every row a multiple of 16 bytes; on CUDA
-    bfloat16 with compute capability >= 8.0."""
+    bfloat16 on a device this torch implements it for (:func:`cuda_grouped_mm_runs`)."""
     dtype = dtype or x.dtype
     if _grouped_mm is None:
         return False
     if x.device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        return dtype == torch.bfloat16 and cuda_grouped_mm_runs(torch.__version__,
+                                                                torch.cuda.get_device_capability(x.device))
     if x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     row_bytes = dtype.itemsize
@@ -106,7 +125,7 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> 
 class MoEFeedForward(nn.Module):
     """E SwiGLU experts (stacked ``w1``, ``w3`` (E, D, F) and ``w2`` (E, F, D)) with an optional router."""
 
-    def __init__(self, cfg: ModelConfig, dispatch: str = "auto", *, own_router: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, dispatch: str = "loop", *, own_router: bool = True) -> None:
         super().__init__()
         if dispatch not in DISPATCHES:
             raise BamError(f"unknown MoE dispatch {dispatch!r}; use one of {DISPATCHES}")

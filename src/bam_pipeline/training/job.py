@@ -36,6 +36,7 @@ from bam_pipeline.store import artifacts as A
 from bam_pipeline.store.files import canonical_hash, read_jsonl, write_json, write_text
 from bam_pipeline.store.layout import RunLayout, label
 from bam_pipeline.training.budget import Budget
+from bam_pipeline.training.dispatch import ChooseDispatch
 from bam_pipeline.training.host_memory import keep_freed_memory
 from bam_pipeline.training.loggers import close_logger, make_logger
 from bam_pipeline.training.module import LMModule, OptimConfig, StepOptions
@@ -311,6 +312,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
                            every_n_train_steps=t.val_every)
     on_stop = CheckpointOnStop(work / CKPT_DIR)
     sharding = ShardingReport()
+    dispatch = ChooseDispatch(t.moe_dispatch, work, t.batch_size * t.seq_len, str(trainer_spec.precision), job.label)
     trainer = _trainer(
         trainer_kwargs(trainer_spec),
         max_steps=job.budget.steps,
@@ -323,7 +325,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         limit_val_batches=0 if t.val_tokens == 0 else None,  # train.val_tokens=0: no validation
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
-        callbacks=[timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
+        callbacks=[dispatch, timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
                    TokensProgressBar(), *extra],
         enable_model_summary=False,
         default_root_dir=str(work),
@@ -381,7 +383,8 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             tokenizer_hash=prepared.tokenizer_hash, metrics=metrics,
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
             wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
-            trainer=trainer_spec.to_dict(), sharding=sharding.summary, **describe,
+            trainer=trainer_spec.to_dict(), sharding=sharding.summary,
+            **({"moe_dispatch": dispatch.chosen.to_dict()} if dispatch.chosen is not None else {}), **describe,
         )
     shutil.rmtree(work, ignore_errors=True)
     parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in split.items() if k != "total_s")

@@ -40,6 +40,7 @@ class TrainSettings:
     loss_chunk_logits: int  # logits one chunk of the chunked loss holds
     compile: bool  # transformer blocks under torch.compile
     peak_tflops: Optional[float]  # one device's peak for model FLOPs utilisation (null: the known-device table)
+    moe_dispatch: str = "auto"  # MoE experts: grouped_mm, the loop, or auto (a probe on CUDA: training/dispatch.py)
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "accumulate", "val_every", "log_every", "warmup_steps_max")
@@ -69,6 +70,9 @@ class TrainSettings:
             raise ConfigError("chunked_loss_above", self.chunked_loss_above, "must be >= 0 (0: always chunk)")
         if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
             raise ConfigError("peak_tflops", self.peak_tflops, "must be a positive number of TFLOP/s, or null")
+        if self.moe_dispatch not in ("auto", "grouped", "loop"):
+            raise ConfigError("moe_dispatch", self.moe_dispatch, "use auto (measure on the first CUDA step), "
+                                                                 "grouped or loop")
         if self.loss_chunk_logits < 1:
             raise ConfigError("loss_chunk_logits", self.loss_chunk_logits, "must be a positive number of logits")
 
