@@ -32,3 +32,28 @@ def test_wait_for_returns_the_result_or_times_out():
     assert wait_for(lambda: next(calls), "x", poll_s=0.0) == "done"
     with pytest.raises(BamError, match="waited"):
         wait_for(lambda: None, "the data stage", timeout_s=0.05, poll_s=0.01)
+
+
+@pytest.mark.parametrize("procid, localid, nodeid", [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)])
+def test_ranks_under_slurm_two_nodes_of_two_tasks(monkeypatch, procid, localid, nodeid):
+    """What `sbatch --nodes=2 --ntasks-per-node=2` + `srun python -m bam_pipeline ... trainer=ddp trainer.devices=2
+    trainer.num_nodes=2` gives each task: Lightning takes its ranks from SLURM's variables (it launches nothing),
+    and only global rank 0 counts as rank zero for the stages that write files."""
+    import lightning as L
+
+    from bam_pipeline.training.parallel import trainer_kwargs
+    from bam_pipeline.training.settings import TrainerSpec
+
+    for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "bam", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_NNODES": "2", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+             "SLURM_NODEID": str(nodeid), "SLURM_NODELIST": "node[1-2]"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    spec = TrainerSpec("cpu", 2, 2, "ddp", "32-true", False)
+    trainer = L.Trainer(**trainer_kwargs(spec), logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.strategy.cluster_environment).__name__ == "SLURMEnvironment"
+    assert (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size) == (procid, localid,
+                                                                                               nodeid, 4)
+    assert is_rank_zero() is (procid == 0)
