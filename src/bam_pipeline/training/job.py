@@ -152,12 +152,17 @@ class TokensProgressBar(TQDMProgressBar):
                 bar.close()
 
     def get_metrics(self, trainer, pl_module):
+        """The validation values Lightning keeps, and the training values of the last logging step (the module's
+        ``last_train``, read on the device only there), when the bar redraws (on logging steps)."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        if "tokens" in items:
-            items["tokens"] = f"{float(items['tokens']):,.0f}"
-        if "tok_s" in items:
-            items["tok_s"] = f"{float(items['tok_s']):,.0f}"
+        last = getattr(pl_module, "last_train", {})
+        if "loss" in last:
+            items["train/loss"] = f"{last['loss']:.3f}"
+        if "tokens" in last:
+            items["tokens"] = f"{float(last['tokens']):,.0f}"
+        if "tokens_per_s" in last:
+            items["tok_s"] = f"{float(last['tokens_per_s']):,.0f}"
         return items
 
 
@@ -171,6 +176,7 @@ class TimedCheckpoint(ModelCheckpoint):
         self.timer = timer
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        trainer.lightning_module.check_finite()  # a loss that was not finite since the last check: stop here
         if trainer.lightning_module.weights_finite():  # every rank decides alike
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
@@ -306,7 +312,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     )
     logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
     timer = PhaseTimer(t.batch_size * t.seq_len * trainer_spec.world_size,
-                       job.budget.train_flops / job.budget.tokens, peak_tflops(t.peak_tflops))
+                       job.budget.train_flops / job.budget.tokens, peak_tflops(t.peak_tflops), t.log_every)
     # the newest periodic checkpoint only: Lightning removes the previous one once this one is written
     ckpt = TimedCheckpoint(timer, dirpath=work / CKPT_DIR, filename="{step}", save_top_k=1,
                            every_n_train_steps=t.val_every)
@@ -326,7 +332,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
         callbacks=[dispatch, timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
-                   TokensProgressBar(), *extra],
+                   TokensProgressBar(refresh_rate=t.log_every * t.accumulate), *extra],  # redrawn on logging steps
         enable_model_summary=False,
         default_root_dir=str(work),
     )

@@ -81,6 +81,8 @@ class LMModule(L.LightningModule):
         self._decayed = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
         self._configured = False
         self.last_train: dict[str, float] = {}
+        self._first_bad: torch.Tensor | None = None  # the first step whose loss was not finite (-1: none), on device
+        self._bad_loss: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self._configured:
@@ -109,30 +111,65 @@ class LMModule(L.LightningModule):
         return self.trainer.strategy.reduce(value, reduce_op="mean") if self.trainer.world_size > 1 else value
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """One micro-batch's loss. Nothing here waits for the device except on the steps that log (every
+        ``log_every`` optimizer steps, and the last): the loss's finiteness accumulates on the device
+        (:meth:`check_finite` reads it there, and before every validation and checkpoint), and the logged
+        scalars are read only then."""
         nll, out = self._lm_loss(batch)
         loss = nll + out.aux_loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept in "
-                f"stages/<run>/.work/ (re-running the same config resumes from it). To change course, lower "
-                "train.lr or train.grad_clip (this restarts the stage), or check the data"
-            )
+        self._track_finite(loss)
+        step = self.global_step + 1
         tokens_step = batch[:, :-1].numel() * self.trainer.world_size
-        tokens_seen = (self.global_step + 1) * tokens_step * self.trainer.accumulate_grad_batches
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        global_nll, global_aux = self._global_mean(nll), self._global_mean(out.aux_loss)
-        self.log("train/loss", global_nll, prog_bar=True)
-        self.log("tokens", float(tokens_seen), prog_bar=True, reduce_fx="max")
-        self.log("lr", lr)
-        self.last_train = {"step": self.global_step + 1, "tokens": tokens_seen, "loss": global_nll.item(),
-                           "lr": lr, "aux_loss": global_aux.item()}
-        if not self.model_cfg.is_dense:
-            self.log("train/aux_loss", global_aux)
-            # per-layer loads cost a host sync per layer: only on the steps that are logged
-            step = self.global_step + 1
-            if step % self.log_every == 0 or step == self.trainer.max_steps:
-                self.last_train.update(self._routing_metrics(out.routing))
+        tokens_seen = step * tokens_step * self.trainer.accumulate_grad_batches
+        self.last_train = {"step": step, "tokens": tokens_seen}
+        if step % self.log_every == 0 or step == self.trainer.max_steps:
+            self.check_finite()
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            global_nll, global_aux = self._global_mean(nll), self._global_mean(out.aux_loss)
+            # not prog_bar: Lightning would read every progress-bar value at every step's end (TokensProgressBar
+            # shows last_train's instead, when it redraws)
+            self.log("train/loss", global_nll)
+            self.log("tokens", float(tokens_seen), reduce_fx="max")
+            self.log("lr", lr)
+            self.last_train.update({"loss": global_nll.item(), "lr": lr, "aux_loss": global_aux.item()})
+            if not self.model_cfg.is_dense:
+                self.log("train/aux_loss", global_aux)
+                self.last_train.update(self._routing_metrics(out.routing))  # a host sync per layer: logging steps
         return loss
+
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose loss is not finite, and that loss."""
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = bad & (self._first_bad < 0)
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, self.global_step), self._first_bad)
+        self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
+
+    def loss_finite(self) -> bool:
+        """Whether every process's training loss has been finite since training began (one host sync; every
+        process decides alike)."""
+        if self._first_bad is None:
+            return True
+        mine = int(self._first_bad.item()) < 0
+        return self.trainer.strategy.reduce_boolean_decision(mine, all=True) if self.trainer.world_size > 1 else mine
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLoss` where :meth:`loss_finite` is false. Called on logging steps and before
+        every validation and checkpoint, so no checkpoint holds weights trained on a loss that was not finite."""
+        if self.loss_finite():
+            return
+        step = int(self._first_bad.item())
+        where = f"{self._bad_loss.item()} at step {step}" if step >= 0 else "not finite on another process"
+        raise NonFiniteLoss(
+            f"training loss became {where}; the last good checkpoint is kept in stages/<run>/.work/ (re-running "
+            "the same config resumes from it). To change course, lower train.lr or train.grad_clip (this restarts "
+            "the stage), or check the data"
+        )
+
+    def on_validation_start(self) -> None:
+        self.check_finite()
 
     def _routing_metrics(self, routing) -> dict[str, float]:
         """Per-layer aux losses and expert load: fraction of FFN assignments, mean attention router

@@ -108,7 +108,10 @@ class CheckpointOnStop(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         defer(False)
+        # no checkpoint of weights that are not finite, or trained on a loss that was not: the rerun resumes from an
+        # older one
         finite = getattr(pl_module, "weights_finite", lambda: True)
-        if isinstance(exception, SIGTERMException) and finite():  # weights that are not finite: the rerun
-            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")  # resumes from an older one
+        loss_finite = getattr(pl_module, "loss_finite", lambda: True)
+        if isinstance(exception, SIGTERMException) and loss_finite() and finite():
+            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")
             self.saved_at = trainer.global_step
