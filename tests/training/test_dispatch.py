@@ -75,7 +75,8 @@ def test_a_probe_that_raises_is_a_result_not_an_error(monkeypatch):
 def _fit_start(tmp_path, setting: str, said: list[str]):
     model = BAMTransformer(CFG.replace(attn_experts=1))
     chooser = ChooseDispatch(setting, tmp_path, 64, "32-true", "moe/x", say=said.append)
-    chooser.on_train_start(SimpleNamespace(is_global_zero=True, world_size=1), model)
+    trainer = SimpleNamespace(is_global_zero=True, world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    chooser.on_train_start(trainer, model)
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     return chooser, {layer.dispatch for layer in layers}
 

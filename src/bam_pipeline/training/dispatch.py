@@ -165,7 +165,7 @@ class ChooseDispatch(Callback):
         self.chosen: Optional[Dispatch] = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        layers = [m for m in pl_module.modules() if isinstance(m, MoEFeedForward) and m.w1.shape[0] > 1]
+        layers = [m for m in pl_module.modules() if isinstance(m, MoEFeedForward) and m.cfg.ffn_experts > 1]
         if not layers:
             return
         path = self.work / RECORD
@@ -176,7 +176,7 @@ class ChooseDispatch(Callback):
             chosen = self._choose(trainer, layers[0])
             if trainer.is_global_zero:
                 write_json(path, chosen.to_dict())
-                if self.setting == "auto" and layers[0].w1.device.type == "cuda":  # what the probe found
+                if self.setting == "auto" and trainer.strategy.root_device.type == "cuda":  # what the probe found
                     self.say(f"{self.label}: MoE dispatch {chosen.used}: {chosen.why}")
         for layer in layers:
             layer.dispatch = chosen.used
@@ -184,14 +184,23 @@ class ChooseDispatch(Callback):
 
     def _choose(self, trainer, layer: MoEFeedForward) -> Dispatch:
         dtype = compute_dtype(self.precision)
-        device = layer.w1.device
+        device = trainer.strategy.root_device
+        on_cuda = device.type == "cuda"
         assignments = self.tokens * (layer.cfg.ffn_router.k if layer.cfg.ffn_router.kind == "topk" else 1)
-        probe_x = torch.empty(0, layer.w1.shape[1], device=device)
-        supported = device.type == "cuda" and grouped_mm_supported(probe_x, layer.w1, layer.w2, dtype=dtype)
+        cfg = layer.cfg
+        row, weights = torch.empty(0, cfg.d_model, device=device), torch.empty(cfg.ffn_experts, cfg.d_model, cfg.d_ff)
+        supported = on_cuda and grouped_mm_supported(row, weights, weights.transpose(1, 2), dtype=dtype)
         why_not = (f"{dtype} on compute capability {torch.cuda.get_device_capability(device)} with torch "
-                   f"{torch.__version__}" if device.type == "cuda" else "")
-        chosen = decide(self.setting, on_cuda=device.type == "cuda", supported=supported,
-                        probe=lambda: probe(layer, assignments, dtype), reason_unsupported=why_not)
+                   f"{torch.__version__}" if on_cuda else "")
+
+        def measure() -> ProbeResult:
+            """On a layer of the same shape, not the stage's own (its weights may be sharded: FSDP), with the
+            stage's random state left as it was."""
+            with torch.random.fork_rng(devices=[device] if on_cuda else []):
+                torch.manual_seed(0)
+                return probe(MoEFeedForward(cfg, own_router=False).to(device), assignments, dtype)
+
+        chosen = decide(self.setting, on_cuda=on_cuda, supported=supported, probe=measure, reason_unsupported=why_not)
         if self.setting == "auto" and trainer.world_size > 1:  # every rank runs the same path
             everyone = trainer.strategy.reduce_boolean_decision(chosen.used == "grouped", all=True)
             if chosen.used == "grouped" and not everyone:
