@@ -282,6 +282,7 @@ def test_a_bad_job_is_named_with_its_log_and_the_other_publishes(smoke_copy):
     assert "[job 1] done" in r.out and "[job 0] failed" in r.out and "Traceback" not in r.out
 
 
+@pytest.mark.slow  # 13-22 s of job processes; the sweeper's numbering is tested under the basic launcher
 def test_a_job_hydra_cannot_compose_splits_nothing(tmp_path):
     """mix=bam,bamm,btx: job 1 fails composing; jobs 0 and 2 go to the launcher together, under their numbers."""
     r = cli(tmp_path, "-m", LOCAL, "stage=info", "mix=bam,bamm,btx")
