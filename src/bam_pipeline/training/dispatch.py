@@ -188,8 +188,10 @@ class ChooseDispatch(Callback):
         on_cuda = device.type == "cuda"
         assignments = self.tokens * (layer.cfg.ffn_router.k if layer.cfg.ffn_router.kind == "topk" else 1)
         cfg = layer.cfg
-        row, weights = torch.empty(0, cfg.d_model, device=device), torch.empty(cfg.ffn_experts, cfg.d_model, cfg.d_ff)
-        supported = on_cuda and grouped_mm_supported(row, weights, weights.transpose(1, 2), dtype=dtype)
+        # empty tensors of the layer's widths: the support check reads shapes, the device and the dtype only
+        row, w1, w2 = (torch.empty(0, cfg.d_model, device=device), torch.empty(0, cfg.d_model, cfg.d_ff),
+                       torch.empty(0, cfg.d_ff, cfg.d_model))
+        supported = on_cuda and grouped_mm_supported(row, w1, w2, dtype=dtype)
         why_not = (f"{dtype} on compute capability {torch.cuda.get_device_capability(device)} with torch "
                    f"{torch.__version__}" if on_cuda else "")
 
