@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from cli_runner import cli_here
 
@@ -45,3 +46,21 @@ def test_seed_branches_and_moe_train_in_bf16_mixed_and_publish_float32(smoke_run
     routed = [r for r in out.routing if r is not None]
     assert routed and all(r.ffn_probs.dtype == torch.float32 for r in routed if r.ffn_probs is not None)
     assert all(r.attn_probs.dtype == torch.float32 for r in routed if r.attn_probs is not None)
+
+
+@pytest.mark.slow  # about 23 s: two processes
+def test_the_paper_path_fsdp_bf16_and_the_chunked_loss_trains_a_moe_stage(smoke_copy):
+    """trainer=fsdp (two CPU processes, gloo) in bf16-mixed with the LM loss always chunked: paper_590m's path."""
+    from cli_runner import cli
+
+    shutil.rmtree(smoke_copy / "smoke" / "moe" / "bam")
+    r = cli(smoke_copy, "stage=moe", "mix=bam", "trainer=fsdp_cpu", BF16, "train.chunked_loss_above=0",
+            "train.batch_size=2", timeout=600)
+    assert r.returncode == 0, r.out[-3000:]
+    art = smoke_copy / "smoke" / "moe" / "bam"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["config"]["precision"] == "bf16-mixed" and manifest["trainer"]["strategy"] == "fsdp"
+    losses = _losses(art)
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    stored = load_file(str(art / "model.safetensors"))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float32}
