@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
 
+from bam_pipeline.config.reading import plain
 from bam_pipeline.errors import BamError, ConfigError, Stopped
 from bam_pipeline.processes import CORES_ENV, PARENT_DEATH_ENV, PARENT_PID_ENV, available_cores, thread_env
 from bam_pipeline.store.layout import RunLayout
@@ -519,7 +520,7 @@ def plan_jobs(spec: LocalLauncherSpec, batch: Sequence[tuple[int, Sequence[str]]
         label = command_line(distinguishing(overrides, varying) or overrides)
         jobs.append(Job(number, list(overrides), command, layout.sweep_log(log_name(number, overrides, varying)),
                         label))
-        trainers.append(_plain(cfg.trainer))
+        trainers.append(plain(cfg.trainer))
     needs: list[Any] = []
     for trainer in trainers:  # first with one thread each: how many CPU processes share the cores
         try:
@@ -536,12 +537,6 @@ def plan_jobs(spec: LocalLauncherSpec, batch: Sequence[tuple[int, Sequence[str]]
         else:
             job.need = job_need(trainer, gpus=len(gpus), cores=len(cores), threads=threads)
     return jobs
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
 def job_returns(jobs: Sequence[Job], config: Any) -> list[Any]:
