@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 from cli_runner import cli_here
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from composed import run_context
 
-from bam_pipeline.config.files import conf_dir
 from bam_pipeline.config.overrides import merged_assignments
 from bam_pipeline.stages import RunContext
 
@@ -44,12 +42,7 @@ def test_a_mapping_at_or_under_an_open_section_is_merged_and_nothing_else_is_res
 
 def _context(*overrides: str) -> RunContext:
     """The run context of ``stage=info experiment=smoke <overrides>``, composed as the command line is."""
-    overrides = ("stage=info", "experiment=smoke", *overrides)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=merged_assignments(overrides), return_hydra_config=True)
-    choices = cfg.hydra.runtime.choices
-    return RunContext.from_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), choices=choices,
-                                  overrides=overrides)
+    return run_context("stage=info", "experiment=smoke", *overrides)
 
 
 def _corpus(tmp_path: Path) -> Path:

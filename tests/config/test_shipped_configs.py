@@ -11,31 +11,17 @@ import sys
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from bam_pipeline.config.files import conf_dir, group_options
+from bam_pipeline.config.files import group_options
 from bam_pipeline.config.reading import plain
 from bam_pipeline.model.config import PRESETS
-from bam_pipeline.stages.context import RunContext
 from bam_pipeline.training.parallel import trainer_kwargs
 from bam_pipeline.training.ranks import world_size
+from composed import compose_config, run_context
 
 
-def _compose(*overrides: str, hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
-
-
-def context(*overrides: str) -> RunContext:
-    """The run context of a command (``stage=info`` unless given: planning needs no devices here)."""
-    if not any(o.startswith("stage=") for o in overrides):
-        overrides = ("stage=info", *overrides)
-    cfg = _compose(*overrides, hydra_cfg=True)
-    choices = cfg.hydra.runtime.choices
-    with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return RunContext.from_config(with_hydra_removed, choices=choices, overrides=overrides)
+_compose, context = compose_config, run_context
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
@@ -57,7 +43,9 @@ def test_paper_experiment_is_table_8_and_section_6():
     assert t.lr == pytest.approx(1.2e-4) and t.warmup_steps_max == 1500
     assert t.branch_lr_scale == 0.5 and t.min_lr_ratio == 0.1 and t.weight_decay == 0.1
     assert {ctx.data.resolved[s].type for s in (ctx.data.general, *ctx.data.domains)} == {"hub"}
-    assert t.sequences_per_step * t.seq_len * 32 == 2**20  # 1M-token batches on 32 GPUs
+    assert ctx.tokens_per_step == t.step_tokens == 2**20  # 1M-token batches (Table 1), on any number of GPUs
+    assert ctx.world_size == 1 and ctx.batch_split.accumulate == 64  # 8 x 2048 tokens a micro-batch, accumulated
+    assert t.split(32).accumulate == 2 and t.split(64).accumulate == 1  # the paper's 32 GPUs, and 64
 
 
 @pytest.mark.parametrize("logger", group_options("logger"))

@@ -379,7 +379,17 @@ CASES: dict[str, Case] = {
     # ---- config values (stage=info: read and checked before anything runs) ----
     "batch_size_0": Case(C, ("train.batch_size=0",), "train.batch_size=0"),
     "batch_size_text": Case(C, ("train.batch_size=abc",), "train.batch_size='abc'"),
-    "accumulate_0": Case(C, ("train.accumulate=0",), "train.accumulate=0"),
+    # train.accumulate is derived from the global batch now: the old key says what to set instead
+    "accumulate_retired": Case(H, ("train.accumulate=2",), ("train.accumulate=2", "train.global_batch_tokens")),
+    "global_batch_partial_sequence": Case(C, ("train.global_batch_tokens=100",),
+                                          ("train.global_batch_tokens=100", "seq_len=64", "128")),
+    # the global batch must split into whole micro-batches over the devices: 3 sequences over 2 processes,
+    # and 6 sequences a device that micro-batches of 4 do not divide
+    "global_batch_devices": Case(C, ("trainer=ddp_cpu", "train.global_batch_tokens=192"),
+                                 ("train.global_batch_tokens=192", "3 sequences", "2 devices", "128")),
+    "global_batch_micro_batch": Case(C, ("trainer=ddp_cpu", "train.global_batch_tokens=768"),
+                                     ("train.global_batch_tokens=768", "6 sequences per device", "train.batch_size=4",
+                                      "512")),
     "moe_dispatch_unknown": Case(C, ("train.moe_dispatch=fast",), ("train.moe_dispatch='fast'", "auto", "grouped",
                                                                    "loop")),
     "lr_negative": Case(C, ("train.lr=-1",), "train.lr=-1.0"),

@@ -55,7 +55,7 @@ def test_the_paper_path_fsdp_bf16_and_the_chunked_loss_trains_a_moe_stage(smoke_
 
     shutil.rmtree(smoke_copy / "smoke" / "moe" / "bam")
     r = cli(smoke_copy, "stage=moe", "mix=bam", "trainer=fsdp_cpu", BF16, "train.chunked_loss_above=0",
-            "train.batch_size=2", timeout=600)
+            "train.batch_size=2", "train.global_batch_tokens=256", timeout=600)
     assert r.returncode == 0, r.out[-3000:]
     art = smoke_copy / "smoke" / "moe" / "bam"
     manifest = json.loads((art / "manifest.json").read_text())

@@ -411,8 +411,7 @@ def test_two_jobs_of_one_artifact_the_lock_lets_one_write(smoke_run, tmp_path):
 def test_a_ddp_job_runs_under_the_launcher(smoke_run, tmp_path):
     root = _with_data_and_seed(smoke_run, tmp_path)
     r = cli(root, "-m", LOCAL, "hydra.launcher.threads=1", "stage=branch", "domain=code", "trainer=ddp_cpu",
-            "train.batch_size=2",
-            "budget.branch.tokens=4096", timeout=600)
+            "train.batch_size=2", "train.global_batch_tokens=256", "budget.branch.tokens=4096", timeout=600)
     assert r.returncode == 0, r.out[-3000:]
     assert re.search(r"\[job 0\] running .*cores \S+, 1 thread;", r.out), r.out  # two processes of one thread
     assert [p.name for p in (root / "smoke" / "branch").iterdir()] == ["code"]

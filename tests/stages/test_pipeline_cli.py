@@ -247,14 +247,15 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(smoke_run, reference_s
 def test_two_process_cpu_ddp_stage_writes_once_and_resumes(smoke_run, tmp_path):
     root, _ = smoke_run
     shutil.copytree(root / "smoke" / "data", tmp_path / "smoke" / "data")
-    args = ["stage=seed", "trainer=ddp_cpu", "budget.seed.tokens=32768", "train.val_every=8",
-            "experiment=smoke", "logger=none"]
+    args = ["stage=seed", "trainer=ddp_cpu", "train.global_batch_tokens=512", "budget.seed.tokens=32768",
+            "train.val_every=8", "experiment=smoke", "logger=none"]
     kill_when_checkpointed(tmp_path, args, "seed/main")
     r = cli(tmp_path, *args, check=True, timeout=600)
     assert "resuming from" in r.out and "Traceback" not in r.out
     art = read_artifact(tmp_path / "smoke" / "seed" / "main")
     art.verify()
     assert art.manifest["budget"]["tokens_per_step"] == 2 * 4 * 64  # two processes x batch 4 x 64 tokens
+    assert art.manifest["batch"] == {"global_batch_tokens": 512, "devices": 2, "batch_size": 4, "accumulate": 1}
     steps = [row["step"] for row in read_train_log(art) if "loss" in row]
     assert steps == sorted(set(steps)) and steps[-1] == art.manifest["budget"]["steps"]
     assert not list(tmp_path.rglob("*.tmp-*")) and not (tmp_path / "smoke" / ".work" / "seed" / "main").exists()

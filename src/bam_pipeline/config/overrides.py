@@ -83,10 +83,20 @@ def hydra_quoted(value: str) -> str:
     return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + '"'
 
 
+# keys the config had and no longer has: what to set instead
+RETIRED = {
+    "train.accumulate": "it is derived now: set train.global_batch_tokens (tokens per optimizer step over every "
+                        "device) and each device accumulates global_batch_tokens / (train.batch_size x seq_len x "
+                        "devices) micro-batches",
+}
+
+
 def unknown_key(key: str, override: str, section: Any, groups: Sequence[str] = (), appended: bool = False,
                 addable: bool = False) -> str:
     """``key`` is not in ``section`` (its parent node); ``groups`` are the config groups, candidates at the top.
     ``addable``: ``key`` is a new entry of an open section, which ``+`` adds (the fix says so)."""
+    if key in RETIRED:
+        return f"{override}: {key} is no longer a setting; {RETIRED[key]}"
     parent, _, leaf = key.rpartition(".")
     keys = [str(k) for k in section.keys()] if isinstance(section, DictConfig) else []
     if not parent:

@@ -36,7 +36,7 @@ from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, check_run_name, seed
 from bam_pipeline.training.budget import BudgetSettings
 from bam_pipeline.training.memory import parse_bytes
 from bam_pipeline.training.ranks import check_trainer
-from bam_pipeline.training.settings import TrainerSpec, TrainSettings
+from bam_pipeline.training.settings import BatchSplit, TrainerSpec, TrainSettings
 
 ON_STALE = ("rebuild", "refuse")
 TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
@@ -334,6 +334,8 @@ class RunContext:
             check_trainer(self.trainer.flags(), here=self.stage in TRAINING_STAGES)
         except ConfigError as e:
             raise e.under("trainer") from None
+        if self.stage in (*TRAINING_STAGES, "info"):
+            self.batch_split  # the global batch splits evenly over this run's devices (else one line saying how)
         if self.stage in EVAL_STAGES and self.eval.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("eval.device", self.eval.device, "no CUDA GPU is visible; use eval.device=auto or cpu")
         variants = group_options("mix")
@@ -362,7 +364,16 @@ class RunContext:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train.sequences_per_step * self.train.seq_len * self.world_size
+        """Tokens per optimizer step over every device (``train.global_batch_tokens``)."""
+        return self.train.step_tokens
+
+    @cached_property
+    def batch_split(self) -> BatchSplit:
+        """The global batch over this run's devices: each one's micro-batch and accumulation."""
+        try:
+            return self.train.split(self.world_size)
+        except ConfigError as e:
+            raise e.under("train") from None
 
     def variant(self, name: str) -> MixVariant:
         """Mixture variant ``name``: the selected one with this command's overrides, another from its file."""
@@ -392,7 +403,7 @@ def read_callbacks(node: Any) -> dict[str, dict[str, Any]]:
     for name, entry in data.items():
         if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("_target_"), str)):
             raise ConfigError(f"callbacks.{name}", entry, "must name a Lightning callback class as _target_, "
-                                                          f"or be null to switch it off")
+                                                          "or be null to switch it off")
     return {name: entry for name, entry in data.items() if entry is not None}
 
 

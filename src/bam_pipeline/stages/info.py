@@ -41,9 +41,10 @@ def memory_setup(ctx: RunContext, vocab_size: int) -> MemorySetup:
     """One device's share of a training stage of this run (the ``train:`` and ``trainer:`` sections)."""
     t = ctx.train
     return MemorySetup(
-        batch_size=t.batch_size, seq_len=t.seq_len, world_size=ctx.world_size, strategy=ctx.trainer.strategy,
-        precision=ctx.trainer.precision, activation_checkpointing=ctx.trainer.activation_checkpointing,
-        loss_chunk_tokens=t.loss_chunking.chunk_tokens(vocab_size, t.batch_size * t.seq_len),
+        batch_size=ctx.batch_split.micro_batch, seq_len=t.seq_len, world_size=ctx.world_size,
+        strategy=ctx.trainer.strategy, precision=ctx.trainer.precision,
+        activation_checkpointing=ctx.trainer.activation_checkpointing,
+        loss_chunk_tokens=t.loss_chunking.chunk_tokens(vocab_size, ctx.batch_split.micro_batch * t.seq_len),
     )
 
 
@@ -107,7 +108,8 @@ def print_projection(ctx: RunContext, dense: ModelConfig) -> None:
     used = sorted({" x ".join(map(str, speeds.batch[w.model])) for w in work if w.model in speeds.batch})
     print(f"projected wall time of stage=all from the speeds `make bench` measured on {speeds.machine} "
           f"({speeds.device}, {speeds.dtype}, {speeds.measured}, at {' / '.join(used) or '-'} tokens a step; "
-          f"this run: {ctx.train.batch_size} x {ctx.train.seq_len} on {ctx.world_size} process(es)):")
+          f"this run: {ctx.tokens_per_step:,} tokens a step, micro-batch {ctx.batch_split.micro_batch} x "
+          f"{ctx.train.seq_len} x {ctx.batch_split.accumulate} accumulated on {ctx.world_size} process(es)):")
     for r in p["stages"]:
         print(f"  {r['stage']:<20} {r['model']:<22} {format_duration(r['seconds'])}")
     eval_note = "" if ctx.eval.max_tokens_per_source else " (eval.max_tokens_per_source=null: not projected)"
@@ -176,7 +178,8 @@ def run_info(ctx: RunContext) -> None:
     loss = "plain" if setup.loss_chunk_tokens is None else f"chunked, {setup.loss_chunk_tokens} tokens a chunk"
     trainer = ctx.trainer
     print(f"memory per device: trainer strategy={trainer.strategy} on {setup.world_size} process(es), precision "
-          f"{trainer.precision}, micro-batch {setup.batch_size} x {setup.seq_len} tokens, activation checkpointing "
+          f"{trainer.precision}, micro-batch {setup.batch_size} x {setup.seq_len} tokens (accumulated {ctx.batch_split.accumulate} "
+          f"times: {ctx.tokens_per_step:,} tokens a step over every device), activation checkpointing "
           f"{'on' if setup.activation_checkpointing else 'off'}, LM loss {loss}")
     device = ctx.info.device_bytes
     table = [("seed", f"{dense.name} dense", estimate(dense, setup)),

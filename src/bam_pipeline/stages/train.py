@@ -49,7 +49,7 @@ def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
     model_cfg = ctx.model.dense_config(prepared.vocab_size)
     job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
                    _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train,
-                   precision=ctx.trainer.precision)
+                   precision=ctx.trainer.precision, devices=ctx.world_size)
     return _plan(ctx, job, {"data": data_input(prepared)}, {"display": "Seed", "role": "seed"})
 
 
@@ -66,7 +66,7 @@ def plan_branch(ctx: RunContext, prepared: PreparedData, domain: str) -> Plan:
     model_cfg = read_model_config(seed)
     job = TrainJob("branch", domain, ctx.layout, model_cfg, seed, proportions,
                    _budget(ctx, ctx.budget.branch.tokens, model_cfg), ctx.train.lr * ctx.train.branch_lr_scale,
-                   ctx.train, precision=ctx.trainer.precision)
+                   ctx.train, precision=ctx.trainer.precision, devices=ctx.world_size)
     return _plan(ctx, job, {"data": data_input(prepared), "seed": seed}, about)
 
 
@@ -92,7 +92,7 @@ def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
     budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference)
     job = TrainJob("moe", art_name, ctx.layout, model_cfg, mix, stage_mixture("moe", ctx.data), budget,
                    ctx.train.lr * ctx.train.moe_lr_scale, ctx.train, freeze_experts=variant.freeze_experts,
-                   precision=ctx.trainer.precision)
+                   precision=ctx.trainer.precision, devices=ctx.world_size)
     about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
              "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
              "experts": (mix.manifest.get("about") or {}).get("experts")}

@@ -43,7 +43,7 @@ from bam_pipeline.training.module import LMModule, OptimConfig, StepOptions
 from bam_pipeline.training.parallel import ShardingReport, full_state_dict, trainer_kwargs
 from bam_pipeline.training.preemption import CheckpointOnStop, Stopped, defer, received
 from bam_pipeline.training.schedule import warmup_steps_for
-from bam_pipeline.training.settings import TrainerSpec, TrainSettings
+from bam_pipeline.training.settings import BatchSplit, TrainerSpec, TrainSettings
 from bam_pipeline.training.throughput import PhaseTimer, peak_tflops
 
 FINGERPRINT = "fingerprint.json"
@@ -74,10 +74,17 @@ class TrainJob:
     train: TrainSettings
     freeze_experts: bool = False  # train routers and averaged weights only (mix variant's freeze_experts)
     precision: str = FULL_PRECISION  # trainer.precision: what the forward and backward compute in
+    devices: int = 1  # processes that train it together (trainer.devices x trainer.num_nodes)
 
     @property
     def label(self) -> str:
         return label(self.stage, self.name)
+
+    @property
+    def batch_split(self) -> BatchSplit:
+        """train.global_batch_tokens over the devices: each one's micro-batch and accumulation (the manifest's
+        ``batch``; not the identity)."""
+        return self.train.split(self.devices)
 
     @property
     def optim(self) -> OptimConfig:
@@ -89,13 +96,29 @@ class TrainJob:
         )
 
     def identity(self, inputs: dict[str, A.Artifact]) -> dict[str, Any]:
-        """What the stage's result depends on (not the logger or device layout): its config hash."""
+        """What the stage's result depends on (not the logger or device layout): its config hash.
+
+        The batch is the global one, in sequences per optimizer step, whatever the devices, micro-batch and
+        accumulation that train it (rank r takes every world-th row of one seeded order, so each step sees the
+        same sequences: :mod:`bam_pipeline.data.datamodule`). It is spelt as the one-device batch it equals
+        (``batch_size`` = the step's sequences, ``accumulate`` = 1), the form the identity had before the global
+        batch was configured, so artifacts trained on one device without accumulation keep their hashes. The
+        split goes to the manifest (:attr:`batch_split`).
+
+        One exception: a mixture's routing statistics (the load-balancing f_i and P_i, expert-choice capacity)
+        are taken over one forward's batch over every device, not the whole step's. Where micro-batches are
+        accumulated, that smaller routing batch changes what an MoE stage trains, so its identity records it
+        (``routing_batch``, in sequences); a dense model's does not depend on it."""
+        t, routing = self.train, self.batch_split.routing_batch
         return {
             "model": self.model_cfg.to_dict(),
             "proportions": self.proportions,
             "budget": asdict(self.budget),
             "optim": asdict(self.optim),
-            "train": {k: getattr(self.train, k) for k in ("seq_len", "batch_size", "accumulate", "seed", "grad_clip")},
+            "train": {"seq_len": t.seq_len, "batch_size": t.step_sequences, "accumulate": 1, "seed": t.seed,
+                      "grad_clip": t.grad_clip,
+                      **({"routing_batch": routing} if routing != t.step_sequences and not self.model_cfg.is_dense
+                         else {})},
             # windows and row order are seeded by (seed, stage, source name); stages built when they
             # were seeded otherwise are stale
             "data_order": "seed,stage,source",
@@ -245,12 +268,13 @@ def unreadable_checkpoint(path: Path) -> str | None:
 
 
 def check_world_size(trainer: L.Trainer, job: TrainJob) -> None:
-    """The budget was planned for a world size; refuse to train with another one."""
-    actual = trainer.world_size * job.train.sequences_per_step * job.train.seq_len
+    """The accumulation was planned for a number of processes; refuse to train with another one."""
+    split = job.batch_split
+    actual = trainer.world_size * split.micro_batch * split.accumulate * split.seq_len
     if actual != job.budget.tokens_per_step:
         raise BamError(
-            f"{job.label}: planned {job.budget.tokens_per_step:,} tokens per step but the trainer runs "
-            f"{trainer.world_size} processes ({actual:,} tokens per step); give trainer.devices and "
+            f"{job.label}: planned {job.budget.tokens_per_step:,} tokens per step over {job.devices} process(es) "
+            f"but the trainer runs {trainer.world_size} ({actual:,} tokens per step); give trainer.devices and "
             "trainer.num_nodes as integers matching the processes launched"
         )
 
@@ -285,7 +309,8 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     """
     from bam_pipeline.data.datamodule import MixtureDataModule
 
-    t = job.train
+    t, batch = job.train, job.batch_split
+    accumulate = batch.accumulate
     extra = extra_callbacks(callback_cfgs or {})  # a bad one refused before any work
     stage_config = job.identity(inputs)
     init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
@@ -306,33 +331,33 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every, options=options,
                       freeze_experts=job.freeze_experts)
     data = MixtureDataModule(
-        prepared, job.proportions, seq_len=t.seq_len, batch_size=t.batch_size,
+        prepared, job.proportions, seq_len=t.seq_len, batch_size=batch.micro_batch,
         train_tokens=job.budget.tokens, val_tokens=t.val_tokens, seed=t.seed,
         order_key=job.stage, num_workers=t.num_workers,
     )
     logger = make_logger(logger_cfg, run=job.layout.run, stage=job.stage, name=job.name, config=stage_config)
-    timer = PhaseTimer(t.batch_size * t.seq_len * trainer_spec.world_size,
+    timer = PhaseTimer(batch.micro_batch * t.seq_len * trainer_spec.world_size,
                        job.budget.train_flops / job.budget.tokens, peak_tflops(t.peak_tflops), t.log_every)
     # the newest periodic checkpoint only: Lightning removes the previous one once this one is written
     ckpt = TimedCheckpoint(timer, dirpath=work / CKPT_DIR, filename="{step}", save_top_k=1,
                            every_n_train_steps=t.val_every)
     on_stop = CheckpointOnStop(work / CKPT_DIR)
     sharding = ShardingReport()
-    dispatch = ChooseDispatch(t.moe_dispatch, work, t.batch_size * t.seq_len, str(trainer_spec.precision), job.label)
+    dispatch = ChooseDispatch(t.moe_dispatch, work, batch.micro_batch * t.seq_len, str(trainer_spec.precision), job.label)
     trainer = _trainer(
         trainer_kwargs(trainer_spec),
         max_steps=job.budget.steps,
-        accumulate_grad_batches=t.accumulate,
+        accumulate_grad_batches=accumulate,
         gradient_clip_val=t.grad_clip,
         # Lightning counts validation intervals in micro-batches, checkpoints in optimizer steps
-        val_check_interval=min(t.val_every, job.budget.steps) * t.accumulate,
+        val_check_interval=min(t.val_every, job.budget.steps) * accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         limit_val_batches=0 if t.val_tokens == 0 else None,  # train.val_tokens=0: no validation
         log_every_n_steps=t.log_every,
         logger=logger if logger is not None else False,
         callbacks=[dispatch, timer, ckpt, on_stop, sharding, TrainLogWriter(work / A.TRAIN_LOG, t.log_every),
-                   TokensProgressBar(refresh_rate=t.log_every * t.accumulate), *extra],  # redrawn on logging steps
+                   TokensProgressBar(refresh_rate=t.log_every * accumulate), *extra],  # redrawn on logging steps
         enable_model_summary=False,
         default_root_dir=str(work),
     )
@@ -389,7 +414,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             tokenizer_hash=prepared.tokenizer_hash, metrics=metrics,
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
             wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
-            trainer=trainer_spec.to_dict(), sharding=sharding.summary,
+            trainer=trainer_spec.to_dict(), batch=batch.to_dict(), sharding=sharding.summary,
             **({"moe_dispatch": dispatch.chosen.to_dict()} if dispatch.chosen is not None else {}), **describe,
         )
     shutil.rmtree(work, ignore_errors=True)

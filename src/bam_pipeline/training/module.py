@@ -83,6 +83,7 @@ class LMModule(L.LightningModule):
         self.last_train: dict[str, float] = {}
         self._first_bad: torch.Tensor | None = None  # the first step whose loss was not finite (-1: none), on device
         self._bad_loss: torch.Tensor | None = None
+        self._window: tuple[int, list[torch.Tensor], list[torch.Tensor]] = (-1, [], [])  # step, its NLLs, aux losses
 
     def configure_model(self) -> None:
         if self._configured:
@@ -122,10 +123,11 @@ class LMModule(L.LightningModule):
         tokens_step = batch[:, :-1].numel() * self.trainer.world_size
         tokens_seen = step * tokens_step * self.trainer.accumulate_grad_batches
         self.last_train = {"step": step, "tokens": tokens_seen}
-        if step % self.log_every == 0 or step == self.trainer.max_steps:
+        means = self._step_means(nll, out.aux_loss)
+        if means is not None and (step % self.log_every == 0 or step == self.trainer.max_steps):
             self.check_finite()
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            global_nll, global_aux = self._global_mean(nll), self._global_mean(out.aux_loss)
+            global_nll, global_aux = self._global_mean(means[0]), self._global_mean(means[1])
             # not prog_bar: Lightning would read every progress-bar value at every step's end (TokensProgressBar
             # shows last_train's instead, when it redraws)
             self.log("train/loss", global_nll)
@@ -136,6 +138,20 @@ class LMModule(L.LightningModule):
                 self.log("train/aux_loss", global_aux)
                 self.last_train.update(self._routing_metrics(out.routing))  # a host sync per layer: logging steps
         return loss
+
+    def _step_means(self, nll: torch.Tensor, aux: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The optimizer step's mean NLL and aux loss over its micro-batches, on the device, once its last
+        micro-batch is in (None before): the loss of the step's whole global batch, whatever its accumulation
+        (micro-batches are equal, so the mean of their means is the batch's mean)."""
+        if self._window[0] != self.global_step:
+            self._window = (self.global_step, [], [])
+        nlls, auxes = self._window[1], self._window[2]
+        nlls.append(nll.detach())
+        auxes.append(aux.detach())
+        if len(nlls) < self.trainer.accumulate_grad_batches:
+            return None
+        self._window = (-1, [], [])
+        return torch.stack(nlls).mean(), torch.stack(auxes).mean()
 
     def _track_finite(self, loss: torch.Tensor) -> None:
         """Remember, on the device, the first step whose loss is not finite, and that loss."""

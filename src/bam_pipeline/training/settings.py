@@ -20,8 +20,8 @@ class TrainSettings:
 
     seed: int  # RNG seed for init, data order and routers
     seq_len: int
-    batch_size: int  # sequences per device per step
-    accumulate: int
+    batch_size: int  # sequences per device per micro-batch (a memory setting: the global batch sets the math)
+    global_batch_tokens: Optional[int]  # tokens per optimizer step over every device (None: one micro-batch)
     lr: float  # the seed's (pretraining) peak learning rate
     branch_lr_scale: float
     moe_lr_scale: float
@@ -43,7 +43,7 @@ class TrainSettings:
     moe_dispatch: str = "auto"  # MoE experts: grouped_mm, the loop, or auto (a probe on CUDA: training/dispatch.py)
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "accumulate", "val_every", "log_every", "warmup_steps_max")
+        positive = ("seq_len", "batch_size", "val_every", "log_every", "warmup_steps_max")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "must be a positive integer")
@@ -75,6 +75,11 @@ class TrainSettings:
                                                                  "grouped or loop")
         if self.loss_chunk_logits < 1:
             raise ConfigError("loss_chunk_logits", self.loss_chunk_logits, "must be a positive number of logits")
+        g = self.global_batch_tokens
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < self.seq_len or g % self.seq_len):
+            whole = max(1, round(g / self.seq_len)) * self.seq_len if isinstance(g, (int, float)) else self.seq_len
+            raise ConfigError("global_batch_tokens", g, f"must be a whole number of sequences of seq_len="
+                                                        f"{self.seq_len} tokens, e.g. {whole}; or null (one micro-batch)")
 
     @property
     def loss_chunking(self) -> LossChunking:
@@ -82,9 +87,76 @@ class TrainSettings:
         return LossChunking(above=self.chunked_loss_above, chunk_logits=self.loss_chunk_logits)
 
     @property
-    def sequences_per_step(self) -> int:
-        """Sequences per optimizer step on one device."""
-        return self.batch_size * self.accumulate
+    def step_tokens(self) -> int:
+        """Tokens per optimizer step over every device: ``global_batch_tokens``, or one micro-batch of one
+        device where that is null (what a one-device run without accumulation trains)."""
+        return self.global_batch_tokens if self.global_batch_tokens is not None else self.batch_size * self.seq_len
+
+    @property
+    def step_sequences(self) -> int:
+        """Sequences per optimizer step over every device."""
+        return self.step_tokens // self.seq_len
+
+    def split(self, devices: int) -> "BatchSplit":
+        """How ``devices`` processes train :attr:`step_tokens` a step (micro-batch and accumulation); a
+        ConfigError saying what to change where they cannot."""
+        try:
+            return split_batch(self.step_sequences, self.batch_size, devices, self.seq_len)
+        except ConfigError as e:
+            if self.global_batch_tokens is not None:
+                raise
+            raise ConfigError("global_batch_tokens", None, f"null, so one micro-batch of one device "
+                                                           f"({self.step_tokens} tokens) a step: {e.problem}") from None
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """One optimizer step's global batch split over ``devices`` processes, each accumulating ``accumulate``
+    micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens."""
+
+    devices: int
+    micro_batch: int
+    accumulate: int
+    seq_len: int
+
+    @property
+    def step_sequences(self) -> int:
+        return self.devices * self.micro_batch * self.accumulate
+
+    @property
+    def routing_batch(self) -> int:
+        """Sequences one forward sees over every device: what MoE load-balancing statistics are taken over."""
+        return self.devices * self.micro_batch
+
+    def to_dict(self) -> dict[str, int]:
+        return {"global_batch_tokens": self.step_sequences * self.seq_len, "devices": self.devices,
+                "batch_size": self.micro_batch, "accumulate": self.accumulate}
+
+
+def split_batch(step_sequences: int, batch_size: int, devices: int, seq_len: int) -> BatchSplit:
+    """``step_sequences`` sequences a step over ``devices`` processes, in micro-batches of ``batch_size``
+    sequences, or of a device's whole share where that is smaller (``batch_size`` bounds a forward's memory;
+    the global batch is the math). Every device takes the same whole number of micro-batches, or a ConfigError
+    (on ``global_batch_tokens``) names the settings that would divide evenly."""
+    tokens = step_sequences * seq_len
+    if step_sequences % devices:
+        fits = [d for d in range(1, step_sequences + 1) if step_sequences % d == 0]
+        raise ConfigError("global_batch_tokens", tokens,
+                          f"its {step_sequences} sequences of {seq_len} tokens do not split evenly over {devices} "
+                          f"devices; run on a device count that divides {step_sequences} "
+                          f"({', '.join(map(str, fits[:6]))}{', ...' if len(fits) > 6 else ''}) or set "
+                          f"train.global_batch_tokens to a multiple of {devices * seq_len} ({devices} devices x "
+                          f"{seq_len} tokens)")
+    per_device = step_sequences // devices
+    micro = min(batch_size, per_device)
+    if per_device % micro:
+        fits = [b for b in range(1, micro + 1) if per_device % b == 0]
+        raise ConfigError("global_batch_tokens", tokens,
+                          f"gives {per_device} sequences per device per step on {devices} device(s), which "
+                          f"micro-batches of train.batch_size={batch_size} do not divide; set train.batch_size to "
+                          f"a divisor of {per_device} (e.g. {fits[-1]}) or train.global_batch_tokens to a multiple "
+                          f"of {batch_size * devices * seq_len}")
+    return BatchSplit(devices, micro, per_device // micro, seq_len)
 
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2")
