@@ -61,7 +61,7 @@ def test_a_global_batch_of_partial_sequences_is_refused(bad):
     assert e.value.key == "train.global_batch_tokens" and "whole number of sequences of seq_len=64" in e.value.problem
 
 
-def _plan(stage: str, *overrides: str):
+def _plan(stage: str, *overrides: str, variant: str = "bam"):
     """The training job ``stage`` would run (planned from the shipped config; the seed needs no inputs)."""
     from bam_pipeline.model.config import ModelConfig
     from bam_pipeline.stages.train import _budget
@@ -69,7 +69,7 @@ def _plan(stage: str, *overrides: str):
 
     ctx = context("experiment=tiny", *overrides)
     dense = ctx.model.dense_config(512)
-    cfg: ModelConfig = dense if stage == "seed" else ctx.variant("bam").layout(dense, len(ctx.data.domains))
+    cfg: ModelConfig = dense if stage == "seed" else ctx.variant(variant).layout(dense, len(ctx.data.domains))
     return TrainJob(stage, "x", ctx.layout, cfg, None, {}, _budget(ctx, 1_024_000, cfg), ctx.train.lr, ctx.train,
                     devices=ctx.world_size)
 
@@ -106,3 +106,15 @@ def test_an_moe_identity_also_holds_the_routing_batch_when_micro_batches_accumul
     assert layout(1, 4).identity({})["train"]["routing_batch"] == 4
     assert _identity(layout(1, 4)) == _identity(layout(2, 2)) == _identity(layout(4, 1))  # 4 a forward, any devices
     assert _identity(layout(1, 4)) != _identity(layout(1, 8)) != _identity(one)
+
+
+def test_an_expert_choice_identity_holds_each_devices_own_batch():
+    """Expert choice picks each expert's tokens from its own device's micro-batch: that is the routing batch."""
+    one = _plan("moe", variant="bam_expert_choice")
+
+    def layout(devices: int, batch: int):
+        return dataclasses.replace(one, devices=devices, train=dataclasses.replace(one.train, batch_size=batch))
+
+    assert "routing_batch" not in one.identity({})["train"]  # one device, one micro-batch: the whole step
+    assert layout(2, 8).identity({})["train"]["routing_batch"] == 8
+    assert _identity(layout(2, 8)) == _identity(layout(1, 8)) != _identity(layout(2, 4)) != _identity(one)

@@ -105,11 +105,12 @@ class TrainJob:
         batch was configured, so artifacts trained on one device without accumulation keep their hashes. The
         split goes to the manifest (:attr:`batch_split`).
 
-        One exception: a mixture's routing statistics (the load-balancing f_i and P_i, expert-choice capacity)
-        are taken over one forward's batch over every device, not the whole step's. Where micro-batches are
-        accumulated, that smaller routing batch changes what an MoE stage trains, so its identity records it
-        (``routing_batch``, in sequences); a dense model's does not depend on it."""
-        t, routing = self.train, self.batch_split.routing_batch
+        One exception: a mixture's routing statistics are taken over one forward's batch, not the whole step's:
+        the load-balancing f_i over every device's micro-batch, an expert-choice expert's tokens from its own
+        device's. Where that routing batch is smaller than the step, it changes what an MoE stage trains, so its
+        identity records it (``routing_batch``, in sequences); a dense model's does not depend on it."""
+        t, split = self.train, self.batch_split
+        routing = split.micro_batch if self.model_cfg.ffn_router.kind == "expert_choice" else split.routing_batch
         return {
             "model": self.model_cfg.to_dict(),
             "proportions": self.proportions,
