@@ -11,6 +11,7 @@ import torch
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.training import preemption
+from bam_pipeline.training.job import CheckpointOnStop
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def test_a_stop_never_checkpoints_weights_that_are_not_finite(tmp_path):
 
     saved = []
     trainer = SimpleNamespace(global_step=7, save_checkpoint=saved.append)
-    on_stop = preemption.CheckpointOnStop(tmp_path)
+    on_stop = CheckpointOnStop(tmp_path)
     on_stop.on_exception(trainer, SimpleNamespace(weights_finite=lambda: False), SIGTERMException())
     assert saved == [] and on_stop.saved_at is None
     on_stop.on_exception(trainer, SimpleNamespace(weights_finite=lambda: True), SIGTERMException())

@@ -5,43 +5,44 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.stages.all import run_all
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.data import run_data
-from bam_pipeline.stages.downstream import run_downstream
-from bam_pipeline.stages.eval import run_eval_stage
-from bam_pipeline.stages.export import run_export
-from bam_pipeline.stages.generate import run_generate
-from bam_pipeline.stages.info import run_info
-from bam_pipeline.stages.mix import run_mix
-from bam_pipeline.stages.status import run_status
-from bam_pipeline.stages.train import run_branch, run_moe, run_seed
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage's name, its runner as ``module:function`` (imported when it runs: a command refused for its
+    config never imports Lightning, the trainer or the eval harness, which takes seconds) and its summary."""
+
     name: str
-    run: Callable[[RunContext], Any]
+    target: str
     summary: str
+
+    @property
+    def run(self) -> Callable[[RunContext], Any]:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(f"bam_pipeline.stages.{module}"), function)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("data", run_data, "corpora, splits, tokenizer and token shards"),
-    Stage("seed", run_seed, "pretrain the dense seed"),
-    Stage("branch", run_branch, "train one domain expert from the seed (domain=<name>)"),
-    Stage("mix", run_mix, "upcycle seed + experts into a mixture, no training (mix=<variant>)"),
-    Stage("moe", run_moe, "train a mixture (mix=<variant>; budget.moe.match=compute for <variant>_cm)"),
-    Stage("eval", run_eval_stage, "perplexity per domain, routing, report"),
-    Stage("downstream", run_downstream, "lm-evaluation-harness tasks of every model (downstream=offline|paper)"),
-    Stage("all", run_all, "every stage above, each skipped when up to date"),
-    Stage("info", run_info, "parameters and FLOPs per token of model= and mix=, no data"),
-    Stage("status", run_status, "every artifact of the run: fresh, stale or missing"),
-    Stage("export", run_export, "a model artifact as a Hugging Face model directory (artifact=<label>)"),
-    Stage("generate", run_generate, "continue prompts with a model, KV cache (artifact=<label> generate.prompt=...)"),
+    Stage("data", "data:run_data", "corpora, splits, tokenizer and token shards"),
+    Stage("seed", "train:run_seed", "pretrain the dense seed"),
+    Stage("branch", "train:run_branch", "train one domain expert from the seed (domain=<name>)"),
+    Stage("mix", "mix:run_mix", "upcycle seed + experts into a mixture, no training (mix=<variant>)"),
+    Stage("moe", "train:run_moe", "train a mixture (mix=<variant>; budget.moe.match=compute for <variant>_cm)"),
+    Stage("eval", "eval:run_eval_stage", "perplexity per domain, routing, report"),
+    Stage("downstream", "downstream:run_downstream",
+          "lm-evaluation-harness tasks of every model (downstream=offline|paper)"),
+    Stage("all", "all:run_all", "every stage above, each skipped when up to date"),
+    Stage("info", "info:run_info", "parameters and FLOPs per token of model= and mix=, no data"),
+    Stage("status", "status:run_status", "every artifact of the run: fresh, stale or missing"),
+    Stage("export", "export:run_export", "a model artifact as a Hugging Face model directory (artifact=<label>)"),
+    Stage("generate", "generate:run_generate",
+          "continue prompts with a model, KV cache (artifact=<label> generate.prompt=...)"),
 )}
 
 

@@ -41,7 +41,7 @@ from bam_pipeline.training.host_memory import keep_freed_memory
 from bam_pipeline.training.loggers import close_logger, make_logger
 from bam_pipeline.training.module import LMModule, OptimConfig, StepOptions
 from bam_pipeline.training.parallel import ShardingReport, full_state_dict, trainer_kwargs
-from bam_pipeline.training.preemption import CheckpointOnStop, Stopped, defer, received
+from bam_pipeline.training.preemption import Stopped, defer, received
 from bam_pipeline.training.schedule import warmup_steps_for
 from bam_pipeline.training.settings import BatchSplit, TrainerSpec, TrainSettings
 from bam_pipeline.training.throughput import PhaseTimer, peak_tflops
@@ -188,6 +188,32 @@ class TokensProgressBar(TQDMProgressBar):
         if "tokens_per_s" in last:
             items["tok_s"] = f"{float(last['tokens_per_s']):,.0f}"
         return items
+
+
+class CheckpointOnStop(Callback):
+    """Defers stop signals while the fit runs; on Lightning's stop-at-step-end (a SIGTERM) saves a
+    resumable checkpoint ``stop-step=<n>.ckpt`` into ``folder`` (a new name: a checkpoint killed
+    while being written never replaces a complete one)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.saved_at: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        defer(True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        defer(False)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        defer(False)
+        # no checkpoint of weights that are not finite, or trained on a loss that was not: the rerun resumes from an
+        # older one
+        finite = getattr(pl_module, "weights_finite", lambda: True)
+        loss_finite = getattr(pl_module, "loss_finite", lambda: True)
+        if isinstance(exception, SIGTERMException) and loss_finite() and finite():
+            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")
+            self.saved_at = trainer.global_step
 
 
 class TimedCheckpoint(ModelCheckpoint):

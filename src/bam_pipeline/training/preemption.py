@@ -4,7 +4,7 @@
 Outside training, any of them stops the command at once with one line and exit code 128 + the
 signal's number (143 for SIGTERM, 130 for Ctrl-C), leaving nothing half-written (publishing is
 atomic). While a stage trains, the signal is only recorded: Lightning stops at the end of the current step,
-:class:`CheckpointOnStop` saves a resumable ``stop-step=<n>.ckpt``, and the job ends with the same
+:class:`~bam_pipeline.training.job.CheckpointOnStop` saves a resumable ``stop-step=<n>.ckpt``, and the job ends with the same
 one line and exit code; running the same command again resumes from it.
 
 Under SLURM with Lightning's auto-requeue (the SLURM environment it detects), SIGUSR1 is
@@ -15,13 +15,12 @@ requeued job resumes from the newest complete checkpoint. Submitit's own requeue
 
 from __future__ import annotations
 
+# No Lightning import at the top: every command installs these handlers, and one refused for its config would
+# otherwise wait seconds for Lightning; the stop-checkpoint callback is training.job.CheckpointOnStop
+
 import os
 import signal
 import threading
-from pathlib import Path
-
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bam_pipeline.errors import Stopped
 
@@ -31,6 +30,8 @@ _state: dict[str, object] = {"training": False, "received": None, "raised": None
 
 def slurm_requeues() -> bool:
     """Whether Lightning's SLURM environment will handle SIGUSR1 (save, requeue) in this process."""
+    if "SLURM_NTASKS" not in os.environ:  # not under srun: Lightning's detection says no; spare its import (seconds)
+        return False
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     return SLURMEnvironment.detect()
@@ -89,29 +90,3 @@ def defer(on: bool) -> None:
 def received() -> int:
     """The stop signal recorded while training (SIGTERM when Lightning saw it first)."""
     return int(_state["received"] or signal.SIGTERM)
-
-
-class CheckpointOnStop(Callback):
-    """Defers stop signals while the fit runs; on Lightning's stop-at-step-end (a SIGTERM) saves a
-    resumable checkpoint ``stop-step=<n>.ckpt`` into ``folder`` (a new name: a checkpoint killed
-    while being written never replaces a complete one)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.saved_at: int | None = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        defer(True)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        defer(False)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        defer(False)
-        # no checkpoint of weights that are not finite, or trained on a loss that was not: the rerun resumes from an
-        # older one
-        finite = getattr(pl_module, "weights_finite", lambda: True)
-        loss_finite = getattr(pl_module, "loss_finite", lambda: True)
-        if isinstance(exception, SIGTERMException) and loss_finite() and finite():
-            trainer.save_checkpoint(self.folder / f"stop-step={trainer.global_step}.ckpt")
-            self.saved_at = trainer.global_step
