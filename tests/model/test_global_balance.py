@@ -46,7 +46,8 @@ def _two_ranks(tmp_path, balance: bool, cfg):
     return torch.load(result)
 
 
-@pytest.mark.parametrize("cfg", [CFG, TOPK_ATTN], ids=["soft_attention", "topk_attention"])
+@pytest.mark.parametrize("cfg", [CFG, pytest.param(TOPK_ATTN, marks=pytest.mark.slow)],  # ~9 s each
+                         ids=["soft_attention", "topk_attention"])
 def test_two_processes_with_global_balance_equal_one_process_on_the_global_batch(tmp_path, cfg):
     torch.manual_seed(0)
     loss, grads = _loss_and_grads(BAMTransformer(cfg), _batch())

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cli_runner import REPO, _env, _with_defaults, cli, cli_here
 
 from bam_pipeline.data.prepare import open_prepared
@@ -103,6 +104,7 @@ def _run_logging_shards(root: Path, log: Path, kill_after: int, *args: str) -> s
                           cwd=REPO, env=_env(root, None), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # ~20 s: two data stages; make test keeps the SIGTERM-mid-data resume (test_faults)
 def test_a_data_stage_killed_after_its_third_shard_resumes_without_redoing_a_shard(tmp_path):
     """SIGKILL right after the third shard is published (from the stage's own hook, not a timer), with two
     worker processes running: nothing looks finished, and the rerun prepares only the other shards, to the

@@ -29,7 +29,9 @@ def _one_error_line(out: str) -> str:
 
 
 # ---- signals ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+# SIGTERM (SLURM's preemption) in make test; SIGUSR1 and Ctrl-C take the same path, in make test-full (~10 s each)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_weights(smoke_run, reference_seed,
                                                                                      tmp_path, sig):
     root = _data_only(smoke_run, tmp_path / "stopped")

@@ -301,6 +301,7 @@ def _pids_of(parent: int, needle: str) -> list[int]:
     return [p.pid for p in psutil.Process(parent).children() if needle in " ".join(p.cmdline())]  # the job processes
 
 
+@pytest.mark.slow  # ~15 s of job processes; make test keeps the stopped sweep's resume (the next test)
 def test_a_job_killed_mid_sweep_leaves_the_other_and_a_rerun_finishes_only_it(smoke_run, tmp_path):
     """Branches code and math side by side, math held at its first checkpoint and SIGKILLed there: code publishes,
     the sweep names math; the same command again reuses code and resumes math. Code's weights equal code's

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,6 +45,7 @@ def test_no_wandb_logger_logs_nothing(tmp_path):
                       metrics_rows=[]) is None
 
 
+@pytest.mark.slow  # ~7 s: two wandb runs in one process
 def test_a_training_logger_after_another_wandb_run_in_the_process_stays_offline(tmp_path):
     """stage=all with pipeline.seeds: seed 0's report is a wandb run; seed 1's training then opens
     another in the same process, which must not ask for a login. A fresh interpreter without this
