@@ -176,7 +176,7 @@ class Router(nn.Module):
         self._update_threshold(routing)
         return routing
 
-    @torch.compiler.disable  # it asks autograd's engine where it runs, which torch.compile cannot trace
+    @torch.compiler.disable(reason="the threshold update asks autograd's engine whether a backward runs it")
     @torch.no_grad()
     def _update_threshold(self, routing: Routing) -> None:
         """Move each expert's threshold toward the lowest probability it took in this batch, except in activation
