@@ -16,6 +16,12 @@ a kernel that computes them;
 profiler's allocation events (not RSS: freed host memory stays resident); (6) ``train.compile``:
 the tiny BAM training step with every block compiled vs eager, compile time apart.
 
+``--graph-breaks`` prints instead the graph breaks of block 0 of every mix variant (``conf/mix/``) at the smoke
+shape under ``torch.compile`` on the CPU (:func:`bam_pipeline.training.compile.block_graph_breaks`): its forward
+graphs, graph breaks and backward graphs on the loop dispatch in float32 (what ``train.compile=true`` trains on
+the CPU), the same on ``grouped_mm`` under bfloat16 autocast (a GPU's path where the dispatch probe picks grouped),
+and each break's reason where our code makes it, as the markdown table of docs/measurements.md.
+
 Baseline and candidates run interleaved; times are medians of ``--repeats`` runs after ``--warmup``
 runs, ratios the median of per-repeat ratios (robust to load from other processes). Forward-only
 tokens/s (validation, eval) are measured the same way. The training and forward speeds of (4) are
@@ -24,6 +30,7 @@ the machine's name, for ``stage=info``.
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 9] [--threads N]
                                      [--libc-malloc] [--speeds PATH] [--skip 5,6]
+    python benchmarks/bench_model.py --graph-breaks
 
 On the CPU the process keeps freed host memory as CPU training stages do
 (:mod:`bam_pipeline.training.host_memory`); ``--libc-malloc`` measures with glibc's defaults.
@@ -43,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from bam_pipeline.config.files import load_option
+from bam_pipeline.config.files import group_options, load_option
 from bam_pipeline.config.reading import read_section
 from bam_pipeline.errors import BamError
 from bam_pipeline.mixing.variant import MixVariant
@@ -52,7 +59,7 @@ from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attentio
 from bam_pipeline.model.counting import training_flops_per_token
 from bam_pipeline.model.loss import chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
-from bam_pipeline.training.compile import compile_blocks
+from bam_pipeline.training.compile import block_graph_breaks, compile_blocks
 from bam_pipeline.training.host_memory import keep_freed_memory
 from bam_pipeline.training.speeds import SpeedTable, model_key
 
@@ -291,17 +298,36 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, ski
         eager = BAMTransformer(cfg).to(device, dtype)
         torch.manual_seed(0)
         compiled = BAMTransformer(cfg).to(device, dtype)
-        if compile_blocks(compiled):
+        if compile_blocks(compiled).blocks:
             compiled_step = train_step(compiled, idx)
             start = time.perf_counter()
             compiled_step()  # compiles
-            compiled_step()  # recompiles where shapes (expert loads) turned dynamic
+            compiled_step()  # nothing recompiles: the loop dispatch reads the expert loads outside the graphs
             _sync(device)
             compile_s = time.perf_counter() - start
             t_eager, t_compiled, ratio = compare(train_step(eager, idx), compiled_step)
             rows.append(("(6) tiny bam training step, compiled / eager", f"eager {t_eager * 1e3:.0f} ms",
                          f"compiled {t_compiled * 1e3:.0f} ms (compile {compile_s:.0f} s)", ratio, "(info)"))
     return rows
+
+
+def graph_break_table() -> list[str]:
+    """The markdown table of ``--graph-breaks`` (module docstring), one row per mix variant."""
+    dense = preset("smoke")
+    lines = [f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, block 0 at the smoke shape (2 x 16 tokens, "
+             f"d_model {dense.d_model}, 3 domains + the seed), training mode, CPU; "
+             "`PYTHONPATH=src python benchmarks/bench_model.py --graph-breaks`", "",
+             "| variant | loop float32: graphs / breaks / backward graphs | grouped bf16: graphs / breaks / backward "
+             "graphs | break reasons (loop), where our code makes them |",
+             "|---|---|---|---|"]
+    for name in group_options("mix"):
+        cfg = read_section(MixVariant, load_option("mix", name), f"mix/{name}", name=name).layout(dense, 3)
+        loop = block_graph_breaks(cfg)
+        grouped = block_graph_breaks(cfg, dispatch="grouped", autocast=torch.bfloat16)
+        reasons = "; ".join(f"{reason} ({where})" for reason, where in loop.reasons) or "-"
+        lines.append(f"| {name} | {loop.graphs} / {loop.breaks} / {loop.backward_graphs} | {grouped.graphs} / "
+                     f"{grouped.breaks} / {grouped.backward_graphs} | {reasons} |")
+    return lines
 
 
 def default_speeds_path() -> Path:
@@ -321,7 +347,12 @@ def main() -> None:
     parser.add_argument("--speeds", type=Path, default=default_speeds_path(),
                         help="where to write the measured speeds for stage=info")
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 1,2,3")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="print only the graph breaks of every mix variant's block under torch.compile (CPU)")
     args = parser.parse_args()
+    if args.graph_breaks:
+        print("\n".join(graph_break_table()))
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available; use --device cpu")
     kept = args.device == "cpu" and not args.libc_malloc and keep_freed_memory()

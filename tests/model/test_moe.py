@@ -10,7 +10,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.model import RouterConfig, preset
 from bam_pipeline.model.layers import swiglu
 from bam_pipeline.model.moe import MoEFeedForward, grouped_mm_supported
-from bam_pipeline.model.routing import load_balancing_loss
+from bam_pipeline.model.routing import Routing, load_balancing_loss
 
 # d_model and d_ff are multiples of 4, so float32 rows are 16-byte aligned as CPU grouped_mm needs.
 CFG = preset("smoke", d_model=32, d_ff=48)
@@ -185,3 +185,13 @@ def test_bfloat16_forward_keeps_router_in_float32():
     res = moe(_tokens().to(torch.bfloat16))
     assert res.out.dtype == torch.bfloat16 and res.routing.probs.dtype == torch.float32
     assert torch.isfinite(res.out.float()).all()
+
+
+def test_counts_are_each_experts_assignments_as_int64_an_unchosen_expert_zero():
+    """Counted without bincount (whose output size depends on the values: a host read on CUDA, a graph break under
+    torch.compile), to the same integers."""
+    experts = torch.tensor([[0, 2], [2, 0], [2, 1], [0, 2]])  # (N=4, k=2); expert 3 never chosen
+    routing = Routing(torch.zeros(4, 4), torch.full((4, 4), 0.25), torch.full((4, 2), 0.25), experts)
+    counts = routing.counts()
+    assert counts.dtype == torch.int64 and counts.tolist() == [3, 1, 4, 0]
+    assert torch.equal(counts, torch.bincount(experts.reshape(-1), minlength=4))

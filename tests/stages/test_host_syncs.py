@@ -19,7 +19,7 @@ LOG_EVERY, VAL_EVERY = 4, 8
 # where a read of a tensor's value is expected: (file part, function or None, whether only the direct caller counts;
 # training_step itself runs inside the optimizer's closure, so the optimizer's own reads are its direct ones)
 EXPECTED = {
-    "the loop dispatch's count read": ("model/moe.py", "_experts", True),
+    "the loop dispatch's count read": ("model/moe.py", "_expert_loop", True),
     "the optimizer's host-side step counters": ("torch/optim/", None, True),
     "the data pipeline's CPU batches": ("data/datamodule.py", None, True),
     "a checkpoint": ("training/job.py", "_save_topk_checkpoint", False),

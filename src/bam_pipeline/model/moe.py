@@ -191,14 +191,8 @@ class MoEFeedForward(nn.Module):
 
     def _forward_masked(self, x: torch.Tensor, routing: Routing, decides: bool) -> MoEOutput:
         """Dispatch by a (N, E) mask (expert choice): (N, D) rows out; the caller reshapes."""
-        expert, token = routing.chosen.t().nonzero(as_tuple=True)  # (A,) each, grouped by expert
         counts = routing.counts()  # (E,)
-        if token.numel():
-            ys = self._experts(x.index_select(0, token), counts)  # (A, D)
-            gate = routing.gates[token, expert].to(ys.dtype)  # (A,)
-            out = x.new_zeros(x.shape, dtype=ys.dtype).index_add(0, token, ys * gate[:, None])
-        else:  # no token reached any expert (possible at eval under expert choice)
-            out = x.new_zeros(x.shape)
+        out = _masked_dispatch(x, routing.chosen, routing.gates, counts, self._experts)
         return MoEOutput(out, routing, counts, *self._aux(routing, counts, decides))
 
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -216,7 +210,32 @@ class MoEFeedForward(nn.Module):
             xs, w1, w3, w2 = (t.to(dtype) for t in (xs, self.w1, self.w3, self.w2))
             hidden = F.silu(_grouped_mm(xs, w1, offs=offs)) * _grouped_mm(xs, w3, offs=offs)  # (A, F)
             return _grouped_mm(hidden, w2, offs=offs)  # (A, D)
-        # unbind: one backward node per weight (indexing w[e] would build a full (E, ...) grad per expert)
-        experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
-        sizes = counts.tolist()  # the one host sync of this path
-        return torch.cat([swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(sizes), experts, sizes) if n])
+        return _expert_loop(xs, counts, self.w1, self.w3, self.w2)
+
+
+# Under torch.compile the two functions below run eagerly, each one graph break with only tensors crossing it:
+# traced, the host read of the counts (and the mask's nonzero) would break the graph anyway, and the Python ints
+# they give would specialise the code after the break to one count pattern, a recompilation per training step.
+
+@torch.compiler.disable(reason="the loop dispatch reads the expert counts to the host")
+def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+                 ) -> torch.Tensor:
+    """Expert e's SwiGLU (``w1``, ``w3`` (E, D, F), ``w2`` (E, F, D)) on its contiguous slice of ``xs`` (A, D),
+    slices sized by ``counts`` (E,), one expert at a time."""
+    # unbind: one backward node per weight (indexing w[e] would build a full (E, ...) grad per expert)
+    experts = zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))
+    sizes = counts.tolist()  # the one host sync of this path
+    return torch.cat([swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(sizes), experts, sizes) if n])
+
+
+@torch.compiler.disable(reason="the sizes of the expert-choice mask's pairs depend on its values")
+def _masked_dispatch(x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor,
+                     experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(N, D): each token's rows of ``x`` (N, D) run by the experts of the mask ``chosen`` (N, E) (``experts``
+    on the (A, D) pairs in expert order, sized by ``counts`` (E,)) and added up weighted by ``gates`` (N, E)."""
+    expert, token = chosen.t().nonzero(as_tuple=True)  # (A,) each, grouped by expert
+    if not token.numel():  # no token reached any expert (possible at eval under expert choice)
+        return x.new_zeros(x.shape)
+    ys = experts(x.index_select(0, token), counts)  # (A, D)
+    gate = gates[token, expert].to(ys.dtype)  # (A,)
+    return x.new_zeros(x.shape, dtype=ys.dtype).index_add(0, token, ys * gate[:, None])

@@ -76,7 +76,10 @@ class Routing(NamedTuple):
             return self.chosen.sum(0)
         if self.experts is None:
             return torch.full((n_experts,), n_tokens, dtype=torch.int64, device=self.probs.device)
-        return torch.bincount(self.experts.reshape(-1), minlength=n_experts)
+        flat = self.experts.reshape(-1)  # (N*k,)
+        # not bincount: its output size depends on the values (a host read on CUDA, a graph break under compile)
+        counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def router_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -170,13 +173,16 @@ class Router(nn.Module):
             threshold = torch.nan_to_num(self.threshold.float(), nan=1.0 / self.n_experts)
             return route(self.cfg, logits, threshold=threshold)
         routing = route(self.cfg, logits)
-        if torch._C._current_graph_task_id() == -1:  # not activation checkpointing's recompute in backward
-            self._update_threshold(routing)
+        self._update_threshold(routing)
         return routing
 
+    @torch.compiler.disable(reason="the threshold update asks autograd's engine whether a backward runs it")
     @torch.no_grad()
     def _update_threshold(self, routing: Routing) -> None:
-        """Move each expert's threshold toward the lowest probability it took in this batch."""
+        """Move each expert's threshold toward the lowest probability it took in this batch, except in activation
+        checkpointing's recompute of the forward during the backward."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         lowest = torch.where(routing.chosen, routing.probs.detach(), torch.inf).amin(0)  # (E,) c-th largest
         old = self.threshold.float()
         m = self.cfg.threshold_momentum

@@ -442,7 +442,8 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
             wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
             trainer=trainer_spec.to_dict(), batch=batch.to_dict(), sharding=sharding.summary,
-            **({"moe_dispatch": dispatch.chosen.to_dict()} if dispatch.chosen is not None else {}), **describe,
+            **({"moe_dispatch": dispatch.chosen.to_dict()} if dispatch.chosen is not None else {}),
+            **({"compile": module.compiled.record()} if module.compiled is not None else {}), **describe,
         )
     shutil.rmtree(work, ignore_errors=True)
     parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in split.items() if k != "total_s")

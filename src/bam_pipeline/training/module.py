@@ -19,7 +19,7 @@ from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.model.loss import LossChunking
 from bam_pipeline.model.state_dict import EXPERT_TENSORS
 from bam_pipeline.model.transformer import BAMTransformer
-from bam_pipeline.training.compile import compile_blocks
+from bam_pipeline.training.compile import CompiledBlocks, compile_blocks
 from bam_pipeline.training.parallel import clean_name, clip_gradients, configure_model, local_tensor
 from bam_pipeline.training.schedule import lr_at
 from bam_pipeline.training.settings import TrainerSpec
@@ -80,6 +80,7 @@ class LMModule(L.LightningModule):
         # weight decay on matrices, by name: FSDP turns parameters into flat (1-D) shards
         self._decayed = {name for name, p in self.model.named_parameters() if p.ndim >= 2}
         self._configured = False
+        self.compiled: CompiledBlocks | None = None  # what train.compile did (None: not asked)
         self.last_train: dict[str, float] = {}
         self._first_bad: torch.Tensor | None = None  # the first step whose loss was not finite (-1: none), on device
         self._bad_loss: torch.Tensor | None = None
@@ -94,7 +95,7 @@ class LMModule(L.LightningModule):
         if self.options.trainer is not None:
             configure_model(self.model, self.trainer.strategy, self.options.trainer)
         if self.options.compile:
-            compile_blocks(self.model)
+            self.compiled = compile_blocks(self.model)
 
     def weights_finite(self) -> bool:
         """Whether every parameter is finite on every process (each checks its own shards; one host sync)."""
