@@ -33,7 +33,7 @@ test: install  ## fast test suite (CPU, minutes)
 test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: install  ## model benchmarks as ratios, and the speeds stage=info projects from (BENCH_ARGS="--device cuda")
+bench: install  ## model benchmarks as ratios, the moe stage vs its bare model, the speeds stage=info projects from (BENCH_ARGS="--device cuda")
 	$(PY) benchmarks/bench_model.py $(BENCH_ARGS)
 
 bench-gpu:  ## one GPU, bf16, bam-590m: tokens/s, MFU, dispatch, loss memory, planner (torch only; tables to OUT)

@@ -14,7 +14,14 @@ a kernel that computes them;
 (5) peak memory of one training step of the LM head and loss alone at bam-590m's head (256k x
 1024) on short sequences (2 x 512 tokens), plain vs chunked (``train.loss_chunk_logits``), from the torch
 profiler's allocation events (not RSS: freed host memory stays resident); (6) ``train.compile``:
-the tiny BAM training step with every block compiled vs eager, compile time apart.
+the tiny BAM training step with every block compiled vs eager, compile time apart; (7) the moe stage as it
+trains: ``Trainer.fit`` with the stage's own LightningModule, DataModule, callbacks and logger
+(:func:`bam_pipeline.training.job.build_fit`, the ``experiment=tiny`` settings, wandb offline) on random tokens
+stored as the data stage stores them, against the bare training step of (4) on the same batches from the same
+initial weights: one bare step runs after each stage step (a callback), so both see the same load. The stage's
+time of a step is everything between two of those callbacks (data, hooks, logging steps, clipping, the
+scheduler); the first ``--warmup`` steps are left out, and validation (at the end) is not counted, as the
+stage's tokens/s leaves it out. tokens/s are totals over the timed steps, logging steps included.
 
 ``--graph-breaks`` prints instead the graph breaks of block 0 of every mix variant (``conf/mix/``) at the smoke
 shape under ``torch.compile`` on the CPU (:func:`bam_pipeline.training.compile.block_graph_breaks`): its forward
@@ -29,7 +36,7 @@ written to ``--speeds`` (default ``$BAM_STAGES_DIR/speeds.json``, else ``stages/
 the machine's name, for ``stage=info``.
 
     python benchmarks/bench_model.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 9] [--threads N]
-                                     [--libc-malloc] [--speeds PATH] [--skip 5,6]
+                                     [--libc-malloc] [--speeds PATH] [--skip 5,6,7]
     python benchmarks/bench_model.py --graph-breaks
 
 On the CPU the process keeps freed host memory as CPU training stages do
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -49,9 +57,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from bam_pipeline.config.files import group_options, load_option
+from bam_pipeline.cli import quiet_lightning
+from bam_pipeline.config.files import conf_dir, group_options, load_option
 from bam_pipeline.config.reading import read_section
+from bam_pipeline.data.mixtures import stage_mixture
+from bam_pipeline.data.prepare import PreparedData
+from bam_pipeline.data.splits import KEY_BYTES
+from bam_pipeline.data.storage import ShardWriter, shard_file
 from bam_pipeline.errors import BamError
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
@@ -59,8 +73,12 @@ from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attentio
 from bam_pipeline.model.counting import training_flops_per_token
 from bam_pipeline.model.loss import chunked_next_token_nll, next_token_nll
 from bam_pipeline.model.moe import MoEFeedForward
+from bam_pipeline.stages.context import RunContext
+from bam_pipeline.training.budget import plan_budget
 from bam_pipeline.training.compile import block_graph_breaks, compile_blocks
 from bam_pipeline.training.host_memory import keep_freed_memory
+from bam_pipeline.training.job import TrainJob, build_fit
+from bam_pipeline.training.loggers import close_logger
 from bam_pipeline.training.speeds import SpeedTable, model_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -126,17 +144,23 @@ def attention_kernel_step(shape: tuple[int, int, int, int], causal: bool, gen: t
     return step
 
 
-def train_step(model: BAMTransformer, idx: torch.Tensor):
-    """One training step as the training stages run it: LM + aux loss, backward, AdamW step."""
+def batch_step(model: BAMTransformer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step on (inputs, targets) as the training stages run it: LM + aux loss, backward, AdamW step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
-    def step() -> None:
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        lm_loss, out = model.loss(idx, idx)
+        lm_loss, out = model.loss(idx, targets)
         (lm_loss + out.aux_loss).backward()
         opt.step()
 
     return step
+
+
+def train_step(model: BAMTransformer, idx: torch.Tensor) -> Callable[[], None]:
+    """:func:`batch_step` on ``idx`` (as inputs and targets)."""
+    step = batch_step(model)
+    return lambda: step(idx, idx)
 
 
 def forward_step(model: BAMTransformer, idx: torch.Tensor):
@@ -175,6 +199,91 @@ def profiled_peak_bytes(step: Callable[[], None]) -> int:
         level += e["args"]["Bytes"]
         peak = max(peak, level)
     return peak
+
+
+def stage_context(root: Path, *overrides: str) -> RunContext:
+    """The run context ``python -m bam_pipeline`` reads for ``overrides``, with its stages under ``root``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.root={root}"], return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    return RunContext.from_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), choices=choices)
+
+
+def random_prepared(root: Path, sources: list[str], vocab_size: int, tokens: dict[str, int],
+                    gen: torch.Generator) -> PreparedData:
+    """Random token ids stored as the data stage stores them (one document per source and split, ``tokens``
+    per split), opened as a run's prepared data: what a training stage reads, with no corpus to tokenise."""
+    splits: dict[str, dict[str, list[str]]] = {}
+    for name in sources:
+        for split, n in tokens.items():
+            path = shard_file(root, name, split, 0)
+            writer = ShardWriter(path, vocab_size)
+            writer.write([f"{name}-{split}"], [torch.randint(0, vocab_size, (n,), generator=gen).tolist()],
+                         [bytes(KEY_BYTES)], [n])
+            writer.close()
+            splits.setdefault(name, {})[split] = [str(path.relative_to(root))]
+    return PreparedData(root, sources, [], vocab_size, eos_id=0, tokenizer_hash="random", config_hash="random",
+                        stats={}, manifest={}, splits=splits)
+
+
+class BareStepAfterEach(Callback):
+    """Runs ``bare_step`` on each stage batch after the stage's step, and times both: ``stage`` from the end of
+    one bare step to the start of the next (everything the stage does for a step), ``bare`` the bare step."""
+
+    def __init__(self, bare_step: Callable[[torch.Tensor], None], device: torch.device) -> None:
+        self.bare_step, self.device = bare_step, device
+        self.stage: list[float] = []
+        self.bare: list[float] = []
+        self._end: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._end is None:  # the first step: from its start
+            self._end = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.stage.append(start - self._end)
+        self.bare_step(batch)
+        _sync(self.device)
+        self._end = time.perf_counter()
+        self.bare.append(self._end - start)
+
+
+def stage_fit_seconds(layout: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, warmup: int,
+                      repeats: int, root: Path, gen: torch.Generator) -> tuple[list[float], list[float], int]:
+    """Per step after ``warmup`` steps: the moe stage's time through ``Trainer.fit`` and the bare model's
+    training step on the same batch from the same initial weights; and the tokens of a step (the tiny
+    experiment's batch). The stage trains ``warmup + repeats`` steps rounded up to whole logging windows, so
+    its logging steps are timed in their share."""
+    ctx = stage_context(root / layout, "stage=moe", "experiment=tiny", f"mix={layout}")
+    t = ctx.train
+    steps = math.ceil((warmup + repeats) / t.log_every) * t.log_every
+    step_tokens = ctx.tokens_per_step  # the global batch (one device: train.global_batch_tokens)
+    proportions = stage_mixture("moe", ctx.data)
+    train_tokens = math.ceil(steps * step_tokens / t.seq_len) * (t.seq_len + 1)  # every source: the whole budget
+    prepared = random_prepared(root / layout / "data", list(proportions), cfg.vocab_size,
+                               {"train": train_tokens, "val": max(t.val_tokens, t.seq_len + 1)}, gen)
+    budget = plan_budget(steps * step_tokens, cfg, seq_len=t.seq_len, tokens_per_step=ctx.tokens_per_step)
+    job = TrainJob("moe", layout, ctx.layout, cfg, None, proportions, budget,
+                   t.lr * t.moe_lr_scale, t, freeze_experts=ctx.variant(layout).freeze_experts,
+                   precision=ctx.trainer.precision, devices=ctx.world_size)
+    bare = BAMTransformer(cfg).to(device, dtype)
+    init = {k: v.detach().clone().cpu() for k, v in bare.state_dict().items()}
+    step = batch_step(bare)
+    timed = BareStepAfterEach(lambda batch: step(batch[:, :-1], batch[:, 1:]), device)
+    work = root / layout / "work"
+    work.mkdir(parents=True)
+    fit = build_fit(job, prepared=prepared, trainer_spec=ctx.trainer, logger_cfg=ctx.logger,
+                    stage_config=job.identity({}), init_state=init, work=work, extra=[timed])
+    try:
+        fit.trainer.fit(fit.module, datamodule=fit.data)
+    finally:
+        close_logger(fit.logger)
+    return timed.stage[warmup:], timed.bare[warmup:], step_tokens
 
 
 def machine_name(device: torch.device) -> str:
@@ -308,6 +417,23 @@ def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, ski
             t_eager, t_compiled, ratio = compare(train_step(eager, idx), compiled_step)
             rows.append(("(6) tiny bam training step, compiled / eager", f"eager {t_eager * 1e3:.0f} ms",
                          f"compiled {t_compiled * 1e3:.0f} ms (compile {compile_s:.0f} s)", ratio, "(info)"))
+
+    if "7" not in skip and device.type == "cpu" and dtype == torch.float32:  # the moe stage vs the bare step, tiny
+        cfgs = layouts("tiny")
+        fit_tok_s = {}
+        with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
+            for layout in ("bam", "dense"):
+                stage_s, bare_s, step_tokens = stage_fit_seconds(layout, cfgs[layout], device, dtype, warmup, repeats,
+                                                                 Path(tmp), gen)
+                stage_tok_s, bare_tok_s = step_tokens * len(stage_s) / sum(stage_s), step_tokens * len(bare_s) / sum(bare_s)
+                fit_tok_s[layout] = stage_tok_s
+                rows.append((f"(7) tiny {layout}: moe stage Trainer.fit / bare step, tokens/s ({len(stage_s)} steps)",
+                             f"bare {bare_tok_s:.0f}", f"stage {stage_tok_s:.0f}", stage_tok_s / bare_tok_s,
+                             ">= 0.95x" if layout == "bam" else "(info)"))
+        bare = [speeds["train"].get(model_key("tiny", k)) for k in ("bam", "dense")]
+        rows.append(("(7) tiny moe stage Trainer.fit tokens/s, bam / dense", f"dense {fit_tok_s['dense']:.0f}",
+                     f"bam {fit_tok_s['bam']:.0f}", fit_tok_s["bam"] / fit_tok_s["dense"],
+                     f"(info; bare (4): {bare[0] / bare[1]:.2f}x)" if all(bare) else "(info)"))
     return rows
 
 
@@ -356,6 +482,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available; use --device cpu")
     kept = args.device == "cpu" and not args.libc_malloc and keep_freed_memory()
+    quiet_lightning()  # row (7): no Trainer banners between the rows
+    os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -152,3 +152,20 @@ def test_bench_data_end_to_end(tmp_path):
     assert [r["variant"] for r in rows] == ["num_proc=1", "num_proc=2"]
     assert rows[0]["tokens"] == rows[1]["tokens"] > 500_000 and all(r["peak_rss_mb"] > 100 for r in rows)
     assert list(work.iterdir()) == []
+
+
+# ---- bench_model row (7) -------------------------------------------------------------------------
+@pytest.mark.slow  # 2 x 5 steps of the tiny moe stage and its bare model (about 20 s on 2 cores)
+def test_bench_model_times_the_moe_stage_through_trainer_fit_beside_its_bare_model(tmp_path):
+    import torch
+
+    import bench_model
+
+    cfg = bench_model.layouts("tiny")["bam"]
+    stage, bare, step_tokens = bench_model.stage_fit_seconds("bam", cfg, torch.device("cpu"), torch.float32, 1, 1,
+                                                             tmp_path, torch.Generator().manual_seed(0))
+    assert step_tokens == 16 * 256  # the tiny experiment's batch
+    assert len(stage) == len(bare) == 4 and min(stage + bare) > 0  # 5 steps (one logging window), 1 warm-up
+    log = (tmp_path / "bam" / "work" / "train_log.jsonl").read_text().splitlines()
+    last = json.loads(log[0])  # the stage's own train log: its logging step, with the routing metrics
+    assert last["step"] == 5 and "load/ffn/L0/e0" in last and last["tokens_per_s"] > 0

@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -325,34 +326,31 @@ def extra_callbacks(cfgs: dict[str, dict[str, Any]]) -> list[Callback]:
     return out
 
 
-def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, logger_cfg: dict | None,
-                      inputs: dict[str, A.Artifact], describe: dict[str, Any],
-                      callback_cfgs: dict[str, dict[str, Any]] | None = None) -> A.Artifact | None:
-    """Train ``job`` (resuming when possible) and publish the model artifact (rank 0).
+@dataclass
+class StageFit:
+    """One training stage's Lightning objects, built as the stage trains them (:func:`build_fit`): ``make bench``
+    times ``trainer.fit(module, datamodule=data)`` with the same objects."""
 
-    ``describe`` adds the model's description (display name, role) to the manifest; ``callback_cfgs``
-    are the ``callbacks:`` section's extra Lightning callbacks. Returns the artifact on rank 0 and None
-    on other ranks.
-    """
+    module: LMModule
+    data: Any  # bam_pipeline.data.datamodule.MixtureDataModule
+    logger: Any  # a Lightning logger, or None
+    trainer: L.Trainer
+    timer: PhaseTimer
+    on_stop: CheckpointOnStop
+    sharding: ShardingReport
+    dispatch: ChooseDispatch
+
+
+def build_fit(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, logger_cfg: dict | None,
+              stage_config: dict[str, Any], init_state: dict[str, torch.Tensor] | None, work: Path,
+              extra: Sequence[Callback] = ()) -> StageFit:
+    """The module (from ``init_state``, else a seeded random initialisation), the data, the logger (which records
+    ``stage_config``, the stage's identity), the callbacks (``extra`` last) and the trainer of ``job``, with ``work``
+    as its work directory; the RNGs seeded first."""
     from bam_pipeline.data.datamodule import MixtureDataModule
 
     t, batch = job.train, job.batch_split
     accumulate = batch.accumulate
-    extra = extra_callbacks(callback_cfgs or {})  # a bad one refused before any work
-    stage_config = job.identity(inputs)
-    init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
-    # the artifact keeps its input's dtype (a bfloat16 import stays bfloat16); training runs in float32
-    # master weights whatever trainer.precision computes in
-    # (its floating tensors': integer buffers such as a hash router's table keep their own)
-    dtype = next((v.dtype for v in init_state.values() if v.is_floating_point()), torch.float32) if init_state \
-        else torch.float32
-    work = job.layout.work(job.stage, job.name)
-    resume = _prepare_work_dir(work, canonical_hash(stage_config))
-    if resume is not None:
-        print(f"{job.label}: resuming from {resume}")
-    if t.keep_host_memory and trainer_spec.accelerator == "cpu" and keep_freed_memory():
-        print(f"{job.label}: host memory kept for reuse for the rest of this process "
-              "(train.keep_host_memory=false to leave libc's defaults)")
     L.seed_everything(t.seed, workers=True, verbose=False)
     options = StepOptions(chunking=t.loss_chunking, trainer=trainer_spec, compile=t.compile)
     module = LMModule(job.model_cfg, job.optim, init_state, log_every=t.log_every, options=options,
@@ -389,6 +387,38 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         default_root_dir=str(work),
     )
     check_world_size(trainer, job)
+    return StageFit(module, data, logger, trainer, timer, on_stop, sharding, dispatch)
+
+
+def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, logger_cfg: dict | None,
+                      inputs: dict[str, A.Artifact], describe: dict[str, Any],
+                      callback_cfgs: dict[str, dict[str, Any]] | None = None) -> A.Artifact | None:
+    """Train ``job`` (resuming when possible) and publish the model artifact (rank 0).
+
+    ``describe`` adds the model's description (display name, role) to the manifest; ``callback_cfgs``
+    are the ``callbacks:`` section's extra Lightning callbacks. Returns the artifact on rank 0 and None
+    on other ranks.
+    """
+    t = job.train
+    extra = extra_callbacks(callback_cfgs or {})  # a bad one refused before any work
+    stage_config = job.identity(inputs)
+    init_state = A.load_state(job.init)[1] if job.init is not None else None  # checksums verified first
+    # the artifact keeps its input's dtype (a bfloat16 import stays bfloat16); training runs in float32
+    # master weights whatever trainer.precision computes in
+    # (its floating tensors': integer buffers such as a hash router's table keep their own)
+    dtype = next((v.dtype for v in init_state.values() if v.is_floating_point()), torch.float32) if init_state \
+        else torch.float32
+    work = job.layout.work(job.stage, job.name)
+    resume = _prepare_work_dir(work, canonical_hash(stage_config))
+    if resume is not None:
+        print(f"{job.label}: resuming from {resume}")
+    if t.keep_host_memory and trainer_spec.accelerator == "cpu" and keep_freed_memory():
+        print(f"{job.label}: host memory kept for reuse for the rest of this process "
+              "(train.keep_host_memory=false to leave libc's defaults)")
+    fit = build_fit(job, prepared=prepared, trainer_spec=trainer_spec, logger_cfg=logger_cfg,
+                    stage_config=stage_config, init_state=init_state, work=work, extra=extra)
+    trainer, logger, timer, on_stop, sharding, dispatch = (fit.trainer, fit.logger, fit.timer, fit.on_stop,
+                                                           fit.sharding, fit.dispatch)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -397,7 +427,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             # pytree API that torch 2.13 deprecates.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-            trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+            trainer.fit(fit.module, datamodule=fit.data, ckpt_path=str(resume) if resume else None)
     except SIGTERMException:
         signum = received()
         name = signal.Signals(signum).name
@@ -441,9 +471,9 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
             tokenizer_hash=prepared.tokenizer_hash, metrics=metrics,
             tokens=job.budget.tokens, flops=job.budget.train_flops, budget=asdict(job.budget),
             wall_time_s=split["total_s"], wall_time=split, resumed=resume is not None,
-            trainer=trainer_spec.to_dict(), batch=batch.to_dict(), sharding=sharding.summary,
+            trainer=trainer_spec.to_dict(), batch=job.batch_split.to_dict(), sharding=sharding.summary,
             **({"moe_dispatch": dispatch.chosen.to_dict()} if dispatch.chosen is not None else {}),
-            **({"compile": module.compiled.record()} if module.compiled is not None else {}), **describe,
+            **({"compile": fit.module.compiled.record()} if fit.module.compiled is not None else {}), **describe,
         )
     shutil.rmtree(work, ignore_errors=True)
     parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in split.items() if k != "total_s")
