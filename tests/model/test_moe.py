@@ -195,3 +195,17 @@ def test_counts_are_each_experts_assignments_as_int64_an_unchosen_expert_zero():
     counts = routing.counts()
     assert counts.dtype == torch.int64 and counts.tolist() == [3, 1, 4, 0]
     assert torch.equal(counts, torch.bincount(experts.reshape(-1), minlength=4))
+
+
+def test_run_eager_works_on_a_torch_whose_disable_takes_no_reason(monkeypatch):
+    """The package supports torch 2.5, whose torch.compiler.disable has no ``reason``: the decorator falls back."""
+    from bam_pipeline.model import layers
+
+    seen = []
+
+    def old_disable(fn=None, recursive=True):  # torch 2.5's signature
+        seen.append(recursive)
+        return lambda f: f
+
+    monkeypatch.setattr(torch.compiler, "disable", old_disable)
+    assert layers.run_eager("why")(abs) is abs and seen == [True]

@@ -14,6 +14,7 @@ Shape legend: B batch, T sequence, N = B*T tokens, D d_model, hd head dim, F Swi
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -164,6 +165,14 @@ class RotaryEmbedding(nn.Module):
         (B, T) int64, each below ``max_seq_len`` (incremental decoding: every sequence's own positions
         after left padding; :class:`~bam_pipeline.model.kv_cache.KVCache` never exceeds the context)."""
         return apply_rotary_interleaved(x, self.cos[positions], self.sin[positions])  # tables (B, T, hd)
+
+
+def run_eager(reason: str):
+    """``torch.compiler.disable`` as a decorator, with ``reason`` where this torch takes one (newer ones name it
+    in Dynamo's graph-break report; the package supports torch 2.5, whose ``disable`` has no such argument)."""
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return torch.compiler.disable(reason=reason)
+    return torch.compiler.disable(recursive=True)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import BamError
 from .config import ModelConfig
-from .layers import matmul_dtype, swiglu
+from .layers import matmul_dtype, run_eager, swiglu
 from .routing import Router, Routing, global_counts, load_balancing_loss, router_z_loss
 
 DISPATCHES = ("auto", "grouped", "loop")
@@ -217,7 +217,7 @@ class MoEFeedForward(nn.Module):
 # traced, the host read of the counts (and the mask's nonzero) would break the graph anyway, and the Python ints
 # they give would specialise the code after the break to one count pattern, a recompilation per training step.
 
-@torch.compiler.disable(reason="the loop dispatch reads the expert counts to the host")
+@run_eager("the loop dispatch reads the expert counts to the host")
 def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
                  ) -> torch.Tensor:
     """Expert e's SwiGLU (``w1``, ``w3`` (E, D, F), ``w2`` (E, F, D)) on its contiguous slice of ``xs`` (A, D),
@@ -228,7 +228,7 @@ def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
     return torch.cat([swiglu(xs_e, *w) for xs_e, w, n in zip(xs.split(sizes), experts, sizes) if n])
 
 
-@torch.compiler.disable(reason="the sizes of the expert-choice mask's pairs depend on its values")
+@run_eager("the sizes of the expert-choice mask's pairs depend on its values")
 def _masked_dispatch(x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor,
                      experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(N, D): each token's rows of ``x`` (N, D) run by the experts of the mask ``chosen`` (N, E) (``experts``

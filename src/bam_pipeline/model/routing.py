@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import BamError
 from .config import RouterConfig
+from .layers import run_eager
 
 
 class Routing(NamedTuple):
@@ -176,7 +177,7 @@ class Router(nn.Module):
         self._update_threshold(routing)
         return routing
 
-    @torch.compiler.disable(reason="the threshold update asks autograd's engine whether a backward runs it")
+    @run_eager("the threshold update asks autograd's engine whether a backward runs it")
     @torch.no_grad()
     def _update_threshold(self, routing: Routing) -> None:
         """Move each expert's threshold toward the lowest probability it took in this batch, except in activation
