@@ -182,13 +182,14 @@ def test_a_stop_signal_stops_every_job_and_starts_no_other(tmp_path):
     jobs = [_job(tmp_path, i, TRAP, Need(0, 1, 1, 1)) for i in range(3)]
     out = io.StringIO()
     launch = LocalLaunch(jobs, Slots([], range(2)), None, Console(out), False, dict(os.environ))
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or what an earlier test in this worker left
     with pytest.raises(Stopped) as e:
         launch_batch(launch)
     assert e.value.exit_code == 130 and "stopped by SIGINT: 2 running job(s) stopped" in str(e.value)
     assert "1 not started" in str(e.value)
     assert all((tmp_path / f"job{i}" / "got-sigterm").exists() for i in (0, 1))  # each job got SIGTERM
     assert not (tmp_path / "job2" / "started").exists() and "[job 2] not run" in out.getvalue()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the launcher's handlers are gone
+    assert signal.getsignal(signal.SIGINT) is before  # the launcher's handlers are gone, the one before restored
 
 
 def test_a_stop_that_comes_while_a_job_starts_reaches_it(tmp_path):
