@@ -133,6 +133,11 @@ class BatchSplit:
                 "batch_size": self.micro_batch, "accumulate": self.accumulate}
 
 
+def _divisors(n: int, up_to: int) -> list[int]:
+    """The divisors of ``n`` no larger than ``up_to``, ascending."""
+    return [d for d in range(1, up_to + 1) if n % d == 0]
+
+
 def split_batch(step_sequences: int, batch_size: int, devices: int, seq_len: int) -> BatchSplit:
     """``step_sequences`` sequences a step over ``devices`` processes, in micro-batches of ``batch_size``
     sequences, or of a device's whole share where that is smaller (``batch_size`` bounds a forward's memory;
@@ -140,7 +145,7 @@ def split_batch(step_sequences: int, batch_size: int, devices: int, seq_len: int
     (on ``global_batch_tokens``) names the settings that would divide evenly."""
     tokens = step_sequences * seq_len
     if step_sequences % devices:
-        fits = [d for d in range(1, step_sequences + 1) if step_sequences % d == 0]
+        fits = _divisors(step_sequences, step_sequences)
         raise ConfigError("global_batch_tokens", tokens,
                           f"its {step_sequences} sequences of {seq_len} tokens do not split evenly over {devices} "
                           f"devices; run on a device count that divides {step_sequences} "
@@ -150,7 +155,7 @@ def split_batch(step_sequences: int, batch_size: int, devices: int, seq_len: int
     per_device = step_sequences // devices
     micro = min(batch_size, per_device)
     if per_device % micro:
-        fits = [b for b in range(1, micro + 1) if per_device % b == 0]
+        fits = _divisors(per_device, micro)
         raise ConfigError("global_batch_tokens", tokens,
                           f"gives {per_device} sequences per device per step on {devices} device(s), which "
                           f"micro-batches of train.batch_size={batch_size} do not divide; set train.batch_size to "
