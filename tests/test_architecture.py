@@ -15,6 +15,7 @@ LAYERS = {
     "errors": 0,
     "processes": 0,
     "config": 1,
+    "ranks": 1,
     "model": 2,
     "mixing": 3,
     "interop": 4,

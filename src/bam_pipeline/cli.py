@@ -132,7 +132,7 @@ def app(cfg: DictConfig) -> None:
 
     from bam_pipeline.stages import RunContext, stage_named
     from bam_pipeline.training import preemption
-    from bam_pipeline.training.ranks import finish_distributed
+    from bam_pipeline.ranks import RankStopped, finish_distributed
 
     quiet_lightning()
     preemption.install()
@@ -147,13 +147,15 @@ def app(cfg: DictConfig) -> None:
             ctx = RunContext.from_config(cfg, choices=hydra_cfg.runtime.choices,
                                          overrides=tuple(as_typed(o) for o in hydra_cfg.overrides.task))
             stage.run(ctx)
-            finish_distributed()
+            finish_distributed(ctx.trainer.collective_timeout_s)
         except Exception as e:
             stop = preemption.stop_behind(e)  # a stop signal another handler turned into this error
             if stop is not None:
                 fail(str(stop), stop.exit_code)
             if isinstance(e, preemption.Stopped):
                 fail(str(e), e.exit_code)  # a stop signal stops a whole sweep too
+            if isinstance(e, RankStopped):  # rank 0 prints why, for every rank
+                sys.exit(e.exit_code)
             if isinstance(e, BamError):
                 fail_job(str(e), e.exit_code)
             report_unexpected(e)

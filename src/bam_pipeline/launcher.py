@@ -50,7 +50,7 @@ from bam_pipeline.config.reading import plain
 from bam_pipeline.errors import BamError, ConfigError, Stopped
 from bam_pipeline.processes import CORES_ENV, PARENT_DEATH_ENV, PARENT_PID_ENV, available_cores, thread_env
 from bam_pipeline.store.layout import RunLayout
-from bam_pipeline.training.ranks import GPU_ACCELERATORS, check_trainer
+from bam_pipeline.ranks import GPU_ACCELERATORS, check_trainer
 from bam_pipeline.sweeps import UNEXPECTED, USER_ERROR, JobFailed, command_line
 
 POLL_S = 0.2  # how often the launcher looks at its jobs

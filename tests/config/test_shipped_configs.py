@@ -17,7 +17,7 @@ from bam_pipeline.config.files import group_options
 from bam_pipeline.config.reading import plain
 from bam_pipeline.model.config import PRESETS
 from bam_pipeline.training.parallel import trainer_kwargs
-from bam_pipeline.training.ranks import world_size
+from bam_pipeline.ranks import world_size
 from composed import compose_config, run_context
 
 

@@ -36,6 +36,7 @@ from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
+from bam_pipeline.ranks import Ranks
 from bam_pipeline.store.artifacts import (Artifact, find_model_artifacts, load_model, load_state, nonfinite_fix,
                                          outdated_models, read_artifact, read_model_config)
 from bam_pipeline.store.files import canonical_hash, write_json
@@ -124,11 +125,13 @@ def _seq_len(spec: EvalSpec, art: Artifact, max_seq_len: int) -> int:
 
 
 def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                   device: torch.device, *, probe: str | None = None, chunking: LossChunking | None = None
-                   ) -> ModelScores:
+                   device: torch.device, *, probe: str | None = None, chunking: LossChunking | None = None,
+                   run_on: torch.device | None = None) -> ModelScores:
     """Rows (one per source), routing stats per source and per-source skip records for one model;
-    with ``probe`` (UNIFORM_ATTENTION), of the model changed by that probe, as its own row."""
-    model, mcfg = load_model(art, verify=False, device=str(device))
+    with ``probe`` (UNIFORM_ATTENTION), of the model changed by that probe, as its own row. ``device``: the
+    eval's device as its rows record it; ``run_on``: the one this process computes on (a rank's own GPU)."""
+    run_on = run_on or device
+    model, mcfg = load_model(art, verify=False, device=str(run_on))
     info = about(art)
     label = art.label
     if probe == UNIFORM_ATTENTION:
@@ -149,7 +152,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
             skipped.append({"kind": "source", "name": f"{label} on {source}", "reason": str(e)})
             continue
         stats = RoutingStats()
-        res = sequence_nll(model, data, batch_size=spec.batch_size, device=device, documents=test.documents,
+        res = sequence_nll(model, data, batch_size=spec.batch_size, device=run_on, documents=test.documents,
                            n_docs=len(test.doc_ids), on_routing=stats.update, chunking=chunking)
         documents[source] = {"nll": res.doc_nll.tolist(), "tokens": res.doc_tokens.astype(int).tolist()}
         st = prepared.stats[source][TEST_SPLIT]
@@ -179,12 +182,14 @@ def _log_probs(model: torch.nn.Module, seqs: torch.Tensor, batch_size: int, devi
 
 
 def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, prepared: Any, spec: EvalSpec,
-                 device: torch.device, chunking: LossChunking | None = None) -> ModelScores:
+                 device: torch.device, chunking: LossChunking | None = None, run_on: torch.device | None = None
+                 ) -> ModelScores:
     """BTM (Branch-Train-Merge): the seed and the domain experts kept apart; each token's distribution is
     their mixture weighted by the posterior over them given the document so far (reset at document
     boundaries, :mod:`bam_pipeline.eval.btm`), the prior estimated per source on its validation split.
-    Rows, per-document losses and skip records, like :func:`evaluate_model`."""
-    loaded = [load_model(a, verify=False, device=str(device)) for a in experts]
+    Rows, per-document losses and skip records, like :func:`evaluate_model` (``device``, ``run_on`` too)."""
+    run_on = run_on or device
+    loaded = [load_model(a, verify=False, device=str(run_on)) for a in experts]
     cfgs = [cfg for _, cfg in loaded]
     seq_len = spec.seq_len or min(c.max_seq_len for c in cfgs)
     flops = ensemble_flops_per_token(cfgs, seq_len)
@@ -199,10 +204,10 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
         except BamError as e:
             skipped.append({"kind": "source", "name": f"{BTM_LABEL} on {source}", "reason": str(e)})
             continue
-        prior = estimate_log_prior(torch.stack([_log_probs(m, val, spec.batch_size, device, chunking)
+        prior = estimate_log_prior(torch.stack([_log_probs(m, val, spec.batch_size, run_on, chunking)
                                                 for m, _ in loaded]),
                                    val[:, 1:], eos_id=prepared.eos_id)  # (N,) log prior over the models
-        expert_lp = torch.stack([_log_probs(m, test.tokens, spec.batch_size, device, chunking)
+        expert_lp = torch.stack([_log_probs(m, test.tokens, spec.batch_size, run_on, chunking)
                                  for m, _ in loaded])  # (M, N, T)
         ens = ensemble_log_probs(expert_lp, test.tokens[:, 1:], prior, eos_id=prepared.eos_id)
         per_token = -ens.log_probs  # (N, T) nats
@@ -324,6 +329,22 @@ def require_finite_losses(label: str, scores: ModelScores, fix: str, cache_file:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """One entry of metrics.json to score: a model, a probe of one (``probe``), or BTM (``members``): its label,
+    its name in the eval cache and what identifies its scores; what it reads is artifacts named by label, so an
+    entry travels to the rank that scores it."""
+
+    label: str
+    stage: str
+    name: str
+    identity: Any
+    fix: str  # how to replace the model when its loss is not finite
+    model: str | None = None  # the artifact a model or probe entry scores
+    probe: str | None = None
+    members: tuple[str, ...] = ()  # BTM's artifacts, seed first
+
+
+@dataclass(frozen=True)
 class Scored:
     """The scores of one entry of metrics.json: a model, a probe of one, or BTM."""
 
@@ -344,32 +365,74 @@ class ScoreCache:
     sources: list[str]
     device: torch.device
 
-    def scored(self, label: str, stage: str, name: str, identity: Any, compute: Callable[[], ModelScores],
-               fix: str) -> Scored:
-        """An entry's scores: from the cache when its identity, the data and the settings are unchanged;
-        refused (``fix``: how to replace the model) when a loss is not finite, and never cached."""
-        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": identity, "data": self.data,
+    def file(self, entry: Entry) -> Path:
+        key = canonical_hash({"schema": CACHE_SCHEMA, "artifact": entry.identity, "data": self.data,
                               "settings": self.spec.cache_key(), "sources": self.sources,
                               "device": str(self.device)})  # scores computed on this device
-        cache_file = self.directory / f"{stage}-{name}-{key[:16]}.json"
-        if cache_file.is_file():
-            try:
-                scores = ModelScores.from_dict(json.loads(cache_file.read_text()))
-            except BamError:
-                cache_file.unlink()
-                raise
-            require_finite_losses(label, scores, fix, cache_file)
-            return Scored(label, scores, cache_file.name, reused=True)
-        scores = compute()
-        require_finite_losses(label, scores, fix)
-        write_json(cache_file, scores.to_dict())
-        return Scored(label, scores, cache_file.name, reused=False)
+        return self.directory / f"{entry.stage}-{entry.name}-{key[:16]}.json"
+
+    def cached(self, entry: Entry) -> ModelScores | None:
+        """An entry's scores when its identity, the data and the settings are unchanged; refused (its ``fix``)
+        when a loss is not finite, and then removed from the cache."""
+        cache_file = self.file(entry)
+        if not cache_file.is_file():
+            return None
+        try:
+            scores = ModelScores.from_dict(json.loads(cache_file.read_text()))
+        except BamError:
+            cache_file.unlink()
+            raise
+        require_finite_losses(entry.label, scores, entry.fix, cache_file)
+        return scores
+
+    def store(self, entry: Entry, scores: ModelScores) -> ModelScores:
+        """Cache freshly computed scores; refused (never cached) when a loss is not finite."""
+        require_finite_losses(entry.label, scores, entry.fix)
+        write_json(self.file(entry), scores.to_dict())
+        return scores
 
     def prune(self, keep: set[str]) -> None:
         """Remove every entry but those named in ``keep``."""
         for stale in self.directory.glob("*.json"):
             if stale.name not in keep:
                 stale.unlink()
+
+
+def model_entries(arts: list[Artifact], spec: EvalSpec) -> list[Entry]:
+    """Per model: its entry, then that of its uniform attention probe where ``eval.uniform_attention`` names it."""
+    out = []
+    for art in arts:
+        out.append(Entry(art.label, art.stage, art.name, art.hash, nonfinite_fix(art), model=art.label))
+        if art.label in spec.uniform_attention:
+            out.append(Entry(probe_label(art.label, UNIFORM_ATTENTION), art.stage, f"{art.name}+{UNIFORM_ATTENTION}",
+                             {"artifact": art.hash, "probe": UNIFORM_ATTENTION}, nonfinite_fix(art),
+                             model=art.label, probe=UNIFORM_ATTENTION))
+    return out
+
+
+def missing_probes(spec: EvalSpec, arts: list[Artifact]) -> list[dict[str, Any]]:
+    """Skip records of the probes ``eval.uniform_attention`` asks of models the run has not (or could not load)."""
+    missing = sorted(set(spec.uniform_attention) - {a.label for a in arts})
+    return [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
+             "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
+            for m in missing]
+
+
+def btm_entries(arts: list[Artifact], spec: EvalSpec) -> list[Entry]:
+    """BTM's entry when ``eval.btm`` and the run has the seed and at least one branch expert; none otherwise."""
+    singles = [a for a in arts if a.stage in ("seed", "branch")]
+    if not (spec.btm and len(singles) >= 2 and singles[0].stage == "seed"):
+        return []
+    members = ", ".join(a.label for a in singles)
+    return [Entry(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles],
+                  f"leave BTM out (eval.btm=false) or replace the member that overflows ({members})",
+                  members=tuple(a.label for a in singles))]
+
+
+def entry_cost(entry: Entry, params: dict[str, int]) -> float:
+    """What scoring an entry costs, relative to the others (the same tokens for all): the active parameters
+    of the models it runs (``params``: artifact label -> active parameters)."""
+    return float(sum(params[m] for m in entry.members) if entry.members else params[entry.model or ""])
 
 
 def eval_sources(prepared: Any, data_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -421,43 +484,6 @@ def verified_models(selection: ModelSelection) -> tuple[list[Artifact], list[dic
     return good, skipped
 
 
-def score_models(arts: list[Artifact], cache: ScoreCache, spec: EvalSpec,
-                 evaluate: Callable[..., ModelScores]) -> list[list[Scored]]:
-    """Per model: its scores, then those of its uniform attention probe where ``eval.uniform_attention``
-    names it. ``evaluate(art, probe=None)``: :func:`evaluate_model` on the run's sources."""
-    out = []
-    for art in arts:
-        scored = [cache.scored(art.label, art.stage, art.name, art.hash, lambda art=art: evaluate(art),
-                               nonfinite_fix(art))]
-        if art.label in spec.uniform_attention:
-            scored.append(cache.scored(probe_label(art.label, UNIFORM_ATTENTION), art.stage,
-                                       f"{art.name}+{UNIFORM_ATTENTION}",
-                                       {"artifact": art.hash, "probe": UNIFORM_ATTENTION},
-                                       lambda art=art: evaluate(art, probe=UNIFORM_ATTENTION), nonfinite_fix(art)))
-        out.append(scored)
-    return out
-
-
-def missing_probes(spec: EvalSpec, arts: list[Artifact]) -> list[dict[str, Any]]:
-    """Skip records of the probes ``eval.uniform_attention`` asks of models the run has not (or could not load)."""
-    missing = sorted(set(spec.uniform_attention) - {a.label for a in arts})
-    return [{"kind": "model", "name": probe_label(m, UNIFORM_ATTENTION), "role": "probe",
-             "reason": f"eval.uniform_attention names {m}, which this run has not trained (or could not load)"}
-            for m in missing]
-
-
-def score_btm(arts: list[Artifact], cache: ScoreCache, spec: EvalSpec,
-              evaluate: Callable[[list[Artifact]], ModelScores]) -> list[Scored]:
-    """BTM's scores (``evaluate``: :func:`evaluate_btm` on the run's sources) when ``eval.btm`` and the run has
-    the seed and at least one branch expert; none otherwise."""
-    singles = [a for a in arts if a.stage in ("seed", "branch")]
-    if not (spec.btm and len(singles) >= 2 and singles[0].stage == "seed"):
-        return []
-    members = ", ".join(a.label for a in singles)
-    return [cache.scored(BTM_LABEL, BTM_LABEL, BTM_LABEL, [a.hash for a in singles], lambda: evaluate(singles),
-                         f"leave BTM out (eval.btm=false) or replace the member that overflows ({members})")]
-
-
 def timed_rows(rows: list[ScoreRow], arts: list[Artifact], sources: list[str], seqs: _Sequences, spec: EvalSpec,
                device: torch.device, chunking: LossChunking | None) -> tuple[list[ScoreRow], dict[str, Any]]:
     """The rows with their timing, and metrics.json's ``speed`` section: every model with a row measured
@@ -475,55 +501,116 @@ def timed_rows(rows: list[ScoreRow], arts: list[Artifact], sources: list[str], s
                    "batch_size": spec.batch_size, "models": speeds}
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """What rank 0 decided before any scoring: the sources, the entries (in metrics.json's order), which of
+    them the cache holds and the skip records so far. Every rank scores its share of the others."""
+
+    sources: list[str]
+    entries: list[Entry]
+    cached: list[bool]
+    skipped: list[dict[str, Any]]
+    params: dict[str, int]  # artifact label -> active parameters (the entries' costs)
+
+    @property
+    def work(self) -> list[Entry]:
+        return [e for e, c in zip(self.entries, self.cached) if not c]
+
+
+def score_entry(entry: Entry, arts: dict[str, Artifact], sources: list[str], seqs: _Sequences, prepared: Any,
+                spec: EvalSpec, device: torch.device, run_on: torch.device, chunking: LossChunking | None
+                ) -> ModelScores:
+    """One entry's scores, computed on ``run_on``."""
+    if entry.members:
+        return evaluate_btm([arts[m] for m in entry.members], sources, seqs, prepared, spec, device, chunking,
+                            run_on=run_on)
+    return evaluate_model(arts[entry.model or ""], sources, seqs, prepared, spec, device, probe=entry.probe,
+                          chunking=chunking, run_on=run_on)
+
+
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
              chunking: LossChunking | None = None,
              rebuild: Callable[[str], str] = lambda label: "rebuild it",
-             selection: ModelSelection | None = None) -> Path:
-    """Evaluate every finished model artifact of the run; returns the path of metrics.json.
+             selection: ModelSelection | None = None, ranks: Ranks | None = None) -> Path | None:
+    """Evaluate every finished model artifact of the run; returns the path of metrics.json (None on a rank
+    other than 0).
 
     ``general`` names the general source (the report's first column); ``chunking`` is the LM
     loss's chunking rule (training's). ``selection``: the models to score and those left out
     (:func:`select_models`, with ``rebuild`` naming how to rebuild an outdated one, when not given).
-    A model whose weights fail their checksums is left out too."""
-    prepared = open_prepared(layout.data)
-    if selection is None:
-        selection = select_models(layout, prepared, rebuild)
-    sources, source_skips = eval_sources(prepared, layout.data)
-    check_budgets(spec, selection.models)
-    good, model_skips = verified_models(selection)
+    A model whose weights fail their checksums is left out too. ``ranks``: the processes that share the
+    scoring (every rank calls this; rank 0 decides what is scored, each rank scores its share, rank 0
+    gathers, measures every model's speed and writes every file but the cache entries each rank computes)."""
+    ranks = ranks or Ranks()
+    prepared = open_prepared(layout.data, verify=ranks.is_zero)
     device = resolve_device(spec.device)
+    cache = None
+    plan = None
+    if ranks.is_zero:
+        if selection is None:
+            selection = select_models(layout, prepared, rebuild)
+        sources, source_skips = eval_sources(prepared, layout.data)
+        check_budgets(spec, selection.models)
+        good, model_skips = verified_models(selection)
+        cache = ScoreCache(layout.eval_cache, data_hash(prepared), spec, sources, device)
+        entries = model_entries(good, spec) + btm_entries(good, spec)
+        cached = [cache.cached(e) for e in entries]
+        plan = EvalPlan(sources, entries, [c is not None for c in cached],
+                        [*source_skips, *model_skips, *missing_probes(spec, good)],
+                        {a.label: count_params(read_model_config(a)).active for a in good})
+    plan = ranks.broadcast(plan, "rank 0 to choose the models to score")
+    arts = {a.label: a for a in find_model_artifacts(layout)}
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
-    cache = ScoreCache(layout.eval_cache, data_hash(prepared), spec, sources, device)
-    per_model = score_models(good, cache, spec, lambda art, probe=None: evaluate_model(
-        art, sources, seqs, prepared, spec, device, probe=probe, chunking=chunking))
-    probes_missing = missing_probes(spec, good)
-    btm = score_btm(good, cache, spec, lambda members: evaluate_btm(members, sources, seqs, prepared, spec, device,
-                                                                    chunking))
-    scored = [s for group in per_model for s in group] + btm
-    skipped = [*source_skips, *model_skips, *(x for group in per_model for s in group for x in s.scores.skipped),
-               *probes_missing, *(x for s in btm for x in s.scores.skipped)]
+    run_on = ranks.device(device)
+    work = plan.work
+
+    def compute(entry: Entry) -> ModelScores:
+        scores = score_entry(entry, arts, plan.sources, seqs, prepared, spec, device, run_on, chunking)
+        if cache is not None:
+            return cache.store(entry, scores)
+        require_finite_losses(entry.label, scores, entry.fix)  # another rank's: rank 0 caches it
+        return scores
+
+    shared = ranks.run_shares(work, [entry_cost(e, plan.params) for e in work], compute,
+                              "the other ranks' eval scores")
+    if not ranks.is_zero:
+        return None
+    assert cache is not None
+    for entry, owner, scores in zip(work, shared.owners, shared.results):
+        if owner != ranks.rank:
+            cache.store(entry, scores)
+    computed = {e.label: r for e, r in zip(work, shared.results)}
+    scored = [Scored(e.label, c if c is not None else computed[e.label], cache.file(e).name, reused=c is not None)
+              for e, c in zip(plan.entries, cached)]
+    per_model = {e.model: s for e, s in zip(plan.entries, scored) if e.model is not None and e.probe is None}
+    skipped = [*plan.skipped, *(x for s in scored for x in s.scores.skipped)]
     rows = [r for s in scored for r in s.scores.rows]
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
-    rows, speed = timed_rows(rows, good, sources, seqs, spec, device, chunking)
+    rows, speed = timed_rows(rows, [arts[label] for label in per_model], plan.sources, seqs, spec, device, chunking)
     reused = [s.label for s in scored if s.reused]
     evaluated = [s.label for s in scored if not s.reused]
     if reused:
         print(f"[eval] reused cached results for: {', '.join(reused)}")
     if evaluated:
         print(f"[eval] evaluated: {', '.join(evaluated)}")
+    if ranks.world > 1:
+        print(f"[eval] scored on {ranks.world} ranks: " + "; ".join(
+            f"rank {r}: {', '.join(labels)}" for r, labels in shared.by_rank([e.label for e in work]).items()))
     cache.prune({s.cache_file for s in scored})
     write_json(layout.documents, {
-        "sources": {src: prepared.stream(src, TEST_SPLIT).doc_ids() for src in sources},
+        "sources": {src: prepared.stream(src, TEST_SPLIT).doc_ids() for src in plan.sources},
         "models": {s.label: s.scores.documents for s in scored}})
-    write_routing(layout, {art.label: routing_entry(art, group[0].scores.routing)
-                           for art, group in zip(good, per_model) if group[0].scores.routing})
+    write_routing(layout, {label: routing_entry(arts[label], s.scores.routing)
+                           for label, s in per_model.items() if s.scores.routing})
     write_json(layout.metrics, {
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": cache.data,
-        "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
-        "rows": [r.to_dict() for r in rows], "skipped": skipped,
+        "sources": plan.sources, "ood_sources": [x for x in plan.sources if x in prepared.ood],
+        "general_source": general, "rows": [r.to_dict() for r in rows], "skipped": skipped,
         "reused": reused, "evaluated": evaluated, "speed": speed,
+        "ranks": {"world": ranks.world, "scored": {str(r): [] for r in range(ranks.world)}
+                  | shared.by_rank([e.label for e in work])},
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
     return layout.metrics

@@ -35,11 +35,12 @@ from bam_pipeline.store.files import canonical_hash
 from bam_pipeline.store.layout import CM_SUFFIX, RunLayout, check_run_name, seed_run_name
 from bam_pipeline.training.budget import BudgetSettings
 from bam_pipeline.training.memory import parse_bytes
-from bam_pipeline.training.ranks import check_trainer
+from bam_pipeline.ranks import check_trainer
 from bam_pipeline.training.settings import BatchSplit, TrainerSpec, TrainSettings
 
 ON_STALE = ("rebuild", "refuse")
 TRAINING_STAGES = ("seed", "branch", "moe", "all")  # the stages that run the trainer's devices here
+SHARED_STAGES = ("eval", "downstream")  # ... and those that split their scoring over them
 EVAL_STAGES = ("eval", "all")
 # Overrides that select what a command works on; hints drop them and name their own.
 SELECTORS = ("stage", "domain", "mix", "artifact", "data.part", "data.parts")
@@ -331,7 +332,9 @@ class RunContext:
             raise ConfigError("train.seq_len", self.train.seq_len,
                               f"exceeds the model's context model.seq_len={self.model.seq_len}; set model.seq_len")
         try:
-            check_trainer(self.trainer.flags(), here=self.stage in TRAINING_STAGES)
+            # the stages that start the trainer's devices here: training, and eval split over several devices
+            check_trainer(self.trainer.flags(), here=self.stage in TRAINING_STAGES or (
+                self.stage in SHARED_STAGES and self.trainer.world_size > 1))
         except ConfigError as e:
             raise e.under("trainer") from None
         if self.stage in (*TRAINING_STAGES, "info"):

@@ -13,7 +13,7 @@ from bam_pipeline.stages.inputs import open_data
 from bam_pipeline.store.artifacts import remove_dead_temporaries
 from bam_pipeline.store.files import write_json
 from bam_pipeline.store.locks import StageLock
-from bam_pipeline.training.ranks import is_rank_zero, wait_for
+from bam_pipeline.ranks import is_rank_zero, wait_for
 
 
 def link_shared_data(ctx: RunContext, prepared: PreparedData) -> None:
@@ -46,7 +46,7 @@ def run_data(ctx: RunContext) -> PreparedData | None:
             except BamError:
                 return None
 
-        return wait_for(ready, "the data stage")
+        return wait_for(ready, "the data stage", ctx.trainer.collective_timeout_s)
     part = ctx.data.part
     # the parts run at once (a sweep over data.part): each holds its own lock; the merge holds the data's
     lock = StageLock(ctx.layout.lock("data", "data") if part is None else

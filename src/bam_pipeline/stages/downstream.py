@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,15 +34,15 @@ from bam_pipeline.eval.downstream_table import results_table, task_row
 from bam_pipeline.eval.harness import harness_lm, require_lm_eval
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.render import text_table
+from bam_pipeline.model.counting import count_params
 from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.stages.eval import write_report
+from bam_pipeline.stages.eval import stage_ranks, write_report
 from bam_pipeline.stages.inputs import OutputIdentity, current_model, model_artifact, open_data, rebuild_hint
-from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models
+from bam_pipeline.store.artifacts import Artifact, find_model_artifacts, load_model, outdated_models, read_model_config
 from bam_pipeline.store.files import canonical_hash, sha256_file, write_json
 from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.store.locks import StageLock
-from bam_pipeline.training.ranks import is_rank_zero
 
 CACHE_SCHEMA = 1
 
@@ -161,52 +161,68 @@ def _run(lm: Any, ctx: RunContext, tasks: list[str], configs: dict[str, dict[str
 
 def run_downstream(ctx: RunContext, *, with_report: bool = True) -> Path | None:
     """stage=downstream: write ``downstream/results.json`` (and, ``with_report``, the report's section);
-    returns its path."""
+    returns its path (None on a rank other than 0). Under a multi-device ``trainer:`` the ranks share the
+    models that have tasks to run; rank 0 alone writes the suite, results.json and the report."""
     spec = ctx.downstream
     require_lm_eval()
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines; warnings still show
     prepared = open_data(ctx)
     arts, skipped = selected_models(ctx, prepared)
     tasks = selected_tasks(ctx, prepared)
-    if not is_rank_zero():
-        return None
+    ranks = stage_ranks(ctx)
     layout = ctx.layout
     device = resolve_device(spec.device)
-    identity = downstream_identity(ctx, prepared, arts, skipped, tasks, device)
-    if identity.fresh(rebuild=spec.rebuild, hint="downstream.rebuild=true"):
-        if with_report:
+    identity = downstream_identity(ctx, prepared, arts, skipped, tasks, device) if ranks.is_zero else None
+    fresh = identity is not None and identity.fresh(rebuild=spec.rebuild, hint="downstream.rebuild=true")
+    if ranks.broadcast(fresh, "rank 0 to check whether downstream is up to date"):
+        if with_report and ranks.is_zero:
             _report(ctx)
-        return layout.downstream_results
+        return layout.downstream_results if ranks.is_zero else None
     t0 = time.perf_counter()
-    with StageLock(layout.lock("downstream", "results"), "the downstream results"), _cpu_threads(spec.threads, device):
-        identity.forget()
-        if spec.suite == "offline":
-            suite_dir, configs = _offline_task_configs(ctx, prepared, tasks)
-        else:
-            suite_dir, configs = None, _paper_task_configs(ctx, tasks)
-        settings = {"batch_size": spec.batch_size, "max_gen_toks": spec.max_gen_toks, "seed": spec.seed,
-                    "device": str(device)}  # threads change no number: not part of the cache key
-        rows, reused, evaluated, used = [], [], [], set()
-        for art in arts:
-            keys = {t: canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "task": configs[t],
-                                       "settings": settings}) for t in tasks}
-            files = {t: layout.downstream_cache / f"{art.stage}-{art.name}-{t}-{keys[t][:16]}.json" for t in tasks}
-            used.update(f.name for f in files.values())
-            missing = [t for t in tasks if not files[t].is_file()]
-            if missing:
-                model, _ = load_model(art, device=str(device))
-                lm = harness_lm(model, prepared.tokenizer(), prepared.eos_id, batch_size=spec.batch_size,
-                                max_gen_toks=spec.max_gen_toks, seed=spec.seed)
-                for task, row in _run(lm, ctx, missing, configs, suite_dir).items():
-                    write_json(files[task], row)
-                evaluated.append(art.label)
+    lock = StageLock(layout.lock("downstream", "results"), "the downstream results") if ranks.is_zero else nullcontext()
+    with lock, _cpu_threads(spec.threads, device):
+        plan = None
+        if ranks.is_zero:
+            assert identity is not None
+            identity.forget()
+            if spec.suite == "offline":
+                suite_dir, configs = _offline_task_configs(ctx, prepared, tasks)
             else:
-                reused.append(art.label)
+                suite_dir, configs = None, _paper_task_configs(ctx, tasks)
+            settings = {"batch_size": spec.batch_size, "max_gen_toks": spec.max_gen_toks, "seed": spec.seed,
+                        "device": str(device)}  # threads change no number: not part of the cache key
+            files = {a.label: _cache_files(layout, a, tasks, configs, settings) for a in arts}
+            work = [(a.label, [t for t in tasks if not files[a.label][t].is_file()]) for a in arts]
+            plan = suite_dir, configs, settings, files, [(label, missing) for label, missing in work if missing]
+        suite_dir, configs, settings, files, work = ranks.broadcast(plan, "rank 0 to build the downstream tasks")
+        by_label = {a.label: a for a in arts}
+        run_on = ranks.device(device)
+
+        def run_model(unit: tuple[str, list[str]]) -> list[str]:
+            label, missing = unit
+            model, _ = load_model(by_label[label], verify=False, device=str(run_on))
+            lm = harness_lm(model, prepared.tokenizer(), prepared.eos_id, batch_size=spec.batch_size,
+                            max_gen_toks=spec.max_gen_toks, seed=spec.seed)
+            for task, row in _run(lm, ctx, missing, configs, suite_dir).items():
+                write_json(files[label][task], row)  # each rank caches what it ran
+            return missing
+
+        params = {label: count_params(read_model_config(by_label[label])).active for label, _ in work}
+        shared = ranks.run_shares(work, [params[label] * len(missing) for label, missing in work], run_model,
+                                  "the other ranks' downstream tasks")
+        if not ranks.is_zero:
+            return None
+        assert identity is not None
+        evaluated = [label for label, _ in work]
+        reused = [a.label for a in arts if a.label not in evaluated]
+        rows = []
+        for art in arts:
             info = about(art)
             for t in tasks:
-                row = json.loads(files[t].read_text())
+                row = json.loads(files[art.label][t].read_text())
                 rows.append({"model": art.label, "display": info.display, "role": info.role,
                              "artifact_hash": art.hash, **row})
+        used = {f.name for per_task in files.values() for f in per_task.values()}
         # only what this selection replaced: another model's, task's or suite's results stay cached
         prefixes = tuple(f"{art.stage}-{art.name}-{t}-" for art in arts for t in tasks)
         for stale in layout.downstream_cache.glob("*.json"):
@@ -217,7 +233,9 @@ def run_downstream(ctx: RunContext, *, with_report: bool = True) -> Path | None:
                                 "passage_tokens": spec.passage_tokens, "max_items": spec.max_items,
                                 "limit": spec.limit, "allow_code_execution": spec.allow_code_execution},
                    "tasks": {t: {k: v for k, v in configs[t].items() if k != "yaml"} for t in tasks},
-                   "rows": rows, "skipped": skipped, "reused": reused, "evaluated": evaluated}
+                   "rows": rows, "skipped": skipped, "reused": reused, "evaluated": evaluated,
+                   "ranks": {"world": ranks.world, "ran": {str(r): [] for r in range(ranks.world)}
+                             | shared.by_rank(evaluated)}}
         kept = _keep_earlier_rows(ctx, prepared, results, {a.label for a in arts})
         write_json(layout.downstream_results, results)
         identity.write()
@@ -227,6 +245,9 @@ def run_downstream(ctx: RunContext, *, with_report: bool = True) -> Path | None:
         print(f"[downstream] kept the earlier results (same tasks and settings, same artifact) of: {', '.join(kept)}")
     if evaluated:
         print(f"[downstream] evaluated: {', '.join(evaluated)} ({time.perf_counter() - t0:.0f} s)")
+    if ranks.world > 1:
+        print(f"[downstream] ran on {ranks.world} ranks: " + "; ".join(
+            f"rank {r}: {', '.join(labels) or '-'}" for r, labels in results["ranks"]["ran"].items()))
     for x in skipped:
         print(f"[downstream] skip {x['name']}: {x['reason']}")
     print(text_table(results_table(results)))
@@ -234,6 +255,15 @@ def run_downstream(ctx: RunContext, *, with_report: bool = True) -> Path | None:
     if with_report:
         _report(ctx)
     return layout.downstream_results
+
+
+def _cache_files(layout: RunLayout, art: Artifact, tasks: list[str], configs: dict[str, dict[str, Any]],
+                 settings: dict[str, Any]) -> dict[str, Path]:
+    """Task -> the cache file of ``art``'s result on it, named by the hash of the artifact, the task's
+    configuration and the settings."""
+    keys = {t: canonical_hash({"schema": CACHE_SCHEMA, "artifact": art.hash, "task": configs[t],
+                               "settings": settings}) for t in tasks}
+    return {t: layout.downstream_cache / f"{art.stage}-{art.name}-{t}-{keys[t][:16]}.json" for t in tasks}
 
 
 def downstream_identity(ctx: RunContext, prepared: PreparedData, arts: list[Artifact], skipped: list[dict[str, str]],

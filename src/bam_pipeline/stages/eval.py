@@ -9,7 +9,8 @@ and are skipped when it is unchanged, like a fresh artifact (``eval.rebuild=true
 - the report: the identity of the eval it reads, the hash of ``downstream/results.json``, the report's
   own settings (resamples, min_documents, the general source, the train seed) and ``REPORT_VERSION``;
 - the seeds report: the identity of every seed's eval and report, its settings and ``REPORT_VERSION``.
-Whenever eval runs, it measures every model's speed afresh (:mod:`bam_pipeline.eval.runner`).
+Whenever eval runs, it measures every model's speed afresh (:mod:`bam_pipeline.eval.runner`). Under a
+multi-device ``trainer:`` the ranks share the scoring and rank 0 alone writes the results and the report.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bam_pipeline.store.files import sha256_file
 from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.store.locks import StageLock, wait_while_held
 from bam_pipeline.training.loggers import log_report
-from bam_pipeline.training.ranks import is_rank_zero
+from bam_pipeline.ranks import Ranks, is_rank_zero, join_ranks
 
 REBUILD_HINT = "eval.rebuild=true"
 
@@ -87,21 +88,35 @@ def write_report(ctx: RunContext) -> None:
     print(f"report: {ctx.layout.report}")
 
 
+def stage_ranks(ctx: RunContext) -> Ranks:
+    """The processes eval and downstream split their scoring over: one for a one-device ``trainer:``, else every
+    rank of the launch (started here with Lightning Fabric's launcher when no training stage started them)."""
+    return join_ranks(ctx.trainer.flags(), ctx.trainer.collective_timeout_s)
+
+
 def score(ctx: RunContext) -> Path | None:
     """Eval's results of one run (one training seed), skipped when their identity is unchanged: the path of
     metrics.json when eval ran, None when it was up to date (or on another rank). Models built from inputs
-    the run has rebuilt since (outdated: eval never rebuilds) are left out and listed as skipped."""
-    if not is_rank_zero():
+    the run has rebuilt since (outdated: eval never rebuilds) are left out and listed as skipped. Under a
+    multi-device ``trainer:`` every rank scores its share of the models (:func:`run_eval`)."""
+    ranks = stage_ranks(ctx)
+    todo = None
+    if ranks.is_zero:
+        wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
+        prepared, selection = selection_for(ctx)
+        identity = eval_identity(ctx, prepared, selection)
+        if not identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
+            todo = identity, selection
+    if not ranks.broadcast(todo is not None, "rank 0 to check whether eval is up to date"):
         return None
-    wait_while_held(ctx.layout.lock("data"), "the prepared data", timeout_s=ctx.pipeline.wait_s)
-    prepared, selection = selection_for(ctx)
-    identity = eval_identity(ctx, prepared, selection)
-    if identity.fresh(rebuild=ctx.eval.rebuild, hint=REBUILD_HINT):
+    if todo is None:  # another rank: its share of the scoring
+        run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking, ranks=ranks)
         return None
+    identity, selection = todo
     with StageLock(ctx.layout.lock("eval", "report"), "the eval report"):
         identity.forget()
         metrics_path = run_eval(ctx.eval, ctx.layout, general=ctx.data.general, chunking=ctx.train.loss_chunking,
-                                selection=selection)
+                                selection=selection, ranks=ranks)
         identity.write()
     return metrics_path
 

@@ -25,7 +25,7 @@ from bam_pipeline.stages.context import RunContext
 from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import Artifact, load_state, publish, read_model_config, remove_dead_temporaries
 from bam_pipeline.store.locks import StageLock
-from bam_pipeline.training.ranks import is_rank_zero
+from bam_pipeline.ranks import is_rank_zero
 
 
 def require_artifact(ctx: RunContext, stage: str) -> str:

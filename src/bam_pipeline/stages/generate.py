@@ -23,7 +23,7 @@ from bam_pipeline.stages.export import require_artifact
 from bam_pipeline.stages.inputs import current_model, open_data
 from bam_pipeline.store.artifacts import artifact_containing, load_model
 from bam_pipeline.store.files import file_path_problem, write_text
-from bam_pipeline.training.ranks import is_rank_zero
+from bam_pipeline.ranks import is_rank_zero
 
 
 def _prompt_of(line: str, where: str) -> str:

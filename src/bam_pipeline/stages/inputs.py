@@ -26,7 +26,7 @@ from bam_pipeline.store.artifacts import (MANIFEST, WEIGHTS, Artifact, find_mode
 from bam_pipeline.store.files import canonical_hash, changed_keys, write_json
 from bam_pipeline.store.layout import MODEL_STAGES, RunLayout, label, parse_label, stage_args
 from bam_pipeline.store.locks import StageLock, read_holder, stale_reason, wait_while_held
-from bam_pipeline.training.ranks import is_rank_zero
+from bam_pipeline.ranks import is_rank_zero
 
 
 @dataclass

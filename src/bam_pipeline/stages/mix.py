@@ -24,7 +24,7 @@ from bam_pipeline.stages.inputs import Plan, building, data_input, fresh_artifac
 from bam_pipeline.store.artifacts import Artifact, load_state, publish, read_artifact, save_model, try_read_artifact
 from bam_pipeline.store.artifacts import write_manifest
 from bam_pipeline.store.files import canonical_hash
-from bam_pipeline.training.ranks import is_rank_zero, wait_for
+from bam_pipeline.ranks import is_rank_zero, wait_for
 
 
 def plan_mix(ctx: RunContext, prepared: PreparedData, name: str) -> Plan:
@@ -60,7 +60,7 @@ def run_mix(ctx: RunContext, name: str | None = None) -> Artifact:
             art = try_read_artifact(plan.out)
             return art if art is not None and art.manifest.get("config_hash") == canonical_hash(plan.config) else None
 
-        return wait_for(built, plan.label)
+        return wait_for(built, plan.label, ctx.trainer.collective_timeout_s)
     done = fresh_artifact(plan, ctx.pipeline.on_stale)
     if done is not None:
         return done

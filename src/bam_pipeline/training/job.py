@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bam_pipeline.errors import BamError
+from bam_pipeline.ranks import current_ranks
 from bam_pipeline.model.config import ModelConfig
 from bam_pipeline.store import artifacts as A
 from bam_pipeline.store.files import canonical_hash, read_jsonl, write_json, write_text
@@ -453,11 +454,13 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
         metrics = _train_metrics(read_jsonl(work / A.TRAIN_LOG))
         refusal = nonfinite_refusal(job, state, metrics["final_val_loss"], master=full_state,
                                     precision=trainer_spec.precision, steps=trainer.global_step, work=work)
-    refusal = trainer.strategy.broadcast(refusal)  # every rank stops, or none
+    ranks = current_ranks(trainer_spec.collective_timeout_s)
+    refusal = ranks.broadcast(refusal, f"rank 0 to check the trained weights of {job.label}")  # all stop, or none
     if refusal is not None:
         raise NonFiniteModel(refusal)
+    published = f"rank 0 to publish {job.label}"
     if not trainer.is_global_zero:
-        trainer.strategy.barrier("published")  # wait until rank 0 has published the artifact
+        ranks.barrier(published)  # wait until rank 0 has published the artifact
         return None
     out_dir = job.layout.artifact(job.stage, job.name)
     with A.publish(out_dir) as tmp:
@@ -479,7 +482,7 @@ def train_and_publish(job: TrainJob, *, prepared, trainer_spec: TrainerSpec, log
     parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in split.items() if k != "total_s")
     val = "" if metrics["final_val_loss"] is None else f", final validation loss {metrics['final_val_loss']:.4f}"
     print(f"{job.label}: done in {split['total_s']:.1f} s ({parts}){val} -> {out_dir}")
-    trainer.strategy.barrier("published")
+    ranks.barrier(published)
     return A.read_artifact(out_dir)
 
 

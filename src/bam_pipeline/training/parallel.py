@@ -1,7 +1,8 @@
 """The Lightning strategy the ``trainer:`` section names (its spec is
 :class:`~bam_pipeline.training.settings.TrainerSpec`).
 
-- ``auto``, ``ddp``: Lightning's own, by name.
+- ``auto``: Lightning's own, by name; ``ddp``: Lightning's ``DDPStrategy``.
+- Every strategy but ``auto`` gets ``trainer.collective_timeout_s`` as its process group's timeout.
 - ``fsdp``: Lightning's ``FSDPStrategy`` with one FSDP unit per transformer block
   (``auto_wrap_policy={Block}``); the embedding, final norm and head belong to the root unit. A
   block's stacked expert weights are flattened into its unit with the rest of the block, so they
@@ -27,11 +28,12 @@ they already live there, so CPU runs gather without that offload.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.transformer import BAMTransformer, Block
@@ -58,7 +60,11 @@ def trainer_kwargs(spec: TrainerSpec) -> dict[str, Any]:
 
 
 def build_strategy(spec: TrainerSpec) -> Any:
-    """The Lightning strategy of ``spec``: its name, or the object FSDP and FSDP2 need."""
+    """The Lightning strategy of ``spec``: ``auto`` by name, the others as objects that carry the process
+    group's timeout (``trainer.collective_timeout_s``) and what FSDP and FSDP2 need."""
+    timeout = timedelta(seconds=spec.collective_timeout_s)
+    if spec.strategy == "ddp":
+        return DDPStrategy(timeout=timeout)
     if spec.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecision
 
@@ -67,10 +73,11 @@ def build_strategy(spec: TrainerSpec) -> Any:
         if spec.precision == "bf16-mixed":  # Lightning's default would reduce gradients in bfloat16
             mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return cls(auto_wrap_policy={Block}, mixed_precision=mixed, state_dict_type="sharded",
-                   activation_checkpointing_policy={Block} if spec.activation_checkpointing else None)
+                   activation_checkpointing_policy={Block} if spec.activation_checkpointing else None,
+                   timeout=timeout)
     if spec.strategy == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=spec.world_size, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+                                     save_distributed_checkpoint=True, timeout=timeout)
     return spec.strategy
 
 

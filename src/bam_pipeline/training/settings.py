@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from bam_pipeline.errors import ConfigError
 from bam_pipeline.model.loss import LossChunking
-from bam_pipeline.training.ranks import check_trainer, world_size
+from bam_pipeline.ranks import DEFAULT_TIMEOUT_S, check_trainer, world_size
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,13 @@ class TrainerSpec:
     strategy: str
     precision: str
     activation_checkpointing: bool
+    collective_timeout_s: float = DEFAULT_TIMEOUT_S  # the process group's timeout: every wait on another rank
 
     def __post_init__(self) -> None:
+        if isinstance(self.collective_timeout_s, bool) or not isinstance(self.collective_timeout_s, (int, float)) \
+                or not self.collective_timeout_s > 0:
+            raise ConfigError("collective_timeout_s", self.collective_timeout_s,
+                              "must be a positive number of seconds (how long a rank waits for the others)")
         if self.strategy not in STRATEGIES:
             raise ConfigError("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         check_trainer(self.flags(), here=False)

@@ -3,8 +3,8 @@
 import pytest
 
 from bam_pipeline.errors import BamError
-from bam_pipeline.training.ranks import is_rank_zero, wait_for
-from bam_pipeline.training.ranks import world_size
+from bam_pipeline.ranks import is_rank_zero, wait_for
+from bam_pipeline.ranks import world_size
 
 
 @pytest.mark.parametrize(
