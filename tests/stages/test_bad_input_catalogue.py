@@ -509,6 +509,13 @@ CASES: dict[str, Case] = {
                         ("trainer.accelerator='gpu'", "trainer=cpu")),
     "fsdp_trainer": Case(D, ("stage=moe", "trainer=fsdp"), ("trainer.accelerator='gpu'", "trainer=cpu")),
     "eval_cuda": Case(D, ("stage=eval", "eval.device=cuda"), ("eval.device='cuda'", "CUDA", "eval.device=auto")),
+    # eval and downstream split over a multi-device trainer's devices: checked before any rank starts
+    "eval_on_missing_gpus": Case(D, ("stage=eval", "trainer=gpu", "trainer.devices=2"),
+                                 ("trainer.accelerator='gpu'", "CUDA", "trainer=cpu")),
+    "downstream_on_missing_gpus": Case(D, ("stage=downstream", "trainer=ddp", "trainer.devices=4"),
+                                       ("trainer.accelerator='gpu'", "CUDA")),
+    "collective_timeout_0": Case(C, ("stage=eval", "trainer.collective_timeout_s=0"),
+                                 ("trainer.collective_timeout_s=0", "positive", "seconds")),
     "devices_0": Case(D, ("trainer.devices=0",), ("trainer.devices=0", "auto")),
     "devices_text": Case(D, ("trainer.devices=abc",), "trainer.devices='abc'"),
     "accelerator_tpu": Case(D, ("trainer.accelerator=tpu",), ("trainer.accelerator='tpu'", "cpu", "gpu")),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,10 +218,20 @@ def run_tasks(lm: Any, tasks: Sequence[str], *, include_path: str | Path | None 
         where = f"the suite in {include_path}" if include_path else "lm-evaluation-harness"
         raise BamError(f"unknown task {unknown[0]!r}: {where} has no such task; known: "
                        f"{', '.join(sorted(manager.all_tasks)[:12])}{', ...' if len(manager.all_tasks) > 12 else ''}")
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              bootstrap_iters=bootstrap_iters, log_samples=False,
-                              confirm_run_unsafe_code=allow_code_execution, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+    # ``lm`` runs in this process alone (a rank of a distributed launch scores its own models): lm-eval reads
+    # LOCAL_RANK to decide which process returns results, so it sees rank 0 while it runs
+    local_rank = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=manager, bootstrap_iters=bootstrap_iters, log_samples=False,
+                                  confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        if local_rank is None:
+            os.environ.pop("LOCAL_RANK")
+        else:
+            os.environ["LOCAL_RANK"] = local_rank
     if results is None:
         raise BamError("lm-evaluation-harness returned no results (a non-zero rank of a distributed run)")
     return results
