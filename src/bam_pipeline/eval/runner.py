@@ -10,7 +10,9 @@ turn on the same batch; the median of :data:`SPEED_ROUNDS` rounds), so load from
 and the machine's state hit all models alike, and two models of one architecture measure alike.
 A probe row runs at its model's speed; BTM's tokens/s is that of running its members one after
 another on each token (``1 / sum(1 / tokens_per_s)``; the mixing of their distributions is not
-timed). Every file is written atomically.
+timed). Right after the speeds, every model's serving cost (decode latency per generated token and KV
+cache bytes, :mod:`bam_pipeline.eval.serving`) is measured the same way, afresh and interleaved, into
+metrics.json's ``serving``. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_to
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
 from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
+from bam_pipeline.eval.serving import ServingCosts, serving_costs
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
@@ -475,6 +478,17 @@ def timed_rows(rows: list[ScoreRow], arts: list[Artifact], sources: list[str], s
                    "batch_size": spec.batch_size, "models": speeds}
 
 
+def measured_serving(arts: list[Artifact], speed: dict[str, Any], spec: EvalSpec, device: torch.device
+                     ) -> ServingCosts:
+    """The serving cost (:mod:`bam_pipeline.eval.serving`) of the models whose speed :func:`timed_rows` measured,
+    measured right after it in ``eval.latency_rounds`` interleaved rounds."""
+    costs = serving_costs([a for a in arts if a.label in speed["models"]], device=device, rounds=spec.latency_rounds)
+    timed = f"{costs.rounds} rounds at {' and '.join(map(str, costs.threads))} threads" if costs.rounds else \
+        "not timed: eval.latency_rounds=0"
+    print(f"[eval] decode latency and KV cache of {len(costs.rows)} models measured afresh, interleaved ({timed})")
+    return costs
+
+
 def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
              chunking: LossChunking | None = None,
              rebuild: Callable[[str], str] = lambda label: "rebuild it",
@@ -507,6 +521,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
     rows, speed = timed_rows(rows, good, sources, seqs, spec, device, chunking)
+    serving = measured_serving(good, speed, spec, device)
     reused = [s.label for s in scored if s.reused]
     evaluated = [s.label for s in scored if not s.reused]
     if reused:
@@ -523,7 +538,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": cache.data,
         "sources": sources, "ood_sources": [x for x in sources if x in prepared.ood], "general_source": general,
         "rows": [r.to_dict() for r in rows], "skipped": skipped,
-        "reused": reused, "evaluated": evaluated, "speed": speed,
+        "reused": reused, "evaluated": evaluated, "speed": speed, "serving": serving.to_dict(),
     })
     print(f"[eval] {len(rows)} (model, domain) rows -> {layout.metrics}")
     return layout.metrics
