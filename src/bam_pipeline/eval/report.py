@@ -31,7 +31,7 @@ from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTED_BLOCKS
 from bam_pipeline.eval.scores import ScoreRow, rows_of
-from bam_pipeline.eval.serving import ServingCosts
+from bam_pipeline.eval.serving import ServingCosts, rounds_phrase, threads_phrase
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -174,14 +174,6 @@ def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
 SERVING_RATIOS = (("moe/bam", "moe/btx"), ("moe/bam_kv_shared", "moe/btx"))
 
 
-def _threads(n: int) -> str:
-    return f"{n} thread" + ("" if n == 1 else "s")
-
-
-def _rounds(n: int) -> str:
-    return "the one round" if n == 1 else f"the median of {n} rounds"
-
-
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
@@ -191,7 +183,7 @@ def serving_rows(costs: ServingCosts) -> list[list[str]]:
     token at Table 7's context with and without the LM head, KV cache bytes per token, and the measured decode
     milliseconds per generated token at each thread count."""
     out = [["model", "total params", "active params", f"FLOPs/token at {costs.flops_context}", "without LM head",
-            "KV cache bytes/token", *(f"ms/token, {_threads(t)}" for t in costs.threads)]]
+            "KV cache bytes/token", *(f"ms/token, {threads_phrase(t)}" for t in costs.threads)]]
     for r in costs.rows:
         out.append([r.display, _si(r.params_total), _si(r.params_active), f"{r.flops_per_token:,.0f}",
                     f"{r.flops_per_token_without_head:,.0f}", f"{r.cost.cache_bytes_per_token:,.0f}",
@@ -203,7 +195,7 @@ def serving_ratio_rows(costs: ServingCosts) -> list[list[str]]:
     """Header + one row per ratio of :data:`SERVING_RATIOS` whose two models the run has: ours (FLOPs without
     the head, KV bytes, latency at each thread count) beside the paper's (Table 7's FLOPs, section 7.3's time)."""
     out = [["ratio", "FLOPs/token without head", "KV cache bytes/token",
-            *(f"latency, {_threads(t)}" for t in costs.threads), "paper: FLOPs (Table 7)",
+            *(f"latency, {threads_phrase(t)}" for t in costs.threads), "paper: FLOPs (Table 7)",
             "paper: latency (section 7.3, TPUs)"]]
 
     def x(v: float | None) -> str:
@@ -227,7 +219,7 @@ def serving_blocks(metrics: dict[str, Any]) -> list[Block]:
         return []
     costs = ServingCosts.from_dict(metrics["serving"])
     prompts = sorted({r.prompt_tokens for r in costs.rows})
-    timed = (f"{_rounds(costs.rounds)}, interleaved across the models in one process, each after an "
+    timed = (f"{rounds_phrase(costs.rounds)}, interleaved across the models in one process, each after an "
              f"untimed warm-up, with torch's threads fixed at each count, on {costs.machine} (device {costs.device})"
              if costs.rounds else "not timed here (`eval.latency_rounds=0`)")
     paper = (f"The paper ({SERVING_CITATION}): forward FLOPs per token at context 256 without the LM head "
@@ -243,7 +235,7 @@ def serving_blocks(metrics: dict[str, Any]) -> list[Block]:
               "one sequence, read from the cache tensors; the decode latency per generated token, measured, never "
               f"computed from FLOPs: greedy, batch 1, with the KV cache, a prompt of max_seq_len - {costs.new_tokens} "
               f"tokens ({', '.join(map(str, prompts))} here) and {costs.new_tokens} new tokens, the whole call over "
-              f"{costs.new_tokens}, at {' and '.join(_threads(t) for t in costs.threads)}: {timed}."),
+              f"{costs.new_tokens}, at {' and '.join(threads_phrase(t) for t in costs.threads)}: {timed}."),
         ("table", serving_rows(costs)),
     ]
     ratios = serving_ratio_rows(costs)

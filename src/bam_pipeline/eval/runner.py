@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,7 @@ from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_to
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
 from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
-from bam_pipeline.eval.serving import ServingCosts, serving_costs
+from bam_pipeline.eval.serving import ServingCosts, serving_costs, threads_phrase
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
@@ -482,10 +483,12 @@ def measured_serving(arts: list[Artifact], speed: dict[str, Any], spec: EvalSpec
                      ) -> ServingCosts:
     """The serving cost (:mod:`bam_pipeline.eval.serving`) of the models whose speed :func:`timed_rows` measured,
     measured right after it in ``eval.latency_rounds`` interleaved rounds."""
+    start = time.perf_counter()
     costs = serving_costs([a for a in arts if a.label in speed["models"]], device=device, rounds=spec.latency_rounds)
-    timed = f"{costs.rounds} rounds at {' and '.join(map(str, costs.threads))} threads" if costs.rounds else \
-        "not timed: eval.latency_rounds=0"
-    print(f"[eval] decode latency and KV cache of {len(costs.rows)} models measured afresh, interleaved ({timed})")
+    timed = f"eval.latency_rounds={costs.rounds}" + (
+        f" at {' and '.join(threads_phrase(t) for t in costs.threads)}" if costs.rounds else ": not timed")
+    print(f"[eval] decode latency and KV cache of {len(costs.rows)} models measured afresh, interleaved ({timed}; "
+          f"{time.perf_counter() - start:.1f} s)")
     return costs
 
 

@@ -199,11 +199,19 @@ def serving_costs(arts: Sequence[Artifact], *, device: torch.device, rounds: int
     return ServingCosts(rows, machine_name(device), str(device), threads, rounds)
 
 
+def threads_phrase(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def rounds_phrase(n: int) -> str:
+    """How a latency figure summarises ``n`` rounds."""
+    return "one round" if n == 1 else f"the median of {n} rounds"
+
+
 def latency_line(cost: DecodeCost, *, rounds: int, prompt_tokens: int, machine: str) -> str:
     """One line of a model's measured decode latency at each thread count and how it was measured."""
     if not rounds:
         return "decode latency: not timed (eval.latency_rounds=0)"
-    at = ", ".join(f"{cost.latency(t) * 1e3:.2f} ms at {t} thread{'' if t == 1 else 's'}"
-                   for t in sorted(cost.seconds_per_token))
+    at = ", ".join(f"{cost.latency(t) * 1e3:.2f} ms at {threads_phrase(t)}" for t in sorted(cost.seconds_per_token))
     return (f"decode latency per generated token: {at} (greedy, batch 1, KV cache, a {prompt_tokens}-token prompt "
-            f"and {NEW_TOKENS} new tokens, median of {rounds} rounds after a warm-up; {machine})")
+            f"and {NEW_TOKENS} new tokens, {rounds_phrase(rounds)} after a warm-up; {machine})")
