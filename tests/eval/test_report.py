@@ -169,6 +169,18 @@ def test_the_serving_ratios_stand_beside_the_papers_where_the_run_has_the_models
     assert len(serving_ratio_rows(no_btx)) == 1  # the header alone
 
 
+def test_a_serving_cost_without_timing_says_so_and_shows_no_latency():
+    from bam_pipeline.eval.report import serving_blocks
+    from bam_pipeline.eval.serving import DecodeCost, ServingCosts, ServingRow
+
+    row = ServingRow("moe/bam", "BAM", 10, 5, 20.0, 10.0, 48, DecodeCost(1024.0, {1: []}))
+    blocks = serving_blocks({"serving": ServingCosts([row], "cpu model", "cpu", (1,), 0).to_dict()})
+    assert any(b[0] == "p" and "`eval.latency_rounds=0`" in b[1] for b in blocks)
+    table = next(b[1] for b in blocks if b[0] == "table")
+    assert table[1] == ["BAM", "10", "5", "20", "10", "1,024", "-"]
+    assert serving_blocks({}) == []  # metrics.json without a serving section: no section
+
+
 def test_cost_table_shows_training_speed_over_training_steps_and_the_wall_time_split():
     from bam_pipeline.eval.report import cost_rows
     from bam_pipeline.eval.scores import Timing

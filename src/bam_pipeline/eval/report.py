@@ -227,7 +227,7 @@ def serving_blocks(metrics: dict[str, Any]) -> list[Block]:
              + " (the figures of one of the 6 blocks, docs/paper.md section 10); generating 16 tokens from a "
                "256-token prompt, the mean of 10 runs on TPUs: "
              + ", ".join(f"{PAPER_NAMES[k]} {v:.2f} s" for k, v in SECTION73_SECONDS.items())
-             + ". The paper attributes latency ratios far below the FLOP ratio to the memory of separate KV caches.")
+             + ". The paper attributes latency ratios far below the FLOP ratio to the memory pressure of separate KV caches.")
     blocks: list[Block] = [
         ("h", 2, "Serving cost (cf. paper Table 7 and section 7.3)"),
         ("p", f"Parameters and forward FLOPs per token at context {costs.flops_context} (Table 7's), with and without "
