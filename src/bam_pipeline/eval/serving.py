@@ -9,8 +9,9 @@ Latency is measured, never computed from FLOPs: greedy decoding with the KV cach
 is timed, the prompt's forward pass included (section 7.3 times the whole generation), and divided by the new
 tokens. Each model runs at one thread and at the threads torch runs with, each count fixed while timed and
 torch's own count restored after. The models are measured in one process, interleaved: each of ``rounds``
-rounds loads every model in turn (untimed) and, at each thread count, decodes once untimed (warm-up) and once
-timed; a model's figure is the median of its rounds. Eval measures it with the eval speeds whenever eval runs
+rounds loads every model in turn (untimed) and, at each thread count, warms up untimed (the prompt and one
+cached step: every kind of forward pass the timed call makes) and decodes once timed; a model's figure is the
+median of its rounds. Eval measures it with the eval speeds whenever eval runs
 (never on a no-op rerun) and ``stage=generate`` for its one model.
 """
 
@@ -36,6 +37,7 @@ from bam_pipeline.model.transformer import BAMTransformer
 from bam_pipeline.store.artifacts import Artifact, load_model, read_model_config
 
 NEW_TOKENS = 16  # tokens generated per timed decode (section 7.3)
+WARM_UP_TOKENS = 2  # the untimed decode before each timed one: the prompt's forward pass and one cached step
 FLOPS_CONTEXT = 256  # the context of Table 7's FLOPs per token
 
 
@@ -116,7 +118,7 @@ def measure_decode(loaders: Mapping[str, Callable[[], BAMTransformer]], *, round
             prompt = decode_prompt(model.cfg.max_seq_len, model.cfg.vocab_size)
             for t in threads if rounds else ():
                 with torch_threads(t):
-                    decode_seconds(model, prompt)  # warm-up
+                    generate(model, [prompt], max_new_tokens=WARM_UP_TOKENS)  # the prompt's pass and a decode step
                     seconds[label][t].append(decode_seconds(model, prompt))
             del model
     return {label: DecodeCost(cache_bytes[label], seconds[label]) for label in loaders}
