@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -67,6 +66,7 @@ from bam_pipeline.data.prepare import PreparedData
 from bam_pipeline.data.splits import KEY_BYTES
 from bam_pipeline.data.storage import ShardWriter, shard_file
 from bam_pipeline.errors import BamError
+from bam_pipeline.eval.serving import machine_name
 from bam_pipeline.mixing.variant import MixVariant
 from bam_pipeline.model import BAMTransformer, ModelConfig, preset
 from bam_pipeline.model.attention import MixtureOfAttention, mixture_of_attention_loop
@@ -286,17 +286,9 @@ def stage_fit_seconds(layout: str, cfg: ModelConfig, device: torch.device, dtype
     return timed.stage[warmup:], timed.bare[warmup:], step_tokens
 
 
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+def machine(device: torch.device) -> str:
+    """The device measured on (:func:`~bam_pipeline.eval.serving.machine_name`), on a CPU with torch's threads."""
+    return machine_name(device) + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
 
 
 def run(device: torch.device, dtype: torch.dtype, repeats: int, warmup: int, skip: set[str],
@@ -493,7 +485,7 @@ def main() -> None:
 
     print(f"# bench_model: device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"repeats={args.repeats} warmup={args.warmup} (medians, interleaved) torch={torch.__version__} "
-          f"host memory={'kept' if kept else 'libc defaults'} machine={machine_name(device)}")
+          f"host memory={'kept' if kept else 'libc defaults'} machine={machine(device)}")
     header = ("measurement", "baseline", "candidate", "ratio", "target")
     widths = [max(len(str(r[i])) if i != 3 else 6 for r in [header, *rows]) for i in range(5)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -502,7 +494,7 @@ def main() -> None:
         cells = [r[0], r[1], r[2], f"{r[3]:.2f}x", r[4]]
         print(" | ".join(c.ljust(w) for c, w in zip(cells, widths)))
     if speeds["train"]:
-        table = SpeedTable(machine=machine_name(device), measured=time.strftime("%Y-%m-%d"), device=args.device,
+        table = SpeedTable(machine=machine(device), measured=time.strftime("%Y-%m-%d"), device=args.device,
                            dtype=args.dtype, torch=torch.__version__, batch=speeds["batch"],
                            train_tokens_per_s=speeds["train"], forward_tokens_per_s=speeds["forward"])
         table.write(args.speeds)

@@ -100,7 +100,7 @@ def eval_cfg():
     def make(**eval_overrides):
         ev = OmegaConf.load(conf_dir() / "eval" / "default.yaml")
         ev.merge_with({"seq_len": SEQ_LEN, "device": "cpu", "max_tokens_per_source": 1024, "batch_size": 8,
-                       **eval_overrides})
+                       "latency_rounds": 0, **eval_overrides})  # decode latency: timed by the report's test alone
         return EvalSpec(**OmegaConf.to_container(ev))
 
     return make

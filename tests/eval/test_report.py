@@ -13,6 +13,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.store.layout import RunLayout
 from bam_pipeline.eval.report import SCALE_NOTE, build_report, print_summary, report_files
 from bam_pipeline.eval.runner import run_eval
+from bam_pipeline.eval.serving import torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def reported(fake_run, eval_cfg, tmp_path_factory):
     shutil.copytree(fake_run, run_copy, ignore=shutil.ignore_patterns("eval", "report"))
     weights = run_copy / "branch" / "law" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # checksum mismatch: skipped, reported
-    run_eval(eval_cfg(), RunLayout(run_copy), general="general")
+    with torch_threads(1):  # the latency at one thread alone (thread_counts): more than the free cores is slow
+        run_eval(eval_cfg(latency_rounds=1), RunLayout(run_copy), general="general")
     md = build_report(RunLayout(run_copy), command="python -m bam_pipeline stage=eval run=t", config_hash="abc123")
     return run_copy, md
 
@@ -127,6 +129,56 @@ def test_metrics_rows_feed_the_table(reported):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     seed_code = next(r for r in metrics["rows"] if r["model"] == "seed" and r["domain"] == "code")
     assert f"{seed_code['perplexity']:.2f}" in (run / "report" / "report.md").read_text()
+
+
+def test_the_serving_cost_table_has_every_scored_model_with_its_measured_latency(reported):
+    run, md = reported
+    serving = json.loads((run / "eval" / "metrics.json").read_text())["serving"]
+    assert serving["threads"] == [1] and serving["rounds"] == 1 and serving["machine"]
+    assert [m["model"] for m in serving["models"]] == ["seed", "branch/code", "mix/bam"]  # branch/law: skipped
+    section = md.read_text().split("## Serving cost")[1].split("\n## ")[0]
+    header = "| model | total params | active params | FLOPs/token at 256 | without LM head | KV cache bytes/token " \
+             "| ms/token, 1 thread |"
+    assert header in section
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in section.splitlines()
+            if line.startswith("| ") and "---" not in line and line != header}
+    assert set(rows) == {"seed", "branch/code", "Untrained BAM (renormalised)"}
+    for model in serving["models"]:
+        cells = rows[model["display"]]
+        assert cells[3] == f"{model['flops_per_token']:,.0f}" and cells[4] == f"{model['flops_per_token_without_head']:,.0f}"
+        assert cells[5] == f"{model['kv_cache_bytes_per_token']:,.0f}" and float(cells[6]) > 0
+    assert "Ratios to BTX" not in section  # no BAM or BTX trained in this run
+    assert "48,257,024" in section and "4.81 s" in section  # the paper's Table 7 and section 7.3
+
+
+def test_the_serving_ratios_stand_beside_the_papers_where_the_run_has_the_models():
+    from bam_pipeline.eval.report import serving_ratio_rows
+    from bam_pipeline.eval.serving import DecodeCost, ServingCosts, ServingRow
+
+    def row(label, flops, kv, seconds):
+        return ServingRow(label, label, 10, 5, 2 * flops, flops, 48, DecodeCost(kv, {1: [seconds], 4: [seconds / 2]}))
+
+    costs = ServingCosts([row("moe/bam", 450, 400, 0.3), row("moe/btx", 200, 100, 0.2),
+                          row("moe/bam_kv_shared", 300, 100, 0.25)], "cpu", "cpu", (1, 4), 1)
+    cells = serving_ratio_rows(costs)
+    assert cells[0] == ["ratio", "FLOPs/token without head", "KV cache bytes/token", "latency, 1 thread",
+                        "latency, 4 threads", "paper: FLOPs (Table 7)", "paper: latency (section 7.3, TPUs)"]
+    assert cells[1] == ["BAM (expert KV) / BTX", "2.25x", "4.00x", "1.50x", "1.50x", "2.24x", "1.28x"]
+    assert cells[2] == ["BAM (shared KV) / BTX", "1.50x", "1.00x", "1.25x", "1.25x", "-", "1.24x"]
+    no_btx = ServingCosts([row("moe/bam", 450, 400, 0.3)], "cpu", "cpu", (1, 4), 1)
+    assert len(serving_ratio_rows(no_btx)) == 1  # the header alone
+
+
+def test_a_serving_cost_without_timing_says_so_and_shows_no_latency():
+    from bam_pipeline.eval.report import serving_blocks
+    from bam_pipeline.eval.serving import DecodeCost, ServingCosts, ServingRow
+
+    row = ServingRow("moe/bam", "BAM", 10, 5, 20.0, 10.0, 48, DecodeCost(1024.0, {1: []}))
+    blocks = serving_blocks({"serving": ServingCosts([row], "cpu model", "cpu", (1,), 0).to_dict()})
+    assert any(b[0] == "p" and "`eval.latency_rounds=0`" in b[1] for b in blocks)
+    table = next(b[1] for b in blocks if b[0] == "table")
+    assert table[1] == ["BAM", "10", "5", "20", "10", "1,024", "-"]
+    assert serving_blocks({}) == []  # metrics.json without a serving section: no section
 
 
 def test_cost_table_shows_training_speed_over_training_steps_and_the_wall_time_split():

@@ -151,6 +151,20 @@ def test_bam_590m_sanity():
     assert bam_flops.total - btx_flops.total == extra
 
 
+def test_bam_590m_reproduces_table_7s_flop_ratio_and_table_9s_shared_kv_total():
+    """docs/paper.md section 10: BAM expert KV / BTX forward FLOPs per token at context 256 without the LM head
+    is Table 7's 2.24; BAM shared KV has Table 9's 738,253,824 parameters (BAM's 776,002,560 less 3 K/V sets of
+    2 * D^2 in each of the 6 blocks)."""
+    cfg = preset("bam-590m")
+    bam = flops_per_token(cfg.replace(attn_experts=4, ffn_experts=4), seq_len=256)
+    btx = flops_per_token(cfg.replace(ffn_experts=4), seq_len=256)
+    assert f"{bam.non_embedding / btx.non_embedding:.3g}" == "2.24"
+    assert bam.non_embedding == bam.total - bam.lm_head  # the head term apart: FLOPs without the LM head
+    assert 1.24 < bam.total / btx.total < 1.25  # with the 256k-vocabulary head
+    shared = count_params(cfg.replace(attn_experts=4, ffn_experts=4, attn_kv="shared"))
+    assert shared.total == 738_253_824 == 776_002_560 - 6 * 3 * 2 * 1024 * 1024
+
+
 def test_describe_rows():
     cfg = SMOKE.replace(attn_experts=4, attn_kv="shared", ffn_experts=4, ffn_router=RouterConfig("topk", 2))
     rows = describe(cfg, seq_len=32)

@@ -425,6 +425,7 @@ CASES: dict[str, Case] = {
     "seeds_negative": Case(C, ("pipeline.seeds=[-1]",), ("pipeline.seeds=[-1]", "pipeline.seeds=[0,1,2]")),
     "resamples": Case(C, ("eval.resamples=100",), ("eval.resamples=100", "2000")),
     "min_documents": Case(C, ("eval.min_documents=1",), ("eval.min_documents=1", "2")),
+    "latency_rounds": Case(C, ("eval.latency_rounds=-1",), ("eval.latency_rounds=-1", "0")),
     "stage": Case(C, ("stage=bogus",), ("'bogus'", "data", "seed", "branch", "mix", "moe", "eval", "export",
                                         "generate")),
     "mix_kv": Case(C, ("mix.kv=both",), ("mix.kv='both'", "expert", "shared")),

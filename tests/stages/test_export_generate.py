@@ -117,6 +117,14 @@ def test_every_model_of_the_run_is_exported_outside_the_model_scan(exported):
     assert "export" not in status.split("artifact= accepts:")[1]
 
 
+def test_generate_prints_the_decode_latency_the_report_measures(smoke_copy):
+    r = cli_here(smoke_copy, "stage=generate", "artifact=moe/bam", "generate.prompt=the", "generate.max_new_tokens=4",
+                 "eval.latency_rounds=1", check=True)  # the smoke experiment times none; one thread (one_thread)
+    line = next(line for line in r.out.splitlines() if line.startswith("decode latency per generated token:"))
+    assert float(re.search(r"([\d.]+) ms at 1 thread\b", line).group(1)) > 0, line
+    assert "48-token prompt and 16 new tokens" in line, line  # max_seq_len 64 - 16
+
+
 @pytest.mark.parametrize("label", ["seed", "branch/code", "moe/bam", "moe/bam_kv_shared", "moe/btx", "moe/dense",
                                    "moe/bam_cm", "mix/btx_matched", "mix/sparse_upcycle", "mix/bam_attn_top1",
                                    "mix/bam_attn_top2", "mix/bam_kv_shared_top1"])

@@ -31,7 +31,7 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 PAPER_NAMES: dict[str, str] = {
     "seed": "Seed", "branch/code": "Code expert", "branch/law": "Law expert", "branch/math": "Math expert",
     "moe/btx": "BTX", "moe/bam": "BAM (expert KV)", "moe/bam_kv_shared": "BAM (shared KV)",
-    "moe/bam_cm": "BAM CM (expert KV)",
+    "moe/bam_cm": "BAM CM (expert KV)", "moe/btx_matched": "BTX parameter-matched",
 }
 PAPER_ROLES: dict[str, str] = {
     "seed": "seed", "branch/code": "expert", "branch/law": "expert", "branch/math": "expert",
@@ -46,3 +46,10 @@ TABLE3_AVERAGES: dict[str, float] = {
     "Seed": 31.60, "BTX": 32.71, "BAM DM (expert KV)": 34.02, "BAM CM (expert KV)": 33.50,
     "BAM DM (shared KV)": 33.98,
 }
+
+# The paper's serving cost at 590M scale, by this project's artifact labels (docs/paper.md section 10): Table 7's
+# forward FLOPs per token at context 256 without the LM head (the figures of one block), and section 7.3's seconds
+# to generate 16 tokens from a 256-token prompt (the mean of 10 runs, on TPUs).
+SERVING_CITATION = "Zhang et al., arXiv 2408.08274, Table 7 and section 7.3 (590M scale)"
+TABLE7_FLOPS: dict[str, int] = {"moe/bam": 48_257_024, "moe/btx": 21_510_144, "moe/btx_matched": 46_692_352}
+SECTION73_SECONDS: dict[str, float] = {"moe/bam": 6.17, "moe/bam_kv_shared": 5.96, "moe/btx": 4.81}

@@ -3,7 +3,7 @@
 Built only from files: ``eval/metrics.json``, ``eval/documents.json``, ``eval/routing.json`` and each
 artifact's train_log.jsonl (and ``downstream/results.json`` when present). Sections: provenance, Table 1
 analogue beside the paper's, ordering claims on both (this run's with intervals over test documents),
-out-of-domain verdicts, cost table, downstream tasks, routing summary, plots, and what was skipped and why.
+out-of-domain verdicts, cost table, serving cost (Table 7 / section 7.3), downstream tasks, routing summary, plots, and what was skipped and why.
 
 With several training seeds (``pipeline.seeds``) the same :func:`build_report` writes the aggregate,
 ``stages/<run>/seeds/``: every cell's mean and 95% interval over seeds and test documents, and every
@@ -24,12 +24,14 @@ from bam_pipeline.eval.aggregate import Aggregate, RunEval, aggregate, skipped_m
 from bam_pipeline.eval.claims import UNMEASURABLE, IntervalClaim, check_claims
 from bam_pipeline.eval.downstream_table import downstream_blocks
 from bam_pipeline.eval.names import column_name
-from bam_pipeline.eval.paper import CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1
+from bam_pipeline.eval.paper import (CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER_ROLES, PAPER_TABLE1,
+                                    SECTION73_SECONDS, SERVING_CITATION, TABLE7_FLOPS)
 from bam_pipeline.eval.heatmaps import report_heatmaps
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars
 from bam_pipeline.eval.render import Block, to_html, to_markdown
 from bam_pipeline.eval.routing import ROUTED_BLOCKS
 from bam_pipeline.eval.scores import ScoreRow, rows_of
+from bam_pipeline.eval.serving import ServingCosts, rounds_phrase, threads_phrase
 from bam_pipeline.eval.stats import (DOCUMENTS_ONLY, FAILS, HOLDS, MIN_DOCUMENTS, MIN_RESAMPLES, Interval,
                                      claim_verdict)
 from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cells, table_from_rows
@@ -40,7 +42,7 @@ from bam_pipeline.store.layout import RunLayout
 REPORT_MD, REPORT_HTML, CLAIMS_JSON = "report.md", "report.html", "claims.json"
 # Part of the identity of eval's results, the report and the seeds report (stages.eval): bump it whenever
 # this package's code changes what any of them holds, so that a finished run's next rerun redoes them.
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: the serving cost (metrics.json's serving, the report's Table 7 / section 7.3 analogue)
 
 SCALE_NOTE = (
     "This run is far smaller than the paper's (tiny models, a few hundred thousand tokens per stage), so "
@@ -166,6 +168,80 @@ def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
                     f"{p.timing.tokens_per_s if p.timing else math.nan:,.0f}",
                     "-" if trained is None else _si(trained), train_rate, split])
     return out
+
+
+# The ratios section 7.3 weighs (numerator, denominator): BAM with expert KV and with shared KV, each against BTX
+SERVING_RATIOS = (("moe/bam", "moe/btx"), ("moe/bam_kv_shared", "moe/btx"))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def serving_rows(costs: ServingCosts) -> list[list[str]]:
+    """Header + one row per model (the Table 7 / section 7.3 analogue): total/active params, forward FLOPs per
+    token at Table 7's context with and without the LM head, KV cache bytes per token, and the measured decode
+    milliseconds per generated token at each thread count."""
+    out = [["model", "total params", "active params", f"FLOPs/token at {costs.flops_context}", "without LM head",
+            "KV cache bytes/token", *(f"ms/token, {threads_phrase(t)}" for t in costs.threads)]]
+    for r in costs.rows:
+        out.append([r.display, _si(r.params_total), _si(r.params_active), f"{r.flops_per_token:,.0f}",
+                    f"{r.flops_per_token_without_head:,.0f}", f"{r.cost.cache_bytes_per_token:,.0f}",
+                    *(_ms(r.cost.latency(t)) for t in costs.threads)])
+    return out
+
+
+def serving_ratio_rows(costs: ServingCosts) -> list[list[str]]:
+    """Header + one row per ratio of :data:`SERVING_RATIOS` whose two models the run has: ours (FLOPs without
+    the head, KV bytes, latency at each thread count) beside the paper's (Table 7's FLOPs, section 7.3's time)."""
+    out = [["ratio", "FLOPs/token without head", "KV cache bytes/token",
+            *(f"latency, {threads_phrase(t)}" for t in costs.threads), "paper: FLOPs (Table 7)",
+            "paper: latency (section 7.3, TPUs)"]]
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    for of, to in SERVING_RATIOS:
+        if costs.ratio(of, to, lambda r: r.flops_per_token_without_head) is None:
+            continue
+        paper_flops = TABLE7_FLOPS[of] / TABLE7_FLOPS[to] if of in TABLE7_FLOPS and to in TABLE7_FLOPS else None
+        out.append([f"{PAPER_NAMES[of]} / {PAPER_NAMES[to]}",
+                    x(costs.ratio(of, to, lambda r: r.flops_per_token_without_head)),
+                    x(costs.ratio(of, to, lambda r: r.cost.cache_bytes_per_token)),
+                    *(x(costs.ratio(of, to, lambda r, t=t: r.cost.latency(t))) for t in costs.threads),
+                    x(paper_flops), x(SECTION73_SECONDS[of] / SECTION73_SECONDS[to])])
+    return out
+
+
+def serving_blocks(metrics: dict[str, Any]) -> list[Block]:
+    """The serving-cost section (paper Table 7 and section 7.3) from metrics.json's ``serving``; none without it."""
+    if "serving" not in metrics:
+        return []
+    costs = ServingCosts.from_dict(metrics["serving"])
+    prompts = sorted({r.prompt_tokens for r in costs.rows})
+    timed = (f"{rounds_phrase(costs.rounds)}, interleaved across the models in one process, each after an "
+             f"untimed warm-up, with torch's threads fixed at each count, on {costs.machine} (device {costs.device})"
+             if costs.rounds else "not timed here (`eval.latency_rounds=0`)")
+    paper = (f"The paper ({SERVING_CITATION}): forward FLOPs per token at context 256 without the LM head "
+             + ", ".join(f"{PAPER_NAMES[k]} {v:,}" for k, v in TABLE7_FLOPS.items())
+             + " (the figures of one of the 6 blocks, docs/paper.md section 10); generating 16 tokens from a "
+               "256-token prompt, the mean of 10 runs on TPUs: "
+             + ", ".join(f"{PAPER_NAMES[k]} {v:.2f} s" for k, v in SECTION73_SECONDS.items())
+             + ". The paper attributes latency ratios far below the FLOP ratio to the memory pressure of separate KV caches.")
+    blocks: list[Block] = [
+        ("h", 2, "Serving cost (cf. paper Table 7 and section 7.3)"),
+        ("p", f"Parameters and forward FLOPs per token at context {costs.flops_context} (Table 7's), with and without "
+              "the LM head, from the model config (bam_pipeline.model.counting); the KV cache's bytes per token of "
+              "one sequence, read from the cache tensors; the decode latency per generated token, measured, never "
+              f"computed from FLOPs: greedy, batch 1, with the KV cache, a prompt of max_seq_len - {costs.new_tokens} "
+              f"tokens ({', '.join(map(str, prompts))} here) and {costs.new_tokens} new tokens, the whole call over "
+              f"{costs.new_tokens}, at {' and '.join(threads_phrase(t) for t in costs.threads)}: {timed}."),
+        ("table", serving_rows(costs)),
+    ]
+    ratios = serving_ratio_rows(costs)
+    if len(ratios) > 1:
+        blocks += [("p", "Ratios to BTX, this run's beside the paper's:"), ("table", ratios)]
+    return blocks + [("p", paper)]
 
 
 def routing_rows(routing: dict[str, Any]) -> list[list[str]]:
@@ -331,6 +407,7 @@ def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], c
               "above, every model afresh in one process, interleaved (the median of "
               f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
         ("table", cost_rows(run.rows)),
+        *serving_blocks(metrics),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),
     ]

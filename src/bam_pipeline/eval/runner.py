@@ -10,7 +10,9 @@ turn on the same batch; the median of :data:`SPEED_ROUNDS` rounds), so load from
 and the machine's state hit all models alike, and two models of one architecture measure alike.
 A probe row runs at its model's speed; BTM's tokens/s is that of running its members one after
 another on each token (``1 / sum(1 / tokens_per_s)``; the mixing of their distributions is not
-timed). Every file is written atomically.
+timed). Right after the speeds, every model's serving cost (decode latency per generated token and KV
+cache bytes, :mod:`bam_pipeline.eval.serving`) is measured the same way, afresh and interleaved, into
+metrics.json's ``serving``. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,7 @@ from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_to
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
 from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
+from bam_pipeline.eval.serving import ServingCosts, serving_costs, threads_phrase
 from bam_pipeline.eval.spec import EvalSpec
 from bam_pipeline.model.counting import count_params, flops_per_token
 from bam_pipeline.model.loss import LossChunking
@@ -501,6 +505,19 @@ def timed_rows(rows: list[ScoreRow], arts: list[Artifact], sources: list[str], s
                    "batch_size": spec.batch_size, "models": speeds}
 
 
+def measured_serving(arts: list[Artifact], speed: dict[str, Any], spec: EvalSpec, device: torch.device
+                     ) -> ServingCosts:
+    """The serving cost (:mod:`bam_pipeline.eval.serving`) of the models whose speed :func:`timed_rows` measured,
+    measured right after it in ``eval.latency_rounds`` interleaved rounds."""
+    start = time.perf_counter()
+    costs = serving_costs([a for a in arts if a.label in speed["models"]], device=device, rounds=spec.latency_rounds)
+    timed = f"eval.latency_rounds={costs.rounds}" + (
+        f" at {' and '.join(threads_phrase(t) for t in costs.threads)}" if costs.rounds else ": not timed")
+    print(f"[eval] decode latency and KV cache of {len(costs.rows)} models measured afresh, interleaved ({timed}; "
+          f"{time.perf_counter() - start:.1f} s)")
+    return costs
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """What rank 0 decided before any scoring: the sources, the entries (in metrics.json's order), which of
@@ -588,7 +605,9 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     if not rows:
         reasons = "; ".join(f"{x['name']}: {x['reason']}" for x in skipped)
         raise BamError(f"no model of {layout.run_dir} could be evaluated ({reasons})")
-    rows, speed = timed_rows(rows, [arts[label] for label in per_model], plan.sources, seqs, spec, device, chunking)
+    measured = [arts[label] for label in per_model]
+    rows, speed = timed_rows(rows, measured, plan.sources, seqs, spec, device, chunking)
+    serving = measured_serving(measured, speed, spec, device)  # rank 0, every model, right after the speeds
     reused = [s.label for s in scored if s.reused]
     evaluated = [s.label for s in scored if not s.reused]
     if reused:
@@ -608,7 +627,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         "run": layout.run, "settings": {**spec.cache_key(), "device": str(device)}, "data_hash": cache.data,
         "sources": plan.sources, "ood_sources": [x for x in plan.sources if x in prepared.ood],
         "general_source": general, "rows": [r.to_dict() for r in rows], "skipped": skipped,
-        "reused": reused, "evaluated": evaluated, "speed": speed,
+        "reused": reused, "evaluated": evaluated, "speed": speed, "serving": serving.to_dict(),
         "ranks": {"world": ranks.world, "scored": {str(r): [] for r in range(ranks.world)}
                   | shared.by_rank([e.label for e in work])},
     })

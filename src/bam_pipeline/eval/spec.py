@@ -29,6 +29,8 @@ class EvalSpec:
     # mixtures (labels, e.g. moe/bam) also scored with their soft attention weights forced uniform: is
     # soft attention routing more than averaging the attention experts?
     uniform_attention: tuple[str, ...] = ()
+    # interleaved rounds of the decode latency measurement (bam_pipeline.eval.serving); 0: not timed
+    latency_rounds: int = 3
     rebuild: bool = False  # redo eval and the report even when what they are made from is unchanged
 
     def __post_init__(self) -> None:
@@ -47,6 +49,9 @@ class EvalSpec:
         if self.min_documents < 2:
             raise ConfigError("min_documents", self.min_documents,
                               "use at least 2: one document gives a bootstrap interval of zero width")
+        if self.latency_rounds < 0:
+            raise ConfigError("latency_rounds", self.latency_rounds,
+                              "must be a number of rounds >= 0 (0: decode latency is not timed)")
         object.__setattr__(self, "uniform_attention", tuple(self.uniform_attention))
         for label in self.uniform_attention:
             if not str(label).startswith(("moe/", "mix/")):

@@ -132,6 +132,7 @@ class FlopCount:
 
     @property
     def non_embedding(self) -> float:
+        """Without the LM head: paper Table 7's convention (the embedding lookup is never counted)."""
         return self.attention + self.routers + self.ffn
 
     @property

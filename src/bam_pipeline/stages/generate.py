@@ -1,6 +1,8 @@
 """stage=generate artifact=<label>: continue prompts with one model of the run, decoding with the KV
-cache (:func:`bam_pipeline.model.generation.generate_text`); prints every continuation and the
-model's KV cache bytes per token, measured from the cache tensors while decoding.
+cache (:func:`bam_pipeline.model.generation.generate_text`); prints every continuation, the model's KV
+cache bytes per token, measured from the cache tensors while decoding, and its decode latency per generated
+token at one thread and at all of torch's threads (:mod:`bam_pipeline.eval.serving`, as eval measures every
+model's; ``eval.latency_rounds`` rounds, 0: not timed).
 
 Prompts: ``generate.prompt="..."``, or ``generate.prompts_file=<path>``: a ``.jsonl`` file holds one
 JSON string or ``{"prompt": "..."}`` object per line; any other file one prompt per line (blank
@@ -17,6 +19,7 @@ from pathlib import Path
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.runner import resolve_device
+from bam_pipeline.eval.serving import NEW_TOKENS, latency_line, machine_name, measure_decode, thread_counts
 from bam_pipeline.model.generation import TextGeneration, generate_text
 from bam_pipeline.stages.context import GenerateSpec, RunContext
 from bam_pipeline.stages.export import require_artifact
@@ -117,6 +120,10 @@ def run_generate(ctx: RunContext) -> list[TextGeneration] | None:
         if sets == 1 else f"one K/V set per attention expert per layer ({sets})"
     print(f"KV cache: {cache_bytes:,.0f} bytes per token (measured from the cache tensors; {cfg.n_layers} layers, "
           f"{kv}, {cfg.n_kv_heads} KV heads x {cfg.head_dim} dims, {str(next(model.parameters()).dtype)[6:]})")
+    rounds = ctx.eval.latency_rounds
+    cost = measure_decode({art.label: lambda: model}, rounds=rounds, threads=thread_counts())[art.label]
+    print(latency_line(cost, rounds=rounds, prompt_tokens=cfg.max_seq_len - NEW_TOKENS,
+                       machine=machine_name(model.tok_emb.weight.device)))
     if spec.output:
         rows = [{"prompt": r.prompt, "prompt_ids": r.prompt_ids, "tokens": r.tokens, "text": r.text,
                  "stopped_at_eos": r.stopped_at_eos} for r in results]
