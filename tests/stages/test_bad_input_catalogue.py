@@ -402,6 +402,8 @@ CASES: dict[str, Case] = {
     "seed_tokens_0": Case(C, ("budget.seed.tokens=0",), "budget.seed.tokens=0"),
     "match_flops": Case(C, ("budget.moe.match=flops",), ("budget.moe.match='flops'", "data", "compute")),
     "reference": Case(C, ("budget.moe.reference=nope",), ("budget.moe.reference='nope'", "bam", "btx")),
+    "moe_flops": Case(C, ("budget.moe.flops=embedding",), ("budget.moe.flops='embedding'", "total",
+                                                          "non_embedding")),
     "split_sum": Case(C, ("data.split.val=0.95",), ("data.split.test=0.1", "val=0.95")),
     "vocab_small": Case(C, ("data.tokenizer.vocab_size=100",), ("data.tokenizer.vocab_size=100", "259")),
     "max_bytes": Case(C, ("data.max_bytes_per_source=-1",), "data.max_bytes_per_source=-1"),

@@ -34,7 +34,7 @@ class TrainPlan(Plan):
 def _budget(ctx: RunContext, tokens: int, model_cfg: ModelConfig, match: str = "data",
             reference: ModelConfig | None = None) -> Budget:
     return plan_budget(tokens, model_cfg, seq_len=ctx.train.seq_len, tokens_per_step=ctx.tokens_per_step,
-                       match=match, reference=reference)
+                       match=match, reference=reference, flops=ctx.budget.moe.flops)
 
 
 def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: dict) -> TrainPlan:
@@ -95,6 +95,7 @@ def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
                    precision=ctx.trainer.precision, devices=ctx.world_size)
     about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
              "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
+             **({"flops": budget.flops} if match == "compute" else {}),
              "experts": (mix.manifest.get("about") or {}).get("experts")}
     return _plan(ctx, job, {"data": data_input(prepared), "mix": mix}, about)
 
