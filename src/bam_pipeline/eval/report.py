@@ -346,7 +346,8 @@ def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], c
         ("p", "Test-split perplexity, lower is better; best per column in bold (untrained mixtures included). "
               "Average = arithmetic mean of the row's perplexities, as in the paper."),
         ("table", table_cells(ppl)),
-        ("p", "Bits per byte (comparable across tokenizers):"),
+        ("p", "Bits per byte (comparable across tokenizers; over the UTF-8 bytes of the text the scored tokens stand "
+              "for, counted token by token):"),
         ("table", table_cells(bpb)),
         ("h", 2, "The paper's Table 1"),
         ("p", f"Source: {CITATION}. Their models are trained on hundreds of billions of tokens; compare "

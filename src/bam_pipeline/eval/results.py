@@ -148,7 +148,7 @@ def _provenance(summary: Mapping[str, Any]) -> list[str]:
             f"train seeds: {', '.join(str(s) for s in summary['seeds'])}; intervals: {summary['level']:.0%} over "
             f"{summary['covers']} ({summary['resamples']} resamples), a verdict needs {summary['min_documents']} "
             "scored test documents per source",
-            f"summary: `{RESULTS_DIR}/{summary['experiment']}.json` (exported by `{p.get('exported_by', '-')}`)"]
+            f"summary: `docs/{RESULTS_DIR}/{summary['experiment']}.json` (exported by `{p.get('exported_by', '-')}`)"]
 
 
 def found(summary: Mapping[str, Any]) -> list[str]:
