@@ -69,6 +69,13 @@ def _names(line: str, fact: str) -> bool:
     return re.search(left + re.escape(fact) + right, line) is not None
 
 
+def _bad_summary(run: Path, scratch: Path) -> list[str]:
+    """A docs/ whose committed summary is not JSON (stage=results reads every summary to write the page)."""
+    (scratch / "docs" / "results").mkdir(parents=True)
+    (scratch / "docs" / "results" / "tiny.json").write_text('{"format": 1, "experiment": "tiny",')
+    return [f"paths.results={scratch}/docs"]
+
+
 def _files_source(run: Path, scratch: Path, name: str, content: bytes | None = None, *, source: str = "code",
                   **extra) -> list[str]:
     """Make ``source`` (`code`) a files source reading ``scratch/<name>`` (written with ``content`` when given), as
@@ -480,6 +487,8 @@ CASES: dict[str, Case] = {
                                                "source.path"),
                           setup=lambda run, scratch: _files_source(run, scratch, "docs.csv", b"a,b\n")),
     "source_empty_folder": Case(P, ("stage=data",), ("'code'", "files", "documents"), setup=_binary_only_folder),
+    "summary_not_json": Case(P, ("stage=results",), ("{scratch}/docs/results/tiny.json", "make results"),
+                             setup=_bad_summary),
     # ---- source file contents (the general source read from a file) ----
     "jsonl_malformed": Case(S, ("stage=data",), ("docs.jsonl", "line 2", "JSON"),
                             setup=lambda r, s: _files_source(r, s, "docs.jsonl", jsonl({"text": "a"}, b"{oops"))),
