@@ -34,6 +34,7 @@ from bam_pipeline.store.files import write_json, write_text
 SUMMARY_FORMAT = 1
 RESULTS_DIR, RESULTS_MD = "results", "results.md"  # under the repository's docs/
 ROUTED_MIXTURE = "moe/bam"  # the mixture whose routing the page draws, when the run trained it
+UNTRAINED = ("untrained", "probe")  # rows of the table the perplexity plot leaves out (mixtures before training)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ def summary_path(docs: Path, experiment: str) -> Path:
 
 
 def _cells(agg: Aggregate) -> list[dict[str, Any]]:
-    return [{"model": lab, "display": agg.table.name(lab), "column": c, "estimate": iv.estimate, "low": iv.low,
-             "high": iv.high} for lab in agg.table.labels for c, iv in agg.cells[lab].items()]
+    return [{"model": lab, "display": agg.table.name(lab), "role": agg.table.role(lab), "column": c,
+             "estimate": iv.estimate, "low": iv.low, "high": iv.high}
+            for lab in agg.table.labels for c, iv in agg.cells[lab].items()]
 
 
 def _questions(agg: Aggregate, runs: Sequence[RunEval]) -> list[dict[str, Any]]:
@@ -200,7 +202,7 @@ def _section(section: Section, summary: Mapping[str, Any] | None, images: Mappin
 def plot_names(summary: Mapping[str, Any]) -> dict[str, str]:
     """The PNGs of a summary (file name under docs/results/ -> caption)."""
     exp = summary["experiment"]
-    out = {f"{exp}_perplexity.png": "Perplexity per domain with its interval, every model"}
+    out = {f"{exp}_perplexity.png": "Perplexity per domain with its interval, every trained model"}
     routing = summary.get("routing")
     if routing and any("attn" in d for d in routing.get("domains", {}).values()):
         out[f"{exp}_routing_attn.png"] = f"{routing['display']}: attention routing per domain and layer"
@@ -233,6 +235,8 @@ def draw_plots(docs: Path, summary: Mapping[str, Any]) -> list[Path]:
     directory = Path(docs) / RESULTS_DIR
     panels: dict[str, list[tuple[str, float, float, float]]] = {}
     for c in summary["cells"]:
+        if c.get("role") in UNTRAINED:
+            continue
         panels.setdefault(column_name(c["column"]), []).append((c["display"], c["estimate"], c["low"], c["high"]))
     seeds = len(summary["seeds"])
     out = [interval_panels(panels, directory / names[0], xlabel="perplexity",
