@@ -156,12 +156,13 @@ def _provenance(summary: Mapping[str, Any]) -> list[str]:
 def found(summary: Mapping[str, Any]) -> list[str]:
     """The section's "what we found" sentences, each made from the summary's numbers and verdicts."""
     claims = summary["claims"]
-    counts = {s: sum(c["status"] == s for c in claims) for s in (HOLDS, FAILS)}
+    counts: dict[str, int] = {}
+    for c in claims:
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
     out = []
     if claims:
-        out.append(f"Of {len(claims)} ordering claims, {counts[HOLDS]} hold, {counts[FAILS]} fail and "
-                   f"{len(claims) - counts[HOLDS] - counts[FAILS]} are not decided at this scale "
-                   f"({summary['level']:.0%} paired intervals over {summary['covers']}).")
+        out.append(f"Of {len(claims)} ordering claims ({summary['level']:.0%} paired intervals over "
+                   f"{summary['covers']}): " + ", ".join(f"{status} {n}" for status, n in counts.items()) + ".")
     for c in claims:
         if c["status"] in (HOLDS, FAILS) and c["interval"] is not None:
             out.append(f"\"{c['claim']}\" {c['status']}: {c['decided_by']} differs by {_iv(c['interval'])} nats "
