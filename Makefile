@@ -12,7 +12,7 @@ SEED_ARGS := $(if $(filter-out 1,$(SEEDS)),pipeline.seeds=[$(shell seq -s, 0 $$(
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: help install test test-full bench bench-gpu bench-import bench-generate bench-data bench-sweep full-run ablations clean
+.PHONY: help install test test-full bench bench-gpu bench-import bench-generate bench-data bench-sweep full-run ablations results clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -56,6 +56,13 @@ full-run: install  ## the whole pipeline on the embedded tiny experiment (SEEDS=
 
 ablations: install  ## the open questions (paper Tables 4-6, docs/paper.md section 9) on the tiny experiment (SEEDS=3 too)
 	$(PY) -m bam_pipeline stage=all experiment=ablations $(SEED_ARGS)
+
+# the experiments docs/results.md shows, each exported when its run is evaluated (else its committed summary stays)
+RESULTS_RUNS := "experiment=tiny pipeline.seeds=[0,1,2]" "experiment=ablations $(SEED_ARGS)" \
+	$(if $(wildcard src/bam_pipeline/conf/experiment/smollm2_cpu.yaml),"experiment=smollm2_cpu")
+
+results: install  ## docs/results/<experiment>.json from each evaluated run (tiny over 3 seeds, ablations, smollm2_cpu), then docs/results.md and its plots
+	@for run in $(RESULTS_RUNS); do $(PY) -m bam_pipeline stage=results $$run || exit 1; done
 
 clean:  ## remove stage outputs (not the venv)
 	rm -rf stages outputs multirun

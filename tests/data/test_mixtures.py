@@ -24,6 +24,22 @@ def test_stage_mixtures_follow_the_paper():
     assert stage_mixture("moe", CFG) == pytest.approx({"general": 0.25, "code": 0.25, "math": 0.25, "law": 0.25})
 
 
+def test_readme_states_the_seed_mixture_the_config_trains():
+    """The README's description of the seed's data is the shipped config's seed mixture."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = re.search(r"\*\*seed\*\*: .*? on (\d+)% general text and (\d+)% domain text\s+\((\d+)% each of ([a-z, ]+)",
+                  readme)
+    assert m, "README's seed step no longer states its mixture"
+    seed = stage_mixture("seed", CFG)
+    assert int(m[1]) / 100 == pytest.approx(seed["general"])
+    assert int(m[2]) / 100 == pytest.approx(1 - seed["general"])
+    assert re.split(r", | and ", m[4].strip()) == list(CFG.domains)
+    assert all(seed[d] == pytest.approx(int(m[3]) / 100) for d in CFG.domains)
+
+
 def test_unknown_branch_domain_lists_the_known_ones():
     with pytest.raises(BamError, match="unknown branch domain 'biology'; known domains: code, math, law"):
         stage_mixture("branch", CFG, "biology")

@@ -10,6 +10,7 @@ import pytest
 from bam_pipeline.data import tokenizer as tk
 from bam_pipeline.data.spec import read_data_spec
 from bam_pipeline.data.prepare import prepare_data
+from bam_pipeline.data.storage import read_shard
 from bam_pipeline.errors import BamError
 
 from tokenizers import Tokenizer
@@ -59,3 +60,32 @@ def test_given_tokenizer_without_eos_is_refused(tmp_path):
         tk.load_tokenizer(path, "<eos>")
     with pytest.raises(BamError, match="does not exist"):
         tk.load_tokenizer(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("text", [CODE, PROSE, "x"])
+def test_token_byte_lengths_add_up_to_the_texts_utf8_bytes(real_prepared, text):
+    """Bits per byte count the scored tokens' own bytes: a byte-level tokenizer's tokens add up to the text's
+    UTF-8 length exactly, multi-byte characters split across tokens included; the end of document adds none."""
+    tok = real_prepared.tokenizer()
+    lengths = tk.token_byte_lengths(tok)
+    ids = tok.encode(text).ids + [real_prepared.eos_id]
+    assert int(lengths[ids].sum()) == len(text.encode())
+    assert lengths[real_prepared.eos_id] == 0 and len(lengths) == tok.get_vocab_size(with_added_tokens=True)
+
+
+def test_token_byte_lengths_match_every_stored_documents_bytes(real_prepared):
+    """On the stored test split: each document's tokens (its end-of-document token included) at their byte
+    lengths give the byte count the data stage recorded for its text."""
+    lengths = tk.token_byte_lengths(real_prepared.tokenizer())
+    stream = real_prepared.stream(real_prepared.sources[0], "test")
+    docs = stream.documents()
+    recorded = [b for f in stream.files for b in read_shard(f).column("bytes").to_pylist()]
+    assert docs and [int(lengths[d].sum()) for d in docs] == recorded
+
+
+def test_token_byte_lengths_refuse_a_tokenizer_that_is_not_byte_level():
+    from tokenizers import models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert tk.token_byte_lengths(words) is None

@@ -195,3 +195,34 @@ def test_cost_table_shows_training_speed_over_training_steps_and_the_wall_time_s
     assert header[-2:] == ["train tokens/s", "wall s: train / val / ckpt / publish"]
     assert trained[-2:] == ["5,000", "40 / 5 / 2 / 1"]  # 200k tokens over 40 s of training steps, not 51 s
     assert mix[-2:] == ["-", "-"]
+
+
+def test_cost_table_gives_total_training_compute_and_the_budget_convention():
+    from bam_pipeline.eval.report import cost_rows, matched_convention
+    from bam_pipeline.store.lineage import Built
+
+    lineage = {"seed": Built(100.0), "branch/code": Built(10.0, ("seed",)), "branch/law": Built(30.0, ("seed",)),
+               "mix/bam": Built(0.0, ("seed", "branch/code", "branch/law")), "moe/bam_cm": Built(7.0, ("mix/bam",)),
+               "mix/dense": Built(0.0, ("seed",)), "moe/dense": Built(9.0, ("mix/dense",))}
+    budgets = {"seed": "tokens", "moe/bam_cm": "compute-matched (non-embedding FLOPs)",
+               "moe/dense": "compute-matched (total FLOPs)", "mix/bam": None}
+    rows = [score_row(m, "code", display=m, flops_per_token=1.0) for m in
+            ("seed", "moe/bam_cm", "moe/bam_cm+uniform_attn", "moe/dense", "mix/bam")]
+    rows.append(score_row("btm", "code", display="btm", flops_per_token=3.0,
+                          btm_models=["seed", "branch/code", "branch/law"], btm_prior=[0.4, 0.3, 0.3]))
+    header, *table = cost_rows(rows, lineage, budgets)
+    assert header[-2:] == ["total training FLOPs", "budget"]
+    got = {r[0]: r[-2:] for r in table}
+    assert got["moe/bam_cm"] == ["147", "compute-matched (non-embedding FLOPs)"]  # the seed once, both experts
+    assert got["moe/bam_cm+uniform_attn"] == got["moe/bam_cm"]  # a probe is its model
+    assert got["moe/dense"] == ["109", "compute-matched (total FLOPs)"]  # read the seed only: no expert counted
+    assert got["btm"] == ["140", "-"] and got["mix/bam"] == ["140", "-"] and got["seed"] == ["100", "tokens"]
+
+    moe = {"stage": "moe", "tokens": 5, "about": {"match": "compute"}, "budget": {"match": "compute"}}
+    assert matched_convention(moe) == "compute-matched (total FLOPs)"  # recorded before budget.moe.flops existed
+    assert matched_convention({**moe, "budget": {"match": "compute", "flops": "non_embedding"}}) == \
+        "compute-matched (non-embedding FLOPs)"
+    assert matched_convention({**moe, "about": {"match": "data"}, "budget": {"match": "data", "flops": None}}) == \
+        "data-matched"
+    assert matched_convention({"stage": "branch", "tokens": 5}) == "tokens"
+    assert matched_convention({"stage": "mix", "tokens": 0}) is None

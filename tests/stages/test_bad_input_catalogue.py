@@ -69,6 +69,13 @@ def _names(line: str, fact: str) -> bool:
     return re.search(left + re.escape(fact) + right, line) is not None
 
 
+def _bad_summary(run: Path, scratch: Path) -> list[str]:
+    """A docs/ whose committed summary is not JSON (stage=results reads every summary to write the page)."""
+    (scratch / "docs" / "results").mkdir(parents=True)
+    (scratch / "docs" / "results" / "tiny.json").write_text('{"format": 1, "experiment": "tiny",')
+    return [f"paths.results={scratch}/docs"]
+
+
 def _files_source(run: Path, scratch: Path, name: str, content: bytes | None = None, *, source: str = "code",
                   **extra) -> list[str]:
     """Make ``source`` (`code`) a files source reading ``scratch/<name>`` (written with ``content`` when given), as
@@ -402,6 +409,8 @@ CASES: dict[str, Case] = {
     "seed_tokens_0": Case(C, ("budget.seed.tokens=0",), "budget.seed.tokens=0"),
     "match_flops": Case(C, ("budget.moe.match=flops",), ("budget.moe.match='flops'", "data", "compute")),
     "reference": Case(C, ("budget.moe.reference=nope",), ("budget.moe.reference='nope'", "bam", "btx")),
+    "moe_flops": Case(C, ("budget.moe.flops=embedding",), ("budget.moe.flops='embedding'", "total",
+                                                          "non_embedding")),
     "split_sum": Case(C, ("data.split.val=0.95",), ("data.split.test=0.1", "val=0.95")),
     "vocab_small": Case(C, ("data.tokenizer.vocab_size=100",), ("data.tokenizer.vocab_size=100", "259")),
     "max_bytes": Case(C, ("data.max_bytes_per_source=-1",), "data.max_bytes_per_source=-1"),
@@ -479,6 +488,8 @@ CASES: dict[str, Case] = {
                                                "source.path"),
                           setup=lambda run, scratch: _files_source(run, scratch, "docs.csv", b"a,b\n")),
     "source_empty_folder": Case(P, ("stage=data",), ("'code'", "files", "documents"), setup=_binary_only_folder),
+    "summary_not_json": Case(P, ("stage=results",), ("{scratch}/docs/results/tiny.json", "make results"),
+                             setup=_bad_summary),
     # ---- source file contents (the general source read from a file) ----
     "jsonl_malformed": Case(S, ("stage=data",), ("docs.jsonl", "line 2", "JSON"),
                             setup=lambda r, s: _files_source(r, s, "docs.jsonl", jsonl({"text": "a"}, b"{oops"))),

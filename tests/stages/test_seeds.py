@@ -19,7 +19,7 @@ def _weights(run):
 
 
 @pytest.mark.slow  # trains a second seed's whole pipeline (about 2.5 minutes here)
-def test_two_seeds_share_the_data_reuse_seed_0_and_report_over_both(smoke_copy):
+def test_two_seeds_share_the_data_reuse_seed_0_and_report_over_both(smoke_copy, tmp_path):
     base, other = smoke_copy / "smoke", smoke_copy / "smoke-seed1"
     before = _weights(base)
     r = cli(smoke_copy, *SEEDS, timeout=600, check=True)
@@ -53,3 +53,11 @@ def test_two_seeds_share_the_data_reuse_seed_0_and_report_over_both(smoke_copy):
 
     model = load(other / "moe" / "bam")
     assert model(model.encode("def f(x):\n    return x")).shape[-1] == model.config.vocab_size
+
+    # stage=results exports the run over both seeds: the same claims as the report over the seeds
+    docs = tmp_path / "docs"
+    cli_here(smoke_copy, "stage=results", *SEEDS[1:], f"paths.results={docs}", check=True)
+    summary = json.loads((docs / "results" / "smoke.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["provenance"]["runs"] == ["smoke", "smoke-seed1"]
+    assert "pipeline.seeds=[0,1]" in summary["provenance"]["command"]
+    assert [(c["key"], c["status"]) for c in summary["claims"]] == [(c["key"], c["status"]) for c in claims]

@@ -55,3 +55,38 @@ def test_budget_rejects_bad_input():
         plan_budget(100, preset("smoke"), seq_len=64, tokens_per_step=64, match="compute")
     with pytest.raises(BamError, match="positive"):
         plan_budget(0, preset("smoke"), seq_len=64, tokens_per_step=64)
+
+
+def test_non_embedding_convention_matches_compute_without_the_lm_head():
+    dense = preset("smoke")
+    bam = dense.replace(attn_experts=4, ffn_experts=4)
+    btx = dense.replace(ffn_experts=4)
+    total = plan_budget(100_000, bam, seq_len=64, tokens_per_step=64, match="compute", reference=btx)
+    bare = plan_budget(100_000, bam, seq_len=64, tokens_per_step=64, match="compute", reference=btx,
+                       flops="non_embedding")
+    f_bam, f_btx = flops_per_token(bam, 64), flops_per_token(btx, 64)
+    ratio_total = f_btx.total / f_bam.total
+    ratio_bare = f_btx.non_embedding / f_bam.non_embedding
+    assert total.steps == math.ceil(100_000 * ratio_total / 64)
+    assert bare.steps == math.ceil(100_000 * ratio_bare / 64)
+    # the LM head costs both alike, so leaving it out makes BAM's extra attention weigh more: fewer tokens
+    assert ratio_bare < ratio_total and bare.tokens < total.tokens
+    # the manifest's training FLOPs stay the total convention's, whichever convention matched
+    assert bare.train_flops == pytest.approx(3 * f_bam.total * bare.tokens)
+    assert (total.flops, bare.flops) == ("total", "non_embedding")
+
+
+def test_budget_identity_names_the_convention_only_away_from_total():
+    """Stage identities of every budget planned before ``budget.moe.flops`` existed keep their keys (and
+    hashes): data-matched budgets and total compute-matched ones record no convention."""
+    before = {"match", "tokens", "steps", "tokens_per_step", "train_flops", "reference_tokens"}
+    dense = preset("smoke")
+    btx = dense.replace(ffn_experts=4)
+    data = plan_budget(1000, btx, seq_len=64, tokens_per_step=64, flops="non_embedding")
+    total = plan_budget(1000, btx, seq_len=64, tokens_per_step=64, match="compute", reference=btx)
+    bare = plan_budget(1000, btx, seq_len=64, tokens_per_step=64, match="compute", reference=btx,
+                       flops="non_embedding")
+    assert data.flops is None and set(data.identity()) == before and set(total.identity()) == before
+    assert bare.identity() == {**total.identity(), "flops": "non_embedding"}
+    with pytest.raises(BamError, match="convention"):
+        plan_budget(1000, btx, seq_len=64, tokens_per_step=64, match="compute", reference=btx, flops="head")

@@ -10,10 +10,12 @@ form identifies the tokenizer across stages.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bam_pipeline.errors import BamError
@@ -59,6 +61,39 @@ def load_tokenizer(path: str | Path, eos_token: str = EOS) -> Tokenizer:
 
 def eos_id(tok: Tokenizer, eos_token: str = EOS) -> int:
     return tok.token_to_id(eos_token)
+
+
+def _byte_symbols() -> dict[str, int]:
+    """The byte-level alphabet (GPT-2's ``bytes_to_unicode``, which ``tokenizers``' ByteLevel uses): symbol -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray | None:
+    """(V,) int64: the UTF-8 bytes of text each token id stands for, where ``tok`` is byte-level (its decoder is
+    ``ByteLevel``: every token a string of byte symbols, so a text's bytes are its tokens' bytes summed); 0 for
+    the special tokens (end of document, padding, a BOS: no text). None for another kind of tokenizer."""
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+    if "ByteLevel" not in kinds:
+        return None
+    symbols = _byte_symbols()
+    added = tok.get_added_tokens_decoder()
+    out = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, i in tok.get_vocab(with_added_tokens=True).items():
+        if i in added:
+            out[i] = 0 if added[i].special else len(token.encode())
+        elif all(ch in symbols for ch in token):
+            out[i] = len(token)
+        else:
+            return None  # a token outside the byte alphabet: not a byte-level vocabulary
+    return out
 
 
 def as_run_tokenizer(tok: Tokenizer) -> Tokenizer:

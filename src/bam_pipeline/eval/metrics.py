@@ -39,8 +39,16 @@ def bits_per_byte(nll_nats: float, text_bytes: float) -> float:
 
 
 def evaluated_bytes(split_bytes: int, split_tokens: int, tokens_evaluated: int) -> float:
-    """Bytes of text covered by ``tokens_evaluated`` of a split: its bytes scaled by the token fraction."""
+    """Bytes of text covered by ``tokens_evaluated`` of a split, estimated: its bytes scaled by the token
+    fraction (for a tokenizer whose tokens' bytes are not known, :func:`scored_text_bytes`)."""
     return split_bytes * min(1.0, tokens_evaluated / split_tokens)
+
+
+def scored_text_bytes(seqs: torch.Tensor, byte_lengths: np.ndarray) -> int:
+    """The UTF-8 bytes of the text the scored tokens of ``seqs`` (N, T+1) stand for, exactly: each row's targets
+    (tokens 1..T) at ``byte_lengths`` (V,) bytes each (``data.tokenizer.token_byte_lengths``: 0 for the end of
+    a document)."""
+    return int(byte_lengths[seqs[:, 1:].numpy()].sum())
 
 
 def _sync(device: torch.device) -> None:

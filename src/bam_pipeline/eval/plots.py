@@ -112,7 +112,9 @@ def interval_panels(panels: dict[str, list[tuple[str, float, float, float]]], pa
     for ax, (key, rows) in zip(axes[0], panels.items()):
         for name, est, low, high in rows:
             y = names.index(name)
-            ax.errorbar([est], [y], xerr=[[est - low], [high - est]], fmt="o", ms=4, capsize=3, lw=1.2)
+            # an interval of zero width (one test document) may sit a rounding error beside its estimate
+            ax.errorbar([est], [y], xerr=[[max(0.0, est - low)], [max(0.0, high - est)]], fmt="o", ms=4, capsize=3,
+                        lw=1.2)
         if zero_line:
             ax.axvline(0.0, color="k", lw=0.8, ls=":")
         ax.set_title(key, fontsize=9)

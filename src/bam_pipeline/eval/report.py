@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval import ablations
@@ -29,6 +29,7 @@ from bam_pipeline.eval.paper import (CITATION, PAPER_COLUMNS, PAPER_NAMES, PAPER
 from bam_pipeline.eval.heatmaps import report_heatmaps
 from bam_pipeline.eval.plots import entropy_curves, interval_panels, loss_curves, perplexity_bars
 from bam_pipeline.eval.render import Block, to_html, to_markdown
+from bam_pipeline.eval.runner import probed_label
 from bam_pipeline.eval.routing import ROUTED_BLOCKS
 from bam_pipeline.eval.scores import ScoreRow, rows_of
 from bam_pipeline.eval.serving import ServingCosts, rounds_phrase, threads_phrase
@@ -38,11 +39,13 @@ from bam_pipeline.eval.table import AVERAGE, PplTable, order_columns, table_cell
 from bam_pipeline.store.artifacts import find_model_artifacts, publish, read_train_log
 from bam_pipeline.store.files import write_json
 from bam_pipeline.store.layout import RunLayout
+from bam_pipeline.store.lineage import Built, lineage_of, total_compute
 
 REPORT_MD, REPORT_HTML, CLAIMS_JSON = "report.md", "report.html", "claims.json"
 # Part of the identity of eval's results, the report and the seeds report (stages.eval): bump it whenever
 # this package's code changes what any of them holds, so that a finished run's next rerun redoes them.
-REPORT_VERSION = 2  # 2: the serving cost (metrics.json's serving, the report's Table 7 / section 7.3 analogue)
+REPORT_VERSION = 3  # 2: exact bits per byte, total training compute and the budget's convention; or the serving
+# cost (metrics.json's serving, the report's Table 7 / section 7.3 analogue); 3: both
 
 SCALE_NOTE = (
     "This run is far smaller than the paper's (tiny models, a few hundred thousand tokens per stage), so "
@@ -147,16 +150,42 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
-def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
+def matched_convention(manifest: Mapping[str, Any]) -> str | None:
+    """How a trained artifact's budget was set, from its manifest: ``compute-matched (total FLOPs)`` or
+    ``(non-embedding FLOPs)`` (``budget.moe.flops``; a manifest from before the setting: total, the only
+    convention then), ``data-matched`` for the other moe runs, ``tokens`` for seed and branches; None for a
+    model trained on no tokens (a mixture, an import, a copy of the seed)."""
+    if not manifest.get("tokens"):
+        return None
+    budget = manifest.get("budget") or {}
+    if budget.get("match", (manifest.get("about") or {}).get("match")) == "compute":
+        return f"compute-matched ({(budget.get('flops') or 'total').replace('_', '-')} FLOPs)"
+    return "data-matched" if manifest.get("stage") == "moe" else "tokens"
+
+
+def training_costs(layout: RunLayout) -> tuple[dict[str, Built], dict[str, str | None]]:
+    """The run's lineage (total training compute, :mod:`bam_pipeline.store.lineage`) and each model's budget
+    convention (:func:`matched_convention`), by label, from the manifests of its model artifacts."""
+    arts = find_model_artifacts(layout)
+    return lineage_of(arts), {a.label: matched_convention(a.manifest) for a in arts}
+
+
+def cost_rows(rows: Sequence[ScoreRow], lineage: Mapping[str, Built] | None = None,
+              budgets: Mapping[str, str | None] | None = None) -> list[list[str]]:
     """Header + one row per model: total/active params, forward FLOPs/token (and vs the seed), eval
     tokens/s (measured afresh, interleaved), and for trained models the training tokens/s over the
-    training steps alone and the stage's wall time split into train / validation / checkpoint / publish."""
+    training steps alone and the stage's wall time split into train / validation / checkpoint / publish.
+    With the run's ``lineage`` and ``budgets`` (:func:`training_costs`): each model's total training FLOPs
+    (its own and those of every model it was built from, each once; BTM's members together) and how its
+    budget was set."""
     per: dict[str, ScoreRow] = {}
     for r in rows:
         per.setdefault(r.model, r)
     seed_flops = per["seed"].flops_per_token if "seed" in per else None
     out = [["model", "total params", "active params", "FLOPs/token (fwd)", "FLOPs vs seed", "eval tokens/s",
             "tokens trained", "train tokens/s", "wall s: train / val / ckpt / publish"]]
+    if lineage is not None:
+        out[0] += ["total training FLOPs", "budget"]
     for p in per.values():
         wall = (p.timing and p.timing.wall_time) or {}
         trained = p.tokens_trained
@@ -167,6 +196,9 @@ def cost_rows(rows: Sequence[ScoreRow]) -> list[list[str]]:
                     f"{p.flops_per_token / seed_flops:.2f}x" if seed_flops else "-",
                     f"{p.timing.tokens_per_s if p.timing else math.nan:,.0f}",
                     "-" if trained is None else _si(trained), train_rate, split])
+        if lineage is not None:
+            total = total_compute(lineage, p.btm_models or [probed_label(p.model)])
+            out[-1] += ["-" if total is None else f"{total:.3g}", (budgets or {}).get(probed_label(p.model)) or "-"]
     return out
 
 
@@ -391,7 +423,8 @@ def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], c
         ("p", "Test-split perplexity, lower is better; best per column in bold (untrained mixtures included). "
               "Average = arithmetic mean of the row's perplexities, as in the paper."),
         ("table", table_cells(ppl)),
-        ("p", "Bits per byte (comparable across tokenizers):"),
+        ("p", "Bits per byte (comparable across tokenizers; over the UTF-8 bytes of the text the scored tokens stand "
+              "for, counted token by token):"),
         ("table", table_cells(bpb)),
         ("h", 2, "The paper's Table 1"),
         ("p", f"Source: {CITATION}. Their models are trained on hundreds of billions of tokens; compare "
@@ -406,7 +439,12 @@ def _run_blocks(run: RunEval, routing: dict[str, Any], images: dict[str, str], c
               "(bam_pipeline.model.counting); tokens/s of the forward pass measured by this evaluation on the device "
               "above, every model afresh in one process, interleaved (the median of "
               f"{(metrics.get('speed') or {}).get('rounds', '-')} rounds on the same batch)."),
-        ("table", cost_rows(run.rows)),
+        ("p", "Total training FLOPs: the model's own training FLOPs and those of every model it was built from "
+              "(as its manifest's inputs record), each counted once (`bam_pipeline.store.lineage`; FLOPs with the LM "
+              "head, an imported model counted 0); BTM counts its members. Budget: how the stage's length was set; "
+              "a compute-matched run names the FLOP convention it matched (`budget.moe.flops`: total, with the LM "
+              "head, or non-embedding, without it)."),
+        ("table", cost_rows(run.rows, *training_costs(layout))),
         *serving_blocks(metrics),
         *downstream_blocks(layout),
         ("h", 2, "Plots"),

@@ -22,6 +22,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,9 @@ from bam_pipeline.data.storage import EvalSequences, load_eval_sequences, load_s
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.btm import ensemble_flops_per_token, ensemble_log_probs, estimate_log_prior
 from bam_pipeline.eval.heatmaps import write_routing
-from bam_pipeline.eval.metrics import bits_per_byte, evaluated_bytes, forward_tokens_per_s, sequence_nll, token_nll
+from bam_pipeline.data.tokenizer import token_byte_lengths
+from bam_pipeline.eval.metrics import (bits_per_byte, evaluated_bytes, forward_tokens_per_s, scored_text_bytes,
+                                       sequence_nll, token_nll)
 from bam_pipeline.eval.names import About, about, expert_names
 from bam_pipeline.eval.routing import ROUTED_BLOCKS, RoutingStats
 from bam_pipeline.eval.scores import ModelScores, ScoreRow, Timing
@@ -47,7 +50,7 @@ from bam_pipeline.store.files import canonical_hash, write_json
 from bam_pipeline.store.layout import RunLayout
 
 TEST_SPLIT = "test"
-CACHE_SCHEMA = 6  # 6: no speed in the cache
+CACHE_SCHEMA = 7  # 6: no speed in the cache; 7: bits per byte over the scored tokens' own bytes
 SPEED_ROUNDS = 3  # interleaved rounds of the speed measurement
 SPEED_REPEATS = 2  # timed forward passes per model and round
 
@@ -78,7 +81,8 @@ def sources_with_test_split(prepared: Any) -> tuple[list[str], list[dict[str, st
 
 
 class _Sequences:
-    """Test sequences (with their documents) per (source, seq_len), loaded once and shared by every model."""
+    """Test sequences (with their documents) per (source, seq_len), loaded once and shared by every model, and
+    the bytes of text their scored tokens stand for."""
 
     def __init__(self, prepared: Any, max_tokens: int | None) -> None:
         self.prepared, self.max_tokens, self.cache = prepared, max_tokens, {}
@@ -88,6 +92,19 @@ class _Sequences:
             self.cache[(source, seq_len)] = load_eval_sequences(
                 self.prepared, source, TEST_SPLIT, seq_len, max_tokens=self.max_tokens)
         return self.cache[(source, seq_len)]
+
+    @cached_property
+    def byte_lengths(self) -> Any:
+        """(V,) bytes of text per token id of the run's tokenizer, None where it is not byte-level."""
+        return token_byte_lengths(self.prepared.tokenizer())
+
+    def text_bytes(self, source: str, seq_len: int, tokens_scored: int) -> float:
+        """The bytes of text behind the scored tokens of ``get(source, seq_len)``: counted from the tokens for a
+        byte-level tokenizer (every tokenizer a run trains), else estimated from the split's bytes per token."""
+        if self.byte_lengths is not None:
+            return float(scored_text_bytes(self.get(source, seq_len).tokens, self.byte_lengths))
+        st = self.prepared.stats[source][TEST_SPLIT]
+        return evaluated_bytes(st["bytes"], st["tokens"], tokens_scored)
 
 
 UNIFORM_ATTENTION = "uniform_attn"  # the probe: a mixture with its soft attention weights forced uniform
@@ -159,8 +176,7 @@ def evaluate_model(art: Artifact, sources: list[str], seqs: _Sequences, prepared
         res = sequence_nll(model, data, batch_size=spec.batch_size, device=run_on, documents=test.documents,
                            n_docs=len(test.doc_ids), on_routing=stats.update, chunking=chunking)
         documents[source] = {"nll": res.doc_nll.tolist(), "tokens": res.doc_tokens.astype(int).tolist()}
-        st = prepared.stats[source][TEST_SPLIT]
-        nbytes = evaluated_bytes(st["bytes"], st["tokens"], res.tokens)
+        nbytes = seqs.text_bytes(source, seq_len, res.tokens)
         rows.append(ScoreRow(
             model=label, stage=art.stage, name=art.name, display=info.display, role=info.role,
             artifact_hash=art.hash, domain=source, tokens=res.tokens, bytes=nbytes,
@@ -221,8 +237,7 @@ def evaluate_btm(experts: list[Artifact], sources: list[str], seqs: _Sequences, 
             "tokens": torch.bincount(docs, minlength=n_docs).tolist(),
         }
         nll, tokens = float(per_token.sum()), per_token.numel()
-        st = prepared.stats[source][TEST_SPLIT]
-        nbytes = evaluated_bytes(st["bytes"], st["tokens"], tokens)
+        nbytes = seqs.text_bytes(source, seq_len, tokens)
         rows.append(ScoreRow(
             model=BTM_LABEL, stage=BTM_LABEL, name=BTM_LABEL, display=display, role="ensemble",
             artifact_hash=canonical_hash([a.hash for a in experts]), domain=source, tokens=tokens,

@@ -40,7 +40,7 @@ class ScoreRow:
     artifact_hash: str  # BTM: the hash of its members' hashes
     domain: str  # the source
     tokens: int  # test tokens scored
-    bytes: float  # their share of the split's text bytes
+    bytes: float  # the UTF-8 bytes of text they stand for (eval.runner: counted, or estimated)
     loss: float  # mean per-token NLL (nats)
     perplexity: float
     bits_per_byte: float

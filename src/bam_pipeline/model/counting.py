@@ -15,6 +15,11 @@ FLOP convention (forward pass, per token):
   the embedding lookup are not counted (they are O(D) per token, not matmuls).
 Training FLOPs are 3x forward (backward = 2x forward).
 
+Two conventions of FLOPs per token (:data:`FLOP_CONVENTIONS`): ``total`` counts everything above, the LM
+head included (the default everywhere: budgets, ``stage=info``, the manifests' training FLOPs);
+``non_embedding`` leaves out the LM head (the embedding lookup is never counted), as scaling-law papers
+count compute. A compute-matched budget (``budget.moe.flops``) matches either.
+
 Top-k attention: budgets (compute-matched runs, ``flops_per_token``) count what an ideal sparse
 kernel computes, as the paper's compute-matched Table 6 assumes: the Q and O projections and the
 attention of the k chosen experts, and the K/V projections of *every* expert set (a later token may
@@ -40,6 +45,7 @@ from ..errors import BamError
 from .config import ModelConfig
 
 TRAINING_FLOPS_MULTIPLIER = 3
+FLOP_CONVENTIONS = ("total", "non_embedding")  # with the LM head, without it (module docstring)
 
 # Dense bfloat16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -139,6 +145,12 @@ class FlopCount:
     def total(self) -> float:
         return self.non_embedding + self.lm_head
 
+    def counted(self, convention: str = "total") -> float:
+        """The FLOPs per token one of :data:`FLOP_CONVENTIONS` counts: ``total`` or ``non_embedding``."""
+        if convention not in FLOP_CONVENTIONS:
+            raise BamError(f"unknown FLOP convention {convention!r}; use one of {', '.join(FLOP_CONVENTIONS)}")
+        return self.total if convention == "total" else self.non_embedding
+
 
 def layer_params(cfg: ModelConfig) -> LayerParamCount:
     """Parameters of one block of ``cfg``: total and used by one token."""
@@ -230,11 +242,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementat
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, implementation: bool = False,
-                             full_scores: bool = False) -> float:
+                             full_scores: bool = False, convention: str = "total") -> float:
     """Forward + backward FLOPs per token: 3x the forward pass (ideal kernel, or ``implementation``;
-    ``full_scores``: masked scores counted too)."""
+    ``full_scores``: masked scores counted too), counted as ``convention`` says (:data:`FLOP_CONVENTIONS`)."""
     return TRAINING_FLOPS_MULTIPLIER * flops_per_token(cfg, seq_len, implementation=implementation,
-                                                       full_scores=full_scores).total
+                                                       full_scores=full_scores).counted(convention)
 
 
 def architecture_summary(cfg: ModelConfig) -> str:

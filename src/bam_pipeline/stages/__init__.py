@@ -38,6 +38,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("downstream", "downstream:run_downstream",
           "lm-evaluation-harness tasks of every model (downstream=offline|paper)"),
     Stage("all", "all:run_all", "every stage above, each skipped when up to date"),
+    Stage("results", "results:run_results",
+          "the evaluated run's summary into docs/results/<experiment>.json, then docs/results.md from every summary"),
     Stage("info", "info:run_info", "parameters and FLOPs per token of model= and mix=, no data"),
     Stage("status", "status:run_status", "every artifact of the run: fresh, stale or missing"),
     Stage("export", "export:run_export", "a model artifact as a Hugging Face model directory (artifact=<label>)"),

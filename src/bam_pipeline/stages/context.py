@@ -254,6 +254,7 @@ class RunContext:
     export: ExportSpec = field(default_factory=ExportSpec)
     generate: GenerateSpec = field(default_factory=GenerateSpec)
     downstream: DownstreamSpec = field(default_factory=DownstreamSpec)
+    results_dir: Path = Path("docs")  # `paths.results`: the repository's docs/, where stage=results writes
 
     @classmethod
     def from_config(cls, cfg: DictConfig, *, choices: Mapping[str, Any], overrides: tuple[str, ...] = ()
@@ -291,6 +292,7 @@ class RunContext:
             export=read_section(ExportSpec, cfg.get("export"), "export"),
             generate=read_section(GenerateSpec, cfg.get("generate"), "generate"),
             downstream=read_section(DownstreamSpec, cfg.get("downstream"), "downstream"),
+            results_dir=Path(str(cfg.paths.get("results") or "docs")),
         )
         ctx.check()
         return ctx

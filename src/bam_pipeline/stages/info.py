@@ -71,7 +71,7 @@ def pipeline_work(ctx: RunContext, dense: ModelConfig) -> tuple[list[StageWork],
     def stage(label: str, layout: str, tokens: int, cfg: ModelConfig, match: str = "data",
               reference: ModelConfig | None = None) -> StageWork:
         budget = plan_budget(tokens, cfg, seq_len=t.seq_len, tokens_per_step=ctx.tokens_per_step, match=match,
-                             reference=reference)
+                             reference=reference, flops=ctx.budget.moe.flops)
         return StageWork(label, model_key(preset, layout), budget.tokens,
                          _val_passes(budget.steps, t.val_every, t.val_tokens), t.val_tokens)
 

@@ -32,9 +32,9 @@ class TrainPlan(Plan):
 
 
 def _budget(ctx: RunContext, tokens: int, model_cfg: ModelConfig, match: str = "data",
-            reference: ModelConfig | None = None) -> Budget:
+            reference: ModelConfig | None = None, flops: str = "total") -> Budget:
     return plan_budget(tokens, model_cfg, seq_len=ctx.train.seq_len, tokens_per_step=ctx.tokens_per_step,
-                       match=match, reference=reference)
+                       match=match, reference=reference, flops=flops)
 
 
 def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: dict) -> TrainPlan:
@@ -89,12 +89,13 @@ def plan_moe(ctx: RunContext, prepared: PreparedData, name: str) -> TrainPlan:
     reference = None
     if match == "compute":  # the model whose FLOPs set the budget (budget.moe.reference, default btx)
         reference = ctx.variant(ctx.budget.moe.reference).layout(model_cfg.dense(), len(ctx.data.domains))
-    budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference)
+    budget = _budget(ctx, ctx.budget.moe.tokens, model_cfg, match, reference, ctx.budget.moe.flops)
     job = TrainJob("moe", art_name, ctx.layout, model_cfg, mix, stage_mixture("moe", ctx.data), budget,
                    ctx.train.lr * ctx.train.moe_lr_scale, ctx.train, freeze_experts=variant.freeze_experts,
                    precision=ctx.trainer.precision, devices=ctx.world_size)
     about = {"display": variant.display_name(compute_matched=art_name.endswith(CM_SUFFIX)),
              "role": "dense" if variant.method == "dense" else "mixture", "variant": variant_name, "match": match,
+             **({"flops": budget.flops} if match == "compute" else {}),
              "experts": (mix.manifest.get("about") or {}).get("experts")}
     return _plan(ctx, job, {"data": data_input(prepared), "mix": mix}, about)
 

@@ -134,7 +134,7 @@ def find_model_artifacts(layout: RunLayout) -> list[Artifact]:
     return found
 
 
-def _input_label(key: str, record: dict[str, Any]) -> str:
+def input_label(key: str, record: dict[str, Any]) -> str:
     """The label of a manifest's input: ``data``, ``seed``, ``branch/<d>`` by key; the moe stage's
     ``mix`` input by the last two parts of its recorded path (``.../mix/<variant>``)."""
     if key in ("data", "seed") or "/" in key:
@@ -159,7 +159,7 @@ def outdated_models(layout: RunLayout, data_hash: str, found: list[Artifact] | N
             for key, record in arts[lab].manifest.get("inputs", {}).items():
                 if not isinstance(record, dict):
                     continue  # not a manifest this package wrote
-                src = _input_label(key, record)
+                src = input_label(key, record)
                 if src == "data":
                     if record.get("hash") != data_hash:
                         reasons.append("built on other prepared data than the run's")

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.model.config import ModelConfig
-from bam_pipeline.model.counting import training_flops_per_token
+from bam_pipeline.model.counting import FLOP_CONVENTIONS, training_flops_per_token
 
 MATCHES = ("data", "compute")
 
@@ -39,15 +40,20 @@ class BranchBudget:
 @dataclass(frozen=True)
 class MoeBudget(StageBudget):
     """The mixture phase: ``tokens`` for every variant (data-matched), or the training FLOPs that
-    ``reference`` (a mix variant) spends on ``tokens`` (compute-matched)."""
+    ``reference`` (a mix variant) spends on ``tokens`` (compute-matched), FLOPs counted as ``flops`` says:
+    ``total`` (the LM head included) or ``non_embedding`` (without it; model.counting)."""
 
     match: str
     reference: str
+    flops: str = "total"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.match not in MATCHES:
             raise ConfigError("match", self.match, f"use one of {', '.join(MATCHES)}")
+        if self.flops not in FLOP_CONVENTIONS:
+            raise ConfigError("flops", self.flops, f"use one of {', '.join(FLOP_CONVENTIONS)} (total: the LM head "
+                                                   "counted; non_embedding: without it)")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,17 @@ class Budget:
     tokens: int            # tokens actually trained (steps x tokens per step)
     steps: int
     tokens_per_step: int
-    train_flops: float     # 3 x forward FLOPs per token x tokens
+    train_flops: float     # 3 x forward FLOPs per token x tokens (total: the LM head counted)
     reference_tokens: int  # the budget's token count before compute matching
+    flops: str | None = None  # compute-matched: the FLOP convention matched (model.counting); None: data-matched
+
+    def identity(self) -> dict[str, Any]:
+        """The budget as a stage's identity records it: ``flops`` only where compute was matched in another
+        convention than ``total``, so every budget planned before the convention existed keeps its hash."""
+        out = asdict(self)
+        if out["flops"] in (None, "total"):
+            del out["flops"]
+        return out
 
 
 def plan_budget(
@@ -79,11 +94,14 @@ def plan_budget(
     tokens_per_step: int,
     match: str = "data",
     reference: ModelConfig | None = None,
+    flops: str = "total",
 ) -> Budget:
     """Steps for a stage.
 
     ``data``: train ``tokens`` tokens. ``compute``: spend the training FLOPs ``reference`` would spend
-    on ``tokens`` tokens, so a model with more FLOPs per token sees proportionally fewer tokens.
+    on ``tokens`` tokens, so a model with more FLOPs per token sees proportionally fewer tokens; both counted
+    in the convention ``flops`` (``total`` or ``non_embedding``: without the LM head). The budget's
+    ``train_flops`` are always the total training FLOPs of the tokens it trains.
     """
     if match not in MATCHES:
         raise BamError(f"budget match must be one of {MATCHES}, got {match!r}")
@@ -94,7 +112,8 @@ def plan_budget(
     if match == "compute":
         if reference is None:
             raise BamError("a compute-matched budget needs a reference model (budget.moe.reference)")
-        target = tokens * training_flops_per_token(reference, seq_len) / own
+        target = (tokens * training_flops_per_token(reference, seq_len, convention=flops)
+                  / training_flops_per_token(cfg, seq_len, convention=flops))
     steps = max(1, math.ceil(target / tokens_per_step))
     return Budget(
         match=match,
@@ -103,4 +122,5 @@ def plan_budget(
         tokens_per_step=tokens_per_step,
         train_flops=own * steps * tokens_per_step,
         reference_tokens=tokens,
+        flops=flops if match == "compute" else None,
     )

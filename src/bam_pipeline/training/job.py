@@ -116,7 +116,7 @@ class TrainJob:
         return {
             "model": self.model_cfg.to_dict(),
             "proportions": self.proportions,
-            "budget": asdict(self.budget),
+            "budget": self.budget.identity(),
             "optim": asdict(self.optim),
             "train": {"seq_len": t.seq_len, "batch_size": t.step_sequences, "accumulate": 1, "seed": t.seed,
                       "grad_clip": t.grad_clip,
