@@ -16,7 +16,7 @@ from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import RunEval, aggregate
 from bam_pipeline.eval.results import summarize, summary_path, write_results, write_summary
 from bam_pipeline.stages.context import RunContext
-from bam_pipeline.training.ranks import is_rank_zero
+from bam_pipeline.ranks import is_rank_zero
 
 
 def cpu_model() -> str:
