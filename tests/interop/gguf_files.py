@@ -80,6 +80,15 @@ def _tensors(model, quant: Q) -> dict[str, tuple[np.ndarray, Q]]:
     return out
 
 
+def zero_blocks(name: str, qtype: Q) -> Callable[[dict], None]:
+    """A :func:`write_gguf` edit: tensor ``name`` stored as zero blocks of ``qtype`` (packed, not quantised)."""
+    def edit(tensors: dict) -> None:
+        values, _ = tensors[name]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        tensors[name] = (np.zeros((values.shape[0], values.shape[1] // block * size), np.uint8), qtype)
+    return edit
+
+
 def write_gguf(path: Path, model, tok: Tokenizer, *, arch: str = "llama", quant: Q = Q.Q4_1,
                edit: Callable[[dict], None] | None = None) -> Path:
     """``model`` and ``tok`` as a GGUF file at ``path``; ``edit`` may change the tensor dict (name ->

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from gguf_files import EOS_ID, Q, UNK_ID, tiny_llama, write_gguf  # noqa: E402
+from gguf_files import EOS_ID, Q, UNK_ID, tiny_llama, write_gguf, zero_blocks  # noqa: E402
 from bam_pipeline.errors import BamError, ConfigError  # noqa: E402
 from bam_pipeline.interop import import_hf_model, load_hf_model_tokenizer  # noqa: E402
 from bam_pipeline.model import BAMTransformer  # noqa: E402
@@ -104,12 +104,7 @@ def test_what_cannot_be_imported_is_one_line(tmp_path, monkeypatch):
         shutil.copy(base, several / name)
     assert "2 .gguf files (a.gguf, b.gguf)" in _refusal(lambda: import_hf_model(several))
 
-    def q8_1(tensors):  # a type gguf has no dequantiser for, as packed blocks
-        values, _ = tensors["blk.1.ffn_down.weight"]
-        block, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
-        tensors["blk.1.ffn_down.weight"] = (np.zeros((values.shape[0], values.shape[1] // block * size), np.uint8),
-                                            Q.Q8_1)
-
+    q8_1 = zero_blocks("blk.1.ffn_down.weight", Q.Q8_1)  # a type gguf has no dequantiser for
     line = _refusal(lambda: import_hf_model(write_gguf(tmp_path / "q8_1.gguf", model, tok, edit=q8_1)))
     assert "blk.1.ffn_down.weight" in line and "Q8_1" in line and "dequantise" in line
     for arch, named in (("gpt2", "GPT2Config"), ("nosucharch", "not supported")):

@@ -146,15 +146,15 @@ def load_hf_model_tokenizer(model_dir: Path, embedding_rows: int, eos_token: str
     ``eos_token``: the end-of-document token by its text instead of the checkpoint's ``eos_token_id``."""
     tokenizer, converted = load_tokenizer(model_dir)
     check_vocabulary(tokenizer, embedding_rows)
+    gguf = find_gguf(model_dir)
     if eos_token is not None:
-        eos_id, source, token = named_token_id(tokenizer, eos_token, model_dir), None, eos_token
+        eos_id, source, token = named_token_id(tokenizer, eos_token, gguf or model_dir), None, eos_token
     else:
         eos_id, source = end_of_document_id(model_dir)
         token = tokenizer.id_to_token(eos_id)
         if token is None:
             raise BamError(f"eos_token_id={eos_id} from {source} is not a token of the checkpoint's tokenizer; "
                            "the tokenizer does not belong to this checkpoint")
-    gguf = find_gguf(model_dir)
     if gguf is not None:
         files: tuple[Path, ...] = (gguf,)
     else:
