@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
 

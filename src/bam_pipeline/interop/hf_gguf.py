@@ -12,6 +12,7 @@ GGUF file is read; what is read is cached per file (path, size and modification 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,7 @@ def find_gguf(path: Path) -> Path | None:
 def _require_gguf() -> None:
     """transformers and gguf importable, in versions that read GGUF files, or one line saying what to install."""
     try:
-        import gguf  # noqa: F401  (transformers dequantises with it)
-        import transformers  # noqa: F401
+        importlib.import_module("gguf")  # transformers dequantises with it
         from transformers.utils.import_utils import GGUF_MIN_VERSION, is_gguf_available
     except ImportError as e:
         raise BamError(f"reading a GGUF checkpoint needs transformers and gguf, and {e.name or 'one'} is not "
