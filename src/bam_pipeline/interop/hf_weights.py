@@ -114,8 +114,11 @@ class TensorMapping:
     shape: tuple[int, ...]
     transforms: tuple[Transform, ...] = ()
 
-    def convert(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """``t`` transformed and copied once into a new contiguous tensor of ``dtype``."""
+    def convert(self, t: Tensor, dtype: torch.dtype, *, reuse: bool = False) -> Tensor:
+        """``t`` transformed and copied once into a new contiguous tensor of ``dtype``; with ``reuse`` (``t`` is
+        the caller's to give away), ``t`` itself where it needs no transform and is already that."""
+        if reuse and not self.transforms and t.dtype == dtype and t.is_contiguous():
+            return t
         for f in self.transforms:
             t = f(t)
         return torch.empty(t.shape, dtype=dtype).copy_(t)
@@ -359,8 +362,9 @@ def convert_weights(tensors: dict[str, Tensor], source: Path, cfg: ModelConfig, 
                     dtype: torch.dtype | None = None) -> tuple[ModelConfig, StateDict]:
     """:func:`read_weights` for tensors already in memory under transformers' names (a GGUF file's, as
     transformers dequantised them; ``source`` names the file in errors). Checked and converted through
-    the same table; each tensor is taken out of ``tensors`` as it is converted, so the memory of the
-    two copies does not add up."""
+    the same table; each tensor is taken out of ``tensors`` as it is converted (and kept as it is where
+    it needs no conversion, the embedding and norms in float32), so the memory of the two copies does
+    not add up."""
     stored = {name: StoredTensor(source, tuple(t.shape), TENSOR_DTYPES.get(t.dtype, str(t.dtype)))
               for name, t in tensors.items()}
     table, dtype = _plan(stored, cfg, arch, dtype)
@@ -368,5 +372,5 @@ def convert_weights(tensors: dict[str, Tensor], source: Path, cfg: ModelConfig, 
     for name in list(tensors):
         t = tensors.pop(name)
         if name in table:
-            state[table[name].ours] = _finite(name, source, t, table[name].convert(t, dtype))
+            state[table[name].ours] = _finite(name, source, t, table[name].convert(t, dtype, reuse=True))
     return _layout(cfg, state)
