@@ -74,6 +74,24 @@ def test_bookkeeping_fields_are_recorded_not_refused(tmp_path):
     assert (ck.bookkeeping["unk_token_id"], ck.bookkeeping["eos_token_id"]) == (UNK_ID, EOS_ID)
 
 
+def test_a_directory_transformers_saved_from_a_gguf_imports(tmp_path):
+    """The config transformers 5.x builds from a GGUF, saved, holds _model_name_or_path and unk_token_id (the
+    loaded model's save_pretrained refuses a GGUF-loaded model, so the config and weights are saved apart)."""
+    from safetensors.torch import save_model
+
+    model, tok = tiny_llama()
+    path = write_gguf(tmp_path / "tiny.gguf", model, tok)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name).save_pretrained(tmp_path / "saved")
+    save_model(reference, str(tmp_path / "saved" / "model.safetensors"))
+    tok.save(str(tmp_path / "saved" / "tokenizer.json"))
+    ck = import_hf_model(tmp_path / "saved")
+    assert ck.format == "safetensors" and ck.bookkeeping["_model_name_or_path"] == "Tiny Llama For Tests"
+    ids = _ids(tok)
+    with torch.no_grad():
+        assert (reference(ids).logits - _ours(ck)(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_the_tokenizer_is_the_one_transformers_builds_from_the_file(tmp_path):
     model, tok = tiny_llama()
     path = write_gguf(tmp_path / "tiny.gguf", model, tok)

@@ -43,7 +43,8 @@ def hf_dense_config(ref: HFModelRef, max_seq_len: int) -> ModelConfig:
 
 
 def short_name(ref: HFModelRef) -> str:
-    return str(ref.path).rstrip("/").split("/")[-1]
+    """The model's name in messages and the report: the last part of its path or hub id (a GGUF file's stem)."""
+    return str(ref.path).rstrip("/").split("/")[-1].removesuffix(".gguf")
 
 
 def hf_model_tokenizer(ref: HFModelRef, eos_token: str | None = None) -> SeedTokenizer:
