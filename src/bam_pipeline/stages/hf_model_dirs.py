@@ -47,9 +47,10 @@ def short_name(ref: HFModelRef) -> str:
     return str(ref.path).rstrip("/").split("/")[-1].removesuffix(".gguf")
 
 
+@functools.lru_cache(maxsize=None)
 def hf_model_tokenizer(ref: HFModelRef, eos_token: str | None = None) -> SeedTokenizer:
     """The model's tokenizer in the form a run uses, with its end-of-document token (``eos_token`` by its
-    text, else the checkpoint's) and identity."""
+    text, else the checkpoint's) and identity; built once per command (its files' sha256 are read once)."""
     src = resolve(ref)
     rows = checkpoint_config(src.path).get("vocab_size")
     if not isinstance(rows, int):
