@@ -1,5 +1,6 @@
 """The GPU benchmark runs where only torch is installed, measures the mixtures the pipeline builds, and
-runs end to end (on the CPU, a tiny shape). The data benchmark's corpus, sampler and table; its run end to end."""
+runs end to end (on the CPU, a tiny shape). The data benchmark's corpus, sampler and table; its run end to end.
+The GGUF benchmark's comparison on a tiny GGUF file."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_data  # noqa: E402
+import bench_gguf  # noqa: E402
 import bench_gpu  # noqa: E402
 
 
@@ -169,3 +171,20 @@ def test_bench_model_times_the_moe_stage_through_trainer_fit_beside_its_bare_mod
     log = (tmp_path / "bam" / "work" / "train_log.jsonl").read_text().splitlines()
     last = json.loads(log[0])  # the stage's own train log: its logging step, with the routing metrics
     assert last["step"] == 5 and "load/ffn/L0/e0" in last and last["tokens_per_s"] > 0
+
+
+# ---- bench_gguf ----------------------------------------------------------------------------------
+@pytest.mark.slow  # about 10 s: the four embedded corpora listed and read, transformers' model loaded twice
+def test_bench_gguf_compares_the_import_with_transformers_on_the_embedded_corpora(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(REPO / "tests" / "interop"))
+    from gguf_files import tiny_llama, write_gguf
+
+    model, tok = tiny_llama()
+    bench_gguf.compare(write_gguf(tmp_path / "tiny.gguf", model, tok), "<|endoftext|>", seq=24, count=2)
+    out = capsys.readouterr().out
+    assert "end of document '<|endoftext|>' = 0" in out
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in out.splitlines() if " | " in line}
+    assert set(rows) >= {*bench_gguf.DOMAINS, "all"}
+    diff, floor, ours, theirs = rows["all"]
+    assert float(diff) <= 1e-4 and ours == theirs  # perplexity equal to its 4 decimals

@@ -77,7 +77,8 @@ def _tokenizer(art: Artifact):
     if not (layout.data / TOKENIZER_FILE).is_file() and source:  # an import, before any data was prepared
         tok = as_run_tokenizer(hf_tokenizer.load_tokenizer(Path(source))[0])
         if tokenizer_hash(tok) == art.manifest.get("tokenizer_hash"):
-            return tok, hf_tokenizer.end_of_document_id(Path(source))[0]
+            eos = (art.manifest.get("end_of_document") or {}).get("id")  # the seed's seed.eos_token, where set
+            return tok, eos if eos is not None else hf_tokenizer.end_of_document_id(Path(source))[0]
     if not (layout.data / TOKENIZER_FILE).is_file():
         raise BamError(f"no tokenizer for {art.path}: the run's prepared data ({layout.data}) is missing; run "
                        "`python -m bam_pipeline stage=data` with the run's settings")

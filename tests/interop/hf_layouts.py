@@ -1,7 +1,8 @@
 """Checkpoint directories for the bad-input catalogue's import-layout cases: a tiny Llama checkpoint (untied,
 bfloat16, sharded, with a tokenizer) built with ``save_pretrained`` once per session, copied into a case's
-scratch directory as ``ckpt`` and changed as the case says. transformers is imported only when a case runs
-(the case is skipped without it), so the catalogue imports this module in every environment."""
+scratch directory as ``ckpt`` and changed as the case says; and tiny GGUF files (tests/interop/gguf_files.py)
+written into ``{scratch}/gguf``. transformers and gguf are imported only when a case runs (the case is skipped
+without them), so the catalogue imports this module in every environment."""
 
 from __future__ import annotations
 
@@ -81,3 +82,21 @@ def config_field(**fields) -> Callable[[Path], None]:
         cfg = json.loads((ckpt / "config.json").read_text())
         (ckpt / "config.json").write_text(json.dumps({**cfg, **fields}))
     return edit
+
+
+def gguf_checkpoint(*names: str, arch: str = "llama", zero_blocks: tuple[str, str] | None = None
+                    ) -> Callable[[Path, Path], list[str]]:
+    """A catalogue setup: the tiny GGUF Llama written as each of ``names`` (default ``tiny.gguf``) into
+    ``{scratch}/gguf``, naming ``arch`` in its metadata; ``zero_blocks``: (tensor, ggml type name) stored as zero
+    blocks of that type."""
+    def setup(run: Path, scratch: Path) -> list[str]:
+        pytest.importorskip("gguf")
+        import gguf_files
+
+        (scratch / "gguf").mkdir()
+        model, tok = gguf_files.tiny_llama()
+        edit = gguf_files.zero_blocks(zero_blocks[0], gguf_files.Q[zero_blocks[1]]) if zero_blocks else None
+        for name in names or ("tiny.gguf",):
+            gguf_files.write_gguf(scratch / "gguf" / name, model, tok, arch=arch, edit=edit)
+        return []
+    return setup

@@ -100,6 +100,17 @@ def test_refusals_name_the_field(change, message):
     assert "\n" not in str(err.value)
 
 
+def test_bookkeeping_fields_are_accepted_and_recorded():
+    """transformers' private fields and special-token ids do not change the model; other unknown fields are
+    refused (test_refusals_name_the_field)."""
+    fields = {"_model_name_or_path": "Smollm2 135M", "_some_future_private": [1], "unk_token_id": 0,
+              "cls_token_id": 3, "mask_token_id": 4, "sep_token_id": 5}
+    mapped = to_model_config({**config_dict("LlamaForCausalLM"), **fields})
+    assert mapped.model == to_model_config(config_dict("LlamaForCausalLM")).model
+    assert mapped.bookkeeping == {**fields, "_name_or_path": "", "bos_token_id": 1, "eos_token_id": 2,
+                                  "pad_token_id": None}
+
+
 @pytest.mark.parametrize("arch,change,message", [
     ("CohereForCausalLM", {"use_qk_norm": True}, "use_qk_norm=True: per-head q/k norms"),
     ("CohereForCausalLM", {"attention_bias": True}, "attention_bias=True"),

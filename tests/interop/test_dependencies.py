@@ -14,7 +14,7 @@ import bam_pipeline.interop
 
 INTEROP = Path(bam_pipeline.interop.__file__).parent
 MODULE_LEVEL = {"torch", "safetensors", "tokenizers", "bam_pipeline"}
-LAZY = {"huggingface_hub", "transformers"}
+LAZY = {"huggingface_hub", "transformers", "gguf"}
 
 
 def test_third_party_imports_at_module_level_are_the_conversions_only():

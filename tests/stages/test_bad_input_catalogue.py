@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cli_runner import SEED_ARGS, cli, cli_here
-from hf_layouts import also_single_file, config_field, edit_tensors, hf_checkpoint, stored_twice
+from hf_layouts import also_single_file, config_field, edit_tensors, gguf_checkpoint, hf_checkpoint, stored_twice
 
 Setup = Callable[[Path, Path], list[str]]  # (stages root's run dir, scratch dir) -> extra arguments
 
@@ -415,6 +415,8 @@ CASES: dict[str, Case] = {
     "vocab_small": Case(C, ("data.tokenizer.vocab_size=100",), ("data.tokenizer.vocab_size=100", "259")),
     "max_bytes": Case(C, ("data.max_bytes_per_source=-1",), "data.max_bytes_per_source=-1"),
     "seed_general": Case(C, ("data.mixtures.seed_general=2",), "data.mixtures.seed_general=2.0"),
+    "seed_eos_token_pretrain": Case(C, ('seed.eos_token="<|endoftext|>"',),
+                                    ("seed.eos_token='<|endoftext|>'", "seed=hf", "data.tokenizer.eos_token")),
     "no_domains": Case(C, ("data.domains=[]",), "data.domains=[]"),
     "domain_twice": Case(C, ("data.domains=[code,code]",), "data.domains=['code', 'code']"),
     "source_not_a_mapping": Case(C, ("stage=data", "+data.sources.code.source=5"),
@@ -688,6 +690,19 @@ CASES: dict[str, Case] = {
                                 ("seed.dtype=None", "float32", "bfloat16", "float16"),
                                 setup=hf_checkpoint(edit_tensors("model.norm.weight", lambda sd: sd.update(
                                     {"model.norm.weight": sd["model.norm.weight"].float()})))),
+
+    # ({scratch}/gguf: the tiny GGUF Llama of tests/interop/gguf_files.py, written as the case says)
+    "gguf_several_files": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/gguf"),
+                               ("{scratch}/gguf", "2", "a.gguf", "b.gguf"), setup=gguf_checkpoint("a.gguf", "b.gguf")),
+    "gguf_quantisation_type": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/gguf"),
+                                   ("blk.1.ffn_down.weight", "{scratch}/gguf/tiny.gguf", "Q8_1", "dequantise"),
+                                   setup=gguf_checkpoint(zero_blocks=("blk.1.ffn_down.weight", "Q8_1"))),
+    "gguf_architecture": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/gguf/tiny.gguf"),
+                              ("'gpt2'", "{scratch}/gguf/tiny.gguf", "GPT2Config", "LlamaForCausalLM"),
+                              setup=gguf_checkpoint(arch="gpt2")),
+    "gguf_eos_token": Case(L, ("stage=seed", "seed=hf", "seed.path={scratch}/gguf", 'seed.eos_token="</s>"'),
+                           ("seed.eos_token='</s>'", "{scratch}/gguf/tiny.gguf", "<|endoftext|>", "<|im_end|>"),
+                           setup=gguf_checkpoint()),
 
     # ---- cross-source data: one document in two sources or two splits ----
     "xsrc_same_path": Case(X, ("stage=data",), ("data.sources.code.source", "data.sources.math.source",

@@ -222,3 +222,64 @@ def test_info_describes_the_checkpoint(tmp_path):
     ckpt = _checkpoint(tmp_path, "qwen2")
     r = cli_here(tmp_path / "stages", "stage=info", "seed=hf", f"seed.path={ckpt}", check=True)
     assert "D=32, H=4/KV=2" in r.out and "sequential blocks" in r.out and "q/k/v bias" in r.out
+
+
+
+def _gguf_checkpoints(tmp_path):
+    """A tiny GGUF seed (in a directory of its own) and a GGUF expert with other weights and the same tokenizer."""
+    pytest.importorskip("gguf")
+    from gguf_files import tiny_llama, write_gguf
+
+    model, tok = tiny_llama()
+    (tmp_path / "seed").mkdir()
+    seed_file = write_gguf(tmp_path / "seed" / "tiny.gguf", model, tok)
+    return seed_file, write_gguf(tmp_path / "expert.gguf", tiny_llama(seed=1)[0], tok), tok
+
+
+def _check_gguf_import(art, path, tok) -> None:
+    """The artifact records the GGUF file and computes what transformers reads from it."""
+    import hashlib
+
+    assert art.manifest["checkpoint_files"] == {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    record = art.manifest["checkpoint"]
+    assert record["format"] == "gguf" and record["quantization"] == {"F32": 5, "Q4_1": 14, "Q8_0": 1}
+    assert record["bookkeeping"]["_model_name_or_path"] == "Tiny Llama For Tests"
+    assert record["bookkeeping"]["unk_token_id"] == 0
+    ours = bam_pipeline.load(art.path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ids = torch.tensor([tok.encode("The quick brown fox: def add(a, b).").ids])
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-4
+    assert ours.eos_id == 0  # seed.eos_token's
+
+
+def test_a_gguf_seed_imports_as_transformers_reads_it(tmp_path):
+    seed_file, _, tok = _gguf_checkpoints(tmp_path)
+    root = tmp_path / "stages"
+    r = cli_here(root, "stage=seed", "seed=hf", f"seed.path={tmp_path / 'seed'}", 'seed.eos_token="<|endoftext|>"',
+                 check=True)
+    assert "Q4_1" in r.out and "dequantised by transformers" in r.out
+    art = read_artifact(root / "smoke" / "seed" / "main")
+    _check_gguf_import(art, seed_file, tok)
+    assert art.manifest["end_of_document"] == {"id": 0, "token": "<|endoftext|>"}
+    assert art.manifest["config"]["import"]["eos_token"] == "<|endoftext|>"
+
+
+@pytest.mark.slow
+def test_a_gguf_seed_names_the_runs_end_of_document_and_a_gguf_expert_imports(tmp_path):
+    """seed.eos_token ends every document the data stage writes; branch=hf takes a GGUF file too."""
+    seed_file, expert_file, tok = _gguf_checkpoints(tmp_path)
+    root = tmp_path / "stages"
+    args = ("seed=hf", f"seed.path={seed_file}", 'seed.eos_token="<|endoftext|>"', "branch=hf",
+            f"branch.code.path={expert_file}")
+    r = cli_here(root, "stage=data", *args, check=True)
+    assert "'<|endoftext|>' = 0" in r.out  # the data stage's line: the named token's id, not the file's 2
+    run = root / "smoke"
+    data = json.loads((run / "data" / "manifest.json").read_text())
+    assert (data["eos_id"], data["eos_token"]) == (0, "<|endoftext|>")
+    from bam_pipeline.data.prepare import open_prepared
+
+    assert open_prepared(run / "data").stream("code", "test").document(0).tolist()[-1] == 0
+    cli_here(root, "stage=seed", *args, check=True)
+    cli_here(root, "stage=branch", "domain=code", *args, check=True)
+    _check_gguf_import(read_artifact(run / "branch" / "code"), expert_file, tok)

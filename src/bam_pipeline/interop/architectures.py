@@ -9,7 +9,9 @@ Every field a config of the class can hold is in exactly one of three sets:
 - **irrelevant**: does not change the function transformers computes from the weights (token
   ids, generation settings, initialisation, caching, bookkeeping).
 A field in none of them is refused by name, so a field a newer transformers adds fails loudly
-instead of being ignored. The sets cover the spellings of transformers 4.40 through 5.x (v5 moved
+instead of being ignored. Two kinds of field are bookkeeping (:func:`is_bookkeeping`), irrelevant under
+any name and recorded in an import's manifest: transformers' private fields (a leading ``_``, such as
+the ``_model_name_or_path`` a GGUF's ``general.name`` becomes) and special-token ids. The sets cover the spellings of transformers 4.40 through 5.x (v5 moved
 ``rope_theta``/``rope_scaling`` into ``rope_parameters`` and ``torch_dtype`` to ``dtype``).
 """
 
@@ -19,18 +21,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Special-token ids: which id the tokenizer gives a role (the tokenizer helpers read eos_token_id); none
+# changes what the model computes from ids (pad_token_id only freezes one embedding row's gradient in
+# transformers' training).
+SPECIAL_TOKEN_IDS = frozenset({
+    "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
+    "mask_token_id", "decoder_start_token_id",
+})
+
+
+def is_bookkeeping(field: str) -> bool:
+    """A field transformers keeps for its own bookkeeping (a leading ``_``) or a special-token id."""
+    return field.startswith("_") or field in SPECIAL_TOKEN_IDS
+
+
 # Written by every PretrainedConfig of 4.40-5.x; none of them changes a causal LM's forward pass.
 _COMMON_IRRELEVANT = frozenset({
     # bookkeeping, output switches, dtype of the stored copy (the tensors carry their own)
-    "transformers_version", "_name_or_path", "_commit_hash", "name_or_path", "output_hidden_states",
+    "transformers_version", "name_or_path", "output_hidden_states",
     "output_attentions", "return_dict", "torchscript", "dtype", "torch_dtype", "use_bfloat16",
-    "_attn_implementation_autoset", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+    "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention",
     "tie_encoder_decoder", "finetuning_task", "id2label", "label2id", "num_labels", "problem_type",
     "tokenizer_class", "prefix", "task_specific_params",
-    # token ids (the tokenizer helpers read eos_token_id); pad_token_id only freezes one embedding
-    # row's gradient in transformers' training
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
     # generation settings (generation_config.json in 5.x)
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
     "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
@@ -123,6 +136,8 @@ class Architecture:
 
     def classify(self, field: str) -> str | None:
         """``honoured``, ``refused``, ``irrelevant``, or None for a field this class does not know."""
+        if is_bookkeeping(field):
+            return "irrelevant"
         for kind in ("honoured", "refused", "irrelevant"):
             if field in getattr(self, kind):
                 return kind

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bam_pipeline.errors import BamError, ConfigError
-from bam_pipeline.interop.architectures import ARCHITECTURES, REFUSAL_REASONS, ROPE_TYPE_KEYS, Architecture
+from bam_pipeline.interop.architectures import (
+    ARCHITECTURES, REFUSAL_REASONS, ROPE_TYPE_KEYS, Architecture, is_bookkeeping,
+)
 from bam_pipeline.model.config import ModelConfig, RopeScaling
 
 CONFIG_FILE = "config.json"
@@ -27,10 +29,12 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 @dataclass(frozen=True)
 class HFModelConfig:
-    """A Hugging Face model's architecture and the :class:`ModelConfig` it maps onto."""
+    """A Hugging Face model's architecture, the :class:`ModelConfig` it maps onto, and its bookkeeping
+    fields (transformers' private ``_`` fields and special-token ids, accepted and recorded)."""
 
     architecture: Architecture
     model: ModelConfig
+    bookkeeping: dict[str, Any]
 
 
 def read_config_file(model_dir: Path) -> dict[str, Any]:
@@ -41,8 +45,8 @@ def read_config_file(model_dir: Path) -> dict[str, Any]:
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         raise BamError(
-            f"{model_dir} has no {CONFIG_FILE}; pass the directory of a Hugging Face checkpoint "
-            "(config.json beside model.safetensors)"
+            f"{model_dir} has no {CONFIG_FILE} (nor one .gguf file); pass the directory of a Hugging Face checkpoint "
+            "(config.json beside model.safetensors) or a GGUF file"
         )
     try:
         hf = json.loads(path.read_text())
@@ -211,4 +215,4 @@ def to_model_config(hf: Mapping[str, Any], *, max_seq_len: int | None = None, na
         )
     except ConfigError as e:
         raise BamError(f"{arch.name} config.json maps to an invalid model: {e}") from None
-    return HFModelConfig(arch, model)
+    return HFModelConfig(arch, model, {k: v for k, v in hf.items() if is_bookkeeping(k)})

@@ -1,11 +1,13 @@
 """A Hugging Face model directory's own tokenizer: ``tokenizer.json`` (or a SentencePiece ``tokenizer.model``
-converted by transformers), its end-of-document id, the check that every id has an embedding
-row, and per-document encoding with the tokenizer's own post-processor.
+converted by transformers, or the tokenizer transformers builds from a GGUF file's metadata), its
+end-of-document id, the check that every id has an embedding row, and per-document encoding with the
+tokenizer's own post-processor.
 
 The tokenizer is exactly the directory's ``tokenizer.json``: its normaliser, pre-tokeniser and
 post-processor (e.g. Llama 3's BOS at the start of every document) are applied as the file says.
 The end-of-document id is ``eos_token_id`` from ``config.json``, else from
-``generation_config.json``; when it is a list, its first element.
+``generation_config.json`` (a GGUF file: from the config transformers builds from it); when it is a
+list, its first element. A caller may name another end-of-document token by its text (``eos_token``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from bam_pipeline.errors import BamError
+from bam_pipeline.errors import BamError, ConfigError
 from bam_pipeline.interop.hf_config import CONFIG_FILE
+from bam_pipeline.interop.hf_gguf import find_gguf, gguf_config, gguf_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -35,7 +38,7 @@ class HFModelTokenizer:
     tokenizer: Tokenizer
     eos_id: int
     eos_token: str
-    eos_source: str  # the file eos_token_id was read from
+    eos_source: str | None  # the file eos_token_id was read from; None when the caller named the token
     converted_from_sentencepiece: bool
     files: tuple[Path, ...]  # the files read: tokenizer file(s) and the eos source (for a manifest)
 
@@ -66,7 +69,10 @@ def _convert_sentencepiece(model_dir: Path) -> Tokenizer:
 
 
 def load_tokenizer(model_dir: Path) -> tuple[Tokenizer, bool]:
-    """The directory's tokenizer, and whether it was converted from SentencePiece."""
+    """The directory's (or GGUF file's) tokenizer, and whether it was converted from SentencePiece."""
+    gguf = find_gguf(model_dir)
+    if gguf is not None:
+        return gguf_tokenizer(gguf), False
     path = model_dir / TOKENIZER_FILE
     if path.is_file():
         try:
@@ -79,22 +85,36 @@ def load_tokenizer(model_dir: Path) -> tuple[Tokenizer, bool]:
                    "add the checkpoint's tokenizer files")
 
 
+def _eos_id(eos: object, path: Path, fix: str) -> int | None:
+    """An ``eos_token_id`` value as one id (a list's first element), None when unset; refuses a non-id."""
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
+        return eos
+    if eos is not None:
+        raise BamError(f"{path} has eos_token_id={eos!r}, not a token id; fix the checkpoint's {fix}")
+    return None
+
+
 def end_of_document_id(model_dir: Path) -> tuple[int, str]:
     """``eos_token_id`` (its first element when a list) and the file it came from."""
+    gguf = find_gguf(model_dir)
+    if gguf is not None:
+        eos = _eos_id(gguf_config(gguf).get("eos_token_id"), gguf, "tokenizer.ggml.eos_token_id")
+        if eos is None:
+            raise BamError(f"{gguf} names no tokenizer.ggml.eos_token_id in its metadata; name the end-of-document "
+                           "token by its text (seed.eos_token)")
+        return eos, gguf.name
     for name in EOS_SOURCES:
         path = model_dir / name
         if not path.is_file():
             continue
         try:
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            eos = _eos_id(json.loads(path.read_text()).get("eos_token_id"), path, name)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise BamError(f"{path} is not a JSON object ({_one_line(e)}); re-download the checkpoint") from None
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0:
-            return eos, name
         if eos is not None:
-            raise BamError(f"{path} has eos_token_id={eos!r}, not a token id; fix the checkpoint's {name}")
+            return eos, name
     raise BamError(f"{model_dir} names no eos_token_id in {' or '.join(EOS_SOURCES)}; "
                    "the end-of-document token is taken from the checkpoint, so add it there")
 
@@ -108,17 +128,39 @@ def check_vocabulary(tokenizer: Tokenizer, embedding_rows: int) -> None:
                        "the tokenizer does not belong to this checkpoint")
 
 
-def load_hf_model_tokenizer(model_dir: Path, embedding_rows: int) -> HFModelTokenizer:
-    """The directory's tokenizer and end-of-document token, checked against ``embedding_rows``."""
+def named_token_id(tokenizer: Tokenizer, token: str, model_dir: Path) -> int:
+    """The id of ``token`` (its text) in the checkpoint's tokenizer; a :class:`ConfigError` on ``eos_token``
+    naming the tokenizer's special tokens when it has no such token."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        special = [t.content for _, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special]
+        listed = ", ".join(special[:8]) + (", ..." if len(special) > 8 else "") if special else "none"
+        raise ConfigError("eos_token", token, f"the tokenizer of {model_dir} has no such token (its special "
+                                              f"tokens: {listed}); name one of its tokens, or null for the "
+                                              "checkpoint's own")
+    return token_id
+
+
+def load_hf_model_tokenizer(model_dir: Path, embedding_rows: int, eos_token: str | None = None) -> HFModelTokenizer:
+    """The directory's tokenizer and end-of-document token, checked against ``embedding_rows``.
+    ``eos_token``: the end-of-document token by its text instead of the checkpoint's ``eos_token_id``."""
     tokenizer, converted = load_tokenizer(model_dir)
     check_vocabulary(tokenizer, embedding_rows)
-    eos_id, source = end_of_document_id(model_dir)
-    token = tokenizer.id_to_token(eos_id)
-    if token is None:
-        raise BamError(f"eos_token_id={eos_id} from {source} is not a token of the checkpoint's tokenizer; "
-                       "the tokenizer does not belong to this checkpoint")
-    read = (SENTENCEPIECE_FILE, *SENTENCEPIECE_SIDE_FILES, CONFIG_FILE) if converted else (TOKENIZER_FILE,)
-    files = tuple(model_dir / f for f in dict.fromkeys((*read, source)) if (model_dir / f).is_file())
+    gguf = find_gguf(model_dir)
+    if eos_token is not None:
+        eos_id, source, token = named_token_id(tokenizer, eos_token, gguf or model_dir), None, eos_token
+    else:
+        eos_id, source = end_of_document_id(model_dir)
+        token = tokenizer.id_to_token(eos_id)
+        if token is None:
+            raise BamError(f"eos_token_id={eos_id} from {source} is not a token of the checkpoint's tokenizer; "
+                           "the tokenizer does not belong to this checkpoint")
+    if gguf is not None:
+        files: tuple[Path, ...] = (gguf,)
+    else:
+        read = (SENTENCEPIECE_FILE, *SENTENCEPIECE_SIDE_FILES, CONFIG_FILE) if converted else (TOKENIZER_FILE,)
+        files = tuple(model_dir / f for f in dict.fromkeys((*read, *((source,) if source else ())))
+                      if (model_dir / f).is_file())
     return HFModelTokenizer(tokenizer, eos_id, token, source, converted, files)
 
 

@@ -12,7 +12,9 @@ on q/k rows first. Everything else is copied as is. Each transform has a named i
 Reading is tensor by tensor: every file's header is checked first (names, shapes, dtypes) so a
 bad directory fails before any weight is read, then each tensor is read, transformed and copied
 once into a new tensor of the requested dtype, which must be finite. Pickled ``.bin`` weights
-are refused: we never unpickle weights.
+are refused: we never unpickle weights. A GGUF file's tensors, dequantised by transformers
+(:mod:`~bam_pipeline.interop.hf_gguf`), go through the same checks and table from memory
+(:func:`convert_weights`).
 
 Where a directory's files could be read two ways, the import reads them as transformers 5.x does
 or refuses: the head (:func:`head_table`, :func:`read_weights`) is tied or not as transformers
@@ -43,6 +45,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+TENSOR_DTYPES = {d: name for name, d in FLOAT_DTYPES.items()}
 # Buffers old transformers versions saved and every version skips on load.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -111,8 +114,11 @@ class TensorMapping:
     shape: tuple[int, ...]
     transforms: tuple[Transform, ...] = ()
 
-    def convert(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """``t`` transformed and copied once into a new contiguous tensor of ``dtype``."""
+    def convert(self, t: Tensor, dtype: torch.dtype, *, reuse: bool = False) -> Tensor:
+        """``t`` transformed and copied once into a new contiguous tensor of ``dtype``; with ``reuse`` (``t`` is
+        the caller's to give away), ``t`` itself where it needs no transform and is already that."""
+        if reuse and not self.transforms and t.dtype == dtype and t.is_contiguous():
+            return t
         for f in self.transforms:
             t = f(t)
         return torch.empty(t.shape, dtype=dtype).copy_(t)
@@ -308,6 +314,28 @@ def _finite(name: str, shard: Path, stored: Tensor, converted: Tensor) -> Tensor
                       f"{torch.finfo(converted.dtype).max:g}, and would become inf; import in {' or '.join(wider)}")
 
 
+def _plan(stored: dict[str, StoredTensor], cfg: ModelConfig, arch: Architecture,
+          dtype: torch.dtype | None) -> tuple[dict[str, TensorMapping], torch.dtype]:
+    """The table of the tensors to read and the dtype to read them in, the stored tensors checked against it."""
+    table = head_table(cfg, arch, stored)
+    dtypes = _check_headers(stored, table, arch)
+    if dtype is None:
+        if len(dtypes) > 1:
+            mixed = " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            raise ConfigError("dtype", None, f"the checkpoint mixes {mixed} tensors; choose the dtype to import "
+                                             "in: float32, bfloat16 or float16")
+        dtype = dtypes.pop()
+    return table, dtype
+
+
+def _layout(cfg: ModelConfig, state: StateDict) -> tuple[ModelConfig, StateDict]:
+    """The config (untied where transformers unties it) and the state dict in the model's key order."""
+    if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
+                                                                           state["tok_emb.weight"]):
+        cfg = cfg.replace(tie_embeddings=False)  # transformers: both stored, with different values: not tied
+    return cfg, {key: state[key] for key in expected_shapes(cfg)}
+
+
 def read_weights(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
                  dtype: torch.dtype | None = None) -> tuple[ModelConfig, StateDict]:
     """Our dense config and state dict (docs/architecture.md layout) from the directory's safetensors files.
@@ -319,14 +347,7 @@ def read_weights(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
     converted into its final tensor before the next is read.
     """
     stored = _read_headers(files)
-    table = head_table(cfg, arch, stored)
-    dtypes = _check_headers(stored, table, arch)
-    if dtype is None:
-        if len(dtypes) > 1:
-            mixed = " and ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            raise ConfigError("dtype", None, f"the checkpoint mixes {mixed} tensors; choose the dtype to import "
-                                             "in: float32, bfloat16 or float16")
-        dtype = dtypes.pop()
+    table, dtype = _plan(stored, cfg, arch, dtype)
     state: StateDict = {}
     for shard in files.shards:
         with _open(shard) as f:
@@ -334,7 +355,22 @@ def read_weights(files: WeightFiles, cfg: ModelConfig, arch: Architecture,
                 if name in table:
                     t = f.get_tensor(name)
                     state[table[name].ours] = _finite(name, shard, t, table[name].convert(t, dtype))
-    if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
-                                                                           state["tok_emb.weight"]):
-        cfg = cfg.replace(tie_embeddings=False)  # transformers: both stored, with different values: not tied
-    return cfg, {key: state[key] for key in expected_shapes(cfg)}
+    return _layout(cfg, state)
+
+
+def convert_weights(tensors: dict[str, Tensor], source: Path, cfg: ModelConfig, arch: Architecture,
+                    dtype: torch.dtype | None = None) -> tuple[ModelConfig, StateDict]:
+    """:func:`read_weights` for tensors already in memory under transformers' names (a GGUF file's, as
+    transformers dequantised them; ``source`` names the file in errors). Checked and converted through
+    the same table; each tensor is taken out of ``tensors`` as it is converted (and kept as it is where
+    it needs no conversion, the embedding and norms in float32), so the memory of the two copies does
+    not add up."""
+    stored = {name: StoredTensor(source, tuple(t.shape), TENSOR_DTYPES.get(t.dtype, str(t.dtype)))
+              for name, t in tensors.items()}
+    table, dtype = _plan(stored, cfg, arch, dtype)
+    state: StateDict = {}
+    for name in list(tensors):
+        t = tensors.pop(name)
+        if name in table:
+            state[table[name].ours] = _finite(name, source, t, table[name].convert(t, dtype, reuse=True))
+    return _layout(cfg, state)

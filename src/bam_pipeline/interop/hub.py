@@ -1,5 +1,6 @@
-"""A Hugging Face model given as a local directory or a hub id (``org/name``), resolved to a local
-model directory and, for hub ids, the commit it was downloaded at (for a manifest).
+"""A Hugging Face model given as a local directory (or GGUF file) or a hub id (``org/name``), resolved to a
+local model directory and, for hub ids, the commit it was downloaded at (for a manifest). Hub ids
+download safetensors checkpoints; a GGUF file is given by its local path.
 
 Hub ids download through ``huggingface_hub.snapshot_download`` (only the files an import reads);
 under ``HF_HUB_OFFLINE=1`` it serves the local cache. Every failure ends in one line that says
@@ -26,8 +27,8 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 @dataclass(frozen=True)
 class HFModelDir:
-    """A Hugging Face model directory on this machine. ``repo_id``/``revision`` (the commit) are set for
-    hub downloads."""
+    """A Hugging Face model directory (or a GGUF file) on this machine. ``repo_id``/``revision`` (the commit)
+    are set for hub downloads."""
 
     path: Path
     repo_id: str | None = None
@@ -35,12 +36,14 @@ class HFModelDir:
 
 
 def resolve_hf_model_dir(source: str, revision: str | None = None) -> HFModelDir:
-    """A local directory as is; a hub id downloaded (or found in the cache) at ``revision``
+    """A local directory or ``.gguf`` file as is; a hub id downloaded (or found in the cache) at ``revision``
     (default: the repository's main branch), returned with the commit it resolved to."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_file() and path.suffix != ".gguf":
+        raise BamError(f"{source} is a file; pass a checkpoint directory, a .gguf file or a hub id (org/name)")
+    if path.is_dir() or path.is_file():
         if revision is not None:
-            raise BamError(f"revision={revision!r} applies to hub ids, but {source} is a local directory; drop it")
+            raise BamError(f"revision={revision!r} applies to hub ids, but {source} is a local path; drop it")
         return HFModelDir(path.resolve())
     if source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):
         raise BamError(f"checkpoint directory {source} does not exist; pass a local directory or a hub id (org/name)")

@@ -101,15 +101,24 @@ class SeedSpec:
     path: Optional[str]
     revision: Optional[str]
     dtype: Optional[str]  # the imported weights' dtype; null: the stored one
+    eos_token: Optional[str] = None  # the end-of-document token by its text; null: the checkpoint's eos_token_id
 
     def __post_init__(self) -> None:
         if self.kind not in SEED_KINDS:
             raise ConfigError("kind", self.kind, "use seed=pretrain or seed=hf")
         if self.kind == "hf" and not self.path:
-            raise ConfigError("path", self.path, "seed=hf needs seed.path=<a local checkpoint directory or a hub id>")
+            raise ConfigError("path", self.path, "seed=hf needs seed.path=<a local checkpoint directory, a .gguf "
+                                                 "file or a hub id>")
         if self.kind == "pretrain" and (self.path or self.revision or self.dtype):
             raise ConfigError("path", self.path, "applies to seed=hf; with seed=pretrain leave path, revision "
                                                  "and dtype unset")
+        if self.kind == "pretrain" and self.eos_token is not None:
+            raise ConfigError("eos_token", self.eos_token, "applies to seed=hf; with seed=pretrain the "
+                                                           "end-of-document token is data.tokenizer.eos_token")
+        if self.eos_token is not None and (not isinstance(self.eos_token, str) or not self.eos_token):
+            raise ConfigError("eos_token", self.eos_token, "name the token by its text, e.g. "
+                                                           "seed.eos_token='<|endoftext|>', or null for the "
+                                                           "checkpoint's own")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError("dtype", self.dtype, f"use one of {', '.join(DTYPES)} or null (the checkpoint's)")
 

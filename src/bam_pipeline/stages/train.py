@@ -45,7 +45,7 @@ def _plan(ctx: RunContext, job: TrainJob, inputs: dict[str, Artifact], about: di
 def plan_seed(ctx: RunContext, prepared: PreparedData | None) -> Plan:
     if ctx.seed.kind == "hf":
         about = {"display": f"Seed ({short_name(ctx.seed.hf_model)})", "role": "seed"}
-        return plan_import(ctx, "seed", "main", ctx.seed.hf_model, ctx.seed.dtype, {}, about)
+        return plan_import(ctx, "seed", "main", ctx.seed.hf_model, ctx.seed.dtype, {}, about, ctx.seed.eos_token)
     model_cfg = ctx.model.dense_config(prepared.vocab_size)
     job = TrainJob("seed", "main", ctx.layout, model_cfg, None, stage_mixture("seed", ctx.data),
                    _budget(ctx, ctx.budget.seed.tokens, model_cfg), ctx.train.lr, ctx.train,
@@ -131,8 +131,9 @@ def copy_seed(ctx: RunContext, plan: Plan, prepared: PreparedData) -> Artifact:
 
 def run_seed(ctx: RunContext) -> Artifact | None:
     if ctx.seed.kind == "hf":  # an import needs no prepared data: its tokenizer is the imported model's
-        return run_import(ctx, plan_seed(ctx, None), ctx.seed.hf_model, ctx.seed.dtype,
-                          tokenizer=seed_tokenizer(ctx).hash)
+        tok = seed_tokenizer(ctx)
+        return run_import(ctx, plan_seed(ctx, None), ctx.seed.hf_model, ctx.seed.dtype, tokenizer=tok.hash,
+                          end_of_document={"id": tok.eos_id, "token": tok.eos_token})
     prepared = open_data(ctx)
     return train(ctx, plan_seed(ctx, prepared), prepared)
 
