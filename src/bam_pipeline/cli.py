@@ -37,9 +37,15 @@ _users_full_error: list[Optional[str]] = []  # while main() has set FULL_ERROR: 
 _users_argv: list[tuple[list[str], dict[str, str]]] = []
 
 
+# The loggers of Lightning's banners (GPU available, tips, "Initializing distributed"). Importing Lightning sets
+# its package loggers back to INFO, and the stages import it late, so the modules that log are quieted too.
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "lightning.pytorch.utilities.rank_zero",
+                     "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.distributed")
+
+
 def quiet_lightning() -> None:
     """Keep Lightning's per-Trainer banners (GPU available, tips) out of the stage output."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

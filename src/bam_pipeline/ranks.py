@@ -239,13 +239,9 @@ def join_ranks(trainer_cfg: Mapping[str, Any], timeout_s: float) -> Ranks:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        import logging
-
         from lightning.fabric import Fabric
         from lightning.fabric.strategies import DDPStrategy
 
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):  # their import set INFO: no banners
-            logging.getLogger(name).setLevel(logging.WARNING)
         Fabric(accelerator=str(trainer_cfg.get("accelerator", "auto")), devices=trainer_cfg.get("devices", 1),
                num_nodes=int(trainer_cfg.get("num_nodes", 1)),
                strategy=DDPStrategy(timeout=timedelta(seconds=timeout_s))).launch()

@@ -330,3 +330,9 @@ def test_info_sizes_the_model_with_the_runs_tokenizer(tmp_path, smoke_copy):
     r = cli_here(smoke_copy, "stage=info", check=True)
     assert r.out.splitlines()[0].startswith(f"vocabulary: {prepared:,} tokens, from the run's prepared tokenizer")
     assert f"V={prepared}" in r.out
+
+
+def test_lightning_banners_stay_out_of_the_stage_output(smoke_run):
+    """Lightning sets its loggers to INFO when it is imported, which the stages do late (cli.quiet_lightning)."""
+    _, r = smoke_run
+    assert "GPU available" not in r.out and "Tip:" not in r.out and "Initializing distributed" not in r.out
