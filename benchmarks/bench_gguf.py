@@ -21,20 +21,11 @@ import json
 import math
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
+from bench_import import sampled  # the memory sampler of the safetensors import's benchmark (this folder)
+
 DOMAINS = ("general", "code", "math", "law")
-
-
-def _status_kb(*fields: str) -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in fields:
-            out[key] = int(rest.split()[0])
-    return out
 
 
 def measure_load(path: str, who: str) -> dict[str, float]:
@@ -45,33 +36,16 @@ def measure_load(path: str, who: str) -> dict[str, float]:
 
     from bam_pipeline.interop import import_hf_model
 
-    def anon() -> int:
-        s = _status_kb("RssAnon", "RssShmem")
-        return s["RssAnon"] + s["RssShmem"]
-
-    baseline, peak, done = anon(), [anon()], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if who == "ours":
-        state = import_hf_model(path, dtype=torch.float32).state_dict
-    else:
+    def load() -> dict:
+        if who == "ours":
+            return import_hf_model(path, dtype=torch.float32).state_dict
         p = Path(path)
-        state = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name,
-                                                                  dtype=torch.float32).state_dict()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+        return transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name,
+                                                                 dtype=torch.float32).state_dict()
+
+    state, memory = sampled(load)
     weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
-    kb = 1024
-    return {"seconds": seconds, "weights_mb": weights / kb**2, "baseline_mb": baseline / kb,
-            "peak_mb": max(peak[0], anon()) / kb, "hwm_mb": _status_kb("VmHWM")["VmHWM"] / kb}
+    return {"weights_mb": weights / 1024**2, **memory}
 
 
 def windows(tokenizer, eos_id: int, domain: str, seq: int, count: int):

@@ -27,6 +27,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 # hidden 640, 12 layers, 10 heads / 5 KV heads, SwiGLU 1728, 32k vocabulary, untied: 96.2M parameters
 LLAMA_100M = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
@@ -52,11 +55,10 @@ def _status_kb(*fields: str) -> dict[str, int]:
     return out
 
 
-def measure(path: str, dtype_name: str) -> dict[str, float]:
-    """In this (fresh) process: baseline, then import with a sampler thread; sizes in MB."""
-    import torch
-
-    from bam_pipeline.interop import import_hf_model
+def sampled(load: Callable[[], T]) -> tuple[T, dict[str, float]]:
+    """``load()`` in this (fresh) process with a thread sampling its anonymous and shared memory every
+    millisecond: its result, and the seconds it took, the baseline before it, the peak and the kernel's
+    high-water mark (sizes in MB)."""
 
     def anon() -> int:
         s = _status_kb("RssAnon", "RssShmem")
@@ -74,16 +76,26 @@ def measure(path: str, dtype_name: str) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    imported = import_hf_model(path, dtype=getattr(torch, dtype_name))
+    result = load()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     peak[0] = max(peak[0], anon())
-    weights = sum(t.numel() * t.element_size() for t in imported.state_dict.values())
     kb = 1024
-    return {"params": sum(t.numel() for t in imported.state_dict.values()), "weights_mb": weights / kb**2,
-            "baseline_mb": baseline / kb, "peak_mb": peak[0] / kb, "hwm_mb": _status_kb("VmHWM")["VmHWM"] / kb,
-            "seconds": seconds, "files": len(imported.files) - 1}
+    return result, {"seconds": seconds, "baseline_mb": baseline / kb, "peak_mb": peak[0] / kb,
+                    "hwm_mb": _status_kb("VmHWM")["VmHWM"] / kb}
+
+
+def measure(path: str, dtype_name: str) -> dict[str, float]:
+    """In this (fresh) process: baseline, then import with a sampler thread; sizes in MB."""
+    import torch
+
+    from bam_pipeline.interop import import_hf_model
+
+    imported, memory = sampled(lambda: import_hf_model(path, dtype=getattr(torch, dtype_name)))
+    weights = sum(t.numel() * t.element_size() for t in imported.state_dict.values())
+    return {"params": sum(t.numel() for t in imported.state_dict.values()), "weights_mb": weights / 1024**2,
+            **memory, "files": len(imported.files) - 1}
 
 
 def build(root: Path) -> dict[tuple[str, str | None], Path]:

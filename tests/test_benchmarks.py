@@ -188,3 +188,15 @@ def test_bench_gguf_compares_the_import_with_transformers_on_the_embedded_corpor
     assert set(rows) >= {*bench_gguf.DOMAINS, "all"}
     diff, floor, ours, theirs = rows["all"]
     assert float(diff) <= 1e-4 and ours == theirs  # perplexity equal to its 4 decimals
+
+
+def test_bench_gguf_measures_both_loads_through_the_import_benchmarks_sampler(tmp_path):
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(REPO / "tests" / "interop"))
+    from gguf_files import tiny_llama, write_gguf
+
+    path = str(write_gguf(tmp_path / "tiny.gguf", *tiny_llama()))
+    ours, theirs = bench_gguf.measure_load(path, "ours"), bench_gguf.measure_load(path, "transformers")
+    assert ours["weights_mb"] == pytest.approx(theirs["weights_mb"], rel=0.5) and ours["weights_mb"] > 0
+    for row in (ours, theirs):
+        assert row["seconds"] > 0 and row["peak_mb"] >= row["baseline_mb"] > 0
