@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -34,6 +34,7 @@ from bam_pipeline.eval.downstream_table import results_table, task_row
 from bam_pipeline.eval.harness import harness_lm, require_lm_eval
 from bam_pipeline.eval.names import about
 from bam_pipeline.eval.render import text_table
+from bam_pipeline.eval.serving import torch_threads
 from bam_pipeline.model.counting import count_params
 from bam_pipeline.eval.runner import BTM_LABEL, resolve_device, sources_with_test_split
 from bam_pipeline.stages.context import RunContext
@@ -325,16 +326,9 @@ def _keep_earlier_rows(ctx: RunContext, prepared: PreparedData, results: dict[st
     return kept
 
 
-@contextmanager
-def _cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+def _cpu_threads(threads: int | None, device: torch.device) -> Any:
     """torch's CPU threads set to ``threads`` while scoring on the CPU, then restored."""
-    before = torch.get_num_threads()
-    if threads is not None and device.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(threads) if threads is not None and device.type == "cpu" else nullcontext()
 
 
 def run_downstream_in_all(ctx: RunContext) -> None:

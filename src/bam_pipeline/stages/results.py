@@ -5,7 +5,6 @@ the run is evaluated), then ``docs/results.md`` and its plots from every committ
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -15,19 +14,9 @@ from typing import Any
 from bam_pipeline.errors import BamError
 from bam_pipeline.eval.aggregate import RunEval, aggregate
 from bam_pipeline.eval.results import summarize, summary_path, write_results, write_summary
+from bam_pipeline.eval.serving import cpu_model
 from bam_pipeline.stages.context import RunContext
 from bam_pipeline.ranks import is_rank_zero
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def git_commit(path: Path) -> tuple[str, bool]:
