@@ -578,6 +578,7 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
     device = resolve_device(spec.device)
     cache = None
     plan = None
+    arts: dict[str, Artifact] = {}
     if ranks.is_zero:
         if selection is None:
             selection = select_models(layout, prepared, rebuild)
@@ -590,8 +591,10 @@ def run_eval(spec: EvalSpec, layout: RunLayout, *, general: str | None,
         plan = EvalPlan(sources, entries, [c is not None for c in cached],
                         [*source_skips, *model_skips, *missing_probes(spec, good)],
                         {a.label: count_params(read_model_config(a)).active for a in good})
+        arts = {a.label: a for a in good}
     plan = ranks.broadcast(plan, "rank 0 to choose the models to score")
-    arts = {a.label: a for a in find_model_artifacts(layout)}
+    if not ranks.is_zero:  # the artifacts rank 0 chose, by label
+        arts = {a.label: a for a in find_model_artifacts(layout)}
     seqs = _Sequences(prepared, spec.max_tokens_per_source)
     run_on = ranks.device(device)
     work = plan.work
